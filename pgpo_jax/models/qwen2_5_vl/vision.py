@@ -1,0 +1,186 @@
+"""The Qwen2.5-VL vision tower with static shapes.
+
+All images of a batch run as one packed, padded patch sequence of static length N_pad (a bucket).
+Window attention and per-image "full" attention are segment-id masks (QWEN2_5_VL.md §1.3), so one
+compiled program serves every mix of image sizes within a bucket. The host computes the index
+arrays (`VisionInputs`) from `image_grid_thw`; the device does only dense math.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pgpo_jax.models.qwen2_5_vl import layers, rope
+from pgpo_jax.models.qwen2_5_vl.config import VisionConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionInputs:
+  """Padded patches plus host-computed index arrays. U_pad = N_pad / merge_unit.
+
+  pixel_values: [N_pad, C*T*P*P] patches in processor order, zero padded.
+  unit_order:   [U_pad] int32, merge units gathered into window order (padding units last).
+  unit_restore: [U_pad] int32, inverse permutation (back to processor order).
+  hw_pos:       [N_pad, 2] int32, (row, col) of each patch, already in window order.
+  window_seg:   [N_pad] int32, window id per patch in window order (-1 = padding).
+  image_seg:    [N_pad] int32, image-frame id per patch in window order (-1 = padding).
+  """
+  pixel_values: jnp.ndarray
+  unit_order: jnp.ndarray
+  unit_restore: jnp.ndarray
+  hw_pos: jnp.ndarray
+  window_seg: jnp.ndarray
+  image_seg: jnp.ndarray
+
+
+def patch_bucket(n: int, minimum: int = 64) -> int:
+  """Static patch budget for n patches: 4 buckets per octave, multiple of 16 (≤ 25% waste)."""
+  n = max(int(n), minimum)
+  step = max(16, 1 << max(0, (n - 1).bit_length() - 3))
+  return -(-n // step) * step
+
+
+def prepare_vision(pixel_values, image_grid_thw, cfg: VisionConfig,
+                   num_patches: int | None = None) -> VisionInputs:
+  """Host side: pads the patches to `num_patches` (default: a bucket) and builds index arrays.
+
+  `image_grid_thw` rows that are all zero are padding; patches beyond sum(t*h*w) are padding.
+  """
+  grids = rope.valid_grids(image_grid_thw)
+  pix = np.asarray(pixel_values, np.float32).reshape(-1, cfg.patch_dim)
+  n_real = int(grids.prod(axis=1).sum()) if len(grids) else 0
+  if pix.shape[0] < n_real:
+    raise ValueError(f"pixel_values has {pix.shape[0]} patches but image_grid_thw needs {n_real}")
+  mu, m, ws = cfg.merge_unit, cfg.spatial_merge_size, cfg.window_merged
+  n_pad = patch_bucket(n_real) if num_patches is None else int(num_patches)
+  if n_pad < n_real or n_pad % mu:
+    raise ValueError(f"num_patches={n_pad} must be a multiple of {mu} and >= {n_real}")
+  u_pad = n_pad // mu
+
+  unit_order, window_of_unit, image_of_unit, hw_unit = [], [], [], []
+  unit_base, window_id, frame_id = 0, 0, 0
+  for t, h, w in grids:
+    hm, wm = h // m, w // m
+    # (row, col) of every patch of one frame, in processor (merge-block-major) order.
+    rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    blk = lambda a: a.reshape(hm, m, wm, m).transpose(0, 2, 1, 3).reshape(-1, mu)
+    rc = np.stack([blk(rr), blk(cc)], -1)  # [hm*wm, mu, 2] per merge unit
+    ids = np.arange(hm * wm).reshape(hm, wm)
+    ph, pw = ws - hm % ws, ws - wm % ws  # HF pads a full empty window when divisible; harmless
+    padded = np.full((hm + ph, wm + pw), -1)
+    padded[:hm, :wm] = ids
+    nh, nw = padded.shape[0] // ws, padded.shape[1] // ws
+    wins = padded.reshape(nh, ws, nw, ws).transpose(0, 2, 1, 3).reshape(nh * nw, ws * ws)
+    for f in range(t):
+      for win in wins:
+        members = win[win >= 0]
+        if not len(members):
+          continue  # empty padded window (HF `unique_consecutive`)
+        unit_order.extend(unit_base + f * hm * wm + members)
+        window_of_unit.extend([window_id] * len(members))
+        image_of_unit.extend([frame_id] * len(members))
+        hw_unit.extend(rc[members])
+        window_id += 1
+      frame_id += 1
+    unit_base += t * hm * wm
+  n_units = unit_base
+  pad_units = np.arange(n_units, u_pad)
+  order = np.concatenate([np.asarray(unit_order, np.int64), pad_units]).astype(np.int32)
+  restore = np.argsort(order).astype(np.int32)
+  per_patch = lambda a: np.repeat(np.asarray(a, np.int64), mu)
+  window_seg = np.concatenate([per_patch(window_of_unit), -np.ones(len(pad_units) * mu, np.int64)])
+  image_seg = np.concatenate([per_patch(image_of_unit), -np.ones(len(pad_units) * mu, np.int64)])
+  hw = np.concatenate([np.asarray(hw_unit, np.int64).reshape(-1, 2),
+                       np.zeros((len(pad_units) * mu, 2), np.int64)])
+  pix_pad = np.zeros((n_pad, cfg.patch_dim), np.float32)
+  pix_pad[:n_real] = pix[:n_real]
+  return VisionInputs(pixel_values=pix_pad, unit_order=order, unit_restore=restore,
+                      hw_pos=hw.astype(np.int32), window_seg=window_seg.astype(np.int32),
+                      image_seg=image_seg.astype(np.int32))
+
+
+class VisionBlocks(nnx.Module):
+  """`depth` pre-norm ViT blocks, parameters stacked on a leading `vision_layers` axis."""
+
+  NAMES = ("norm1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "norm2",
+           "w_gate", "b_gate", "w_up", "b_up", "w_down", "b_down")
+
+  def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs):
+    L, D, H, K, I = cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+    p = lambda shape, axes, init="normal": layers.param(rngs, shape, axes, dtype, init)
+    ax_l, ax_d, ax_h, ax_k, ax_i = "vision_layers", "vision_embed", "vision_heads", "vision_head_dim", "vision_mlp"
+    self.norm1 = p((L, D), (ax_l, ax_d), "ones")
+    for n in ("q", "k", "v"):
+      setattr(self, f"w{n}", p((L, D, H, K), (ax_l, ax_d, ax_h, ax_k)))
+      setattr(self, f"b{n}", p((L, H, K), (ax_l, ax_h, ax_k), "zeros"))
+    self.wo = p((L, H, K, D), (ax_l, ax_h, ax_k, ax_d))
+    self.bo = p((L, D), (ax_l, ax_d), "zeros")
+    self.norm2 = p((L, D), (ax_l, ax_d), "ones")
+    self.w_gate = p((L, D, I), (ax_l, ax_d, ax_i))
+    self.b_gate = p((L, I), (ax_l, ax_i), "zeros")
+    self.w_up = p((L, D, I), (ax_l, ax_d, ax_i))
+    self.b_up = p((L, I), (ax_l, ax_i), "zeros")
+    self.w_down = p((L, I, D), (ax_l, ax_i, ax_d))
+    self.b_down = p((L, D), (ax_l, ax_d), "zeros")
+
+
+class VisionTower(nnx.Module):
+  """Patch embedding → windowed/full blocks → PatchMerger; emits LM-sized features per merge unit."""
+
+  def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    D, mu = cfg.hidden_size, cfg.merge_unit
+    self.patch_embed = layers.param(rngs, (cfg.patch_dim, D), ("vision_patch", "vision_embed"), dtype)
+    self.blocks = VisionBlocks(cfg, dtype, rngs)
+    self.ln_q = layers.param(rngs, (D,), ("vision_embed",), dtype, "ones")
+    self.merger_w0 = layers.param(rngs, (mu * D, mu * D), ("vision_merge", "vision_merge_out"), dtype)
+    self.merger_b0 = layers.param(rngs, (mu * D,), ("vision_merge_out",), dtype, "zeros")
+    self.merger_w2 = layers.param(rngs, (mu * D, cfg.out_hidden_size), ("vision_merge_out", "embed"), dtype)
+    self.merger_b2 = layers.param(rngs, (cfg.out_hidden_size,), ("embed",), dtype, "zeros")
+
+  def __call__(self, vin: VisionInputs, *, remat_policy: str = "none", use_scan: bool = True,
+               attention_chunk_size: int = 0) -> jnp.ndarray:
+    """Returns merged features [U_pad, out_hidden] in processor order; padding units are last."""
+    cfg, dt = self.cfg, self.dtype
+    mu, D = cfg.merge_unit, cfg.hidden_size
+    x = vin.pixel_values.astype(dt) @ self.patch_embed[...]  # [N, D]
+    n = x.shape[0]
+    x = x.reshape(n // mu, mu, D)[vin.unit_order].reshape(n, D)  # window order
+    cos, sin = rope.vision_cos_sin(vin.hw_pos, cfg.head_dim, cfg.rope_theta)  # [N, hd] f32
+    win_mask = vin.window_seg[:, None] == vin.window_seg[None, :]
+    full_mask = vin.image_seg[:, None] == vin.image_seg[None, :]
+    is_full = np.zeros(cfg.depth, bool)
+    is_full[[i for i in cfg.fullatt_block_indexes if i < cfg.depth]] = True
+    scale = cfg.head_dim ** -0.5
+
+    def block(x, xs):
+      p, full = xs
+      mask = jnp.where(full, full_mask, win_mask)[None]  # [1, N, N]
+      h = layers.rms_norm(x, p["norm1"], cfg.rms_norm_eps)
+      proj = lambda w, b: jnp.einsum("nd,dhk->nhk", h, w) + b
+      q, k, v = proj(p["wq"], p["bq"]), proj(p["wk"], p["bk"]), proj(p["wv"], p["bv"])
+      # HF applies the vision rotary in float32, then casts back.
+      q = rope.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(dt)
+      k = rope.apply_rotary(k.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(dt)
+      att = layers.chunked_attention(q[None, :, :, None, :], k[None], v[None], mask, scale,
+                                     attention_chunk_size)[0, :, :, 0, :]  # [N, H, K]
+      x = x + jnp.einsum("nhk,hkd->nd", att, p["wo"]) + p["bo"]
+      h = layers.rms_norm(x, p["norm2"], cfg.rms_norm_eps)
+      gate = jax.nn.silu(h @ p["w_gate"] + p["b_gate"])
+      x = x + (gate * (h @ p["w_up"] + p["b_up"])) @ p["w_down"] + p["b_down"]
+      return x, None
+
+    body = layers.maybe_remat(block, remat_policy)
+    params = layers.values(self.blocks, VisionBlocks.NAMES)
+    x, _ = layers.scan_layers(body, x, (params, jnp.asarray(is_full)), cfg.depth, use_scan)
+
+    h = layers.rms_norm(x, self.ln_q[...], cfg.rms_norm_eps).reshape(n // mu, mu * D)
+    h = jax.nn.gelu(h @ self.merger_w0[...] + self.merger_b0[...], approximate=False)  # exact GELU
+    h = h @ self.merger_w2[...] + self.merger_b2[...]
+    return h[vin.unit_restore]  # processor order

@@ -1,0 +1,19 @@
+"""Shared test setup: float32-exact matmuls and a persistent compilation cache.
+
+Multi-device tests run in a subprocess with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` (see `tests/multidevice.py`),
+because the flag must be set before jax is first imported.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
