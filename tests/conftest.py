@@ -17,3 +17,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+  """(hf_model, folder) of an untied GQA tiny Qwen2.5-VL saved with save_pretrained."""
+  from tests.hf_utils import make_hf_model
+  path = tmp_path_factory.mktemp("tiny_hf")
+  return make_hf_model(path, seed=0), path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_tied(tmp_path_factory):
+  from tests.hf_utils import make_hf_model
+  path = tmp_path_factory.mktemp("tiny_hf_tied")
+  return make_hf_model(path, seed=1, tie=True, num_kv_heads=4), path
