@@ -1,0 +1,99 @@
+"""Forward latency: our jitted Flax Qwen2.5-VL vs HF PyTorch eager, same small random model, CPU.
+
+    .venv/bin/python benchmarks/forward.py [--batch 4 --text 512 --image 448 --repeats 5]
+
+Prints a table and writes benchmarks/results/forward.json. Both run float32 on all host cores; the
+JAX time excludes compilation (reported separately). Numbers are only comparable within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+
+
+def hf_config(hidden: int, layers: int):
+  from transformers import Qwen2_5_VLConfig
+  heads = hidden // 64
+  return Qwen2_5_VLConfig(
+      text_config=dict(vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                       rms_norm_eps=1e-6, max_position_embeddings=4096,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+                       bos_token_id=0, eos_token_id=1, pad_token_id=0),
+      vision_config=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14,
+                         temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[3],
+                         out_hidden_size=hidden, tokens_per_second=2),
+      image_token_id=4000, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--text", type=int, default=512)
+  ap.add_argument("--image", type=int, default=448)
+  ap.add_argument("--hidden", type=int, default=512)
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "forward.json"))
+  a = ap.parse_args()
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  torch.manual_seed(0)
+  hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    model = q.from_pretrained(d)
+  g = a.image // 14
+  grids = np.array([[1, g, g]] * a.batch)
+  n_img = g * g // 4
+  rng = np.random.default_rng(0)
+  rows = []
+  for _ in range(a.batch):
+    text = list(rng.integers(10, 3900, a.text))
+    rows.append(text[:8] + [4002] + [4000] * n_img + [4003] + text[8:])
+  ids = np.array(rows)
+  am = np.ones_like(ids)
+  pixels = rng.standard_normal((a.batch * g * g, 1176)).astype(np.float32)
+  t0 = time.perf_counter()
+  jax.block_until_ready(q.forward(model, ids, am, pixels, grids))
+  compile_s = time.perf_counter() - t0
+
+  def time_it(fn):
+    times = []
+    for _ in range(a.repeats):
+      t = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+  jax_s = time_it(lambda: jax.block_until_ready(q.forward(model, ids, am, pixels, grids)))
+  kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), pixel_values=torch.tensor(pixels),
+            image_grid_thw=torch.tensor(grids), mm_token_type_ids=torch.tensor((ids == 4000).astype(np.int64)))
+  with torch.no_grad():
+    hf(**kw)  # warm-up
+    hf_s = time_it(lambda: hf(**kw))
+  res = dict(batch=a.batch, seq_len=int(ids.shape[1]), image=a.image, hidden=a.hidden, layers=a.layers,
+             jax_ms=1e3 * jax_s, hf_torch_ms=1e3 * hf_s, speedup_jax_over_hf=hf_s / jax_s,
+             jax_compile_s=compile_s, torch_threads=torch.get_num_threads(), devices=str(jax.devices()))
+  print(f"{'impl':<18}{'median ms':>12}")
+  print(f"{'pgpo-jax (jit)':<18}{res['jax_ms']:>12.1f}")
+  print(f"{'HF torch eager':<18}{res['hf_torch_ms']:>12.1f}")
+  print(f"speed-up (HF / ours): {res['speedup_jax_over_hf']:.2f}x   (JAX compile {compile_s:.1f} s; "
+        f"B={a.batch}, T={ids.shape[1]}, image {a.image}px)")
+  pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+  main()
