@@ -140,3 +140,22 @@ def test_config_reads_flat_4x_layout():
   bad = dict(flat, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
   with pytest.raises(ValueError, match="mrope_section"):
     q.Qwen25VLConfig.from_hf_dict(bad)
+
+
+def test_per_row_vision_inputs_equal_packed(ours):
+  """Rows encoded separately (micro-batch / data-shard layout) == one packed sequence."""
+  rng = np.random.default_rng(5)
+  g0, g2 = [(1, 4, 8), (1, 2, 4)], [(1, 6, 4)]
+  ids, am = left_pad([make_ids(rng, g0), make_ids(rng, [], pre=9), make_ids(rng, g2)])
+  grids = np.asarray(g0 + g2)
+  pixels = random_pixels(rng, g0 + g2)
+  packed = np.asarray(q.encode_images(ours, q.prepare_vision(pixels, grids, ours.cfg.vision)))
+  rows = q.prepare_vision_rows(pixels, grids, ids, ours.cfg.vision, ours.cfg.image_token_id)
+  per_row = np.asarray(q.encode_images(ours, rows))
+  n0 = (8 * 4 + 2 * 4) // 4
+  np.testing.assert_allclose(per_row[0, :n0], packed[:n0], atol=1e-5)
+  np.testing.assert_allclose(per_row[2, :6], packed[n0:n0 + 6], atol=1e-5)
+  pos, _ = q.get_rope_index(ids, am, grids, image_token_id=ours.cfg.image_token_id)
+  x_packed = q.embed_inputs(ours, jnp.asarray(ids), jnp.asarray(packed))
+  x_rows = q.embed_inputs(ours, jnp.asarray(ids), jnp.asarray(per_row))
+  np.testing.assert_allclose(np.asarray(x_rows), np.asarray(x_packed), atol=1e-5)

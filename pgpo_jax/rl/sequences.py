@@ -27,16 +27,17 @@ from pgpo_jax.rl import scoring
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SequenceBatch:
-  """P prompts × G responses. Shapes: Tp prompt bucket, L max response length.
+  """P prompts × G responses, every leaf row-aligned on a leading prompt axis P, so a batch splits
+  into micro-batches or data shards by rows. Shapes: Tp prompt bucket, L max response length.
 
   prompt_ids:    [P, Tp] int32, left padded.
   prompt_mask:   [P, Tp] bool.
-  prompt_pos:    [3, P, Tp] int32 M-RoPE positions (0 at padding).
+  prompt_pos:    [P, 3, Tp] int32 M-RoPE positions (0 at padding).
   prompt_visual: [P, Tp] bool, tokens hidden from the blind view (the `<|image_pad|>` payload).
   next_pos:      [P] int32, position of the first response token (max prompt position + 1).
-  vision:        VisionInputs of the P prompts' images, or None for text-only batches.
-  response:      [P*G, L] int32 sampled tokens (pad after EOS).
-  response_mask: [P*G, L] bool, valid response tokens (EOS included).
+  vision:        per-row VisionInputs ([P, N_pad, ...] leaves) or None for text-only batches.
+  response:      [P, G, L] int32 sampled tokens (pad after EOS).
+  response_mask: [P, G, L] bool, valid response tokens (EOS included).
   """
   prompt_ids: jnp.ndarray
   prompt_mask: jnp.ndarray
@@ -49,23 +50,32 @@ class SequenceBatch:
 
   @property
   def group_size(self) -> int:
-    return self.response.shape[0] // self.prompt_ids.shape[0]
+    return self.response.shape[1]
+
+  @property
+  def flat_response(self) -> jnp.ndarray:
+    """[P*G, L], prompt-major."""
+    return self.response.reshape(-1, self.response.shape[-1])
+
+  @property
+  def flat_response_mask(self) -> jnp.ndarray:
+    return self.response_mask.reshape(-1, self.response_mask.shape[-1]).astype(bool)
 
 
 def _embed_and_positions(model: q.Qwen25VL, b: SequenceBatch):
   """Embeddings [P*G, Tp+L, D], positions [3, P*G, Tp+L], key mask and visual mask [P*G, Tp+L]."""
-  G, L = b.group_size, b.response.shape[1]
-  feats = q.encode_images(model, b.vision) if b.vision is not None else None
-  rep = lambda x, axis=0: jnp.repeat(x, G, axis=axis)
+  G, L = b.group_size, b.response.shape[-1]
+  feats = q.encode_images(model, b.vision) if b.vision is not None else None  # [P, U, D]
+  rep = lambda x: jnp.repeat(x, G, axis=0)
   x_prompt = rep(q.embed_inputs(model, b.prompt_ids, feats))
-  x_resp = model.language_model.embed(b.response)
+  x_resp = model.language_model.embed(b.flat_response)
   x = jnp.concatenate([x_prompt, x_resp.astype(x_prompt.dtype)], axis=1)
   resp_pos = b.next_pos[:, None] + jnp.arange(L, dtype=jnp.int32)[None]  # [P, L]
-  pos = jnp.concatenate([rep(b.prompt_pos, 1), rep(jnp.broadcast_to(resp_pos[None], (3,) + resp_pos.shape), 1)],
-                        axis=2)
-  key_mask = jnp.concatenate([rep(b.prompt_mask), b.response_mask.astype(bool)], axis=1)
-  visual = jnp.concatenate([rep(b.prompt_visual), jnp.zeros(b.response.shape, bool)], axis=1)
-  return x, pos, key_mask, visual
+  pos = jnp.concatenate([rep(b.prompt_pos), rep(jnp.broadcast_to(resp_pos[:, None], (resp_pos.shape[0], 3, L)))],
+                        axis=2)  # [P*G, 3, T]
+  key_mask = jnp.concatenate([rep(b.prompt_mask), b.flat_response_mask], axis=1)
+  visual = jnp.concatenate([rep(b.prompt_visual), jnp.zeros((x.shape[0], L), bool)], axis=1)
+  return x, jnp.swapaxes(pos, 0, 1), key_mask, visual
 
 
 def _response_hidden(h_NxTxD: jnp.ndarray, prompt_len: int) -> jnp.ndarray:
@@ -83,7 +93,7 @@ def response_logprobs(model: q.Qwen25VL, b: SequenceBatch, *, chunk_size: int = 
   x, pos, key_mask, _ = _embed_and_positions(model, b)
   h, _ = model.language_model(x, pos, key_mask, None, **q.model._kw(model))
   return scoring.token_logprobs_chunked(_response_hidden(h, b.prompt_ids.shape[1]), model.lm_head_weight(),
-                                        b.response, chunk_size, temperature=temperature,
+                                        b.flat_response, chunk_size, temperature=temperature,
                                         return_entropy=return_entropy)
 
 
@@ -101,9 +111,9 @@ def score_rollout(model: q.Qwen25VL, b: SequenceBatch, *, estimator: str = "k3",
   h, _ = model.language_model(both(x), both(pos, 1), jnp.concatenate([key_mask, key_mask & ~visual]),
                               None, **q.model._kw(model))
   h = _response_hidden(h, b.prompt_ids.shape[1])
-  n = b.response.shape[0]
+  n = h.shape[0] // 2
   fn = scoring.get_dependency_estimator(estimator)
-  return fn(h[:n], h[n:], model.lm_head_weight(), b.response, b.response_mask, chunk_size=chunk_size,
+  return fn(h[:n], h[n:], model.lm_head_weight(), b.flat_response, b.flat_response_mask, chunk_size=chunk_size,
             clamp_log_ratio=clamp_log_ratio, temperature=temperature)
 
 
@@ -122,18 +132,25 @@ def visual_token_mask(prompt_ids: np.ndarray, cfg: q.Qwen25VLConfig, mask_vision
 def make_sequence_batch(cfg: q.Qwen25VLConfig, prompt_ids, prompt_mask, pixel_values, image_grid_thw,
                         response, response_mask, *, prompt_pos=None, num_patches: int | None = None,
                         mask_vision_markers: bool = False) -> SequenceBatch:
-  """Builds a SequenceBatch from left-padded prompts (HF processor outputs) and sampled responses."""
+  """Builds a SequenceBatch from left-padded prompts (HF processor outputs) and sampled responses.
+
+  `response`/`response_mask` are [P*G, L] (prompt-major) or [P, G, L]; `prompt_pos` is [3, P, Tp]
+  as `get_rope_index` returns it (computed when omitted); `num_patches` is the per-row patch budget.
+  """
   ids = np.asarray(prompt_ids, np.int32)
   am = np.asarray(prompt_mask).astype(np.int32)
+  P = ids.shape[0]
   if prompt_pos is None:
     prompt_pos, _ = q.get_rope_index(ids, am, image_grid_thw, image_token_id=cfg.image_token_id,
                                      spatial_merge_size=cfg.vision.spatial_merge_size)
   prompt_pos = np.asarray(prompt_pos, np.int32)
   next_pos = (np.where(am[None] > 0, prompt_pos, -1).max(axis=(0, 2)) + 1).astype(np.int32)
   has_images = image_grid_thw is not None and len(q.rope.valid_grids(image_grid_thw)) > 0
-  vision = (q.prepare_vision(pixel_values, image_grid_thw, cfg.vision, num_patches)
+  vision = (q.prepare_vision_rows(pixel_values, image_grid_thw, ids, cfg.vision, cfg.image_token_id, num_patches)
             if has_images or num_patches else None)
-  return SequenceBatch(prompt_ids=ids, prompt_mask=am.astype(bool), prompt_pos=prompt_pos,
+  response = np.asarray(response, np.int32)
+  L = response.shape[-1]
+  return SequenceBatch(prompt_ids=ids, prompt_mask=am.astype(bool), prompt_pos=prompt_pos.transpose(1, 0, 2),
                        prompt_visual=visual_token_mask(ids, cfg, mask_vision_markers), next_pos=next_pos,
-                       vision=vision, response=np.asarray(response, np.int32),
-                       response_mask=np.asarray(response_mask).astype(bool))
+                       vision=vision, response=response.reshape(P, -1, L),
+                       response_mask=np.asarray(response_mask).astype(bool).reshape(P, -1, L))

@@ -11,4 +11,4 @@ from pgpo_jax.models.qwen2_5_vl.model import (Qwen25VL, check_image_tokens, deco
                                               prefill)
 from pgpo_jax.models.qwen2_5_vl.rope import get_rope_index
 from pgpo_jax.models.qwen2_5_vl.text import KVCache, init_cache
-from pgpo_jax.models.qwen2_5_vl.vision import VisionInputs, patch_bucket, prepare_vision
+from pgpo_jax.models.qwen2_5_vl.vision import VisionInputs, patch_bucket, prepare_vision, prepare_vision_rows

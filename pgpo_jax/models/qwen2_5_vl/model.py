@@ -49,24 +49,30 @@ def _kw(model: Qwen25VL) -> dict[str, Any]:
 # Pure pieces (call under jit)
 # ------------------------------------------------------------------------------------------------
 def encode_images(model: Qwen25VL, vin: vision.VisionInputs) -> jnp.ndarray:
-  """Merged image features [U_pad, D] in processor order (padding rows last)."""
+  """Merged image features in processor order (padding rows last): [U_pad, D] for packed inputs,
+  [B, U_pad, D] for per-row inputs (`prepare_vision_rows`)."""
   return model.visual(vin, **_kw(model))
 
 
-def embed_inputs(model: Qwen25VL, input_ids_BxT: jnp.ndarray, image_features_UxD: jnp.ndarray | None) -> jnp.ndarray:
+def embed_inputs(model: Qwen25VL, input_ids_BxT: jnp.ndarray, image_features=None) -> jnp.ndarray:
   """Token embeddings with the image features scattered into the `<|image_pad|>` slots.
 
-  Features are consumed in row-major (batch, position) order, as HF does; the count check is done
-  on the host (`check_image_tokens`).
+  `image_features` is packed [U, D] (all images of the batch, consumed in row-major (batch,
+  position) order, as HF does) or per-row [B, U, D] (row b's own images, from per-row vision
+  inputs). The count check is done on the host (`check_image_tokens`).
   """
   x = model.language_model.embed(input_ids_BxT)
-  if image_features_UxD is None:
+  if image_features is None:
     return x
   is_img = input_ids_BxT == model.cfg.image_token_id
-  idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
-  idx = jnp.clip(idx, 0, image_features_UxD.shape[0] - 1)
-  feats = jnp.take(image_features_UxD.astype(x.dtype), idx, axis=0)
-  return jnp.where(is_img[..., None], feats, x)
+  feats = image_features.astype(x.dtype)
+  if feats.ndim == 3:  # per row: index within the row
+    idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
+    gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
+  else:
+    idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+    gathered = jnp.take(feats, jnp.clip(idx, 0, feats.shape[0] - 1), axis=0)
+  return jnp.where(is_img[..., None], gathered, x)
 
 
 def hidden_states(model: Qwen25VL, input_ids_BxT, position_ids_3xBxT, key_mask_BxT,

@@ -104,6 +104,49 @@ def prepare_vision(pixel_values, image_grid_thw, cfg: VisionConfig,
                       image_seg=image_seg.astype(np.int32))
 
 
+def images_per_row(input_ids_BxT, image_grid_thw, cfg_merge_unit: int, image_token_id: int) -> list[int]:
+  """How many of the (in-order) images each row holds, from its `<|image_pad|>` count."""
+  grids = rope.valid_grids(image_grid_thw)
+  tokens = [int(x) for x in (np.asarray(input_ids_BxT) == image_token_id).sum(axis=1)]
+  counts, g = [], 0
+  for b, need in enumerate(tokens):
+    k = 0
+    while need > 0:
+      if g >= len(grids):
+        raise ValueError(f"row {b}: more <|image_pad|> tokens than image_grid_thw provides")
+      need -= int(grids[g].prod()) // cfg_merge_unit
+      g, k = g + 1, k + 1
+    if need:
+      raise ValueError(f"row {b}: <|image_pad|> count does not match its images' grids")
+    counts.append(k)
+  if g != len(grids):
+    raise ValueError(f"image_grid_thw has {len(grids)} images but the rows hold {g}")
+  return counts
+
+
+def prepare_vision_rows(pixel_values, image_grid_thw, input_ids_BxT, cfg: VisionConfig, image_token_id: int,
+                        num_patches: int | None = None) -> VisionInputs:
+  """Per-row VisionInputs ([B, N_pad, ...] leaves): row b holds only its own images' patches.
+
+  `num_patches` is the per-row budget (default: a bucket of the largest row). Rows without
+  images are all padding. Used where batches are split by rows (micro-batches, data sharding).
+  """
+  grids = rope.valid_grids(image_grid_thw)
+  counts = images_per_row(input_ids_BxT, grids, cfg.merge_unit, image_token_id)
+  pix = np.asarray(pixel_values, np.float32).reshape(-1, cfg.patch_dim) if len(grids) else None
+  sizes = grids.prod(axis=1) if len(grids) else np.zeros(0, np.int64)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  row_grids, row_pix, g = [], [], 0
+  for k in counts:
+    row_grids.append(grids[g:g + k])
+    row_pix.append(pix[starts[g]:starts[g + k]] if k else np.zeros((0, cfg.patch_dim), np.float32))
+    g += k
+  need = max([int(r.prod(axis=1).sum()) if len(r) else 0 for r in row_grids] + [0])
+  n_pad = patch_bucket(need) if num_patches is None else int(num_patches)
+  rows = [prepare_vision(p, r, cfg, n_pad) for p, r in zip(row_pix, row_grids)]
+  return jax.tree.map(lambda *a: np.stack(a), *rows)
+
+
 class VisionBlocks(nnx.Module):
   """`depth` pre-norm ViT blocks, parameters stacked on a leading `vision_layers` axis."""
 
@@ -146,31 +189,41 @@ class VisionTower(nnx.Module):
 
   def __call__(self, vin: VisionInputs, *, remat_policy: str = "none", use_scan: bool = True,
                attention_chunk_size: int = 0) -> jnp.ndarray:
-    """Returns merged features [U_pad, out_hidden] in processor order; padding units are last."""
+    """Merged features in processor order, padding units last.
+
+    Packed inputs ([N_pad, ...] leaves, from `prepare_vision`) give [U_pad, out_hidden]; per-row
+    inputs ([P, N_pad, ...] leaves, from `prepare_vision_rows`) give [P, U_pad, out_hidden] and
+    attention never crosses rows (P·N² rather than (P·N)² attention scores).
+    """
+    if vin.pixel_values.ndim == 2:
+      one = jax.tree.map(lambda a: a[None], vin)
+      return self(one, remat_policy=remat_policy, use_scan=use_scan,
+                  attention_chunk_size=attention_chunk_size)[0]
     cfg, dt = self.cfg, self.dtype
     mu, D = cfg.merge_unit, cfg.hidden_size
-    x = vin.pixel_values.astype(dt) @ self.patch_embed[...]  # [N, D]
-    n = x.shape[0]
-    x = x.reshape(n // mu, mu, D)[vin.unit_order].reshape(n, D)  # window order
-    cos, sin = rope.vision_cos_sin(vin.hw_pos, cfg.head_dim, cfg.rope_theta)  # [N, hd] f32
-    win_mask = vin.window_seg[:, None] == vin.window_seg[None, :]
-    full_mask = vin.image_seg[:, None] == vin.image_seg[None, :]
+    x = vin.pixel_values.astype(dt) @ self.patch_embed[...]  # [P, N, D]
+    P, n = x.shape[:2]
+    take_units = lambda a, idx: jnp.take_along_axis(a, idx[:, :, None, None], axis=1)
+    x = take_units(x.reshape(P, n // mu, mu, D), vin.unit_order).reshape(P, n, D)  # window order
+    cos, sin = jax.vmap(lambda hw: rope.vision_cos_sin(hw, cfg.head_dim, cfg.rope_theta))(vin.hw_pos)
+    win_mask = vin.window_seg[:, :, None] == vin.window_seg[:, None, :]  # [P, N, N]
+    full_mask = vin.image_seg[:, :, None] == vin.image_seg[:, None, :]
     is_full = np.zeros(cfg.depth, bool)
     is_full[[i for i in cfg.fullatt_block_indexes if i < cfg.depth]] = True
     scale = cfg.head_dim ** -0.5
 
     def block(x, xs):
       p, full = xs
-      mask = jnp.where(full, full_mask, win_mask)[None]  # [1, N, N]
+      mask = jnp.where(full, full_mask, win_mask)
       h = layers.rms_norm(x, p["norm1"], cfg.rms_norm_eps)
-      proj = lambda w, b: jnp.einsum("nd,dhk->nhk", h, w) + b
+      proj = lambda w, b: jnp.einsum("pnd,dhk->pnhk", h, w) + b
       q, k, v = proj(p["wq"], p["bq"]), proj(p["wk"], p["bk"]), proj(p["wv"], p["bv"])
       # HF applies the vision rotary in float32, then casts back.
-      q = rope.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(dt)
-      k = rope.apply_rotary(k.astype(jnp.float32)[None], cos[None], sin[None])[0].astype(dt)
-      att = layers.chunked_attention(q[None, :, :, None, :], k[None], v[None], mask, scale,
-                                     attention_chunk_size)[0, :, :, 0, :]  # [N, H, K]
-      x = x + jnp.einsum("nhk,hkd->nd", att, p["wo"]) + p["bo"]
+      q = rope.apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
+      k = rope.apply_rotary(k.astype(jnp.float32), cos, sin).astype(dt)
+      att = layers.chunked_attention(q[:, :, :, None, :], k, v, mask, scale,
+                                     attention_chunk_size)[:, :, :, 0, :]  # [P, N, H, K]
+      x = x + jnp.einsum("pnhk,hkd->pnd", att, p["wo"]) + p["bo"]
       h = layers.rms_norm(x, p["norm2"], cfg.rms_norm_eps)
       gate = jax.nn.silu(h @ p["w_gate"] + p["b_gate"])
       x = x + (gate * (h @ p["w_up"] + p["b_up"])) @ p["w_down"] + p["b_down"]
@@ -180,7 +233,7 @@ class VisionTower(nnx.Module):
     params = layers.values(self.blocks, VisionBlocks.NAMES)
     x, _ = layers.scan_layers(body, x, (params, jnp.asarray(is_full)), cfg.depth, use_scan)
 
-    h = layers.rms_norm(x, self.ln_q[...], cfg.rms_norm_eps).reshape(n // mu, mu * D)
+    h = layers.rms_norm(x, self.ln_q[...], cfg.rms_norm_eps).reshape(P, n // mu, mu * D)
     h = jax.nn.gelu(h @ self.merger_w0[...] + self.merger_b0[...], approximate=False)  # exact GELU
     h = h @ self.merger_w2[...] + self.merger_b2[...]
-    return h[vin.unit_restore]  # processor order
+    return jnp.take_along_axis(h, vin.unit_restore[:, :, None], axis=1)  # processor order
