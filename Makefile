@@ -20,5 +20,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# The embedded default: synthetic data + tiny model + warm-up + PGPO, on this machine's CPU.
+demo: $(STAMP)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) scripts/train.py --config=configs/demo.py --workdir=runs/demo
+
 clean:
 	rm -rf $(VENV) .pytest_cache

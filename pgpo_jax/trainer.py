@@ -1,0 +1,604 @@
+"""The host loop: the only place that orchestrates, logs and checkpoints.
+
+One training step (= one rollout batch):
+
+    prompts ─► rollout (G samples, current weights, no host copy of params) ─► rewards (host)
+      ─► dynamic sampling (drop all-correct / all-wrong groups, sample more rounds, capped)
+      ─► scoring pass (old log-probs + blind log-probs + dependency S, one jitted no-grad call)
+      ─► token advantages (`pgpo` or `grpo`) ─► update_batches × passes optimizer updates
+      ─► metrics (jsonl, TensorBoard, progress bar) ─► async checkpoint
+
+Resuming from WORKDIR restores params, optimizer state, RNG, the data iterator and counters, so the
+next batch is the one after the last saved step. SIGTERM triggers a checkpoint and a clean exit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from pgpo_jax import checkpoint as ckpt_lib
+from pgpo_jax import config as config_lib
+from pgpo_jax import rewards as rewards_lib
+from pgpo_jax import rollout as rollout_lib
+from pgpo_jax import sharding
+from pgpo_jax import train_step as train_step_lib
+from pgpo_jax.data import processor as processor_lib
+from pgpo_jax.data.pipeline import make_prompt_iterator
+from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_buckets, bucket_size
+from pgpo_jax.data.reader import DatasetSpec
+from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.rl import advantages as adv_lib
+from pgpo_jax.rl import losses as losses_lib
+from pgpo_jax.rl import sequences
+
+log = logging.getLogger("pgpo_jax.trainer")
+
+
+# ------------------------------------------------------------------------------------------------
+# Groups: one prompt with its G responses, collected across rollout rounds
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Group:
+  """One prompt (unpadded) and its G sampled responses, host-side."""
+  prompt_ids: np.ndarray  # [t] int32
+  pixel_values: np.ndarray  # [n_patches, 1176]
+  grids: np.ndarray  # [n_images, 3]
+  answer: str
+  tokens: np.ndarray  # [G, L] int32
+  mask: np.ndarray  # [G, L] bool
+  rewards: np.ndarray  # [G] overall reward
+  accuracy: np.ndarray  # [G]
+  format: np.ndarray  # [G]
+  truncated: np.ndarray  # [G] bool
+
+
+def split_prompt_batch(pb: PromptBatch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Per valid prompt: (unpadded ids, its pixel rows, its grid rows)."""
+  grids = q.rope.valid_grids(pb.image_grid_thw)
+  sizes = grids.prod(axis=1)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  out, g = [], 0
+  for b in range(pb.batch_size):
+    k = int(pb.num_images[b])
+    if pb.prompt_valid[b]:
+      ids = pb.input_ids[b][pb.attention_mask[b].astype(bool)]
+      out.append((ids.astype(np.int32), pb.pixel_values[starts[g]:starts[g + k]], grids[g:g + k]))
+    g += k
+  return out
+
+
+def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, pad_id: int,
+                   filler: int = 0) -> tuple[sequences.SequenceBatch, np.ndarray]:
+  """Left-pads the groups' prompts into one SequenceBatch (+ `filler` masked copies of group 0).
+
+  Returns the batch and the flat rewards [P*G]. Filler groups have an all-False response mask, so
+  they add nothing to losses, normalisers or statistics; they keep the update batch shape static.
+  """
+  groups = list(groups) + [dataclasses.replace(groups[0], mask=np.zeros_like(groups[0].mask))] * filler
+  T = bucket_size(max(len(g.prompt_ids) for g in groups), length_buckets)
+  P = len(groups)
+  ids = np.full((P, T), pad_id, np.int32)
+  am = np.zeros((P, T), np.int32)
+  for p, g in enumerate(groups):
+    ids[p, T - len(g.prompt_ids):] = g.prompt_ids
+    am[p, T - len(g.prompt_ids):] = 1
+  pix = np.concatenate([g.pixel_values for g in groups]) if groups else None
+  grids = np.concatenate([g.grids for g in groups])
+  per_row = max(int(g.grids.prod(axis=1).sum()) for g in groups)
+  seq = sequences.make_sequence_batch(cfg, ids, am, pix, grids, np.stack([g.tokens for g in groups]),
+                                      np.stack([g.mask for g in groups]),
+                                      num_patches=q.patch_bucket(per_row))
+  return seq, np.concatenate([g.rewards for g in groups]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up helpers
+# ------------------------------------------------------------------------------------------------
+def _files(s: str) -> list[str]:
+  return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
+  """Generates the synthetic task (train/test parquet + tiny tokenizer folder) when missing."""
+  if not c.data.make_demo_data:
+    return
+  d = c.data.demo_dir
+  if os.path.exists(os.path.join(d, "train.parquet")) and os.path.exists(os.path.join(d, "model", "tokenizer.json")):
+    return
+  if jax.process_index() == 0:
+    from pgpo_jax.data import synthetic, tiny_tokenizer
+    log.info("making the synthetic demo data in %s", d)
+    os.makedirs(d, exist_ok=True)
+    tiny_tokenizer.build_tiny_model_folder(os.path.join(d, "model"))
+    synthetic.write_parquet(synthetic.make_split(c.data.demo_train_rows, seed=c.seed, image_size=c.data.demo_image_size),
+                            os.path.join(d, "train.parquet"))
+    synthetic.write_parquet(synthetic.make_split(c.data.demo_eval_rows, seed=c.seed, image_size=c.data.demo_image_size,
+                                                 stream=1), os.path.join(d, "test.parquet"))
+
+
+def build_model(c: ml_collections.ConfigDict, tokenizer) -> q.Qwen25VL:
+  compute = dict(remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers,
+                 attention_chunk_size=c.model.attention_chunk_size)
+  if c.model.random_init:
+    ids = processor_lib.special_token_ids(tokenizer)
+    t = dict(c.model.tiny)
+    vision_kw = {f"vision_{k[len('vision_'):]}": v for k, v in t.items() if k.startswith("vision_")}
+    text_kw = {k: v for k, v in t.items() if not k.startswith("vision_")}
+    if "vision_fullatt_block_indexes" in vision_kw:
+      vision_kw["vision_fullatt_block_indexes"] = tuple(vision_kw["vision_fullatt_block_indexes"])
+    heads = text_kw["num_attention_heads"]
+    head_dim = text_kw["hidden_size"] // heads
+    quarter = head_dim // 2
+    section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
+    cfg = q.tiny_config(vocab_size=len(tokenizer), head_dim=head_dim, mrope_section=section,
+                        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+                        vision_start_token_id=ids["vision_start_token_id"],
+                        vision_end_token_id=ids["vision_end_token_id"], bos_token_id=ids["bos_token_id"],
+                        eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+                        **text_kw, **vision_kw).replace(**compute)
+    return q.init_model(cfg, c.model.dtype, seed=c.seed)
+  cfg = q.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
+  return q.from_pretrained(c.model.init_from, c.model.dtype, config=cfg)
+
+
+def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, learning_rate: float | None = None):
+  o = c.optim
+  return train_step_lib.make_optimizer(
+      o.learning_rate if learning_rate is None else learning_rate, schedule=o.schedule,
+      warmup_steps=o.warmup_steps, total_steps=total_steps, end_learning_rate=o.end_learning_rate,
+      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip_norm=o.grad_clip_norm or None,
+      frozen_regex=o.frozen_regex or None)
+
+
+def estimator_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  p = c.pgpo
+  if not p.enabled:
+    return {}
+  return dict(tau=p.tau, beta=p.beta, renormalize=p.renormalize, threshold_mode=p.threshold_mode,
+              min_weight=p.min_weight, max_weight=p.max_weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# Device programs
+# ------------------------------------------------------------------------------------------------
+def rl_loss_fn(c: ml_collections.ConfigDict):
+  """`loss_fn(model, batch)` for the train step: clipped surrogate on row-aligned [P, G, L] data."""
+  l = c.loss
+
+  def loss_fn(model, b):
+    seq: sequences.SequenceBatch = b["seq"]
+    logp, entropy = sequences.response_logprobs(model, seq, chunk_size=l.logprob_chunk, return_entropy=True)
+    flat = lambda x: x.reshape(-1, x.shape[-1])
+    loss, metrics = losses_lib.policy_loss(
+        logp, flat(b["old_logp"]), flat(b["adv"]), seq.flat_response_mask, l.clip_low, l.clip_high, l.agg,
+        dual_clip=l.dual_clip or None, entropy_BxT=entropy if l.entropy_coef else None,
+        entropy_coef=l.entropy_coef, loss_horizon=float(seq.response.shape[-1]),
+        token_normalizer=b["token_normalizer"], seq_normalizer=b["seq_normalizer"])
+    m = seq.flat_response_mask
+    metrics["entropy"] = jnp.sum(jnp.where(m, entropy, 0.0)) / jnp.maximum(m.sum(), 1)
+    return loss, metrics
+
+  return loss_fn
+
+
+def sft_loss_fn(c: ml_collections.ConfigDict):
+  """Token-mean negative log-likelihood of target responses (the demo's supervised warm-up)."""
+  def loss_fn(model, b):
+    seq = b["seq"]
+    logp = sequences.response_logprobs(model, seq, chunk_size=c.loss.logprob_chunk)
+    m = seq.flat_response_mask
+    loss = -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(b["token_normalizer"], 1.0)
+    return loss, {"nll": -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(m.sum(), 1)}
+  return loss_fn
+
+
+def _normalizers(mask: np.ndarray) -> dict[str, np.ndarray]:
+  m = np.asarray(mask).reshape(-1, mask.shape[-1]).astype(bool)
+  return {"token_normalizer": np.float32(m.sum()), "seq_normalizer": np.float32(m.any(-1).sum())}
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+class Trainer:
+  """Holds the run's state; `run()` executes the loop. Built from a validated config."""
+
+  def __init__(self, c: ml_collections.ConfigDict, workdir: str):
+    config_lib.validate(c, jax.device_count())
+    self.c = c
+    self.workdir = os.path.abspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    ensure_demo_data(c)
+    self.is_host0 = jax.process_index() == 0
+
+    proc_dir = c.data.processor_dir or c.model.init_from
+    self.processor = processor_lib.load_processor(proc_dir, min_pixels=c.data.min_pixels,
+                                                  max_pixels=c.data.max_pixels)
+    self.tokenizer = self.processor.tokenizer
+    self.model = build_model(c, self.tokenizer)
+    self.cfg = self.model.cfg
+    self.G = c.rollout.group_size
+    self.length_buckets = default_length_buckets(c.data.max_prompt_length)
+
+    self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    self.train_shardings = sharding.param_shardings(self.model, self.mesh, sharding.TRAIN_RULES)
+    self.sample_shardings = sharding.param_shardings(self.model, self.mesh, sharding.SAMPLE_RULES)
+    self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
+
+    self.updates_per_step = c.rollout.prompts_per_step // c.updates.prompts_per_update * c.updates.passes
+    total_updates = c.train.num_steps * self.updates_per_step
+    self.optimizer = make_optimizer(c, total_updates)
+    self.graphdef, state = train_step_lib.init_train_state(self.model, self.optimizer)
+    self.state = jax.device_put(state, self._state_shardings(state))
+    self.model_graphdef, _ = nnx.split(self.model)
+    del self.model  # the parameters live in self.state from here on
+    n_micro = c.updates.prompts_per_update // c.updates.micro_batch_prompts
+    self.train_step = train_step_lib.make_train_step(self.graphdef, rl_loss_fn(c), self.optimizer, n_micro,
+                                                     frozen_regex=c.optim.frozen_regex or None)
+    self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef))
+    self.key = jax.random.key(c.seed)
+    self.step = 0
+    self.data_iter = self._train_iterator()
+    self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                              save_every=c.checkpoint.every, keep=c.checkpoint.keep,
+                                              async_save=c.checkpoint.async_save)
+    self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+    self.writer = None
+    if self.is_host0 and c.logging.tensorboard:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(self.workdir, "tb"))
+    self.wandb = None
+    if self.is_host0 and c.logging.wandb:
+      try:
+        import wandb
+        self.wandb = wandb.init(project=c.logging.wandb_project, config=c.to_dict(), dir=self.workdir)
+      except ImportError:
+        log.warning("logging.wandb=True but wandb is not installed; skipping W&B")
+
+  # -- data ----------------------------------------------------------------------------------------
+  def _spec(self, files: str) -> DatasetSpec:
+    d = self.c.data
+    return DatasetSpec(_files(files), question_key=d.question_key, answer_key=d.answer_key, image_key=d.image_key)
+
+  def _train_iterator(self):
+    c = self.c
+    return make_prompt_iterator(
+        self._spec(c.data.train_files), self.processor, batch_size=c.rollout.prompts_per_step, seed=c.seed,
+        num_epochs=None, max_prompt_length=c.data.max_prompt_length, drop_remainder=True,
+        length_buckets=self.length_buckets,
+        prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
+
+  def _state_shardings(self, state):
+    params_sh = self.train_shardings
+    opt_sh = sharding.shardings_like_params(state.opt_state, state.params, params_sh, self.mesh)
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return train_step_lib.TrainState(step=rep, params=params_sh, opt_state=opt_sh, num_skipped=rep)
+
+  # -- device programs ----------------------------------------------------------------------------
+  @staticmethod
+  def _score(graphdef, params, seq, *, estimator="k3", chunk=256, clamp=None):
+    model = nnx.merge(graphdef, params)
+    return sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp)
+
+  def _sample_params(self):
+    if self.mesh.size == 1:
+      return self.state.params
+    return jax.device_put(self.state.params, self.sample_shardings)
+
+  def _put_batch(self, tree):
+    """Row-aligned host arrays → device, rows split over the batch mesh axes."""
+    if self.mesh.size == 1:
+      return jax.device_put(tree)
+    spec = sharding.logical_to_spec(("batch",), sharding.TRAIN_RULES, self.mesh, None)
+    def put(x):
+      x = np.asarray(x)
+      if x.ndim == 0:
+        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+      return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec, *([None] * (x.ndim - 1)))))
+    return jax.tree.map(put, tree)
+
+  # -- one step -----------------------------------------------------------------------------------
+  def rollout_round(self, pb: PromptBatch, params) -> list[Group]:
+    c = self.c
+    self.key, k = jax.random.split(self.key)
+    inputs = rollout_lib.prepare_inputs(
+        self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
+        position_ids=pb.position_ids, batch_multiple=self.batch_shards,
+        batch_size=rollout_lib.batch_bucket(pb.batch_size, self.batch_shards))
+    out = rollout_lib.rollout(
+        self.model_graphdef, params, inputs, k, max_new_tokens=c.rollout.max_new_tokens,
+        sampling=rollout_lib.SamplingConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k),
+        num_samples=self.G, pad_token_id=self.cfg.pad_token_id,
+        mesh=self.mesh if self.mesh.size > 1 else None)
+    tokens, mask, trunc = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
+    prompts = split_prompt_batch(pb)
+    valid_rows = [b for b in range(pb.batch_size) if pb.prompt_valid[b]]
+    texts, answers = [], []
+    for b in valid_rows:
+      for s in range(self.G):
+        r = b * self.G + s
+        texts.append(self.tokenizer.decode(tokens[r][mask[r]], skip_special_tokens=True))
+        answers.append(pb.answers[b])
+    scores = rewards_lib.score_batch(texts, answers)
+    groups = []
+    for i, (b, (ids, pix, grids)) in enumerate(zip(valid_rows, prompts)):
+      sl = slice(i * self.G, (i + 1) * self.G)
+      rows = slice(b * self.G, (b + 1) * self.G)
+      sc = scores[sl]
+      groups.append(Group(ids, pix, grids, pb.answers[b], tokens[rows], mask[rows],
+                          np.array([s["overall"] for s in sc], np.float32),
+                          np.array([s["accuracy"] for s in sc], np.float32),
+                          np.array([s["format"] for s in sc], np.float32), trunc[rows]))
+    return groups
+
+  def collect(self) -> tuple[list[Group], dict[str, float]]:
+    """Rollout rounds until `prompts_per_step` groups pass dynamic sampling (or the round cap)."""
+    c, ds = self.c, self.c.dynamic_sampling
+    want = c.rollout.prompts_per_step
+    params = self._sample_params()
+    kept, seen, rounds, all_groups = [], 0, 0, []
+    while len(kept) < want and rounds < ds.max_rounds:
+      groups = self.rollout_round(next(self.data_iter), params)
+      rounds += 1
+      seen += len(groups)
+      all_groups.extend(groups)
+      for g in groups:
+        acc = float(g.accuracy.mean())
+        if not ds.enabled or ds.min_accuracy < acc < ds.max_accuracy:
+          kept.append(g)
+    stats = {"dynamic_sampling/kept_share": len(kept) / max(seen, 1), "dynamic_sampling/rounds": rounds,
+             "dynamic_sampling/filled": min(len(kept), want) / want}
+    return kept[:want], stats, all_groups
+
+  def train_one_step(self) -> dict[str, float]:
+    c = self.c
+    times = {}
+    t0 = time.perf_counter()
+    kept, ds_stats, all_groups = self.collect()
+    times["rollout"] = time.perf_counter() - t0  # rewards are timed inside; see below
+    m: dict[str, float] = dict(ds_stats)
+    all_rewards = np.concatenate([g.rewards for g in all_groups])
+    m["reward/overall"] = float(all_rewards.mean())
+    m["reward/accuracy"] = float(np.concatenate([g.accuracy for g in all_groups]).mean())
+    m["reward/format"] = float(np.concatenate([g.format for g in all_groups]).mean())
+    lengths = np.concatenate([g.mask.sum(-1) for g in all_groups])
+    m["response/length_mean"] = float(lengths.mean())
+    m["response/truncated_share"] = float(np.concatenate([g.truncated for g in all_groups]).mean())
+    gen_tokens = int(lengths.sum())
+    if not kept:
+      log.warning("step %d: no group passed dynamic sampling; skipping the update", self.step)
+      m.update({"skipped_no_groups": 1.0, **{f"time/{k}": v for k, v in times.items()}})
+      return m
+    filler = c.rollout.prompts_per_step - len(kept)
+    seq, rewards = collate_groups(kept, self.cfg, self.length_buckets, self.cfg.pad_token_id, filler)
+    t1 = time.perf_counter()
+    seq_dev = self._put_batch(seq)
+    p = c.pgpo
+    scores = self.score_fn(self.state.params, seq_dev, estimator=p.dependency_estimator, chunk=p.scoring_chunk,
+                           clamp=p.clamp_log_ratio)
+    jax.block_until_ready(scores)
+    times["scoring"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    mask = seq.flat_response_mask
+    est = adv_lib.get_estimator("pgpo" if p.enabled else "grpo")
+    adv, diag = est(jnp.asarray(rewards), scores.dependency_BxT, jnp.asarray(mask), self.G, **estimator_options(c))
+    P, L = seq.response.shape[0], seq.response.shape[-1]
+    adv = np.asarray(adv).reshape(P, self.G, L)
+    old_logp = np.asarray(scores.logp_image_BxT).reshape(P, self.G, L)
+    dep = np.asarray(scores.dependency_BxT)
+    times["advantages"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    upd = c.updates.prompts_per_update
+    update_metrics = []
+    for _ in range(c.updates.passes):
+      for s in range(0, P, upd):
+        sl = slice(s, s + upd)
+        sub = jax.tree.map(lambda x: x[sl], seq)
+        batch = {"seq": sub, "adv": adv[sl], "old_logp": old_logp[sl], **_normalizers(sub.response_mask)}
+        self.state, um = self.train_step(self.state, self._put_batch(batch))
+        update_metrics.append(um)
+    update_metrics = jax.device_get(update_metrics)
+    times["update"] = time.perf_counter() - t3
+    for k in update_metrics[0]:
+      vals = np.array([u[k] for u in update_metrics], np.float64)
+      m[f"train/{k}"] = float(vals.mean())
+    m["train/grad_norm_max"] = float(max(u["grad_norm"] for u in update_metrics))
+    m["train/skipped_updates"] = float(sum(u["skipped"] for u in update_metrics))
+    valid = mask.astype(bool)
+    m["dependency/mean"] = float(dep[valid].mean()) if valid.any() else 0.0
+    m["dependency/max"] = float(dep[valid].max()) if valid.any() else 0.0
+    for k, v in diag.items():
+      m[f"pgpo/{k}"] = float(v)
+    m["entropy/scoring"] = float(np.asarray(scores.entropy_BxT)[valid].mean()) if valid.any() else 0.0
+    for k, v in times.items():
+      m[f"time/{k}"] = v
+    m["time/step"] = time.perf_counter() - t0
+    m["throughput/generated_tokens_per_s"] = gen_tokens / max(times["rollout"], 1e-9)
+    m["throughput/mfu"] = self._mfu(gen_tokens, int(valid.sum()), P * self.G * (seq.prompt_ids.shape[1] + L),
+                                    m["time/step"])
+    return m
+
+  def _mfu(self, gen_tokens: int, train_tokens: int, scored_tokens: int, seconds: float) -> float:
+    """Model FLOPs utilisation estimate: 2N per generated, 2·2N per scored (two views) and 6N·passes
+    per trained token, over the chips' peak bf16 FLOP/s (NaN where the peak is unknown, e.g. CPU)."""
+    peak = _peak_flops(jax.devices()[0])
+    if not peak:
+      return float("nan")
+    n = self.num_params
+    flops = 2 * n * gen_tokens + 4 * n * scored_tokens + 6 * n * scored_tokens * self.c.updates.passes
+    return flops / (seconds * peak * jax.device_count())
+
+  @functools.cached_property
+  def num_params(self) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(self.state.params)))
+
+  # -- warm-up ------------------------------------------------------------------------------------
+  def sft_warmup(self) -> None:
+    """Supervised steps on `warmup.target_template` responses (the demo's cold start)."""
+    c = self.c
+    n = c.warmup.sft_steps
+    if n <= 0:
+      return
+    opt = make_optimizer(c, n, learning_rate=c.warmup.learning_rate)
+    graphdef, st = train_step_lib.init_train_state(nnx.merge(self.graphdef, self.state.params), opt)
+    step_fn = train_step_lib.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
+    it = make_prompt_iterator(self._spec(c.data.train_files), self.processor, batch_size=c.warmup.prompts_per_step,
+                              seed=c.seed + 1, num_epochs=None, max_prompt_length=c.data.max_prompt_length,
+                              drop_remainder=True, length_buckets=self.length_buckets,
+                              prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
+    L = c.rollout.max_new_tokens
+    eos = self.cfg.eos_token_id
+    for i in range(n):
+      pb = next(it)
+      groups = []
+      for (ids, pix, grids), ans in zip(split_prompt_batch(pb), pb.answers):
+        text = c.warmup.target_template.format(answer=ans)
+        toks = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])[:L - 1] + [eos]
+        t = np.full((1, L), self.cfg.pad_token_id, np.int32)
+        t[0, :len(toks)] = toks
+        mk = np.zeros((1, L), bool)
+        mk[0, :len(toks)] = True
+        groups.append(Group(ids, pix, grids, ans, t, mk, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, bool)))
+      seq, _ = collate_groups(groups, self.cfg, self.length_buckets, self.cfg.pad_token_id)
+      st, mt = step_fn(st, self._put_batch({"seq": seq, **_normalizers(seq.response_mask)}))
+      if i % max(1, n // 5) == 0 or i == n - 1:
+        log.info("warm-up %d/%d: nll %.3f", i + 1, n, float(mt["nll"]))
+    self.state = dataclasses.replace(self.state, params=st.params)
+
+  # -- eval ---------------------------------------------------------------------------------------
+  def evaluate(self) -> dict[str, float]:
+    """Greedy accuracy on the first `train.eval_prompts` held-out prompts."""
+    c = self.c
+    if not c.data.eval_files or c.train.eval_prompts <= 0:
+      return {}
+    bs = min(c.train.eval_prompts, c.rollout.prompts_per_step)
+    it = make_prompt_iterator(self._spec(c.data.eval_files), self.processor, batch_size=bs, seed=0, num_epochs=1,
+                              max_prompt_length=c.data.max_prompt_length, length_buckets=self.length_buckets,
+                              prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
+    params = self._sample_params()
+    acc, fmt, n = 0.0, 0.0, 0
+    max_new = c.train.eval_max_new_tokens or c.rollout.max_new_tokens
+    for pb in it:
+      inputs = rollout_lib.prepare_inputs(self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values,
+                                          pb.image_grid_thw, position_ids=pb.position_ids,
+                                          batch_multiple=self.batch_shards,
+                                          batch_size=rollout_lib.batch_bucket(pb.batch_size, self.batch_shards))
+      out = rollout_lib.rollout(self.model_graphdef, params, inputs, 0, max_new_tokens=max_new,
+                                sampling=rollout_lib.SamplingConfig(0.0), num_samples=1,
+                                pad_token_id=self.cfg.pad_token_id, mesh=self.mesh if self.mesh.size > 1 else None)
+      tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+      for b in range(pb.batch_size):
+        if not pb.prompt_valid[b] or n >= c.train.eval_prompts:
+          continue
+        s = rewards_lib.score(self.tokenizer.decode(tokens[b][mask[b]], skip_special_tokens=True), pb.answers[b])
+        acc += s["accuracy"]
+        fmt += s["format"]
+        n += 1
+      if n >= c.train.eval_prompts:
+        break
+    return {"eval/accuracy": acc / max(n, 1), "eval/format": fmt / max(n, 1), "eval/num_prompts": n}
+
+  # -- checkpointing ------------------------------------------------------------------------------
+  def _ckpt_state(self):
+    return {"train": self.state, "rng": jax.random.key_data(self.key)}
+
+  def save(self, force: bool = False) -> None:
+    data = {"iterator": self.data_iter.get_state(), "step": self.step}
+    self.checkpointer.save(self.step, self._ckpt_state(), self.state.params, ckpt_lib.to_jsonable(data),
+                           ckpt_lib.to_jsonable(self.c.to_dict()), force=force)
+
+  def maybe_restore(self) -> bool:
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return False
+    restored, data = self.checkpointer.restore(step, self._ckpt_state())
+    self.state = restored["train"]
+    self.key = jax.random.wrap_key_data(restored["rng"])
+    self.data_iter.set_state(data["iterator"])
+    self.step = int(data["step"])
+    log.info("resumed from %s at step %d", self.checkpointer.directory, self.step)
+    return True
+
+  # -- logging ------------------------------------------------------------------------------------
+  def log_metrics(self, m: dict[str, float]) -> None:
+    if not self.is_host0:
+      return
+    m = {"step": self.step, **{k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+                               for k, v in m.items()}}
+    with open(self.metrics_path, "a") as f:
+      f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()})
+              + "\n")
+    if self.writer is not None:
+      for k, v in m.items():
+        if k != "step" and isinstance(v, float) and math.isfinite(v):
+          self.writer.add_scalar(k, v, self.step)
+      self.writer.flush()
+    if self.wandb is not None:
+      self.wandb.log(m, step=self.step)
+
+  # -- main loop ----------------------------------------------------------------------------------
+  def run(self) -> dict[str, float]:
+    c = self.c
+    resumed = self.maybe_restore()
+    if not resumed:
+      self.sft_warmup()
+      if c.train.eval_every:
+        ev = self.evaluate()
+        self.log_metrics(ev)
+        log.info("eval before RL: %s", ev)
+    from tqdm import tqdm
+    last: dict[str, float] = {}
+    bar = tqdm(total=c.train.num_steps, initial=self.step, disable=not self.is_host0, desc="pgpo", dynamic_ncols=True)
+    with ckpt_lib.PreemptionGuard() as guard:
+      while self.step < c.train.num_steps:
+        m = self.train_one_step()
+        self.step += 1
+        if c.train.eval_every and (self.step % c.train.eval_every == 0 or self.step == c.train.num_steps):
+          m.update(self.evaluate())
+        if m.get("train/skipped_updates"):
+          log.warning("step %d: %d update(s) skipped for non-finite loss/gradients", self.step,
+                      int(m["train/skipped_updates"]))
+        self.log_metrics(m)
+        last = m
+        bar.update(1)
+        bar.set_postfix(reward=f"{m.get('reward/overall', float('nan')):.3f}",
+                        acc=f"{m.get('reward/accuracy', float('nan')):.2f}", s_per_step=f"{m.get('time/step', 0):.1f}")
+        if guard.triggered:
+          self.save(force=True)
+          log.warning("preempted: saved step %d, exiting", self.step)
+          break
+        self.save(force=self.step == c.train.num_steps)
+    bar.close()
+    self.checkpointer.close()
+    if self.writer is not None:
+      self.writer.close()
+    return last
+
+
+_PEAK_BF16 = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
+
+
+def _peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, v in _PEAK_BF16.items():
+    if kind.startswith(name):
+      return v
+  return None
+
+
+def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Entry point used by `scripts/train.py` and the tests."""
+  return Trainer(c, workdir).run()

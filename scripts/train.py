@@ -1,0 +1,55 @@
+"""Train a Qwen2.5-VL policy with PGPO (or GRPO/DAPO) from an ml_collections config.
+
+    python scripts/train.py --config=configs/demo.py [--config.train.num_steps=10] [--workdir=runs/demo]
+
+Resumes automatically from the workdir's latest checkpoint. On multi-host TPU, run the same command
+on every worker (see tpu/README.md); `--distributed` (default: auto) calls jax.distributed.initialize().
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics). Default: config.workdir "
+                               "or runs/<config name>.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                                 "Call jax.distributed.initialize() (auto: on multi-host TPU environments).")
+
+
+def main(argv):
+  del argv
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/grain INFO chatter
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  ours = logging.getLogger("pgpo_jax")
+  ours.setLevel(logging.INFO)
+  ours.addHandler(handler)
+  ours.propagate = False
+  import jax
+  multi = _DISTRIBUTED.value == "yes" or (
+      _DISTRIBUTED.value == "auto" and ("TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ)
+      and "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  if multi:
+    jax.distributed.initialize()
+  from pgpo_jax import trainer
+  c = _CONFIG.value
+  name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  workdir = _WORKDIR.value or c.workdir or os.path.join("runs", name)
+  last = trainer.train(c, workdir)
+  if jax.process_index() == 0:
+    keys = ("reward/overall", "reward/accuracy", "reward/format", "eval/accuracy")
+    print("done. workdir:", os.path.abspath(workdir))
+    print("last step:", {k: round(last[k], 4) for k in keys if k in last})
+    print("metrics:", os.path.join(os.path.abspath(workdir), "metrics.jsonl"),
+          "| TensorBoard:", os.path.join(os.path.abspath(workdir), "tb"))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
