@@ -1,0 +1,379 @@
+"""Random-access reader for local EasyR1/verl-style parquet and JSON-lines datasets.
+
+A dataset is one or more files holding a question column, an answer column and (optionally) an
+image column. The files are read with pyarrow when the reader is built, so every file-level
+problem (missing file, unreadable file, missing column) raises before training starts, with the
+file and the column in the message. Row-level problems (empty question, null answer, missing or
+corrupt image, ...) never raise: `DatasetReader.load` returns a `SkippedRow` naming the reason, and
+the pipeline counts it in a `SkipStats` and logs file and row.
+
+Supported image encodings, per row, in both formats (a single value or a list of them):
+- raw bytes (parquet `binary`);
+- `{"bytes": ..., "path": ...}` dicts (HF `datasets.Image` layout; `bytes` wins when both are set;
+  in JSON, `bytes` is base64 text);
+- a path string, absolute or relative to `DatasetSpec.image_dir` (default: the data file's folder);
+- a `data:image/...;base64,` URI.
+
+Tables are held in memory (only the columns the spec needs); for ViRL39K-sized sets that is a few
+GB of host RAM per process.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import glob
+import io
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Question columns tried, in order, when `DatasetSpec.question_key` is None.
+DEFAULT_QUESTION_KEYS = ("problem", "prompt", "question")
+
+# Reasons a row is skipped. The pipeline reports a count for each (zero included).
+EMPTY_QUESTION = "empty_question"
+MISSING_ANSWER = "missing_answer"
+MISSING_IMAGE = "missing_image"  # the row has no image although the spec requires one
+MISSING_IMAGE_FILE = "missing_image_file"
+CORRUPT_IMAGE = "corrupt_image"
+IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # `<image>` count != image count
+PROMPT_TOO_LONG = "prompt_too_long"
+PROCESSOR_ERROR = "processor_error"
+SKIP_REASONS = (EMPTY_QUESTION, MISSING_ANSWER, MISSING_IMAGE, MISSING_IMAGE_FILE, CORRUPT_IMAGE,
+                IMAGE_PLACEHOLDER_MISMATCH, PROMPT_TOO_LONG, PROCESSOR_ERROR)
+
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Where the data is and which columns hold what.
+
+  Attributes:
+    paths: data files (`.parquet`, `.jsonl`/`.json`/`.ndjson`) or glob patterns; read in order.
+    question_key: question column; None picks the first of `DEFAULT_QUESTION_KEYS` present in each
+      file. A verl-style `prompt` column holding chat messages is accepted (its user turns are used).
+    answer_key: answer column; a dotted key (`reward_model.ground_truth`) reaches into a struct.
+    image_key: image column; None for a text-only dataset.
+    image_dir: base folder for relative image paths; default: the folder of the data file.
+    require_images: skip rows without any image (`missing_image`); PGPO's blind pass needs one.
+  """
+  paths: Sequence[str] | str
+  question_key: str | None = None
+  answer_key: str = "answer"
+  image_key: str | None = "images"
+  image_dir: str | None = None
+  require_images: bool = True
+
+  def __post_init__(self):
+    paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
+    object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
+    if not self.paths:
+      raise ValueError("DatasetSpec.paths is empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRow:
+  """One readable row: the question, its answer and the decoded RGB images, in order."""
+  question: str
+  answer: str
+  images: tuple[Image.Image, ...]
+  source: str  # data file
+  row_index: int  # row within `source`
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedRow:
+  """A row that cannot be used, and why. Flows through the pipeline in place of an example."""
+  reason: str  # one of SKIP_REASONS
+  source: str
+  row_index: int
+  detail: str = ""
+
+
+class RowError(Exception):
+  """Raised inside row processing; turned into a `SkippedRow` with `reason`."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
+
+
+class SkipStats:
+  """Counts of skipped rows by reason, plus rows read and prompts emitted.
+
+  Lives in the (single-threaded) batching iterator, so counts are exact for what was consumed and
+  are saved in the iterator state.
+  """
+
+  # Log the first few skips of each reason at WARNING, the rest at DEBUG.
+  _WARN_PER_REASON = 20
+
+  def __init__(self, counts: Mapping[str, int] | None = None, rows_read: int = 0,
+               prompts: int = 0):
+    self.counts: dict[str, int] = {r: 0 for r in SKIP_REASONS}
+    self.counts.update(counts or {})
+    self.rows_read = rows_read
+    self.prompts = prompts
+
+  def add_skip(self, row: SkippedRow) -> None:
+    self.rows_read += 1
+    n = self.counts.get(row.reason, 0) + 1
+    self.counts[row.reason] = n
+    level = logging.WARNING if n <= self._WARN_PER_REASON else logging.DEBUG
+    log.log(level, "skipping row %d of %s: %s%s", row.row_index, row.source, row.reason,
+            f" ({row.detail})" if row.detail else "")
+    if n == self._WARN_PER_REASON:
+      log.warning("further %r skips are logged at DEBUG level", row.reason)
+
+  def add_prompt(self) -> None:
+    self.rows_read += 1
+    self.prompts += 1
+
+  @property
+  def skipped(self) -> int:
+    return sum(self.counts.values())
+
+  def as_dict(self) -> dict[str, Any]:
+    return {"rows_read": self.rows_read, "prompts": self.prompts, "skipped": dict(self.counts)}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "SkipStats":
+    return cls(d["skipped"], rows_read=int(d["rows_read"]), prompts=int(d["prompts"]))
+
+  def __repr__(self) -> str:
+    nonzero = {k: v for k, v in self.counts.items() if v}
+    return f"SkipStats(rows_read={self.rows_read}, prompts={self.prompts}, skipped={nonzero})"
+
+
+# ------------------------------------------------------------------------------------------------
+# File level
+# ------------------------------------------------------------------------------------------------
+def expand_paths(paths: Sequence[str]) -> list[str]:
+  """Expands glob patterns (sorted); a pattern matching nothing or a missing file raises."""
+  out = []
+  for p in paths:
+    if glob.has_magic(p):
+      matches = sorted(glob.glob(p))
+      if not matches:
+        raise FileNotFoundError(f"dataset pattern {p!r} matches no file")
+      out.extend(matches)
+    elif not os.path.isfile(p):
+      raise FileNotFoundError(f"dataset file {p!r} does not exist")
+    else:
+      out.append(p)
+  return out
+
+
+def _open_table(path: str) -> tuple[list[str], Callable[[list[str]], pa.Table]] | None:
+  """(column names, a reader of some columns) of a data file; None for an empty JSON-lines file.
+
+  Parquet reads only the requested columns (image-heavy files often carry extra columns); JSON
+  lines is parsed whole, since its schema is only known after parsing.
+  """
+  lower = path.lower()
+  try:
+    if lower.endswith(_PARQUET_SUFFIXES):
+      names = pq.read_schema(path).names
+      return names, lambda cols: pq.read_table(path, columns=cols, memory_map=True)
+    if lower.endswith(_JSONL_SUFFIXES):
+      with open(path, "rb") as fh:
+        if not fh.read(4096).strip():
+          return None
+      # Larger blocks than the 1 MiB default: rows with base64 images can exceed it.
+      table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=64 << 20))
+      return table.column_names, table.select
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f"cannot read dataset file {path!r}: {e}") from e
+  raise ValueError(f"dataset file {path!r}: unknown format (expected one of "
+                   f"{_PARQUET_SUFFIXES + _JSONL_SUFFIXES})")
+
+
+def _top(key: str) -> str:
+  return key.split(".", 1)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _File:
+  path: str
+  question_key: str
+  columns: Mapping[str, pa.ChunkedArray]  # top-level column name -> values
+  num_rows: int
+
+
+class DatasetReader:
+  """Random access over all rows of all files of a `DatasetSpec` (thread-safe for reads).
+
+  Row `i` is a global index over the files in order. `load(i)` returns a `RawRow` or a
+  `SkippedRow`; it never raises for row-level problems.
+  """
+
+  def __init__(self, spec: DatasetSpec):
+    self.spec = spec
+    self._files: list[_File] = []
+    for path in expand_paths(spec.paths):
+      self._files.append(self._open(path))
+    sizes = np.array([f.num_rows for f in self._files], np.int64)
+    self._starts = np.concatenate([[0], np.cumsum(sizes)])
+    if self._starts[-1] == 0:
+      raise ValueError(f"dataset {list(spec.paths)} has no rows")
+
+  def _open(self, path: str) -> _File:
+    opened = _open_table(path)
+    if opened is None:  # Empty JSON lines: no rows and no schema to check.
+      log.warning("dataset file %s has no rows", path)
+      return _File(path, self.spec.question_key or "", {}, 0)
+    names, read_columns = opened
+    question_key = self.spec.question_key
+    if question_key is None:
+      question_key = next((k for k in DEFAULT_QUESTION_KEYS if k in names), None)
+      if question_key is None:
+        raise ValueError(f"dataset file {path!r} has none of the question columns "
+                         f"{DEFAULT_QUESTION_KEYS}; columns are {sorted(names)}. "
+                         "Set DatasetSpec.question_key.")
+    wanted = {"question_key": question_key, "answer_key": self.spec.answer_key}
+    if self.spec.image_key is not None:
+      wanted["image_key"] = self.spec.image_key
+    for field, key in wanted.items():
+      if _top(key) not in names:
+        raise ValueError(f"dataset file {path!r} has no column {_top(key)!r} "
+                         f"(DatasetSpec.{field}={key!r}); columns are {sorted(names)}")
+    top = list(dict.fromkeys(_top(k) for k in wanted.values()))
+    try:
+      table = read_columns(top)
+    except (pa.ArrowException, OSError) as e:
+      raise ValueError(f"cannot read columns {top} of dataset file {path!r}: {e}") from e
+    if table.num_rows == 0:
+      log.warning("dataset file %s has no rows", path)
+    return _File(path, question_key, {c: table.column(c) for c in top}, table.num_rows)
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  @property
+  def files(self) -> list[str]:
+    return [f.path for f in self._files]
+
+  def _find(self, index: int) -> tuple[_File, int]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"row {index} out of range [0, {len(self)})")
+    k = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return self._files[k], int(index - self._starts[k])
+
+  def locate(self, index: int) -> tuple[str, int]:
+    """(file, row within the file) of global row `index`."""
+    f, row = self._find(index)
+    return f.path, row
+
+  def load(self, index: int) -> RawRow | SkippedRow:
+    """Reads and decodes row `index`; row-level problems become a `SkippedRow`."""
+    f, row = self._find(index)
+    try:
+      return self._load(f, row)
+    except RowError as e:
+      return SkippedRow(e.reason, f.path, row, e.detail)
+
+  def _value(self, f: _File, key: str, row: int) -> Any:
+    value = f.columns[_top(key)][row].as_py()
+    for part in key.split(".")[1:]:
+      value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+  def _load(self, f: _File, row: int) -> RawRow:
+    question = _question_text(self._value(f, f.question_key, row))
+    if not question.strip():
+      raise RowError(EMPTY_QUESTION)
+    answer = self._value(f, self.spec.answer_key, row)
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+      raise RowError(MISSING_ANSWER)
+    images: tuple[Image.Image, ...] = ()
+    if self.spec.image_key is not None:
+      base_dir = self.spec.image_dir or os.path.dirname(os.path.abspath(f.path))
+      images = tuple(decode_image(v, base_dir) for v in
+                     _as_list(self._value(f, self.spec.image_key, row)))
+    if self.spec.require_images and not images:
+      raise RowError(MISSING_IMAGE)
+    return RawRow(question, str(answer), images, f.path, row)
+
+
+def _question_text(value: Any) -> str:
+  """A question cell as text; verl chat-message lists give their user turns joined by newlines."""
+  if value is None:
+    return ""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, (list, tuple)) and all(isinstance(m, Mapping) for m in value):
+    turns = [m.get("content") for m in value if m.get("role", "user") == "user"]
+    return "\n".join(t for t in turns if isinstance(t, str))
+  return str(value)
+
+
+def _as_list(value: Any) -> list[Any]:
+  if value is None:
+    return []
+  if isinstance(value, (list, tuple)):
+    return [v for v in value if v is not None]
+  return [value]
+
+
+def decode_image(value: Any, base_dir: str) -> Image.Image:
+  """One image cell (bytes, {"bytes","path"} dict, path, data URI) as a loaded RGB PIL image.
+
+  Raises:
+    RowError(MISSING_IMAGE_FILE) for a path that does not exist, RowError(CORRUPT_IMAGE) for
+    bytes PIL cannot decode (or an unrecognised cell).
+  """
+  data: bytes | None = None
+  path: str | None = None
+  if isinstance(value, Mapping):
+    raw = value.get("bytes")
+    if raw is not None:
+      data = _b64(raw) if isinstance(raw, str) else bytes(raw)
+    elif value.get("path"):
+      path = value["path"]
+    else:
+      raise RowError(CORRUPT_IMAGE, "image dict has neither 'bytes' nor 'path'")
+  elif isinstance(value, (bytes, bytearray, memoryview)):
+    data = bytes(value)
+  elif isinstance(value, str):
+    if value.startswith("data:image"):
+      data = _b64(value.split(",", 1)[-1])
+    else:
+      path = value
+  else:
+    raise RowError(CORRUPT_IMAGE, f"unsupported image cell of type {type(value).__name__}")
+
+  if path is not None:
+    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    try:
+      with open(full, "rb") as fh:
+        data = fh.read()
+    except OSError as e:
+      raise RowError(MISSING_IMAGE_FILE, f"{full}: {e.strerror or e}") from e
+  try:
+    img = Image.open(io.BytesIO(data))
+    img.load()  # Decode now: truncated or corrupt data must fail here, not in the processor.
+    return img.convert("RGB")
+  except Image.UnidentifiedImageError as e:
+    raise RowError(CORRUPT_IMAGE, f"not a recognised image format{f' ({path})' if path else ''}") from e
+  except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...).
+    raise RowError(CORRUPT_IMAGE, f"cannot decode image{f' ({path})' if path else ''}: {e}") from e
+
+
+def _b64(text: str) -> bytes:
+  try:
+    return base64.b64decode(text, validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise RowError(CORRUPT_IMAGE, f"invalid base64 image: {e}") from e
+
