@@ -136,6 +136,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(p.dependency_estimator in ("k3", "full_kl"), "pgpo.dependency_estimator",
            f"unknown estimator {p.dependency_estimator!r} (k3 | full_kl)")
   _require(p.threshold_mode in ("absolute", "quantile"), "pgpo.threshold_mode", f"unknown {p.threshold_mode!r}")
+  from pgpo_jax import rewards
+  _require(c.reward.name in rewards.BATCH_REWARD_FNS, "reward.name",
+           f"unknown reward {c.reward.name!r}; registered: {sorted(rewards.BATCH_REWARD_FNS)}")
   _require(c.train.num_steps > 0, "train.num_steps", "must be > 0")
   _require(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every", "every and keep must be > 0")
   if num_devices is not None:

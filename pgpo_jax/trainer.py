@@ -230,6 +230,7 @@ class Trainer:
     self.model = build_model(c, self.tokenizer)
     self.cfg = self.model.cfg
     self.G = c.rollout.group_size
+    self.reward_fn = rewards_lib.get_batch_reward_fn(c.reward.name)
     self.length_buckets = default_length_buckets(c.data.max_prompt_length)
 
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
@@ -247,7 +248,8 @@ class Trainer:
     n_micro = c.updates.prompts_per_update // c.updates.micro_batch_prompts
     self.train_step = train_step_lib.make_train_step(self.graphdef, rl_loss_fn(c), self.optimizer, n_micro,
                                                      frozen_regex=c.optim.frozen_regex or None)
-    self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef))
+    self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef),
+                            static_argnames=("estimator", "chunk", "clamp"))
     self.key = jax.random.key(c.seed)
     self.step = 0
     self.data_iter = self._train_iterator()
@@ -331,7 +333,7 @@ class Trainer:
         r = b * self.G + s
         texts.append(self.tokenizer.decode(tokens[r][mask[r]], skip_special_tokens=True))
         answers.append(pb.answers[b])
-    scores = rewards_lib.score_batch(texts, answers)
+    scores = self.reward_fn(texts, answers)
     groups = []
     for i, (b, (ids, pix, grids)) in enumerate(zip(valid_rows, prompts)):
       sl = slice(i * self.G, (i + 1) * self.G)
@@ -502,7 +504,7 @@ class Trainer:
       for b in range(pb.batch_size):
         if not pb.prompt_valid[b] or n >= c.train.eval_prompts:
           continue
-        s = rewards_lib.score(self.tokenizer.decode(tokens[b][mask[b]], skip_special_tokens=True), pb.answers[b])
+        s = self.reward_fn([self.tokenizer.decode(tokens[b][mask[b]], skip_special_tokens=True)], [pb.answers[b]])[0]
         acc += s["accuracy"]
         fmt += s["format"]
         n += 1
@@ -528,10 +530,20 @@ class Trainer:
     self.key = jax.random.wrap_key_data(restored["rng"])
     self.data_iter.set_state(data["iterator"])
     self.step = int(data["step"])
+    self._truncate_metrics(self.step)
     log.info("resumed from %s at step %d", self.checkpointer.directory, self.step)
     return True
 
   # -- logging ------------------------------------------------------------------------------------
+  def _truncate_metrics(self, step: int) -> None:
+    """After a resume, drop metrics of steps that were logged but not checkpointed (they rerun)."""
+    if not self.is_host0 or not os.path.exists(self.metrics_path):
+      return
+    with open(self.metrics_path) as f:
+      rows = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+    with open(self.metrics_path, "w") as f:
+      f.writelines(rows)
+
   def log_metrics(self, m: dict[str, float]) -> None:
     if not self.is_host0:
       return
