@@ -233,6 +233,8 @@ class Trainer:
     self.reward_fn = rewards_lib.get_batch_reward_fn(c.reward.name)
     self.length_buckets = default_length_buckets(c.data.max_prompt_length)
 
+    if self.is_host0:
+      self._write_model_folder()
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     self.train_shardings = sharding.param_shardings(self.model, self.mesh, sharding.TRAIN_RULES)
     self.sample_shardings = sharding.param_shardings(self.model, self.mesh, sharding.SAMPLE_RULES)
@@ -268,6 +270,13 @@ class Trainer:
         self.wandb = wandb.init(project=c.logging.wandb_project, config=c.to_dict(), dir=self.workdir)
       except ImportError:
         log.warning("logging.wandb=True but wandb is not installed; skipping W&B")
+
+  def _write_model_folder(self) -> None:
+    """WORKDIR/config.json + processor files, so `WORKDIR/checkpoints/<step>/params` is a complete
+    model: `qwen2_5_vl.from_pretrained(that path)` and `load_processor(WORKDIR)` both work."""
+    with open(os.path.join(self.workdir, "config.json"), "w") as f:
+      json.dump(self.cfg.to_hf_dict(), f, indent=2)
+    self.processor.save_pretrained(self.workdir)
 
   # -- data ----------------------------------------------------------------------------------------
   def _spec(self, files: str) -> DatasetSpec:

@@ -171,3 +171,20 @@ def test_bad_mesh_and_missing_init_from(data_dir):
   c.model.random_init = False
   with pytest.raises(config_lib.ConfigError, match="model.init_from"):
     config_lib.validate(c, 1)
+
+
+def test_trained_checkpoint_loads_as_a_model(data_dir, tmp_path):
+  """WORKDIR/checkpoints/<step>/params + WORKDIR/config.json + processor = a loadable model."""
+  from pgpo_jax.data.processor import load_processor
+  from pgpo_jax.models import qwen2_5_vl as q
+  c = tiny_config(data_dir)
+  c.train.num_steps = 1
+  t = trainer.Trainer(c, str(tmp_path / "w"))
+  t.run()
+  model = q.from_pretrained(tmp_path / "w" / "checkpoints" / "1" / "params")
+  import jax
+  got = jax.tree.leaves(jax.tree.map(np.asarray, q.loading.flat_params(model)))
+  want = jax.tree.leaves(jax.tree.map(np.asarray, t.state.params))
+  assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+  proc = load_processor(str(tmp_path / "w"))
+  assert proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.cfg.image_token_id
