@@ -1,0 +1,153 @@
+"""Generation throughput: `rollout.generate` vs HF `generate` (KV cache, greedy), same small random model, CPU.
+
+    .venv/bin/python benchmarks/rollout.py [--batches 1,8,32 --new_tokens 64 --hidden 256 --layers 4]
+
+For each batch size B (one 112x112 image per prompt, prompts of equal length) and each
+implementation, the best of `--repeats` warm calls (interleaved) of
+  t_1 = generate(max_new_tokens=1)   -> time to first token (TTFT: processing, vision, prefill, 1 token)
+  t_N = generate(max_new_tokens=N)   -> end-to-end
+gives decode throughput = B*(N-1) / (t_N - t_1) generated tokens/s (prefill excluded). Stop tokens
+are disabled (HF: min_new_tokens=N), so every row generates exactly N tokens. JAX compile time (the
+first call of each shape minus a warm call) is reported separately. Both run float32. PyTorch runs
+with `--torch_threads` (default 1): on a small shared CPU box, two OpenMP threads made HF's
+decode-sized matmuls 5-20x slower (spin-waiting barriers under load from other processes), so one
+thread is HF's best setting there; pass 0 to keep torch's default. Prints a table and writes
+benchmarks/results/rollout.json; numbers compare only within a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pgpo_jax import rollout  # noqa: E402
+from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+
+IMAGE, VSTART, VEND = 4000, 4002, 4003
+
+
+def hf_config(hidden: int, layers: int):
+  from transformers import Qwen2_5_VLConfig
+  heads = hidden // 64
+  return Qwen2_5_VLConfig(
+      text_config=dict(vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=max(1, heads // 2), rms_norm_eps=1e-6,
+                       max_position_embeddings=4096,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+                       bos_token_id=0, eos_token_id=1, pad_token_id=0),
+      vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, patch_size=14,
+                         temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                         fullatt_block_indexes=[1], out_hidden_size=hidden, tokens_per_second=2),
+      image_token_id=IMAGE, video_token_id=4001, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+
+
+def prompts(batch: int, text: int, grid: int, rng: np.random.Generator):
+  n_img = grid * grid // 4
+  rows = []
+  for _ in range(batch):
+    t = list(rng.integers(10, 3900, text))
+    rows.append(t[:8] + [VSTART] + [IMAGE] * n_img + [VEND] + t[8:])
+  ids = np.array(rows)
+  grids = np.array([[1, grid, grid]] * batch)
+  pixels = rng.standard_normal((batch * grid * grid, 1176)).astype(np.float32)
+  return ids, np.ones_like(ids), pixels, grids
+
+
+def best_times(fns, repeats: int) -> list[float]:
+  """Best-of-`repeats` wall time of each fn, calls interleaved (robust to load from other processes)."""
+  best = [float("inf")] * len(fns)
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      fn()
+      best[i] = min(best[i], time.perf_counter() - t)
+  return best
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batches", default="1,8,32")
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--text", type=int, default=32, help="text tokens per prompt (plus 16 image tokens)")
+  ap.add_argument("--hidden", type=int, default=256)
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--repeats", type=int, default=4)
+  ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "rollout.json"))
+  ap.add_argument("--torch_threads", type=int, default=1, help="0 = torch default")
+  a = ap.parse_args()
+  if a.torch_threads:
+    torch.set_num_threads(a.torch_threads)
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  torch.manual_seed(0)
+  hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    model = q.from_pretrained(d)
+  N = a.new_tokens
+  grid = 8  # 112x112 px: 64 patches, 16 image tokens
+  rows = []
+  for B in (int(b) for b in a.batches.split(",")):
+    ids, am, pixels, grids = prompts(B, a.text, grid, np.random.default_rng(B))
+
+    def ours(n):
+      return rollout.generate(model, ids, am, pixels, grids, max_new_tokens=n, eos_token_ids=())
+
+    hf_kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am),
+                 mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
+                 pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids), do_sample=False,
+                 pad_token_id=0)
+
+    def theirs(n):
+      with torch.no_grad():
+        return hf.generate(**hf_kw, max_new_tokens=n, min_new_tokens=n)
+
+    t = time.perf_counter()
+    first = ours(N)  # outputs are host numpy: generate() blocks until the tokens are back
+    cold_N = time.perf_counter() - t
+    t = time.perf_counter()
+    ours(1)
+    cold_1 = time.perf_counter() - t
+    ref = theirs(N)  # warm-up
+    theirs(1)
+    ours_1, ours_N, hf_1, hf_N = best_times([lambda: ours(1), lambda: ours(N), lambda: theirs(1),
+                                             lambda: theirs(N)], a.repeats)
+    match = float((ref[:, ids.shape[1]:].numpy() == first.tokens).mean())
+    r = dict(batch=B, prompt_len=int(ids.shape[1]), new_tokens=N,
+             ours_ttft_ms=1e3 * ours_1, hf_ttft_ms=1e3 * hf_1,
+             ours_decode_tok_s=B * (N - 1) / (ours_N - ours_1), hf_decode_tok_s=B * (N - 1) / (hf_N - hf_1),
+             ours_e2e_tok_s=B * N / ours_N, hf_e2e_tok_s=B * N / hf_N,
+             ours_compile_s=(cold_N - ours_N) + (cold_1 - ours_1), greedy_token_agreement=match)
+    r["decode_speedup"] = r["ours_decode_tok_s"] / r["hf_decode_tok_s"]
+    r["ttft_speedup"] = r["hf_ttft_ms"] / r["ours_ttft_ms"]
+    rows.append(r)
+    print(f"B={B}: done", flush=True)
+
+  hdr = (f"{'B':>3} {'decode tok/s ours':>18} {'HF':>9} {'ratio':>6} {'TTFT ms ours':>13} {'HF':>8} "
+         f"{'ratio':>6} {'e2e tok/s ours':>15} {'HF':>9} {'compile s':>10} {'agree':>6}")
+  print(hdr)
+  for r in rows:
+    print(f"{r['batch']:>3} {r['ours_decode_tok_s']:>18.0f} {r['hf_decode_tok_s']:>9.0f} "
+          f"{r['decode_speedup']:>5.2f}x {r['ours_ttft_ms']:>13.1f} {r['hf_ttft_ms']:>8.1f} "
+          f"{r['ttft_speedup']:>5.2f}x {r['ours_e2e_tok_s']:>15.0f} {r['hf_e2e_tok_s']:>9.0f} "
+          f"{r['ours_compile_s']:>10.1f} {r['greedy_token_agreement']:>6.2f}")
+  print(f"(hidden {a.hidden}, {a.layers} layers, vocab 4096, N={N} new tokens, one 112x112 image per "
+        f"prompt, torch threads {torch.get_num_threads()}, {jax.devices()[0].device_kind})")
+  res = dict(config=dict(hidden=a.hidden, layers=a.layers, vocab=4096, new_tokens=N, image_px=112,
+                         text_tokens=a.text, repeats=a.repeats, torch_threads=torch.get_num_threads(),
+                         devices=str(jax.devices())), rows=rows)
+  pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+  main()
