@@ -212,7 +212,9 @@ def row_keys(key: Array, prompt_ids_B: Array, num_samples: int) -> Array:
 def _logical_axes(tree) -> object:
   """A pytree like `tree` whose leaves are tuples of logical axis names (one per dim)."""
   if isinstance(tree, RolloutInputs):
-    vis = None if tree.vision is None else jax.tree.map(lambda x: (None,) * np.ndim(x), tree.vision)
+    # Per-row vision inputs ([B, N_pad, ...]): each prompt's images travel with its row.
+    vis = None if tree.vision is None else jax.tree.map(lambda x: ("batch",) + (None,) * (np.ndim(x) - 1),
+                                                        tree.vision)
     return RolloutInputs(input_ids=("batch", "length"), attention_mask=("batch", "length"),
                          position_ids=(None, "batch", "length"), vision=vis, prompt_ids=("batch",),
                          valid=("batch",), eos_ids=("batch", None))
@@ -508,7 +510,11 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
                                 spatial_merge_size=cfg.vision.spatial_merge_size)
 
   has_images = len(valid_grids(image_grid_thw)) > 0
-  vin = (q.prepare_vision(pixel_values, image_grid_thw, cfg.vision, num_patches) if has_images else None)
+  # Per-row patches: attention stays within a prompt (B·N² rather than (B·N)² scores) and the
+  # vision inputs split over data shards with their rows. Batch-padding rows hold no images.
+  ids_rows = np.where(am_p, ids_p, pad_id)
+  vin = (q.prepare_vision_rows(pixel_values, image_grid_thw, ids_rows, cfg.vision, cfg.image_token_id, num_patches)
+         if has_images else None)
   pid = np.arange(B_pad, dtype=np.int64)
   if prompt_ids is not None:
     given = np.asarray(prompt_ids, np.int64).reshape(-1)
