@@ -1,0 +1,589 @@
+"""Benchmark evaluation: avg@k accuracy of a policy on local benchmark files (PGPO.md §5).
+
+    from pgpo_jax import evaluation as ev
+    policy = ev.load_policy("runs/pgpo_7b")                     # WORKDIR -> its latest checkpoint
+    benches = ev.resolve_benchmarks(["mathverse=data/mathverse.parquet", "data/wemath.jsonl"])
+    result = ev.evaluate(policy, benches, ev.EvalConfig())      # paper: k=8, T=1.0, top-p 1.0, 2048
+    ev.write_results(result, "eval_out")                       # results.json / .csv / generations.jsonl
+    print(ev.format_table(result.table))
+
+Protocol. Every prompt is rendered exactly as in training (system prompt, `<think>`/`\\boxed{}` format
+instruction, images first or at `<image>` placeholders; `data/processing.py`) and sampled k times; each
+response is scored by the training reward (`rewards.score_batch`: the last `\\boxed{}` against the gold,
+multiple-choice letters, numbers and math_verify). avg@k = mean over prompts of the mean accuracy of
+its k samples (every prompt has exactly k samples, so it is also the mean over all samples); pass@k =
+share of prompts with at least one correct sample. `--greedy` is avg@1 at temperature 0. The table's
+`average` row is the unweighted mean over benchmarks, as in the paper's tables.
+
+Reproducibility. Sample s of the prompt in row r of the benchmark's file f uses the stream
+fold_in(fold_in(key_b, f * 2^24 + r), s), key_b = fold_in(key(seed), crc32(benchmark name)) (`rollout.py`):
+results do not depend on the batch size, the order rows are read in, the device count or the other
+benchmarks of the call.
+
+Layouts. A checkpoint is a trainer WORKDIR (latest finished step), `WORKDIR/checkpoints/<step>`, its
+`params` item, an HF folder or a converted folder (`scripts/convert_hf.py`); the processor comes from
+the folder holding the config. A benchmark is a parquet or JSON-lines file read by `data/reader.py`;
+when a column name is not given, the first present of `QUESTION_KEYS`, `ANSWER_KEYS` and `IMAGE_KEYS` is
+used (a file without an image column is evaluated text-only). Rows the pipeline cannot use (empty
+question, missing answer, undecodable image, prompt over `max_prompt_length`) are counted per reason,
+reported as `num_skipped`, and are not part of the accuracy.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+import zlib
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pgpo_jax import rewards as rewards_lib
+from pgpo_jax import rollout as rollout_lib
+from pgpo_jax import sharding
+from pgpo_jax.data import processor as processor_lib
+from pgpo_jax.data.pipeline import make_prompt_iterator
+from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_buckets
+from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths
+from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models.qwen2_5_vl import loading
+
+log = logging.getLogger("pgpo_jax.evaluation")
+
+# Column names tried, in order, when a key is not given (common local benchmark layouts: EasyR1/verl
+# parquet, MathVista's `query` (question + choices), HF `datasets.Image` columns, path columns).
+QUESTION_KEYS = ("problem", "prompt", "query", "question")
+ANSWER_KEYS = ("answer", "ground_truth", "gt_answer", "reward_model.ground_truth", "label")
+IMAGE_KEYS = ("images", "image", "decoded_image", "image_path", "img")
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """How to sample and score. Defaults are the paper's protocol (avg@8, T=1, top-p 1, 2048 tokens).
+
+  k: samples per prompt (1 for greedy). temperature 0 = greedy. batch_size: prompts per generation
+  call (rows = batch_size * k; the KV cache holds rows x (prompt + max_new_tokens) tokens).
+  max_prompt_length: longer prompts (after image-token expansion) are skipped and counted.
+  min_pixels / max_pixels: override the processor's image resize bounds (None: the checkpoint's).
+  reward: a name registered in `rewards.BATCH_REWARD_FNS`.
+  """
+  k: int = 8
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 2048
+  batch_size: int = 16
+  max_prompt_length: int = 4096
+  min_pixels: int | None = None
+  max_pixels: int | None = None
+  seed: int = 0
+  reward: str = "pgpo_math"
+
+  def __post_init__(self):
+    if self.k < 1:
+      raise ValueError(f"k must be >= 1, got {self.k}")
+    if self.temperature == 0 and self.k != 1:
+      raise ValueError(f"greedy decoding (temperature 0) gives k identical samples; use k=1, got k={self.k}")
+    if self.batch_size < 1 or self.max_new_tokens < 1:
+      raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
+    rollout_lib.SamplingConfig(self.temperature, self.top_p, self.top_k)  # validates the sampling values
+    rewards_lib.get_batch_reward_fn(self.reward)
+
+  @classmethod
+  def greedy(cls, **kw) -> "EvalConfig":
+    return cls(**{**kw, "k": 1, "temperature": 0.0})
+
+  @property
+  def sampling(self) -> rollout_lib.SamplingConfig:
+    return rollout_lib.SamplingConfig(self.temperature, self.top_p, self.top_k)
+
+  @property
+  def tag(self) -> str:
+    """A short name of the protocol: `greedy` or `avg8_t1.0_p1.0_n2048`."""
+    if self.temperature == 0:
+      return f"greedy_n{self.max_new_tokens}"
+    return f"avg{self.k}_t{self.temperature:g}_p{self.top_p:g}_n{self.max_new_tokens}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """One benchmark: a display name and the file(s) with its columns."""
+  name: str
+  spec: DatasetSpec
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+  """Where a checkpoint's pieces are. kind: "trainer" | "hf" | "orbax"; step: trainer step or None."""
+  path: str  # what the user gave
+  kind: str
+  model_path: str  # what `q.from_pretrained` loads (HF folder or Orbax params item)
+  config_path: str
+  processor_dir: str
+  step: int | None = None
+  workdir: str | None = None
+
+
+def _finished_steps(checkpoints_dir: str) -> list[int]:
+  out = []
+  for name in os.listdir(checkpoints_dir):
+    if name.isdigit() and loading.is_orbax_params_dir(os.path.join(checkpoints_dir, name, loading.PARAMS_ITEM)):
+      out.append(int(name))
+  return sorted(out)
+
+
+def resolve_checkpoint(path: str | os.PathLike, processor_dir: str | None = None) -> CheckpointRef:
+  """Finds the params, config and processor of a checkpoint path (see the module docstring).
+
+  Raises FileNotFoundError naming what was looked for.
+  """
+  given = os.fspath(path)
+  path = os.path.abspath(given)
+  step, workdir = None, None
+  parent = os.path.dirname(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(os.path.join(path, "model.safetensors")):
+    steps = _finished_steps(os.path.join(path, "checkpoints"))
+    if not steps:
+      raise FileNotFoundError(f"{given}: a trainer WORKDIR without a finished checkpoint in {path}/checkpoints")
+    step, workdir = steps[-1], path
+    model_path = os.path.join(path, "checkpoints", str(step), loading.PARAMS_ITEM)
+  elif os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
+    step, workdir = int(os.path.basename(path)), os.path.dirname(parent)
+    model_path = os.path.join(path, loading.PARAMS_ITEM)
+    if not loading.is_orbax_params_dir(model_path):
+      raise FileNotFoundError(f"{given}: no finished Orbax params item at {model_path} (save still running?)")
+  elif (os.path.basename(path) == loading.PARAMS_ITEM and os.path.basename(parent).isdigit()
+        and os.path.basename(os.path.dirname(parent)) == "checkpoints"):
+    step, workdir = int(os.path.basename(parent)), os.path.dirname(os.path.dirname(parent))
+    model_path = path
+  else:
+    kind, model_path = loading.checkpoint_layout(path)
+    config_path = loading.find_config(model_path)
+    return CheckpointRef(given, kind, model_path, config_path, processor_dir or os.path.dirname(config_path))
+  config_path = loading.find_config(model_path)
+  return CheckpointRef(given, "trainer", model_path, config_path, processor_dir or os.path.dirname(config_path),
+                       step=step, workdir=workdir)
+
+
+@dataclasses.dataclass
+class Policy:
+  """A loaded model, split for the jitted programs, with its processor and (optional) mesh."""
+  graphdef: Any
+  state: Any  # nnx.State of the parameters; on `mesh` (SAMPLE_RULES) when a mesh is given
+  cfg: q.Qwen25VLConfig
+  processor: Any
+  ref: CheckpointRef
+  mesh: jax.sharding.Mesh | None = None
+
+  @property
+  def tokenizer(self):
+    return self.processor.tokenizer
+
+  @property
+  def batch_shards(self) -> int:
+    return rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
+
+  def model(self) -> q.Qwen25VL:
+    return nnx.merge(self.graphdef, self.state)
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+  """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}; empty or None -> {} (all devices on `data`)."""
+  out: dict[str, int] = {}
+  for part in (text or "").split(","):
+    if not part.strip():
+      continue
+    name, sep, value = part.partition("=")
+    name = name.strip()
+    if not sep or name not in sharding.MESH_AXES:
+      raise ValueError(f"bad mesh entry {part!r}: expected NAME=SIZE with NAME in {sharding.MESH_AXES}")
+    try:
+      out[name] = int(value)
+    except ValueError:
+      raise ValueError(f"bad mesh entry {part!r}: SIZE must be an integer (or -1 to fill)") from None
+  return out
+
+
+def make_eval_mesh(spec: str | Mapping[str, int] | None = None) -> jax.sharding.Mesh | None:
+  """A sampling mesh: by default every device on `data` (the batch); None when it has one device."""
+  axes = parse_mesh(spec) if spec is None or isinstance(spec, str) else dict(spec)
+  if not axes:
+    axes = {"data": -1}
+  if -1 not in axes.values() and math.prod(axes.values()) != jax.device_count():
+    for name in sharding.MESH_AXES:  # fill the first unnamed axis with the remaining devices
+      if name not in axes:
+        axes[name] = -1
+        break
+  mesh = sharding.make_mesh(axes.get("data", 1), axes.get("fsdp", 1), axes.get("tensor", 1))
+  return mesh if mesh.size > 1 else None
+
+
+def load_policy(ckpt: str | os.PathLike, *, dtype: str = "bfloat16", mesh: jax.sharding.Mesh | None = None,
+                processor_dir: str | None = None, min_pixels: int | None = None,
+                max_pixels: int | None = None) -> Policy:
+  """Loads a checkpoint (any layout of `resolve_checkpoint`) and its processor.
+
+  With a mesh, every parameter is written straight into its SAMPLE_RULES sharding (weights split over
+  `tensor`, replicated over `data`/`fsdp`, which carry the batch).
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError("evaluation runs on one host (all its local devices); got "
+                              f"{jax.process_count()} processes")
+  ref = resolve_checkpoint(ckpt, processor_dir)
+  cfg = q.Qwen25VLConfig.from_json(ref.config_path)
+  if mesh is not None:
+    model, _ = sharding.load_sharded(ref.model_path, mesh, sharding.SAMPLE_RULES, dtype, config=cfg)
+  else:
+    model = q.from_pretrained(ref.model_path, dtype, config=cfg)
+  try:
+    proc = processor_lib.load_processor(ref.processor_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}. The processor of {ckpt!r} was looked for in {ref.processor_dir}; pass "
+                            "processor_dir (--processor) to take it from another folder") from None
+  graphdef, state = nnx.split(model)
+  log.info("loaded %s checkpoint %s (step %s) from %s", ref.kind, ref.path, ref.step, ref.model_path)
+  return Policy(graphdef, state, cfg, proc, ref, mesh)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmarks
+# ------------------------------------------------------------------------------------------------
+def file_columns(path: str) -> list[str]:
+  """Top-level column names of a parquet or JSON-lines file (JSON lines: the first row's keys)."""
+  lower = path.lower()
+  if lower.endswith((".parquet", ".pq")):
+    import pyarrow.parquet as pq
+    return list(pq.read_schema(path).names)
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        if not isinstance(row, dict):
+          raise ValueError(f"{path}: the first row is not a JSON object")
+        return list(row)
+  return []
+
+
+def _pick(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
+  return next((k for k in candidates if k.split(".", 1)[0] in columns), None)
+
+
+def _split_named(item: str) -> tuple[str | None, str]:
+  """'name=path' -> (name, path); a plain path -> (None, path). A '=' inside the path is kept."""
+  name, sep, rest = item.partition("=")
+  if sep and name and os.sep not in name and not os.path.exists(item):
+    return name, rest
+  return None, item
+
+
+def _default_names(paths: Sequence[str]) -> list[str]:
+  """File stems; where stems collide (`a/test.parquet`, `b/test.parquet`), parent folder + stem."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  out = []
+  for p, s in zip(paths, stems):
+    if stems.count(s) > 1:
+      s = f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{s}"
+    out.append(s)
+  return out
+
+
+def resolve_benchmarks(data: str | Sequence[str], *, question_key: str | None = None,
+                       answer_key: str | None = None, image_key: str | None = None,
+                       image_dir: str | None = None) -> list[Benchmark]:
+  """Benchmarks from 'FILE[,FILE...]' or a list; entries may be 'name=FILE' (globs allowed: one
+  benchmark per pattern). Columns are detected per benchmark unless given; errors name the file."""
+  items = [s.strip() for s in data.split(",")] if isinstance(data, str) else [str(s) for s in data]
+  items = [s for s in items if s]
+  if not items:
+    raise ValueError("no benchmark files given")
+  named = [_split_named(s) for s in items]
+  names = _default_names([p for _, p in named])
+  out, seen = [], set()
+  for (name, pattern), default in zip(named, names):
+    name = name or default
+    if name in seen:
+      raise ValueError(f"two benchmarks are named {name!r}; name them explicitly as NAME=FILE")
+    seen.add(name)
+    files = expand_paths([pattern])
+    cols = file_columns(files[0])
+    q_key = question_key or _pick(cols, QUESTION_KEYS)
+    a_key = answer_key or _pick(cols, ANSWER_KEYS)
+    if q_key is None or a_key is None:
+      missing = "question" if q_key is None else "answer"
+      tried = QUESTION_KEYS if q_key is None else ANSWER_KEYS
+      raise ValueError(f"{files[0]}: no {missing} column among {list(tried)}; columns are {sorted(cols)}. "
+                       f"Pass --{missing}_key.")
+    i_key = image_key if image_key is not None else _pick(cols, IMAGE_KEYS)
+    if i_key in ("", "none", "None"):
+      i_key = None
+    if i_key is None:
+      log.warning("benchmark %s (%s): no image column among %s; evaluating text-only", name, files[0], IMAGE_KEYS)
+    spec = DatasetSpec(tuple(files), question_key=q_key, answer_key=a_key, image_key=i_key, image_dir=image_dir,
+                       require_images=False)
+    out.append(Benchmark(name, spec))
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Generations:
+  """Samples of one PromptBatch's valid prompts. R = valid prompts * num_samples, prompt-major.
+
+  tokens [R, N] int32 and mask [R, N] bool (stop token included), truncated [R] bool; `prompts` are the
+  indices into the batch of the valid prompts, in row order.
+  """
+  tokens: np.ndarray
+  mask: np.ndarray
+  truncated: np.ndarray
+  prompts: list[int]
+  num_samples: int
+
+
+def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_samples: int, max_new_tokens: int,
+                   sampling: rollout_lib.SamplingConfig, stream_ids: Sequence[int] | None = None) -> Generations:
+  """Samples `num_samples` responses for every valid prompt of `pb`; rows of filler prompts are dropped.
+
+  stream_ids [B]: RNG stream of each prompt (default: the file row index), so a prompt's samples do not
+  depend on its batch. The batch is padded to a multiple of the mesh's batch shards.
+  """
+  shards = policy.batch_shards
+  ids = np.asarray(pb.row_indices if stream_ids is None else stream_ids, np.int64)
+  inputs = rollout_lib.prepare_inputs(
+      policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
+      position_ids=pb.position_ids, prompt_ids=ids, batch_multiple=shards,
+      batch_size=rollout_lib.batch_bucket(pb.batch_size, shards))
+  out = rollout_lib.rollout(policy.graphdef, policy.state, inputs, key, max_new_tokens=max_new_tokens,
+                            sampling=sampling, num_samples=num_samples, pad_token_id=policy.cfg.pad_token_id,
+                            mesh=policy.mesh)
+  tokens, mask, trunc = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
+  prompts = [b for b in range(pb.batch_size) if pb.prompt_valid[b]]
+  rows = np.array([b * num_samples + s for b in prompts for s in range(num_samples)], np.int64)
+  return Generations(tokens[rows], mask[rows], trunc[rows], prompts, num_samples)
+
+
+def stream_ids(pb: PromptBatch, file_index: Mapping[str, int]) -> np.ndarray:
+  """[B] RNG stream of each prompt: file index * 2^24 + row index (unique within a benchmark)."""
+  return np.array([file_index.get(s, 0) * (1 << 24) + int(r) for s, r in zip(pb.sources, pb.row_indices)], np.int64)
+
+
+def benchmark_key(seed: int, name: str) -> jax.Array:
+  """The RNG key of a benchmark: independent of the other benchmarks evaluated with it."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def prompt_iterator(spec: DatasetSpec, processor, cfg: EvalConfig | Any, *, seed: int = 0):
+  """One pass over every row of `spec` (this host reads all of them) as `PromptBatch`es."""
+  return make_prompt_iterator(
+      spec, processor, batch_size=cfg.batch_size, seed=seed, num_epochs=1, max_prompt_length=cfg.max_prompt_length,
+      shard_index=0, shard_count=1, even_shards=False,
+      length_buckets=default_length_buckets(cfg.max_prompt_length),
+      prompt_format=PromptFormat(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels))
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EvalResult:
+  """table: one row per benchmark plus `average`; samples: one dict per (prompt, sample), sorted by
+  benchmark, file, row, sample; info: checkpoint, protocol, skips, timings."""
+  table: list[dict[str, Any]]
+  samples: list[dict[str, Any]]
+  info: dict[str, Any]
+
+
+TABLE_COLUMNS = ("benchmark", "accuracy", "pass_at_k", "format", "num_prompts", "k", "num_skipped",
+                 "mean_response_tokens", "truncated", "accuracy_std_over_k", "seconds")
+
+
+def summarize(samples: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
+  """Per-benchmark metrics from its per-sample records (each prompt has exactly k samples).
+
+  accuracy = avg@k (mean over prompts of the per-prompt mean), pass_at_k = share of prompts with a
+  correct sample, accuracy_std_over_k = std over the k sample slots of the slot accuracy (how much a
+  single-sample evaluation would move), format / truncated = sample shares.
+  """
+  by_prompt: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+  for s in samples:
+    by_prompt.setdefault((s["source"], s["row_index"]), []).append(s)
+  n = len(by_prompt)
+  if n == 0:
+    return {"accuracy": float("nan"), "pass_at_k": float("nan"), "format": float("nan"), "num_prompts": 0,
+            "k": k, "mean_response_tokens": float("nan"), "truncated": float("nan"),
+            "accuracy_std_over_k": float("nan")}
+  acc_PxK = np.array([[x["accuracy"] for x in sorted(v, key=lambda x: x["sample"])] for v in by_prompt.values()],
+                     np.float64)
+  if acc_PxK.shape != (n, k):
+    raise ValueError(f"expected {k} samples per prompt, got an array of shape {acc_PxK.shape}")
+  return {
+      "accuracy": float(acc_PxK.mean(axis=1).mean()),
+      "pass_at_k": float((acc_PxK > 0).any(axis=1).mean()),
+      "format": float(np.mean([s["format"] for s in samples])),
+      "num_prompts": n,
+      "k": k,
+      "mean_response_tokens": float(np.mean([s["num_tokens"] for s in samples])),
+      "truncated": float(np.mean([s["truncated"] for s in samples])),
+      "accuracy_std_over_k": float(acc_PxK.mean(axis=0).std()) if k > 1 else 0.0,
+  }
+
+
+def evaluate(policy: Policy, benchmarks: Sequence[Benchmark], cfg: EvalConfig = EvalConfig(), *,
+             progress: bool = True) -> EvalResult:
+  """Samples, scores and summarises every benchmark (see the module docstring for the protocol)."""
+  from tqdm import tqdm
+  reward_fn = rewards_lib.get_batch_reward_fn(cfg.reward)
+  tok = policy.tokenizer
+  table, all_samples, skips = [], [], {}
+  t_all = time.perf_counter()
+  for bench in benchmarks:
+    t0 = time.perf_counter()
+    reader = DatasetReader(bench.spec)
+    total = len(reader)
+    file_index = {path: i for i, path in enumerate(reader.files)}
+    del reader  # the iterator reads the files again; do not hold two copies of the image column
+    it = prompt_iterator(bench.spec, policy.processor, cfg, seed=cfg.seed)
+    key = benchmark_key(cfg.seed, bench.name)
+    samples: list[dict[str, Any]] = []
+    gen_tokens, correct = 0, 0.0
+    with tqdm(total=total, desc=bench.name, unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+      read = 0
+      for pb in it:
+        gen = generate_batch(policy, pb, key, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                             sampling=cfg.sampling, stream_ids=stream_ids(pb, file_index))
+        texts = [tok.decode(t[m], skip_special_tokens=True) for t, m in zip(gen.tokens, gen.mask)]
+        answers = [pb.answers[b] for b in gen.prompts for _ in range(cfg.k)]
+        scores = reward_fn(texts, answers)
+        for r, (text, sc) in enumerate(zip(texts, scores)):
+          b, s = gen.prompts[r // cfg.k], r % cfg.k
+          n_tok = int(gen.mask[r].sum())
+          gen_tokens += n_tok
+          correct += float(sc["accuracy"])
+          samples.append({
+              "benchmark": bench.name, "source": pb.sources[b], "row_index": int(pb.row_indices[b]), "sample": s,
+              "question": pb.questions[b], "answer": pb.answers[b], "response": text,
+              "prediction": rewards_lib.extract_boxed(rewards_lib.strip_stop_tokens(text)),
+              "accuracy": float(sc["accuracy"]), "format": float(sc["format"]), "overall": float(sc["overall"]),
+              "num_tokens": n_tok, "truncated": bool(gen.truncated[r])})
+        bar.update(it.stats.rows_read - read)
+        read = it.stats.rows_read
+        bar.set_postfix(acc=f"{correct / len(samples):.3f}" if samples else "-")
+      bar.update(total - read)
+    stats = it.stats
+    skips[bench.name] = stats.as_dict()
+    if stats.skipped:
+      log.warning("benchmark %s: %d of %d rows skipped (%s); they are not part of the accuracy", bench.name,
+                  stats.skipped, stats.rows_read, {r: n for r, n in stats.counts.items() if n})
+    samples.sort(key=lambda x: (x["source"], x["row_index"], x["sample"]))
+    seconds = time.perf_counter() - t0
+    table.append({"benchmark": bench.name, **summarize(samples, cfg.k), "num_skipped": stats.skipped,
+                  "seconds": seconds, "generated_tokens_per_s": gen_tokens / max(seconds, 1e-9)})
+    all_samples.extend(samples)
+  table.append(average_row(table))
+  info = {
+      "checkpoint": dataclasses.asdict(policy.ref), "config": dataclasses.asdict(cfg), "protocol": cfg.tag,
+      "benchmarks": {b.name: {"files": list(b.spec.paths), "question_key": b.spec.question_key,
+                              "answer_key": b.spec.answer_key, "image_key": b.spec.image_key} for b in benchmarks},
+      "rows": skips, "devices": [str(d) for d in jax.devices()],
+      "mesh": None if policy.mesh is None else dict(policy.mesh.shape), "seconds": time.perf_counter() - t_all}
+  return EvalResult(table, all_samples, info)
+
+
+def average_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The unweighted mean over benchmarks of the rate columns; counts and times are summed."""
+  rows = [r for r in rows if r["benchmark"] != "average"]
+  out: dict[str, Any] = {"benchmark": "average"}
+  for col in ("accuracy", "pass_at_k", "format", "mean_response_tokens", "truncated", "accuracy_std_over_k"):
+    vals = [r[col] for r in rows if r.get(col) is not None and not math.isnan(r[col])]
+    out[col] = float(np.mean(vals)) if vals else float("nan")
+  for col in ("num_prompts", "num_skipped", "seconds"):
+    out[col] = sum(r.get(col, 0) for r in rows)
+  out["k"] = rows[0]["k"] if rows else None
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """A fixed-width text table; rates in percent."""
+  heads = ("benchmark", "acc %", "pass@k %", "format %", "prompts", "k", "skipped", "tokens", "trunc %")
+  lines = []
+  for r in rows:
+    pct = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"  # noqa: E731
+    lines.append((str(r["benchmark"]), pct(r["accuracy"]), pct(r["pass_at_k"]), pct(r["format"]),
+                  str(r["num_prompts"]), str(r["k"]), str(r["num_skipped"]),
+                  "-" if math.isnan(r["mean_response_tokens"]) else f"{r['mean_response_tokens']:.0f}",
+                  pct(r["truncated"])))
+  widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(heads)]
+  fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(cells, widths)))
+  sep = "  ".join("-" * w for w in widths)
+  body = [fmt(l) for l in lines]
+  if len(body) > 1:
+    body.insert(len(body) - 1, sep)  # above the average row
+  return "\n".join([fmt(heads), sep, *body])
+
+
+def _json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  return x
+
+
+def write_results(result: EvalResult, out_dir: str | os.PathLike) -> dict[str, str]:
+  """Writes results.json (table + info), results.csv (table) and generations.jsonl (per sample)."""
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {k: os.path.join(out_dir, f) for k, f in
+           (("json", "results.json"), ("csv", "results.csv"), ("generations", "generations.jsonl"))}
+  with open(paths["json"], "w") as f:
+    json.dump(_json_safe({"table": result.table, **result.info}), f, indent=2)
+  cols = list(TABLE_COLUMNS) + sorted({k for r in result.table for k in r} - set(TABLE_COLUMNS))
+  with open(paths["csv"], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    for r in result.table:
+      w.writerow({k: r.get(k, "") for k in cols})
+  with open(paths["generations"], "w", encoding="utf-8") as f:
+    for s in result.samples:
+      f.write(json.dumps(s, ensure_ascii=False) + "\n")
+  return paths
+
+
+def default_out_dir(ref: CheckpointRef, cfg: EvalConfig) -> str:
+  """WORKDIR/eval/step<N>_<protocol> for trainer checkpoints, else eval/<folder name>_<protocol>."""
+  if ref.workdir is not None:
+    return os.path.join(ref.workdir, "eval", f"step{ref.step}_{cfg.tag}")
+  name = os.path.basename(os.path.normpath(ref.path)) or "model"
+  return os.path.join("eval", f"{name}_{cfg.tag}")
+
+
+def read_generations(path: str | os.PathLike) -> list[dict[str, Any]]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def iter_prompts(samples: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], list[Mapping[str, Any]]]:
+  """Groups per-sample records by (benchmark, source, row)."""
+  out: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
+  for s in samples:
+    out.setdefault((s["benchmark"], s["source"], s["row_index"]), []).append(s)
+  return out
