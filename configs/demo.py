@@ -34,7 +34,7 @@ def get_config():
   c.data.num_epochs = 0
 
   c.rollout.prompts_per_step = 16
-  c.rollout.group_size = 4
+  c.rollout.group_size = 8
   c.rollout.max_new_tokens = 24
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
@@ -44,19 +44,19 @@ def get_config():
   c.updates.prompts_per_update = 16
   c.updates.micro_batch_prompts = 8
 
-  c.optim.learning_rate = 1e-4
+  c.optim.learning_rate = 2e-4
   c.optim.weight_decay = 0.0
 
   c.pgpo.scoring_chunk = 32
   c.loss.logprob_chunk = 32
 
-  c.warmup.sft_steps = 40
+  c.warmup.sft_steps = 60
   c.warmup.learning_rate = 1e-3
   c.warmup.prompts_per_step = 16
 
-  c.train.num_steps = 40
+  c.train.num_steps = 60
   c.train.eval_every = 20
-  c.train.eval_prompts = 64
+  c.train.eval_prompts = 128
 
   c.checkpoint.every = 10
   c.checkpoint.keep = 2
