@@ -8,6 +8,7 @@ root="$(cd "$here/../.." && pwd)"
 cd "$root"
 make -s install
 py=.venv/bin/python
+mkdir -p "$here/runs"
 seeds=("${@:-0 1}")
 [ $# -eq 0 ] && seeds=(0 1)
 steps=${STEPS:-40}
