@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pgpo = ml_collections.ConfigDict(dict(
       enabled=True, tau=0.4, beta=2.0, dependency_estimator="k3", mask_vision_markers=False,
       clamp_log_ratio=config_dict.placeholder(float), renormalize=True, threshold_mode="absolute",
-      min_weight=0.0, max_weight=config_dict.placeholder(float), scoring_chunk=256))
+      min_weight=0.0, max_weight=config_dict.placeholder(float), scoring_chunk=256,
+      scoring_prompts=0))  # prompts per scoring call (0: updates.micro_batch_prompts)
 
   c.reward = ml_collections.ConfigDict(dict(name="pgpo_math"))
 
@@ -135,6 +136,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _require(p.beta >= 0, "pgpo.beta", f"must be >= 0, got {p.beta}")
   _require(p.dependency_estimator in ("k3", "full_kl"), "pgpo.dependency_estimator",
            f"unknown estimator {p.dependency_estimator!r} (k3 | full_kl)")
+  _require(p.scoring_prompts >= 0 and (p.scoring_prompts == 0 or r.prompts_per_step % p.scoring_prompts == 0),
+           "pgpo.scoring_prompts", f"({p.scoring_prompts}) must divide rollout.prompts_per_step ({r.prompts_per_step})")
   _require(p.threshold_mode in ("absolute", "quantile"), "pgpo.threshold_mode", f"unknown {p.threshold_mode!r}")
   from pgpo_jax import rewards
   _require(c.reward.name in rewards.BATCH_REWARD_FNS, "reward.name",

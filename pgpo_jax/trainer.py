@@ -13,6 +13,7 @@ next batch is the one after the last saved step. SIGTERM triggers a checkpoint a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -395,10 +396,16 @@ class Trainer:
     filler = c.rollout.prompts_per_step - len(kept)
     seq, rewards = collate_groups(kept, self.cfg, self.length_buckets, self.cfg.pad_token_id, filler)
     t1 = time.perf_counter()
-    seq_dev = self._put_batch(seq)
     p = c.pgpo
-    scores = self.score_fn(self.state.params, seq_dev, estimator=p.dependency_estimator, chunk=p.scoring_chunk,
-                           clamp=p.clamp_log_ratio)
+    # Scoring runs in slices of `scoring_prompts` prompts: one call over a whole 384-prompt rollout
+    # batch needs hundreds of GiB of activations per device at 7B (compile_check).
+    sp = p.scoring_prompts or c.updates.micro_batch_prompts
+    parts = []
+    for s0 in range(0, seq.prompt_ids.shape[0], sp):
+      sub = self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))
+      parts.append(self.score_fn(self.state.params, sub, estimator=p.dependency_estimator, chunk=p.scoring_chunk,
+                                 clamp=p.clamp_log_ratio))
+    scores = type(parts[0])(*[jnp.concatenate(x) for x in zip(*parts)])
     jax.block_until_ready(scores)
     times["scoring"] = time.perf_counter() - t1
     t2 = time.perf_counter()
@@ -582,7 +589,8 @@ class Trainer:
     from tqdm import tqdm
     last: dict[str, float] = {}
     bar = tqdm(total=c.train.num_steps, initial=self.step, disable=not self.is_host0, desc="pgpo", dynamic_ncols=True)
-    with ckpt_lib.PreemptionGuard() as guard:
+    rules = sharding.use_rules(self.mesh, sharding.TRAIN_RULES) if self.mesh.size > 1 else contextlib.nullcontext()
+    with ckpt_lib.PreemptionGuard() as guard, rules:
       while self.step < c.train.num_steps:
         m = self.train_one_step()
         self.step += 1

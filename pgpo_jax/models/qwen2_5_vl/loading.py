@@ -164,7 +164,8 @@ def check_orbax_params(params_dir: str, shapes: Mapping[Path, tuple[tuple[int, .
     lines = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
       if items:
-        lines.append(f"{len(items)} {label} parameter(s): " + ", ".join(items[:20]) + (" …" if len(items) > 20 else ""))
+        more = " …" if len(items) > 20 else ""
+        lines.append(f"{len(items)} {label} parameter(s): " + ", ".join(items[:20]) + more)
     raise ValueError(f"{params_dir}: Orbax params do not match the Qwen2.5-VL config:\n  " + "\n  ".join(lines))
   return {p: by_ours[p] for p in shapes}
 
@@ -208,12 +209,18 @@ def restore_orbax_params(params_dir: str | os.PathLike, shapes: Mapping[Path, tu
 
 
 def save_orbax_params(params_dir: str | os.PathLike, params: Mapping[Path, object]) -> None:
-  """Writes {our path: array} as an Orbax StandardCheckpointer item (a nested dict). Blocks."""
+  """Writes {our path: array} as an Orbax StandardCheckpointer item (a nested dict). Blocks.
+
+  Orbax stages arrays on the host before writing; its default budget (96 GB) stages a whole 7B
+  model a second time during a conversion, so the budget is the largest parameter (min 1 GB).
+  """
+  import math
   import orbax.checkpoint as ocp
   params_dir = os.path.abspath(os.fspath(params_dir))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(params_dir, _nest(params))
-    ckptr.wait_until_finished()
+  largest = max((int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in params.values()), default=0)
+  handler = ocp.StandardCheckpointHandler(save_concurrent_gb=max(1, math.ceil(largest / 1e9)))
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(params_dir, args=ocp.args.StandardSave(_nest(params)))
 
 
 def sharded_put(shardings: Mapping[Path, jax.sharding.Sharding]) -> Callable[[Path, np.ndarray], jax.Array]:

@@ -107,22 +107,22 @@ class TextModel(nnx.Module):
       mask = causal[None] & kv_mask[:, None, :]
     scale = K ** -0.5
 
-    def layer(carry, xs):
-      # The cache rides in the scan CARRY and only this step's slots are written, so a decode step
-      # updates [L, B, T_new] entries in place instead of re-emitting the whole [L, B, S] cache.
-      x, ck_all, cv_all = carry
-      p, i = xs
+    from pgpo_jax.sharding import constrain  # identity unless under `sharding.use_rules`
+    resid = lambda x: constrain(x, ("batch", "length", "act_embed"))
+
+    def layer(x, xs):
+      p, ck, cv = xs
+      x = resid(x)
       h = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
       q = jnp.einsum("btd,dhk->bthk", h, p["wq"]) + p["bq"]
       k = jnp.einsum("btd,dnk->btnk", h, p["wk"]) + p["bk"]
       v = jnp.einsum("btd,dnk->btnk", h, p["wv"]) + p["bv"]
       q = rope.apply_rotary(q, cos, sin)
       k = rope.apply_rotary(k, cos, sin)
-      if ck_all is not None:
-        ck_all = jax.lax.dynamic_update_slice(ck_all, k.astype(ck_all.dtype)[None], (i, 0, start, 0, 0))
-        cv_all = jax.lax.dynamic_update_slice(cv_all, v.astype(cv_all.dtype)[None], (i, 0, start, 0, 0))
-        k_all = jax.lax.dynamic_index_in_dim(ck_all, i, keepdims=False).astype(dt)
-        v_all = jax.lax.dynamic_index_in_dim(cv_all, i, keepdims=False).astype(dt)
+      if ck is not None:
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
+        k_all, v_all = ck.astype(dt), cv.astype(dt)
       else:
         k_all, v_all = k, v
       att = layers.chunked_attention(q.reshape(B, T, N, G, K), k_all, v_all, mask, scale,
@@ -130,15 +130,14 @@ class TextModel(nnx.Module):
       x = x + jnp.einsum("bthk,hkd->btd", att, p["wo"])
       h = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
       x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
-      return (x, ck_all, cv_all), None
+      return resid(x), (ck, cv)
 
     body = layers.maybe_remat(layer, remat_policy)
     params = layers.values(self.layers, DecoderLayers.NAMES)
     ks = None if cache is None else cache.k
     vs = None if cache is None else cache.v
-    idx = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-    (x, new_k, new_v), _ = layers.scan_layers(body, (x_BxTxD.astype(dt), ks, vs), (params, idx),
-                                              cfg.num_hidden_layers, use_scan)
+    x, (new_k, new_v) = layers.scan_layers(body, resid(x_BxTxD.astype(dt)), (params, ks, vs),
+                                           cfg.num_hidden_layers, use_scan)
     x = layers.rms_norm(x, self.norm[...], cfg.rms_norm_eps)
     if cache is None:
       return x, None

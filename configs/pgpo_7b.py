@@ -1,0 +1,68 @@
+"""PGPO on Qwen2.5-VL-7B-Instruct: the paper's setup (PGPO.md §5), for a TPU v5p-64 slice.
+
+Convert the HF checkpoint once, then train (every worker of the slice runs the same command):
+    python scripts/convert_hf.py --hf_dir /data/Qwen2.5-VL-7B-Instruct --out_dir /ckpt/qwen2_5_vl_7b
+    python scripts/train.py --config=configs/pgpo_7b.py --config.model.init_from=/ckpt/qwen2_5_vl_7b \
+        --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/pgpo_7b
+
+Check that every program compiles and fits before asking for the slice (CPU host, needs libtpu):
+    python scripts/compile_check.py --config=configs/pgpo_7b.py --topology=v5p-64
+On v5e-256 (16 GiB per chip), more batch shards: micro-batches must split over them:
+    python scripts/compile_check.py --config=configs/pgpo_7b.py --topology=v5e-256 \
+        --config.updates.micro_batch_prompts=64
+"""
+from pgpo_jax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model.init_from = ""  # required for training: an HF folder or a converted checkpoint
+  # Architecture when `init_from` has no config.json yet (compile_check, shape tests): a
+  # `qwen2_5_vl.PRESETS` key.
+  c.model.preset = "7b"
+  # float32 parameters: at lr 1e-6 an AdamW step moves a weight by ~1e-6, far below bfloat16's
+  # resolution (ulp ~1.2e-4 at |w| = 0.02), so bf16 weights would never change. Switch to bf16
+  # compute once the model keeps float32 master weights and casts them per step.
+  c.model.dtype = "float32"
+  c.model.remat_policy = "full"
+  c.model.scan_layers = True
+  c.model.attention_chunk_size = 1024  # bounds the [rows, heads, T, S] attention scores
+
+  # v5p-64 = 32 chips: tensor=4 (28 heads, 4 KV heads), fsdp over the rest (8 on v5p-64).
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 4
+
+  c.data.max_prompt_length = 2048  # image tokens (<= 1024 at max_pixels) + question
+  c.data.max_pixels = 1024 * 28 * 28  # <= 4096 patches = 1024 LM tokens per image
+  c.data.num_epochs = 2
+
+  c.rollout.prompts_per_step = 384
+  c.rollout.group_size = 5
+  c.rollout.max_new_tokens = 2048
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 0.99
+
+  c.updates.prompts_per_update = 128  # 640 responses -> 3 optimizer steps per rollout batch
+  c.updates.micro_batch_prompts = 8  # 40 sequences; must be a multiple of the batch shards (data x fsdp)
+  c.updates.passes = 1
+
+  c.optim.learning_rate = 1e-6
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 1e-2
+  c.optim.grad_clip_norm = 1.0
+
+  c.loss.clip_low = 0.2
+  c.loss.clip_high = 0.28
+  c.loss.agg = "token-mean"
+
+  c.pgpo.enabled = True
+  c.pgpo.tau = 0.4
+  c.pgpo.beta = 2.0
+  c.pgpo.dependency_estimator = "k3"
+
+  c.train.num_steps = 200  # ~2 epochs of ViRL39K (~39k prompts / 384 per step)
+  c.checkpoint.every = 25
+  c.checkpoint.keep = 3
+  return c

@@ -1,0 +1,574 @@
+"""Ahead-of-time compile of the trainer's device programs for a TPU slice, on a CPU-only host.
+
+    python scripts/compile_check.py --config=configs/pgpo_7b.py --topology=v5p-64
+
+libtpu (the `tpu` extra: `pip install 'jax[tpu]==0.10.2'`) provides abstract TPU devices for a named
+topology (`jax.experimental.topologies.get_topology_desc`); the mesh is built on them and every
+program is `jit(...).lower(abstract args with shardings).compile()`d exactly as the trainer builds it:
+
+  step            program                                        layout        resident besides args
+  --------------  ---------------------------------------------  ------------  ---------------------
+  rollout_start   `rollout.programs(...).start`: vision +        SAMPLE_RULES  train state (params +
+                  prefill of the rollout batch, G-fold cache                   AdamW moments)
+  rollout_decode  `rollout.programs(...).decode`: the while      SAMPLE_RULES  train state
+                  loop over max_new_tokens (state donated)
+  score           `sequences.score_rollout`: image + blind       TRAIN_RULES   AdamW moments
+                  views of every rollout sequence (no grad)
+  train           `train_step.make_train_step(rl_loss_fn)`:      TRAIN_RULES   -
+                  one optimizer update (state donated)
+
+Per step the report gives per-device bytes from `compiled.memory_analysis()` (arguments, outputs,
+aliased outputs, temporaries, generated code) plus the train state that stays on the devices while
+the step runs ("resident"), their total against the chip's HBM, and FLOPs. XLA does not fail a
+compile until it is far over HBM, so the verdict is ours: total <= HBM. FLOPs are analytic (the
+model's matmul + attention FLOPs as implemented: dense masked attention, remat recompute included)
+because `cost_analysis()` counts a loop body (layer scan, micro-batch scan, decode loop) once; its
+raw number is shown too, marked "loops once". `t@peak` is FLOPs / (devices x peak bf16 FLOP/s), and
+for the memory-bound decode loop max(that, bytes read per token x steps / HBM bandwidth).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")  # tests / parallel runs on one host
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from pgpo_jax import sharding  # noqa: E402
+from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+
+GiB = 2**30
+logging.getLogger("jax._src.compilation_cache").setLevel(logging.WARNING)  # reset_cache() logs at INFO
+
+
+# ------------------------------------------------------------------------------------------------
+# Topologies
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-device (= per chip; v4/v5p as megacore) HBM, peak dense bf16 FLOP/s and HBM bandwidth."""
+  name: str
+  prefix: str  # get_topology_desc's chip prefix
+  hbm_bytes: int
+  peak_flops: float
+  hbm_bandwidth: float
+  cores_per_chip: int  # "v5p-64" counts TensorCores: 64 cores = 32 chips
+  dims: int  # 2-D (v5e, v6e) or 3-D (v4, v5p) torus
+  chip_config_name: str | None = None
+
+
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", "v4", 32 * GiB, 275e12, 1.2e12, 2, 3, "megacore"),
+    "v5p": Chip("v5p", "v5", 95 * GiB, 459e12, 2.765e12, 2, 3),
+    "v5e": Chip("v5e", "v5e", 16 * GiB, 197e12, 0.819e12, 1, 2),
+    "v6e": Chip("v6e", "v6e", 32 * GiB, 918e12, 1.64e12, 1, 2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # e.g. "v5p-64"
+  chip: Chip
+  desc: str  # e.g. "v5:2x4x4"
+  num_chips: int
+
+
+def _torus(chips: int, dims: int) -> str:
+  """Balanced power-of-two torus: 32 chips in 3-D -> '2x4x4', 4 -> '2x2x1', 256 in 2-D -> '16x16'."""
+  if chips & (chips - 1):
+    raise ValueError(f"{chips} chips: only power-of-two slices are supported")
+  shape = [1] * dims
+  while math.prod(shape) < chips:
+    shape[shape.index(min(shape))] *= 2
+  shape.sort()
+  if dims == 3 and shape[0] == 1:  # TPU names put the size-1 axis last (v4-8 = 2x2x1)
+    shape = shape[1:] + [1]
+  return "x".join(map(str, shape))
+
+
+def parse_topology(name: str) -> Topology:
+  """'v5p-64' | 'v5e-256' | 'v4-128' | 'v6e-16' (cores for v4/v5p, chips for v5e/v6e), or a raw
+  topology string 'v5e:2x2' / 'v5:2x4x4' / 'v4:2x2x1'."""
+  m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower())
+  if m:
+    chip = CHIPS[m.group(1)]
+    n = int(m.group(2))
+    if n % chip.cores_per_chip:
+      raise ValueError(f"{name}: {chip.name}-N counts TensorCores ({chip.cores_per_chip} per chip)")
+    chips = n // chip.cores_per_chip
+    return Topology(name, chip, f"{chip.prefix}:{_torus(chips, chip.dims)}", chips)
+  m = re.fullmatch(r"(v4|v5p?|v5e|v6e):(\d+(?:x\d+){1,2})", name.strip().lower())
+  if m:
+    prefix = m.group(1)
+    chip = {"v4": CHIPS["v4"], "v5": CHIPS["v5p"], "v5p": CHIPS["v5p"], "v5e": CHIPS["v5e"],
+            "v6e": CHIPS["v6e"]}[prefix]
+    chips = math.prod(int(x) for x in m.group(2).split("x"))
+    return Topology(name, chip, f"{chip.prefix}:{m.group(2)}", chips)
+  raise ValueError(f"unknown topology {name!r}; use e.g. v5p-64, v5e-256, v4-128, v6e-16 or v5e:2x2")
+
+
+def ensure_libtpu() -> None:
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    raise RuntimeError("compile_check needs libtpu for TPU topologies on this host: "
+                       "pip install 'jax[tpu]==0.10.2' (the `tpu` extra of pgpo-jax)") from None
+
+
+def topology_devices(topo: Topology) -> list:
+  """Abstract TPU devices of the slice (one per chip: v4/v5p as megacore)."""
+  ensure_libtpu()
+  from jax.experimental import topologies
+  kw = {"chip_config_name": topo.chip.chip_config_name} if topo.chip.chip_config_name else {}
+  devices = topologies.get_topology_desc(topo.desc, "tpu", **kw).devices
+  if len(devices) != topo.num_chips:
+    raise RuntimeError(f"{topo.desc}: expected {topo.num_chips} devices, libtpu gave {len(devices)}")
+  return list(devices)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes from the config
+# ------------------------------------------------------------------------------------------------
+def model_config(c: ml_collections.ConfigDict) -> q.Qwen25VLConfig:
+  """The architecture: `model.init_from`'s config.json if it exists, else `model.preset`
+  (3b/7b/32b/72b or 'tiny' = the trainer's random-init `model.tiny`)."""
+  m = c.model
+  compute = dict(remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention_chunk_size=m.attention_chunk_size)
+  init = m.get("init_from", "")
+  if init and os.path.exists(os.path.join(init, "config.json")):
+    return q.Qwen25VLConfig.from_json(init).replace(**compute)
+  preset = m.get("preset", "")
+  if preset in q.PRESETS:
+    return q.PRESETS[preset].replace(**compute)
+  if preset == "tiny" or m.get("random_init", False):
+    t = dict(m.tiny)
+    vision = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in t.items() if k.startswith("vision_")}
+    text = {k: v for k, v in t.items() if not k.startswith("vision_")}
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    quarter = head_dim // 2
+    section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
+    return q.tiny_config(head_dim=head_dim, mrope_section=section, **text, **vision).replace(**compute)
+  raise ValueError(f"config.model: set init_from to a folder with config.json or preset to one of "
+                   f"{sorted(q.PRESETS) + ['tiny']} (got init_from={init!r}, preset={preset!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """The static shapes the trainer compiles for (worst case of every bucket)."""
+  rollout_prompts: int  # B: the rollout call's prompt batch (bucketed as the trainer does)
+  group_size: int  # G
+  prompt_len: int  # Tp: largest prompt bucket
+  response_len: int  # L = N: max_new_tokens
+  patches: int  # per prompt (one image of max_pixels)
+  score_prompts: int  # prompts per scoring call
+  update_prompts: int  # prompts per optimizer update
+  micro_prompts: int  # prompts per micro-batch
+
+  @property
+  def num_microbatches(self) -> int:
+    return self.update_prompts // self.micro_prompts
+
+
+def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_prompts: int | None = None) -> Shapes:
+  """Shapes of the trainer's programs; `score_prompts` (what-if) scores in calls of that many prompts
+  instead of the trainer's one call over the whole rollout batch."""
+  from pgpo_jax import rollout as rollout_lib
+  u = c.updates
+  patch_area = 14 * 14
+  max_pixels = c.data.max_pixels
+  if not max_pixels:
+    raise ValueError("config.data.max_pixels must be set: it fixes the per-image patch budget")
+  patches = max(4, int(max_pixels) // patch_area // 4 * 4)
+  prompts = int(c.rollout.prompts_per_step)
+  s = Shapes(
+      rollout_prompts=rollout_lib.batch_bucket(prompts, batch_shards),
+      group_size=int(c.rollout.group_size), prompt_len=int(c.data.max_prompt_length),
+      response_len=int(c.rollout.max_new_tokens), patches=patches,
+      score_prompts=int(score_prompts or prompts), update_prompts=int(u.prompts_per_update),
+      micro_prompts=int(u.micro_batch_prompts))
+  for key, n in (("rollout.prompts_per_step" if not score_prompts else "--score_prompts", s.score_prompts),
+                 ("updates.micro_batch_prompts", s.micro_prompts)):
+    if n % batch_shards:
+      raise ValueError(f"config.{key}={n} does not split over the {batch_shards} shards of the batch axis "
+                       f"(data x fsdp); pick a multiple of {batch_shards} or change config.mesh")
+  if s.update_prompts % s.micro_prompts:
+    raise ValueError(f"config.updates.micro_batch_prompts={s.micro_prompts} must divide "
+                     f"updates.prompts_per_update={s.update_prompts}")
+  return s
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic FLOPs (as implemented: dense masked attention, float32 logits)
+# ------------------------------------------------------------------------------------------------
+def text_flops(cfg: q.Qwen25VLConfig, tokens: float, context: float, logits_tokens: float) -> float:
+  """Decoder forward: `tokens` new tokens attending to `context` keys each; lm head on `logits_tokens`."""
+  t = cfg.text
+  per_layer = 2 * t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+  per_layer += 2 * 3 * t.hidden_size * t.intermediate_size
+  attn = 4 * t.num_attention_heads * t.head_dim * context
+  return t.num_hidden_layers * tokens * (per_layer + attn) + 2 * t.hidden_size * t.vocab_size * logits_tokens
+
+
+def vision_flops(cfg: q.Qwen25VLConfig, images: float, patches: int) -> float:
+  """Vision tower forward on `images` rows of `patches` patches (dense N x N masked attention)."""
+  v = cfg.vision
+  D, I = v.hidden_size, v.intermediate_size
+  per_patch = 2 * v.patch_dim * D + v.depth * (2 * 4 * D * D + 2 * 3 * D * I + 4 * D * patches)
+  merger = (patches // v.merge_unit) * 2 * (v.merge_unit * D * v.merge_unit * D + v.merge_unit * D * v.out_hidden_size)
+  return images * (patches * per_patch + merger)
+
+
+# ------------------------------------------------------------------------------------------------
+# Abstract arguments
+# ------------------------------------------------------------------------------------------------
+def _sds(shape, dtype, mesh, rules, axes) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
+                              sharding=sharding.logical_sharding(axes, mesh, rules, tuple(shape)))
+
+
+def _rows(shape, dtype, mesh, rules) -> jax.ShapeDtypeStruct:
+  """A row-aligned batch leaf: leading dim over `batch`, the rest replicated."""
+  return _sds(shape, dtype, mesh, rules, ("batch",) + (None,) * (len(shape) - 1))
+
+
+def _attach(tree, shardings) -> Any:
+  """ShapeDtypeStructs of `tree` with the sharding of the same leaf in `shardings` (a prefix tree)."""
+  flat = {sharding.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[sharding.path_str(p)]), tree)
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shard)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def vision_rows(cfg: q.Qwen25VLConfig, rows: int, patches: int, mesh, rules) -> q.VisionInputs:
+  """Per-row VisionInputs ([rows, N, ...], `prepare_vision_rows`), rows over `batch`."""
+  u = patches // cfg.vision.merge_unit
+  r = lambda shape, dt: _rows((rows,) + shape, dt, mesh, rules)  # noqa: E731
+  return q.VisionInputs(pixel_values=r((patches, cfg.vision.patch_dim), jnp.float32), unit_order=r((u,), jnp.int32),
+                        unit_restore=r((u,), jnp.int32), hw_pos=r((patches, 2), jnp.int32),
+                        window_seg=r((patches,), jnp.int32), image_seg=r((patches,), jnp.int32))
+
+
+def sequence_batch(cfg: q.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
+  """An abstract `rl.sequences.SequenceBatch` of `prompts` rows, rows over the batch axis."""
+  from pgpo_jax.rl import sequences
+  G, Tp, L = s.group_size, s.prompt_len, s.response_len
+  r = lambda shape, dt: _rows((prompts,) + shape, dt, mesh, rules)  # noqa: E731
+  return sequences.SequenceBatch(
+      prompt_ids=r((Tp,), jnp.int32), prompt_mask=r((Tp,), bool), prompt_pos=r((3, Tp), jnp.int32),
+      prompt_visual=r((Tp,), bool), next_pos=r((), jnp.int32),
+      vision=vision_rows(cfg, prompts, s.patches, mesh, rules),
+      response=r((G, L), jnp.int32), response_mask=r((G, L), bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Step:
+  name: str
+  rules: str
+  lower: Callable[[], Any]  # -> jax.stages.Lowered
+  resident_bytes: int
+  flops: float  # analytic, all devices
+  hbm_read_bytes: float = 0.0  # per device, for memory-bound loops (decode)
+  note: str = ""
+
+
+@dataclasses.dataclass
+class StepReport:
+  name: str
+  rules: str
+  verdict: str  # fits | does not fit | error
+  hbm_bytes: int
+  compile_s: float = 0.0
+  argument: int = 0
+  output: int = 0
+  alias: int = 0
+  temp: int = 0
+  code: int = 0
+  resident: int = 0
+  flops_per_device: float = 0.0
+  xla_flops: float = 0.0
+  seconds_at_peak: float = 0.0
+  note: str = ""
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output - self.alias + self.temp + self.code + self.resident
+
+
+class Context:
+  """Everything the steps share: config, mesh, model graph, abstract params and train state."""
+
+  def __init__(self, c: ml_collections.ConfigDict, topo: Topology, devices: Sequence,
+               score_prompts: int | None = None):
+    from pgpo_jax import rollout as rollout_lib
+    from pgpo_jax import train_step as train_step_lib
+    from pgpo_jax import trainer
+    self.c, self.topo = c, topo
+    self.cfg = model_config(c)
+    self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+    self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
+    self.shapes = shapes_from_config(c, self.batch_shards, score_prompts)
+    self.dtype = jnp.dtype(c.model.dtype)
+    abstract = q.abstract_model(self.cfg, self.dtype)
+    self.model_graphdef, params = nnx.split(abstract)
+    self.train_sh = sharding.param_shardings(abstract, self.mesh, sharding.TRAIN_RULES)
+    self.sample_sh = sharding.param_shardings(abstract, self.mesh, sharding.SAMPLE_RULES)
+    self.train_params = _attach(params, self.train_sh)
+    self.sample_params = _attach(params, self.sample_sh)
+    self.fallbacks = sharding.sharding_fallbacks(abstract, self.mesh, sharding.TRAIN_RULES)
+    updates_per_step = c.rollout.prompts_per_step // c.updates.prompts_per_update * c.updates.passes
+    self.optimizer = trainer.make_optimizer(c, max(1, c.train.num_steps) * updates_per_step)
+    self.train_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+    state = jax.eval_shape(lambda: train_step_lib.init_train_state(
+        q.Qwen25VL(self.cfg, dtype=self.dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
+    rep = NamedSharding(self.mesh, P())
+    state_sh = train_step_lib.TrainState(
+        step=rep, params=self.train_sh,
+        opt_state=sharding.shardings_like_params(state.opt_state, state.params, self.train_sh, self.mesh),
+        num_skipped=rep)
+    self.state_sh = state_sh
+    self.train_state = _attach(state, state_sh)
+    self.param_bytes = per_device_bytes(self.train_params)
+    self.state_bytes = per_device_bytes(self.train_state)
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def rollout_steps(ctx: Context) -> list[Step]:
+  from pgpo_jax import rollout as rollout_lib
+  c, cfg, s, mesh = ctx.c, ctx.cfg, ctx.shapes, ctx.mesh
+  rules = sharding.SAMPLE_RULES
+  B, G, T, N = s.rollout_prompts, s.group_size, s.prompt_len, s.response_len
+  R, S = B * G, T + N
+  static = rollout_lib._Static(rollout_lib.SamplingConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k),
+                               N, G, cfg.pad_token_id, mesh, tuple(sorted(rules.items())))
+  prog = rollout_lib.programs(ctx.model_graphdef, static)
+  E = len(rollout_lib.default_eos_ids(cfg))
+  # The inputs exactly as `rollout.prepare_inputs` builds them (per-row vision, rows over `batch`).
+  inputs = rollout_lib.RolloutInputs(
+      input_ids=_rows((B, T), jnp.int32, mesh, rules), attention_mask=_rows((B, T), bool, mesh, rules),
+      position_ids=_sds((3, B, T), jnp.int32, mesh, rules, (None, "batch", "length")),
+      vision=vision_rows(cfg, B, s.patches, mesh, rules), prompt_ids=_rows((B,), jnp.uint32, mesh, rules),
+      valid=_rows((B,), bool, mesh, rules), eos_ids=_rows((B, E), jnp.int32, mesh, rules))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), R))
+  kv = ("layers", "batch", "cache_length", "act_kv_heads", "act_head_dim")
+  t = cfg.text
+  cache_shape = (t.num_hidden_layers, R, S, t.num_key_value_heads, t.head_dim)
+  dstate = rollout_lib.DecodeState(
+      tokens=_rows((R, N), jnp.int32, mesh, rules), logprobs=_rows((R, N), jnp.float32, mesh, rules),
+      raw_logprobs=_rows((R, N), jnp.float32, mesh, rules), last_token=_rows((R,), jnp.int32, mesh, rules),
+      next_pos=_rows((R,), jnp.int32, mesh, rules), finished=_rows((R,), bool, mesh, rules),
+      lengths=_rows((R,), jnp.int32, mesh, rules),
+      row_keys=jax.ShapeDtypeStruct(keys.shape, keys.dtype,
+                                    sharding=sharding.logical_sharding(("batch",), mesh, rules, keys.shape)),
+      eos_ids=_rows((R, E), jnp.int32, mesh, rules),
+      cache=q.KVCache(k=_sds(cache_shape, ctx.dtype, mesh, rules, kv), v=_sds(cache_shape, ctx.dtype, mesh, rules, kv),
+                      key_mask=_sds((R, S), bool, mesh, rules, ("batch", "cache_length")),
+                      index=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))),
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())))
+  prefill_flops = text_flops(cfg, B * T, T, B) + vision_flops(cfg, B, s.patches)
+  # Decode: N steps of R rows; a row attends to S slots (the whole cache is read each step).
+  decode_flops = text_flops(cfg, R * N, S, R * N)
+  cache_read = per_device_bytes(dstate.cache)
+  sample_param_bytes = per_device_bytes(ctx.sample_params)
+  return [
+      Step("rollout_start", "sample", lambda: prog.start.lower(ctx.sample_params, inputs, key), ctx.state_bytes,
+           prefill_flops, note=f"B={B} prompts x T={T}, {s.patches} patches per prompt"),
+      Step("rollout_decode", "sample", lambda: prog.decode.lower(ctx.sample_params, dstate), ctx.state_bytes,
+           decode_flops, hbm_read_bytes=N * (cache_read + sample_param_bytes),
+           note=f"R={R} rows x N={N} steps, cache S={S}"),
+  ]
+
+
+def score_step(ctx: Context) -> Step:
+  from pgpo_jax.rl import sequences
+  c, cfg, s, mesh = ctx.c, ctx.cfg, ctx.shapes, ctx.mesh
+  rules = sharding.TRAIN_RULES
+  seq = sequence_batch(cfg, s.score_prompts, s, mesh, rules)
+  p = c.pgpo
+  graphdef = ctx.model_graphdef
+
+  def score(params, seq):  # = Trainer._score
+    model = nnx.merge(graphdef, params)
+    return sequences.score_rollout(model, seq, estimator=p.dependency_estimator, chunk_size=p.scoring_chunk,
+                                   clamp_log_ratio=p.clamp_log_ratio)
+
+  fn = jax.jit(score)
+  rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len
+  flops = 2 * text_flops(cfg, rows * T, T, rows * s.response_len) + vision_flops(cfg, s.score_prompts, s.patches)
+  resident = ctx.state_bytes - ctx.param_bytes  # AdamW moments (params are an argument)
+  return Step("score", "train", lambda: fn.lower(ctx.train_params, seq), resident, flops,
+              note=f"{rows} sequences x T={T}, two views")
+
+
+def train_step_step(ctx: Context) -> Step:
+  from pgpo_jax import train_step as train_step_lib
+  from pgpo_jax import trainer
+  c, cfg, s, mesh = ctx.c, ctx.cfg, ctx.shapes, ctx.mesh
+  rules = sharding.TRAIN_RULES
+  Pu, G, L = s.update_prompts, s.group_size, s.response_len
+  rep = NamedSharding(mesh, P())
+  batch = {"seq": sequence_batch(cfg, Pu, s, mesh, rules),
+           "adv": _rows((Pu, G, L), jnp.float32, mesh, rules), "old_logp": _rows((Pu, G, L), jnp.float32, mesh, rules),
+           "token_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+           "seq_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+  loss_fn = trainer.rl_loss_fn(c)
+
+  step = train_step_lib.make_train_step(ctx.train_graphdef, loss_fn, ctx.optimizer, s.num_microbatches,
+                                        frozen_regex=c.optim.frozen_regex or None, state_sharding=ctx.state_sh,
+                                        batch_sharding=batch_sh)
+  rows, T = Pu * G, s.prompt_len + L
+  fwd = text_flops(cfg, rows * T, T, rows * L) + vision_flops(cfg, Pu, s.patches)
+  recompute = 0 if cfg.remat_policy == "none" else 1
+  return Step("train", "train", lambda: step.lower(ctx.train_state, batch), 0, (3 + recompute) * fwd,
+              note=f"{rows} sequences x T={T} in {s.num_microbatches} micro-batches, remat={cfg.remat_policy}")
+
+
+ALL_STEPS = ("rollout_start", "rollout_decode", "score", "train")
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile and report
+# ------------------------------------------------------------------------------------------------
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds .*memory|Ran out of memory")
+
+
+def compile_step(step: Step, ctx: Context) -> StepReport:
+  chip = ctx.topo.chip
+  rep = StepReport(step.name, step.rules, "error", chip.hbm_bytes, resident=step.resident_bytes, note=step.note)
+  n = ctx.mesh.size
+  rep.flops_per_device = step.flops / n
+  rep.seconds_at_peak = max(rep.flops_per_device / chip.peak_flops, step.hbm_read_bytes / chip.hbm_bandwidth)
+  t0 = time.time()
+  # The trainer's numerics (not a test suite's "highest" matmul precision), and no persistent
+  # compilation cache: a topology executable cannot be reloaded without a TPU client.
+  from jax.experimental.compilation_cache import compilation_cache
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # the "is the cache used" decision is memoised per process
+  try:
+    with sharding.use_rules(ctx.mesh, sharding.RULES[step.rules]), jax.default_matmul_precision("default"):
+      compiled = step.lower().compile()  # traced (and `constrain`ed) here
+  except Exception as e:  # noqa: BLE001 - reported, not raised
+    rep.compile_s = time.time() - t0
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if _OOM.search(str(e)):
+      rep.verdict, rep.note = "does not fit", f"XLA: {msg[:300]}"
+    else:
+      rep.note = f"{type(e).__name__}: {msg[:300]}"
+      rep.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+    return rep
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+    compilation_cache.reset_cache()
+  rep.compile_s = time.time() - t0
+  m = compiled.memory_analysis()
+  rep.argument, rep.output, rep.alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
+  rep.temp, rep.code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  rep.xla_flops = float((cost or {}).get("flops", 0.0))
+  rep.verdict = "fits" if rep.total <= chip.hbm_bytes else "does not fit"
+  return rep
+
+
+def run(c: ml_collections.ConfigDict, topology: str, steps: Sequence[str] = ALL_STEPS,
+        log: Callable[[str], None] = print, *, score_prompts: int | None = None
+        ) -> tuple[Context, list[StepReport]]:
+  """Compiles `steps` of config `c` for `topology`; returns the context and one report per step.
+
+  `score_prompts`: what-if, score in calls of that many prompts (the trainer scores all at once).
+  """
+  unknown = [s for s in steps if s not in ALL_STEPS]
+  if unknown:
+    raise ValueError(f"unknown steps {unknown}; valid: {list(ALL_STEPS)}")
+  topo = parse_topology(topology)
+  ctx = Context(c, topo, topology_devices(topo), score_prompts)
+  built: list[Step] = []
+  if any(s.startswith("rollout") for s in steps):
+    built += [st for st in rollout_steps(ctx) if st.name in steps]
+  if "score" in steps:
+    built.append(score_step(ctx))
+  if "train" in steps:
+    built.append(train_step_step(ctx))
+  reports = []
+  for st in built:
+    log(f"compiling {st.name} ({st.note}) ...")
+    reports.append(compile_step(st, ctx))
+    r = reports[-1]
+    log(f"  {r.verdict} in {r.compile_s:.1f} s" + ("" if r.verdict != "error" else f": {r.note}"))
+  return ctx, reports
+
+
+def _gib(x: float) -> str:
+  return f"{x / GiB:7.2f}"
+
+
+def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
+  chip, mesh, s, cfg = ctx.topo.chip, ctx.mesh, ctx.shapes, ctx.cfg
+  lines = [
+      f"topology {ctx.topo.name} ({ctx.topo.desc}, {mesh.size} x TPU {chip.name}, "
+      f"{chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per device)",
+      f"mesh {dict(mesh.shape)}; model {ctx.num_params / 1e9:.2f}B params in {ctx.dtype.name}, "
+      f"remat={cfg.remat_policy}, attention_chunk={cfg.attention_chunk_size}",
+      f"shapes: rollout {s.rollout_prompts} prompts x G={s.group_size}, prompt {s.prompt_len} + response "
+      f"{s.response_len} tokens, {s.patches} patches/prompt; update {s.update_prompts} prompts in "
+      f"{s.num_microbatches} micro-batches of {s.micro_prompts}",
+      f"per device: params {ctx.param_bytes / GiB:.2f} GiB, train state (params + AdamW) "
+      f"{ctx.state_bytes / GiB:.2f} GiB",
+      "",
+      f"{'step':<15}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'resid':>8}{'total':>8} / HBM  {'use':>5}"
+      f"  {'TFLOP/dev':>10}{'t@peak s':>9}{'XLA TF*':>9}{'compile':>8}  verdict",
+  ]
+  for r in reports:
+    if r.verdict == "error" or (r.verdict == "does not fit" and not r.argument and not r.temp):
+      lines.append(f"{r.name:<15}{'-':>8}{'-':>8}{'-':>8}{'-':>8}{_gib(r.resident)}{'-':>8}"
+                   f" / {chip.hbm_bytes / GiB:.0f}"
+                   f"  {'-':>5}  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{'-':>9}"
+                   f"{r.compile_s:7.0f}s  {r.verdict.upper()}")
+      lines.append(f"{'':<15}{r.note}")
+      continue
+    lines.append(f"{r.name:<15}{_gib(r.argument)} {_gib(r.output)} {_gib(r.alias)} {_gib(r.temp)} {_gib(r.resident)} "
+                 f"{_gib(r.total)} / {chip.hbm_bytes / GiB:.0f}  {100 * r.total / chip.hbm_bytes:4.0f}%"
+                 f"  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{r.xla_flops / 1e12:9.2f}"
+                 f"{r.compile_s:7.0f}s  {r.verdict.upper() if r.verdict != 'fits' else 'fits'}")
+  lines += ["", "GiB per device. total = args + out - alias + temp + generated code + resident (train state held "
+            "on the devices besides the step's own arguments). TFLOP/dev: analytic; XLA TF*: cost_analysis, loop "
+            "bodies counted once."]
+  if ctx.fallbacks:
+    lines.append("TRAIN_RULES fallbacks (dims the mesh axis does not divide, replicated instead):")
+    lines += [f"  {f}" for f in ctx.fallbacks[:12]]
+  return "\n".join(lines)
+
+
+def exit_code(reports: Sequence[StepReport]) -> int:
+  """0 all fit; 1 something does not fit; 2 a compile error that is not an out-of-memory."""
+  if any(r.verdict == "error" for r in reports):
+    return 2
+  return 1 if any(r.verdict == "does not fit" for r in reports) else 0

@@ -1,0 +1,95 @@
+"""Ahead-of-time compilation of the trainer's programs for a TPU topology on this CPU host."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pgpo_jax import compile_check as cc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_topology_names():
+  t = cc.parse_topology("v5p-64")
+  assert (t.desc, t.num_chips, t.chip.hbm_bytes) == ("v5:2x4x4", 32, 95 * 2**30)
+  assert cc.parse_topology("v5e-256").desc == "v5e:16x16"
+  assert cc.parse_topology("v4-128").desc == "v4:4x4x4"
+  assert cc.parse_topology("v4-8").desc == "v4:2x2x1"
+  assert cc.parse_topology("v6e-16").desc == "v6e:4x4"
+  assert cc.parse_topology("v5e:2x2").num_chips == 4
+  with pytest.raises(ValueError, match="counts TensorCores"):
+    cc.parse_topology("v5p-3")
+  with pytest.raises(ValueError, match="unknown topology"):
+    cc.parse_topology("tpu-9000")
+
+
+def _tiny(**overrides):
+  """configs/pgpo_7b.py shrunk to the tiny model and a few prompts (all trainer code paths)."""
+  sys.path.insert(0, ROOT)
+  from configs import pgpo_7b
+  c = pgpo_7b.get_config()
+  c.model.preset = "tiny"
+  c.model.attention_chunk_size = 0
+  c.mesh.tensor = 2
+  c.rollout.prompts_per_step = 8
+  c.rollout.max_new_tokens = 16
+  c.data.max_prompt_length = 64
+  c.data.max_pixels = 64 * 14 * 14
+  c.updates.prompts_per_update = 8
+  c.updates.micro_batch_prompts = 4
+  c.pgpo.scoring_chunk = 16
+  c.loss.logprob_chunk = 16
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+  pytest.importorskip("libtpu", reason="libtpu not installed: pip install 'jax[tpu]==0.10.2' (the `tpu` extra)")
+
+
+def test_tiny_config_compiles_and_fits_on_v5e_2x2(libtpu):
+  ctx, reports = cc.run(_tiny(), "v5e:2x2", cc.ALL_STEPS, log=lambda m: None)
+  assert dict(ctx.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert [r.name for r in reports] == ["rollout_start", "rollout_decode", "score", "train"]
+  for r in reports:
+    assert r.verdict == "fits", (r.name, r.note)
+    assert r.argument > 0 and r.total < r.hbm_bytes and r.flops_per_device > 0, r
+  by = {r.name: r for r in reports}
+  assert by["train"].alias > 0  # the train state is donated
+  assert by["rollout_decode"].alias > 0  # the decode state is donated
+  assert by["rollout_start"].resident == ctx.state_bytes and by["train"].resident == 0
+  assert cc.exit_code(reports) == 0
+  table = cc.format_report(ctx, reports)
+  assert "rollout_decode" in table and "/ 16" in table
+
+
+def test_oversized_config_does_not_fit_and_exits_1(libtpu, tmp_path):
+  """~86 GiB of KV cache per device (20480 rows x 8256 slots) on 16 GiB chips: exit code 1."""
+  ctx, reports = cc.run(_tiny(**{"rollout.prompts_per_step": 4096, "rollout.max_new_tokens": 8192}), "v5e:2x2",
+                        ["rollout_decode"], log=lambda m: None)
+  assert reports[0].verdict == "does not fit", reports[0]
+  assert cc.exit_code(reports) == 1
+  # The script: same verdict, table on stdout, exit status 1.
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "compile_check.py"), "--config=configs/pgpo_7b.py",
+         "--topology=v5e:2x2", "--steps=rollout_decode", "--config.model.preset=tiny",
+         "--config.model.attention_chunk_size=0", "--config.mesh.tensor=2",
+         "--config.rollout.prompts_per_step=4096", "--config.rollout.max_new_tokens=8192",
+         "--config.data.max_prompt_length=64", f"--config.data.max_pixels={64 * 14 * 14}",
+         "--config.updates.prompts_per_update=8", "--config.updates.micro_batch_prompts=4"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
+  assert "DOES NOT FIT" in proc.stdout
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_a_clear_error(libtpu):
+  with pytest.raises(ValueError, match=r"micro_batch_prompts=3 does not split over the 2 shards"):
+    cc.run(_tiny(**{"updates.micro_batch_prompts": 3, "updates.prompts_per_update": 6}), "v5e:2x2", ["train"],
+           log=lambda m: None)
