@@ -168,7 +168,10 @@ def forward(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, 
   km_p = np.pad(km, pad)
   pos_p = np.pad(np.asarray(position_ids, np.int32), ((0, 0),) + pad)
   pixels = np.zeros((0, cfg.vision.patch_dim), np.float32) if pixel_values is None else pixel_values
-  vin = vision.prepare_vision(pixels, image_grid_thw, cfg.vision)
+  has_images = len(rope.valid_grids(image_grid_thw)) > 0
+  # Per-row patches: attention never spans rows, so B·N² rather than (B·N)² vision scores.
+  vin = (vision.prepare_vision_rows(pixels, image_grid_thw, ids_p, cfg.vision, cfg.image_token_id)
+         if has_images else None)
   graphdef, state = nnx.split(model)
   logits = _jitted_forward(graphdef)(state, ids_p, pos_p, km_p.astype(bool), vin)
   return logits[:, :T]
