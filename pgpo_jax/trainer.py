@@ -322,18 +322,22 @@ class Trainer:
     return jax.tree.map(put, tree)
 
   # -- one step -----------------------------------------------------------------------------------
-  def rollout_round(self, pb: PromptBatch, params) -> list[Group]:
-    c = self.c
-    self.key, k = jax.random.split(self.key)
+  def _sample(self, pb: PromptBatch, params, key, *, max_new_tokens: int, num_samples: int,
+              sampling: rollout_lib.SamplingConfig) -> rollout_lib.RolloutOutput:
+    """Rollout of a PromptBatch with the current params (training rounds and evaluation alike)."""
     inputs = rollout_lib.prepare_inputs(
         self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
         position_ids=pb.position_ids, batch_multiple=self.batch_shards,
         batch_size=rollout_lib.batch_bucket(pb.batch_size, self.batch_shards))
-    out = rollout_lib.rollout(
-        self.model_graphdef, params, inputs, k, max_new_tokens=c.rollout.max_new_tokens,
-        sampling=rollout_lib.SamplingConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k),
-        num_samples=self.G, pad_token_id=self.cfg.pad_token_id,
-        mesh=self.mesh if self.mesh.size > 1 else None)
+    return rollout_lib.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
+                               sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
+                               mesh=self.mesh if self.mesh.size > 1 else None)
+
+  def rollout_round(self, pb: PromptBatch, params) -> list[Group]:
+    c = self.c
+    self.key, k = jax.random.split(self.key)
+    out = self._sample(pb, params, k, max_new_tokens=c.rollout.max_new_tokens, num_samples=self.G,
+                       sampling=rollout_lib.SamplingConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k))
     tokens, mask, trunc = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
     prompts = split_prompt_batch(pb)
     valid_rows = [b for b in range(pb.batch_size) if pb.prompt_valid[b]]
@@ -509,13 +513,8 @@ class Trainer:
     acc, fmt, n = 0.0, 0.0, 0
     max_new = c.train.eval_max_new_tokens or c.rollout.max_new_tokens
     for pb in it:
-      inputs = rollout_lib.prepare_inputs(self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values,
-                                          pb.image_grid_thw, position_ids=pb.position_ids,
-                                          batch_multiple=self.batch_shards,
-                                          batch_size=rollout_lib.batch_bucket(pb.batch_size, self.batch_shards))
-      out = rollout_lib.rollout(self.model_graphdef, params, inputs, 0, max_new_tokens=max_new,
-                                sampling=rollout_lib.SamplingConfig(0.0), num_samples=1,
-                                pad_token_id=self.cfg.pad_token_id, mesh=self.mesh if self.mesh.size > 1 else None)
+      out = self._sample(pb, params, 0, max_new_tokens=max_new, num_samples=1,
+                         sampling=rollout_lib.SamplingConfig(0.0))
       tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
       for b in range(pb.batch_size):
         if not pb.prompt_valid[b] or n >= c.train.eval_prompts:

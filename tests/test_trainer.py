@@ -181,9 +181,11 @@ def test_trained_checkpoint_loads_as_a_model(data_dir, tmp_path):
   from pgpo_jax.data.processor import load_processor
   from pgpo_jax.models import qwen2_5_vl as q
   c = tiny_config(data_dir)
-  c.train.num_steps = 1
+  c.train.num_steps, c.train.eval_every = 1, 1
   t = trainer.Trainer(c, str(tmp_path / "w"))
-  t.run()
+  last = t.run()
+  assert last["eval/num_prompts"] == c.train.eval_prompts  # the held-out greedy eval ran
+  assert 0.0 <= last["eval/accuracy"] <= 1.0
   model = q.from_pretrained(tmp_path / "w" / "checkpoints" / "1" / "params")
   import jax
   got = jax.tree.leaves(jax.tree.map(np.asarray, q.loading.flat_params(model)))
