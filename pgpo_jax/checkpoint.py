@@ -25,14 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def _abstract(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings when the leaves are jax Arrays) of a pytree."""
+  """Restore targets: ShapeDtypeStructs with the shardings of jax Array leaves; numpy leaves as is."""
   def one(x):
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     if isinstance(x, jax.ShapeDtypeStruct):
       return x
-    x = np.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return np.asarray(x)  # host values (same on every host) restore as numpy
   return jax.tree.map(one, tree)
 
 

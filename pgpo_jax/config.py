@@ -100,8 +100,17 @@ def _require(cond: bool, key: str, msg: str) -> None:
     raise ConfigError(f"config.{key}: {msg}")
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Fails fast with the key at fault. Called before any model is built or data is read."""
+def scoring_prompts_per_host(c: ml_collections.ConfigDict, num_processes: int = 1) -> int:
+  """Prompts each host scores per call: `pgpo.scoring_prompts` (default: the micro-batch) split over
+  the hosts, at least one."""
+  return max(1, -(-(c.pgpo.scoring_prompts or c.updates.micro_batch_prompts) // num_processes))
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
+  """Fails fast with the key at fault. Called before any model is built or data is read.
+
+  Batch sizes are global; with `num_processes` hosts each must split evenly (one share per host).
+  """
   _require(c.model.random_init or bool(c.model.init_from), "model.init_from",
            "is required (an HF Qwen2.5-VL folder or a converted checkpoint), or set model.random_init=True")
   _require(c.model.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32|bfloat16, got {c.model.dtype!r}")
@@ -144,6 +153,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
            f"unknown reward {c.reward.name!r}; registered: {sorted(rewards.BATCH_REWARD_FNS)}")
   _require(c.train.num_steps > 0, "train.num_steps", "must be > 0")
   _require(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every", "every and keep must be > 0")
+  if num_processes > 1:
+    for key, n in (("rollout.prompts_per_step", r.prompts_per_step), ("updates.prompts_per_update", u.prompts_per_update),
+                   ("pgpo.scoring_prompts", p.scoring_prompts),
+                   ("warmup.prompts_per_step", c.warmup.prompts_per_step if c.warmup.sft_steps > 0 else 0)):
+      _require(n % num_processes == 0, key, f"({n}) must be a multiple of the {num_processes} hosts: each host "
+               "holds an equal share of every batch")
+    local = r.prompts_per_step // num_processes
+    _require(local % scoring_prompts_per_host(c, num_processes) == 0, "pgpo.scoring_prompts",
+             f"the default slice (updates.micro_batch_prompts = {u.micro_batch_prompts} over {num_processes} hosts) "
+             f"does not divide the {local} prompts per host; set pgpo.scoring_prompts")
   if num_devices is not None:
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     fixed = 1

@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
-from pgpo_jax import sharding
+from pgpo_jax import multihost, sharding
 from pgpo_jax.models import qwen2_5_vl as q
 from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
 from pgpo_jax.models.qwen2_5_vl.rope import valid_grids
@@ -209,7 +209,7 @@ def row_keys(key: Array, prompt_ids_B: Array, num_samples: int) -> Array:
 # ------------------------------------------------------------------------------------------------
 # Sharding: logical axis names per leaf, mapped to the mesh by `pgpo_jax.sharding` rules
 # ------------------------------------------------------------------------------------------------
-def _logical_axes(tree) -> object:
+def logical_axes(tree) -> object:
   """A pytree like `tree` whose leaves are tuples of logical axis names (one per dim)."""
   if isinstance(tree, RolloutInputs):
     # Per-row vision inputs ([B, N_pad, ...]): each prompt's images travel with its row.
@@ -239,7 +239,7 @@ def _shardings(tree, mesh: Mesh, rules: sharding.Rules):
   """NamedSharding per leaf; a dim that its mesh axes do not divide is replicated (sharding.py)."""
   def one(axes, x):
     return sharding.logical_sharding(axes, mesh, rules, np.shape(x))
-  return jax.tree.map(one, _logical_axes(tree), tree, is_leaf=_is_axes)
+  return jax.tree.map(one, logical_axes(tree), tree, is_leaf=_is_axes)
 
 
 def _constrain(tree, mesh: Mesh | None, rules):
@@ -396,8 +396,9 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
 
   Args:
     graphdef, state: `nnx.split(model)`; under a mesh, `state` already placed (e.g. SAMPLE_RULES).
-    inputs: `RolloutInputs` [B, T] (numpy or device arrays); with a mesh, B must be a multiple of
-      `batch_shards(mesh, rules)`.
+    inputs: `RolloutInputs` [B, T]: device arrays (global), or host numpy holding this host's
+      prompts (in a multi-process run each host passes its own, equally many; `multihost`).
+      With a mesh, the global B must be a multiple of `batch_shards(mesh, rules)`.
     key: a PRNG key or an int seed.
     max_new_tokens: N, the length of the output buffers.
     sampling: temperature / top-k / top-p.
@@ -407,7 +408,8 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
       of the cache over `act_kv_heads`). Default: the `sharding.use_rules` context if one is
       active, else unsharded; `rules` defaults to SAMPLE_RULES.
   Returns:
-    `RolloutOutput` with B*G rows (batch-padding rows included: length 0, mask all False).
+    `RolloutOutput` with B*G rows (batch-padding rows included: length 0, mask all False), global
+    arrays; `multihost.to_local(out, logical_axes(out), mesh, rules)` gives this host's rows.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -418,11 +420,18 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
   mesh, rules = _resolve_mesh(mesh, rules)
   if mesh is not None:
     n = batch_shards(mesh, rules)
-    if inputs.batch_size % n:
-      raise ValueError(f"a batch of {inputs.batch_size} prompts does not split over the {n} shards of "
-                       f"the 'batch' axis ({rules['batch']!r}); use prepare_inputs(batch_multiple={n})")
-    inputs = jax.device_put(inputs, _shardings(inputs, mesh, rules))
-    key = jax.device_put(key, NamedSharding(mesh, P()))
+    on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(inputs))
+    # Host numpy inputs are this host's prompts (all of them in a single-process run).
+    B = inputs.batch_size * (1 if on_device else multihost.process_count())
+    if B % n:
+      raise ValueError(f"a batch of {B} prompts does not split over the {n} shards of the 'batch' axis "
+                       f"({rules['batch']!r}); use prepare_inputs(batch_multiple={n}) (per host: "
+                       f"{n} / number of hosts)")
+    if on_device:
+      inputs = jax.device_put(inputs, _shardings(inputs, mesh, rules))
+    else:
+      inputs = multihost.to_global(inputs, logical_axes(inputs), mesh, rules, what="rollout inputs")
+    key = multihost.replicated(key, mesh)
   static = _Static(sampling, int(max_new_tokens), int(num_samples), int(pad_token_id), mesh,
                    tuple(sorted(rules.items())) if mesh is not None else ())
   prog = programs(graphdef, static)
@@ -513,8 +522,10 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
   # Per-row patches: attention stays within a prompt (B·N² rather than (B·N)² scores) and the
   # vision inputs split over data shards with their rows. Batch-padding rows hold no images.
   ids_rows = np.where(am_p, ids_p, pad_id)
+  # A given `num_patches` builds vision inputs even for text-only rows, so that every host of a
+  # multi-host rollout passes the same structure.
   vin = (q.prepare_vision_rows(pixel_values, image_grid_thw, ids_rows, cfg.vision, cfg.image_token_id, num_patches)
-         if has_images else None)
+         if has_images or num_patches else None)
   pid = np.arange(B_pad, dtype=np.int64)
   if prompt_ids is not None:
     given = np.asarray(prompt_ids, np.int64).reshape(-1)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from typing import Any, Iterator
 
 import jax
@@ -31,6 +32,7 @@ from flax import nnx
 
 from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import config as config_lib
+from pgpo_jax import multihost
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import sharding
@@ -40,6 +42,7 @@ from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_buckets, bucket_size
 from pgpo_jax.data.reader import DatasetSpec
 from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
 from pgpo_jax.rl import advantages as adv_lib
 from pgpo_jax.rl import losses as losses_lib
 from pgpo_jax.rl import sequences
@@ -80,15 +83,42 @@ def split_prompt_batch(pb: PromptBatch) -> list[tuple[np.ndarray, np.ndarray, np
   return out
 
 
-def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, pad_id: int,
-                   filler: int = 0) -> tuple[sequences.SequenceBatch, np.ndarray]:
-  """Left-pads the groups' prompts into one SequenceBatch (+ `filler` masked copies of group 0).
+def group_extent(groups: list[Group]) -> tuple[int, int]:
+  """(longest prompt in tokens, most patches in one prompt) of some groups."""
+  return (max((len(g.prompt_ids) for g in groups), default=1),
+          max((int(g.grids.prod(axis=1).sum()) for g in groups), default=0))
 
-  Returns the batch and the flat rewards [P*G]. Filler groups have an all-False response mask, so
-  they add nothing to losses, normalisers or statistics; they keep the update batch shape static.
+
+def row_patches(pb: PromptBatch) -> np.ndarray:
+  """[B] number of patches of each prompt's images (0 for text-only prompts)."""
+  sizes = q.rope.valid_grids(pb.image_grid_thw).prod(axis=1)
+  csum = np.concatenate([[0], np.cumsum(sizes)])
+  ends = np.cumsum(pb.num_images)
+  return (csum[ends] - csum[ends - pb.num_images]).astype(np.int64)
+
+
+def prompt_stream_ids(pb: PromptBatch) -> np.ndarray:
+  """[B] RNG stream id of each prompt, from its data file and row: a prompt's samples then depend on
+  the key and the prompt only, not on its batch position or host."""
+  return np.array([zlib.crc32(f"{src}\0{row}".encode()) for src, row in zip(pb.sources, pb.row_indices)],
+                  np.int64)
+
+
+def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, pad_id: int,
+                   filler: int = 0, *, filler_group: Group | None = None,
+                   extent: tuple[int, int] | None = None) -> tuple[sequences.SequenceBatch, np.ndarray]:
+  """Left-pads the groups' prompts into one SequenceBatch (+ `filler` masked groups).
+
+  Returns the batch and the flat rewards [P*G]. Filler groups (copies of `filler_group`, default
+  group 0) have an all-False response mask, so they add nothing to losses, normalisers or
+  statistics; they keep the update batch shape static. `extent` = (prompt tokens, patches per
+  prompt) to pad to (default: `group_extent(groups)`; hosts of a multi-host run pass the maximum
+  over hosts so that their batches have one shape).
   """
-  groups = list(groups) + [dataclasses.replace(groups[0], mask=np.zeros_like(groups[0].mask))] * filler
-  T = bucket_size(max(len(g.prompt_ids) for g in groups), length_buckets)
+  base = groups[0] if filler_group is None else filler_group
+  groups = list(groups) + [dataclasses.replace(base, mask=np.zeros_like(base.mask))] * filler
+  longest, patches = group_extent(groups) if extent is None else extent
+  T = bucket_size(longest, length_buckets)
   P = len(groups)
   ids = np.full((P, T), pad_id, np.int32)
   am = np.zeros((P, T), np.int32)
@@ -97,10 +127,9 @@ def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, p
     am[p, T - len(g.prompt_ids):] = 1
   pix = np.concatenate([g.pixel_values for g in groups]) if groups else None
   grids = np.concatenate([g.grids for g in groups])
-  per_row = max(int(g.grids.prod(axis=1).sum()) for g in groups)
   seq = sequences.make_sequence_batch(cfg, ids, am, pix, grids, np.stack([g.tokens for g in groups]),
                                       np.stack([g.mask for g in groups]),
-                                      num_patches=q.patch_bucket(per_row))
+                                      num_patches=q.patch_bucket(patches))
   return seq, np.concatenate([g.rewards for g in groups]).astype(np.float32)
 
 
@@ -112,13 +141,14 @@ def _files(s: str) -> list[str]:
 
 
 def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
-  """Generates the synthetic task (train/test parquet + tiny tokenizer folder) when missing."""
+  """Generates the synthetic task (train/test parquet + tiny tokenizer folder) when missing.
+
+  Host 0 writes (the folder must be shared by the hosts of a multi-host run); the others wait."""
   if not c.data.make_demo_data:
     return
   d = c.data.demo_dir
-  if os.path.exists(os.path.join(d, "train.parquet")) and os.path.exists(os.path.join(d, "model", "tokenizer.json")):
-    return
-  if jax.process_index() == 0:
+  done = os.path.exists(os.path.join(d, "train.parquet")) and os.path.exists(os.path.join(d, "model", "tokenizer.json"))
+  if not done and jax.process_index() == 0:
     from pgpo_jax.data import synthetic, tiny_tokenizer
     log.info("making the synthetic demo data in %s", d)
     os.makedirs(d, exist_ok=True)
@@ -127,6 +157,7 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
                             os.path.join(d, "train.parquet"))
     synthetic.write_parquet(synthetic.make_split(c.data.demo_eval_rows, seed=c.seed, image_size=c.data.demo_image_size,
                                                  stream=1), os.path.join(d, "test.parquet"))
+  multihost.barrier("pgpo_demo_data")
 
 
 def build_model(c: ml_collections.ConfigDict, tokenizer) -> q.Qwen25VL:
@@ -206,18 +237,28 @@ def sft_loss_fn(c: ml_collections.ConfigDict):
 
 
 def _normalizers(mask: np.ndarray) -> dict[str, np.ndarray]:
+  """Token and sequence counts of a (host-local) update batch, summed over hosts: the loss of the
+  global batch is normalised by the global counts."""
   m = np.asarray(mask).reshape(-1, mask.shape[-1]).astype(bool)
-  return {"token_normalizer": np.float32(m.sum()), "seq_normalizer": np.float32(m.any(-1).sum())}
+  tokens, seqs = multihost.sum_over_hosts(np.array([m.sum(), m.any(-1).sum()], np.int64))
+  return {"token_normalizer": np.float32(tokens), "seq_normalizer": np.float32(seqs)}
 
 
 # ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
 class Trainer:
-  """Holds the run's state; `run()` executes the loop. Built from a validated config."""
+  """Holds the run's state; `run()` executes the loop. Built from a validated config.
+
+  Multi-host: every process runs this same loop over its own shard of the prompts. Batch sizes in
+  the config are global; each host holds `1 / process_count` of every batch as host-local numpy
+  rows (groups, rewards, advantages) and device programs see global arrays (`multihost.py`).
+  Decisions that change what runs on the devices (dynamic-sampling rounds, padded shapes, the
+  evaluation loop) are agreed across hosts; metrics are reduced over hosts; host 0 logs.
+  """
 
   def __init__(self, c: ml_collections.ConfigDict, workdir: str):
-    config_lib.validate(c, jax.device_count())
+    config_lib.validate(c, jax.device_count(), jax.process_count())
     self.c = c
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
@@ -240,6 +281,16 @@ class Trainer:
     self.train_shardings = sharding.param_shardings(self.model, self.mesh, sharding.TRAIN_RULES)
     self.sample_shardings = sharding.param_shardings(self.model, self.mesh, sharding.SAMPLE_RULES)
     self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
+    # This host's share of every global batch (validate() checked that they split evenly).
+    n = jax.process_count()
+    self.prompts_local = c.rollout.prompts_per_step // n
+    self.update_local = c.updates.prompts_per_update // n
+    self.scoring_local = config_lib.scoring_prompts_per_host(c, n)
+    self.rollout_multiple = max(self.batch_shards // n, 1)
+    for rules, rows, what in ((sharding.TRAIN_RULES, c.updates.prompts_per_update, "updates.prompts_per_update"),
+                              (sharding.TRAIN_RULES, self.scoring_local * n, "pgpo.scoring_prompts"),
+                              (sharding.SAMPLE_RULES, max(self.batch_shards, n), "mesh")):
+      multihost.check_host_split(self.mesh, rules, rows, what)
 
     self.updates_per_step = c.rollout.prompts_per_step // c.updates.prompts_per_update * c.updates.passes
     total_updates = c.train.num_steps * self.updates_per_step
@@ -287,7 +338,7 @@ class Trainer:
   def _train_iterator(self):
     c = self.c
     return make_prompt_iterator(
-        self._spec(c.data.train_files), self.processor, batch_size=c.rollout.prompts_per_step, seed=c.seed,
+        self._spec(c.data.train_files), self.processor, batch_size=self.prompts_local, seed=c.seed,
         num_epochs=None, max_prompt_length=c.data.max_prompt_length, drop_remainder=True,
         length_buckets=self.length_buckets,
         prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
@@ -310,28 +361,37 @@ class Trainer:
     return jax.device_put(self.state.params, self.sample_shardings)
 
   def _put_batch(self, tree):
-    """Row-aligned host arrays → device, rows split over the batch mesh axes."""
-    if self.mesh.size == 1:
-      return jax.device_put(tree)
-    spec = sharding.logical_to_spec(("batch",), sharding.TRAIN_RULES, self.mesh, None)
-    def put(x):
-      x = np.asarray(x)
-      if x.ndim == 0:
-        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-      return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec, *([None] * (x.ndim - 1)))))
-    return jax.tree.map(put, tree)
+    """Row-aligned host arrays (this host's rows) → global arrays, rows split over the batch axes."""
+    return multihost.to_global(tree, None, self.mesh, sharding.TRAIN_RULES)
+
+  def _get_rows(self, tree):
+    """The inverse of `_put_batch`: this host's rows of row-aligned device outputs, as numpy."""
+    return multihost.to_local(tree, None, self.mesh, sharding.TRAIN_RULES)
+
+  def _extent(self, longest: int, patches: int) -> tuple[int, int]:
+    """(prompt tokens, patches per prompt) to pad to: the maximum over hosts."""
+    t, n = multihost.max_over_hosts(np.array([longest, patches], np.int64))
+    return int(t), int(n)
 
   # -- one step -----------------------------------------------------------------------------------
   def _sample(self, pb: PromptBatch, params, key, *, max_new_tokens: int, num_samples: int,
               sampling: rollout_lib.SamplingConfig) -> rollout_lib.RolloutOutput:
-    """Rollout of a PromptBatch with the current params (training rounds and evaluation alike)."""
+    """Rollout of this host's PromptBatch with the current params (training rounds and evaluation
+    alike); returns this host's rows (numpy). Each prompt's RNG stream is keyed by its data row, so
+    samples do not depend on the batch or host a prompt lands in."""
+    longest = int(pb.attention_mask.sum(1).max())
+    longest, patches = self._extent(longest, int(row_patches(pb).max()))
     inputs = rollout_lib.prepare_inputs(
         self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
-        position_ids=pb.position_ids, batch_multiple=self.batch_shards,
-        batch_size=rollout_lib.batch_bucket(pb.batch_size, self.batch_shards))
-    return rollout_lib.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
-                               sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
-                               mesh=self.mesh if self.mesh.size > 1 else None)
+        position_ids=pb.position_ids, batch_multiple=self.rollout_multiple,
+        batch_size=rollout_lib.batch_bucket(pb.batch_size, self.rollout_multiple),
+        prompt_length=seq_bucket(longest), num_patches=q.patch_bucket(patches) if patches else None,
+        prompt_ids=prompt_stream_ids(pb))
+    mesh = self.mesh if self.mesh.size > 1 else None
+    out = rollout_lib.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
+                              sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
+                              mesh=mesh)
+    return multihost.to_local(out, rollout_lib.logical_axes(out), self.mesh, sharding.SAMPLE_RULES)
 
   def rollout_round(self, pb: PromptBatch, params) -> list[Group]:
     c = self.c
@@ -359,13 +419,16 @@ class Trainer:
                           np.array([s["format"] for s in sc], np.float32), trunc[rows]))
     return groups
 
-  def collect(self) -> tuple[list[Group], dict[str, float]]:
-    """Rollout rounds until `prompts_per_step` groups pass dynamic sampling (or the round cap)."""
+  def collect(self) -> tuple[list[Group], dict[str, float], list[Group]]:
+    """Rollout rounds until `prompts_per_step` groups pass dynamic sampling (or the round cap).
+
+    Multi-host: each host keeps its own groups; rounds go on until every host has its share (a
+    rollout is a collective, so all hosts run the same number of rounds)."""
     c, ds = self.c, self.c.dynamic_sampling
-    want = c.rollout.prompts_per_step
+    want = self.prompts_local
     params = self._sample_params()
     kept, seen, rounds, all_groups = [], 0, 0, []
-    while len(kept) < want and rounds < ds.max_rounds:
+    while rounds < ds.max_rounds and int(multihost.min_over_hosts(np.int64(len(kept)))) < want:
       groups = self.rollout_round(next(self.data_iter), params)
       rounds += 1
       seen += len(groups)
@@ -393,24 +456,28 @@ class Trainer:
     m["response/length_mean"] = float(lengths.mean())
     m["response/truncated_share"] = float(np.concatenate([g.truncated for g in all_groups]).mean())
     gen_tokens = int(lengths.sum())
-    if not kept:
+    if not int(multihost.sum_over_hosts(np.int64(len(kept)))):
       log.warning("step %d: no group passed dynamic sampling; skipping the update", self.step)
       m.update({"skipped_no_groups": 1.0, **{f"time/{k}": v for k, v in times.items()}})
-      return m
-    filler = c.rollout.prompts_per_step - len(kept)
-    seq, rewards = collate_groups(kept, self.cfg, self.length_buckets, self.cfg.pad_token_id, filler)
+      return multihost.reduce_metrics(m)
+    # Pad to this host's share with masked copies of a kept group (a host that kept none: of one it
+    # sampled); shapes are the maximum over hosts.
+    filler = self.prompts_local - len(kept)
+    base = kept or all_groups[:1]
+    seq, rewards = collate_groups(kept, self.cfg, self.length_buckets, self.cfg.pad_token_id, filler,
+                                  filler_group=base[0], extent=self._extent(*group_extent(base)))
     t1 = time.perf_counter()
     p = c.pgpo
     # Scoring runs in slices of `scoring_prompts` prompts: one call over a whole 384-prompt rollout
     # batch needs hundreds of GiB of activations per device at 7B (compile_check).
-    sp = p.scoring_prompts or c.updates.micro_batch_prompts
+    sp = self.scoring_local
     parts = []
     for s0 in range(0, seq.prompt_ids.shape[0], sp):
       sub = self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))
       parts.append(self.score_fn(self.state.params, sub, estimator=p.dependency_estimator, chunk=p.scoring_chunk,
                                  clamp=p.clamp_log_ratio))
-    scores = type(parts[0])(*[jnp.concatenate(x) for x in zip(*parts)])
-    jax.block_until_ready(scores)
+    parts = [self._get_rows(x) for x in parts]
+    scores = type(parts[0])(*[np.concatenate(x) for x in zip(*parts)])
     times["scoring"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     mask = seq.flat_response_mask
@@ -422,7 +489,7 @@ class Trainer:
     dep = np.asarray(scores.dependency_BxT)
     times["advantages"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    upd = c.updates.prompts_per_update
+    upd = self.update_local
     update_metrics = []
     for _ in range(c.updates.passes):
       for s in range(0, P, upd):
@@ -450,17 +517,18 @@ class Trainer:
     m["throughput/generated_tokens_per_s"] = gen_tokens / max(times["rollout"], 1e-9)
     m["throughput/mfu"] = self._mfu(gen_tokens, int(valid.sum()), P * self.G * (seq.prompt_ids.shape[1] + L),
                                     m["time/step"])
-    return m
+    return multihost.reduce_metrics(m)
 
   def _mfu(self, gen_tokens: int, train_tokens: int, scored_tokens: int, seconds: float) -> float:
     """Model FLOPs utilisation estimate: 2N per generated, 2·2N per scored (two views) and 6N·passes
-    per trained token, over the chips' peak bf16 FLOP/s (NaN where the peak is unknown, e.g. CPU)."""
+    per trained token, over the chips' peak bf16 FLOP/s (NaN where the peak is unknown, e.g. CPU).
+    Host-local tokens over this host's chips (the mean over hosts is the run's MFU)."""
     peak = _peak_flops(jax.devices()[0])
     if not peak:
       return float("nan")
     n = self.num_params
     flops = 2 * n * gen_tokens + 4 * n * scored_tokens + 6 * n * scored_tokens * self.c.updates.passes
-    return flops / (seconds * peak * jax.device_count())
+    return flops / (seconds * peak * jax.local_device_count())
 
   @functools.cached_property
   def num_params(self) -> int:
@@ -476,7 +544,8 @@ class Trainer:
     opt = make_optimizer(c, n, learning_rate=c.warmup.learning_rate)
     graphdef, st = train_step_lib.init_train_state(nnx.merge(self.graphdef, self.state.params), opt)
     step_fn = train_step_lib.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
-    it = make_prompt_iterator(self._spec(c.data.train_files), self.processor, batch_size=c.warmup.prompts_per_step,
+    it = make_prompt_iterator(self._spec(c.data.train_files), self.processor,
+                              batch_size=c.warmup.prompts_per_step // jax.process_count(),
                               seed=c.seed + 1, num_epochs=None, max_prompt_length=c.data.max_prompt_length,
                               drop_remainder=True, length_buckets=self.length_buckets,
                               prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
@@ -493,7 +562,8 @@ class Trainer:
         mk = np.zeros((1, L), bool)
         mk[0, :len(toks)] = True
         groups.append(Group(ids, pix, grids, ans, t, mk, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, bool)))
-      seq, _ = collate_groups(groups, self.cfg, self.length_buckets, self.cfg.pad_token_id)
+      seq, _ = collate_groups(groups, self.cfg, self.length_buckets, self.cfg.pad_token_id,
+                              extent=self._extent(*group_extent(groups)))
       st, mt = step_fn(st, self._put_batch({"seq": seq, **_normalizers(seq.response_mask)}))
       if i % max(1, n // 5) == 0 or i == n - 1:
         log.info("warm-up %d/%d: nll %.3f", i + 1, n, float(mt["nll"]))
@@ -501,39 +571,57 @@ class Trainer:
 
   # -- eval ---------------------------------------------------------------------------------------
   def evaluate(self) -> dict[str, float]:
-    """Greedy accuracy on the first `train.eval_prompts` held-out prompts."""
+    """Greedy accuracy on the first `train.eval_prompts` held-out prompts (each host takes its
+    share of them from its own shard of the eval files)."""
     c = self.c
     if not c.data.eval_files or c.train.eval_prompts <= 0:
       return {}
-    bs = min(c.train.eval_prompts, c.rollout.prompts_per_step)
+    want = -(-c.train.eval_prompts // jax.process_count())
+    bs = min(want, self.prompts_local)
     it = make_prompt_iterator(self._spec(c.data.eval_files), self.processor, batch_size=bs, seed=0, num_epochs=1,
                               max_prompt_length=c.data.max_prompt_length, length_buckets=self.length_buckets,
                               prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
     params = self._sample_params()
     acc, fmt, n = 0.0, 0.0, 0
     max_new = c.train.eval_max_new_tokens or c.rollout.max_new_tokens
-    for pb in it:
+    last = None
+    while True:
+      pb = next(it, None) if n < want else None
+      # Every host samples while any host still has prompts (sampling is a collective); a host that
+      # is done feeds its last batch again with every prompt marked invalid.
+      if not int(multihost.max_over_hosts(np.int64(pb is not None))):
+        break
+      if pb is None:
+        if last is None:
+          raise RuntimeError(f"host {jax.process_index()} has no prompt of {c.data.eval_files} (after skips) while "
+                             "other hosts do; use more evaluation rows than hosts")
+        pb = dataclasses.replace(last, prompt_valid=np.zeros_like(last.prompt_valid))
+      last = pb
       out = self._sample(pb, params, 0, max_new_tokens=max_new, num_samples=1,
                          sampling=rollout_lib.SamplingConfig(0.0))
-      tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
       for b in range(pb.batch_size):
-        if not pb.prompt_valid[b] or n >= c.train.eval_prompts:
+        if not pb.prompt_valid[b] or n >= want:
           continue
-        s = self.reward_fn([self.tokenizer.decode(tokens[b][mask[b]], skip_special_tokens=True)], [pb.answers[b]])[0]
+        text = self.tokenizer.decode(out.tokens[b][out.mask[b]], skip_special_tokens=True)
+        s = self.reward_fn([text], [pb.answers[b]])[0]
         acc += s["accuracy"]
         fmt += s["format"]
         n += 1
-      if n >= c.train.eval_prompts:
-        break
-    return {"eval/accuracy": acc / max(n, 1), "eval/format": fmt / max(n, 1), "eval/num_prompts": n}
+    acc, fmt, n = multihost.sum_over_hosts(np.array([acc, fmt, n], np.float64))
+    return {"eval/accuracy": acc / max(n, 1), "eval/format": fmt / max(n, 1), "eval/num_prompts": int(n)}
 
   # -- checkpointing ------------------------------------------------------------------------------
   def _ckpt_state(self):
-    return {"train": self.state, "rng": jax.random.key_data(self.key)}
+    # The key is the same on every host: saved as numpy (written once), not as a per-host array.
+    return {"train": self.state, "rng": np.asarray(jax.random.key_data(self.key))}
 
   def save(self, force: bool = False) -> None:
-    data = {"iterator": self.data_iter.get_state(), "step": self.step}
-    self.checkpointer.save(self.step, self._ckpt_state(), self.state.params, ckpt_lib.to_jsonable(data),
+    if not force and not self.checkpointer.should_save(self.step):
+      return
+    # Every host's iterator state (each reads its own shard); Orbax writes JSON from host 0 only.
+    data = {"iterators": multihost.allgather_json(ckpt_lib.to_jsonable(self.data_iter.get_state())),
+            "step": self.step}
+    self.checkpointer.save(self.step, self._ckpt_state(), self.state.params, data,
                            ckpt_lib.to_jsonable(self.c.to_dict()), force=force)
 
   def maybe_restore(self) -> bool:
@@ -542,8 +630,12 @@ class Trainer:
       return False
     restored, data = self.checkpointer.restore(step, self._ckpt_state())
     self.state = restored["train"]
-    self.key = jax.random.wrap_key_data(restored["rng"])
-    self.data_iter.set_state(data["iterator"])
+    self.key = jax.random.wrap_key_data(np.asarray(restored["rng"]))
+    states = data["iterators"] if "iterators" in data else [data["iterator"]]
+    if len(states) != jax.process_count():
+      raise ValueError(f"{self.checkpointer.directory}/{step} was saved by {len(states)} host(s); resuming with "
+                       f"{jax.process_count()} would change every host's data shard (data.seed fixes the order)")
+    self.data_iter.set_state(states[jax.process_index()])
     self.step = int(data["step"])
     self._truncate_metrics(self.step)
     log.info("resumed from %s at step %d", self.checkpointer.directory, self.step)

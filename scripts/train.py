@@ -4,6 +4,10 @@
 
 Resumes automatically from the workdir's latest checkpoint. On multi-host TPU, run the same command
 on every worker (see tpu/README.md); `--distributed` (default: auto) calls jax.distributed.initialize().
+Elsewhere name the coordinator, e.g. two processes on one CPU machine (tests/test_multihost.py):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/train.py --config=... \
+        --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
 """
 import logging
 import os
@@ -18,7 +22,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics). Default: config.workdir "
                                "or runs/<config name>.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
-                                 "Call jax.distributed.initialize() (auto: on multi-host TPU environments).")
+                                 "Call jax.distributed.initialize() (auto: on multi-host TPU environments, or "
+                                 "when --coordinator_address is given).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters that JAX "
+                                   "does not detect (GPU hosts, N processes on one CPU machine).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
 
 def main(argv):
@@ -32,11 +41,11 @@ def main(argv):
   ours.addHandler(handler)
   ours.propagate = False
   import jax
-  multi = _DISTRIBUTED.value == "yes" or (
-      _DISTRIBUTED.value == "auto" and ("TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ)
-      and "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  from pgpo_jax import multihost
+  multi = _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and (
+      bool(_COORDINATOR.value) or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")))
   if multi:
-    jax.distributed.initialize()
+    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from pgpo_jax import trainer
   c = _CONFIG.value
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]

@@ -1,6 +1,5 @@
 """The trainer end to end on a tiny config: one iteration, resume equivalence, SIGKILL, configs."""
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -13,50 +12,12 @@ import pytest
 
 from pgpo_jax import config as config_lib
 from pgpo_jax import rewards, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _length_parity(responses, answers):
-  """A deterministic, non-degenerate test reward (real rewards of a random model are all 0)."""
-  out = []
-  for r in responses:
-    v = float(len(r) % 2 == 0)
-    out.append({"overall": v, "accuracy": v, "format": 0.0})
-  return out
+from tests.tiny_run import ROOT, length_parity, load_config as _load_config, tiny_config
 
 
 @pytest.fixture(autouse=True)
 def _test_reward(monkeypatch):
-  monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", _length_parity)
-
-
-def _load_config(path):
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # configs import each other (`from configs import pgpo_7b`)
-  spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
-def tiny_config(data_dir):
-  c = _load_config(os.path.join(ROOT, "configs", "demo.py"))
-  c.data.demo_dir = str(data_dir)
-  c.data.train_files = str(data_dir / "train.parquet")
-  c.data.eval_files = str(data_dir / "test.parquet")
-  c.data.processor_dir = str(data_dir / "model")
-  c.data.demo_train_rows, c.data.demo_eval_rows, c.data.demo_image_size = 48, 8, 56
-  c.model.tiny.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vision_hidden_size=32,
-                           vision_intermediate_size=64))
-  c.rollout.prompts_per_step, c.rollout.group_size, c.rollout.max_new_tokens = 4, 2, 8
-  c.updates.prompts_per_update, c.updates.micro_batch_prompts = 2, 1
-  c.warmup.sft_steps, c.warmup.prompts_per_step = 1, 4
-  c.train.num_steps, c.train.eval_every, c.train.eval_prompts = 3, 0, 4
-  c.checkpoint.every, c.checkpoint.async_save = 2, True
-  c.reward.name = "test_length_parity"
-  c.logging.tensorboard = True
-  return c
+  monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", length_parity)
 
 
 @pytest.fixture(scope="module")

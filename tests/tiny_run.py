@@ -1,0 +1,45 @@
+"""The tiny trainer configuration and test reward shared by the trainer tests and their subprocesses."""
+import importlib.util
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def length_parity(responses, answers):
+  """A deterministic, non-degenerate test reward (real rewards of a random model are all 0)."""
+  out = []
+  for r in responses:
+    v = float(len(r) % 2 == 0)
+    out.append({"overall": v, "accuracy": v, "format": 0.0})
+  return out
+
+
+def load_config(path):
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # configs import each other (`from configs import pgpo_7b`)
+  spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def tiny_config(data_dir):
+  """configs/demo.py shrunk to seconds per step; `data_dir` holds (or receives) the synthetic data."""
+  data_dir = str(data_dir)
+  c = load_config(os.path.join(ROOT, "configs", "demo.py"))
+  c.data.demo_dir = data_dir
+  c.data.train_files = os.path.join(data_dir, "train.parquet")
+  c.data.eval_files = os.path.join(data_dir, "test.parquet")
+  c.data.processor_dir = os.path.join(data_dir, "model")
+  c.data.demo_train_rows, c.data.demo_eval_rows, c.data.demo_image_size = 48, 8, 56
+  c.model.tiny.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vision_hidden_size=32,
+                           vision_intermediate_size=64))
+  c.rollout.prompts_per_step, c.rollout.group_size, c.rollout.max_new_tokens = 4, 2, 8
+  c.updates.prompts_per_update, c.updates.micro_batch_prompts = 2, 1
+  c.warmup.sft_steps, c.warmup.prompts_per_step = 1, 4
+  c.train.num_steps, c.train.eval_every, c.train.eval_prompts = 3, 0, 4
+  c.checkpoint.every, c.checkpoint.async_save = 2, True
+  c.reward.name = "test_length_parity"
+  c.logging.tensorboard = True
+  return c
