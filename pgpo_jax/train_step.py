@@ -10,7 +10,9 @@ splits every batch leaf with a leading batch axis into `num_microbatches` micro-
 without communication), runs them through a `lax.scan`, and SUMS their losses and
 gradients. For the sum to equal the full-batch gradient, the loss must be normalised by
 full-batch quantities: scalar (0-d) batch leaves are handed unchanged to every
-micro-batch, so put e.g. `losses.loss_normalizers(mask)` into the batch.
+micro-batch, so put e.g. `losses.loss_normalizers(mask)` into the batch. Aux metrics
+are averaged over micro-batches, weighted by the aux entry `metric_weight` when the loss
+returns one (see `reduce_microbatch_metrics`).
 
 Choices:
 - Frozen parameters (`frozen_regex`, matched with `re.search` against the '/'-joined
@@ -250,6 +252,32 @@ def _where_tree(pred: Array, on_true: Any, on_false: Any) -> Any:
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+METRIC_WEIGHT = "metric_weight"
+
+
+def reduce_microbatch_metrics(aux_stack: dict[str, Array]) -> dict[str, Array]:
+    """[n] per-micro-batch aux metrics -> scalars.
+
+    Without a `metric_weight` entry: the plain mean. With one (e.g. the micro-batch's valid-token
+    count): the weighted mean, and max/min over the micro-batches of positive weight for keys
+    ending in `_max`/`_min`; a micro-batch with nothing in it (all padding) then does not drag
+    token-level means towards 0.
+    """
+    if METRIC_WEIGHT not in aux_stack:
+        return {k: jnp.mean(v, axis=0) for k, v in aux_stack.items()}
+    w = aux_stack[METRIC_WEIGHT].astype(jnp.float32)
+    has = w > 0
+    out = {}
+    for k, v in aux_stack.items():
+        if k.endswith("_max"):
+            out[k] = jnp.where(has.any(), jnp.max(jnp.where(has, v, -jnp.inf)), jnp.mean(v))
+        elif k.endswith("_min"):
+            out[k] = jnp.where(has.any(), jnp.min(jnp.where(has, v, jnp.inf)), jnp.mean(v))
+        else:
+            out[k] = jnp.sum(w * v) / jnp.maximum(jnp.sum(w), 1e-30)
+    return out
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
@@ -310,7 +338,9 @@ def make_train_step(
 
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
             (grads, loss), aux_stack = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
-            aux = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), aux_stack)
+            aux = reduce_microbatch_metrics(aux_stack)
+        aux = dict(aux)
+        aux.pop(METRIC_WEIGHT, None)
 
         grad_norm = optax.global_norm(grads)
         if frozen is not None:  # the optimizer wants a full tree; frozen entries are zeroed by it

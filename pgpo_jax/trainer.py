@@ -220,6 +220,7 @@ def rl_loss_fn(c: ml_collections.ConfigDict):
         token_normalizer=b["token_normalizer"], seq_normalizer=b["seq_normalizer"])
     m = seq.flat_response_mask
     metrics["entropy"] = jnp.sum(jnp.where(m, entropy, 0.0)) / jnp.maximum(m.sum(), 1)
+    metrics[train_step_lib.METRIC_WEIGHT] = m.sum()  # token-weighted means over micro-batches
     return loss, metrics
 
   return loss_fn

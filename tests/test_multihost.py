@@ -11,7 +11,8 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -32,19 +33,31 @@ def _run_processes(argv_of, n: int, timeout: float = 600) -> list[subprocess.Com
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen(argv_of(i, port), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  logs = [tempfile.TemporaryFile("w+") for _ in range(2 * n)]
+  procs = [subprocess.Popen(argv_of(i, port), env=env, stdout=logs[2 * i], stderr=logs[2 * i + 1], text=True)
            for i in range(n)]
-  outs = []
+  deadline = time.time() + timeout
   try:
-    for p in procs:
-      out, err = p.communicate(timeout=timeout)
-      outs.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    # A process that fails leaves the others waiting in a collective: stop them all at once.
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      time.sleep(0.2)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
+  outs = []
+  for i, p in enumerate(procs):
+    text = []
+    for f in logs[2 * i:2 * i + 2]:
+      f.seek(0)
+      text.append(f.read())
+      f.close()
+    outs.append(subprocess.CompletedProcess(p.args, p.returncode, *text))
   for i, o in enumerate(outs):
-    assert o.returncode == 0, f"process {i} failed:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
+    assert o.returncode == 0, f"process {i} exited {o.returncode}:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
   return outs
 
 
@@ -216,3 +229,29 @@ def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
   diff = np.sqrt(sum(((p1[k] - p2[k]) ** 2).sum() for k in p1)) / np.sqrt(sum((p1[k] ** 2).sum() for k in p1))
   moved = sum(int((np.abs(p1[k] - p2[k]) > 1e-6).sum()) for k in p1) / sum(v.size for v in p1.values())
   assert diff < 5e-5 and moved < 1e-3, (diff, moved)
+
+
+def test_train_script_on_two_processes(data_dir, tmp_path):
+  """What users run: `scripts/train.py` on every process, joined by --coordinator_address."""
+  workdir = tmp_path / "script"
+  flags = [f"--config={ROOT}/configs/demo.py", f"--workdir={workdir}", f"--config.data.demo_dir={data_dir}",
+           f"--config.data.train_files={data_dir}/train.parquet", f"--config.data.eval_files={data_dir}/test.parquet",
+           f"--config.data.processor_dir={data_dir}/model", "--config.rollout.prompts_per_step=4",
+           "--config.rollout.group_size=2", "--config.rollout.max_new_tokens=4", "--config.mesh.data=4",
+           "--config.updates.prompts_per_update=4", "--config.updates.micro_batch_prompts=4",
+           "--config.warmup.sft_steps=0", "--config.train.num_steps=1", "--config.train.eval_every=1",
+           "--config.train.eval_prompts=4", "--config.model.tiny.hidden_size=64",
+           "--config.model.tiny.num_hidden_layers=1", "--config.model.tiny.vision_hidden_size=32"]
+
+  def argv(i, port):
+    code = ("import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'; "
+            f"sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", code, os.path.join(ROOT, "scripts", "train.py"), *flags,
+            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+
+  outs = _run_processes(argv, n=2)
+  rows = _metrics(workdir)
+  assert sorted(rows) == [0, 1]  # eval before RL, then step 1: one line each (host 0 writes)
+  assert rows[1]["eval/num_prompts"] == 4 and "reward/overall" in rows[1]
+  assert os.path.isdir(workdir / "checkpoints" / "1" / "state")
+  assert "done. workdir:" in outs[0].stdout and "done." not in outs[1].stdout

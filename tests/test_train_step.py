@@ -15,6 +15,7 @@ from pgpo_jax.train_step import (
     make_schedule,
     make_train_step,
     path_to_str,
+    reduce_microbatch_metrics,
     split_microbatches,
 )
 from tests.multidevice import run_on_8_devices
@@ -160,6 +161,37 @@ def test_microbatch_accumulation_equals_full_batch(setup, num_microbatches):
     np.testing.assert_allclose(mn["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(mn["grad_norm"], m1["grad_norm"], rtol=1e-5)
     assert float(m1["grad_norm"]) > 0
+
+
+def test_token_weighted_metrics_ignore_empty_microbatches(setup):
+    """With `metric_weight` (valid tokens), token-level aux metrics over micro-batches equal the
+    full-batch ones even when a micro-batch is all padding (filler groups of the trainer)."""
+    model, batch = setup
+    batch = dict(batch, mask=batch["mask"].at[1::2].set(False))  # micro-batch 1 of 2 (odd rows) is empty
+    batch.update(loss_normalizers(batch["mask"]))
+
+    def weighted(model, mb):
+        loss, aux = pg_loss_fn(model, mb)
+        return loss, {**aux, "metric_weight": mb["mask"].sum()}
+
+    opt = optax.sgd(0.1)
+    out = {}
+    for n, fn in ((1, pg_loss_fn), (2, weighted), (2, pg_loss_fn)):
+        graphdef, state = init_train_state(TinyPolicy(nnx.Rngs(0)), opt)
+        out[n, fn] = make_train_step(graphdef, fn, opt, n)(state, batch)[1]
+    full, w, plain = out[1, pg_loss_fn], out[2, weighted], out[2, pg_loss_fn]
+    assert "metric_weight" not in w
+    for k in ("clip_frac", "ratio_mean", "approx_kl", "ratio_max", "ratio_min"):
+        np.testing.assert_allclose(w[k], full[k], rtol=1e-5, err_msg=k)
+    # The plain mean halves token means (the empty micro-batch reports 0): what the weights fix.
+    np.testing.assert_allclose(plain["ratio_mean"], full["ratio_mean"] / 2, rtol=1e-5)
+
+
+def test_reduce_microbatch_metrics_rules():
+    got = reduce_microbatch_metrics({"metric_weight": jnp.array([3.0, 0.0, 1.0]), "x": jnp.array([1.0, 5.0, 3.0]),
+                                     "r_max": jnp.array([2.0, 9.0, 4.0]), "r_min": jnp.array([0.5, -1.0, 0.7])})
+    assert float(got["x"]) == pytest.approx(1.5) and float(got["r_max"]) == 4.0 and float(got["r_min"]) == 0.5
+    assert float(reduce_microbatch_metrics({"x": jnp.array([1.0, 5.0])})["x"]) == 3.0
 
 
 def test_state_sharding_alone_is_accepted(setup):
