@@ -608,7 +608,7 @@ class Trainer:
         acc += s["accuracy"]
         fmt += s["format"]
         n += 1
-    acc, fmt, n = multihost.sum_over_hosts(np.array([acc, fmt, n], np.float64))
+    acc, fmt, n = (float(x) for x in multihost.sum_over_hosts(np.array([acc, fmt, n], np.float64)))
     return {"eval/accuracy": acc / max(n, 1), "eval/format": fmt / max(n, 1), "eval/num_prompts": int(n)}
 
   # -- checkpointing ------------------------------------------------------------------------------
@@ -696,7 +696,8 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('reward/overall', float('nan')):.3f}",
                         acc=f"{m.get('reward/accuracy', float('nan')):.2f}", s_per_step=f"{m.get('time/step', 0):.1f}")
-        if guard.triggered:
+        # SIGTERM may reach the hosts at different steps: stop when any host got it (all save together).
+        if int(multihost.max_over_hosts(np.int64(guard.triggered))):
           self.save(force=True)
           log.warning("preempted: saved step %d, exiting", self.step)
           break

@@ -8,6 +8,7 @@ own CPU devices, exactly as on a TPU pod where each host is one process.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,14 +29,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_processes(argv_of, n: int, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-  """Starts `argv_of(process_id, port)` for every process; all must exit 0 (none is left running)."""
+def _start_processes(argv_of, n: int):
+  """Starts `argv_of(process_id, port)` for every process, output to temporary files."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
   env.pop("XLA_FLAGS", None)
   logs = [tempfile.TemporaryFile("w+") for _ in range(2 * n)]
   procs = [subprocess.Popen(argv_of(i, port), env=env, stdout=logs[2 * i], stderr=logs[2 * i + 1], text=True)
            for i in range(n)]
+  return procs, logs
+
+
+def _wait_processes(procs, logs, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+  """Waits for all; every process must exit 0 (none is left running)."""
   deadline = time.time() + timeout
   try:
     # A process that fails leaves the others waiting in a collective: stop them all at once.
@@ -59,6 +65,10 @@ def _run_processes(argv_of, n: int, timeout: float = 600) -> list[subprocess.Com
   for i, o in enumerate(outs):
     assert o.returncode == 0, f"process {i} exited {o.returncode}:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
   return outs
+
+
+def _run_processes(argv_of, n: int, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+  return _wait_processes(*_start_processes(argv_of, n), timeout=timeout)
 
 
 _HELPERS = """
@@ -255,3 +265,19 @@ def test_train_script_on_two_processes(data_dir, tmp_path):
   assert rows[1]["eval/num_prompts"] == 4 and "reward/overall" in rows[1]
   assert os.path.isdir(workdir / "checkpoints" / "1" / "state")
   assert "done. workdir:" in outs[0].stdout and "done." not in outs[1].stdout
+
+
+def test_sigterm_on_one_host_stops_all_hosts_after_a_common_checkpoint(data_dir, tmp_path):
+  """Preemption notices reach hosts at different times: the hosts agree to stop at the same step,
+  all save that step, and all exit cleanly (a host that left alone would hang the others)."""
+  workdir = tmp_path / "preempted"
+  procs, logs = _start_processes(lambda i, port: _driver(workdir, data_dir, 50, 2, i, port) + [
+      "--override=checkpoint.every=1000", "--override=train.eval_every=0"], n=2)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # host 1 only
+  _wait_processes(procs, logs, timeout=300)  # (without the agreement host 0 waits forever)
+  steps = sorted(_metrics(workdir))
+  saved = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
+  assert saved == [steps[-1]] and 1 <= steps[-1] < 50, (saved, steps)
