@@ -20,7 +20,8 @@ for seed in "${seeds[@]}"; do
     [ -f "$out/metrics.jsonl" ] && [ "$(tail -1 "$out/metrics.jsonl" | $py -c 'import json,sys; print(json.loads(sys.stdin.read())["step"])')" = "$steps" ] && continue
     rm -rf "$out"
     case $method in
-      pgpo) extra=(--config.pgpo.enabled=True) ;;
+      # ω̃ uncapped as in the paper (configs/demo.py now caps it at 5; 1e9 never binds).
+      pgpo) extra=(--config.pgpo.enabled=True --config.pgpo.max_weight=1e9) ;;
       dapo) extra=(--config.pgpo.enabled=False) ;;
       grpo) extra=(--config.pgpo.enabled=False --config.loss.agg=seq-mean-token-mean --config.loss.clip_high=0.2
                    --config.dynamic_sampling.enabled=False) ;;
