@@ -36,10 +36,6 @@ Axes = tuple  # logical axis names of one leaf, e.g. ("batch", None)
 BATCH = "batch"
 
 
-def process_count() -> int:
-  return jax.process_count()
-
-
 def is_multihost() -> bool:
   return jax.process_count() > 1
 
@@ -113,15 +109,19 @@ def check_host_split(mesh: Mesh, rules: sharding_lib.Rules, num_rows: int, what:
   _check_block(s, (num_rows,), 0, what)
 
 
+def row_axes(tree: Any) -> Any:
+  """Logical axes of a row-aligned pytree: "batch" on dim 0 of every array, scalars replicated."""
+  return jax.tree.map(lambda x: (BATCH,) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else (), tree)
+
+
 def to_global(tree: Any, axes: Any, mesh: Mesh, rules: sharding_lib.Rules, *, what: str = "batch") -> Any:
   """Host-local numpy leaves -> global jax Arrays sharded by their logical `axes`.
 
   Leaves named with "batch" hold this host's rows (every host passes the same number); leaves
   without it are the same on every host (replicated). `axes` is a pytree prefix-matching `tree`
-  whose leaves are tuples of logical names, or None for "batch on dim 0 of every array".
+  whose leaves are tuples of logical names, or None for `row_axes(tree)`.
   """
-  if axes is None:
-    axes = jax.tree.map(lambda x: (BATCH,) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else (), tree)
+  axes = row_axes(tree) if axes is None else axes
 
   def one(ax, x):
     x = np.asarray(x)
@@ -134,7 +134,7 @@ def to_global(tree: Any, axes: Any, mesh: Mesh, rules: sharding_lib.Rules, *, wh
       _check_block(s, shape, d, what)
     return jax.make_array_from_process_local_data(s, x, shape)
 
-  return jax.tree.map(one, axes, tree, is_leaf=_is_axes)
+  return jax.tree.map(one, axes, tree, is_leaf=sharding_lib.is_logical_axes)
 
 
 def to_local(tree: Any, axes: Any, mesh: Mesh, rules: sharding_lib.Rules) -> Any:
@@ -143,8 +143,7 @@ def to_local(tree: Any, axes: Any, mesh: Mesh, rules: sharding_lib.Rules) -> Any
   Arrays whose sharding differs from the canonical one of their axes are resharded first (a no-op
   when the program already produced that layout).
   """
-  if axes is None:
-    axes = jax.tree.map(lambda x: (BATCH,) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else (), tree)
+  axes = row_axes(tree) if axes is None else axes
 
   def one(ax, x):
     if not is_multihost():
@@ -164,11 +163,7 @@ def to_local(tree: Any, axes: Any, mesh: Mesh, rules: sharding_lib.Rules) -> Any
       out[dst] = np.asarray(shard.data)
     return out
 
-  return jax.tree.map(one, axes, tree, is_leaf=_is_axes)
-
-
-def _is_axes(x) -> bool:
-  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+  return jax.tree.map(one, axes, tree, is_leaf=sharding_lib.is_logical_axes)
 
 
 def replicated(x: Any, mesh: Mesh) -> jax.Array:
@@ -252,11 +247,3 @@ def reduce_metrics(m: dict[str, float]) -> dict[str, float]:
     how = metric_reduction(k)
     out[k] = float({"max": np.max, "min": np.min, "sum": np.sum, "mean": np.mean}[how](v))
   return out
-
-
-def local_share(n: int, what: str) -> int:
-  """A global count of prompts -> this host's share (the count must split evenly)."""
-  p = jax.process_count()
-  if n % p:
-    raise ValueError(f"{what} = {n} does not split evenly over {p} hosts")
-  return n // p

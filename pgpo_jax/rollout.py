@@ -231,15 +231,11 @@ def logical_axes(tree) -> object:
   raise TypeError(type(tree))
 
 
-def _is_axes(x) -> bool:
-  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-
-
 def _shardings(tree, mesh: Mesh, rules: sharding.Rules):
   """NamedSharding per leaf; a dim that its mesh axes do not divide is replicated (sharding.py)."""
   def one(axes, x):
     return sharding.logical_sharding(axes, mesh, rules, np.shape(x))
-  return jax.tree.map(one, logical_axes(tree), tree, is_leaf=_is_axes)
+  return jax.tree.map(one, logical_axes(tree), tree, is_leaf=sharding.is_logical_axes)
 
 
 def _constrain(tree, mesh: Mesh | None, rules):
@@ -422,7 +418,7 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
     n = batch_shards(mesh, rules)
     on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(inputs))
     # Host numpy inputs are this host's prompts (all of them in a single-process run).
-    B = inputs.batch_size * (1 if on_device else multihost.process_count())
+    B = inputs.batch_size * (1 if on_device else jax.process_count())
     if B % n:
       raise ValueError(f"a batch of {B} prompts does not split over the {n} shards of the 'batch' axis "
                        f"({rules['batch']!r}); use prepare_inputs(batch_multiple={n}) (per host: "

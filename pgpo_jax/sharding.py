@@ -327,6 +327,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
 
 
+def is_logical_axes(x) -> bool:
+  """A tuple of logical axis names (None = unnamed): the leaf type of axes pytrees."""
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
 def logical_sharding(logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules,
                      shape: Sequence[int] | None = None) -> NamedSharding:
   """NamedSharding for an input array (batch, cache, ...) named by logical axes."""
