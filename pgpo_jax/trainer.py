@@ -22,7 +22,7 @@ import math
 import os
 import time
 import zlib
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -425,7 +425,7 @@ class Trainer:
 
     Multi-host: each host keeps its own groups; rounds go on until every host has its share (a
     rollout is a collective, so all hosts run the same number of rounds)."""
-    c, ds = self.c, self.c.dynamic_sampling
+    ds = self.c.dynamic_sampling
     want = self.prompts_local
     params = self._sample_params()
     kept, seen, rounds, all_groups = [], 0, 0, []

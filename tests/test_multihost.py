@@ -255,7 +255,7 @@ def test_train_script_on_two_processes(data_dir, tmp_path):
 
   def argv(i, port):
     code = ("import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'; "
-            f"sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     return [sys.executable, "-c", code, os.path.join(ROOT, "scripts", "train.py"), *flags,
             f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
 
