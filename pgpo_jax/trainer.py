@@ -305,6 +305,9 @@ class Trainer:
                                                      frozen_regex=c.optim.frozen_regex or None)
     self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef),
                             static_argnames=("estimator", "chunk", "clamp"))
+    # One compiled program (the bounded renormalisation's bisection loop is slow op by op).
+    est = adv_lib.get_estimator("pgpo" if c.pgpo.enabled else "grpo")
+    self.advantage_fn = jax.jit(functools.partial(est, group_size=self.G, **estimator_options(c)))
     self.key = jax.random.key(c.seed)
     self.step = 0
     self.data_iter = self._train_iterator()
@@ -482,8 +485,7 @@ class Trainer:
     times["scoring"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     mask = seq.flat_response_mask
-    est = adv_lib.get_estimator("pgpo" if p.enabled else "grpo")
-    adv, diag = est(jnp.asarray(rewards), scores.dependency_BxT, jnp.asarray(mask), self.G, **estimator_options(c))
+    adv, diag = self.advantage_fn(rewards, scores.dependency_BxT, mask)
     P, L = seq.response.shape[0], seq.response.shape[-1]
     adv = np.asarray(adv).reshape(P, self.G, L)
     old_logp = np.asarray(scores.logp_image_BxT).reshape(P, self.G, L)
