@@ -240,6 +240,15 @@ def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
   moved = sum(int((np.abs(p1[k] - p2[k]) > 1e-6).sum()) for k in p1) / sum(v.size for v in p1.values())
   assert diff < 5e-5 and moved < 1e-3, (diff, moved)
 
+  # One process cannot take over two hosts' data shards: a clear error, not a silent reshuffle.
+  c = tiny_config(data_dir)
+  c.reward.name = "pgpo_math"
+  c.rollout.prompts_per_step, c.updates.prompts_per_update, c.updates.micro_batch_prompts = 8, 8, 4
+  t = trainer.Trainer(c, str(two))
+  with pytest.raises(ValueError, match="saved by 2 host"):
+    t.maybe_restore()
+  t.checkpointer.close()
+
 
 def test_train_script_on_two_processes(data_dir, tmp_path):
   """What users run: `scripts/train.py` on every process, joined by --coordinator_address."""
