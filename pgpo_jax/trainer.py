@@ -628,10 +628,10 @@ class Trainer:
                            ckpt_lib.to_jsonable(self.c.to_dict()), force=force)
 
   def maybe_restore(self) -> bool:
-    step = self.checkpointer.latest_step()
-    if step is None:
+    found = self.checkpointer.restore_latest(self._ckpt_state(), self.state.params)
+    if found is None:
       return False
-    restored, data = self.checkpointer.restore(step, self._ckpt_state())
+    step, restored, data = found
     self.state = restored["train"]
     self.key = jax.random.wrap_key_data(np.asarray(restored["rng"]))
     states = data["iterators"] if "iterators" in data else [data["iterator"]]

@@ -62,6 +62,31 @@ def test_iteration_checkpoint_and_resume_equal_uninterrupted(data_dir, tmp_path)
     np.testing.assert_allclose(m3[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path, caplog):
+  """A truncated array file in checkpoints/N/state or checkpoints/N/params: resume from N-1, warn, redo N."""
+  import shutil
+  from tests.test_checkpoint import truncate_largest
+  c = tiny_config(data_dir)
+  c.train.num_steps, c.checkpoint.every, c.warmup.sft_steps = 2, 1, 0
+  good = tmp_path / "good"
+  trainer.train(c, str(good))
+  for item in ("state", "params"):
+    workdir = tmp_path / item
+    shutil.copytree(good, workdir)
+    truncate_largest(workdir / "checkpoints" / "2" / item)
+    caplog.clear()
+    if item == "state":  # a full restart: resumes at 1, trains step 2 again and saves it afresh
+      trainer.train(c, str(workdir))
+      assert [r["step"] for r in _metrics(workdir)] == [1, 2]
+      assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "2.damaged"]
+    else:
+      t = trainer.Trainer(c, str(workdir))
+      assert t.maybe_restore() and t.step == 1
+      t.checkpointer.close()
+    assert f"checkpoints/2 does not read back" in caplog.text, item
+    assert f"moved to {workdir}/checkpoints/2.damaged" in caplog.text, item
+
+
 def test_sigkill_between_checkpoints_loses_nothing_saved(data_dir, tmp_path):
   workdir = tmp_path / "killed"
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={ROOT}/configs/demo.py",
