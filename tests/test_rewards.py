@@ -1,4 +1,5 @@
 """Rewards: boxed extraction, answer equivalence, format, the combined score and the math_verify timeouts."""
+import re
 import threading
 import time
 
@@ -93,6 +94,61 @@ def test_extract_boxed_property(inner, outer):
     nested = f"{{{inner}}}x{{{{{inner}}}}}"
     assert rewards.extract_boxed(f"{outer}\\boxed{{{nested}}}{outer}") == nested
     assert rewards.extract_boxed(f"\\boxed{{first}}{outer}\\boxed{{{inner}}}") == inner
+
+
+def _naive_extract_boxed(text):
+    """Reference: for every box opener, scan right for its matching brace (quadratic; small inputs only)."""
+    last = None
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 0, m.end() - 1
+        while i < len(text):
+            if text[i] == "\\":
+                i += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                last = text[m.end():i]
+                break
+            i += 1
+    return last
+
+
+_PIECES = ["\\", "{", "}", "\\boxed{", "\\fbox{", "\\boxed {", "boxed", " ", "x", "\\\\", "\n", "\\{", "\\}"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=16).map("".join))
+def test_extract_boxed_matches_naive_reference(text):
+    """Escapes, nesting, unclosed and stray braces: the linear scan agrees with the per-box scan."""
+    assert rewards.extract_boxed(text) == _naive_extract_boxed(text)
+
+
+def test_escaped_backslash_before_a_box_and_long_responses():
+    assert rewards.extract_boxed("\\\\boxed{4}") == "4"  # `\\boxed{4}`: a line break, then the box
+    filler = "word " * (rewards.MAX_RESPONSE_CHARS // 5 + 10)
+    assert rewards.extract_boxed(filler + "\\boxed{7}") == "7"  # past the window: the answer at the end counts
+    assert rewards.extract_boxed("\\boxed{7}" + filler) is None  # a box before the window is not seen
+
+
+# Responses a policy can write; the per-box scan took 8 s for the first, 61 s for the nested one.
+PATHOLOGICAL = {
+    "unclosed_x4096": ("\\boxed{" * 4096, None),
+    "unclosed_100kB": ("\\boxed{" * 15000, None),
+    "unclosed_1MB": ("\\boxed{" * 150000, None),
+    "nested_10k": ("\\boxed{" * 10000 + "x" + "}" * 10000, "x"),
+    "open_braces_1MB": ("{" * (1 << 20), None),
+    "stop_tokens_1MB": ("<think>x</think> \\boxed{3}" + "<|im_end|>" * 100000, "3"),
+}
+
+
+@pytest.mark.parametrize("name", list(PATHOLOGICAL))
+def test_pathological_responses_are_scored_fast(name):
+    text, boxed = PATHOLOGICAL[name]
+    start = time.monotonic()
+    assert rewards.extract_boxed(rewards.strip_stop_tokens(text)) == boxed
+    out = rewards.score(text, "3")  # the whole reward: extraction, format, (no) math_verify
+    assert time.monotonic() - start < 1.0, name
+    assert out["accuracy"] == float(boxed == "3")
 
 
 def test_no_box_and_last_box():
