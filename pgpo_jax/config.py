@@ -74,10 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
       clip_low=0.2, clip_high=0.28, agg="token-mean", dual_clip=0.0, kl_coef=0.0, kl_estimator="k3",
       entropy_coef=0.0, logprob_chunk=256))
 
+  # degenerate_rtol: a response whose spread of log(1 + S) is at most this share of its largest value
+  # gets uniform weights (0: only an exactly constant S, as PGPO.md; why 1e-2: rl/advantages.py).
   c.pgpo = ml_collections.ConfigDict(dict(
       enabled=True, tau=0.4, beta=2.0, dependency_estimator="k3", mask_vision_markers=False,
       clamp_log_ratio=config_dict.placeholder(float), renormalize=True, threshold_mode="absolute",
-      min_weight=0.0, max_weight=config_dict.placeholder(float), scoring_chunk=256,
+      min_weight=0.0, max_weight=config_dict.placeholder(float), degenerate_rtol=1e-2, scoring_chunk=256,
       scoring_prompts=0))  # prompts per scoring call (0: updates.micro_batch_prompts)
 
   c.reward = ml_collections.ConfigDict(dict(name="pgpo_math"))
@@ -148,6 +150,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_p
   _require(p.scoring_prompts >= 0 and (p.scoring_prompts == 0 or r.prompts_per_step % p.scoring_prompts == 0),
            "pgpo.scoring_prompts", f"({p.scoring_prompts}) must divide rollout.prompts_per_step ({r.prompts_per_step})")
   _require(p.threshold_mode in ("absolute", "quantile"), "pgpo.threshold_mode", f"unknown {p.threshold_mode!r}")
+  _require(0 <= p.degenerate_rtol < 1, "pgpo.degenerate_rtol", f"must be in [0, 1), got {p.degenerate_rtol}")
   from pgpo_jax import rewards
   _require(c.reward.name in rewards.BATCH_REWARD_FNS, "reward.name",
            f"unknown reward {c.reward.name!r}; registered: {sorted(rewards.BATCH_REWARD_FNS)}")

@@ -199,7 +199,7 @@ def estimator_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   if not p.enabled:
     return {}
   return dict(tau=p.tau, beta=p.beta, renormalize=p.renormalize, threshold_mode=p.threshold_mode,
-              min_weight=p.min_weight, max_weight=p.max_weight)
+              min_weight=p.min_weight, max_weight=p.max_weight, degenerate_rtol=p.degenerate_rtol)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ def np_grpo(rewards, group_size, eps=1e-6):
     return out.reshape(-1)
 
 
-def np_weights(dep, mask, tau=0.4, beta=2.0, eps=1e-8, renormalize=True, mode="absolute"):
-    """Loop-per-response float64 transcription of PGPO.md §3."""
+def np_weights(dep, mask, tau=0.4, beta=2.0, eps=1e-8, renormalize=True, mode="absolute", rtol=1e-2, cap=None):
+    """Loop-per-response float64 transcription of PGPO.md §3 (+ the relative "constant S" tolerance
+    and, with `cap`, the mass-conserving cap solved by water-filling: the largest ω go to the cap
+    one by one until the rest, scaled to the remaining mass, stay below it)."""
     dep, mask = np.asarray(dep, np.float64), np.asarray(mask, bool)
     out = np.zeros_like(dep)
     for i in range(dep.shape[0]):
@@ -41,10 +43,19 @@ def np_weights(dep, mask, tau=0.4, beta=2.0, eps=1e-8, renormalize=True, mode="a
         imp = (s - s.min()) / (rng + eps)
         t = np.quantile(imp, tau) if mode == "quantile" else tau
         w = np.where(imp < t, imp / (t + eps), 1 + beta * (imp - t) / (1 - t + eps))
-        if n <= 1 or rng == 0 or w.sum() == 0:
+        if n <= 1 or rng <= rtol * s.max() or w.sum() == 0:
             w = np.ones(n)
-        elif renormalize:
+        elif renormalize and cap is None:
             w = w * n / w.sum()
+        elif renormalize:
+            order = np.argsort(-w, kind="stable")
+            for k in range(n + 1):  # k largest at the cap
+                rest = order[k:]
+                lam = (n - k * cap) / max(w[rest].sum(), 1e-300)
+                if k == n or lam * w[rest].max() <= cap:
+                    break
+            w = np.where(np.isin(np.arange(n), order[:k]), cap, lam * w) if w[order[k:]].sum() > 0 else \
+                np.where(w > 0, cap, 0.0)
         out[i, valid] = w
     return out
 
@@ -168,6 +179,57 @@ def test_degenerate_responses():
     # Σω = 0 only happens for the whole response at I = 0, i.e. constant S; already covered.
 
 
+def test_near_constant_dependency_is_degenerate_issue_example():
+    """S = 1e-3 on 2,047 tokens and 1e-3 + 1e-6 on one: uniform weights, not all mass on one token."""
+    dep = np.full((1, 2048), 1e-3, np.float32)
+    dep[0, 1000] = 1e-3 + 1e-6
+    mask = np.ones_like(dep, bool)
+    w = np.asarray(jax.jit(pgpo_token_weights)(jnp.asarray(dep), jnp.asarray(mask)))
+    np.testing.assert_array_equal(w, np.ones_like(w))
+    # The paper's exact rule (tolerance 0) is what the issue saw: one token takes everything.
+    w0 = np.asarray(pgpo_token_weights(jnp.asarray(dep), jnp.asarray(mask), degenerate_rtol=0.0))
+    assert w0[0, 1000] == pytest.approx(2048, rel=1e-4) and np.all(np.delete(w0[0], 1000) == 0.0)
+    # The estimator counts the fallback.
+    rewards = jnp.array([1.0, 0.0])
+    adv, diag = get_estimator("pgpo")(rewards, jnp.asarray(np.repeat(dep, 2, 0)), jnp.ones((2, 2048), bool), 2)
+    assert float(diag["degenerate_frac"]) == 1.0
+    np.testing.assert_allclose(adv, np.asarray(grpo(rewards, 2))[:, None] * np.ones((2, 2048)), rtol=1e-6)
+
+
+def test_spread_above_tolerance_keeps_min_max_weights():
+    dep = jnp.array([[1.0, 1.0, 1.0, 1.05]])  # S̃ spread 1.2% of max S̃: a signal
+    w = np.asarray(pgpo_token_weights(dep, jnp.ones((1, 4), bool)))
+    np.testing.assert_allclose(w, np_weights(dep, np.ones((1, 4), bool)), rtol=1e-4)
+    assert w[0, 3] > 1.0 and w[0, 0] == 0.0
+    wide = np.asarray(pgpo_token_weights(dep, jnp.ones((1, 4), bool), degenerate_rtol=0.5))
+    np.testing.assert_array_equal(wide, np.ones((1, 4)))
+
+
+def test_degenerate_frac_counts_each_fallback_kind():
+    dep = jnp.array([[0.3, 0, 0, 0],  # L = 1
+                     [0.5, 0.5, 0.5, 0],  # constant
+                     [1.0, 1.0001, 1.0, 1.0],  # near-constant
+                     [0.2, 0.9, 0.1, 5.0],  # varied
+                     [0.0, 0.0, 0.0, 0.0]])  # no valid token: not counted
+    mask = jnp.array([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    _, diag = get_estimator("pgpo")(jnp.zeros(5), dep, mask, 5)
+    assert float(diag["degenerate_frac"]) == pytest.approx(3 / 4)
+    _, diag_g = get_estimator("grpo")(jnp.zeros(5), dep, mask, 5)
+    assert float(diag_g["degenerate_frac"]) == 0.0
+
+
+@given(st.integers(1, 3000), st.floats(0.0, 0.4), _mask, hnp.arrays(np.float32, (B, T), elements=st.floats(-1, 1)))
+@HYP
+def test_spread_within_tolerance_is_uniform_and_mass_is_kept(level, share, mask, noise):
+    """Any S whose log(1+S) varies by less than the tolerance times its maximum gives ω̃ = 1."""
+    base = np.log1p(level / 100.0)
+    compressed = base * (1.0 + share * 1e-2 * noise)  # spread <= 0.8% of the level, under 1e-2
+    dep = np.expm1(compressed).astype(np.float32)
+    w = np.asarray(_jit_weights(jnp.asarray(dep), jnp.asarray(mask)))
+    np.testing.assert_array_equal(w, mask.astype(np.float32))
+    np.testing.assert_allclose(w.sum(-1), mask.sum(-1))
+
+
 def test_infinite_dependency_is_the_maximum_and_finite():
     dep = jnp.array([[0.1, jnp.inf, 0.5, 0.0]])
     w = np.asarray(_jit_weights(dep, jnp.ones((1, 4), bool)))
@@ -267,9 +329,9 @@ def test_infeasible_cap_keeps_bound():
 def test_bounds_without_renormalisation_clip_omega():
     dep = jnp.array([[0, 0.01, 0.02, 0.05, 0.30, 2.0, 0.10, 0]])
     mask = jnp.ones_like(dep, bool)
-    omega = np.asarray(_jit_weights(dep, mask, renormalize=False))
+    omega = np_weights(dep, mask, renormalize=False)
     w = np.asarray(_jit_weights(dep, mask, renormalize=False, min_weight=0.1, max_weight=2.0))
-    np.testing.assert_allclose(w, np.clip(omega, 0.1, 2.0), rtol=1e-6)
+    np.testing.assert_allclose(w, np.clip(omega, 0.1, 2.0), rtol=1e-5)
 
 
 def test_invalid_hyperparameters_raise():
@@ -288,15 +350,19 @@ def test_invalid_hyperparameters_raise():
 
 
 def test_pgpo_is_grpo_times_weights_with_sign():
-    rewards = jnp.array([1.0, 0.0, 0.0, 1.0])
+    rewards = np.array([1.0, 0.0, 0.0, 1.0])
     dep = jnp.abs(jax.random.normal(jax.random.key(0), (4, 6)))
     mask = jnp.ones((4, 6), bool).at[1, 4:].set(False)
-    adv = np.asarray(_jit_pgpo(rewards, dep, mask, 2))
-    want = np.asarray(grpo(rewards, 2))[:, None] * np.asarray(_jit_weights(dep, mask))
-    np.testing.assert_allclose(adv, want, rtol=1e-6)
+    adv = np.asarray(_jit_pgpo(jnp.asarray(rewards), dep, mask, 2))
+    # Two groups [1, 0], [0, 1]: mean 0.5, sample std 1/√2, so A = ±(0.5 / (1/√2 + 1e-6)) = ±0.7071.
+    a = 0.5 / (np.sqrt(0.5) + 1e-6)
+    np.testing.assert_allclose(np_grpo(rewards, 2), [a, -a, -a, a], rtol=1e-12)
+    want = np.array([a, -a, -a, a])[:, None] * np_weights(dep, mask)
+    np.testing.assert_allclose(adv, want, rtol=2e-4, atol=2e-5)
     assert np.all(adv[1] <= 0) and np.all(adv[0] >= 0)  # negative advantages keep their sign
+    np.testing.assert_allclose(adv.sum(-1), [a * 6, -a * 4, -a * 6, a * 6], rtol=1e-5)  # A_i · L_i
     # weights are constants: no gradient flows into the dependency
-    g = jax.grad(lambda d: _jit_pgpo(rewards, d, mask, 2).sum())(dep)
+    g = jax.grad(lambda d: _jit_pgpo(jnp.asarray(rewards), d, mask, 2).sum())(dep)
     assert np.all(np.asarray(g) == 0.0)
 
 
@@ -306,7 +372,8 @@ def test_registry():
     mask = jnp.ones((4, 5), bool)
     cfg = dict(tau=0.3, beta=1.5, renormalize=True, threshold_mode="absolute", adv_eps=1e-6)
     adv_p, diag_p = get_estimator("pgpo")(rewards, dep, mask, 2, **cfg)
-    np.testing.assert_allclose(adv_p, _jit_pgpo(rewards, dep, mask, 2, 0.3, 1.5), rtol=1e-6)
+    want = np_grpo(rewards, 2)[:, None] * np_weights(dep, mask, tau=0.3, beta=1.5)
+    np.testing.assert_allclose(adv_p, want, rtol=2e-4, atol=2e-5)
     adv_g, diag_g = get_estimator("grpo")(rewards, dep, mask, 2, **cfg)  # same cfg, PGPO keys ignored
     np.testing.assert_allclose(adv_g, np.asarray(grpo(rewards, 2))[:, None] * np.ones((4, 5)), rtol=1e-6)
     assert set(diag_p) == set(diag_g)
@@ -327,6 +394,7 @@ class PgpoJitTest(chex.TestCase):
         rewards = jax.random.bernoulli(key_r, 0.5, (6,)).astype(jnp.float32)
         fn = self.variant(functools.partial(pgpo, group_size=3, threshold_mode=mode, max_weight=cap))
         got = fn(rewards, dep, mask)
-        want = pgpo(rewards, dep, mask, 3, threshold_mode=mode, max_weight=cap)
-        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+        want = np_grpo(rewards, 3)[:, None] * np_weights(dep, mask, mode=mode, cap=cap)
+        want[np.repeat(np.ptp(np.asarray(rewards).reshape(-1, 3), 1) == 0, 3)] = 0.0
+        chex.assert_trees_all_close(got, want.astype(np.float32), rtol=2e-4, atol=2e-5)
         chex.assert_shape(got, (6, 11))

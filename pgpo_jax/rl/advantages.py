@@ -3,7 +3,8 @@
 Layout: responses are group-major, rows [g*G:(g+1)*G] are the G responses of prompt g.
 All functions are pure `jnp`, jit-friendly, and take boolean or 0/1 float masks.
 
-Choices where PGPO.md is open (all defaults reproduce the paper exactly):
+Choices where PGPO.md is open (all defaults reproduce the paper exactly, except that a response whose
+S is constant up to 1% counts as constant: see `degenerate_rtol`):
 - Zero-std group (all rewards equal, by exact max == min): advantages are exactly 0
   (the formula gives 0 up to float noise divided by eps = 1e-6; we remove the noise).
 - `min_weight` / `max_weight` bound the FINAL weights ω̃, and renormalisation is
@@ -13,7 +14,18 @@ Choices where PGPO.md is open (all defaults reproduce the paper exactly):
   that is feasible; if not (e.g. a cap c with fewer than L_i / c tokens of non-zero ω),
   the bounds win and the response carries less than L_i mass. Without bounds this is
   exactly ω·L/Σω. With renormalize=False the bounds clip ω directly.
-- The degenerate fallback (uniform ω̃ = 1 for L_i ≤ 1, constant S or Σω = 0) also applies
+- "Constant S" in the degenerate fallback is judged with a relative tolerance: a response is
+  degenerate when max S̃ − min S̃ ≤ `degenerate_rtol` · max S̃ (default 1e-2; 0 is the paper's exact
+  rule, range = 0). Min-max normalisation maps any range onto [0, 1], so without a tolerance a
+  spread that is only rounding noise takes all the credit: with S = 1e-3 on 2,047 tokens and
+  1e-3 + 1e-6 on one, that one token would get weight 2,048 and the rest 0. 1e-2 is about three
+  bfloat16 roundings (2^-8 each): a spread below 1% of the response's own dependency is not a
+  signal a bfloat16 scoring pass resolves. The tolerance is relative because the scale of S varies
+  by orders of magnitude (~1e-6 to ~10 nats across tokens and checkpoints); it does not catch a
+  response whose every S is absolutely tiny but relatively spread (that spread is kept, as in the
+  paper). Config key `pgpo.degenerate_rtol`.
+  `pgpo_diagnostics` reports the share of responses that fell back (`degenerate_frac`).
+- The degenerate fallback (uniform ω̃ = 1 for L_i ≤ 1, (near-)constant S or Σω = 0) also applies
   with renormalize=False: otherwise a constant-S response would get zero advantage.
 - Dependencies are clamped to [0, float32 max] before log(1 + S) (S ≥ 0 in exact
   arithmetic; k3 can round to -1e-9 or overflow to +inf); masked positions are sanitised
@@ -33,6 +45,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 THRESHOLD_MODES = ("absolute", "quantile")
+DEGENERATE_RTOL = 1e-2  # see the module docstring
 _BISECTION_STEPS = 64
 
 
@@ -160,13 +173,15 @@ def pgpo_token_weights(
     min_weight: float = 0.0,
     max_weight: float | None = None,
     eps: float = 1e-8,
+    degenerate_rtol: float = DEGENERATE_RTOL,
 ) -> Array:
     """PGPO token weights ω̃ from visual dependency S (PGPO.md §3), per response.
 
     1. S̃ = log(1 + S);  2. I = (S̃ - min S̃) / (max S̃ - min S̃ + eps) over valid tokens;
     3. ω = I/(τ+eps) if I < τ else 1 + β (I - τ)/(1 - τ + eps);
     4. ω̃ = ω · L / Σω  (Σ_t ω̃ = L, the number of valid tokens).
-    Degenerate responses (L <= 1, constant S, Σω = 0) get ω̃ = 1; masked tokens get 0.
+    Degenerate responses (L <= 1, near-constant S: max S̃ - min S̃ <= degenerate_rtol · max S̃,
+    Σω = 0) get ω̃ = 1; masked tokens get 0.
 
     Args:
       dependency_BxT: [B, T] visual dependency S >= 0 (k3 or full KL).
@@ -179,14 +194,27 @@ def pgpo_token_weights(
       min_weight: floor on ω̃ (0 <= min_weight <= 1), see module docstring.
       max_weight: cap on ω̃ (>= 1) or None, see module docstring.
       eps: ε of the min-max normalisation and the gate.
+      degenerate_rtol: relative tolerance of "constant S", in [0, 1) (module docstring).
     Returns:
       weights_BxT: [B, T] float32, constants (wrapped in stop_gradient).
     """
+    return _token_weights(dependency_BxT, mask_BxT, tau, beta, renormalize=renormalize,
+                          threshold_mode=threshold_mode, min_weight=min_weight, max_weight=max_weight, eps=eps,
+                          degenerate_rtol=degenerate_rtol)[0]
+
+
+def _token_weights(
+    dependency_BxT: Array, mask_BxT: Array, tau: float = 0.4, beta: float = 2.0, *, renormalize: bool = True,
+    threshold_mode: str = "absolute", min_weight: float = 0.0, max_weight: float | None = None,
+    eps: float = 1e-8, degenerate_rtol: float = DEGENERATE_RTOL,
+) -> tuple[Array, Array]:
+    """`pgpo_token_weights` and the [B] bool mask of responses that got the uniform fallback."""
     if threshold_mode not in THRESHOLD_MODES:
         raise ValueError(f"pgpo: threshold_mode={threshold_mode!r}; valid: {THRESHOLD_MODES}")
     _check_static_range("tau", tau, 0.0, 1.0)
     _check_static_range("beta", beta, 0.0, float("inf"))
     _check_static_range("min_weight", min_weight, 0.0, 1.0)
+    _check_static_range("degenerate_rtol", degenerate_rtol, 0.0, 1.0 - 1e-12)
     if max_weight is not None:
         _check_static_range("max_weight", max_weight, 1.0, float("inf"))
     if dependency_BxT.shape != mask_BxT.shape or dependency_BxT.ndim != 2:
@@ -217,7 +245,8 @@ def pgpo_token_weights(
     omega_BxT = jnp.where(mask_BxT, _gate(importance_BxT, tau_arr, beta, eps), 0.0)
 
     total_Bx1 = jnp.sum(omega_BxT, axis=-1, keepdims=True)
-    degenerate_Bx1 = (length_Bx1 <= 1) | (s_range_Bx1 <= 0) | (total_Bx1 <= 0)
+    flat_Bx1 = s_range_Bx1 <= degenerate_rtol * jnp.where(length_Bx1 > 0, s_max_Bx1, 0.0)
+    degenerate_Bx1 = (length_Bx1 <= 1) | flat_Bx1 | (total_Bx1 <= 0)
     bounded = min_weight > 0 or max_weight is not None
     hi = float("inf") if max_weight is None else max_weight
     if renormalize and bounded:
@@ -227,17 +256,22 @@ def pgpo_token_weights(
     else:
         weights_BxT = jnp.clip(omega_BxT, min_weight, hi) if bounded else omega_BxT
     weights_BxT = jnp.where(degenerate_Bx1, 1.0, weights_BxT)
-    return jax.lax.stop_gradient(jnp.where(mask_BxT, weights_BxT, 0.0))
+    fallback_B = degenerate_Bx1[:, 0] & (length_Bx1[:, 0] > 0)
+    return jax.lax.stop_gradient(jnp.where(mask_BxT, weights_BxT, 0.0)), fallback_B
 
 
-def pgpo_diagnostics(weights_BxT: Array, mask_BxT: Array, tol: float = 1e-6) -> dict[str, Array]:
+def pgpo_diagnostics(weights_BxT: Array, mask_BxT: Array, tol: float = 1e-6,
+                     fallback_B: Array | None = None) -> dict[str, Array]:
     """Scalar summaries of the token weights ω̃ for logging (over valid tokens).
 
     Args:
       weights_BxT: [B, T] token weights ω̃.
       mask_BxT: [B, T] valid response tokens.
       tol: |ω̃ - 1| <= tol counts as neutral (renormalisation leaves ~1e-7 noise).
+      fallback_B: [B] bool, responses that got the degenerate fallback (None: no fallback ran).
     Returns: dict of float32 scalars:
+      degenerate_frac: share of responses with a valid token that got the uniform fallback
+        (L = 1, near-constant S or Σω = 0); 0 without `fallback_B` (GRPO);
       frac_boosted / frac_suppressed: fraction of valid tokens with ω̃ > 1 / ω̃ < 1;
       frac_zero: ω̃ <= tol (tokens whose gradient is switched off);
       max_weight / min_weight / mean_weight / std_weight over valid tokens;
@@ -262,7 +296,10 @@ def pgpo_diagnostics(weights_BxT: Array, mask_BxT: Array, tol: float = 1e-6) -> 
     norm_entropy = jnp.where(
         multi_B.any(), jnp.sum(jnp.where(multi_B, h_B, 0.0)) / jnp.maximum(multi_B.sum(), 1), 1.0
     )
+    n_resp = jnp.maximum(mask_BxT.any(-1).sum(), 1).astype(jnp.float32)
+    degenerate_frac = 0.0 if fallback_B is None else jnp.sum(jnp.asarray(fallback_B, bool)) / n_resp
     return {
+        "degenerate_frac": jnp.asarray(degenerate_frac, jnp.float32),
         "frac_boosted": frac(w_BxT > 1.0 + tol),
         "frac_suppressed": frac(w_BxT < 1.0 - tol),
         "frac_zero": frac(w_BxT <= tol),
@@ -287,6 +324,7 @@ def pgpo(
     min_weight: float = 0.0,
     max_weight: float | None = None,
     eps: float = 1e-8,
+    degenerate_rtol: float = DEGENERATE_RTOL,
     adv_eps: float = 1e-6,
 ) -> Array:
     """PGPO token advantages Ã_{i,t} = A_i · ω̃_{i,t} (PGPO.md §3.5), whatever the sign of A_i.
@@ -295,7 +333,7 @@ def pgpo(
       rewards_B: [B] rewards, group-major.
       dependency_BxT, mask_BxT: [B, T] visual dependency and valid-token mask.
       group_size: G.
-      tau, beta, renormalize, threshold_mode, min_weight, max_weight, eps: see
+      tau, beta, renormalize, threshold_mode, min_weight, max_weight, eps, degenerate_rtol: see
         `pgpo_token_weights`.
       adv_eps: the eps of `grpo`.
     Returns:
@@ -303,7 +341,7 @@ def pgpo(
     """
     weights_BxT = pgpo_token_weights(
         dependency_BxT, mask_BxT, tau, beta, renormalize=renormalize, threshold_mode=threshold_mode,
-        min_weight=min_weight, max_weight=max_weight, eps=eps,
+        min_weight=min_weight, max_weight=max_weight, eps=eps, degenerate_rtol=degenerate_rtol,
     )
     return grpo(rewards_B, group_size, adv_eps)[:, None] * weights_BxT
 
@@ -311,7 +349,7 @@ def pgpo(
 # ----------------------------------------------------------------------------- registry
 
 # Keys every estimator accepts, so one config block serves both (pgpo.enabled=False -> "grpo").
-_PGPO_KEYS = ("tau", "beta", "renormalize", "threshold_mode", "min_weight", "max_weight", "eps")
+_PGPO_KEYS = ("tau", "beta", "renormalize", "threshold_mode", "min_weight", "max_weight", "eps", "degenerate_rtol")
 _ESTIMATOR_KEYS = ("adv_eps",) + _PGPO_KEYS
 
 Estimator = Callable[..., tuple[Array, dict[str, Array]]]
@@ -341,9 +379,9 @@ def _pgpo_estimator(
     if dependency_BxT is None:
         raise ValueError("advantage estimator 'pgpo' needs dependency_BxT (got None)")
     weight_cfg = {k: v for k, v in cfg.items() if k in _PGPO_KEYS}
-    weights_BxT = pgpo_token_weights(dependency_BxT, mask_BxT, **weight_cfg)
+    weights_BxT, fallback_B = _token_weights(dependency_BxT, mask_BxT, **weight_cfg)
     adv_BxT = grpo(rewards_B, group_size, cfg.get("adv_eps", 1e-6))[:, None] * weights_BxT
-    return adv_BxT, pgpo_diagnostics(weights_BxT, mask_BxT)
+    return adv_BxT, pgpo_diagnostics(weights_BxT, mask_BxT, fallback_B=fallback_B)
 
 
 ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
