@@ -6,6 +6,11 @@ Defaults are the paper's DAPO/PGPO recipe (PGPO.md §4-5) wherever it is explici
 """
 from __future__ import annotations
 
+import math
+import os
+import re
+from typing import Any, Callable
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -102,60 +107,200 @@ def _require(cond: bool, key: str, msg: str) -> None:
     raise ConfigError(f"config.{key}: {msg}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Per-key value rules. Every numeric or enumerated key has one, so a new key of that kind gets a line
+# here; relations between keys (divisibility, min < max, hosts) are checked in `validate`.
+# ------------------------------------------------------------------------------------------------
+Rule = tuple[Callable[[Any], bool], str]  # (accepts the value, what the message says it must be)
+
+
+def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+            integer: bool = False, optional: bool = False) -> Rule:
+  """A finite number (an int if `integer`) in [lo, hi] (open ends as asked); None too if `optional`."""
+  def ok(v: Any) -> bool:
+    if v is None:
+      return optional
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+      return False
+    return ((lo is None or (v > lo if lo_open else v >= lo))
+            and (hi is None or (v < hi if hi_open else v <= hi)))
+
+  kind = "an integer" if integer else "a number"
+  if lo is not None and hi is not None:
+    text = f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+  elif lo is not None:
+    text = f"{kind} {'>' if lo_open else '>='} {lo:g}"
+  else:
+    text = kind
+  return ok, text + (" (or None)" if optional else "")
+
+
+def _one_of(*choices: str) -> Rule:
+  return (lambda v: v in choices), f"one of {list(choices)}"
+
+
+def _dual_clip(v: Any) -> bool:
+  return _number()[0](v) and (v == 0 or v > 1)
+
+
+def _regex(v: Any) -> bool:
+  try:
+    re.compile(v)
+  except (re.error, TypeError):
+    return False
+  return True
+
+
+def _answer_template(v: Any) -> bool:
+  try:
+    return isinstance(v, str) and "{answer}" in v and bool(v.format(answer="1"))
+  except (IndexError, KeyError, ValueError):
+    return False
+
+
+_POS_INT = _number(0, lo_open=True, integer=True)
+_NONNEG_INT = _number(0, integer=True)
+_NONNEG = _number(0)
+_POSITIVE = _number(0, lo_open=True)
+_PROBABILITY = _number(0, 1)
+
+VALUE_RULES: dict[str, Rule] = {
+    "model.dtype": _one_of("float32", "bfloat16"),
+    "model.remat_policy": _one_of("none", "full", "dots", "dots_no_batch"),
+    "model.attention_chunk_size": _NONNEG_INT,
+    "data.max_prompt_length": _POS_INT,
+    "data.min_pixels": _number(0, lo_open=True, integer=True, optional=True),
+    "data.max_pixels": _number(0, lo_open=True, integer=True, optional=True),
+    "data.demo_train_rows": _POS_INT,
+    "data.demo_eval_rows": _POS_INT,
+    "data.demo_image_size": _POS_INT,
+    "rollout.prompts_per_step": _POS_INT,
+    "rollout.group_size": _number(2, integer=True),  # a group std needs two samples
+    "rollout.max_new_tokens": _POS_INT,
+    "rollout.temperature": _NONNEG,
+    "rollout.top_p": _number(0, 1, lo_open=True),
+    "rollout.top_k": _NONNEG_INT,  # 0 = off
+    "dynamic_sampling.min_accuracy": _PROBABILITY,
+    "dynamic_sampling.max_accuracy": _PROBABILITY,
+    "updates.prompts_per_update": _POS_INT,
+    "updates.micro_batch_prompts": _POS_INT,
+    "updates.passes": _POS_INT,
+    "optim.learning_rate": _POSITIVE,
+    "optim.schedule": _one_of("constant", "warmup_cosine", "linear"),  # train_step.SCHEDULES
+    "optim.warmup_steps": _NONNEG_INT,
+    "optim.end_learning_rate": _NONNEG,
+    "optim.weight_decay": _NONNEG,
+    "optim.b1": _number(0, 1, hi_open=True),
+    "optim.b2": _number(0, 1, hi_open=True),
+    "optim.eps": _POSITIVE,
+    "optim.grad_clip_norm": _NONNEG,  # 0 = off
+    "optim.frozen_regex": (_regex, "a Python regular expression ('' = nothing frozen)"),
+    "loss.clip_low": _number(0, 1, hi_open=True),
+    "loss.clip_high": _NONNEG,
+    "loss.agg": _one_of("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "loss.dual_clip": (_dual_clip, "0 (off) or a number > 1 (verl's clip_ratio_c)"),
+    "loss.entropy_coef": _NONNEG,
+    "loss.logprob_chunk": _POS_INT,
+    "pgpo.tau": _PROBABILITY,
+    "pgpo.beta": _NONNEG,
+    "pgpo.dependency_estimator": _one_of("k3", "full_kl"),
+    "pgpo.clamp_log_ratio": _number(0, lo_open=True, optional=True),
+    "pgpo.threshold_mode": _one_of("absolute", "quantile"),
+    "pgpo.min_weight": _PROBABILITY,
+    "pgpo.max_weight": _number(1, optional=True),
+    "pgpo.degenerate_rtol": _number(0, 1, hi_open=True),
+    "pgpo.scoring_chunk": _POS_INT,
+    "pgpo.scoring_prompts": _NONNEG_INT,  # 0 = updates.micro_batch_prompts
+    "warmup.sft_steps": _NONNEG_INT,
+    "train.num_steps": _POS_INT,
+    "train.eval_every": _NONNEG_INT,  # 0 = off
+    "train.eval_max_new_tokens": _NONNEG_INT,  # 0 = rollout.max_new_tokens
+    "checkpoint.every": _POS_INT,
+    "checkpoint.keep": _POS_INT,
+}
+# Only read when their feature is on (warmup.sft_steps > 0, train.eval_every > 0).
+WARMUP_RULES: dict[str, Rule] = {
+    "warmup.learning_rate": _POSITIVE,
+    "warmup.prompts_per_step": _POS_INT,
+    "warmup.target_template": (_answer_template, "a str.format template with an {answer} field"),
+}
+EVAL_RULES: dict[str, Rule] = {"train.eval_prompts": _POS_INT}
+
+
+def _get(c: ml_collections.ConfigDict, key: str) -> Any:
+  for part in key.split("."):
+    c = c[part]
+  return c
+
+
+def _check_values(c: ml_collections.ConfigDict, rules: dict[str, Rule]) -> None:
+  for key, (ok, text) in rules.items():
+    value = _get(c, key)
+    _require(ok(value), key, f"must be {text}, got {value!r}")
+
+
 def scoring_prompts_per_host(c: ml_collections.ConfigDict, num_processes: int = 1) -> int:
   """Prompts each host scores per call: `pgpo.scoring_prompts` (default: the micro-batch) split over
   the hosts, at least one."""
   return max(1, -(-(c.pgpo.scoring_prompts or c.updates.micro_batch_prompts) // num_processes))
 
 
+def _check_init_from(c: ml_collections.ConfigDict) -> None:
+  """`model.init_from`, when it is a local path that exists, must be a checkpoint folder (not a file).
+
+  Paths that do not exist here are left to the loader (they may be on another filesystem).
+  """
+  path = c.model.init_from
+  if c.model.random_init or not path or not os.path.exists(path):
+    return
+  from pgpo_jax.models.qwen2_5_vl import loading  # the layouts the loader accepts
+  try:
+    loading.checkpoint_layout(path)
+  except FileNotFoundError:
+    what = "a file" if os.path.isfile(path) else "a folder with neither layout"
+    _require(False, "model.init_from",
+             f"{path!r} is {what}; expected an HF Qwen2.5-VL folder (config.json + model.safetensors or "
+             f"model.safetensors.index.json) or a converted folder (config.json + an Orbax '{loading.PARAMS_ITEM}/' "
+             f"item), as written by scripts/convert_hf.py")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Fails fast with the key at fault. Called before any model is built or data is read.
 
   Batch sizes are global; with `num_processes` hosts each must split evenly (one share per host).
+  Every numeric or enumerated key is checked against its rule in `VALUE_RULES` (the warm-up and
+  evaluation keys only when that feature is on).
   """
   _require(c.model.random_init or bool(c.model.init_from), "model.init_from",
            "is required (an HF Qwen2.5-VL folder or a converted checkpoint), or set model.random_init=True")
-  _require(c.model.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32|bfloat16, got {c.model.dtype!r}")
-  _require(c.model.remat_policy in ("none", "full", "dots", "dots_no_batch"), "model.remat_policy",
-           f"unknown policy {c.model.remat_policy!r}")
+  _check_init_from(c)
   _require(bool(c.data.train_files) or c.data.make_demo_data, "data.train_files", "is required")
-  _require(c.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
+  _check_values(c, VALUE_RULES)
+  if c.warmup.sft_steps > 0:
+    _check_values(c, WARMUP_RULES)
+  if c.train.eval_every > 0:
+    _check_values(c, EVAL_RULES)
+  _require(c.data.min_pixels is None or c.data.max_pixels is None or c.data.min_pixels <= c.data.max_pixels,
+           "data.min_pixels", f"({c.data.min_pixels}) must be <= data.max_pixels ({c.data.max_pixels})")
   r = c.rollout
-  _require(r.group_size >= 2, "rollout.group_size", f"must be >= 2 for group advantages, got {r.group_size}")
-  _require(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
-  _require(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
-  _require(r.temperature >= 0, "rollout.temperature", "must be >= 0")
-  _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
   u = c.updates
-  _require(u.prompts_per_update > 0 and r.prompts_per_step % u.prompts_per_update == 0, "updates.prompts_per_update",
+  _require(r.prompts_per_step % u.prompts_per_update == 0, "updates.prompts_per_update",
            f"({u.prompts_per_update}) must divide rollout.prompts_per_step ({r.prompts_per_step}): a rollout batch "
            "is split into whole update batches")
-  _require(u.micro_batch_prompts > 0 and u.prompts_per_update % u.micro_batch_prompts == 0,
+  _require(u.prompts_per_update % u.micro_batch_prompts == 0,
            "updates.micro_batch_prompts", f"({u.micro_batch_prompts}) must divide updates.prompts_per_update "
            f"({u.prompts_per_update})")
-  _require(u.passes >= 1, "updates.passes", "must be >= 1")
   ds = c.dynamic_sampling
   _require(0 <= ds.min_accuracy < ds.max_accuracy <= 1, "dynamic_sampling.min_accuracy",
            "need 0 <= min_accuracy < max_accuracy <= 1")
   _require(ds.max_rounds >= 1, "dynamic_sampling.max_rounds", "must be >= 1")
-  _require(c.loss.agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), "loss.agg",
-           f"unknown aggregation {c.loss.agg!r}")
-  _require(c.loss.clip_low >= 0 and c.loss.clip_high >= 0, "loss.clip_low", "clip ranges must be >= 0")
   _require(c.loss.kl_estimator in ("k1", "k2", "k3"), "loss.kl_estimator", f"unknown {c.loss.kl_estimator!r}")
   p = c.pgpo
-  _require(0.0 <= p.tau <= 1.0, "pgpo.tau", f"must be in [0, 1], got {p.tau}")
-  _require(p.beta >= 0, "pgpo.beta", f"must be >= 0, got {p.beta}")
-  _require(p.dependency_estimator in ("k3", "full_kl"), "pgpo.dependency_estimator",
-           f"unknown estimator {p.dependency_estimator!r} (k3 | full_kl)")
-  _require(p.scoring_prompts >= 0 and (p.scoring_prompts == 0 or r.prompts_per_step % p.scoring_prompts == 0),
+  _require(p.scoring_prompts == 0 or r.prompts_per_step % p.scoring_prompts == 0,
            "pgpo.scoring_prompts", f"({p.scoring_prompts}) must divide rollout.prompts_per_step ({r.prompts_per_step})")
-  _require(p.threshold_mode in ("absolute", "quantile"), "pgpo.threshold_mode", f"unknown {p.threshold_mode!r}")
-  _require(0 <= p.degenerate_rtol < 1, "pgpo.degenerate_rtol", f"must be in [0, 1), got {p.degenerate_rtol}")
   from pgpo_jax import rewards
   _require(c.reward.name in rewards.BATCH_REWARD_FNS, "reward.name",
            f"unknown reward {c.reward.name!r}; registered: {sorted(rewards.BATCH_REWARD_FNS)}")
-  _require(c.train.num_steps > 0, "train.num_steps", "must be > 0")
-  _require(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every", "every and keep must be > 0")
   if num_processes > 1:
     for key, n in (("rollout.prompts_per_step", r.prompts_per_step), ("updates.prompts_per_update", u.prompts_per_update),
                    ("pgpo.scoring_prompts", p.scoring_prompts),

@@ -83,7 +83,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_
       t = trainer.Trainer(c, str(workdir))
       assert t.maybe_restore() and t.step == 1
       t.checkpointer.close()
-    assert f"checkpoints/2 does not read back" in caplog.text, item
+    assert "checkpoints/2 does not read back" in caplog.text, item
     assert f"moved to {workdir}/checkpoints/2.damaged" in caplog.text, item
 
 

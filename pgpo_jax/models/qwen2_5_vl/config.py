@@ -156,10 +156,16 @@ class Qwen25VLConfig:
     if os.path.isdir(path):
       path = os.path.join(path, "config.json")
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         d = json.load(f)
     except FileNotFoundError:
       raise FileNotFoundError(f"no config.json at {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path}: not a JSON config ({type(e).__name__}: {e}); expected the config.json of a "
+                       "Qwen2.5-VL checkpoint (or the checkpoint folder that holds it)") from None
+    if not isinstance(d, dict):
+      raise ValueError(f"{path}: not a JSON config object (got a JSON {type(d).__name__}); expected the "
+                       "config.json of a Qwen2.5-VL checkpoint")
     try:
       return cls.from_hf_dict(d)
     except (ValueError, KeyError) as e:
