@@ -133,6 +133,39 @@ def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
   assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
 
 
+def test_trainer_state_item_gets_a_clear_error_and_the_step_folder_exports(tiny_hf, tmp_path, capsys):
+  """`--ckpt WORKDIR/checkpoints/<step>/state` (params + optimizer state) names the params item to use."""
+  import jax
+  import optax
+  from flax import nnx
+  from pgpo_jax import checkpoint as ckpt_lib
+  model = q.from_pretrained(tiny_hf[1])
+  params = nnx.state(model, nnx.Param)
+  work = tmp_path / "workdir"
+  c = ckpt_lib.Checkpointer(work / "checkpoints", save_every=1, async_save=False)
+  state = {"train": {"params": params, "opt_state": optax.adam(1e-3).init(params), "step": np.int32(7)},
+           "rng": np.zeros(2, np.uint32)}
+  c.save(7, state, params, {"step": 7}, {})
+  c.close()
+  shutil.copy(tiny_hf[1] / "config.json", work / "config.json")
+  step = work / "checkpoints" / "7"
+  rc = cli.main(["--to_hf", "--ckpt", str(step / "state"), "--out_dir", str(tmp_path / "out"), "--no_progress"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "'state' item" in err and f"{step / 'params'}" in err, err
+  assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+  # The step folder itself exports (its params item; config.json two levels up).
+  assert cli.main(["--to_hf", "--ckpt", str(step), "--out_dir", str(tmp_path / "out"), "--no_progress"]) == 0
+  exported, original = _all_tensors(tmp_path / "out"), _all_tensors(tiny_hf[1])
+  assert set(exported) == set(original)
+  np.testing.assert_array_equal(exported["model.norm.weight"], original["model.norm.weight"])
+  # Any other tree of non-arrays: named, not an AttributeError.
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "opt"), {"opt": optax.adam(1e-3).init({"w": jax.numpy.zeros(3)})})
+  with pytest.raises(ValueError, match="not a parameters checkpoint: opt is a list, not an array"):
+    loading.orbax_param_metadata(tmp_path / "opt")
+
+
 def test_params_to_hf_from_memory(tiny_hf, tmp_path):
   model = q.from_pretrained(tiny_hf[1])
   convert.params_to_hf(loading.flat_params(model), model.cfg, tmp_path, config_src=tiny_hf[1], progress=False)

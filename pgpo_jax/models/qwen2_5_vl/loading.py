@@ -102,13 +102,16 @@ def checkpoint_layout(path: str | os.PathLike) -> tuple[str, str]:
 def find_config(path: str | os.PathLike) -> str:
   """The `config.json` that belongs to a checkpoint path.
 
-  Looked up in order: `path/`, its parent (`CKPT/params` -> `CKPT/config.json`) and three levels
-  up (trainer layout `WORKDIR/checkpoints/<step>/params` -> `WORKDIR/config.json`).
+  Looked up in order: `path/`, its parent (`CKPT/params` -> `CKPT/config.json`), two levels up
+  (trainer step folder `WORKDIR/checkpoints/<step>` -> `WORKDIR/config.json`) and three levels up
+  (trainer layout `WORKDIR/checkpoints/<step>/params` -> `WORKDIR/config.json`).
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.isfile(path):
     return path
-  candidates = [path, os.path.dirname(path), os.path.dirname(os.path.dirname(os.path.dirname(path)))]
+  up1 = os.path.dirname(path)
+  up2 = os.path.dirname(up1)
+  candidates = [path, up1, up2, os.path.dirname(up2)]
   for c in candidates:
     f = os.path.join(c, "config.json")
     if os.path.isfile(f):
@@ -145,7 +148,19 @@ def orbax_param_metadata(params_dir: str | os.PathLike) -> dict[Path, tuple[tupl
   meta = ocp.PyTreeCheckpointer().metadata(os.fspath(params_dir))
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
-  return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in _walk_tree(tree)}
+  if isinstance(tree, Mapping) and "train" in tree and "rng" in tree:
+    # The trainer's `state` item (parameters + optimizer state + RNG); its sibling holds the parameters.
+    sibling = os.path.join(os.path.dirname(os.path.abspath(os.fspath(params_dir))), PARAMS_ITEM)
+    raise ValueError(f"{params_dir} is a trainer checkpoint's 'state' item (parameters with the optimizer "
+                     f"state); use the parameters item next to it, {sibling}, or the step folder above it")
+  out = {}
+  for p, m in _walk_tree(tree):
+    if not hasattr(m, "shape"):
+      raise ValueError(f"{params_dir}: not a parameters checkpoint: {'/'.join(p) or '<root>'} is a "
+                       f"{type(m).__name__}, not an array; expected an Orbax item of parameter arrays "
+                       f"(CKPT/{PARAMS_ITEM} or WORKDIR/checkpoints/<step>/{PARAMS_ITEM})")
+    out[p] = (tuple(m.shape), np.dtype(m.dtype))
+  return out
 
 
 def check_orbax_params(params_dir: str, shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]]
