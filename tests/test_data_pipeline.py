@@ -172,7 +172,7 @@ def test_bad_rows_are_skipped_counted_and_logged(processor, bad_rows_files, capl
       reader_lib.EMPTY_QUESTION: 1, reader_lib.MISSING_ANSWER: 2, reader_lib.MISSING_IMAGE: 1,
       reader_lib.MISSING_IMAGE_FILE: 1, reader_lib.CORRUPT_IMAGE: 2,
       reader_lib.IMAGE_PLACEHOLDER_MISMATCH: 0, reader_lib.PROMPT_TOO_LONG: 0,
-      reader_lib.PROCESSOR_ERROR: 0}
+      reader_lib.PROCESSOR_ERROR: 0, reader_lib.MALFORMED_ROW: 0}
   assert (it.stats.rows_read, it.stats.prompts, it.stats.skipped) == (10, 3, 7)
   # One log line per skip, naming file, row and reason.
   msgs = [r.getMessage() for r in caplog.records]
@@ -181,6 +181,48 @@ def test_bad_rows_are_skipped_counted_and_logged(processor, bad_rows_files, capl
              for m in msgs)
   assert f"skipping row 0 of {jl_path}: missing_answer" in "\n".join(msgs)
   assert len([m for m in msgs if m.startswith("skipping row")]) == 7
+
+
+def test_malformed_jsonl_lines_are_skipped_and_counted_like_bad_parquet_rows(processor, tmp_path, caplog):
+  """One bad line no longer rejects a JSON-lines file: it is a skipped row, numbered from 0 like parquet's."""
+  b64 = lambda i: base64.b64encode(png(noise_image(56, 56, i))).decode()  # noqa: E731
+  good = lambda q, i: json.dumps({"problem": q, "answer": "1", "images": [{"bytes": b64(i)}]})  # noqa: E731
+  jl = tmp_path / "some_bad.jsonl"
+  jl.write_text("\n".join([
+      good("jl 0", 0),  # row 0, line 1
+      '{"problem": "cut short", "answer": ',  # row 1, line 2: truncated
+      "",  # line 3: blank, not a row
+      '["a", "list"]',  # row 2, line 4: JSON, not an object
+      good("jl 3", 1),  # row 3, line 5
+      '{"problem": "nan", "answer": NaN}',  # row 4, line 6: not JSON
+  ]) + "\n")
+  pq_path = write_table(tmp_path / "one_bad.parquet", {
+      "problem": ["pq 0", "pq 1"], "answer": ["1", "2"],
+      "images": pa.array([[png(noise_image(56, 56, 2))], [b"not an image"]], pa.list_(pa.binary()))})
+  with caplog.at_level(logging.WARNING, logger=reader_lib.__name__):
+    it = make_prompt_iterator(DatasetSpec([pq_path, str(jl)]), processor, batch_size=2, seed=0, num_epochs=1,
+                              max_prompt_length=512, shard_index=0, shard_count=1)
+    batches = collect(it)
+  assert sorted(q for b in batches for q, v in zip(b.questions, b.prompt_valid) if v) == ["jl 0", "jl 3", "pq 0"]
+  assert it.stats.counts[reader_lib.MALFORMED_ROW] == 3 and it.stats.counts[reader_lib.CORRUPT_IMAGE] == 1
+  assert (it.stats.rows_read, it.stats.prompts, it.stats.skipped) == (7, 3, 4)
+  msgs = "\n".join(r.getMessage() for r in caplog.records)
+  assert f"skipping row 1 of {pq_path}: corrupt_image" in msgs
+  assert f"skipping row 1 of {jl}: malformed_row (line 2: " in msgs
+  assert f"skipping row 2 of {jl}: malformed_row (line 4: a JSON list, not an object)" in msgs
+  assert f"skipping row 4 of {jl}: malformed_row (line 6: NaN is not valid JSON)" in msgs
+  assert DatasetReader(DatasetSpec(str(jl))).load(3).question == "jl 3"  # rows keep the file's numbering
+
+
+def test_jsonl_file_level_errors_give_the_line(tmp_path):
+  mixed = tmp_path / "mixed.jsonl"
+  mixed.write_text('{"problem": "a", "answer": "1"}\n\n{"problem": "b", "answer": {"x": 1}}\n')
+  with pytest.raises(ValueError, match=r"mixed.jsonl.*answer.*\(row 1 is line 3\)"):
+    DatasetReader(DatasetSpec(str(mixed), image_key=None))
+  junk = tmp_path / "junk.jsonl"
+  junk.write_text("not json\n[1]\n")
+  with pytest.raises(ValueError, match=r"junk.jsonl.*none of its 2 lines is a JSON object \(first: line 1: "):
+    DatasetReader(DatasetSpec(str(junk), image_key=None))
 
 
 def test_file_level_errors_raise_before_iteration(processor, synth_path, tmp_path):

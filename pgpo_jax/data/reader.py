@@ -4,8 +4,12 @@ A dataset is one or more files holding a question column, an answer column and (
 image column. The files are read with pyarrow when the reader is built, so every file-level
 problem (missing file, unreadable file, missing column) raises before training starts, with the
 file and the column in the message. Row-level problems (empty question, null answer, missing or
-corrupt image, ...) never raise: `DatasetReader.load` returns a `SkippedRow` naming the reason, and
-the pipeline counts it in a `SkipStats` and logs file and row.
+corrupt image, a JSON-lines line that is not a JSON object, ...) never raise: `DatasetReader.load`
+returns a `SkippedRow` naming the reason, and the pipeline counts it in a `SkipStats` and logs file
+and row.
+
+Rows are numbered from 0 within each file, in both formats: in JSON lines, row k is the k-th
+non-blank line (blank lines are not rows); skip messages of JSON lines also give the 1-based line.
 
 Supported image encodings, per row, in both formats (a single value or a list of them):
 - raw bytes (parquet `binary`);
@@ -24,8 +28,10 @@ import binascii
 import dataclasses
 import glob
 import io
+import json
 import logging
 import os
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -48,8 +54,9 @@ CORRUPT_IMAGE = "corrupt_image"
 IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # `<image>` count != image count
 PROMPT_TOO_LONG = "prompt_too_long"
 PROCESSOR_ERROR = "processor_error"
+MALFORMED_ROW = "malformed_row"  # a JSON-lines line that does not parse as one JSON object
 SKIP_REASONS = (EMPTY_QUESTION, MISSING_ANSWER, MISSING_IMAGE, MISSING_IMAGE_FILE, CORRUPT_IMAGE,
-                IMAGE_PLACEHOLDER_MISMATCH, PROMPT_TOO_LONG, PROCESSOR_ERROR)
+                IMAGE_PLACEHOLDER_MISMATCH, PROMPT_TOO_LONG, PROCESSOR_ERROR, MALFORMED_ROW)
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -176,24 +183,79 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
   return out
 
 
-def _open_table(path: str) -> tuple[list[str], Callable[[list[str]], pa.Table]] | None:
-  """(column names, a reader of some columns) of a data file; None for an empty JSON-lines file.
+def _reject_constant(name: str) -> None:
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_jsonl_skipping_malformed(path: str, read_options) -> tuple[pa.Table, dict[int, str]]:
+  """A JSON-lines table whose malformed lines are empty rows, and {row: why} for those rows.
+
+  The slow path, taken only when pyarrow rejects the file: every line is parsed with `json`, and a
+  line that is not one JSON object is replaced by `{}` (a row of nulls), so that row numbers stay
+  those of the file.
+  """
+  with open(path, "rb") as fh:
+    lines = fh.read().split(b"\n")
+  kept, bad, row = [], {}, 0
+  for lineno, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue  # blank lines are not rows (as in pyarrow)
+    try:
+      obj = json.loads(line, parse_constant=_reject_constant)
+      if not isinstance(obj, dict):
+        raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+      bad[row] = f"line {lineno}: {e}"[:300]
+      line = b"{}"
+    kept.append(line)
+    row += 1
+  if bad and len(bad) == row:
+    raise ValueError(f"dataset file {path!r}: none of its {row} lines is a JSON object (first: "
+                     f"{bad[0]}); expected one JSON object per line")
+  try:
+    table = pa_json.read_json(io.BytesIO(b"\n".join(kept)), read_options=read_options)
+  except pa.ArrowException as e:
+    # A schema conflict between well-formed rows (a column that is text in one row and a number in
+    # another): pyarrow counts rows from 0; add the line for the reader of the file.
+    m = re.search(r"in row (\d+)", str(e))
+    where = ""
+    if m:
+      nonblank = [i for i, line in enumerate(lines, start=1) if line.strip()]
+      k = int(m.group(1))
+      where = f" (row {k} is line {nonblank[k]})" if k < len(nonblank) else ""
+    raise ValueError(f"cannot read dataset file {path!r}: {e}{where}") from e
+  if table.num_rows != row:
+    raise ValueError(f"cannot read dataset file {path!r}: {row} JSON lines gave {table.num_rows} rows")
+  return table, bad
+
+
+def _open_table(path: str) -> tuple[list[str], Callable[[list[str]], pa.Table], dict[int, str]] | None:
+  """(column names, a reader of some columns, {row: why} of malformed rows) of a data file; None for
+  an empty JSON-lines file.
 
   Parquet reads only the requested columns (image-heavy files often carry extra columns); JSON
-  lines is parsed whole, since its schema is only known after parsing.
+  lines is parsed whole, since its schema is only known after parsing. A JSON-lines line that is not
+  a JSON object becomes a malformed row (skipped and counted, like a bad parquet row).
   """
   lower = path.lower()
   try:
     if lower.endswith(_PARQUET_SUFFIXES):
       names = pq.read_schema(path).names
-      return names, lambda cols: pq.read_table(path, columns=cols, memory_map=True)
+      return names, lambda cols: pq.read_table(path, columns=cols, memory_map=True), {}
     if lower.endswith(_JSONL_SUFFIXES):
       with open(path, "rb") as fh:
         if not fh.read(4096).strip():
           return None
       # Larger blocks than the 1 MiB default: rows with base64 images can exceed it.
-      table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=64 << 20))
-      return table.column_names, table.select
+      options = pa_json.ReadOptions(block_size=64 << 20)
+      try:
+        table, bad = pa_json.read_json(path, read_options=options), {}
+      except pa.ArrowInvalid:
+        table, bad = _read_jsonl_skipping_malformed(path, options)
+        if bad:
+          log.warning("dataset file %s: %d malformed line(s) will be skipped (first: row %d, %s)", path,
+                      len(bad), min(bad), bad[min(bad)])
+      return table.column_names, table.select, bad
   except (pa.ArrowException, OSError) as e:
     raise ValueError(f"cannot read dataset file {path!r}: {e}") from e
   raise ValueError(f"dataset file {path!r}: unknown format (expected one of "
@@ -210,6 +272,7 @@ class _File:
   question_key: str
   columns: Mapping[str, pa.ChunkedArray]  # top-level column name -> values
   num_rows: int
+  malformed: Mapping[int, str] = dataclasses.field(default_factory=dict)  # row -> why (JSON lines)
 
 
 class DatasetReader:
@@ -234,7 +297,7 @@ class DatasetReader:
     if opened is None:  # Empty JSON lines: no rows and no schema to check.
       log.warning("dataset file %s has no rows", path)
       return _File(path, self.spec.question_key or "", {}, 0)
-    names, read_columns = opened
+    names, read_columns, malformed = opened
     question_key = self.spec.question_key
     if question_key is None:
       question_key = next((k for k in DEFAULT_QUESTION_KEYS if k in names), None)
@@ -256,7 +319,7 @@ class DatasetReader:
       raise ValueError(f"cannot read columns {top} of dataset file {path!r}: {e}") from e
     if table.num_rows == 0:
       log.warning("dataset file %s has no rows", path)
-    return _File(path, question_key, {c: table.column(c) for c in top}, table.num_rows)
+    return _File(path, question_key, {c: table.column(c) for c in top}, table.num_rows, malformed)
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -279,6 +342,8 @@ class DatasetReader:
   def load(self, index: int) -> RawRow | SkippedRow:
     """Reads and decodes row `index`; row-level problems become a `SkippedRow`."""
     f, row = self._find(index)
+    if row in f.malformed:
+      return SkippedRow(MALFORMED_ROW, f.path, row, f.malformed[row])
     try:
       return self._load(f, row)
     except RowError as e:
