@@ -33,8 +33,16 @@ def get_config():
   c.mesh.fsdp = -1
   c.mesh.tensor = 4
 
-  c.data.max_prompt_length = 2048  # image tokens (<= 1024 at max_pixels) + question
-  c.data.max_pixels = 1024 * 28 * 28  # <= 4096 patches = 1024 LM tokens per image
+  # Image sizes as in VPPO's EasyR1 recipe (the setup PGPO follows): every image is resized to between
+  # 256 and 1280 LM tokens (one token per 28x28 pixels), i.e. 1,024 to 5,120 ViT patches.
+  c.data.min_pixels = 256 * 28 * 28  # 200,704
+  c.data.max_pixels = 1280 * 28 * 28  # 1,003,520
+  # VPPO allows 4,096 prompt tokens; we keep 2,048. A rollout batch is padded to the length bucket of
+  # its longest prompt and the compile check sizes every program for max_prompt_length + max_new_tokens,
+  # so 4,096 would make the worst case 1.5x longer for the few prompts that need it: 2,048 holds any
+  # one-image prompt (<= 1,280 image tokens) with a question of up to ~750 tokens; longer (multi-image)
+  # prompts are skipped and counted (`prompt_too_long`). Set 4,096 where memory allows (compile_check).
+  c.data.max_prompt_length = 2048
   c.data.num_epochs = 2
 
   c.rollout.prompts_per_step = 384
@@ -56,6 +64,10 @@ def get_config():
   c.loss.clip_low = 0.2
   c.loss.clip_high = 0.28
   c.loss.agg = "token-mean"
+  # Dual-clip PPO (Ye et al. 2020) as EasyR1/VPPO run it by default (clip_ratio_dual = 3.0): for Ã < 0 the
+  # per-token loss is capped at -3·Ã, so a token whose ratio ran far above 1 cannot dominate the step.
+  # PGPO.md's loss has no such term; it only acts on ρ > 3 with Ã < 0.
+  c.loss.dual_clip = 3.0
 
   c.pgpo.enabled = True
   c.pgpo.tau = 0.4

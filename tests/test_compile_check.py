@@ -35,7 +35,7 @@ def _tiny(**overrides):
   c.rollout.prompts_per_step = 8
   c.rollout.max_new_tokens = 16
   c.data.max_prompt_length = 64
-  c.data.max_pixels = 64 * 14 * 14
+  c.data.min_pixels, c.data.max_pixels = 16 * 14 * 14, 64 * 14 * 14
   c.updates.prompts_per_update = 8
   c.updates.micro_batch_prompts = 4
   c.pgpo.scoring_chunk = 16
@@ -82,6 +82,7 @@ def test_oversized_config_does_not_fit_and_exits_1(libtpu, tmp_path):
          "--config.model.attention_chunk_size=0", "--config.mesh.tensor=2",
          "--config.rollout.prompts_per_step=4096", "--config.rollout.max_new_tokens=8192",
          "--config.data.max_prompt_length=64", f"--config.data.max_pixels={64 * 14 * 14}",
+         f"--config.data.min_pixels={16 * 14 * 14}",
          "--config.updates.prompts_per_update=8", "--config.updates.micro_batch_prompts=4"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -136,3 +136,16 @@ def test_init_from_a_random_file_names_key_and_path(tmp_path):
   (tmp_path / "list.json").write_text("[1, 2]")
   with pytest.raises(ValueError, match="not a JSON config object"):
     Qwen25VLConfig.from_json(tmp_path / "list.json")
+
+
+@pytest.mark.parametrize("name", ["pgpo_7b", "pgpo_3b", "dapo_7b"])
+def test_paper_recipes_follow_vppo_easyr1_or_say_why(name):
+  """The values of VPPO's EasyR1 recipe (examples/configs/config.yaml; EasyR1's ActorConfig default
+  clip_ratio_dual = 3.0), or a comment in configs/pgpo_7b.py saying why not."""
+  from tests.tiny_run import ROOT, load_config
+  c = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+  assert (c.data.min_pixels, c.data.max_pixels) == (256 * 28 * 28, 1280 * 28 * 28) == (200_704, 1_003_520)
+  assert c.loss.dual_clip == 3.0
+  assert (c.loss.clip_low, c.loss.clip_high, c.rollout.top_p, c.rollout.group_size) == (0.2, 0.28, 0.99, 5)
+  source = open(os.path.join(ROOT, "configs", "pgpo_7b.py")).read()
+  assert c.data.max_prompt_length == 4096 or "VPPO allows 4,096 prompt tokens; we keep 2,048" in source
