@@ -78,6 +78,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_
     if item == "state":  # a full restart: resumes at 1, trains step 2 again and saves it afresh
       trainer.train(c, str(workdir))
       assert [r["step"] for r in _metrics(workdir)] == [1, 2]
+      assert 0.0 <= _metrics(workdir)[-1]["pgpo/degenerate_frac"] <= 1.0  # the fallback share is logged
       assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "2.damaged"]
     else:
       t = trainer.Trainer(c, str(workdir))
