@@ -74,6 +74,7 @@ def _collect_failed_reads() -> None:
 
   Each would otherwise print the same read error again, with its TensorStore spec, as "Exception
   ignored in <coroutine>" whenever the garbage collector reaches it; the caller reports it in one line.
+  Best effort: a coroutine still pending in Orbax's event loop is finalised (and printed) later.
   """
   previous = sys.unraisablehook
   sys.unraisablehook = lambda u: None if isinstance(u.object, types.CoroutineType) else previous(u)
