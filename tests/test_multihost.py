@@ -40,13 +40,13 @@ def _start_processes(argv_of, n: int):
   return procs, logs
 
 
-def _wait_processes(procs, logs, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-  """Waits for all; every process must exit 0 (none is left running)."""
+def _wait_processes(procs, logs, timeout: float = 600, returncode: int = 0) -> list[subprocess.CompletedProcess]:
+  """Waits for all; every process must exit with `returncode` (none is left running)."""
   deadline = time.time() + timeout
   try:
     # A process that fails leaves the others waiting in a collective: stop them all at once.
     while any(p.poll() is None for p in procs) and time.time() < deadline:
-      if any(p.poll() not in (None, 0) for p in procs):
+      if any(p.poll() not in (None, returncode) for p in procs):
         break
       time.sleep(0.2)
   finally:
@@ -63,7 +63,7 @@ def _wait_processes(procs, logs, timeout: float = 600) -> list[subprocess.Comple
       f.close()
     outs.append(subprocess.CompletedProcess(p.args, p.returncode, *text))
   for i, o in enumerate(outs):
-    assert o.returncode == 0, f"process {i} exited {o.returncode}:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
+    assert o.returncode == returncode, f"process {i} exited {o.returncode}:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
   return outs
 
 
@@ -115,6 +115,10 @@ try:  # the batch replicated over hosts (tensor spans them): no host owns its ow
 except ValueError as e:
   out["tensor_over_hosts"] = str(e)
 multihost.check_host_split(mesh, rules, 8)
+# Update mini-batches of a short step: host 0 kept 3 groups, host 1 none; both run 2 (of 2 prompts
+# per host), the number the host with the most groups needs, so none is all padding.
+from pgpo_jax import trainer
+out["update_batches"] = trainer.num_update_batches([3, 0][pid], 2)
 print(json.dumps(out))
 """
 
@@ -131,6 +135,7 @@ def test_multihost_helpers_on_two_processes():
     assert r["metrics"] == {"time/rollout": 2.0, "reward/overall": 0.5, "pgpo/max_weight": 2.0,
                             "pgpo/min_weight": 0.0, "throughput/generated_tokens_per_s": 20.0}
     assert "updates.prompts_per_update" in r["tensor_over_hosts"] and "hosts" in r["tensor_over_hosts"], r
+    assert r["update_batches"] == 2, r
 
 
 def test_single_process_helpers_are_plain_device_put():
@@ -278,7 +283,8 @@ def test_train_script_on_two_processes(data_dir, tmp_path):
 
 def test_sigterm_on_one_host_stops_all_hosts_after_a_common_checkpoint(data_dir, tmp_path):
   """Preemption notices reach hosts at different times: the hosts agree to stop at the same step,
-  all save that step, and all exit cleanly (a host that left alone would hang the others)."""
+  all save that step, and all exit with the preempted status 75 (a host that left alone would hang
+  the others; 0 would tell a scheduler that the run finished)."""
   workdir = tmp_path / "preempted"
   procs, logs = _start_processes(lambda i, port: _driver(workdir, data_dir, 50, 2, i, port) + [
       "--override=checkpoint.every=1000", "--override=train.eval_every=0"], n=2)
@@ -286,7 +292,8 @@ def test_sigterm_on_one_host_stops_all_hosts_after_a_common_checkpoint(data_dir,
   while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
     time.sleep(0.2)
   procs[1].send_signal(signal.SIGTERM)  # host 1 only
-  _wait_processes(procs, logs, timeout=300)  # (without the agreement host 0 waits forever)
+  # (without the agreement host 0 waits forever)
+  _wait_processes(procs, logs, timeout=300, returncode=trainer.EXIT_PREEMPTED)
   steps = sorted(_metrics(workdir))
   saved = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
   assert saved == [steps[-1]] and 1 <= steps[-1] < 50, (saved, steps)
