@@ -632,7 +632,8 @@ class Trainer:
       m[f"time/{k}"] = v
     m["time/step"] = time.perf_counter() - t0
     m["throughput/generated_tokens_per_s"] = gen_tokens / max(times["rollout"], 1e-9)
-    m["throughput/mfu"] = self._mfu(gen_tokens, int(valid.sum()), P * self.G * (seq.prompt_ids.shape[1] + L),
+    scored_rows = min(P, -(-used // sp) * sp) * self.G  # whole scoring slices up to the last used row
+    m["throughput/mfu"] = self._mfu(gen_tokens, int(valid.sum()), scored_rows * (seq.prompt_ids.shape[1] + L),
                                     m["time/step"])
     return multihost.reduce_metrics(m)
 
@@ -834,7 +835,7 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('reward/overall', float('nan')):.3f}",
                         acc=f"{m.get('reward/accuracy', float('nan')):.2f}", s_per_step=f"{m.get('time/step', 0):.1f}")
-        # SIGTERM may reach the hosts at different steps: stop when any host got it (all save together).
+        # A signal may reach the hosts at different steps: stop when any host got one (all save together).
         if int(multihost.max_over_hosts(np.int64(guard.triggered))):
           self.save(force=True)
           self.stop_reason = "preempted"

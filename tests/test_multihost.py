@@ -177,10 +177,12 @@ def test_global_batches_must_split_over_hosts(tmp_path):
 # The trainer on 2 processes vs 1
 # ------------------------------------------------------------------------------------------------
 # fsdp=4: the parameters are sharded across the two hosts too. One update per step (the update batch
-# is the whole rollout batch), so the update sees the same groups however the hosts split them.
+# is the whole rollout batch), so the update sees the same groups however the hosts split them. A KL
+# term: π_ref (the weights after the warm-up) is sharded over both hosts, saved once and restored on
+# resume.
 _OVERRIDES = ["mesh.data=1", "mesh.fsdp=4", "rollout.prompts_per_step=8", "updates.prompts_per_update=8",
               "updates.micro_batch_prompts=4", "pgpo.scoring_prompts=4", "dynamic_sampling.max_rounds=1",
-              "train.eval_every=3", "checkpoint.every=2"]
+              "train.eval_every=3", "checkpoint.every=2", "loss.kl_coef=0.05"]
 
 
 def _driver(workdir, data_dir, steps, n, i=0, port=0):
@@ -234,6 +236,9 @@ def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
     # near-zero gradients of either sign move a weight by ±lr.
     for k in ("pgpo/max_weight", "train/update_norm"):
       assert got[step][k] == pytest.approx(ref[step][k], rel=1e-3), (step, k, got[step][k], ref[step][k])
+    # KL to π_ref: ~0 at step 1 (π_θ = π_ref up to float rounding), then the policy's drift.
+    assert got[step]["train/kl"] == pytest.approx(ref[step]["train/kl"], rel=1e-3, abs=1e-8), (step, got[step])
+  assert ref[3]["train/kl"] > 1e-6
   assert ref[1]["dynamic_sampling/kept_share"] < 1  # filler groups were used on some host
   assert got[3]["eval/accuracy"] == ref[3]["eval/accuracy"] and got[3]["eval/num_prompts"] == 4
   p1, p2 = _params(one, 3), _params(two, 3)
