@@ -8,8 +8,6 @@
 - `collect` and the update loop on scripted rollouts (accuracies chosen per prompt, no sampling):
   dynamic-sampling bounds, the round cap, truncation to the batch, padding, short batches.
 """
-import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
