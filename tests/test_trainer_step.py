@@ -8,7 +8,6 @@
 - `collect` and the update loop on scripted rollouts (accuracies chosen per prompt, no sampling):
   dynamic-sampling bounds, the round cap, truncation to the batch, padding, short batches.
 """
-
 import jax
 import jax.numpy as jnp
 import numpy as np
