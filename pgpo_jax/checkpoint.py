@@ -226,33 +226,47 @@ def restore_params(path: str | os.PathLike, params_like: Any) -> Any:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (TPU preemption, `kill`) into a flag the host loop checks between steps.
+  """Turns SIGTERM (TPU preemption, `kill`) and SIGINT (Ctrl-C) into a flag the host loop checks
+  between steps.
 
-  The loop then saves a checkpoint and exits cleanly; a second SIGTERM falls back to the default.
+  The loop then saves a checkpoint and stops (the trainer's `Preempted`, exit status 75 in
+  `scripts/train.py`); a second signal of the same kind gets the previous handler (Ctrl-C twice:
+  KeyboardInterrupt at once).
   """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._flag = threading.Event()
-    self._previous = None
+    self._previous: dict[int, Any] = {}
+    self.received: str | None = None  # the name of the first signal received
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
+  def _restore(self, sig: int) -> None:
+    previous = self._previous.get(sig)
+    signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
   def _handle(self, signum, frame):
-    log.warning("SIGTERM received: will checkpoint and stop after the current step")
+    name = signal.Signals(signum).name
+    log.warning("%s received: will checkpoint and stop after the current step", name)
+    self.received = self.received or name
     self._flag.set()
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous if callable(self._previous) else signal.SIG_DFL)
+    self._restore(signum)
 
   @property
   def triggered(self) -> bool:
     return self._flag.is_set()
 
   def __exit__(self, *exc):
-    if self._previous is not None and threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._previous if callable(self._previous) else signal.SIG_DFL)
+    if self._previous and threading.current_thread() is threading.main_thread():
+      for sig in self._previous:
+        self._restore(sig)
+      self._previous = {}
     return False
 
 

@@ -411,16 +411,19 @@ def score_step(ctx: Context) -> Step:
   seq = sequence_batch(cfg, s.score_prompts, s, mesh, rules)
   p = c.pgpo
   graphdef = ctx.model_graphdef
+  from pgpo_jax import trainer
+  temperature = trainer.logprob_temperature(c)
 
   def score(params, seq):  # = Trainer._score
     model = nnx.merge(graphdef, params)
     return sequences.score_rollout(model, seq, estimator=p.dependency_estimator, chunk_size=p.scoring_chunk,
-                                   clamp_log_ratio=p.clamp_log_ratio)
+                                   clamp_log_ratio=p.clamp_log_ratio, temperature=temperature)
 
   fn = jax.jit(score)
   rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len
   flops = 2 * text_flops(cfg, rows * T, T, rows * s.response_len) + vision_flops(cfg, s.score_prompts, s.patches)
-  resident = ctx.state_bytes - ctx.param_bytes  # AdamW moments (params are an argument)
+  # AdamW moments (params are an argument), + π_ref with a KL term (`reference.py`).
+  resident = ctx.state_bytes - ctx.param_bytes + (ctx.param_bytes if c.loss.kl_coef else 0)
   return Step("score", "train", lambda: fn.lower(ctx.train_params, seq), resident, flops,
               note=f"{rows} sequences x T={T}, two views")
 
@@ -436,6 +439,8 @@ def train_step_step(ctx: Context) -> Step:
            "adv": _rows((Pu, G, L), jnp.float32, mesh, rules), "old_logp": _rows((Pu, G, L), jnp.float32, mesh, rules),
            "token_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
            "seq_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
+  if c.loss.kl_coef:  # log π_ref of the KL term
+    batch["ref_logp"] = _rows((Pu, G, L), jnp.float32, mesh, rules)
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
   loss_fn = trainer.rl_loss_fn(c)
 
@@ -445,7 +450,8 @@ def train_step_step(ctx: Context) -> Step:
   rows, T = Pu * G, s.prompt_len + L
   fwd = text_flops(cfg, rows * T, T, rows * L) + vision_flops(cfg, Pu, s.patches)
   recompute = 0 if cfg.remat_policy == "none" else 1
-  return Step("train", "train", lambda: step.lower(ctx.train_state, batch), 0, (3 + recompute) * fwd,
+  ref_bytes = ctx.param_bytes if c.loss.kl_coef else 0  # π_ref stays on the devices
+  return Step("train", "train", lambda: step.lower(ctx.train_state, batch), ref_bytes, (3 + recompute) * fwd,
               note=f"{rows} sequences x T={T} in {s.num_microbatches} micro-batches, remat={cfg.remat_policy}")
 
 

@@ -20,6 +20,13 @@ fold_in(fold_in(key_b, f * 2^24 + r), s), key_b = fold_in(key(seed), crc32(bench
 results do not depend on the batch size, the order rows are read in, the device count or the other
 benchmarks of the call.
 
+Multi-host. Run the same command on every host (`scripts/eval.py --coordinator_address ...`, or a TPU
+pod's workers): the mesh spans every host's devices, each host reads every `process_count`-th row of each
+benchmark and samples its share (a generation call is a collective: a host out of rows takes part with
+an all-invalid batch), and the per-sample records are gathered, so every host returns the whole result
+(host 0 writes it). The streams above make it the result of one host. `batch_size` is the prompts of
+one generation call over all hosts.
+
 Layouts. A checkpoint is a trainer WORKDIR (latest finished step), `WORKDIR/checkpoints/<step>`, its
 `params` item, an HF folder or a converted folder (`scripts/convert_hf.py`); the processor comes from
 the folder holding the config. A benchmark is a parquet or JSON-lines file read by `data/reader.py`;
@@ -44,6 +51,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pgpo_jax import multihost
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import sharding
@@ -53,6 +61,7 @@ from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_b
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths
 from pgpo_jax.models import qwen2_5_vl as q
 from pgpo_jax.models.qwen2_5_vl import loading
+from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
 
 log = logging.getLogger("pgpo_jax.evaluation")
 
@@ -236,11 +245,12 @@ def load_policy(ckpt: str | os.PathLike, *, dtype: str = "bfloat16", mesh: jax.s
   """Loads a checkpoint (any layout of `resolve_checkpoint`) and its processor.
 
   With a mesh, every parameter is written straight into its SAMPLE_RULES sharding (weights split over
-  `tensor`, replicated over `data`/`fsdp`, which carry the batch).
+  `tensor`, replicated over `data`/`fsdp`, which carry the batch). Multi-host runs need the mesh (over
+  every host's devices, `make_eval_mesh`).
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError("evaluation runs on one host (all its local devices); got "
-                              f"{jax.process_count()} processes")
+  if jax.process_count() > 1 and mesh is None:
+    raise ValueError(f"evaluation on {jax.process_count()} processes needs a mesh over all their devices "
+                     "(make_eval_mesh)")
   ref = resolve_checkpoint(ckpt, processor_dir)
   cfg = q.Qwen25VLConfig.from_json(ref.config_path)
   if mesh is not None:
@@ -358,21 +368,55 @@ def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_sampl
   """Samples `num_samples` responses for every valid prompt of `pb`; rows of filler prompts are dropped.
 
   stream_ids [B]: RNG stream of each prompt (default: the file row index), so a prompt's samples do not
-  depend on its batch. The batch is padded to a multiple of the mesh's batch shards.
+  depend on its batch. The batch is padded to a multiple of the mesh's batch shards. Multi-host: every
+  host calls this with its own batch of equally many prompts (a collective) and gets its own rows.
   """
-  shards = policy.batch_shards
+  n = jax.process_count()
+  shards = max(policy.batch_shards // n, 1)  # this host's share of the batch shards
   ids = np.asarray(pb.row_indices if stream_ids is None else stream_ids, np.int64)
+  extent = {}
+  if n > 1:  # the hosts' inputs must have one shape: pad to the longest prompt / most patches of any host
+    longest, patches = (int(x) for x in multihost.max_over_hosts(
+        np.array([pb.attention_mask.sum(1).max(), _max_row_patches(pb)], np.int64)))
+    extent = dict(prompt_length=seq_bucket(longest), num_patches=q.patch_bucket(patches) if patches else None)
   inputs = rollout_lib.prepare_inputs(
       policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
       position_ids=pb.position_ids, prompt_ids=ids, batch_multiple=shards,
-      batch_size=rollout_lib.batch_bucket(pb.batch_size, shards))
+      batch_size=rollout_lib.batch_bucket(pb.batch_size, shards), **extent)
   out = rollout_lib.rollout(policy.graphdef, policy.state, inputs, key, max_new_tokens=max_new_tokens,
                             sampling=sampling, num_samples=num_samples, pad_token_id=policy.cfg.pad_token_id,
                             mesh=policy.mesh)
+  if n > 1:
+    out = multihost.to_local(out, rollout_lib.logical_axes(out), policy.mesh, sharding.SAMPLE_RULES)
   tokens, mask, trunc = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
   prompts = [b for b in range(pb.batch_size) if pb.prompt_valid[b]]
   rows = np.array([b * num_samples + s for b in prompts for s in range(num_samples)], np.int64)
   return Generations(tokens[rows], mask[rows], trunc[rows], prompts, num_samples)
+
+
+def _max_row_patches(pb: PromptBatch) -> int:
+  """The most image patches of one prompt of the batch (0 without images)."""
+  sizes = q.rope.valid_grids(pb.image_grid_thw).prod(axis=1) if pb.image_grid_thw is not None else np.zeros(0)
+  csum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  ends = np.cumsum(pb.num_images)
+  return int((csum[ends] - csum[ends - pb.num_images]).max(initial=0))
+
+
+def host_batches(it) -> Iterable[PromptBatch]:
+  """This host's batches of `it`, then copies of its last one with every prompt invalid until every
+  host is done: generation is a collective, so all hosts call it equally often."""
+  last = None
+  while True:
+    pb = next(it, None)
+    if not int(multihost.max_over_hosts(np.int64(pb is not None))):
+      return
+    if pb is None:
+      if last is None:
+        raise ValueError(f"host {jax.process_index()} has no usable row of this benchmark while other hosts do; "
+                         f"evaluate it with fewer processes than its {jax.process_count()}")
+      pb = dataclasses.replace(last, prompt_valid=np.zeros_like(last.prompt_valid))
+    last = pb
+    yield pb
 
 
 def stream_ids(pb: PromptBatch, file_index: Mapping[str, int]) -> np.ndarray:
@@ -385,11 +429,13 @@ def benchmark_key(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def prompt_iterator(spec: DatasetSpec, processor, cfg: EvalConfig | Any, *, seed: int = 0):
-  """One pass over every row of `spec` (this host reads all of them) as `PromptBatch`es."""
+def prompt_iterator(spec: DatasetSpec, processor, cfg: EvalConfig | Any, *, seed: int = 0, shard_index: int = 0,
+                    shard_count: int = 1, batch_size: int | None = None):
+  """One pass over the rows of `spec` as `PromptBatch`es of `batch_size` (default `cfg.batch_size`):
+  all of them, or every `shard_count`-th from `shard_index` (a host's share)."""
   return make_prompt_iterator(
-      spec, processor, batch_size=cfg.batch_size, seed=seed, num_epochs=1, max_prompt_length=cfg.max_prompt_length,
-      shard_index=0, shard_count=1, even_shards=False,
+      spec, processor, batch_size=batch_size or cfg.batch_size, seed=seed, num_epochs=1,
+      max_prompt_length=cfg.max_prompt_length, shard_index=shard_index, shard_count=shard_count, even_shards=False,
       length_buckets=default_length_buckets(cfg.max_prompt_length),
       prompt_format=PromptFormat(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels))
 
@@ -443,25 +489,29 @@ def summarize(samples: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
 
 def evaluate(policy: Policy, benchmarks: Sequence[Benchmark], cfg: EvalConfig = EvalConfig(), *,
              progress: bool = True) -> EvalResult:
-  """Samples, scores and summarises every benchmark (see the module docstring for the protocol)."""
+  """Samples, scores and summarises every benchmark (see the module docstring for the protocol).
+  Multi-host: call on every host; each gets the whole result."""
   from tqdm import tqdm
   reward_fn = rewards_lib.get_batch_reward_fn(cfg.reward)
   tok = policy.tokenizer
   table, all_samples, skips = [], [], {}
   t_all = time.perf_counter()
+  host, hosts = jax.process_index(), jax.process_count()
   for bench in benchmarks:
     t0 = time.perf_counter()
     reader = DatasetReader(bench.spec)
-    total = len(reader)
+    total = len(range(host, len(reader), hosts))  # this host's rows
     file_index = {path: i for i, path in enumerate(reader.files)}
     del reader  # the iterator reads the files again; do not hold two copies of the image column
-    it = prompt_iterator(bench.spec, policy.processor, cfg, seed=cfg.seed)
+    it = prompt_iterator(bench.spec, policy.processor, cfg, seed=cfg.seed, shard_index=host, shard_count=hosts,
+                         batch_size=-(-cfg.batch_size // hosts))
     key = benchmark_key(cfg.seed, bench.name)
     samples: list[dict[str, Any]] = []
     gen_tokens, correct = 0, 0.0
-    with tqdm(total=total, desc=bench.name, unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+    progress_here = progress and host == 0
+    with tqdm(total=total, desc=bench.name, unit="prompt", disable=not progress_here, dynamic_ncols=True) as bar:
       read = 0
-      for pb in it:
+      for pb in host_batches(it):
         gen = generate_batch(policy, pb, key, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
                              sampling=cfg.sampling, stream_ids=stream_ids(pb, file_index))
         texts = [tok.decode(t[m], skip_special_tokens=True) for t, m in zip(gen.tokens, gen.mask)]
@@ -482,14 +532,18 @@ def evaluate(policy: Policy, benchmarks: Sequence[Benchmark], cfg: EvalConfig = 
         read = it.stats.rows_read
         bar.set_postfix(acc=f"{correct / len(samples):.3f}" if samples else "-")
       bar.update(total - read)
-    stats = it.stats
-    skips[bench.name] = stats.as_dict()
-    if stats.skipped:
+    stats = _sum_stats(multihost.allgather_json(it.stats.as_dict()))
+    skips[bench.name] = stats
+    if stats["skipped_total"]:
       log.warning("benchmark %s: %d of %d rows skipped (%s); they are not part of the accuracy", bench.name,
-                  stats.skipped, stats.rows_read, {r: n for r, n in stats.counts.items() if n})
+                  stats["skipped_total"], stats["rows_read"], {r: n for r, n in stats["skipped"].items() if n})
+    del stats["skipped_total"]
+    if hosts > 1:  # every host's records (JSON-safe values), and the token count over hosts
+      samples = [x for part in multihost.allgather_json(samples) for x in part]
+      gen_tokens = int(multihost.sum_over_hosts(np.int64(gen_tokens)))
     samples.sort(key=lambda x: (x["source"], x["row_index"], x["sample"]))
     seconds = time.perf_counter() - t0
-    table.append({"benchmark": bench.name, **summarize(samples, cfg.k), "num_skipped": stats.skipped,
+    table.append({"benchmark": bench.name, **summarize(samples, cfg.k), "num_skipped": sum(stats["skipped"].values()),
                   "seconds": seconds, "generated_tokens_per_s": gen_tokens / max(seconds, 1e-9)})
     all_samples.extend(samples)
   table.append(average_row(table))
@@ -500,6 +554,17 @@ def evaluate(policy: Policy, benchmarks: Sequence[Benchmark], cfg: EvalConfig = 
       "rows": skips, "devices": [str(d) for d in jax.devices()],
       "mesh": None if policy.mesh is None else dict(policy.mesh.shape), "seconds": time.perf_counter() - t_all}
   return EvalResult(table, all_samples, info)
+
+
+def _sum_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Hosts' `SkipStats.as_dict()` summed (+ "skipped_total")."""
+  out = {"rows_read": sum(p["rows_read"] for p in parts), "prompts": sum(p["prompts"] for p in parts),
+         "skipped": {}}
+  for p in parts:
+    for r, n in p["skipped"].items():
+      out["skipped"][r] = out["skipped"].get(r, 0) + n
+  out["skipped_total"] = sum(out["skipped"].values())
+  return out
 
 
 def average_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -179,7 +179,10 @@ def _score_fn(graphdef, estimator: str, chunk_size: int, clamp: float | None, th
 
 def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectConfig(), *,
             progress: bool = True) -> list[ResponseRecord]:
-  """Samples and scores one response for each of the first `cfg.n` prompts of `spec`."""
+  """Samples and scores one response for each of the first `cfg.n` prompts of `spec` (one host: a
+  diagnostic of tens of responses; `evaluation.evaluate` is the multi-host job)."""
+  if jax.process_count() > 1:
+    raise NotImplementedError(f"inspect runs on one host; got {jax.process_count()} processes")
   from tqdm import tqdm
   tok = policy.tokenizer
   specials = special_ids(tok)

@@ -12,7 +12,9 @@ gradients. For the sum to equal the full-batch gradient, the loss must be normal
 full-batch quantities: scalar (0-d) batch leaves are handed unchanged to every
 micro-batch, so put e.g. `losses.loss_normalizers(mask)` into the batch. Aux metrics
 are averaged over micro-batches, weighted by the aux entry `metric_weight` when the loss
-returns one (see `reduce_microbatch_metrics`).
+returns one (see `reduce_microbatch_metrics`), except those named in `summed_metrics`:
+micro-batch partial sums over the full-batch normaliser (e.g. `pg_loss`), which add up to
+the full batch's value.
 
 Choices:
 - Frozen parameters (`frozen_regex`, matched with `re.search` against the '/'-joined
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -255,19 +257,22 @@ def _where_tree(pred: Array, on_true: Any, on_false: Any) -> Any:
 METRIC_WEIGHT = "metric_weight"
 
 
-def reduce_microbatch_metrics(aux_stack: dict[str, Array]) -> dict[str, Array]:
+def reduce_microbatch_metrics(aux_stack: dict[str, Array], summed: Sequence[str] = ()) -> dict[str, Array]:
     """[n] per-micro-batch aux metrics -> scalars.
 
-    Without a `metric_weight` entry: the plain mean. With one (e.g. the micro-batch's valid-token
-    count): the weighted mean, and max/min over the micro-batches of positive weight for keys
-    ending in `_max`/`_min`; a micro-batch with nothing in it (all padding) then does not drag
-    token-level means towards 0.
+    Keys in `summed` are summed (partial sums of a full-batch quantity: a micro-batch's share of a
+    loss normalised by full-batch counts). Otherwise, without a `metric_weight` entry: the plain
+    mean. With one (e.g. the micro-batch's valid-token count): the weighted mean, and max/min over
+    the micro-batches of positive weight for keys ending in `_max`/`_min`; a micro-batch with
+    nothing in it (all padding) then does not drag token-level means towards 0.
     """
+    sums = {k: jnp.sum(v, axis=0) for k, v in aux_stack.items() if k in summed}
+    aux_stack = {k: v for k, v in aux_stack.items() if k not in summed}
     if METRIC_WEIGHT not in aux_stack:
-        return {k: jnp.mean(v, axis=0) for k, v in aux_stack.items()}
+        return {**{k: jnp.mean(v, axis=0) for k, v in aux_stack.items()}, **sums}
     w = aux_stack[METRIC_WEIGHT].astype(jnp.float32)
     has = w > 0
-    out = {}
+    out = sums
     for k, v in aux_stack.items():
         if k.endswith("_max"):
             out[k] = jnp.where(has.any(), jnp.max(jnp.where(has, v, -jnp.inf)), jnp.mean(v))
@@ -285,6 +290,7 @@ def make_train_step(
     num_microbatches: int = 1,
     *,
     frozen_regex: str | None = None,
+    summed_metrics: Sequence[str] = (),
     state_sharding: Any = None,
     batch_sharding: Any = None,
     donate: bool = True,
@@ -298,14 +304,16 @@ def make_train_step(
       optimizer: e.g. `make_optimizer(...)`.
       num_microbatches: gradient-accumulation steps; batch leaves' leading dim must divide.
       frozen_regex: the optimizer's frozen_regex, to skip frozen gradients (optional).
+      summed_metrics: aux keys summed over micro-batches instead of averaged (e.g. "pg_loss",
+        whose micro-batch values are partial sums over the full batch's normaliser).
       state_sharding, batch_sharding: optional shardings (pytrees of Sharding) for jit's
         in/out shardings; None leaves the choice to JAX.
       donate: donate the input state's buffers (do not reuse `state` after the call).
     Returns:
       step function. metrics: loss (summed over micro-batches), grad_norm (before
       clipping), update_norm, param_norm, learning_rate, skipped (0/1), num_skipped, and
-      the mean over micro-batches of each aux metric (aux keys that collide with these
-      are shadowed).
+      the mean over micro-batches of each aux metric (the sum for `summed_metrics`; aux
+      keys that collide with these are shadowed).
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
@@ -338,7 +346,7 @@ def make_train_step(
 
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
             (grads, loss), aux_stack = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
-            aux = reduce_microbatch_metrics(aux_stack)
+            aux = reduce_microbatch_metrics(aux_stack, tuple(summed_metrics))
         aux = dict(aux)
         aux.pop(METRIC_WEIGHT, None)
 

@@ -9,7 +9,9 @@ One training step (= one rollout batch):
       ─► metrics (jsonl, TensorBoard, progress bar) ─► async checkpoint
 
 Resuming from WORKDIR restores params, optimizer state, RNG, the data iterator and counters, so the
-next batch is the one after the last saved step. SIGTERM triggers a checkpoint and a clean exit.
+next batch is the one after the last saved step. SIGTERM or SIGINT (preemption, Ctrl-C) triggers a
+checkpoint after the current step, then `train` raises `Preempted` (`scripts/train.py` exits with
+`EXIT_PREEMPTED` = 75: not finished, rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from flax import nnx
 from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import config as config_lib
 from pgpo_jax import multihost
+from pgpo_jax import reference as reference_lib
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import sharding
@@ -40,7 +43,7 @@ from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.data import processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_buckets, bucket_size
-from pgpo_jax.data.reader import DatasetSpec
+from pgpo_jax.data.reader import SKIP_REASONS, DatasetSpec
 from pgpo_jax.models import qwen2_5_vl as q
 from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
 from pgpo_jax.rl import advantages as adv_lib
@@ -106,14 +109,16 @@ def prompt_stream_ids(pb: PromptBatch) -> np.ndarray:
 
 def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, pad_id: int,
                    filler: int = 0, *, filler_group: Group | None = None,
-                   extent: tuple[int, int] | None = None) -> tuple[sequences.SequenceBatch, np.ndarray]:
+                   extent: tuple[int, int] | None = None,
+                   mask_vision_markers: bool = False) -> tuple[sequences.SequenceBatch, np.ndarray]:
   """Left-pads the groups' prompts into one SequenceBatch (+ `filler` masked groups).
 
   Returns the batch and the flat rewards [P*G]. Filler groups (copies of `filler_group`, default
   group 0) have an all-False response mask, so they add nothing to losses, normalisers or
   statistics; they keep the update batch shape static. `extent` = (prompt tokens, patches per
   prompt) to pad to (default: `group_extent(groups)`; hosts of a multi-host run pass the maximum
-  over hosts so that their batches have one shape).
+  over hosts so that their batches have one shape). `mask_vision_markers`: the blind view also hides
+  `<|vision_start|>`/`<|vision_end|>` (`pgpo.mask_vision_markers`).
   """
   base = groups[0] if filler_group is None else filler_group
   groups = list(groups) + [dataclasses.replace(base, mask=np.zeros_like(base.mask))] * filler
@@ -129,7 +134,7 @@ def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, p
   grids = np.concatenate([g.grids for g in groups])
   seq = sequences.make_sequence_batch(cfg, ids, am, pix, grids, np.stack([g.tokens for g in groups]),
                                       np.stack([g.mask for g in groups]),
-                                      num_patches=q.patch_bucket(patches))
+                                      num_patches=q.patch_bucket(patches), mask_vision_markers=mask_vision_markers)
   return seq, np.concatenate([g.rewards for g in groups]).astype(np.float32)
 
 
@@ -202,22 +207,46 @@ def estimator_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
               min_weight=p.min_weight, max_weight=p.max_weight, degenerate_rtol=p.degenerate_rtol)
 
 
+def logprob_temperature(c: ml_collections.ConfigDict) -> float:
+  """The temperature of every log-prob of the update: old (scoring), blind, π_θ (loss) and π_ref.
+
+  Tokens are sampled from softmax(logits / T), so the importance ratio, the dependency S and the KL
+  are taken under that same distribution (as verl and EasyR1 divide logits by the rollout temperature).
+  T = 0 (greedy rollouts) has no sampling distribution; the log-probs then use T = 1.
+  """
+  t = float(c.rollout.temperature)
+  return t if t > 0 else 1.0
+
+
 # ------------------------------------------------------------------------------------------------
 # Device programs
 # ------------------------------------------------------------------------------------------------
+# Micro-batch values of these loss metrics are partial sums over the mini-batch's normaliser: summed.
+SUMMED_LOSS_METRICS = ("pg_loss", "kl")
+
+
 def rl_loss_fn(c: ml_collections.ConfigDict):
-  """`loss_fn(model, batch)` for the train step: clipped surrogate on row-aligned [P, G, L] data."""
+  """`loss_fn(model, batch)` for the train step: clipped surrogate on row-aligned [P, G, L] data.
+
+  With `loss.kl_coef > 0` the batch carries `ref_logp` [P, G, L] (log π_ref, `reference.py`) and the
+  loss adds kl_coef · agg(KL estimate); its value is the metric `kl`.
+  """
   l = c.loss
+  temperature = logprob_temperature(c)
 
   def loss_fn(model, b):
     seq: sequences.SequenceBatch = b["seq"]
-    logp, entropy = sequences.response_logprobs(model, seq, chunk_size=l.logprob_chunk, return_entropy=True)
+    logp, entropy = sequences.response_logprobs(model, seq, chunk_size=l.logprob_chunk, temperature=temperature,
+                                                return_entropy=True)
     flat = lambda x: x.reshape(-1, x.shape[-1])
+    kl = dict(ref_logp_BxT=flat(b["ref_logp"]), kl_coef=l.kl_coef, kl_estimator=l.kl_estimator) if l.kl_coef else {}
     loss, metrics = losses_lib.policy_loss(
         logp, flat(b["old_logp"]), flat(b["adv"]), seq.flat_response_mask, l.clip_low, l.clip_high, l.agg,
         dual_clip=l.dual_clip or None, entropy_BxT=entropy if l.entropy_coef else None,
         entropy_coef=l.entropy_coef, loss_horizon=float(seq.response.shape[-1]),
-        token_normalizer=b["token_normalizer"], seq_normalizer=b["seq_normalizer"])
+        token_normalizer=b["token_normalizer"], seq_normalizer=b["seq_normalizer"], **kl)
+    if "kl_loss" in metrics:
+      metrics["kl"] = metrics.pop("kl_loss")
     m = seq.flat_response_mask
     metrics["entropy"] = jnp.sum(jnp.where(m, entropy, 0.0)) / jnp.maximum(m.sum(), 1)
     metrics[train_step_lib.METRIC_WEIGHT] = m.sum()  # token-weighted means over micro-batches
@@ -243,6 +272,38 @@ def _normalizers(mask: np.ndarray) -> dict[str, np.ndarray]:
   m = np.asarray(mask).reshape(-1, mask.shape[-1]).astype(bool)
   tokens, seqs = multihost.sum_over_hosts(np.array([m.sum(), m.any(-1).sum()], np.int64))
   return {"token_normalizer": np.float32(tokens), "seq_normalizer": np.float32(seqs)}
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """x [n, ...] -> [rows, ...], zeros after row n."""
+  return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)]) if rows > x.shape[0] else x
+
+
+def num_update_batches(kept_local: int, per_update_local: int) -> int:
+  """Update mini-batches of a step whose hosts kept `kept_local` groups each (a collective).
+
+  Enough for the host with the most groups: every mini-batch then holds a real group on that host,
+  so none is all padding, and every host runs the same number of optimizer steps.
+  """
+  most = int(multihost.max_over_hosts(np.int64(kept_local)))
+  return -(-most // per_update_local)
+
+
+class EndOfData(Exception):
+  """The training data ran out (after `data.num_epochs` passes) while a step collected prompts."""
+
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early by a signal, checkpoint saved; rerun to resume
+
+
+class Preempted(Exception):
+  """Raised by `train` when SIGTERM or SIGINT stopped the run; a checkpoint of `step` was saved."""
+
+  def __init__(self, step: int, metrics: dict[str, float]):
+    super().__init__(f"stopped by a signal after step {step}, which is checkpointed; rerun the same command "
+                     "to resume")
+    self.step = step
+    self.metrics = metrics
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,14 +363,19 @@ class Trainer:
     del self.model  # the parameters live in self.state from here on
     n_micro = c.updates.prompts_per_update // c.updates.micro_batch_prompts
     self.train_step = train_step_lib.make_train_step(self.graphdef, rl_loss_fn(c), self.optimizer, n_micro,
-                                                     frozen_regex=c.optim.frozen_regex or None)
+                                                     frozen_regex=c.optim.frozen_regex or None,
+                                                     summed_metrics=SUMMED_LOSS_METRICS)
     self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef),
-                            static_argnames=("estimator", "chunk", "clamp"))
+                            static_argnames=("estimator", "chunk", "clamp", "temperature"))
+    # π_ref for the KL term: a copy of the initial weights, or None (and no memory) when kl_coef == 0.
+    self.reference = reference_lib.build(c, self.model_graphdef, self.state.params, self.train_shardings,
+                                         temperature=logprob_temperature(c))
     # One compiled program (the bounded renormalisation's bisection loop is slow op by op).
     est = adv_lib.get_estimator("pgpo" if c.pgpo.enabled else "grpo")
     self.advantage_fn = jax.jit(functools.partial(est, group_size=self.G, **estimator_options(c)))
     self.key = jax.random.key(c.seed)
     self.step = 0
+    self.stop_reason = ""  # set by run(): "finished" | "preempted" | "end of data"
     self.data_iter = self._train_iterator()
     self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                               save_every=c.checkpoint.every, keep=c.checkpoint.keep,
@@ -343,7 +409,7 @@ class Trainer:
     c = self.c
     return make_prompt_iterator(
         self._spec(c.data.train_files), self.processor, batch_size=self.prompts_local, seed=c.seed,
-        num_epochs=None, max_prompt_length=c.data.max_prompt_length, drop_remainder=True,
+        num_epochs=c.data.num_epochs or None, max_prompt_length=c.data.max_prompt_length, drop_remainder=True,
         length_buckets=self.length_buckets,
         prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
 
@@ -355,9 +421,10 @@ class Trainer:
 
   # -- device programs ----------------------------------------------------------------------------
   @staticmethod
-  def _score(graphdef, params, seq, *, estimator="k3", chunk=256, clamp=None):
+  def _score(graphdef, params, seq, *, estimator="k3", chunk=256, clamp=None, temperature=1.0):
     model = nnx.merge(graphdef, params)
-    return sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp)
+    return sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp,
+                                   temperature=temperature)
 
   def _sample_params(self):
     if self.mesh.size == 1:
@@ -423,17 +490,30 @@ class Trainer:
                           np.array([s["format"] for s in sc], np.float32), trunc[rows]))
     return groups
 
-  def collect(self) -> tuple[list[Group], dict[str, float], list[Group]]:
-    """Rollout rounds until `prompts_per_step` groups pass dynamic sampling (or the round cap).
+  def _next_prompts(self) -> PromptBatch:
+    """This host's next batch of prompts. Raises EndOfData on every host as soon as any host's data
+    ran out (`data.num_epochs`): hosts skip different rows, so their shards end at different batches."""
+    pb = next(self.data_iter, None)
+    if not int(multihost.min_over_hosts(np.int64(pb is not None))):
+      raise EndOfData(f"the training data ran out after data.num_epochs={self.c.data.num_epochs} passes")
+    return pb
 
+  def collect(self) -> tuple[list[Group], dict[str, float], list[Group]]:
+    """Rollout rounds until `prompts_per_step` groups pass dynamic sampling, at most
+    `dynamic_sampling.max_rounds` rounds (0: no cap), as verl's DAPO does.
+
+    Returns this host's kept groups (at most its share; later ones are dropped), metrics, and every
+    group sampled (reward statistics). When the rounds run out with fewer groups, `on_short="error"`
+    raises naming the key and "train" leaves the step to train on the groups kept.
     Multi-host: each host keeps its own groups; rounds go on until every host has its share (a
     rollout is a collective, so all hosts run the same number of rounds)."""
     ds = self.c.dynamic_sampling
     want = self.prompts_local
     params = self._sample_params()
     kept, seen, rounds, all_groups = [], 0, 0, []
-    while rounds < ds.max_rounds and int(multihost.min_over_hosts(np.int64(len(kept)))) < want:
-      groups = self.rollout_round(next(self.data_iter), params)
+    while ((not ds.max_rounds or rounds < ds.max_rounds)
+           and int(multihost.min_over_hosts(np.int64(len(kept)))) < want):
+      groups = self.rollout_round(self._next_prompts(), params)
       rounds += 1
       seen += len(groups)
       all_groups.extend(groups)
@@ -441,9 +521,27 @@ class Trainer:
         acc = float(g.accuracy.mean())
         if not ds.enabled or ds.min_accuracy < acc < ds.max_accuracy:
           kept.append(g)
+    kept = kept[:want]
+    total = int(multihost.sum_over_hosts(np.int64(len(kept))))
+    if total < self.c.rollout.prompts_per_step and ds.on_short == "error":
+      raise RuntimeError(
+          f"step {self.step + 1}: dynamic sampling kept {total} of the rollout.prompts_per_step="
+          f"{self.c.rollout.prompts_per_step} groups in dynamic_sampling.max_rounds={ds.max_rounds} rounds "
+          f"(accuracy bounds ({ds.min_accuracy}, {ds.max_accuracy})). Raise dynamic_sampling.max_rounds "
+          "(0: no cap), or set dynamic_sampling.on_short='train' to train on the groups kept.")
     stats = {"dynamic_sampling/kept_share": len(kept) / max(seen, 1), "dynamic_sampling/rounds": rounds,
-             "dynamic_sampling/filled": min(len(kept), want) / want}
-    return kept[:want], stats, all_groups
+             "dynamic_sampling/filled": len(kept) / want}
+    return kept, stats, all_groups
+
+  def _data_counts(self) -> dict[str, float]:
+    """Training rows read and skipped so far (cumulative over resumes), by reason: this host's counts,
+    summed over hosts by `reduce_metrics` (the `count/` prefix)."""
+    st = self.data_iter.stats
+    by_reason = {r: int(st.counts.get(r, 0)) for r in SKIP_REASONS}
+    out = {"count/data_rows_read": st.rows_read, "count/data_skipped_rows": st.skipped}
+    out.update({f"count/data_skipped_rows/{r}": n for r, n in by_reason.items()})
+    out["count/data_skipped_rows/other"] = st.skipped - sum(by_reason.values())
+    return out
 
   def train_one_step(self) -> dict[str, float]:
     c = self.c
@@ -460,7 +558,13 @@ class Trainer:
     m["response/length_mean"] = float(lengths.mean())
     m["response/truncated_share"] = float(np.concatenate([g.truncated for g in all_groups]).mean())
     gen_tokens = int(lengths.sum())
-    if not int(multihost.sum_over_hosts(np.int64(len(kept)))):
+    m.update(self._data_counts())
+    # Update mini-batches: as many as the host with the most kept groups fills, so that none is all
+    # padding (AdamW would still move every weight by momentum and weight decay).
+    upd = self.update_local
+    n_updates = num_update_batches(len(kept), upd)
+    m["train/num_updates"] = float(n_updates * c.updates.passes)
+    if not n_updates:
       log.warning("step %d: no group passed dynamic sampling; skipping the update", self.step)
       m.update({"skipped_no_groups": 1.0, **{f"time/{k}": v for k, v in times.items()}})
       return multihost.reduce_metrics(m)
@@ -469,40 +573,50 @@ class Trainer:
     filler = self.prompts_local - len(kept)
     base = kept or all_groups[:1]
     seq, rewards = collate_groups(kept, self.cfg, self.length_buckets, self.cfg.pad_token_id, filler,
-                                  filler_group=base[0], extent=self._extent(*group_extent(base)))
+                                  filler_group=base[0], extent=self._extent(*group_extent(base)),
+                                  mask_vision_markers=c.pgpo.mask_vision_markers)
     t1 = time.perf_counter()
     p = c.pgpo
+    temperature = logprob_temperature(c)
+    P, L = seq.response.shape[0], seq.response.shape[-1]
+    used = n_updates * upd  # rows the updates read; filler rows after them are not scored
     # Scoring runs in slices of `scoring_prompts` prompts: one call over a whole 384-prompt rollout
     # batch needs hundreds of GiB of activations per device at 7B (compile_check).
     sp = self.scoring_local
-    parts = []
-    for s0 in range(0, seq.prompt_ids.shape[0], sp):
+    parts, ref_parts = [], []
+    for s0 in range(0, used, sp):
       sub = self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))
       parts.append(self.score_fn(self.state.params, sub, estimator=p.dependency_estimator, chunk=p.scoring_chunk,
-                                 clamp=p.clamp_log_ratio))
+                                 clamp=p.clamp_log_ratio, temperature=temperature))
+      if self.reference is not None:
+        ref_parts.append(self.reference.logprobs(sub))
     parts = [self._get_rows(x) for x in parts]
-    scores = type(parts[0])(*[np.concatenate(x) for x in zip(*parts)])
+    scores = type(parts[0])(*[_pad_rows(np.concatenate(x), P * self.G) for x in zip(*parts)])
+    if ref_parts:
+      ref_logp = _pad_rows(np.concatenate([self._get_rows(x) for x in ref_parts]), P * self.G).reshape(P, self.G, L)
     times["scoring"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     mask = seq.flat_response_mask
     adv, diag = self.advantage_fn(rewards, scores.dependency_BxT, mask)
-    P, L = seq.response.shape[0], seq.response.shape[-1]
     adv = np.asarray(adv).reshape(P, self.G, L)
     old_logp = np.asarray(scores.logp_image_BxT).reshape(P, self.G, L)
     dep = np.asarray(scores.dependency_BxT)
     times["advantages"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    upd = self.update_local
     update_metrics = []
     for _ in range(c.updates.passes):
-      for s in range(0, P, upd):
+      for s in range(0, used, upd):
         sl = slice(s, s + upd)
         sub = jax.tree.map(lambda x: x[sl], seq)
         batch = {"seq": sub, "adv": adv[sl], "old_logp": old_logp[sl], **_normalizers(sub.response_mask)}
+        if self.reference is not None:
+          batch["ref_logp"] = ref_logp[sl]
         self.state, um = self.train_step(self.state, self._put_batch(batch))
         update_metrics.append(um)
     update_metrics = jax.device_get(update_metrics)
     times["update"] = time.perf_counter() - t3
+    # Per mini-batch values (losses: the mini-batch's own loss, micro-batch partial sums added up),
+    # averaged over the step's mini-batches.
     for k in update_metrics[0]:
       vals = np.array([u[k] for u in update_metrics], np.float64)
       m[f"train/{k}"] = float(vals.mean())
@@ -518,7 +632,8 @@ class Trainer:
       m[f"time/{k}"] = v
     m["time/step"] = time.perf_counter() - t0
     m["throughput/generated_tokens_per_s"] = gen_tokens / max(times["rollout"], 1e-9)
-    m["throughput/mfu"] = self._mfu(gen_tokens, int(valid.sum()), P * self.G * (seq.prompt_ids.shape[1] + L),
+    scored_rows = min(P, -(-used // sp) * sp) * self.G  # whole scoring slices up to the last used row
+    m["throughput/mfu"] = self._mfu(gen_tokens, int(valid.sum()), scored_rows * (seq.prompt_ids.shape[1] + L),
                                     m["time/step"])
     return multihost.reduce_metrics(m)
 
@@ -671,7 +786,18 @@ class Trainer:
       self.wandb.log(m, step=self.step)
 
   # -- main loop ----------------------------------------------------------------------------------
+  def _profile(self, first_step: int):
+    """A jax.profiler trace of one step into WORKDIR/profile when `train.profile`: the second step
+    this process runs (the first compiles), or its only one."""
+    c = self.c
+    if not c.train.profile or self.step != min(first_step + 1, c.train.num_steps - 1):
+      return contextlib.nullcontext()
+    log.info("train.profile: tracing step %d into %s", self.step + 1, os.path.join(self.workdir, "profile"))
+    return jax.profiler.trace(os.path.join(self.workdir, "profile"))
+
   def run(self) -> dict[str, float]:
+    """Trains to `train.num_steps` (or the end of the data); returns the last step's metrics plus the
+    run's data counts. `stop_reason` says why it stopped."""
     c = self.c
     resumed = self.maybe_restore()
     if not resumed:
@@ -680,13 +806,24 @@ class Trainer:
         ev = self.evaluate()
         self.log_metrics(ev)
         log.info("eval before RL: %s", ev)
+    reference_lib.start_rl(self.reference, self.state.params, self.workdir, resumed=resumed,
+                           warmed_up=c.warmup.sft_steps > 0)
     from tqdm import tqdm
     last: dict[str, float] = {}
     bar = tqdm(total=c.train.num_steps, initial=self.step, disable=not self.is_host0, desc="pgpo", dynamic_ncols=True)
     rules = sharding.use_rules(self.mesh, sharding.TRAIN_RULES) if self.mesh.size > 1 else contextlib.nullcontext()
+    first_step = self.step
+    self.stop_reason = "finished"
     with ckpt_lib.PreemptionGuard() as guard, rules:
       while self.step < c.train.num_steps:
-        m = self.train_one_step()
+        try:
+          with self._profile(first_step):
+            m = self.train_one_step()
+        except EndOfData as e:
+          log.warning("%s: stopping at step %d (train.num_steps=%d)", e, self.step, c.train.num_steps)
+          self.stop_reason = "end of data"
+          self.save(force=True)
+          break
         self.step += 1
         if c.train.eval_every and (self.step % c.train.eval_every == 0 or self.step == c.train.num_steps):
           m.update(self.evaluate())
@@ -698,17 +835,22 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('reward/overall', float('nan')):.3f}",
                         acc=f"{m.get('reward/accuracy', float('nan')):.2f}", s_per_step=f"{m.get('time/step', 0):.1f}")
-        # SIGTERM may reach the hosts at different steps: stop when any host got it (all save together).
+        # A signal may reach the hosts at different steps: stop when any host got one (all save together).
         if int(multihost.max_over_hosts(np.int64(guard.triggered))):
           self.save(force=True)
-          log.warning("preempted: saved step %d, exiting", self.step)
+          self.stop_reason = "preempted"
+          log.warning("stopped by a signal: saved step %d, exiting with status %d", self.step, EXIT_PREEMPTED)
           break
         self.save(force=self.step == c.train.num_steps)
     bar.close()
     self.checkpointer.close()
     if self.writer is not None:
       self.writer.close()
-    return last
+    counts = multihost.reduce_metrics(self._data_counts())
+    log.info("training data: %d rows read, %d skipped %s", counts["count/data_rows_read"],
+             counts["count/data_skipped_rows"], {k.rsplit("/", 1)[1]: int(v) for k, v in counts.items()
+                                                  if k.startswith("count/data_skipped_rows/") and v})
+    return {**last, **counts}
 
 
 _PEAK_BF16 = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -724,5 +866,12 @@ def _peak_flops(device) -> float | None:
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Entry point used by `scripts/train.py` and the tests."""
-  return Trainer(c, workdir).run()
+  """Entry point used by `scripts/train.py` and the tests: the last step's metrics (+ data counts).
+
+  Raises `Preempted` (after the checkpoint is saved) when SIGTERM/SIGINT stopped the run.
+  """
+  t = Trainer(c, workdir)
+  last = t.run()
+  if t.stop_reason == "preempted":
+    raise Preempted(t.step, last)
+  return last

@@ -4,6 +4,10 @@
     python scripts/eval.py --ckpt runs/pgpo_7b/checkpoints/300 --data data/mathvista.parquet --greedy
     python scripts/eval.py --ckpt Qwen2.5-VL-7B-Instruct --data 'bench/*.parquet' --mesh data=4,tensor=2
 
+Multi-host (the paper's avg@8 over eight benchmarks): run the same command on every host; on a TPU pod
+slice the hosts find each other, elsewhere name the coordinator (same result as one host; host 0 writes):
+    python scripts/eval.py --ckpt ... --data ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+
 CKPT: a trainer WORKDIR (latest finished step), WORKDIR/checkpoints/<step>[/params], an HF folder or a
 converted folder. Prints the per-benchmark table and writes results.json, results.csv and
 generations.jsonl to --out (default WORKDIR/eval/step<N>_<protocol>, or eval/<name>_<protocol>).
@@ -45,11 +49,22 @@ def main(argv=None) -> int:
   p.add_argument("--image_dir", default=None, help="base folder of relative image paths")
   p.add_argument("--out", default=None, help="output folder")
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--distributed", default="auto", choices=("auto", "yes", "no"),
+                 help="call jax.distributed.initialize() (auto: with --coordinator_address or on a multi-host TPU)")
+  p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host runs)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "grain", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
+  import jax
+
+  from pgpo_jax import multihost
+  if a.distributed == "yes" or (a.distributed == "auto" and (
+      bool(a.coordinator_address) or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))):
+    multihost.initialize(a.coordinator_address, a.num_processes, a.process_id)
   from pgpo_jax import evaluation as ev
   try:
     kw = dict(top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
@@ -64,6 +79,8 @@ def main(argv=None) -> int:
     print(f"eval: error: {e}", file=sys.stderr)
     return 2
   result = ev.evaluate(policy, benches, cfg, progress=not a.no_progress)
+  if jax.process_index() != 0:  # every host holds the whole result; host 0 writes it
+    return 0
   out = a.out or ev.default_out_dir(policy.ref, cfg)
   paths = ev.write_results(result, out)
   print(f"\n{policy.ref.path} ({cfg.tag})")

@@ -2,8 +2,13 @@
 
     python scripts/train.py --config=configs/demo.py [--config.train.num_steps=10] [--workdir=runs/demo]
 
-Resumes automatically from the workdir's latest checkpoint. On multi-host TPU, run the same command
-on every worker (see tpu/README.md); `--distributed` (default: auto) calls jax.distributed.initialize().
+Resumes automatically from the workdir's latest checkpoint. Exit status: 0 when the run finished
+(`train.num_steps`, or the end of the data after `data.num_epochs` passes); 75 (EX_TEMPFAIL) when
+SIGTERM or SIGINT stopped it early after saving a checkpoint (rerun the same command to resume; it
+prints no `done.`); 1 on an error.
+
+On multi-host TPU, run the same command on every worker (see tpu/README.md); `--distributed`
+(default: auto) calls jax.distributed.initialize().
 Elsewhere name the coordinator, e.g. two processes on one CPU machine (tests/test_multihost.py):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/train.py --config=... \
@@ -50,13 +55,21 @@ def main(argv):
   c = _CONFIG.value
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
   workdir = _WORKDIR.value or c.workdir or os.path.join("runs", name)
-  last = trainer.train(c, workdir)
+  try:
+    last, preempted = trainer.train(c, workdir), None
+  except trainer.Preempted as e:
+    last, preempted = e.metrics, e
   if jax.process_index() == 0:
     keys = ("reward/overall", "reward/accuracy", "reward/format", "eval/accuracy")
-    print("done. workdir:", os.path.abspath(workdir))
+    print(f"stopped early: {preempted}" if preempted else "done.", "workdir:", os.path.abspath(workdir))
     print("last step:", {k: round(last[k], 4) for k in keys if k in last})
+    skipped = {k.rsplit("/", 1)[1]: int(v) for k, v in last.items() if k.startswith("count/data_skipped_rows/") and v}
+    print(f"training data: {int(last.get('count/data_rows_read', 0))} rows read, "
+          f"{int(last.get('count/data_skipped_rows', 0))} skipped", skipped or "")
     print("metrics:", os.path.join(os.path.abspath(workdir), "metrics.jsonl"),
           "| TensorBoard:", os.path.join(os.path.abspath(workdir), "tb"))
+  if preempted:
+    sys.exit(trainer.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,10 @@ def main():
     for p in path:
       node = node[p]
     node[leaf] = ast.literal_eval(value)
-  last = trainer.train(c, a.workdir)
+  try:
+    last = trainer.train(c, a.workdir)
+  except trainer.Preempted:
+    sys.exit(trainer.EXIT_PREEMPTED)
   if jax.process_index() == 0:
     print(json.dumps(last))
 

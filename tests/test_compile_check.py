@@ -70,6 +70,17 @@ def test_tiny_config_compiles_and_fits_on_v5e_2x2(libtpu):
   assert "rollout_decode" in table and "/ 16" in table
 
 
+def test_kl_term_compiles_with_the_reference_resident(libtpu):
+  """configs/grpo_7b.py's KL loss: the train step takes log π_ref, and π_ref's copy of the weights is
+  counted as resident in the scoring and train steps."""
+  ctx, reports = cc.run(_tiny(**{"loss.kl_coef": 1e-2, "rollout.temperature": 0.7}), "v5e:2x2", ("score", "train"),
+                        log=lambda m: None)
+  by = {r.name: r for r in reports}
+  assert all(r.verdict == "fits" for r in reports), [(r.name, r.note) for r in reports]
+  assert by["train"].resident == ctx.param_bytes
+  assert by["score"].resident == ctx.state_bytes
+
+
 def test_oversized_config_does_not_fit_and_exits_1(libtpu, tmp_path):
   """~86 GiB of KV cache per device (20480 rows x 8256 slots) on 16 GiB chips: exit code 1."""
   ctx, reports = cc.run(_tiny(**{"rollout.prompts_per_step": 4096, "rollout.max_new_tokens": 8192}), "v5e:2x2",

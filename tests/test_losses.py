@@ -182,6 +182,43 @@ def test_kl_estimators_match_numpy():
         kl_penalty(jnp.asarray(logp), jnp.asarray(ref), "k4")
 
 
+def test_kl_estimators_by_hand_with_verl_clamps():
+    """π_θ(x) = 1/2, π_ref(x) = 1/4: k1 = ln 2, k2 = (ln 2)²/2, k3 = r - ln r - 1 with r = 1/2.
+    k3 is verl/EasyR1's low_var_kl: log r clamped to [-20, 20], the value to [-10, 10]."""
+    ln2 = float(np.log(2.0))
+    logp = jnp.array([[np.log(0.5), 0.0, -30.0, -1.0]], jnp.float32)
+    ref = jnp.array([[np.log(0.25), -30.0, 0.0, -1.0]], jnp.float32)
+    k1, k2, k3 = (np.asarray(kl_penalty(logp, ref, e))[0] for e in ("k1", "k2", "k3"))
+    np.testing.assert_allclose(k1, [ln2, 30.0, -30.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(k2, [ln2**2 / 2, 450.0, 450.0, 0.0], rtol=1e-6)
+    # log r = -30 -> -20: e^-20 + 20 - 1 = 19.0 -> 10; log r = 30 -> 20: e^20 - 21 -> 10.
+    np.testing.assert_allclose(k3, [0.5 + ln2 - 1.0, 10.0, 10.0, 0.0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_term_gradient_by_hand(estimator):
+    """d/d log π_θ of kl_coef · token-mean(kl): k1 -> 1, k2 -> log π_θ - log π_ref, k3 -> 1 - r
+    (r = π_ref/π_θ), 0 where the k3 value is clamped; each times kl_coef / N_tok. The advantage is 0,
+    so the surrogate adds no gradient."""
+    logp, old, _, mask = random_batch(11)
+    rng = np.random.default_rng(12)
+    ref = (logp + rng.normal(0, 0.5, logp.shape)).astype(np.float32)
+    ref[0, 0] = logp[0, 0] + 15.0  # r = e^15: k3 = e^15 - 16 > 10 is clamped: no gradient
+    zero_adv = jnp.zeros_like(jnp.asarray(logp))
+    coef = 0.3
+
+    def loss(lp):
+        return policy_loss(lp, jnp.asarray(old), zero_adv, jnp.asarray(mask), ref_logp_BxT=jnp.asarray(ref),
+                           kl_coef=coef, kl_estimator=estimator)[0]
+
+    d = logp.astype(np.float64) - ref
+    per_token = {"k1": np.ones_like(d), "k2": d, "k3": np.where(np.exp(-d) + d - 1 > 10, 0.0, 1 - np.exp(-d))}
+    want = np.where(mask, coef * per_token[estimator] / mask.sum(), 0.0)
+    np.testing.assert_allclose(jax.grad(loss)(jnp.asarray(logp)), want, rtol=1e-4, atol=1e-8)
+    if estimator == "k3":
+        assert want[0, 0] == 0.0 and mask[0, 0]
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_and_entropy_terms(estimator):
     logp, old, adv, mask = random_batch(5)

@@ -40,13 +40,13 @@ def _start_processes(argv_of, n: int):
   return procs, logs
 
 
-def _wait_processes(procs, logs, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-  """Waits for all; every process must exit 0 (none is left running)."""
+def _wait_processes(procs, logs, timeout: float = 600, returncode: int = 0) -> list[subprocess.CompletedProcess]:
+  """Waits for all; every process must exit with `returncode` (none is left running)."""
   deadline = time.time() + timeout
   try:
     # A process that fails leaves the others waiting in a collective: stop them all at once.
     while any(p.poll() is None for p in procs) and time.time() < deadline:
-      if any(p.poll() not in (None, 0) for p in procs):
+      if any(p.poll() not in (None, returncode) for p in procs):
         break
       time.sleep(0.2)
   finally:
@@ -63,7 +63,7 @@ def _wait_processes(procs, logs, timeout: float = 600) -> list[subprocess.Comple
       f.close()
     outs.append(subprocess.CompletedProcess(p.args, p.returncode, *text))
   for i, o in enumerate(outs):
-    assert o.returncode == 0, f"process {i} exited {o.returncode}:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
+    assert o.returncode == returncode, f"process {i} exited {o.returncode}:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
   return outs
 
 
@@ -115,6 +115,10 @@ try:  # the batch replicated over hosts (tensor spans them): no host owns its ow
 except ValueError as e:
   out["tensor_over_hosts"] = str(e)
 multihost.check_host_split(mesh, rules, 8)
+# Update mini-batches of a short step: host 0 kept 3 groups, host 1 none; both run 2 (of 2 prompts
+# per host), the number the host with the most groups needs, so none is all padding.
+from pgpo_jax import trainer
+out["update_batches"] = trainer.num_update_batches([3, 0][pid], 2)
 print(json.dumps(out))
 """
 
@@ -131,6 +135,7 @@ def test_multihost_helpers_on_two_processes():
     assert r["metrics"] == {"time/rollout": 2.0, "reward/overall": 0.5, "pgpo/max_weight": 2.0,
                             "pgpo/min_weight": 0.0, "throughput/generated_tokens_per_s": 20.0}
     assert "updates.prompts_per_update" in r["tensor_over_hosts"] and "hosts" in r["tensor_over_hosts"], r
+    assert r["update_batches"] == 2, r
 
 
 def test_single_process_helpers_are_plain_device_put():
@@ -172,10 +177,12 @@ def test_global_batches_must_split_over_hosts(tmp_path):
 # The trainer on 2 processes vs 1
 # ------------------------------------------------------------------------------------------------
 # fsdp=4: the parameters are sharded across the two hosts too. One update per step (the update batch
-# is the whole rollout batch), so the update sees the same groups however the hosts split them.
+# is the whole rollout batch), so the update sees the same groups however the hosts split them. A KL
+# term: π_ref (the weights after the warm-up) is sharded over both hosts, saved once and restored on
+# resume.
 _OVERRIDES = ["mesh.data=1", "mesh.fsdp=4", "rollout.prompts_per_step=8", "updates.prompts_per_update=8",
               "updates.micro_batch_prompts=4", "pgpo.scoring_prompts=4", "dynamic_sampling.max_rounds=1",
-              "train.eval_every=3", "checkpoint.every=2"]
+              "train.eval_every=3", "checkpoint.every=2", "loss.kl_coef=0.05"]
 
 
 def _driver(workdir, data_dir, steps, n, i=0, port=0):
@@ -229,6 +236,9 @@ def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
     # near-zero gradients of either sign move a weight by ±lr.
     for k in ("pgpo/max_weight", "train/update_norm"):
       assert got[step][k] == pytest.approx(ref[step][k], rel=1e-3), (step, k, got[step][k], ref[step][k])
+    # KL to π_ref: ~0 at step 1 (π_θ = π_ref up to float rounding), then the policy's drift.
+    assert got[step]["train/kl"] == pytest.approx(ref[step]["train/kl"], rel=1e-3, abs=1e-8), (step, got[step])
+  assert ref[3]["train/kl"] > 1e-6
   assert ref[1]["dynamic_sampling/kept_share"] < 1  # filler groups were used on some host
   assert got[3]["eval/accuracy"] == ref[3]["eval/accuracy"] and got[3]["eval/num_prompts"] == 4
   p1, p2 = _params(one, 3), _params(two, 3)
@@ -278,7 +288,8 @@ def test_train_script_on_two_processes(data_dir, tmp_path):
 
 def test_sigterm_on_one_host_stops_all_hosts_after_a_common_checkpoint(data_dir, tmp_path):
   """Preemption notices reach hosts at different times: the hosts agree to stop at the same step,
-  all save that step, and all exit cleanly (a host that left alone would hang the others)."""
+  all save that step, and all exit with the preempted status 75 (a host that left alone would hang
+  the others; 0 would tell a scheduler that the run finished)."""
   workdir = tmp_path / "preempted"
   procs, logs = _start_processes(lambda i, port: _driver(workdir, data_dir, 50, 2, i, port) + [
       "--override=checkpoint.every=1000", "--override=train.eval_every=0"], n=2)
@@ -286,7 +297,50 @@ def test_sigterm_on_one_host_stops_all_hosts_after_a_common_checkpoint(data_dir,
   while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
     time.sleep(0.2)
   procs[1].send_signal(signal.SIGTERM)  # host 1 only
-  _wait_processes(procs, logs, timeout=300)  # (without the agreement host 0 waits forever)
+  # (without the agreement host 0 waits forever)
+  _wait_processes(procs, logs, timeout=300, returncode=trainer.EXIT_PREEMPTED)
   steps = sorted(_metrics(workdir))
   saved = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
   assert saved == [steps[-1]] and 1 <= steps[-1] < 50, (saved, steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation on 2 processes vs 1
+# ------------------------------------------------------------------------------------------------
+def test_eval_script_on_two_processes_equals_one(data_dir, tmp_path):
+  """`scripts/eval.py` on 2 processes (1 device each) gives the table and the samples of 1 process
+  (2 devices): each host samples its rows, the records are gathered, host 0 writes. A 5-row benchmark
+  leaves host 1 one batch short (it joins the last generation call with an all-invalid batch)."""
+  from tests.test_evaluation import _write_workdir
+  from pgpo_jax.data.reader import DatasetReader, DatasetSpec
+  ckpt = _write_workdir(tmp_path / "bigram", data_dir, bigram=True)
+  rows = DatasetReader(DatasetSpec(str(data_dir / "test.parquet")))
+  os.makedirs(tmp_path / "five" / "img")
+  with open(tmp_path / "five" / "five.jsonl", "w") as f:
+    for i in range(5):
+      r = rows.load(i)
+      r.images[0].save(tmp_path / "five" / "img" / f"{i}.png")
+      f.write(json.dumps({"question": r.question, "answer": r.answer, "image": f"img/{i}.png"}) + "\n")
+  flags = ["--ckpt", str(ckpt), "--data", f"synth={data_dir / 'test.parquet'},{tmp_path / 'five' / 'five.jsonl'}",
+           "--k", "2", "--max_new_tokens", "8", "--batch_size", "4", "--max_prompt_length", "256",
+           "--dtype", "float32", "--no_progress"]
+
+  def argv(devices, out, extra=()):
+    code = (f"import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={devices}'; "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", code, os.path.join(ROOT, "scripts", "eval.py"), *flags, "--out", str(out), *extra]
+
+  _run_processes(lambda i, port: argv(2, tmp_path / "one"), n=1)
+  outs = _run_processes(lambda i, port: argv(1, tmp_path / "two", [
+      f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]), n=2)
+  assert "wrote" in outs[0].stdout and "wrote" not in outs[1].stdout  # host 0 writes
+  one, two = (json.load(open(tmp_path / d / "results.json")) for d in ("one", "two"))
+  timing = ("seconds", "generated_tokens_per_s")
+  strip = lambda table: [{k: v for k, v in r.items() if k not in timing} for r in table]  # noqa: E731
+  assert strip(two["table"]) == strip(one["table"])
+  assert [r["num_prompts"] for r in one["table"]] == [8, 5, 13]
+  assert two["rows"] == one["rows"] and len(two["devices"]) == 2
+  gens = [open(tmp_path / d / "generations.jsonl").read() for d in ("one", "two")]
+  assert gens[0] == gens[1] and gens[0].count("\n") == 2 * 13
+  # The samples are random draws (both answers occur): equal because each is keyed by its row.
+  assert {json.loads(l)["response"] for l in gens[0].splitlines()} == {"\\boxed{1}", "\\boxed{2}"}

@@ -187,11 +187,35 @@ def test_token_weighted_metrics_ignore_empty_microbatches(setup):
     np.testing.assert_allclose(plain["ratio_mean"], full["ratio_mean"] / 2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_microbatches", [2, 4])
+def test_summed_loss_metrics_equal_the_single_batch_loss(setup, num_microbatches):
+    """A micro-batch's pg_loss is its partial sum over the full batch's token count: summed over
+    micro-batches it is the batch's loss (NumPy, in one piece); averaged it would be 1/n of it."""
+    model, batch = setup
+    logp = np.asarray(token_logp(model, batch["x"], batch["targets"]), np.float64)
+    mask, adv = np.asarray(batch["mask"]), np.asarray(batch["adv"], np.float64)
+    ratio = np.exp(logp - np.asarray(batch["old_logp"], np.float64))
+    tok = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.28))
+    want = tok[mask].sum() / mask.sum()
+    opt = optax.sgd(0.0)
+    got = {}
+    for summed in (("pg_loss",), ()):
+        graphdef, state = init_train_state(TinyPolicy(nnx.Rngs(0)), opt)
+        step = make_train_step(graphdef, pg_loss_fn, opt, num_microbatches, summed_metrics=summed)
+        got[summed] = step(state, batch)[1]
+    np.testing.assert_allclose(got[("pg_loss",)]["pg_loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(got[("pg_loss",)]["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(got[()]["pg_loss"], want / num_microbatches, rtol=1e-5)  # the old average
+
+
 def test_reduce_microbatch_metrics_rules():
     got = reduce_microbatch_metrics({"metric_weight": jnp.array([3.0, 0.0, 1.0]), "x": jnp.array([1.0, 5.0, 3.0]),
                                      "r_max": jnp.array([2.0, 9.0, 4.0]), "r_min": jnp.array([0.5, -1.0, 0.7])})
     assert float(got["x"]) == pytest.approx(1.5) and float(got["r_max"]) == 4.0 and float(got["r_min"]) == 0.5
     assert float(reduce_microbatch_metrics({"x": jnp.array([1.0, 5.0])})["x"]) == 3.0
+    both = reduce_microbatch_metrics({"metric_weight": jnp.array([3.0, 1.0]), "s": jnp.array([1.0, 5.0]),
+                                      "x": jnp.array([1.0, 5.0])}, summed=("s",))
+    assert float(both["s"]) == 6.0 and float(both["x"]) == 2.0
 
 
 def test_state_sharding_alone_is_accepted(setup):

@@ -54,6 +54,7 @@ def test_iteration_checkpoint_and_resume_equal_uninterrupted(data_dir, tmp_path)
   c2.train.num_steps = 2
   trainer.train(c2, str(resumed))
   t = trainer.Trainer(tiny_config(data_dir), str(resumed))
+  assert t.reference is None and "train/kl" not in rows[0]  # kl_coef = 0: no reference model at all
   assert t.maybe_restore() and t.step == 2
   m3 = t.train_one_step()
   t.checkpointer.close()
@@ -120,6 +121,34 @@ def test_sigkill_between_checkpoints_loses_nothing_saved(data_dir, tmp_path):
   steps = [r["step"] for r in _metrics(workdir)]
   assert steps == list(range(1, target + 1)), steps  # nothing lost, nothing repeated in the log
   assert os.path.isdir(ckpt / str(target))
+
+
+def test_sigint_saves_and_exits_with_the_preempted_status(data_dir, tmp_path):
+  """Ctrl-C (SIGINT) during a run: the step finishes, is checkpointed, and the script exits with
+  trainer.EXIT_PREEMPTED (75), not 0, without printing `done.`; the rerun resumes after it."""
+  workdir = tmp_path / "interrupted"
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={ROOT}/configs/demo.py",
+         f"--workdir={workdir}", f"--config.data.demo_dir={data_dir}",
+         f"--config.data.train_files={data_dir}/train.parquet", f"--config.data.eval_files={data_dir}/test.parquet",
+         f"--config.data.processor_dir={data_dir}/model", "--config.rollout.prompts_per_step=4",
+         "--config.rollout.group_size=2", "--config.rollout.max_new_tokens=8",
+         "--config.updates.prompts_per_update=2", "--config.updates.micro_batch_prompts=1",
+         "--config.warmup.sft_steps=0", "--config.train.eval_every=0", "--config.checkpoint.every=1000",
+         "--config.model.tiny.hidden_size=64", "--config.model.tiny.num_hidden_layers=2",
+         "--config.model.tiny.vision_hidden_size=32", "--config.train.num_steps=50"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not (workdir / "metrics.jsonl").exists():
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stderr.read()[-3000:]
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == trainer.EXIT_PREEMPTED == 75, err[-3000:]
+  assert "done." not in out and "stopped early" in out and "training data:" in out, out
+  steps = [r["step"] for r in _metrics(workdir)]
+  saved = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
+  assert saved == [steps[-1]] and 1 <= steps[-1] < 50, (saved, steps)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))),

@@ -1,0 +1,97 @@
+"""The frozen reference policy π_ref of the KL loss term (`loss.kl_coef > 0`, verl's "ref" worker).
+
+π_ref is a copy of the policy's weights at the start of RL, on the policy's own parameter shardings
+and in its dtype, never updated. `logprobs(seq)` gives log π_ref(x_t) of the sampled
+tokens at the rollout temperature (the same tempered log-softmax as the old log-probs and the loss);
+the trainer calls it on each slice of its scoring pass and hands the result to
+`losses.policy_loss(ref_logp_BxT=..., kl_coef=..., kl_estimator=...)`.
+
+Which weights: the initial ones (`model.init_from`, or the seeded random init), which every start of
+the trainer rebuilds. A supervised warm-up (`warmup.sft_steps > 0`, the demo) moves the weights before
+RL starts, so then π_ref is reset to the warmed-up weights and written once to WORKDIR/reference; a
+resumed run reads it back. With `loss.kl_coef == 0`, `build` returns None: no copy, no memory.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from pgpo_jax import checkpoint as ckpt_lib
+from pgpo_jax.rl import sequences
+
+log = logging.getLogger("pgpo_jax.reference")
+
+DIRNAME = "reference"  # WORKDIR/reference: π_ref after a warm-up
+
+
+def _logprobs(graphdef, params, seq: sequences.SequenceBatch, *, temperature: float, chunk_size: int) -> jax.Array:
+  """[P*G, L] float32 log π_ref(x_t) at `temperature` (no gradient; padding positions are arbitrary)."""
+  model = nnx.merge(graphdef, params)
+  return jax.lax.stop_gradient(
+      sequences.response_logprobs(model, seq, chunk_size=chunk_size, temperature=temperature))
+
+
+class ReferencePolicy:
+  """A frozen copy of some parameters and the jitted log-prob program over them."""
+
+  def __init__(self, graphdef, params: nnx.State, shardings: Any, *, temperature: float, chunk_size: int):
+    self._shardings = shardings
+    self.params = self._copy(params)
+    self._program = jax.jit(functools.partial(_logprobs, graphdef, temperature=float(temperature),
+                                              chunk_size=int(chunk_size)))
+
+  def _copy(self, params: nnx.State) -> nnx.State:
+    # A real copy: the policy's buffers are donated to (and freed by) every optimizer step.
+    return jax.device_put(params, self._shardings, may_alias=False)
+
+  def reset(self, params: nnx.State) -> None:
+    """π_ref := a copy of `params` (e.g. the weights after the warm-up)."""
+    self.params = self._copy(params)
+
+  def logprobs(self, seq: sequences.SequenceBatch) -> jax.Array:
+    """log π_ref(x_t) [P*G, L] of a SequenceBatch already placed on the devices."""
+    return self._program(self.params, seq)
+
+  def save(self, path: str) -> None:
+    ckpt_lib.save_params(path, self.params)
+
+  def restore(self, path: str) -> None:
+    self.params = ckpt_lib.restore_params(path, self.params)
+
+
+def build(c: ml_collections.ConfigDict, graphdef, params: nnx.State, shardings: Any, *,
+          temperature: float) -> ReferencePolicy | None:
+  """π_ref as a copy of `params` (the initial weights) when `loss.kl_coef > 0`; else None."""
+  if not c.loss.kl_coef:
+    return None
+  log.info("KL to a frozen reference policy: kl_coef %g, estimator %s", c.loss.kl_coef, c.loss.kl_estimator)
+  return ReferencePolicy(graphdef, params, shardings, temperature=temperature, chunk_size=c.loss.logprob_chunk)
+
+
+def start_rl(ref: ReferencePolicy | None, params: nnx.State, workdir: str, *, resumed: bool,
+             warmed_up: bool) -> None:
+  """Makes π_ref the weights RL starts from (see the module docstring). Call on every host.
+
+  Without a warm-up the copy `build` made of the initial weights already is. After a warm-up, a fresh
+  run resets π_ref to `params` and saves it to WORKDIR/reference; a resumed run restores it.
+  """
+  if ref is None or not warmed_up:
+    return
+  path = os.path.join(workdir, DIRNAME)
+  if not resumed:
+    ref.reset(params)
+    ref.save(path)
+    return
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"{path}: the reference weights of this run are missing. With loss.kl_coef > 0 and "
+        "warmup.sft_steps > 0, π_ref is the weights after the warm-up, saved there when the run starts; a "
+        "run started with loss.kl_coef=0 has none. Start a new workdir, or set warmup.sft_steps=0 to use "
+        "the initial weights as π_ref.")
+  ref.restore(path)
