@@ -1,4 +1,4 @@
-"""PGPO on Qwen2.5-VL-3B-Instruct: the paper's setup (PGPO.md §5), for a TPU v5p-32 slice.
+"""PGPO on Qwen2.5-VL-3B-Instruct: the paper's setup (docs/method.md §5), for a TPU v5p-32 slice.
 
     python scripts/convert_hf.py --hf_dir /data/Qwen2.5-VL-3B-Instruct --out_dir /ckpt/qwen2_5_vl_3b
     python scripts/train.py --config=configs/pgpo_3b.py --config.model.init_from=/ckpt/qwen2_5_vl_3b \

@@ -2,7 +2,7 @@
 
 Config files in `configs/` call `base_config()` and override what their experiment changes; every
 key here is read by the trainer. `validate(config, num_devices)` names the offending key.
-Defaults are the paper's DAPO/PGPO recipe (PGPO.md §4-5) wherever it is explicit.
+Defaults are the paper's DAPO/PGPO recipe (docs/method.md §4-5) wherever it is explicit.
 """
 from __future__ import annotations
 

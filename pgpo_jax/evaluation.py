@@ -1,4 +1,4 @@
-"""Benchmark evaluation: avg@k accuracy of a policy on local benchmark files (PGPO.md §5).
+"""Benchmark evaluation: avg@k accuracy of a policy on local benchmark files (docs/method.md §5).
 
     from pgpo_jax import evaluation as ev
     policy = ev.load_policy("runs/pgpo_7b")                     # WORKDIR -> its latest checkpoint

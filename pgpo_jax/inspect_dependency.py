@@ -10,9 +10,9 @@
 
 For n prompts, one response each is sampled (temperature 1 by default, or greedy) and scored with the
 trainer's dual-condition pass `sequences.score_rollout` (same ids and M-RoPE positions, visual tokens
-masked in the blind view; PGPO.md §2), giving per token: log π_I(x_t), log π_∅(x_t), S_t and the
+masked in the blind view; docs/method.md §2), giving per token: log π_I(x_t), log π_∅(x_t), S_t and the
 entropy of π_I. The PGPO weights ω̃_t of each response come from `advantages.pgpo_token_weights` with
-the given τ, β (PGPO.md §3). Nothing is re-implemented here: the numbers are the trainer's.
+the given τ, β (docs/method.md §3). Nothing is re-implemented here: the numbers are the trainer's.
 
 Outputs (`write_report`):
 - `index.html`: the summary, the plots and one line per response; `response_NNN.html`: the response's

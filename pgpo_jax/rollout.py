@@ -12,8 +12,8 @@ sampling config, mesh):
   2. `decode`: `lax.while_loop` over `DecodeState` (donated): feed the last token, sample the next,
      until every row has emitted a stop token or `max_new_tokens` tokens exist.
   3. `finish`: masks, lengths, truncation flags -> `RolloutOutput`.
-Decode positions continue per row from max(prompt positions) + 1 (QWEN2_5_VL.md §2.5), so left
-padding and M-RoPE image offsets need no rope-delta bookkeeping.
+Decode positions continue per row from max(prompt positions) + 1 (docs/qwen2_5_vl_port.md §2.5), so
+left padding and M-RoPE image offsets need no rope-delta bookkeeping.
 
 RNG (results independent of batch composition, padding and sharding). With `key` the call's key,
 each row has its own stream
@@ -288,7 +288,7 @@ def _start(model: q.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: Sa
   eos_RxE = rep(inputs.eos_ids, 0)
   tok = jnp.where(valid_R, tok, pad_token_id)
   col0 = lambda v, fill, dt: jnp.full((R, N), fill, dt).at[:, 0].set(jnp.where(valid_R, v, fill))
-  # Decode position: max prompt position + 1 (= last + 1 for images and text; QWEN2_5_VL.md §2.5).
+  # Decode position: max prompt position + 1 (= last + 1 for images and text; port notes §2.5).
   next_pos = rep(jnp.max(inputs.position_ids, axis=(0, 2)) + 1, 0).astype(jnp.int32)
   state = DecodeState(
       tokens=col0(tok, pad_token_id, jnp.int32), logprobs=col0(logp, 0.0, jnp.float32),

@@ -147,7 +147,7 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """chain(clip_by_global_norm, adamw(schedule)); frozen parameters get zero updates.
 
-    Defaults are PGPO.md §5 (AdamW, lr 1e-6 constant, wd 1e-2, clip 1.0).
+    Defaults are docs/method.md §5 (AdamW, lr 1e-6 constant, wd 1e-2, clip 1.0).
 
     Args:
       learning_rate: peak learning rate, or an optax schedule (then `schedule` and its

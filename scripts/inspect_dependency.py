@@ -4,7 +4,7 @@
     python scripts/inspect_dependency.py --ckpt runs/demo --data demo_data/test.parquet --greedy --tau 0.4 --beta 2.0
 
 Samples one response per prompt, scores it with the trainer's two-view pass (image / visual tokens
-masked), computes ω̃ (PGPO.md §3) and writes index.html, response_NNN.html, dependency_hist.png,
+masked), computes ω̃ (docs/method.md §3) and writes index.html, response_NNN.html, dependency_hist.png,
 weights_hist.png, dependency_by_category.png, sparsity.png, summary.json and tokens.jsonl to --out
 (default WORKDIR/inspect/step<N>, or inspect/<name>). Details: pgpo_jax/inspect_dependency.py.
 """

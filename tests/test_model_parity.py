@@ -99,7 +99,7 @@ def test_mrope_position_ids_match_hf(tiny_hf):
 
 
 def test_checklist_position_example():
-  """QWEN2_5_VL.md §2.3: [a,b,c,<vs>] + image (1,8,12) + [<ve>,d,e,f] → delta -18."""
+  """docs/qwen2_5_vl_port.md §2.3: [a,b,c,<vs>] + image (1,8,12) + [<ve>,d,e,f] → delta -18."""
   ids = np.array([[7, 8, 9, 502] + [IMAGE] * 24 + [503, 10, 11, 12]])
   pos, delta = q.get_rope_index(ids, None, np.array([[1, 8, 12]]), image_token_id=IMAGE)
   np.testing.assert_array_equal(pos[0, 0, 4:28], 4)

@@ -10,7 +10,7 @@ Two passes use this layout:
 - `response_logprobs` (one view, differentiable): the loss's log π_θ(x_t).
 - `score_rollout` (two views, no gradient): PGPO's dual-condition scoring. The image view attends
   to everything; the blind view has the visual tokens masked out of attention with the SAME token
-  ids and positions (PGPO.md §2). Both views share one vision encoding and run as one batch.
+  ids and positions (docs/method.md §2). Both views share one vision encoding and run as one batch.
 """
 from __future__ import annotations
 

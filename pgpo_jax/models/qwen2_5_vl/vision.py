@@ -1,8 +1,8 @@
 """The Qwen2.5-VL vision tower with static shapes.
 
 All images of a batch run as one packed, padded patch sequence of static length N_pad (a bucket).
-Window attention and per-image "full" attention are segment-id masks (QWEN2_5_VL.md §1.3), so one
-compiled program serves every mix of image sizes within a bucket. The host computes the index
+Window attention and per-image "full" attention are segment-id masks (docs/qwen2_5_vl_port.md §1.3), so
+one compiled program serves every mix of image sizes within a bucket. The host computes the index
 arrays (`VisionInputs`) from `image_grid_thw`; the device does only dense math.
 """
 from __future__ import annotations
