@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pgpo_jax import rollout  # noqa: E402
-from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
 
 IMAGE, VSTART, VEND = 4000, 4002, 4003
 
@@ -92,7 +92,7 @@ def main():
   hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
-    model = q.from_pretrained(d)
+    model = qwen.from_pretrained(d)
   N = a.new_tokens
   grid = 8  # 112x112 px: 64 patches, 16 image tokens
   rows = []

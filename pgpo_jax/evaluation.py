@@ -8,7 +8,7 @@
     print(ev.format_table(result.table))
 
 Protocol. Every prompt is rendered exactly as in training (system prompt, `<think>`/`\\boxed{}` format
-instruction, images first or at `<image>` placeholders; `data/processing.py`) and sampled k times; each
+instruction, images first or at `<image>` placeholders; `data/prompts.py`) and sampled k times; each
 response is scored by the training reward (`rewards.score_batch`: the last `\\boxed{}` against the gold,
 multiple-choice letters, numbers and math_verify). avg@k = mean over prompts of the mean accuracy of
 its k samples (every prompt has exactly k samples, so it is also the mean over all samples); pass@k =
@@ -47,11 +47,11 @@ from flax import nnx
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import sharding
-from pgpo_jax.data import processor as processor_lib
+from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
-from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_buckets
+from pgpo_jax.data.prompts import PromptBatch, PromptFormat, default_length_buckets
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading
 
 log = logging.getLogger("pgpo_jax.evaluation")
@@ -129,7 +129,7 @@ class CheckpointRef:
   """Where a checkpoint's pieces are. kind: "trainer" | "hf" | "orbax"; step: trainer step or None."""
   path: str  # what the user gave
   kind: str
-  model_path: str  # what `q.from_pretrained` loads (HF folder or Orbax params item)
+  model_path: str  # what `qwen.from_pretrained` loads (HF folder or Orbax params item)
   config_path: str
   processor_dir: str
   step: int | None = None
@@ -182,7 +182,7 @@ class Policy:
   """A loaded model, split for the jitted programs, with its processor and (optional) mesh."""
   graphdef: Any
   state: Any  # nnx.State of the parameters; on `mesh` (SAMPLE_RULES) when a mesh is given
-  cfg: q.Qwen25VLConfig
+  cfg: qwen.Qwen25VLConfig
   processor: Any
   ref: CheckpointRef
   mesh: jax.sharding.Mesh | None = None
@@ -195,7 +195,7 @@ class Policy:
   def batch_shards(self) -> int:
     return rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
 
-  def model(self) -> q.Qwen25VL:
+  def model(self) -> qwen.Qwen25VL:
     return nnx.merge(self.graphdef, self.state)
 
 
@@ -242,11 +242,11 @@ def load_policy(ckpt: str | os.PathLike, *, dtype: str = "bfloat16", mesh: jax.s
     raise NotImplementedError("evaluation runs on one host (all its local devices); got "
                               f"{jax.process_count()} processes")
   ref = resolve_checkpoint(ckpt, processor_dir)
-  cfg = q.Qwen25VLConfig.from_json(ref.config_path)
+  cfg = qwen.Qwen25VLConfig.from_json(ref.config_path)
   if mesh is not None:
     model, _ = sharding.load_sharded(ref.model_path, mesh, sharding.SAMPLE_RULES, dtype, config=cfg)
   else:
-    model = q.from_pretrained(ref.model_path, dtype, config=cfg)
+    model = qwen.from_pretrained(ref.model_path, dtype, config=cfg)
   try:
     proc = processor_lib.load_processor(ref.processor_dir, min_pixels=min_pixels, max_pixels=max_pixels)
   except FileNotFoundError as e:
@@ -538,13 +538,14 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join([fmt(heads), sep, *body])
 
 
-def _json_safe(x):
+def json_safe(x):
+  """A copy of `x` (nested dicts/lists) with non-finite floats as None, for strict JSON."""
   if isinstance(x, float) and not math.isfinite(x):
     return None
   if isinstance(x, dict):
-    return {k: _json_safe(v) for k, v in x.items()}
+    return {k: json_safe(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
+    return [json_safe(v) for v in x]
   return x
 
 
@@ -555,7 +556,7 @@ def write_results(result: EvalResult, out_dir: str | os.PathLike) -> dict[str, s
   paths = {k: os.path.join(out_dir, f) for k, f in
            (("json", "results.json"), ("csv", "results.csv"), ("generations", "generations.jsonl"))}
   with open(paths["json"], "w") as f:
-    json.dump(_json_safe({"table": result.table, **result.info}), f, indent=2)
+    json.dump(json_safe({"table": result.table, **result.info}), f, indent=2)
   cols = list(TABLE_COLUMNS) + sorted({k for r in result.table for k in r} - set(TABLE_COLUMNS))
   with open(paths["csv"], "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=cols)

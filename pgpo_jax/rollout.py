@@ -47,7 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pgpo_jax import multihost, sharding
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
 from pgpo_jax.models.qwen2_5_vl.rope import valid_grids
 
@@ -91,7 +91,7 @@ class RolloutInputs:
   input_ids:      [B, T] int32, prompt tokens end at column T-1.
   attention_mask: [B, T] bool.
   position_ids:   [3, B, T] int32 M-RoPE positions (0 on padding).
-  vision:         packed, padded patches of all images (`q.prepare_vision`), or None (text only).
+  vision:         packed, padded patches of all images (`qwen.prepare_vision`), or None (text only).
   prompt_ids:     [B] uint32 RNG stream id of each prompt (see the module docstring).
   valid:          [B] bool; False rows (batch padding) emit nothing and have length 0.
   eos_ids:        [B, E] int32 stop tokens of each prompt, -1 = unused slot.
@@ -99,7 +99,7 @@ class RolloutInputs:
   input_ids: Array
   attention_mask: Array
   position_ids: Array
-  vision: q.VisionInputs | None
+  vision: qwen.VisionInputs | None
   prompt_ids: Array
   valid: Array
   eos_ids: Array
@@ -128,7 +128,7 @@ class DecodeState:
   lengths: Array
   row_keys: Array
   eos_ids: Array
-  cache: q.KVCache
+  cache: qwen.KVCache
   step: Array
 
 
@@ -223,7 +223,7 @@ def logical_axes(tree) -> object:
     return DecodeState(tokens=("batch", None), logprobs=("batch", None), raw_logprobs=("batch", None),
                        last_token=("batch",), next_pos=("batch",), finished=("batch",),
                        lengths=("batch",), row_keys=("batch",), eos_ids=("batch", None),
-                       cache=q.KVCache(k=kv, v=kv, key_mask=("batch", "cache_length"), index=()),
+                       cache=qwen.KVCache(k=kv, v=kv, key_mask=("batch", "cache_length"), index=()),
                        step=())
   if isinstance(tree, RolloutOutput):
     return RolloutOutput(tokens=("batch", None), mask=("batch", None), logprobs=("batch", None),
@@ -265,20 +265,20 @@ def batch_shards(mesh: Mesh | None, rules: sharding.Rules = sharding.SAMPLE_RULE
 # ------------------------------------------------------------------------------------------------
 # The programs
 # ------------------------------------------------------------------------------------------------
-def _start(model: q.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: SamplingConfig,
+def _start(model: qwen.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: SamplingConfig,
            max_new_tokens: int, num_samples: int, pad_token_id: int, mesh, rules) -> DecodeState:
   """Prefill B prompts, repeat the cache G times, sample token 0 of every row."""
   inputs = _constrain(inputs, mesh, rules)
   B, T = inputs.input_ids.shape
   G, N = num_samples, max_new_tokens
   R = B * G
-  cache = q.init_cache(model.cfg.text, B, T, model.dtype)
-  logits_BxV, cache = q.prefill(model, inputs.input_ids, inputs.position_ids, inputs.attention_mask,
+  cache = qwen.init_cache(model.cfg.text, B, T, model.dtype)
+  logits_BxV, cache = qwen.prefill(model, inputs.input_ids, inputs.position_ids, inputs.attention_mask,
                                 cache, inputs.vision)
   # Decode cache: each prompt's T slots copied to its G rows (prompt-major), plus N empty slots.
   rep = lambda x, axis: jnp.repeat(x, G, axis=axis)
   grow = lambda x: jnp.concatenate([rep(x, 1), jnp.zeros(x.shape[:1] + (R, N) + x.shape[3:], x.dtype)], 2)
-  cache = q.KVCache(k=grow(cache.k), v=grow(cache.v),
+  cache = qwen.KVCache(k=grow(cache.k), v=grow(cache.v),
                     key_mask=jnp.concatenate([rep(cache.key_mask, 0), jnp.zeros((R, N), bool)], 1),
                     index=cache.index)
   keys_R = row_keys(key, inputs.prompt_ids, G)
@@ -302,7 +302,7 @@ def _is_stop(tok_R: Array, eos_RxE: Array) -> Array:
   return jnp.any(tok_R[:, None] == eos_RxE, axis=-1)
 
 
-def _decode(model: q.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, max_new_tokens: int,
+def _decode(model: qwen.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, max_new_tokens: int,
             pad_token_id: int, mesh, rules) -> DecodeState:
   """Runs the while loop until every row stopped or N tokens exist; returns the final state."""
   N = max_new_tokens
@@ -311,7 +311,7 @@ def _decode(model: q.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, 
     return (s.step < N) & ~jnp.all(s.finished)
 
   def body(s: DecodeState) -> DecodeState:
-    logits, cache = q.decode_step(model, s.last_token, s.next_pos, s.cache)
+    logits, cache = qwen.decode_step(model, s.last_token, s.next_pos, s.cache)
     keys = jax.vmap(jax.random.fold_in, (0, None))(s.row_keys, s.step)
     tok, logp, raw = sample_tokens(logits, keys, sampling)
     live = ~s.finished  # rows that stopped earlier write pad / 0 and keep their length
@@ -446,7 +446,7 @@ def batch_bucket(n: int, multiple: int = 1) -> int:
   return -(-b // multiple) * multiple
 
 
-def default_eos_ids(cfg: q.Qwen25VLConfig) -> tuple[int, ...]:
+def default_eos_ids(cfg: qwen.Qwen25VLConfig) -> tuple[int, ...]:
   """`<|im_end|>` (eos) and `<|endoftext|>` (Qwen's pad / bos): both stop generation (§3)."""
   return tuple(dict.fromkeys((cfg.eos_token_id, cfg.pad_token_id)))
 
@@ -463,7 +463,7 @@ def _eos_table(eos_token_ids, B: int, B_pad: int) -> np.ndarray:
   return out
 
 
-def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
+def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
                    image_grid_thw=None, *, position_ids=None, eos_token_ids=None, prompt_ids=None,
                    batch_size: int | None = None, prompt_length: int | None = None,
                    num_patches: int | None = None, batch_multiple: int = 1) -> RolloutInputs:
@@ -474,11 +474,11 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
       of each row are moved, in order, to the right end).
     pixel_values: [N_patches, C*T*P*P] of all images in batch order, or None.
     image_grid_thw: [N_images, 3] (all-zero rows are padding), or None.
-    position_ids: optional [3, B, T] aligned with `input_ids` (else `q.get_rope_index`).
+    position_ids: optional [3, B, T] aligned with `input_ids` (else `qwen.get_rope_index`).
     eos_token_ids: stop ids, shared or per prompt ([B, E]); default `default_eos_ids(cfg)`.
     prompt_ids: [B] RNG stream ids (default arange(B)).
     batch_size / prompt_length / num_patches: fixed bucket sizes (default: power of two rounded
-      to `batch_multiple`, a multiple of 32, `q.patch_bucket`).
+      to `batch_multiple`, a multiple of 32, `qwen.patch_bucket`).
   """
   ids = np.asarray(input_ids).astype(np.int32)
   if ids.ndim != 2:
@@ -490,7 +490,7 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
   lengths = am.astype(bool).sum(1)
   if (lengths == 0).any():
     raise ValueError(f"prompt rows {np.nonzero(lengths == 0)[0].tolist()} have no tokens")
-  q.check_image_tokens(np.where(am.astype(bool), ids, -1), image_grid_thw, cfg)
+  qwen.check_image_tokens(np.where(am.astype(bool), ids, -1), image_grid_thw, cfg)
 
   B_pad = batch_bucket(B, batch_multiple) if batch_size is None else int(batch_size)
   T_pad = seq_bucket(int(lengths.max())) if prompt_length is None else int(prompt_length)
@@ -511,7 +511,7 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
     if src_pos is not None:
       pos_p[:, b, T_pad - lengths[b]:] = src_pos[:, b, keep]
   if src_pos is None:
-    pos_p, _ = q.get_rope_index(ids_p, am_p, image_grid_thw, image_token_id=cfg.image_token_id,
+    pos_p, _ = qwen.get_rope_index(ids_p, am_p, image_grid_thw, image_token_id=cfg.image_token_id,
                                 spatial_merge_size=cfg.vision.spatial_merge_size)
 
   has_images = len(valid_grids(image_grid_thw)) > 0
@@ -520,7 +520,7 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
   ids_rows = np.where(am_p, ids_p, pad_id)
   # A given `num_patches` builds vision inputs even for text-only rows, so that every host of a
   # multi-host rollout passes the same structure.
-  vin = (q.prepare_vision_rows(pixel_values, image_grid_thw, ids_rows, cfg.vision, cfg.image_token_id, num_patches)
+  vin = (qwen.prepare_vision_rows(pixel_values, image_grid_thw, ids_rows, cfg.vision, cfg.image_token_id, num_patches)
          if has_images or num_patches else None)
   pid = np.arange(B_pad, dtype=np.int64)
   if prompt_ids is not None:
@@ -540,7 +540,7 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
 # ------------------------------------------------------------------------------------------------
 # Host API
 # ------------------------------------------------------------------------------------------------
-def generate(model: q.Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+def generate(model: qwen.Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
              *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, eos_token_ids: Sequence[int] | np.ndarray | None = None,
              pad_token_id: int | None = None, seed: int | Array = 0,

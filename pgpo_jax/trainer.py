@@ -37,11 +37,11 @@ from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import sharding
 from pgpo_jax import train_step as train_step_lib
-from pgpo_jax.data import processor as processor_lib
+from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
-from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_buckets, bucket_size
+from pgpo_jax.data.prompts import PromptBatch, PromptFormat, default_length_buckets, bucket_size
 from pgpo_jax.data.reader import DatasetSpec
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
 from pgpo_jax.rl import advantages as adv_lib
 from pgpo_jax.rl import losses as losses_lib
@@ -70,7 +70,7 @@ class Group:
 
 def split_prompt_batch(pb: PromptBatch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Per valid prompt: (unpadded ids, its pixel rows, its grid rows)."""
-  grids = q.rope.valid_grids(pb.image_grid_thw)
+  grids = qwen.rope.valid_grids(pb.image_grid_thw)
   sizes = grids.prod(axis=1)
   starts = np.concatenate([[0], np.cumsum(sizes)])
   out, g = [], 0
@@ -91,7 +91,7 @@ def group_extent(groups: list[Group]) -> tuple[int, int]:
 
 def row_patches(pb: PromptBatch) -> np.ndarray:
   """[B] number of patches of each prompt's images (0 for text-only prompts)."""
-  sizes = q.rope.valid_grids(pb.image_grid_thw).prod(axis=1)
+  sizes = qwen.rope.valid_grids(pb.image_grid_thw).prod(axis=1)
   csum = np.concatenate([[0], np.cumsum(sizes)])
   ends = np.cumsum(pb.num_images)
   return (csum[ends] - csum[ends - pb.num_images]).astype(np.int64)
@@ -104,7 +104,7 @@ def prompt_stream_ids(pb: PromptBatch) -> np.ndarray:
                   np.int64)
 
 
-def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, pad_id: int,
+def collate_groups(groups: list[Group], cfg: qwen.Qwen25VLConfig, length_buckets, pad_id: int,
                    filler: int = 0, *, filler_group: Group | None = None,
                    extent: tuple[int, int] | None = None) -> tuple[sequences.SequenceBatch, np.ndarray]:
   """Left-pads the groups' prompts into one SequenceBatch (+ `filler` masked groups).
@@ -129,7 +129,7 @@ def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, p
   grids = np.concatenate([g.grids for g in groups])
   seq = sequences.make_sequence_batch(cfg, ids, am, pix, grids, np.stack([g.tokens for g in groups]),
                                       np.stack([g.mask for g in groups]),
-                                      num_patches=q.patch_bucket(patches))
+                                      num_patches=qwen.patch_bucket(patches))
   return seq, np.concatenate([g.rewards for g in groups]).astype(np.float32)
 
 
@@ -149,7 +149,7 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
   d = c.data.demo_dir
   done = os.path.exists(os.path.join(d, "train.parquet")) and os.path.exists(os.path.join(d, "model", "tokenizer.json"))
   if not done and jax.process_index() == 0:
-    from pgpo_jax.data import synthetic, tiny_tokenizer
+    from pgpo_jax.demo_task import synthetic, tiny_tokenizer
     log.info("making the synthetic demo data in %s", d)
     os.makedirs(d, exist_ok=True)
     tiny_tokenizer.build_tiny_model_folder(os.path.join(d, "model"))
@@ -160,7 +160,7 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
   multihost.barrier("pgpo_demo_data")
 
 
-def build_model(c: ml_collections.ConfigDict, tokenizer) -> q.Qwen25VL:
+def build_model(c: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VL:
   compute = dict(remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers,
                  attention_chunk_size=c.model.attention_chunk_size)
   if c.model.random_init:
@@ -174,15 +174,15 @@ def build_model(c: ml_collections.ConfigDict, tokenizer) -> q.Qwen25VL:
     head_dim = text_kw["hidden_size"] // heads
     quarter = head_dim // 2
     section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
-    cfg = q.tiny_config(vocab_size=len(tokenizer), head_dim=head_dim, mrope_section=section,
+    cfg = qwen.tiny_config(vocab_size=len(tokenizer), head_dim=head_dim, mrope_section=section,
                         image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
                         vision_start_token_id=ids["vision_start_token_id"],
                         vision_end_token_id=ids["vision_end_token_id"], bos_token_id=ids["bos_token_id"],
                         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
                         **text_kw, **vision_kw).replace(**compute)
-    return q.init_model(cfg, c.model.dtype, seed=c.seed)
-  cfg = q.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
-  return q.from_pretrained(c.model.init_from, c.model.dtype, config=cfg)
+    return qwen.init_model(cfg, c.model.dtype, seed=c.seed)
+  cfg = qwen.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
+  return qwen.from_pretrained(c.model.init_from, c.model.dtype, config=cfg)
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, learning_rate: float | None = None):
@@ -389,7 +389,7 @@ class Trainer:
         self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
         position_ids=pb.position_ids, batch_multiple=self.rollout_multiple,
         batch_size=rollout_lib.batch_bucket(pb.batch_size, self.rollout_multiple),
-        prompt_length=seq_bucket(longest), num_patches=q.patch_bucket(patches) if patches else None,
+        prompt_length=seq_bucket(longest), num_patches=qwen.patch_bucket(patches) if patches else None,
         prompt_ids=prompt_stream_ids(pb))
     mesh = self.mesh if self.mesh.size > 1 else None
     out = rollout_lib.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,

@@ -28,7 +28,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the reports to this JSON f
 def main(argv):
   del argv
   import dataclasses
-  from pgpo_jax import compile_check
+  from pgpo_jax.tools import compile_check
   ctx, reports = compile_check.run(_CONFIG.value, _TOPOLOGY.value, _STEPS.value,
                                    log=lambda m: print(m, file=sys.stderr, flush=True),
                                    score_prompts=_SCORE_PROMPTS.value)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
   from pgpo_jax import evaluation as ev
-  from pgpo_jax import inspect_dependency as idep
+  from pgpo_jax.tools import inspect_dependency as idep
   try:
     cfg = idep.InspectConfig(
         n=a.n, temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p, top_k=a.top_k,

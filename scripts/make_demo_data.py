@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from pgpo_jax.data import synthetic, tiny_tokenizer
+from pgpo_jax.demo_task import synthetic, tiny_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
   p.add_argument("--smooth", type=int, default=1, help="trailing-mean window in steps (1 = raw)")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  from pgpo_jax import plotting
+  from pgpo_jax.tools import plotting
   try:
     runs = plotting.parse_runs(a.runs)
   except FileNotFoundError as e:

@@ -9,7 +9,7 @@ import torch
 from safetensors.numpy import load_file
 
 from pgpo_jax.convert import hf as convert
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading, weights
 from tests.hf_utils import hf_logits, make_ids, random_pixels
 from scripts import convert_hf as cli
@@ -30,7 +30,7 @@ def _all_tensors(folder) -> dict[str, np.ndarray]:
 
 
 def _logits(model, ids, pixels, grids):
-  return np.asarray(q.forward(model, ids, None, pixels, grids))
+  return np.asarray(qwen.forward(model, ids, None, pixels, grids))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def converted(tiny_hf, tmp_path_factory):
   """tiny_hf converted to Orbax in float32."""
   out = tmp_path_factory.mktemp("ckpt")
   summary = convert.hf_to_orbax(tiny_hf[1], out, dtype="float32", progress=False)
-  assert summary.num_tensors == len(loading.flat_params(q.abstract_model(q.Qwen25VLConfig.from_json(tiny_hf[1]))))
+  assert summary.num_tensors == len(loading.flat_params(qwen.abstract_model(qwen.Qwen25VLConfig.from_json(tiny_hf[1]))))
   return out
 
 
@@ -46,15 +46,15 @@ def test_hf_to_orbax_loads_with_same_logits(tiny_hf, converted):
   assert os.path.isdir(converted / "params") and os.path.isfile(converted / "config.json")
   assert os.path.isfile(converted / "generation_config.json")  # side files are copied
   ids, pixels, grids = _inputs()
-  from_hf = q.from_pretrained(tiny_hf[1])
-  from_ckpt = q.from_pretrained(converted)
+  from_hf = qwen.from_pretrained(tiny_hf[1])
+  from_ckpt = qwen.from_pretrained(converted)
   a, b = loading.flat_params(from_hf), loading.flat_params(from_ckpt)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg="/".join(k))
   np.testing.assert_array_equal(_logits(from_ckpt, ids, pixels, grids), _logits(from_hf, ids, pixels, grids))
   # The params item directly (config found one level up), cast to bf16 on restore.
-  bf = q.from_pretrained(converted / "params", "bfloat16")
+  bf = qwen.from_pretrained(converted / "params", "bfloat16")
   assert loading.flat_params(bf)[("lm_head",)].dtype == np.dtype("bfloat16")
 
 
@@ -109,7 +109,7 @@ def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
   The trainer saves its `TrainState.params` (an nnx.State: leaves stored as {'value': ...})."""
   import orbax.checkpoint as ocp
   from flax import nnx
-  model = q.from_pretrained(tiny_hf[1])
+  model = qwen.from_pretrained(tiny_hf[1])
   work = tmp_path / "workdir"
   params_dir = work / "checkpoints" / "7" / "params"
   os.makedirs(params_dir.parent)
@@ -134,7 +134,7 @@ def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
 
 
 def test_params_to_hf_from_memory(tiny_hf, tmp_path):
-  model = q.from_pretrained(tiny_hf[1])
+  model = qwen.from_pretrained(tiny_hf[1])
   convert.params_to_hf(loading.flat_params(model), model.cfg, tmp_path, config_src=tiny_hf[1], progress=False)
   exported, original = _all_tensors(tmp_path), _all_tensors(tiny_hf[1])
   for name, w in original.items():
@@ -175,13 +175,13 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_hf, tmp_path):
 
 
 def test_orbax_checkpoint_of_another_config_is_rejected(converted, tmp_path):
-  other = q.tiny_config(num_hidden_layers=3)
+  other = qwen.tiny_config(num_hidden_layers=3)
   cfg_file = tmp_path / "config.json"
   json.dump(other.to_hf_dict(), open(cfg_file, "w"))
   with pytest.raises(ValueError, match=r"mis-shaped parameter\(s\): language_model/layers/"):
     convert.orbax_to_hf(converted, tmp_path / "out", config=cfg_file, progress=False)
   with pytest.raises(ValueError, match="mis-shaped"):
-    q.from_pretrained(converted, config=other)
+    qwen.from_pretrained(converted, config=other)
   assert not os.path.exists(tmp_path / "out" / "model.safetensors")  # checked before writing
 
 
@@ -191,7 +191,7 @@ def test_unwritable_output_dir_and_cli_errors(tiny_hf, converted, tmp_path, caps
   with pytest.raises(PermissionError, match="cannot create output directory"):
     convert.orbax_to_hf(converted, blocker / "sub", progress=False)
   with pytest.raises(FileNotFoundError, match="not a Qwen2.5-VL checkpoint"):
-    q.from_pretrained(tmp_path)
+    qwen.from_pretrained(tmp_path)
   with pytest.raises(FileExistsError, match="already exists"):
     convert.hf_to_orbax(tiny_hf[1], converted, progress=False)
   assert cli.main(["--hf_dir", str(tiny_hf[1]), "--out_dir", str(blocker / "x"), "--no_progress"]) == 2

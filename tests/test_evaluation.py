@@ -22,12 +22,13 @@ import pytest
 from PIL import Image
 
 from pgpo_jax import evaluation as ev
-from pgpo_jax import inspect_dependency as idep
-from pgpo_jax import plotting, rewards, trainer
-from pgpo_jax.data import processor as processor_lib
-from pgpo_jax.data.processing import PromptEncoder, PromptFormat
+from pgpo_jax.tools import inspect_dependency as idep
+from pgpo_jax import rewards, trainer
+from pgpo_jax.tools import plotting
+from pgpo_jax.data import hf_processor as processor_lib
+from pgpo_jax.data.prompts import PromptEncoder, PromptFormat
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading
 from pgpo_jax.rl import advantages
 from tests.test_trainer import tiny_config
@@ -45,7 +46,7 @@ def _script(name):
 
 def _make_bigram(model, tok):
   """Zero the layers' outputs; token a -> its successor in CHAIN (a tuple: equal odds)."""
-  params = q.flat_params(model)
+  params = qwen.flat_params(model)
   lm = ("language_model",)
   params[lm + ("layers", "wo")] = np.zeros_like(params[lm + ("layers", "wo")])
   params[lm + ("layers", "w_down")] = np.zeros_like(params[lm + ("layers", "w_down")])
@@ -70,7 +71,7 @@ def _write_workdir(path, data_dir, bigram: bool):
   c = tiny_config(data_dir)
   proc = processor_lib.load_processor(data_dir / "model")
   model = trainer.build_model(c, proc.tokenizer)
-  params = _make_bigram(model, proc.tokenizer) if bigram else q.flat_params(model)
+  params = _make_bigram(model, proc.tokenizer) if bigram else qwen.flat_params(model)
   os.makedirs(path / "checkpoints" / "1")
   with open(path / "config.json", "w") as f:
     json.dump(model.cfg.to_hf_dict(), f)

@@ -195,8 +195,8 @@ def _metrics(workdir):
 def _params(workdir, step):
   from flax import nnx
 
-  from pgpo_jax.models import qwen2_5_vl as q
-  model = q.from_pretrained(os.path.join(workdir, "checkpoints", str(step), "params"))
+  from pgpo_jax.models import qwen2_5_vl as qwen
+  model = qwen.from_pretrained(os.path.join(workdir, "checkpoints", str(step), "params"))
   return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}
 
 

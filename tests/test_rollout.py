@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from pgpo_jax import rollout
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading
 from tests.hf_utils import IMAGE, left_pad, make_ids, random_pixels
 from tests.multidevice import run_on_8_devices
@@ -22,7 +22,7 @@ EOS = (1,)  # the tiny HF model's eos id
 
 @pytest.fixture(scope="module")
 def ours(tiny_hf):
-  return q.from_pretrained(tiny_hf[1], dtype="float32")
+  return qwen.from_pretrained(tiny_hf[1], dtype="float32")
 
 
 def hf_generate(hf, ids, am, pixels, grids, max_new_tokens, eos):
@@ -131,7 +131,7 @@ def test_logprobs_equal_teacher_forced_forward(ours):
   T = ids.shape[1]
   full_ids = np.concatenate([np.repeat(ids, G, 0), out.tokens], 1)
   full_am = np.concatenate([np.repeat(am, G, 0), out.mask.astype(am.dtype)], 1)
-  logits = np.asarray(q.forward(ours, full_ids, full_am, np.concatenate([pixels] * G), np.repeat(grids, G, 0)))
+  logits = np.asarray(qwen.forward(ours, full_ids, full_am, np.concatenate([pixels] * G), np.repeat(grids, G, 0)))
   logp = jax.nn.log_softmax(logits[:, T - 1:T - 1 + SAMPLED_N], -1)
   want = np.take_along_axis(np.asarray(logp), out.tokens[..., None], -1)[..., 0] * out.mask
   np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
@@ -170,29 +170,29 @@ def test_samples_do_not_depend_on_batch_composition_or_padding_side(ours):
 # ------------------------------------------------------------------------------------------------
 # Sampling statistics on a 16-token vocabulary
 # ------------------------------------------------------------------------------------------------
-def random_model(cfg: q.Qwen25VLConfig, seed: int, head_scale: float = 1.0) -> q.Qwen25VL:
-  """A random model drawn on the host (`q.init_model` compiles one op per parameter: ~5 s)."""
-  abstract = q.abstract_model(cfg)
+def random_model(cfg: qwen.Qwen25VLConfig, seed: int, head_scale: float = 1.0) -> qwen.Qwen25VL:
+  """A random model drawn on the host (`qwen.init_model` compiles one op per parameter: ~5 s)."""
+  abstract = qwen.abstract_model(cfg)
   rng = np.random.default_rng(seed)
 
   def draw(path, shape):
     if "norm" in path[-1] or path[-1] == "ln_q":
       return 1 + 0.1 * rng.standard_normal(shape)
     return (head_scale if path[-1] == "lm_head" else 1) * 0.02 * rng.standard_normal(shape)
-  params = {p: jnp.asarray(draw(p, v.shape), v.dtype) for p, v in q.flat_params(abstract).items()}
+  params = {p: jnp.asarray(draw(p, v.shape), v.dtype) for p, v in qwen.flat_params(abstract).items()}
   return loading.model_from_flat(abstract, params)
 
 
 @pytest.fixture(scope="module")
 def small_vocab():
   """A text-only tiny model over 16 tokens whose next-token distribution is far from flat."""
-  cfg = q.tiny_config(vocab_size=16, eos_token_id=1, pad_token_id=0)
+  cfg = qwen.tiny_config(vocab_size=16, eos_token_id=1, pad_token_id=0)
   model = random_model(cfg, seed=3, head_scale=8.0)
   ids = np.array([[5, 9, 3, 12, 7, 2]])
   # Reference next-token logits from an uncached text-only forward pass (float64 on the host).
   pos = np.broadcast_to(np.arange(ids.shape[1]), (3,) + ids.shape)
-  h = q.hidden_states(model, jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool))
-  logits = np.asarray(q.logits_from_hidden(model, h)[0, -1], np.float64)
+  h = qwen.hidden_states(model, jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool))
+  logits = np.asarray(qwen.logits_from_hidden(model, h)[0, -1], np.float64)
   probs = np.exp(logits - logits.max())
   probs /= probs.sum()
   assert 0.05 < probs.max() < 0.6 and probs.min() < 0.01, probs  # informative, not degenerate
@@ -294,11 +294,11 @@ def test_sharded_rollout_equals_unsharded():
     import json
     import numpy as np
     from pgpo_jax import rollout, sharding
-    from pgpo_jax.models import qwen2_5_vl as q
+    from pgpo_jax.models import qwen2_5_vl as qwen
     from tests.hf_utils import left_pad, make_ids, random_pixels
     from tests.test_rollout import random_model
 
-    model = random_model(q.tiny_config(), seed=0)
+    model = random_model(qwen.tiny_config(), seed=0)
     rng = np.random.default_rng(0)
     gs = [[(1, 4, 4)], [(1, 4, 6)], [(1, 6, 4)]]
     ids, am = left_pad([make_ids(rng, gs[0]), make_ids(rng, gs[1], pre=6), make_ids(rng, gs[2], pre=2)])

@@ -14,15 +14,15 @@ import pytest
 import scipy.ndimage
 from PIL import Image
 
-from pgpo_jax.data import synthetic
-from pgpo_jax.data.processor import (
+from pgpo_jax.demo_task import synthetic
+from pgpo_jax.data.hf_processor import (
     NONSPECIAL_ADDED_TOKENS,
     SPECIAL_TOKENS,
     load_processor,
     load_tokenizer,
     num_image_tokens,
 )
-from pgpo_jax.data.tiny_tokenizer import CHAT_TEMPLATE, build_tiny_model_folder
+from pgpo_jax.demo_task.tiny_tokenizer import CHAT_TEMPLATE, build_tiny_model_folder
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # Checklist §3, rendered by the real Qwen2.5-VL template.

@@ -37,17 +37,15 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")  # tests / parallel runs on one host
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from pgpo_jax import sharding  # noqa: E402
-from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+from pgpo_jax import sharding
+from pgpo_jax.models import qwen2_5_vl as qwen
 
 GiB = 2**30
 logging.getLogger("jax._src.compilation_cache").setLevel(logging.WARNING)  # reset_cache() logs at INFO
@@ -130,6 +128,8 @@ def ensure_libtpu() -> None:
 def topology_devices(topo: Topology) -> list:
   """Abstract TPU devices of the slice (one per chip: v4/v5p as megacore)."""
   ensure_libtpu()
+  # Read when libtpu initialises (here, not at import): lets tests and parallel checks share a host.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
   from jax.experimental import topologies
   kw = {"chip_config_name": topo.chip.chip_config_name} if topo.chip.chip_config_name else {}
   devices = topologies.get_topology_desc(topo.desc, "tpu", **kw).devices
@@ -141,17 +141,17 @@ def topology_devices(topo: Topology) -> list:
 # ------------------------------------------------------------------------------------------------
 # Shapes from the config
 # ------------------------------------------------------------------------------------------------
-def model_config(c: ml_collections.ConfigDict) -> q.Qwen25VLConfig:
+def model_config(c: ml_collections.ConfigDict) -> qwen.Qwen25VLConfig:
   """The architecture: `model.init_from`'s config.json if it exists, else `model.preset`
   (3b/7b/32b/72b or 'tiny' = the trainer's random-init `model.tiny`)."""
   m = c.model
   compute = dict(remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention_chunk_size=m.attention_chunk_size)
   init = m.get("init_from", "")
   if init and os.path.exists(os.path.join(init, "config.json")):
-    return q.Qwen25VLConfig.from_json(init).replace(**compute)
+    return qwen.Qwen25VLConfig.from_json(init).replace(**compute)
   preset = m.get("preset", "")
-  if preset in q.PRESETS:
-    return q.PRESETS[preset].replace(**compute)
+  if preset in qwen.PRESETS:
+    return qwen.PRESETS[preset].replace(**compute)
   if preset == "tiny" or m.get("random_init", False):
     t = dict(m.tiny)
     vision = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in t.items() if k.startswith("vision_")}
@@ -159,9 +159,9 @@ def model_config(c: ml_collections.ConfigDict) -> q.Qwen25VLConfig:
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     quarter = head_dim // 2
     section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
-    return q.tiny_config(head_dim=head_dim, mrope_section=section, **text, **vision).replace(**compute)
+    return qwen.tiny_config(head_dim=head_dim, mrope_section=section, **text, **vision).replace(**compute)
   raise ValueError(f"config.model: set init_from to a folder with config.json or preset to one of "
-                   f"{sorted(q.PRESETS) + ['tiny']} (got init_from={init!r}, preset={preset!r})")
+                   f"{sorted(qwen.PRESETS) + ['tiny']} (got init_from={init!r}, preset={preset!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +212,7 @@ def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_pr
 # ------------------------------------------------------------------------------------------------
 # Analytic FLOPs (as implemented: dense masked attention, float32 logits)
 # ------------------------------------------------------------------------------------------------
-def text_flops(cfg: q.Qwen25VLConfig, tokens: float, context: float, logits_tokens: float) -> float:
+def text_flops(cfg: qwen.Qwen25VLConfig, tokens: float, context: float, logits_tokens: float) -> float:
   """Decoder forward: `tokens` new tokens attending to `context` keys each; lm head on `logits_tokens`."""
   t = cfg.text
   per_layer = 2 * t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
@@ -221,7 +221,7 @@ def text_flops(cfg: q.Qwen25VLConfig, tokens: float, context: float, logits_toke
   return t.num_hidden_layers * tokens * (per_layer + attn) + 2 * t.hidden_size * t.vocab_size * logits_tokens
 
 
-def vision_flops(cfg: q.Qwen25VLConfig, images: float, patches: int) -> float:
+def vision_flops(cfg: qwen.Qwen25VLConfig, images: float, patches: int) -> float:
   """Vision tower forward on `images` rows of `patches` patches (dense N x N masked attention)."""
   v = cfg.vision
   D, I = v.hidden_size, v.intermediate_size
@@ -260,16 +260,16 @@ def per_device_bytes(tree) -> int:
   return total
 
 
-def vision_rows(cfg: q.Qwen25VLConfig, rows: int, patches: int, mesh, rules) -> q.VisionInputs:
+def vision_rows(cfg: qwen.Qwen25VLConfig, rows: int, patches: int, mesh, rules) -> qwen.VisionInputs:
   """Per-row VisionInputs ([rows, N, ...], `prepare_vision_rows`), rows over `batch`."""
   u = patches // cfg.vision.merge_unit
   r = lambda shape, dt: _rows((rows,) + shape, dt, mesh, rules)  # noqa: E731
-  return q.VisionInputs(pixel_values=r((patches, cfg.vision.patch_dim), jnp.float32), unit_order=r((u,), jnp.int32),
+  return qwen.VisionInputs(pixel_values=r((patches, cfg.vision.patch_dim), jnp.float32), unit_order=r((u,), jnp.int32),
                         unit_restore=r((u,), jnp.int32), hw_pos=r((patches, 2), jnp.int32),
                         window_seg=r((patches,), jnp.int32), image_seg=r((patches,), jnp.int32))
 
 
-def sequence_batch(cfg: q.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
+def sequence_batch(cfg: qwen.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
   """An abstract `rl.sequences.SequenceBatch` of `prompts` rows, rows over the batch axis."""
   from pgpo_jax.rl import sequences
   G, Tp, L = s.group_size, s.prompt_len, s.response_len
@@ -332,7 +332,7 @@ class Context:
     self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
     self.shapes = shapes_from_config(c, self.batch_shards, score_prompts)
     self.dtype = jnp.dtype(c.model.dtype)
-    abstract = q.abstract_model(self.cfg, self.dtype)
+    abstract = qwen.abstract_model(self.cfg, self.dtype)
     self.model_graphdef, params = nnx.split(abstract)
     self.train_sh = sharding.param_shardings(abstract, self.mesh, sharding.TRAIN_RULES)
     self.sample_sh = sharding.param_shardings(abstract, self.mesh, sharding.SAMPLE_RULES)
@@ -343,7 +343,7 @@ class Context:
     self.optimizer = trainer.make_optimizer(c, max(1, c.train.num_steps) * updates_per_step)
     self.train_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
     state = jax.eval_shape(lambda: train_step_lib.init_train_state(
-        q.Qwen25VL(self.cfg, dtype=self.dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
+        qwen.Qwen25VL(self.cfg, dtype=self.dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
     rep = NamedSharding(self.mesh, P())
     state_sh = train_step_lib.TrainState(
         step=rep, params=self.train_sh,
@@ -386,7 +386,7 @@ def rollout_steps(ctx: Context) -> list[Step]:
       row_keys=jax.ShapeDtypeStruct(keys.shape, keys.dtype,
                                     sharding=sharding.logical_sharding(("batch",), mesh, rules, keys.shape)),
       eos_ids=_rows((R, E), jnp.int32, mesh, rules),
-      cache=q.KVCache(k=_sds(cache_shape, ctx.dtype, mesh, rules, kv), v=_sds(cache_shape, ctx.dtype, mesh, rules, kv),
+      cache=qwen.KVCache(k=_sds(cache_shape, ctx.dtype, mesh, rules, kv), v=_sds(cache_shape, ctx.dtype, mesh, rules, kv),
                       key_mask=_sds((R, S), bool, mesh, rules, ("batch", "cache_length")),
                       index=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))),
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())))

@@ -1,6 +1,6 @@
 """Token visual dependency of a checkpoint, made visible: the paper's sparsity analysis on any policy.
 
-    from pgpo_jax import evaluation as ev, inspect_dependency as idep
+    from pgpo_jax import evaluation as ev; from pgpo_jax.tools import inspect_dependency as idep
     policy = ev.load_policy("runs/pgpo_3b", dtype="float32")
     spec = idep.dataset_spec("data/mathverse.parquet")
     cfg = idep.InspectConfig(n=20, tau=0.4, beta=2.0)
@@ -43,9 +43,9 @@ import numpy as np
 from flax import nnx
 
 from pgpo_jax import evaluation as ev
-from pgpo_jax import plotting
+from pgpo_jax.tools import plotting
 from pgpo_jax import rewards as rewards_lib
-from pgpo_jax.data import processor as processor_lib
+from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, RawRow
 from pgpo_jax.rl import advantages as adv_lib
 from pgpo_jax.rl import sequences
@@ -484,7 +484,7 @@ def write_report(records: Sequence[ResponseRecord], summary: dict[str, Any], out
     f.write(_index_page(records, summary, list(plots.values()), title or out_dir))
   summary_path = os.path.join(out_dir, "summary.json")
   with open(summary_path, "w", encoding="utf-8") as f:
-    json.dump(ev._json_safe(summary), f, indent=2, ensure_ascii=False)
+    json.dump(ev.json_safe(summary), f, indent=2, ensure_ascii=False)
   tokens_path = os.path.join(out_dir, "tokens.jsonl")
   with open(tokens_path, "w", encoding="utf-8") as f:
     for r in records:
