@@ -172,3 +172,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_p
     _require(sizes.count(-1) <= 1, "mesh", "at most one axis may be -1")
     _require(num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices), "mesh",
              f"data×fsdp×tensor = {sizes} does not match the {num_devices} devices")
+
+
+def sibling(name: str, config_file: str):
+  """The config module `name` from the folder of `config_file` (pass `__file__`).
+
+  Config files build on each other by path (`pgpo_7b = sibling("pgpo_7b", __file__)`), so they load
+  from any working directory and from installed commands, without `configs/` on `sys.path`.
+  """
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{config_file}: builds on config {name!r}, but {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"pgpo_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

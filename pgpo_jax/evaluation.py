@@ -44,15 +44,16 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import sharding
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
-from pgpo_jax.data.prompts import PromptBatch, PromptFormat, default_length_buckets
+from pgpo_jax.buckets import batch_bucket, default_length_buckets
+from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths
 from pgpo_jax.models import qwen2_5_vl as qwen
-from pgpo_jax.models.qwen2_5_vl import loading
 
 log = logging.getLogger("pgpo_jax.evaluation")
 
@@ -139,7 +140,7 @@ class CheckpointRef:
 def _finished_steps(checkpoints_dir: str) -> list[int]:
   out = []
   for name in os.listdir(checkpoints_dir):
-    if name.isdigit() and loading.is_orbax_params_dir(os.path.join(checkpoints_dir, name, loading.PARAMS_ITEM)):
+    if name.isdigit() and ckpt_lib.is_orbax_params_dir(os.path.join(checkpoints_dir, name, ckpt_lib.PARAMS_ITEM)):
       out.append(int(name))
   return sorted(out)
 
@@ -158,21 +159,21 @@ def resolve_checkpoint(path: str | os.PathLike, processor_dir: str | None = None
     if not steps:
       raise FileNotFoundError(f"{given}: a trainer WORKDIR without a finished checkpoint in {path}/checkpoints")
     step, workdir = steps[-1], path
-    model_path = os.path.join(path, "checkpoints", str(step), loading.PARAMS_ITEM)
+    model_path = os.path.join(path, "checkpoints", str(step), ckpt_lib.PARAMS_ITEM)
   elif os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
     step, workdir = int(os.path.basename(path)), os.path.dirname(parent)
-    model_path = os.path.join(path, loading.PARAMS_ITEM)
-    if not loading.is_orbax_params_dir(model_path):
+    model_path = os.path.join(path, ckpt_lib.PARAMS_ITEM)
+    if not ckpt_lib.is_orbax_params_dir(model_path):
       raise FileNotFoundError(f"{given}: no finished Orbax params item at {model_path} (save still running?)")
-  elif (os.path.basename(path) == loading.PARAMS_ITEM and os.path.basename(parent).isdigit()
+  elif (os.path.basename(path) == ckpt_lib.PARAMS_ITEM and os.path.basename(parent).isdigit()
         and os.path.basename(os.path.dirname(parent)) == "checkpoints"):
     step, workdir = int(os.path.basename(parent)), os.path.dirname(os.path.dirname(parent))
     model_path = path
   else:
-    kind, model_path = loading.checkpoint_layout(path)
-    config_path = loading.find_config(model_path)
+    kind, model_path = ckpt_lib.checkpoint_layout(path)
+    config_path = ckpt_lib.find_config(model_path)
     return CheckpointRef(given, kind, model_path, config_path, processor_dir or os.path.dirname(config_path))
-  config_path = loading.find_config(model_path)
+  config_path = ckpt_lib.find_config(model_path)
   return CheckpointRef(given, "trainer", model_path, config_path, processor_dir or os.path.dirname(config_path),
                        step=step, workdir=workdir)
 
@@ -243,10 +244,11 @@ def load_policy(ckpt: str | os.PathLike, *, dtype: str = "bfloat16", mesh: jax.s
                               f"{jax.process_count()} processes")
   ref = resolve_checkpoint(ckpt, processor_dir)
   cfg = qwen.Qwen25VLConfig.from_json(ref.config_path)
-  if mesh is not None:
-    model, _ = sharding.load_sharded(ref.model_path, mesh, sharding.SAMPLE_RULES, dtype, config=cfg)
-  else:
-    model = qwen.from_pretrained(ref.model_path, dtype, config=cfg)
+  shardings = None
+  if mesh is not None:  # every parameter read straight into its sharding (never whole on one device)
+    shardings = sharding.flat_shardings(
+        sharding.param_shardings(qwen.abstract_model(cfg, dtype), mesh, sharding.SAMPLE_RULES))
+  model = qwen.from_pretrained(ref.model_path, dtype, config=cfg, shardings=shardings)
   try:
     proc = processor_lib.load_processor(ref.processor_dir, min_pixels=min_pixels, max_pixels=max_pixels)
   except FileNotFoundError as e:
@@ -365,7 +367,7 @@ def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_sampl
   inputs = rollout_lib.prepare_inputs(
       policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
       position_ids=pb.position_ids, prompt_ids=ids, batch_multiple=shards,
-      batch_size=rollout_lib.batch_bucket(pb.batch_size, shards))
+      batch_size=batch_bucket(pb.batch_size, shards))
   out = rollout_lib.rollout(policy.graphdef, policy.state, inputs, key, max_new_tokens=max_new_tokens,
                             sampling=sampling, num_samples=num_samples, pad_token_id=policy.cfg.pad_token_id,
                             mesh=policy.mesh)

@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from pgpo_jax import multihost, sharding
 from pgpo_jax.models import qwen2_5_vl as qwen
-from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
+from pgpo_jax.buckets import batch_bucket, seq_bucket
 from pgpo_jax.models.qwen2_5_vl.rope import valid_grids
 
 Array = jax.Array
@@ -440,12 +440,6 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
 # ------------------------------------------------------------------------------------------------
 # Host-side preparation
 # ------------------------------------------------------------------------------------------------
-def batch_bucket(n: int, multiple: int = 1) -> int:
-  """Next power of two >= n, rounded up to a multiple of `multiple` (the data-parallel size)."""
-  b = 1 << max(int(n) - 1, 0).bit_length()
-  return -(-b // multiple) * multiple
-
-
 def default_eos_ids(cfg: qwen.Qwen25VLConfig) -> tuple[int, ...]:
   """`<|im_end|>` (eos) and `<|endoftext|>` (Qwen's pad / bos): both stop generation (§3)."""
   return tuple(dict.fromkeys((cfg.eos_token_id, cfg.pad_token_id)))
@@ -478,7 +472,7 @@ def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pix
     eos_token_ids: stop ids, shared or per prompt ([B, E]); default `default_eos_ids(cfg)`.
     prompt_ids: [B] RNG stream ids (default arange(B)).
     batch_size / prompt_length / num_patches: fixed bucket sizes (default: power of two rounded
-      to `batch_multiple`, a multiple of 32, `qwen.patch_bucket`).
+      to `batch_multiple`, a multiple of 32, `buckets.patch_bucket`).
   """
   ids = np.asarray(input_ids).astype(np.int32)
   if ids.ndim != 2:

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pgpo_jax.keypaths import path_str
+
 Array = jax.Array
 LossFn = Callable[[nnx.Module, Any], tuple[Array, dict[str, Array]]]
 
@@ -44,40 +46,19 @@ LossFn = Callable[[nnx.Module, Any], tuple[Array, dict[str, Array]]]
 # ----------------------------------------------------------------------------- paths and freezing
 
 
-def path_to_str(path: tuple[Any, ...]) -> str:
-    """'/'-joined parameter path, e.g. ('visual', 'blocks', 0, 'kernel') -> 'visual/blocks/0/kernel'.
-
-    Accepts nnx path tuples and jax key paths; a trailing Variable `.value` is dropped.
-    """
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            key = key.key
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            key = key.idx
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            key = key.name
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            key = key.key
-        parts.append(str(key))
-    if parts and parts[-1] == "value":
-        parts = parts[:-1]
-    return "/".join(parts)
-
-
 def frozen_filter(frozen_regex: str) -> Callable[[tuple[Any, ...], Any], bool]:
     """An nnx filter `(path, value) -> bool` selecting the parameters matched by the regex."""
     pattern = re.compile(frozen_regex)
-    return lambda path, _: pattern.search(path_to_str(path)) is not None
+    return lambda path, _: pattern.search(path_str(path)) is not None
 
 
 def _frozen_labels(params: Any, frozen_regex: str) -> Any:
     pattern = re.compile(frozen_regex)
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if pattern.search(path_to_str(path)) else "trainable", params
+        lambda path, _: "frozen" if pattern.search(path_str(path)) else "trainable", params
     )
     if "frozen" not in jax.tree_util.tree_leaves(labels):
-        paths = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         raise ValueError(f"frozen_regex {frozen_regex!r} matches no parameter; paths look like {paths[:5]}")
     return labels
 
@@ -204,7 +185,7 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation)
     if jax.tree_util.tree_leaves(rest):
         raise ValueError(
             "init_train_state: the model has non-Param state "
-            f"{[path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(rest)[0]][:5]}; "
+            f"{[path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(rest)[0]][:5]}; "
             "only nnx.Param state is supported by the train step"
         )
     state = TrainState(
@@ -228,7 +209,7 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
             return jnp.broadcast_to(x, (num_microbatches,))
         if x.shape[0] % num_microbatches:
             raise ValueError(
-                f"batch leaf {path_to_str(path)!r} has leading dim {x.shape[0]}, "
+                f"batch leaf {path_str(path)!r} has leading dim {x.shape[0]}, "
                 f"not divisible by num_microbatches={num_microbatches}"
             )
         return jnp.swapaxes(x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]), 0, 1)
@@ -241,7 +222,7 @@ def _learning_rate(opt_state: Any) -> Array:
     found = []
 
     def visit(path, leaf):
-        if path and path_to_str(path[-1:]) == "learning_rate" and "hyperparams_states" not in path_to_str(path):
+        if path and path_str(path[-1:]) == "learning_rate" and "hyperparams_states" not in path_str(path):
             found.append(leaf)
 
     jax.tree_util.tree_map_with_path(visit, opt_state)

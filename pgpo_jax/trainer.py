@@ -39,10 +39,10 @@ from pgpo_jax import sharding
 from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
-from pgpo_jax.data.prompts import PromptBatch, PromptFormat, default_length_buckets, bucket_size
+from pgpo_jax.buckets import batch_bucket, bucket_size, default_length_buckets, patch_bucket, seq_bucket
+from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.data.reader import DatasetSpec
 from pgpo_jax.models import qwen2_5_vl as qwen
-from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
 from pgpo_jax.rl import advantages as adv_lib
 from pgpo_jax.rl import losses as losses_lib
 from pgpo_jax.rl import sequences
@@ -129,7 +129,7 @@ def collate_groups(groups: list[Group], cfg: qwen.Qwen25VLConfig, length_buckets
   grids = np.concatenate([g.grids for g in groups])
   seq = sequences.make_sequence_batch(cfg, ids, am, pix, grids, np.stack([g.tokens for g in groups]),
                                       np.stack([g.mask for g in groups]),
-                                      num_patches=qwen.patch_bucket(patches))
+                                      num_patches=patch_bucket(patches))
   return seq, np.concatenate([g.rewards for g in groups]).astype(np.float32)
 
 
@@ -388,8 +388,8 @@ class Trainer:
     inputs = rollout_lib.prepare_inputs(
         self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
         position_ids=pb.position_ids, batch_multiple=self.rollout_multiple,
-        batch_size=rollout_lib.batch_bucket(pb.batch_size, self.rollout_multiple),
-        prompt_length=seq_bucket(longest), num_patches=qwen.patch_bucket(patches) if patches else None,
+        batch_size=batch_bucket(pb.batch_size, self.rollout_multiple),
+        prompt_length=seq_bucket(longest), num_patches=patch_bucket(patches) if patches else None,
         prompt_ids=prompt_stream_ids(pb))
     mesh = self.mesh if self.mesh.size > 1 else None
     out = rollout_lib.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,

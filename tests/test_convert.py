@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax.convert import hf as convert
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading, weights
 from tests.hf_utils import hf_logits, make_ids, random_pixels
-from scripts import convert_hf as cli
+from pgpo_jax.cli import convert as cli
 
 GRIDS = [(1, 8, 12)]
 
@@ -92,7 +93,7 @@ def test_tied_model_export_omits_lm_head(tiny_hf_tied, tmp_path):
   from transformers import Qwen2_5_VLForConditionalGeneration
   hf_model, folder = tiny_hf_tied
   convert.hf_to_orbax(folder, tmp_path / "ck", dtype="float32", progress=False)
-  assert ("lm_head",) not in loading.orbax_param_metadata(tmp_path / "ck" / "params")
+  assert ("lm_head",) not in ckpt_lib.orbax_param_metadata(tmp_path / "ck" / "params")
   convert.orbax_to_hf(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=100_000, progress=False)
   exported = _all_tensors(tmp_path / "hf")
   assert "lm_head.weight" not in exported
@@ -116,11 +117,11 @@ def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(str(params_dir), nnx.state(model, nnx.Param))
     ckptr.wait_until_finished()
-  assert ("language_model", "norm", "value") in loading.orbax_param_metadata(params_dir)
+  assert ("language_model", "norm", "value") in ckpt_lib.orbax_param_metadata(params_dir)
   shutil.copy(tiny_hf[1] / "config.json", work / "config.json")
   # Config found three levels up from the params item, or given explicitly.
-  assert loading.find_config(params_dir) == str(work / "config.json")
-  rc = cli.main(["--to_hf", "--ckpt", str(params_dir), "--config", str(work / "config.json"),
+  assert ckpt_lib.find_config(params_dir) == str(work / "config.json")
+  rc = cli.main(["--to_hf", "--ckpt", str(params_dir), "--model_config", str(work / "config.json"),
                  "--out_dir", str(tmp_path / "out"), "--dtype", "bfloat16", "--max_shard_size", "200KB",
                  "--no_progress"])
   assert rc == 0

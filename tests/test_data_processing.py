@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from pgpo_jax.buckets import bucket_size, default_length_buckets
 from pgpo_jax.data import reader as reader_lib
-from pgpo_jax.data.prompts import (DEFAULT_PROMPT_TEMPLATE, PaddingSpec, PromptEncoder,
-                                      PromptFormat, build_messages, bucket_size, collate,
-                                      default_length_buckets, unpad)
+from pgpo_jax.data.prompts import (DEFAULT_PROMPT_TEMPLATE, PaddingSpec, PromptEncoder, PromptFormat,
+                                   build_messages, collate, unpad)
 from pgpo_jax.data.reader import RawRow, RowError, SkippedRow
 from pgpo_jax.models.qwen2_5_vl.rope import get_rope_index
 

@@ -192,8 +192,9 @@ def spy_put(x, *a, **k):
 jax.device_put = spy_put
 result = {{}}
 for name, path in (("hf", HF), ("orbax", CKPT)):
-  model, shardings = sh.load_sharded(path, mesh, sh.TRAIN_RULES, "float32")
-  want = sh.flat_shardings(shardings)
+  cfg = qwen.Qwen25VLConfig.from_json(HF)
+  want = sh.flat_shardings(sh.param_shardings(qwen.abstract_model(cfg), mesh, sh.TRAIN_RULES))
+  model = qwen.from_pretrained(path, "float32", config=cfg, shardings=want)
   params = loading.flat_params(model)
   ok_sharding = all(params[k].sharding == want[k] for k in want)
   # Each device holds exactly its slice: the per-device bytes of e.g. w_gate are 1/4 of the array.
@@ -206,7 +207,7 @@ print(json.dumps(result))
 """
 
 
-def test_load_sharded_puts_params_straight_into_their_shardings(tiny_hf, tmp_path):
+def test_from_pretrained_puts_params_straight_into_their_shardings(tiny_hf, tmp_path):
   from pgpo_jax.convert import hf as convert
   convert.hf_to_orbax(tiny_hf[1], tmp_path / "ck", dtype="float32", progress=False)
   out = run_on_8_devices(_LOAD.format(hf=str(tiny_hf[1]), ckpt=str(tmp_path / "ck")))

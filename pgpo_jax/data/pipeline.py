@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from pgpo_jax.data.prompts import (PaddingSpec, PromptBatch, PromptEncoder, PromptFormat,
-                                      collate, default_length_buckets)
+from pgpo_jax.buckets import default_length_buckets
+from pgpo_jax.data.prompts import PaddingSpec, PromptBatch, PromptEncoder, PromptFormat, collate
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, SkippedRow, SkipStats
 
 

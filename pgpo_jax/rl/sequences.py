@@ -91,7 +91,7 @@ def response_logprobs(model: qwen.Qwen25VL, b: SequenceBatch, *, chunk_size: int
   Values at masked positions are meaningless; callers mask them.
   """
   x, pos, key_mask, _ = _embed_and_positions(model, b)
-  h, _ = model.language_model(x, pos, key_mask, None, **qwen.model._kw(model))
+  h, _ = qwen.run_decoder(model, x, pos, key_mask)
   return scoring.token_logprobs_chunked(_response_hidden(h, b.prompt_ids.shape[1]), model.lm_head_weight(),
                                         b.flat_response, chunk_size, temperature=temperature,
                                         return_entropy=return_entropy)
@@ -108,8 +108,7 @@ def score_rollout(model: qwen.Qwen25VL, b: SequenceBatch, *, estimator: str = "k
   """
   x, pos, key_mask, visual = _embed_and_positions(model, b)
   both = lambda a, axis=0: jnp.concatenate([a, a], axis=axis)
-  h, _ = model.language_model(both(x), both(pos, 1), jnp.concatenate([key_mask, key_mask & ~visual]),
-                              None, **qwen.model._kw(model))
+  h, _ = qwen.run_decoder(model, both(x), both(pos, 1), jnp.concatenate([key_mask, key_mask & ~visual]))
   h = _response_hidden(h, b.prompt_ids.shape[1])
   n = h.shape[0] // 2
   fn = scoring.get_dependency_estimator(estimator)

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pgpo_jax import sharding
+from pgpo_jax import buckets, sharding
 from pgpo_jax.models import qwen2_5_vl as qwen
 
 GiB = 2**30
@@ -184,7 +184,6 @@ class Shapes:
 def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_prompts: int | None = None) -> Shapes:
   """Shapes of the trainer's programs; `score_prompts` (what-if) scores in calls of that many prompts
   instead of the trainer's one call over the whole rollout batch."""
-  from pgpo_jax import rollout as rollout_lib
   u = c.updates
   patch_area = 14 * 14
   max_pixels = c.data.max_pixels
@@ -193,7 +192,7 @@ def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_pr
   patches = max(4, int(max_pixels) // patch_area // 4 * 4)
   prompts = int(c.rollout.prompts_per_step)
   s = Shapes(
-      rollout_prompts=rollout_lib.batch_bucket(prompts, batch_shards),
+      rollout_prompts=buckets.batch_bucket(prompts, batch_shards),
       group_size=int(c.rollout.group_size), prompt_len=int(c.data.max_prompt_length),
       response_len=int(c.rollout.max_new_tokens), patches=patches,
       score_prompts=int(score_prompts or prompts), update_prompts=int(u.prompts_per_update),

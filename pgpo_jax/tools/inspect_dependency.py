@@ -56,19 +56,17 @@ CATEGORIES = ("digit", "word", "punctuation", "whitespace", "special", "other")
 
 
 @dataclasses.dataclass(frozen=True)
-class InspectConfig:
-  """Sampling, scoring and PGPO-weight settings (defaults: the paper's rollout at top-p 1, τ=0.4, β=2).
+class InspectConfig(ev.EvalConfig):
+  """The evaluator's sampling settings (one sample per prompt, 8 prompts per call) plus scoring and
+  PGPO-weight settings (defaults: the paper's rollout at top-p 1, τ=0.4, β=2).
 
   n: responses (one per prompt, the first n prompts of the shuffled file). temperature 0 = greedy.
   estimator: "k3" (paper) or "full_kl"; clamp_log_ratio / mask_vision_markers: as `pgpo.*`.
   thresholds: S levels of the sparsity statistics.
   """
-  n: int = 20
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  max_new_tokens: int = 2048
+  k: int = 1
   batch_size: int = 8
+  n: int = 20
   tau: float = 0.4
   beta: float = 2.0
   threshold_mode: str = "absolute"
@@ -77,21 +75,13 @@ class InspectConfig:
   mask_vision_markers: bool = False
   chunk_size: int = 256
   thresholds: tuple[float, ...] = (1e-3, 1e-2, 0.1, 1.0)
-  max_prompt_length: int = 4096
-  min_pixels: int | None = None
-  max_pixels: int | None = None
-  seed: int = 0
-  reward: str = "pgpo_math"
 
   def __post_init__(self):
-    if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-      raise ValueError(f"n, batch_size and max_new_tokens must be >= 1, got {self.n}, {self.batch_size}, "
-                       f"{self.max_new_tokens}")
-    ev.EvalConfig(k=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, reward=self.reward)
-
-  @property
-  def sampling(self):
-    return ev.EvalConfig(k=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k).sampling
+    super().__post_init__()
+    if self.k != 1:
+      raise ValueError(f"the inspector scores one response per prompt: k must be 1, got {self.k}")
+    if self.n < 1:
+      raise ValueError(f"n must be >= 1, got {self.n}")
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pgpo_jax.buckets import patch_bucket
 from pgpo_jax.models.qwen2_5_vl import layers, rope
 from pgpo_jax.models.qwen2_5_vl.config import VisionConfig
 
@@ -36,13 +37,6 @@ class VisionInputs:
   hw_pos: jnp.ndarray
   window_seg: jnp.ndarray
   image_seg: jnp.ndarray
-
-
-def patch_bucket(n: int, minimum: int = 64) -> int:
-  """Static patch budget for n patches: 4 buckets per octave, multiple of 16 (≤ 25% waste)."""
-  n = max(int(n), minimum)
-  step = max(16, 1 << max(0, (n - 1).bit_length() - 3))
-  return -(-n // step) * step
 
 
 def prepare_vision(pixel_values, image_grid_thw, cfg: VisionConfig,
