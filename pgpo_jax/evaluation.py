@@ -47,7 +47,7 @@ from flax import nnx
 from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
-from pgpo_jax import sharding
+from pgpo_jax import sampler, sharding
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.buckets import batch_bucket, default_length_buckets
@@ -368,9 +368,9 @@ def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_sampl
       policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
       position_ids=pb.position_ids, prompt_ids=ids, batch_multiple=shards,
       batch_size=batch_bucket(pb.batch_size, shards))
-  out = rollout_lib.rollout(policy.graphdef, policy.state, inputs, key, max_new_tokens=max_new_tokens,
-                            sampling=sampling, num_samples=num_samples, pad_token_id=policy.cfg.pad_token_id,
-                            mesh=policy.mesh)
+  out = sampler.rollout(policy.graphdef, policy.state, inputs, key, max_new_tokens=max_new_tokens,
+                        sampling=sampling, num_samples=num_samples, pad_token_id=policy.cfg.pad_token_id,
+                        mesh=policy.mesh)
   tokens, mask, trunc = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
   prompts = [b for b in range(pb.batch_size) if pb.prompt_valid[b]]
   rows = np.array([b * num_samples + s for b in prompts for s in range(num_samples)], np.int64)

@@ -122,3 +122,18 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return x
   spec = logical_to_spec(tuple(logical_axes), ctx.rules, ctx.mesh, x.shape)
   return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+
+@contextlib.contextmanager
+def rules_in_effect(mesh: Mesh | None, rules: Rules | None):
+  """Makes `(mesh, rules)` current for `constrain` only (None: `constrain` is the identity).
+
+  Unlike `use_rules` it sets no JAX mesh context, so it can run while a program is traced:
+  `programs.py` wraps every program in it, which makes a program's constraints part of the program
+  rather than of whatever context its caller traced it in.
+  """
+  token = _CONTEXT.set(None if mesh is None or rules is None else _Context(mesh, rules))
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)

@@ -1,8 +1,11 @@
 """A generic, model-agnostic optimizer step for Flax NNX models.
 
     graphdef, state = init_train_state(model, optimizer)
-    step = make_train_step(graphdef, loss_fn, optimizer, num_microbatches=4)
-    state, metrics = step(state, batch)     # jitted, `state` is donated
+    step = programs.make_train_step(graphdef, loss_fn, optimizer, num_microbatches=4)
+    state, metrics = step(state, batch)     # jitted (in `programs.py`), `state` is donated
+
+This module defines the step (`train_step_fn`); `programs.make_train_step` jits it with its
+shardings and donation.
 
 `loss_fn(model, microbatch) -> (loss, aux_metrics)` sees a merged NNX model. The step
 splits every batch leaf with a leading batch axis into `num_microbatches` micro-batches
@@ -18,7 +21,7 @@ Choices:
 - Frozen parameters (`frozen_regex`, matched with `re.search` against the '/'-joined
   path, e.g. "^visual/") get exactly zero updates and no optimizer state, and do NOT
   count toward the clipping norm (as in PyTorch, where frozen parameters have no grad).
-  Pass the same regex to `make_train_step` and it also skips their gradients (less
+  Pass the same regex to `train_step_fn` and it also skips their gradients (less
   memory and compute) and reports `grad_norm` over trainable parameters only.
 - Non-finite guard: if the loss or the gradient norm is not finite, params and
   opt_state are kept bitwise, `num_skipped` is incremented and `skipped` = 1.
@@ -259,18 +262,15 @@ def reduce_microbatch_metrics(aux_stack: dict[str, Array]) -> dict[str, Array]:
     return out
 
 
-def make_train_step(
+def train_step_fn(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     num_microbatches: int = 1,
     *,
     frozen_regex: str | None = None,
-    state_sharding: Any = None,
-    batch_sharding: Any = None,
-    donate: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]]:
-    """Builds the jitted `step(state, batch) -> (state, metrics)`.
+    """Builds `step(state, batch) -> (state, metrics)`, a pure function (jit it with `programs.make_train_step`).
 
     Args:
       graphdef: from `init_train_state` / `nnx.split`.
@@ -279,9 +279,6 @@ def make_train_step(
       optimizer: e.g. `make_optimizer(...)`.
       num_microbatches: gradient-accumulation steps; batch leaves' leading dim must divide.
       frozen_regex: the optimizer's frozen_regex, to skip frozen gradients (optional).
-      state_sharding, batch_sharding: optional shardings (pytrees of Sharding) for jit's
-        in/out shardings; None leaves the choice to JAX.
-      donate: donate the input state's buffers (do not reuse `state` after the call).
     Returns:
       step function. metrics: loss (summed over micro-batches), grad_norm (before
       clipping), update_norm, param_norm, learning_rate, skipped (0/1), num_skipped, and
@@ -352,8 +349,4 @@ def make_train_step(
         }
         return new_state, metrics
 
-    jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
-    if state_sharding is not None or batch_sharding is not None:
-        jit_kwargs["in_shardings"] = (state_sharding, batch_sharding)
-        jit_kwargs["out_shardings"] = (state_sharding, None)
-    return jax.jit(step_fn, **jit_kwargs)
+    return step_fn

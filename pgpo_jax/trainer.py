@@ -22,17 +22,15 @@ import math
 import os
 import time
 import zlib
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import config as config_lib
-from pgpo_jax import multihost
+from pgpo_jax import multihost, programs, sampler
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import sharding
@@ -43,8 +41,7 @@ from pgpo_jax.buckets import batch_bucket, bucket_size, default_length_buckets, 
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.data.reader import DatasetSpec
 from pgpo_jax.models import qwen2_5_vl as qwen
-from pgpo_jax.rl import advantages as adv_lib
-from pgpo_jax.rl import losses as losses_lib
+from pgpo_jax.programs import make_optimizer, sft_loss_fn
 from pgpo_jax.rl import sequences
 
 log = logging.getLogger("pgpo_jax.trainer")
@@ -185,58 +182,6 @@ def build_model(c: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VL:
   return qwen.from_pretrained(c.model.init_from, c.model.dtype, config=cfg)
 
 
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, learning_rate: float | None = None):
-  o = c.optim
-  return train_step_lib.make_optimizer(
-      o.learning_rate if learning_rate is None else learning_rate, schedule=o.schedule,
-      warmup_steps=o.warmup_steps, total_steps=total_steps, end_learning_rate=o.end_learning_rate,
-      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip_norm=o.grad_clip_norm or None,
-      frozen_regex=o.frozen_regex or None)
-
-
-def estimator_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  p = c.pgpo
-  if not p.enabled:
-    return {}
-  return dict(tau=p.tau, beta=p.beta, renormalize=p.renormalize, threshold_mode=p.threshold_mode,
-              min_weight=p.min_weight, max_weight=p.max_weight)
-
-
-# ------------------------------------------------------------------------------------------------
-# Device programs
-# ------------------------------------------------------------------------------------------------
-def rl_loss_fn(c: ml_collections.ConfigDict):
-  """`loss_fn(model, batch)` for the train step: clipped surrogate on row-aligned [P, G, L] data."""
-  l = c.loss
-
-  def loss_fn(model, b):
-    seq: sequences.SequenceBatch = b["seq"]
-    logp, entropy = sequences.response_logprobs(model, seq, chunk_size=l.logprob_chunk, return_entropy=True)
-    flat = lambda x: x.reshape(-1, x.shape[-1])
-    loss, metrics = losses_lib.policy_loss(
-        logp, flat(b["old_logp"]), flat(b["adv"]), seq.flat_response_mask, l.clip_low, l.clip_high, l.agg,
-        dual_clip=l.dual_clip or None, entropy_BxT=entropy if l.entropy_coef else None,
-        entropy_coef=l.entropy_coef, loss_horizon=float(seq.response.shape[-1]),
-        token_normalizer=b["token_normalizer"], seq_normalizer=b["seq_normalizer"])
-    m = seq.flat_response_mask
-    metrics["entropy"] = jnp.sum(jnp.where(m, entropy, 0.0)) / jnp.maximum(m.sum(), 1)
-    metrics[train_step_lib.METRIC_WEIGHT] = m.sum()  # token-weighted means over micro-batches
-    return loss, metrics
-
-  return loss_fn
-
-
-def sft_loss_fn(c: ml_collections.ConfigDict):
-  """Token-mean negative log-likelihood of target responses (the demo's supervised warm-up)."""
-  def loss_fn(model, b):
-    seq = b["seq"]
-    logp = sequences.response_logprobs(model, seq, chunk_size=c.loss.logprob_chunk)
-    m = seq.flat_response_mask
-    loss = -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(b["token_normalizer"], 1.0)
-    return loss, {"nll": -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(m.sum(), 1)}
-  return loss_fn
-
-
 def _normalizers(mask: np.ndarray) -> dict[str, np.ndarray]:
   """Token and sequence counts of a (host-local) update batch, summed over hosts: the loss of the
   global batch is normalised by the global counts."""
@@ -300,14 +245,13 @@ class Trainer:
     self.state = jax.device_put(state, self._state_shardings(state))
     self.model_graphdef, _ = nnx.split(self.model)
     del self.model  # the parameters live in self.state from here on
-    n_micro = c.updates.prompts_per_update // c.updates.micro_batch_prompts
-    self.train_step = train_step_lib.make_train_step(self.graphdef, rl_loss_fn(c), self.optimizer, n_micro,
-                                                     frozen_regex=c.optim.frozen_regex or None)
-    self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef),
-                            static_argnames=("estimator", "chunk", "clamp"))
-    # One compiled program (the bounded renormalisation's bisection loop is slow op by op).
-    est = adv_lib.get_estimator("pgpo" if c.pgpo.enabled else "grpo")
-    self.advantage_fn = jax.jit(functools.partial(est, group_size=self.G, **estimator_options(c)))
+    # The device programs, with their shardings (`compile_check` compiles these same programs).
+    self.programs = programs.trainer_programs(c, model_graphdef=self.model_graphdef, train_graphdef=self.graphdef,
+                                              optimizer=self.optimizer, mesh=self.mesh,
+                                              state_sharding=self._state_shardings(state), num_processes=n)
+    self.train_step = self.programs.train_step
+    self.score_fn = self.programs.score
+    self.advantage_fn = self.programs.advantages
     self.key = jax.random.key(c.seed)
     self.step = 0
     self.data_iter = self._train_iterator()
@@ -348,17 +292,9 @@ class Trainer:
         prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
 
   def _state_shardings(self, state):
-    params_sh = self.train_shardings
-    opt_sh = sharding.shardings_like_params(state.opt_state, state.params, params_sh, self.mesh)
-    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    return train_step_lib.TrainState(step=rep, params=params_sh, opt_state=opt_sh, num_skipped=rep)
+    return programs.train_state_shardings(state, self.train_shardings, self.mesh)
 
   # -- device programs ----------------------------------------------------------------------------
-  @staticmethod
-  def _score(graphdef, params, seq, *, estimator="k3", chunk=256, clamp=None):
-    model = nnx.merge(graphdef, params)
-    return sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp)
-
   def _sample_params(self):
     if self.mesh.size == 1:
       return self.state.params
@@ -392,9 +328,9 @@ class Trainer:
         prompt_length=seq_bucket(longest), num_patches=patch_bucket(patches) if patches else None,
         prompt_ids=prompt_stream_ids(pb))
     mesh = self.mesh if self.mesh.size > 1 else None
-    out = rollout_lib.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
-                              sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
-                              mesh=mesh)
+    out = sampler.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
+                          sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
+                          mesh=mesh)
     return multihost.to_local(out, rollout_lib.logical_axes(out), self.mesh, sharding.SAMPLE_RULES)
 
   def rollout_round(self, pb: PromptBatch, params) -> list[Group]:
@@ -471,15 +407,13 @@ class Trainer:
     seq, rewards = collate_groups(kept, self.cfg, self.length_buckets, self.cfg.pad_token_id, filler,
                                   filler_group=base[0], extent=self._extent(*group_extent(base)))
     t1 = time.perf_counter()
-    p = c.pgpo
     # Scoring runs in slices of `scoring_prompts` prompts: one call over a whole 384-prompt rollout
     # batch needs hundreds of GiB of activations per device at 7B (compile_check).
     sp = self.scoring_local
     parts = []
     for s0 in range(0, seq.prompt_ids.shape[0], sp):
       sub = self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))
-      parts.append(self.score_fn(self.state.params, sub, estimator=p.dependency_estimator, chunk=p.scoring_chunk,
-                                 clamp=p.clamp_log_ratio))
+      parts.append(self.score_fn(self.state.params, sub))
     parts = [self._get_rows(x) for x in parts]
     scores = type(parts[0])(*[np.concatenate(x) for x in zip(*parts)])
     times["scoring"] = time.perf_counter() - t1
@@ -546,7 +480,7 @@ class Trainer:
       return
     opt = make_optimizer(c, n, learning_rate=c.warmup.learning_rate)
     graphdef, st = train_step_lib.init_train_state(nnx.merge(self.graphdef, self.state.params), opt)
-    step_fn = train_step_lib.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
+    step_fn = programs.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
     it = make_prompt_iterator(self._spec(c.data.train_files), self.processor,
                               batch_size=c.warmup.prompts_per_step // jax.process_count(),
                               seed=c.seed + 1, num_epochs=None, max_prompt_length=c.data.max_prompt_length,

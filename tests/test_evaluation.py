@@ -23,6 +23,7 @@ from PIL import Image
 
 from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import evaluation as ev
+from pgpo_jax import programs
 from pgpo_jax.tools import inspect_dependency as idep
 from pgpo_jax import rewards, trainer
 from pgpo_jax.tools import plotting
@@ -223,7 +224,7 @@ def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path
     groups.append(trainer.Group(e.input_ids, e.pixel_values, e.image_grid_thw, r["answer"], tokens, mask,
                                 np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, bool)))
   seq, _ = trainer.collate_groups(groups, policy.cfg, (64, 128, 256), policy.cfg.pad_token_id)
-  s = jax.device_get(jax.jit(lambda st, b: trainer.Trainer._score(policy.graphdef, st, b))(policy.state, seq))
+  s = jax.device_get(programs.make_score_program(policy.graphdef)(policy.state, seq))
   any_positive = False
   for i, r in enumerate(recs):
     n = len(r["token_ids"])

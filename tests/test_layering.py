@@ -5,7 +5,8 @@
 - the model knows nothing of the layers above it: `models/` imports only the bottom modules;
 - the bottom modules import nothing above them, and `sharding.py` only the bottom;
 - the library does not import its tools or its command lines;
-- every Orbax call lives in `checkpoint.py`;
+- every Orbax call lives in `checkpoint.py`, every `jax.jit` in `programs.py` (and the model's own
+  host-side `forward`, since the model may not import upwards);
 - no module sets environment variables when it is imported;
 - no module reaches into another's private names (`module._name`).
 """
@@ -101,6 +102,12 @@ def test_orbax_only_in_checkpoint():
                  and any((a.name if isinstance(node, ast.Import) else node.module or "").startswith("orbax")
                          for a in node.names))
   assert users == ["pgpo_jax.checkpoint"], users
+
+
+def test_jit_only_in_programs():
+  users = sorted({name for name, tree in TREES.items() for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and node.attr == "jit" and ast.unparse(node.value) == "jax"})
+  assert users == ["pgpo_jax.models.qwen2_5_vl.model", "pgpo_jax.programs"], users
 
 
 def _module_level(tree: ast.Module):

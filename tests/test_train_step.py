@@ -10,11 +10,11 @@ from flax import nnx
 
 from pgpo_jax.rl.losses import loss_normalizers, policy_loss
 from pgpo_jax.keypaths import path_str
+from pgpo_jax.programs import make_train_step
 from pgpo_jax.train_step import (
     init_train_state,
     make_optimizer,
     make_schedule,
-    make_train_step,
     reduce_microbatch_metrics,
     split_microbatches,
 )
@@ -265,7 +265,8 @@ def test_data_parallel_on_8_devices_matches_single_device():
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
     from tests.test_train_step import TinyPolicy, make_batch, pg_loss_fn
-    from pgpo_jax.train_step import init_train_state, make_optimizer, make_train_step
+    from pgpo_jax.programs import make_train_step
+    from pgpo_jax.train_step import init_train_state, make_optimizer
 
     model = TinyPolicy(nnx.Rngs(0))
     batch = make_batch(3, model, b=16)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import html
 import io
 import json
@@ -40,14 +39,13 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from pgpo_jax import evaluation as ev
+from pgpo_jax import programs
 from pgpo_jax.tools import plotting
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, RawRow
-from pgpo_jax.rl import advantages as adv_lib
 from pgpo_jax.rl import sequences
 
 log = logging.getLogger("pgpo_jax.inspect_dependency")
@@ -155,18 +153,6 @@ def dataset_spec(path: str, *, question_key: str | None = None, answer_key: str 
   return dataclasses.replace(bench.spec, require_images=True)
 
 
-@functools.lru_cache(maxsize=8)
-def _score_fn(graphdef, estimator: str, chunk_size: int, clamp: float | None, threshold_mode: str):
-  """jit(state, seq, tau, beta) -> (DependencyScores [B, L] arrays, weights [B, L]): one program."""
-  def score(state, seq, tau, beta):
-    model = nnx.merge(graphdef, state)
-    s = sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk_size, clamp_log_ratio=clamp)
-    w = adv_lib.pgpo_token_weights(s.dependency_BxT, seq.flat_response_mask, tau, beta,
-                                   threshold_mode=threshold_mode)
-    return s, w
-  return jax.jit(score)
-
-
 def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectConfig(), *,
             progress: bool = True) -> list[ResponseRecord]:
   """Samples and scores one response for each of the first `cfg.n` prompts of `spec`."""
@@ -174,7 +160,10 @@ def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectCo
   tok = policy.tokenizer
   specials = special_ids(tok)
   reward_fn = rewards_lib.get_batch_reward_fn(cfg.reward)
-  score = _score_fn(policy.graphdef, cfg.estimator, cfg.chunk_size, cfg.clamp_log_ratio, cfg.threshold_mode)
+  # The trainer's scoring program and PGPO's weight function, as `programs.py` builds them.
+  score = programs.make_score_program(policy.graphdef, estimator=cfg.estimator, chunk_size=cfg.chunk_size,
+                                      clamp_log_ratio=cfg.clamp_log_ratio)
+  token_weights = programs.make_token_weights_program(threshold_mode=cfg.threshold_mode)
   it = ev.prompt_iterator(spec, policy.processor, cfg, seed=cfg.seed)
   file_index = {p: i for i, p in enumerate(DatasetReader(spec).files)}
   key = jax.random.key(cfg.seed)
@@ -194,7 +183,10 @@ def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectCo
       seq = sequences.make_sequence_batch(policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values,
                                           pb.image_grid_thw, resp_BxN, mask_BxN, prompt_pos=pb.position_ids,
                                           mask_vision_markers=cfg.mask_vision_markers)
-      scores, weights_BxN = jax.device_get(score(policy.state, seq, np.float32(cfg.tau), np.float32(cfg.beta)))
+      scores = score(policy.state, seq)
+      weights_BxN = token_weights(scores.dependency_BxT, seq.flat_response_mask, np.float32(cfg.tau),
+                                  np.float32(cfg.beta))
+      scores, weights_BxN = jax.device_get((scores, weights_BxN))
       texts = [tok.decode(resp_BxN[b][mask_BxN[b]], skip_special_tokens=True) for b in keep]
       rewards = reward_fn(texts, [pb.answers[b] for b in keep])
       for r, b in enumerate(keep):
