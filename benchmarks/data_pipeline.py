@@ -28,12 +28,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pgpo_jax.data import synthetic  # noqa: E402
+from pgpo_jax.demo_task import synthetic  # noqa: E402
 from pgpo_jax.data.pipeline import make_prompt_iterator  # noqa: E402
-from pgpo_jax.data.processing import PromptEncoder  # noqa: E402
-from pgpo_jax.data.processor import load_processor  # noqa: E402
+from pgpo_jax.data.prompts import PromptEncoder  # noqa: E402
+from pgpo_jax.data.hf_processor import load_processor  # noqa: E402
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec  # noqa: E402
-from pgpo_jax.data.tiny_tokenizer import build_tiny_model_folder  # noqa: E402
+from pgpo_jax.demo_task.tiny_tokenizer import build_tiny_model_folder  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline.json")
 

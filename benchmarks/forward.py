@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
 
 
 def hf_config(hidden: int, layers: int):
@@ -53,7 +53,7 @@ def main():
   hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
-    model = q.from_pretrained(d)
+    model = qwen.from_pretrained(d)
   g = a.image // 14
   grids = np.array([[1, g, g]] * a.batch)
   n_img = g * g // 4
@@ -66,7 +66,7 @@ def main():
   am = np.ones_like(ids)
   pixels = rng.standard_normal((a.batch * g * g, 1176)).astype(np.float32)
   t0 = time.perf_counter()
-  jax.block_until_ready(q.forward(model, ids, am, pixels, grids))
+  jax.block_until_ready(qwen.forward(model, ids, am, pixels, grids))
   compile_s = time.perf_counter() - t0
 
   def time_it(fn):
@@ -77,7 +77,7 @@ def main():
       times.append(time.perf_counter() - t)
     return float(np.median(times))
 
-  jax_s = time_it(lambda: jax.block_until_ready(q.forward(model, ids, am, pixels, grids)))
+  jax_s = time_it(lambda: jax.block_until_ready(qwen.forward(model, ids, am, pixels, grids)))
   kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), pixel_values=torch.tensor(pixels),
             image_grid_thw=torch.tensor(grids), mm_token_type_ids=torch.tensor((ids == 4000).astype(np.int64)))
   with torch.no_grad():

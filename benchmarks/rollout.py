@@ -1,4 +1,4 @@
-"""Generation throughput: `rollout.generate` vs HF `generate` (KV cache, greedy), same small random model, CPU.
+"""Generation throughput: `sampler.generate` vs HF `generate` (KV cache, greedy), same small random model, CPU.
 
     .venv/bin/python benchmarks/rollout.py [--batches 1,8,32 --new_tokens 64 --hidden 256 --layers 4]
 
@@ -29,8 +29,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pgpo_jax import rollout  # noqa: E402
-from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+from pgpo_jax import sampler  # noqa: E402
+from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
 
 IMAGE, VSTART, VEND = 4000, 4002, 4003
 
@@ -92,7 +92,7 @@ def main():
   hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
-    model = q.from_pretrained(d)
+    model = qwen.from_pretrained(d)
   N = a.new_tokens
   grid = 8  # 112x112 px: 64 patches, 16 image tokens
   rows = []
@@ -100,7 +100,7 @@ def main():
     ids, am, pixels, grids = prompts(B, a.text, grid, np.random.default_rng(B))
 
     def ours(n):
-      return rollout.generate(model, ids, am, pixels, grids, max_new_tokens=n, eos_token_ids=())
+      return sampler.generate(model, ids, am, pixels, grids, max_new_tokens=n, eos_token_ids=())
 
     hf_kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am),
                  mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),

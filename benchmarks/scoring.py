@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
 from pgpo_jax.rl import scoring, sequences  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def naive_scores(model, b):
   both = lambda a, axis=0: jnp.concatenate([a, a], axis=axis)
   h, _ = model.language_model(both(x), both(pos, 1), jnp.concatenate([km, km & ~vis]), None)
   h = sequences._response_hidden(h, b.prompt_ids.shape[1])
-  logits = q.logits_from_hidden(model, h)  # [2N, L, V]
+  logits = qwen.logits_from_hidden(model, h)  # [2N, L, V]
   logp = jax.nn.log_softmax(logits, -1)
   n = h.shape[0] // 2
   tgt = b.flat_response[..., None]
@@ -53,12 +53,12 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "scoring.json"))
   a = ap.parse_args()
-  cfg = q.tiny_config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
+  cfg = qwen.tiny_config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
                       num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=1,
                       head_dim=64, mrope_section=(16, 8, 8), image_token_id=a.vocab - 4,
                       video_token_id=a.vocab - 3, vision_start_token_id=a.vocab - 2,
                       vision_end_token_id=a.vocab - 1, vision_out_hidden_size=a.hidden)
-  model = q.init_model(cfg, "float32")
+  model = qwen.init_model(cfg, "float32")
   rng = np.random.default_rng(0)
   grids = np.array([[1, 16, 16]])
   n_img = 64

@@ -47,7 +47,7 @@ def get_config():
   c.optim.learning_rate = 2e-4
   c.optim.weight_decay = 0.0
 
-  # Cap ω̃ (PGPO.md §3 option; the paper sets none). Demo responses are ~15 tokens with the visual
+  # Cap ω̃ (docs/method.md §3 option; the paper sets none). Demo responses are ~15 tokens with the visual
   # dependency on the answer token, so uncapped weights reach 20+ and one token carries the update;
   # measured on this config: uncapped, training reward 0.130 -> 0.127 with the format collapsing
   # (entropy 0.6 -> 1.3); capped at 5, 0.137 -> 0.243 (seed 0) and 0.150 -> 0.220 (seed 1).

@@ -1,11 +1,13 @@
-"""PGPO on Qwen2.5-VL-3B-Instruct: the paper's setup (PGPO.md §5), for a TPU v5p-32 slice.
+"""PGPO on Qwen2.5-VL-3B-Instruct: the paper's setup (docs/method.md §5), for a TPU v5p-32 slice.
 
     python scripts/convert_hf.py --hf_dir /data/Qwen2.5-VL-3B-Instruct --out_dir /ckpt/qwen2_5_vl_3b
     python scripts/train.py --config=configs/pgpo_3b.py --config.model.init_from=/ckpt/qwen2_5_vl_3b \
         --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/pgpo_3b
     python scripts/compile_check.py --config=configs/pgpo_3b.py --topology=v5p-32
 """
-from configs import pgpo_7b
+from pgpo_jax.config import sibling
+
+pgpo_7b = sibling("pgpo_7b", __file__)
 
 
 def get_config():

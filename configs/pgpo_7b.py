@@ -1,4 +1,4 @@
-"""PGPO on Qwen2.5-VL-7B-Instruct: the paper's setup (PGPO.md §5), for a TPU v5p-64 slice.
+"""PGPO on Qwen2.5-VL-7B-Instruct: the paper's setup (docs/method.md §5), for a TPU v5p-64 slice.
 
 Convert the HF checkpoint once, then train (every worker of the slice runs the same command):
     python scripts/convert_hf.py --hf_dir /data/Qwen2.5-VL-7B-Instruct --out_dir /ckpt/qwen2_5_vl_7b

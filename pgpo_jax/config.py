@@ -3,7 +3,7 @@
 Config files in `configs/` call `base_config()` and override what their experiment changes; every
 key here is read by the trainer (`tests/test_config_keys.py` fails on a key that nothing reads).
 `validate(config, num_devices)` names the offending key.
-Defaults are the paper's DAPO/PGPO recipe (PGPO.md §4-5) wherever it is explicit.
+Defaults are the paper's DAPO/PGPO recipe (docs/method.md §4-5) wherever it is explicit.
 """
 from __future__ import annotations
 
@@ -273,14 +273,14 @@ def _check_init_from(c: ml_collections.ConfigDict) -> None:
   path = c.model.init_from
   if c.model.random_init or not path or not os.path.exists(path):
     return
-  from pgpo_jax.models.qwen2_5_vl import loading  # the layouts the loader accepts
+  from pgpo_jax import checkpoint  # the layouts the loader accepts
   try:
-    loading.checkpoint_layout(path)
+    checkpoint.checkpoint_layout(path)
   except FileNotFoundError:
     what = "a file" if os.path.isfile(path) else "a folder with neither layout"
     _require(False, "model.init_from",
              f"{path!r} is {what}; expected an HF Qwen2.5-VL folder (config.json + model.safetensors or "
-             f"model.safetensors.index.json) or a converted folder (config.json + an Orbax '{loading.PARAMS_ITEM}/' "
+             f"model.safetensors.index.json) or a converted folder (config.json + an Orbax '{checkpoint.PARAMS_ITEM}/' "
              f"item), as written by scripts/convert_hf.py")
 
 
@@ -338,3 +338,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_p
     _require(sizes.count(-1) <= 1, "mesh", "at most one axis may be -1")
     _require(num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices), "mesh",
              f"data×fsdp×tensor = {sizes} does not match the {num_devices} devices")
+
+
+def sibling(name: str, config_file: str):
+  """The config module `name` from the folder of `config_file` (pass `__file__`).
+
+  Config files build on each other by path (`pgpo_7b = sibling("pgpo_7b", __file__)`), so they load
+  from any working directory and from installed commands, without `configs/` on `sys.path`.
+  """
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{config_file}: builds on config {name!r}, but {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"pgpo_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

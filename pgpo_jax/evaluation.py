@@ -1,4 +1,4 @@
-"""Benchmark evaluation: avg@k accuracy of a policy on local benchmark files (PGPO.md §5).
+"""Benchmark evaluation: avg@k accuracy of a policy on local benchmark files (docs/method.md §5).
 
     from pgpo_jax import evaluation as ev
     policy = ev.load_policy("runs/pgpo_7b")                     # WORKDIR -> its latest checkpoint
@@ -8,7 +8,7 @@
     print(ev.format_table(result.table))
 
 Protocol. Every prompt is rendered exactly as in training (system prompt, `<think>`/`\\boxed{}` format
-instruction, images first or at `<image>` placeholders; `data/processing.py`) and sampled k times; each
+instruction, images first or at `<image>` placeholders; `data/prompts.py`) and sampled k times; each
 response is scored by the training reward (`rewards.score_batch`: the last `\\boxed{}` against the gold,
 multiple-choice letters, numbers and math_verify). avg@k = mean over prompts of the mean accuracy of
 its k samples (every prompt has exactly k samples, so it is also the mean over all samples); pass@k =
@@ -51,17 +51,17 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import multihost
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
-from pgpo_jax import sharding
-from pgpo_jax.data import processor as processor_lib
+from pgpo_jax import sampler, sharding
+from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
-from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_buckets
+from pgpo_jax.buckets import batch_bucket, default_length_buckets, patch_bucket, seq_bucket
+from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths
-from pgpo_jax.models import qwen2_5_vl as q
-from pgpo_jax.models.qwen2_5_vl import loading
-from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
+from pgpo_jax.models import qwen2_5_vl as qwen
 
 log = logging.getLogger("pgpo_jax.evaluation")
 
@@ -138,7 +138,7 @@ class CheckpointRef:
   """Where a checkpoint's pieces are. kind: "trainer" | "hf" | "orbax"; step: trainer step or None."""
   path: str  # what the user gave
   kind: str
-  model_path: str  # what `q.from_pretrained` loads (HF folder or Orbax params item)
+  model_path: str  # what `qwen.from_pretrained` loads (HF folder or Orbax params item)
   config_path: str
   processor_dir: str
   step: int | None = None
@@ -148,7 +148,7 @@ class CheckpointRef:
 def _finished_steps(checkpoints_dir: str) -> list[int]:
   out = []
   for name in os.listdir(checkpoints_dir):
-    if name.isdigit() and loading.is_orbax_params_dir(os.path.join(checkpoints_dir, name, loading.PARAMS_ITEM)):
+    if name.isdigit() and ckpt_lib.is_orbax_params_dir(os.path.join(checkpoints_dir, name, ckpt_lib.PARAMS_ITEM)):
       out.append(int(name))
   return sorted(out)
 
@@ -167,21 +167,21 @@ def resolve_checkpoint(path: str | os.PathLike, processor_dir: str | None = None
     if not steps:
       raise FileNotFoundError(f"{given}: a trainer WORKDIR without a finished checkpoint in {path}/checkpoints")
     step, workdir = steps[-1], path
-    model_path = os.path.join(path, "checkpoints", str(step), loading.PARAMS_ITEM)
+    model_path = os.path.join(path, "checkpoints", str(step), ckpt_lib.PARAMS_ITEM)
   elif os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
     step, workdir = int(os.path.basename(path)), os.path.dirname(parent)
-    model_path = os.path.join(path, loading.PARAMS_ITEM)
-    if not loading.is_orbax_params_dir(model_path):
+    model_path = os.path.join(path, ckpt_lib.PARAMS_ITEM)
+    if not ckpt_lib.is_orbax_params_dir(model_path):
       raise FileNotFoundError(f"{given}: no finished Orbax params item at {model_path} (save still running?)")
-  elif (os.path.basename(path) == loading.PARAMS_ITEM and os.path.basename(parent).isdigit()
+  elif (os.path.basename(path) == ckpt_lib.PARAMS_ITEM and os.path.basename(parent).isdigit()
         and os.path.basename(os.path.dirname(parent)) == "checkpoints"):
     step, workdir = int(os.path.basename(parent)), os.path.dirname(os.path.dirname(parent))
     model_path = path
   else:
-    kind, model_path = loading.checkpoint_layout(path)
-    config_path = loading.find_config(model_path)
+    kind, model_path = ckpt_lib.checkpoint_layout(path)
+    config_path = ckpt_lib.find_config(model_path)
     return CheckpointRef(given, kind, model_path, config_path, processor_dir or os.path.dirname(config_path))
-  config_path = loading.find_config(model_path)
+  config_path = ckpt_lib.find_config(model_path)
   return CheckpointRef(given, "trainer", model_path, config_path, processor_dir or os.path.dirname(config_path),
                        step=step, workdir=workdir)
 
@@ -191,7 +191,7 @@ class Policy:
   """A loaded model, split for the jitted programs, with its processor and (optional) mesh."""
   graphdef: Any
   state: Any  # nnx.State of the parameters; on `mesh` (SAMPLE_RULES) when a mesh is given
-  cfg: q.Qwen25VLConfig
+  cfg: qwen.Qwen25VLConfig
   processor: Any
   ref: CheckpointRef
   mesh: jax.sharding.Mesh | None = None
@@ -204,7 +204,7 @@ class Policy:
   def batch_shards(self) -> int:
     return rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
 
-  def model(self) -> q.Qwen25VL:
+  def model(self) -> qwen.Qwen25VL:
     return nnx.merge(self.graphdef, self.state)
 
 
@@ -252,11 +252,12 @@ def load_policy(ckpt: str | os.PathLike, *, dtype: str = "bfloat16", mesh: jax.s
     raise ValueError(f"evaluation on {jax.process_count()} processes needs a mesh over all their devices "
                      "(make_eval_mesh)")
   ref = resolve_checkpoint(ckpt, processor_dir)
-  cfg = q.Qwen25VLConfig.from_json(ref.config_path)
-  if mesh is not None:
-    model, _ = sharding.load_sharded(ref.model_path, mesh, sharding.SAMPLE_RULES, dtype, config=cfg)
-  else:
-    model = q.from_pretrained(ref.model_path, dtype, config=cfg)
+  cfg = qwen.Qwen25VLConfig.from_json(ref.config_path)
+  shardings = None
+  if mesh is not None:  # every parameter read straight into its sharding (never whole on one device)
+    shardings = sharding.flat_shardings(
+        sharding.param_shardings(qwen.abstract_model(cfg, dtype), mesh, sharding.SAMPLE_RULES))
+  model = qwen.from_pretrained(ref.model_path, dtype, config=cfg, shardings=shardings)
   try:
     proc = processor_lib.load_processor(ref.processor_dir, min_pixels=min_pixels, max_pixels=max_pixels)
   except FileNotFoundError as e:
@@ -378,14 +379,14 @@ def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_sampl
   if n > 1:  # the hosts' inputs must have one shape: pad to the longest prompt / most patches of any host
     longest, patches = (int(x) for x in multihost.max_over_hosts(
         np.array([pb.attention_mask.sum(1).max(), _max_row_patches(pb)], np.int64)))
-    extent = dict(prompt_length=seq_bucket(longest), num_patches=q.patch_bucket(patches) if patches else None)
+    extent = dict(prompt_length=seq_bucket(longest), num_patches=patch_bucket(patches) if patches else None)
   inputs = rollout_lib.prepare_inputs(
       policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
       position_ids=pb.position_ids, prompt_ids=ids, batch_multiple=shards,
-      batch_size=rollout_lib.batch_bucket(pb.batch_size, shards), **extent)
-  out = rollout_lib.rollout(policy.graphdef, policy.state, inputs, key, max_new_tokens=max_new_tokens,
-                            sampling=sampling, num_samples=num_samples, pad_token_id=policy.cfg.pad_token_id,
-                            mesh=policy.mesh)
+      batch_size=batch_bucket(pb.batch_size, shards), **extent)
+  out = sampler.rollout(policy.graphdef, policy.state, inputs, key, max_new_tokens=max_new_tokens,
+                        sampling=sampling, num_samples=num_samples, pad_token_id=policy.cfg.pad_token_id,
+                        mesh=policy.mesh)
   if n > 1:
     out = multihost.to_local(out, rollout_lib.logical_axes(out), policy.mesh, sharding.SAMPLE_RULES)
   tokens, mask, trunc = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
@@ -396,7 +397,7 @@ def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_sampl
 
 def _max_row_patches(pb: PromptBatch) -> int:
   """The most image patches of one prompt of the batch (0 without images)."""
-  sizes = q.rope.valid_grids(pb.image_grid_thw).prod(axis=1) if pb.image_grid_thw is not None else np.zeros(0)
+  sizes = qwen.rope.valid_grids(pb.image_grid_thw).prod(axis=1) if pb.image_grid_thw is not None else np.zeros(0)
   csum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
   ends = np.cumsum(pb.num_images)
   return int((csum[ends] - csum[ends - pb.num_images]).max(initial=0))
@@ -603,13 +604,14 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join([fmt(heads), sep, *body])
 
 
-def _json_safe(x):
+def json_safe(x):
+  """A copy of `x` (nested dicts/lists) with non-finite floats as None, for strict JSON."""
   if isinstance(x, float) and not math.isfinite(x):
     return None
   if isinstance(x, dict):
-    return {k: _json_safe(v) for k, v in x.items()}
+    return {k: json_safe(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
+    return [json_safe(v) for v in x]
   return x
 
 
@@ -620,7 +622,7 @@ def write_results(result: EvalResult, out_dir: str | os.PathLike) -> dict[str, s
   paths = {k: os.path.join(out_dir, f) for k, f in
            (("json", "results.json"), ("csv", "results.csv"), ("generations", "generations.jsonl"))}
   with open(paths["json"], "w") as f:
-    json.dump(_json_safe({"table": result.table, **result.info}), f, indent=2)
+    json.dump(json_safe({"table": result.table, **result.info}), f, indent=2)
   cols = list(TABLE_COLUMNS) + sorted({k for r in result.table for k in r} - set(TABLE_COLUMNS))
   with open(paths["csv"], "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=cols)

@@ -13,7 +13,6 @@ resumed run reads it back. With `loss.kl_coef == 0`, `build` returns None: no co
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Any
@@ -23,18 +22,12 @@ import ml_collections
 from flax import nnx
 
 from pgpo_jax import checkpoint as ckpt_lib
+from pgpo_jax import programs
 from pgpo_jax.rl import sequences
 
 log = logging.getLogger("pgpo_jax.reference")
 
 DIRNAME = "reference"  # WORKDIR/reference: π_ref after a warm-up
-
-
-def _logprobs(graphdef, params, seq: sequences.SequenceBatch, *, temperature: float, chunk_size: int) -> jax.Array:
-  """[P*G, L] float32 log π_ref(x_t) at `temperature` (no gradient; padding positions are arbitrary)."""
-  model = nnx.merge(graphdef, params)
-  return jax.lax.stop_gradient(
-      sequences.response_logprobs(model, seq, chunk_size=chunk_size, temperature=temperature))
 
 
 class ReferencePolicy:
@@ -43,8 +36,8 @@ class ReferencePolicy:
   def __init__(self, graphdef, params: nnx.State, shardings: Any, *, temperature: float, chunk_size: int):
     self._shardings = shardings
     self.params = self._copy(params)
-    self._program = jax.jit(functools.partial(_logprobs, graphdef, temperature=float(temperature),
-                                              chunk_size=int(chunk_size)))
+    self._program = programs.make_logprob_program(graphdef, temperature=float(temperature),
+                                                  chunk_size=int(chunk_size))
 
   def _copy(self, params: nnx.State) -> nnx.State:
     # A real copy: the policy's buffers are donated to (and freed by) every optimizer step.

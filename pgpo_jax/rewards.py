@@ -1,4 +1,4 @@
-"""Host-side rewards, registered by name (PGPO.md §5): overall = 0.9 * accuracy + 0.1 * format, each 0/1.
+"""Host-side rewards, registered by name (docs/method.md §5): overall = 0.9 * accuracy + 0.1 * format, each 0/1.
 
 - accuracy: the LAST complete `\\boxed{...}` (or `\\fbox{...}`) of the response, with nested braces, against
   the ground truth, in this order:

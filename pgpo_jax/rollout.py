@@ -1,7 +1,10 @@
 """Rollout: prefill each prompt once, then sample G completions per prompt in a jitted while loop.
 
-    from pgpo_jax import rollout
-    out = rollout.generate(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+This module holds the rollout's containers, sampling maths and the bodies of its device programs;
+`programs.py` jits them and `sampler.py` runs them:
+
+    from pgpo_jax import sampler
+    out = sampler.generate(model, input_ids, attention_mask, pixel_values, image_grid_thw,
                            max_new_tokens=256, temperature=1.0, num_samples=8, seed=0)
     out.tokens  # [B*G, max_new_tokens], prompt-major: prompt b's samples are rows b*G .. b*G+G-1
 
@@ -12,8 +15,8 @@ sampling config, mesh):
   2. `decode`: `lax.while_loop` over `DecodeState` (donated): feed the last token, sample the next,
      until every row has emitted a stop token or `max_new_tokens` tokens exist.
   3. `finish`: masks, lengths, truncation flags -> `RolloutOutput`.
-Decode positions continue per row from max(prompt positions) + 1 (QWEN2_5_VL.md §2.5), so left
-padding and M-RoPE image offsets need no rope-delta bookkeeping.
+Decode positions continue per row from max(prompt positions) + 1 (docs/qwen2_5_vl_port.md §2.5), so
+left padding and M-RoPE image offsets need no rope-delta bookkeeping.
 
 RNG (results independent of batch composition, padding and sharding). With `key` the call's key,
 each row has its own stream
@@ -30,25 +33,23 @@ Log-prob semantics (`RolloutOutput`):
                 a scoring pass would compute it (one extra logsumexp per step).
 
 The host-side `prepare_inputs` turns HF-processor outputs (left or right padded) into bucketed,
-left-padded `RolloutInputs`; `rollout` is the device-side entry for the trainer (`graphdef, state`,
-optional mesh: rows over the logical `batch` axis, i.e. (data, fsdp) under SAMPLE_RULES);
-`generate` is both plus a host copy of the real rows.
+left-padded `RolloutInputs`. With a mesh, rows go over the logical `batch` axis, i.e. (data, fsdp)
+under SAMPLE_RULES; each program pins its inputs' and outputs' layout by logical axes
+(`logical_axes`) inside, since the buckets' shapes decide where a dimension cannot be split.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from pgpo_jax import multihost, sharding
-from pgpo_jax.models import qwen2_5_vl as q
-from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
+from pgpo_jax import sharding
+from pgpo_jax.models import qwen2_5_vl as qwen
+from pgpo_jax.buckets import batch_bucket, seq_bucket
 from pgpo_jax.models.qwen2_5_vl.rope import valid_grids
 
 Array = jax.Array
@@ -91,7 +92,7 @@ class RolloutInputs:
   input_ids:      [B, T] int32, prompt tokens end at column T-1.
   attention_mask: [B, T] bool.
   position_ids:   [3, B, T] int32 M-RoPE positions (0 on padding).
-  vision:         packed, padded patches of all images (`q.prepare_vision`), or None (text only).
+  vision:         packed, padded patches of all images (`qwen.prepare_vision`), or None (text only).
   prompt_ids:     [B] uint32 RNG stream id of each prompt (see the module docstring).
   valid:          [B] bool; False rows (batch padding) emit nothing and have length 0.
   eos_ids:        [B, E] int32 stop tokens of each prompt, -1 = unused slot.
@@ -99,7 +100,7 @@ class RolloutInputs:
   input_ids: Array
   attention_mask: Array
   position_ids: Array
-  vision: q.VisionInputs | None
+  vision: qwen.VisionInputs | None
   prompt_ids: Array
   valid: Array
   eos_ids: Array
@@ -128,7 +129,7 @@ class DecodeState:
   lengths: Array
   row_keys: Array
   eos_ids: Array
-  cache: q.KVCache
+  cache: qwen.KVCache
   step: Array
 
 
@@ -223,7 +224,7 @@ def logical_axes(tree) -> object:
     return DecodeState(tokens=("batch", None), logprobs=("batch", None), raw_logprobs=("batch", None),
                        last_token=("batch",), next_pos=("batch",), finished=("batch",),
                        lengths=("batch",), row_keys=("batch",), eos_ids=("batch", None),
-                       cache=q.KVCache(k=kv, v=kv, key_mask=("batch", "cache_length"), index=()),
+                       cache=qwen.KVCache(k=kv, v=kv, key_mask=("batch", "cache_length"), index=()),
                        step=())
   if isinstance(tree, RolloutOutput):
     return RolloutOutput(tokens=("batch", None), mask=("batch", None), logprobs=("batch", None),
@@ -231,7 +232,7 @@ def logical_axes(tree) -> object:
   raise TypeError(type(tree))
 
 
-def _shardings(tree, mesh: Mesh, rules: sharding.Rules):
+def tree_shardings(tree, mesh: Mesh, rules: sharding.Rules):
   """NamedSharding per leaf; a dim that its mesh axes do not divide is replicated (sharding.py)."""
   def one(axes, x):
     return sharding.logical_sharding(axes, mesh, rules, np.shape(x))
@@ -241,16 +242,7 @@ def _shardings(tree, mesh: Mesh, rules: sharding.Rules):
 def _constrain(tree, mesh: Mesh | None, rules):
   if mesh is None:
     return tree
-  return jax.lax.with_sharding_constraint(tree, _shardings(tree, mesh, rules))
-
-
-def _resolve_mesh(mesh: Mesh | None, rules: sharding.Rules | None) -> tuple[Mesh | None, sharding.Rules]:
-  """Explicit arguments win; else the active `sharding.use_rules` context; rules default SAMPLE."""
-  ctx = sharding.current_rules()
-  if mesh is None and ctx is not None:
-    mesh = ctx[0]
-    rules = ctx[1] if rules is None else rules
-  return mesh, sharding.SAMPLE_RULES if rules is None else rules
+  return jax.lax.with_sharding_constraint(tree, tree_shardings(tree, mesh, rules))
 
 
 def batch_shards(mesh: Mesh | None, rules: sharding.Rules = sharding.SAMPLE_RULES) -> int:
@@ -265,20 +257,20 @@ def batch_shards(mesh: Mesh | None, rules: sharding.Rules = sharding.SAMPLE_RULE
 # ------------------------------------------------------------------------------------------------
 # The programs
 # ------------------------------------------------------------------------------------------------
-def _start(model: q.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: SamplingConfig,
+def _start(model: qwen.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: SamplingConfig,
            max_new_tokens: int, num_samples: int, pad_token_id: int, mesh, rules) -> DecodeState:
   """Prefill B prompts, repeat the cache G times, sample token 0 of every row."""
   inputs = _constrain(inputs, mesh, rules)
   B, T = inputs.input_ids.shape
   G, N = num_samples, max_new_tokens
   R = B * G
-  cache = q.init_cache(model.cfg.text, B, T, model.dtype)
-  logits_BxV, cache = q.prefill(model, inputs.input_ids, inputs.position_ids, inputs.attention_mask,
+  cache = qwen.init_cache(model.cfg.text, B, T, model.dtype)
+  logits_BxV, cache = qwen.prefill(model, inputs.input_ids, inputs.position_ids, inputs.attention_mask,
                                 cache, inputs.vision)
   # Decode cache: each prompt's T slots copied to its G rows (prompt-major), plus N empty slots.
   rep = lambda x, axis: jnp.repeat(x, G, axis=axis)
   grow = lambda x: jnp.concatenate([rep(x, 1), jnp.zeros(x.shape[:1] + (R, N) + x.shape[3:], x.dtype)], 2)
-  cache = q.KVCache(k=grow(cache.k), v=grow(cache.v),
+  cache = qwen.KVCache(k=grow(cache.k), v=grow(cache.v),
                     key_mask=jnp.concatenate([rep(cache.key_mask, 0), jnp.zeros((R, N), bool)], 1),
                     index=cache.index)
   keys_R = row_keys(key, inputs.prompt_ids, G)
@@ -288,7 +280,7 @@ def _start(model: q.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: Sa
   eos_RxE = rep(inputs.eos_ids, 0)
   tok = jnp.where(valid_R, tok, pad_token_id)
   col0 = lambda v, fill, dt: jnp.full((R, N), fill, dt).at[:, 0].set(jnp.where(valid_R, v, fill))
-  # Decode position: max prompt position + 1 (= last + 1 for images and text; QWEN2_5_VL.md §2.5).
+  # Decode position: max prompt position + 1 (= last + 1 for images and text; port notes §2.5).
   next_pos = rep(jnp.max(inputs.position_ids, axis=(0, 2)) + 1, 0).astype(jnp.int32)
   state = DecodeState(
       tokens=col0(tok, pad_token_id, jnp.int32), logprobs=col0(logp, 0.0, jnp.float32),
@@ -302,7 +294,7 @@ def _is_stop(tok_R: Array, eos_RxE: Array) -> Array:
   return jnp.any(tok_R[:, None] == eos_RxE, axis=-1)
 
 
-def _decode(model: q.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, max_new_tokens: int,
+def _decode(model: qwen.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, max_new_tokens: int,
             pad_token_id: int, mesh, rules) -> DecodeState:
   """Runs the while loop until every row stopped or N tokens exist; returns the final state."""
   N = max_new_tokens
@@ -311,7 +303,7 @@ def _decode(model: q.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, 
     return (s.step < N) & ~jnp.all(s.finished)
 
   def body(s: DecodeState) -> DecodeState:
-    logits, cache = q.decode_step(model, s.last_token, s.next_pos, s.cache)
+    logits, cache = qwen.decode_step(model, s.last_token, s.next_pos, s.cache)
     keys = jax.vmap(jax.random.fold_in, (0, None))(s.row_keys, s.step)
     tok, logp, raw = sample_tokens(logits, keys, sampling)
     live = ~s.finished  # rows that stopped earlier write pad / 0 and keep their length
@@ -340,8 +332,11 @@ def _finish(s: DecodeState, *, mesh, rules) -> RolloutOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-  """Everything the programs specialise on besides array shapes (hashable: the jit cache key)."""
+class RolloutStatic:
+  """Everything the programs specialise on besides array shapes (hashable: the jit cache key).
+
+  `rules` is the sorted items of the rules table (a hashable form), empty without a mesh.
+  """
   sampling: SamplingConfig
   max_new_tokens: int
   num_samples: int
@@ -349,10 +344,16 @@ class _Static:
   mesh: Mesh | None
   rules: tuple[tuple[str, sharding.AxisRule], ...]
 
+  @classmethod
+  def make(cls, sampling: SamplingConfig, max_new_tokens: int, num_samples: int, pad_token_id: int,
+           mesh: Mesh | None, rules: sharding.Rules) -> "RolloutStatic":
+    return cls(sampling, int(max_new_tokens), int(num_samples), int(pad_token_id), mesh,
+               tuple(sorted(rules.items())) if mesh is not None else ())
+
 
 @dataclasses.dataclass(frozen=True)
 class Programs:
-  """The jitted programs of one (model graph, static config).
+  """The programs of one (model graph, static config); `programs.rollout_programs` jits them.
 
   start(state, inputs, key) -> DecodeState        prefill + first token
   decode(state, decode_state) -> DecodeState      the while loop; `decode_state` is donated
@@ -364,8 +365,8 @@ class Programs:
   finish: object
 
 
-@functools.lru_cache(maxsize=64)
-def programs(graphdef, static: _Static) -> Programs:
+def program_bodies(graphdef, static: RolloutStatic) -> Programs:
+  """The three programs as plain functions of (parameter state, arrays), for `programs.py` to jit."""
   rules = dict(static.rules)
   kw = dict(sampling=static.sampling, max_new_tokens=static.max_new_tokens,
             pad_token_id=static.pad_token_id, mesh=static.mesh, rules=rules)
@@ -379,74 +380,13 @@ def programs(graphdef, static: _Static) -> Programs:
   def finish(dstate):
     return _finish(dstate, mesh=static.mesh, rules=rules)
 
-  return Programs(jax.jit(start), jax.jit(decode, donate_argnums=(1,)), jax.jit(finish))
-
-
-# ------------------------------------------------------------------------------------------------
-# Device-side entry (the trainer's)
-# ------------------------------------------------------------------------------------------------
-def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new_tokens: int,
-            sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1, pad_token_id: int,
-            mesh: Mesh | None = None, rules: sharding.Rules | None = None) -> RolloutOutput:
-  """Samples `num_samples` completions of every prompt; no array leaves the devices.
-
-  Args:
-    graphdef, state: `nnx.split(model)`; under a mesh, `state` already placed (e.g. SAMPLE_RULES).
-    inputs: `RolloutInputs` [B, T]: device arrays (global), or host numpy holding this host's
-      prompts (in a multi-process run each host passes its own, equally many; `multihost`).
-      With a mesh, the global B must be a multiple of `batch_shards(mesh, rules)`.
-    key: a PRNG key or an int seed.
-    max_new_tokens: N, the length of the output buffers.
-    sampling: temperature / top-k / top-p.
-    num_samples: G completions per prompt.
-    pad_token_id: written after the stop token.
-    mesh, rules: shard the rows over the mesh axes of the logical `batch` axis (and the KV heads
-      of the cache over `act_kv_heads`). Default: the `sharding.use_rules` context if one is
-      active, else unsharded; `rules` defaults to SAMPLE_RULES.
-  Returns:
-    `RolloutOutput` with B*G rows (batch-padding rows included: length 0, mask all False), global
-    arrays; `multihost.to_local(out, logical_axes(out), mesh, rules)` gives this host's rows.
-  """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  if isinstance(key, (int, np.integer)):
-    key = jax.random.key(int(key))
-  mesh, rules = _resolve_mesh(mesh, rules)
-  if mesh is not None:
-    n = batch_shards(mesh, rules)
-    on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(inputs))
-    # Host numpy inputs are this host's prompts (all of them in a single-process run).
-    B = inputs.batch_size * (1 if on_device else jax.process_count())
-    if B % n:
-      raise ValueError(f"a batch of {B} prompts does not split over the {n} shards of the 'batch' axis "
-                       f"({rules['batch']!r}); use prepare_inputs(batch_multiple={n}) (per host: "
-                       f"{n} / number of hosts)")
-    if on_device:
-      inputs = jax.device_put(inputs, _shardings(inputs, mesh, rules))
-    else:
-      inputs = multihost.to_global(inputs, logical_axes(inputs), mesh, rules, what="rollout inputs")
-    key = multihost.replicated(key, mesh)
-  static = _Static(sampling, int(max_new_tokens), int(num_samples), int(pad_token_id), mesh,
-                   tuple(sorted(rules.items())) if mesh is not None else ())
-  prog = programs(graphdef, static)
-  dstate = prog.start(state, inputs, key)
-  if max_new_tokens > 1:  # with N = 1 the first token is all there is (no decode program)
-    dstate = prog.decode(state, dstate)
-  return prog.finish(dstate)
+  return Programs(start, decode, finish)
 
 
 # ------------------------------------------------------------------------------------------------
 # Host-side preparation
 # ------------------------------------------------------------------------------------------------
-def batch_bucket(n: int, multiple: int = 1) -> int:
-  """Next power of two >= n, rounded up to a multiple of `multiple` (the data-parallel size)."""
-  b = 1 << max(int(n) - 1, 0).bit_length()
-  return -(-b // multiple) * multiple
-
-
-def default_eos_ids(cfg: q.Qwen25VLConfig) -> tuple[int, ...]:
+def default_eos_ids(cfg: qwen.Qwen25VLConfig) -> tuple[int, ...]:
   """`<|im_end|>` (eos) and `<|endoftext|>` (Qwen's pad / bos): both stop generation (§3)."""
   return tuple(dict.fromkeys((cfg.eos_token_id, cfg.pad_token_id)))
 
@@ -463,7 +403,7 @@ def _eos_table(eos_token_ids, B: int, B_pad: int) -> np.ndarray:
   return out
 
 
-def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
+def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
                    image_grid_thw=None, *, position_ids=None, eos_token_ids=None, prompt_ids=None,
                    batch_size: int | None = None, prompt_length: int | None = None,
                    num_patches: int | None = None, batch_multiple: int = 1) -> RolloutInputs:
@@ -474,11 +414,11 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
       of each row are moved, in order, to the right end).
     pixel_values: [N_patches, C*T*P*P] of all images in batch order, or None.
     image_grid_thw: [N_images, 3] (all-zero rows are padding), or None.
-    position_ids: optional [3, B, T] aligned with `input_ids` (else `q.get_rope_index`).
+    position_ids: optional [3, B, T] aligned with `input_ids` (else `qwen.get_rope_index`).
     eos_token_ids: stop ids, shared or per prompt ([B, E]); default `default_eos_ids(cfg)`.
     prompt_ids: [B] RNG stream ids (default arange(B)).
     batch_size / prompt_length / num_patches: fixed bucket sizes (default: power of two rounded
-      to `batch_multiple`, a multiple of 32, `q.patch_bucket`).
+      to `batch_multiple`, a multiple of 32, `buckets.patch_bucket`).
   """
   ids = np.asarray(input_ids).astype(np.int32)
   if ids.ndim != 2:
@@ -490,7 +430,7 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
   lengths = am.astype(bool).sum(1)
   if (lengths == 0).any():
     raise ValueError(f"prompt rows {np.nonzero(lengths == 0)[0].tolist()} have no tokens")
-  q.check_image_tokens(np.where(am.astype(bool), ids, -1), image_grid_thw, cfg)
+  qwen.check_image_tokens(np.where(am.astype(bool), ids, -1), image_grid_thw, cfg)
 
   B_pad = batch_bucket(B, batch_multiple) if batch_size is None else int(batch_size)
   T_pad = seq_bucket(int(lengths.max())) if prompt_length is None else int(prompt_length)
@@ -511,7 +451,7 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
     if src_pos is not None:
       pos_p[:, b, T_pad - lengths[b]:] = src_pos[:, b, keep]
   if src_pos is None:
-    pos_p, _ = q.get_rope_index(ids_p, am_p, image_grid_thw, image_token_id=cfg.image_token_id,
+    pos_p, _ = qwen.get_rope_index(ids_p, am_p, image_grid_thw, image_token_id=cfg.image_token_id,
                                 spatial_merge_size=cfg.vision.spatial_merge_size)
 
   has_images = len(valid_grids(image_grid_thw)) > 0
@@ -520,7 +460,7 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
   ids_rows = np.where(am_p, ids_p, pad_id)
   # A given `num_patches` builds vision inputs even for text-only rows, so that every host of a
   # multi-host rollout passes the same structure.
-  vin = (q.prepare_vision_rows(pixel_values, image_grid_thw, ids_rows, cfg.vision, cfg.image_token_id, num_patches)
+  vin = (qwen.prepare_vision_rows(pixel_values, image_grid_thw, ids_rows, cfg.vision, cfg.image_token_id, num_patches)
          if has_images or num_patches else None)
   pid = np.arange(B_pad, dtype=np.int64)
   if prompt_ids is not None:
@@ -535,57 +475,3 @@ def prepare_inputs(cfg: q.Qwen25VLConfig, input_ids, attention_mask=None, pixel_
                        valid=np.arange(B_pad) < B,
                        eos_ids=_eos_table(default_eos_ids(cfg) if eos_token_ids is None else eos_token_ids,
                                           B, B_pad))
-
-
-# ------------------------------------------------------------------------------------------------
-# Host API
-# ------------------------------------------------------------------------------------------------
-def generate(model: q.Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-             *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             num_samples: int = 1, eos_token_ids: Sequence[int] | np.ndarray | None = None,
-             pad_token_id: int | None = None, seed: int | Array = 0,
-             prompt_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
-             rules: sharding.Rules | None = None) -> RolloutOutput:
-  """Samples completions for prompts exactly as the HF processor returns them.
-
-  Args:
-    model: a `Qwen25VL`.
-    input_ids, attention_mask: [B, T] (left or right padded).
-    pixel_values, image_grid_thw: [N_patches, 1176] and [N_images, 3], or None (text only).
-    max_new_tokens: N; temperature (0 = greedy), top_p (1 = off), top_k (0 = off).
-    num_samples: G completions per prompt (each prompt is prefilled once).
-    eos_token_ids: stop ids (default: `<|im_end|>`, `<|endoftext|>` from the config), or [B, E].
-    pad_token_id: fills the tokens after the stop token (default: the config's pad id).
-    seed: int or PRNG key. prompt_ids: [B] RNG stream ids (default: 0..B-1).
-    mesh, rules: shard the rows over the mesh (see `rollout`); parameters not yet on the mesh are
-      placed with `sharding.shard_model`'s layout for `rules` (default SAMPLE_RULES).
-  Returns:
-    `RolloutOutput` of host numpy arrays with B*G rows, prompt-major.
-  """
-  cfg = model.cfg
-  sampling = SamplingConfig(float(temperature), float(top_p), int(top_k))
-  mesh, rules = _resolve_mesh(mesh, rules)
-  inputs = prepare_inputs(cfg, input_ids, attention_mask, pixel_values, image_grid_thw,
-                          eos_token_ids=eos_token_ids, prompt_ids=prompt_ids,
-                          batch_multiple=batch_shards(mesh, rules))
-  B = np.asarray(input_ids).shape[0]
-  graphdef, state = nnx.split(model)
-  if mesh is not None and not _on_mesh(state, mesh):
-    state = jax.device_put(state, _state_shardings(state, mesh, rules))
-  out = rollout(graphdef, state, inputs, seed, max_new_tokens=max_new_tokens, sampling=sampling,
-                num_samples=num_samples,
-                pad_token_id=cfg.pad_token_id if pad_token_id is None else pad_token_id,
-                mesh=mesh, rules=rules)
-  rows = B * num_samples  # prompt-major: the real prompts' rows come first
-  return jax.tree.map(lambda x: np.asarray(x)[:rows], out)
-
-
-def _on_mesh(state, mesh: Mesh) -> bool:
-  leaves = jax.tree.leaves(state)
-  return all(isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
-             for x in leaves)
-
-
-def _state_shardings(state, mesh: Mesh, rules: sharding.Rules):
-  """Every parameter by its logical axes (the model holds only `nnx.Param`s)."""
-  return sharding.param_shardings(state, mesh, rules)

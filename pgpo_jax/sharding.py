@@ -38,6 +38,9 @@ Why these choices:
 - A mesh axis is used at most once per array (a later dim that asks for an axis already taken is
   not split over it) and size-1 mesh axes are dropped from specs (`P()` == fully replicated).
 
+The name -> spec resolution and the `use_rules` / `constrain` context live in `logical_axes.py`
+(the model code uses them and must not import this module); they are re-exported here.
+
 The mesh is built with `AxisType.Auto` on all axes: shardings are decided by XLA's propagation,
 guided by the parameter/input shardings and `constrain` calls. `Explicit` axes would make sharding
 part of every array's type, which the model code (plain `jnp` einsums written for unsharded
@@ -45,24 +48,23 @@ arrays) does not annotate; Auto keeps one model code path for 1 device, a CPU te
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import math
-import os
 import types
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from pgpo_jax.keypaths import path_str
+# The resolution rule and the activation-constraint context live below this module (the model code
+# uses them too); they are part of this module's API.
+from pgpo_jax.logical_axes import (AxisRule, Rules, constrain, current_rules, is_logical_axes,  # noqa: F401
+                                   logical_sharding, logical_to_spec, use_rules)
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 MESH_AXES: tuple[str, str, str] = (DATA, FSDP, TENSOR)
 
-AxisRule = str | tuple[str, ...] | None
-Rules = Mapping[str, AxisRule]
 
 # Logical names shared by both tables: where TRAIN and SAMPLE agree.
 _COMMON: dict[str, AxisRule] = {
@@ -131,49 +133,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 # ------------------------------------------------------------------------------------------------
 # Logical -> physical
 # ------------------------------------------------------------------------------------------------
-def _as_tuple(rule: AxisRule) -> tuple[str, ...]:
-  if rule is None:
-    return ()
-  return (rule,) if isinstance(rule, str) else tuple(rule)
-
-
-def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh,
-                    shape: Sequence[int] | None = None) -> P:
-  """PartitionSpec for an array whose dims have logical names `axes`.
-
-  Args:
-    axes: one logical name (or None = replicated) per dim.
-    rules: logical name -> mesh axis / tuple of mesh axes / None (e.g. TRAIN_RULES).
-    mesh: the mesh (only its axis names and sizes are used).
-    shape: the array's shape; when given, a dim that its mesh axes do not divide falls back to
-      the longest dividing prefix of those axes, else to replication.
-  Raises:
-    KeyError: a logical name that `rules` does not know (typos fail loudly).
-  """
-  if shape is not None and len(shape) != len(axes):
-    raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
-  used: set[str] = set()
-  spec: list[Any] = []
-  for d, name in enumerate(axes):
-    if name is None:
-      spec.append(None)
-      continue
-    if name not in rules:
-      raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
-    unknown = [a for a in _as_tuple(rules[name]) if a not in mesh.shape]
-    if unknown:
-      raise ValueError(f"rule {name!r} -> {rules[name]!r} names mesh axes {unknown} not in mesh {dict(mesh.shape)}")
-    want = [a for a in _as_tuple(rules[name]) if a not in used and mesh.shape[a] > 1]
-    if shape is not None:
-      while want and shape[d] % math.prod(mesh.shape[a] for a in want):
-        want.pop()
-    used.update(want)
-    spec.append(None if not want else want[0] if len(want) == 1 else tuple(want))
-  while spec and spec[-1] is None:
-    spec.pop()
-  return P(*spec)
-
-
 def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -225,20 +184,6 @@ def _flat_vars(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
     yield path_str(path), var
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """'/'-joined key path ('language_model/layers/wq'); a trailing Variable `.value` is dropped."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        k = getattr(k, attr)
-        break
-    parts.append(str(k))
-  if parts and parts[-1] == "value":
-    parts.pop()
-  return "/".join(parts)
-
-
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
   """Moves every parameter of a concrete model into its sharding (in place; returns the model)."""
   state = nnx.state(model, nnx.Param)
@@ -281,82 +226,3 @@ def _flat_shardings(shardings: nnx.State) -> Iterator[tuple[str, NamedSharding]]
 def flat_shardings(shardings: nnx.State) -> dict[tuple[str, ...], NamedSharding]:
   """{('language_model', 'layers', 'wq'): NamedSharding, ...}, keyed like `loading.flat_params`."""
   return {tuple(p.split("/")): s for p, s in _flat_shardings(shardings)}
-
-
-# ------------------------------------------------------------------------------------------------
-# Activation constraints
-# ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Context:
-  mesh: Mesh
-  rules: Rules
-
-
-_CONTEXT: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("pgpo_sharding_rules", default=None)
-
-
-@contextlib.contextmanager
-def use_rules(mesh: Mesh, rules: Rules):
-  """Makes `(mesh, rules)` current for `constrain` and sets `mesh` as JAX's current mesh.
-
-  `constrain` reads the context when a function is TRACED: trace (first call / `.lower`) jitted
-  functions inside this block; a cached trace does not see later changes of rules.
-  """
-  token = _CONTEXT.set(_Context(mesh, rules))
-  try:
-    with jax.set_mesh(mesh):
-      yield
-  finally:
-    _CONTEXT.reset(token)
-
-
-def current_rules() -> tuple[Mesh, Rules] | None:
-  ctx = _CONTEXT.get()
-  return None if ctx is None else (ctx.mesh, ctx.rules)
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """`with_sharding_constraint` by logical names under `use_rules`; the identity outside it.
-
-  Example: `h_BxTxD = constrain(h_BxTxD, ("batch", "length", "act_embed"))`.
-  """
-  ctx = _CONTEXT.get()
-  if ctx is None:
-    return x
-  spec = logical_to_spec(tuple(logical_axes), ctx.rules, ctx.mesh, x.shape)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
-
-
-def is_logical_axes(x) -> bool:
-  """A tuple of logical axis names (None = unnamed): the leaf type of axes pytrees."""
-  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-
-
-def logical_sharding(logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules,
-                     shape: Sequence[int] | None = None) -> NamedSharding:
-  """NamedSharding for an input array (batch, cache, ...) named by logical axes."""
-  return NamedSharding(mesh, logical_to_spec(tuple(logical_axes), rules, mesh, shape))
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading straight into shardings
-# ------------------------------------------------------------------------------------------------
-def load_sharded(path: str | os.PathLike, mesh: Mesh, rules: Rules = TRAIN_RULES, dtype="float32",
-                 *, config=None):
-  """Loads a Qwen2.5-VL checkpoint (HF safetensors folder or our Orbax layout) into `mesh`.
-
-  The model is built abstractly (`nnx.eval_shape`, no memory), the shardings come from the
-  parameters' logical axes and `rules`, and every parameter is written straight into its
-  sharding: HF tensors via `jax.make_array_from_callback` (each device receives only its slice;
-  the host holds one converted parameter at a time), Orbax arrays restored shard by shard.
-
-  Returns:
-    (model, shardings): the concrete model and the `param_shardings` tree used.
-  """
-  from pgpo_jax.models.qwen2_5_vl import loading
-  from pgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-  cfg = config or Qwen25VLConfig.from_json(loading.find_config(path))
-  abstract = loading.abstract_model(cfg, dtype)
-  shardings = param_shardings(abstract, mesh, rules)
-  model = loading.from_pretrained(path, dtype, config=cfg, shardings=flat_shardings(shardings))
-  return model, shardings

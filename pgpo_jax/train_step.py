@@ -1,8 +1,11 @@
 """A generic, model-agnostic optimizer step for Flax NNX models.
 
     graphdef, state = init_train_state(model, optimizer)
-    step = make_train_step(graphdef, loss_fn, optimizer, num_microbatches=4)
-    state, metrics = step(state, batch)     # jitted, `state` is donated
+    step = programs.make_train_step(graphdef, loss_fn, optimizer, num_microbatches=4)
+    state, metrics = step(state, batch)     # jitted (in `programs.py`), `state` is donated
+
+This module defines the step (`train_step_fn`); `programs.make_train_step` jits it with its
+shardings and donation.
 
 `loss_fn(model, microbatch) -> (loss, aux_metrics)` sees a merged NNX model. The step
 splits every batch leaf with a leading batch axis into `num_microbatches` micro-batches
@@ -20,7 +23,7 @@ Choices:
 - Frozen parameters (`frozen_regex`, matched with `re.search` against the '/'-joined
   path, e.g. "^visual/") get exactly zero updates and no optimizer state, and do NOT
   count toward the clipping norm (as in PyTorch, where frozen parameters have no grad).
-  Pass the same regex to `make_train_step` and it also skips their gradients (less
+  Pass the same regex to `train_step_fn` and it also skips their gradients (less
   memory and compute) and reports `grad_norm` over trainable parameters only.
 - Non-finite guard: if the loss or the gradient norm is not finite, params and
   opt_state are kept bitwise, `num_skipped` is incremented and `skipped` = 1.
@@ -39,6 +42,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pgpo_jax.keypaths import path_str
+
 Array = jax.Array
 LossFn = Callable[[nnx.Module, Any], tuple[Array, dict[str, Array]]]
 
@@ -46,40 +51,19 @@ LossFn = Callable[[nnx.Module, Any], tuple[Array, dict[str, Array]]]
 # ----------------------------------------------------------------------------- paths and freezing
 
 
-def path_to_str(path: tuple[Any, ...]) -> str:
-    """'/'-joined parameter path, e.g. ('visual', 'blocks', 0, 'kernel') -> 'visual/blocks/0/kernel'.
-
-    Accepts nnx path tuples and jax key paths; a trailing Variable `.value` is dropped.
-    """
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            key = key.key
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            key = key.idx
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            key = key.name
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            key = key.key
-        parts.append(str(key))
-    if parts and parts[-1] == "value":
-        parts = parts[:-1]
-    return "/".join(parts)
-
-
 def frozen_filter(frozen_regex: str) -> Callable[[tuple[Any, ...], Any], bool]:
     """An nnx filter `(path, value) -> bool` selecting the parameters matched by the regex."""
     pattern = re.compile(frozen_regex)
-    return lambda path, _: pattern.search(path_to_str(path)) is not None
+    return lambda path, _: pattern.search(path_str(path)) is not None
 
 
 def _frozen_labels(params: Any, frozen_regex: str) -> Any:
     pattern = re.compile(frozen_regex)
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if pattern.search(path_to_str(path)) else "trainable", params
+        lambda path, _: "frozen" if pattern.search(path_str(path)) else "trainable", params
     )
     if "frozen" not in jax.tree_util.tree_leaves(labels):
-        paths = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         raise ValueError(f"frozen_regex {frozen_regex!r} matches no parameter; paths look like {paths[:5]}")
     return labels
 
@@ -149,7 +133,7 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """chain(clip_by_global_norm, adamw(schedule)); frozen parameters get zero updates.
 
-    Defaults are PGPO.md §5 (AdamW, lr 1e-6 constant, wd 1e-2, clip 1.0).
+    Defaults are docs/method.md §5 (AdamW, lr 1e-6 constant, wd 1e-2, clip 1.0).
 
     Args:
       learning_rate: peak learning rate, or an optax schedule (then `schedule` and its
@@ -206,7 +190,7 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation)
     if jax.tree_util.tree_leaves(rest):
         raise ValueError(
             "init_train_state: the model has non-Param state "
-            f"{[path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(rest)[0]][:5]}; "
+            f"{[path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(rest)[0]][:5]}; "
             "only nnx.Param state is supported by the train step"
         )
     state = TrainState(
@@ -230,7 +214,7 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
             return jnp.broadcast_to(x, (num_microbatches,))
         if x.shape[0] % num_microbatches:
             raise ValueError(
-                f"batch leaf {path_to_str(path)!r} has leading dim {x.shape[0]}, "
+                f"batch leaf {path_str(path)!r} has leading dim {x.shape[0]}, "
                 f"not divisible by num_microbatches={num_microbatches}"
             )
         return jnp.swapaxes(x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]), 0, 1)
@@ -243,7 +227,7 @@ def _learning_rate(opt_state: Any) -> Array:
     found = []
 
     def visit(path, leaf):
-        if path and path_to_str(path[-1:]) == "learning_rate" and "hyperparams_states" not in path_to_str(path):
+        if path and path_str(path[-1:]) == "learning_rate" and "hyperparams_states" not in path_str(path):
             found.append(leaf)
 
     jax.tree_util.tree_map_with_path(visit, opt_state)
@@ -283,7 +267,7 @@ def reduce_microbatch_metrics(aux_stack: dict[str, Array], summed: Sequence[str]
     return out
 
 
-def make_train_step(
+def train_step_fn(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -291,11 +275,8 @@ def make_train_step(
     *,
     frozen_regex: str | None = None,
     summed_metrics: Sequence[str] = (),
-    state_sharding: Any = None,
-    batch_sharding: Any = None,
-    donate: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Array]]]:
-    """Builds the jitted `step(state, batch) -> (state, metrics)`.
+    """Builds `step(state, batch) -> (state, metrics)`, a pure function (jit it with `programs.make_train_step`).
 
     Args:
       graphdef: from `init_train_state` / `nnx.split`.
@@ -306,9 +287,6 @@ def make_train_step(
       frozen_regex: the optimizer's frozen_regex, to skip frozen gradients (optional).
       summed_metrics: aux keys summed over micro-batches instead of averaged (e.g. "pg_loss",
         whose micro-batch values are partial sums over the full batch's normaliser).
-      state_sharding, batch_sharding: optional shardings (pytrees of Sharding) for jit's
-        in/out shardings; None leaves the choice to JAX.
-      donate: donate the input state's buffers (do not reuse `state` after the call).
     Returns:
       step function. metrics: loss (summed over micro-batches), grad_norm (before
       clipping), update_norm, param_norm, learning_rate, skipped (0/1), num_skipped, and
@@ -379,8 +357,4 @@ def make_train_step(
         }
         return new_state, metrics
 
-    jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
-    if state_sharding is not None or batch_sharding is not None:
-        jit_kwargs["in_shardings"] = (state_sharding, batch_sharding)
-        jit_kwargs["out_shardings"] = (state_sharding, None)
-    return jax.jit(step_fn, **jit_kwargs)
+    return step_fn

@@ -24,30 +24,27 @@ import math
 import os
 import time
 import zlib
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import config as config_lib
-from pgpo_jax import multihost
+from pgpo_jax import multihost, programs, sampler
 from pgpo_jax import reference as reference_lib
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import sharding
 from pgpo_jax import train_step as train_step_lib
-from pgpo_jax.data import processor as processor_lib
+from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
-from pgpo_jax.data.processing import PromptBatch, PromptFormat, default_length_buckets, bucket_size
+from pgpo_jax.buckets import batch_bucket, bucket_size, default_length_buckets, patch_bucket, seq_bucket
+from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.data.reader import SKIP_REASONS, DatasetSpec
-from pgpo_jax.models import qwen2_5_vl as q
-from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
-from pgpo_jax.rl import advantages as adv_lib
-from pgpo_jax.rl import losses as losses_lib
+from pgpo_jax.models import qwen2_5_vl as qwen
+from pgpo_jax.programs import logprob_temperature, make_optimizer, sft_loss_fn
 from pgpo_jax.rl import sequences
 
 log = logging.getLogger("pgpo_jax.trainer")
@@ -73,7 +70,7 @@ class Group:
 
 def split_prompt_batch(pb: PromptBatch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Per valid prompt: (unpadded ids, its pixel rows, its grid rows)."""
-  grids = q.rope.valid_grids(pb.image_grid_thw)
+  grids = qwen.rope.valid_grids(pb.image_grid_thw)
   sizes = grids.prod(axis=1)
   starts = np.concatenate([[0], np.cumsum(sizes)])
   out, g = [], 0
@@ -94,7 +91,7 @@ def group_extent(groups: list[Group]) -> tuple[int, int]:
 
 def row_patches(pb: PromptBatch) -> np.ndarray:
   """[B] number of patches of each prompt's images (0 for text-only prompts)."""
-  sizes = q.rope.valid_grids(pb.image_grid_thw).prod(axis=1)
+  sizes = qwen.rope.valid_grids(pb.image_grid_thw).prod(axis=1)
   csum = np.concatenate([[0], np.cumsum(sizes)])
   ends = np.cumsum(pb.num_images)
   return (csum[ends] - csum[ends - pb.num_images]).astype(np.int64)
@@ -107,7 +104,7 @@ def prompt_stream_ids(pb: PromptBatch) -> np.ndarray:
                   np.int64)
 
 
-def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, pad_id: int,
+def collate_groups(groups: list[Group], cfg: qwen.Qwen25VLConfig, length_buckets, pad_id: int,
                    filler: int = 0, *, filler_group: Group | None = None,
                    extent: tuple[int, int] | None = None,
                    mask_vision_markers: bool = False) -> tuple[sequences.SequenceBatch, np.ndarray]:
@@ -134,7 +131,7 @@ def collate_groups(groups: list[Group], cfg: q.Qwen25VLConfig, length_buckets, p
   grids = np.concatenate([g.grids for g in groups])
   seq = sequences.make_sequence_batch(cfg, ids, am, pix, grids, np.stack([g.tokens for g in groups]),
                                       np.stack([g.mask for g in groups]),
-                                      num_patches=q.patch_bucket(patches), mask_vision_markers=mask_vision_markers)
+                                      num_patches=patch_bucket(patches), mask_vision_markers=mask_vision_markers)
   return seq, np.concatenate([g.rewards for g in groups]).astype(np.float32)
 
 
@@ -154,7 +151,7 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
   d = c.data.demo_dir
   done = os.path.exists(os.path.join(d, "train.parquet")) and os.path.exists(os.path.join(d, "model", "tokenizer.json"))
   if not done and jax.process_index() == 0:
-    from pgpo_jax.data import synthetic, tiny_tokenizer
+    from pgpo_jax.demo_task import synthetic, tiny_tokenizer
     log.info("making the synthetic demo data in %s", d)
     os.makedirs(d, exist_ok=True)
     tiny_tokenizer.build_tiny_model_folder(os.path.join(d, "model"))
@@ -165,7 +162,7 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
   multihost.barrier("pgpo_demo_data")
 
 
-def build_model(c: ml_collections.ConfigDict, tokenizer) -> q.Qwen25VL:
+def build_model(c: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VL:
   compute = dict(remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers,
                  attention_chunk_size=c.model.attention_chunk_size)
   if c.model.random_init:
@@ -179,91 +176,15 @@ def build_model(c: ml_collections.ConfigDict, tokenizer) -> q.Qwen25VL:
     head_dim = text_kw["hidden_size"] // heads
     quarter = head_dim // 2
     section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
-    cfg = q.tiny_config(vocab_size=len(tokenizer), head_dim=head_dim, mrope_section=section,
+    cfg = qwen.tiny_config(vocab_size=len(tokenizer), head_dim=head_dim, mrope_section=section,
                         image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
                         vision_start_token_id=ids["vision_start_token_id"],
                         vision_end_token_id=ids["vision_end_token_id"], bos_token_id=ids["bos_token_id"],
                         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
                         **text_kw, **vision_kw).replace(**compute)
-    return q.init_model(cfg, c.model.dtype, seed=c.seed)
-  cfg = q.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
-  return q.from_pretrained(c.model.init_from, c.model.dtype, config=cfg)
-
-
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, learning_rate: float | None = None):
-  o = c.optim
-  return train_step_lib.make_optimizer(
-      o.learning_rate if learning_rate is None else learning_rate, schedule=o.schedule,
-      warmup_steps=o.warmup_steps, total_steps=total_steps, end_learning_rate=o.end_learning_rate,
-      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip_norm=o.grad_clip_norm or None,
-      frozen_regex=o.frozen_regex or None)
-
-
-def estimator_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  p = c.pgpo
-  if not p.enabled:
-    return {}
-  return dict(tau=p.tau, beta=p.beta, renormalize=p.renormalize, threshold_mode=p.threshold_mode,
-              min_weight=p.min_weight, max_weight=p.max_weight, degenerate_rtol=p.degenerate_rtol)
-
-
-def logprob_temperature(c: ml_collections.ConfigDict) -> float:
-  """The temperature of every log-prob of the update: old (scoring), blind, π_θ (loss) and π_ref.
-
-  Tokens are sampled from softmax(logits / T), so the importance ratio, the dependency S and the KL
-  are taken under that same distribution (as verl and EasyR1 divide logits by the rollout temperature).
-  T = 0 (greedy rollouts) has no sampling distribution; the log-probs then use T = 1.
-  """
-  t = float(c.rollout.temperature)
-  return t if t > 0 else 1.0
-
-
-# ------------------------------------------------------------------------------------------------
-# Device programs
-# ------------------------------------------------------------------------------------------------
-# Micro-batch values of these loss metrics are partial sums over the mini-batch's normaliser: summed.
-SUMMED_LOSS_METRICS = ("pg_loss", "kl")
-
-
-def rl_loss_fn(c: ml_collections.ConfigDict):
-  """`loss_fn(model, batch)` for the train step: clipped surrogate on row-aligned [P, G, L] data.
-
-  With `loss.kl_coef > 0` the batch carries `ref_logp` [P, G, L] (log π_ref, `reference.py`) and the
-  loss adds kl_coef · agg(KL estimate); its value is the metric `kl`.
-  """
-  l = c.loss
-  temperature = logprob_temperature(c)
-
-  def loss_fn(model, b):
-    seq: sequences.SequenceBatch = b["seq"]
-    logp, entropy = sequences.response_logprobs(model, seq, chunk_size=l.logprob_chunk, temperature=temperature,
-                                                return_entropy=True)
-    flat = lambda x: x.reshape(-1, x.shape[-1])
-    kl = dict(ref_logp_BxT=flat(b["ref_logp"]), kl_coef=l.kl_coef, kl_estimator=l.kl_estimator) if l.kl_coef else {}
-    loss, metrics = losses_lib.policy_loss(
-        logp, flat(b["old_logp"]), flat(b["adv"]), seq.flat_response_mask, l.clip_low, l.clip_high, l.agg,
-        dual_clip=l.dual_clip or None, entropy_BxT=entropy if l.entropy_coef else None,
-        entropy_coef=l.entropy_coef, loss_horizon=float(seq.response.shape[-1]),
-        token_normalizer=b["token_normalizer"], seq_normalizer=b["seq_normalizer"], **kl)
-    if "kl_loss" in metrics:
-      metrics["kl"] = metrics.pop("kl_loss")
-    m = seq.flat_response_mask
-    metrics["entropy"] = jnp.sum(jnp.where(m, entropy, 0.0)) / jnp.maximum(m.sum(), 1)
-    metrics[train_step_lib.METRIC_WEIGHT] = m.sum()  # token-weighted means over micro-batches
-    return loss, metrics
-
-  return loss_fn
-
-
-def sft_loss_fn(c: ml_collections.ConfigDict):
-  """Token-mean negative log-likelihood of target responses (the demo's supervised warm-up)."""
-  def loss_fn(model, b):
-    seq = b["seq"]
-    logp = sequences.response_logprobs(model, seq, chunk_size=c.loss.logprob_chunk)
-    m = seq.flat_response_mask
-    loss = -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(b["token_normalizer"], 1.0)
-    return loss, {"nll": -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(m.sum(), 1)}
-  return loss_fn
+    return qwen.init_model(cfg, c.model.dtype, seed=c.seed)
+  cfg = qwen.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
+  return qwen.from_pretrained(c.model.init_from, c.model.dtype, config=cfg)
 
 
 def _normalizers(mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -361,18 +282,16 @@ class Trainer:
     self.state = jax.device_put(state, self._state_shardings(state))
     self.model_graphdef, _ = nnx.split(self.model)
     del self.model  # the parameters live in self.state from here on
-    n_micro = c.updates.prompts_per_update // c.updates.micro_batch_prompts
-    self.train_step = train_step_lib.make_train_step(self.graphdef, rl_loss_fn(c), self.optimizer, n_micro,
-                                                     frozen_regex=c.optim.frozen_regex or None,
-                                                     summed_metrics=SUMMED_LOSS_METRICS)
-    self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef),
-                            static_argnames=("estimator", "chunk", "clamp", "temperature"))
+    # The device programs, with their shardings (`compile_check` compiles these same programs).
+    self.programs = programs.trainer_programs(c, model_graphdef=self.model_graphdef, train_graphdef=self.graphdef,
+                                              optimizer=self.optimizer, mesh=self.mesh,
+                                              state_sharding=self._state_shardings(state), num_processes=n)
+    self.train_step = self.programs.train_step
+    self.score_fn = self.programs.score
+    self.advantage_fn = self.programs.advantages
     # π_ref for the KL term: a copy of the initial weights, or None (and no memory) when kl_coef == 0.
     self.reference = reference_lib.build(c, self.model_graphdef, self.state.params, self.train_shardings,
                                          temperature=logprob_temperature(c))
-    # One compiled program (the bounded renormalisation's bisection loop is slow op by op).
-    est = adv_lib.get_estimator("pgpo" if c.pgpo.enabled else "grpo")
-    self.advantage_fn = jax.jit(functools.partial(est, group_size=self.G, **estimator_options(c)))
     self.key = jax.random.key(c.seed)
     self.step = 0
     self.stop_reason = ""  # set by run(): "finished" | "preempted" | "end of data"
@@ -414,18 +333,9 @@ class Trainer:
         prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
 
   def _state_shardings(self, state):
-    params_sh = self.train_shardings
-    opt_sh = sharding.shardings_like_params(state.opt_state, state.params, params_sh, self.mesh)
-    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    return train_step_lib.TrainState(step=rep, params=params_sh, opt_state=opt_sh, num_skipped=rep)
+    return programs.train_state_shardings(state, self.train_shardings, self.mesh)
 
   # -- device programs ----------------------------------------------------------------------------
-  @staticmethod
-  def _score(graphdef, params, seq, *, estimator="k3", chunk=256, clamp=None, temperature=1.0):
-    model = nnx.merge(graphdef, params)
-    return sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp,
-                                   temperature=temperature)
-
   def _sample_params(self):
     if self.mesh.size == 1:
       return self.state.params
@@ -455,13 +365,13 @@ class Trainer:
     inputs = rollout_lib.prepare_inputs(
         self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
         position_ids=pb.position_ids, batch_multiple=self.rollout_multiple,
-        batch_size=rollout_lib.batch_bucket(pb.batch_size, self.rollout_multiple),
-        prompt_length=seq_bucket(longest), num_patches=q.patch_bucket(patches) if patches else None,
+        batch_size=batch_bucket(pb.batch_size, self.rollout_multiple),
+        prompt_length=seq_bucket(longest), num_patches=patch_bucket(patches) if patches else None,
         prompt_ids=prompt_stream_ids(pb))
     mesh = self.mesh if self.mesh.size > 1 else None
-    out = rollout_lib.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
-                              sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
-                              mesh=mesh)
+    out = sampler.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
+                          sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
+                          mesh=mesh)
     return multihost.to_local(out, rollout_lib.logical_axes(out), self.mesh, sharding.SAMPLE_RULES)
 
   def rollout_round(self, pb: PromptBatch, params) -> list[Group]:
@@ -576,8 +486,6 @@ class Trainer:
                                   filler_group=base[0], extent=self._extent(*group_extent(base)),
                                   mask_vision_markers=c.pgpo.mask_vision_markers)
     t1 = time.perf_counter()
-    p = c.pgpo
-    temperature = logprob_temperature(c)
     P, L = seq.response.shape[0], seq.response.shape[-1]
     used = n_updates * upd  # rows the updates read; filler rows after them are not scored
     # Scoring runs in slices of `scoring_prompts` prompts: one call over a whole 384-prompt rollout
@@ -586,8 +494,7 @@ class Trainer:
     parts, ref_parts = [], []
     for s0 in range(0, used, sp):
       sub = self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))
-      parts.append(self.score_fn(self.state.params, sub, estimator=p.dependency_estimator, chunk=p.scoring_chunk,
-                                 clamp=p.clamp_log_ratio, temperature=temperature))
+      parts.append(self.score_fn(self.state.params, sub))
       if self.reference is not None:
         ref_parts.append(self.reference.logprobs(sub))
     parts = [self._get_rows(x) for x in parts]
@@ -661,7 +568,7 @@ class Trainer:
       return
     opt = make_optimizer(c, n, learning_rate=c.warmup.learning_rate)
     graphdef, st = train_step_lib.init_train_state(nnx.merge(self.graphdef, self.state.params), opt)
-    step_fn = train_step_lib.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
+    step_fn = programs.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
     it = make_prompt_iterator(self._spec(c.data.train_files), self.processor,
                               batch_size=c.warmup.prompts_per_step // jax.process_count(),
                               seed=c.seed + 1, num_epochs=None, max_prompt_length=c.data.max_prompt_length,

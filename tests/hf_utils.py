@@ -1,7 +1,7 @@
 """Tiny random Hugging Face Qwen2.5-VL references for parity tests (no downloads).
 
 `make_hf_model` builds `Qwen2_5_VLForConditionalGeneration` from the verified tiny config of
-QWEN2_5_VL.md §7, perturbs norms and biases (so that a port ignoring them fails), and saves it with
+docs/qwen2_5_vl_port.md §7, perturbs norms and biases (so that a port ignoring them fails), and saves it with
 `save_pretrained`. Token ids: image 500, video 501, vision start/end 502/503, eos 1, pad 0.
 """
 from __future__ import annotations

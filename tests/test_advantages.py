@@ -1,4 +1,4 @@
-"""GRPO advantages and PGPO token weights against PGPO.md §1/§3/§7 and a NumPy reference."""
+"""GRPO advantages and PGPO token weights against docs/method.md §1/§3/§7 and a NumPy reference."""
 import functools
 
 import chex
@@ -28,7 +28,7 @@ def np_grpo(rewards, group_size, eps=1e-6):
 
 
 def np_weights(dep, mask, tau=0.4, beta=2.0, eps=1e-8, renormalize=True, mode="absolute", rtol=1e-2, cap=None):
-    """Loop-per-response float64 transcription of PGPO.md §3 (+ the relative "constant S" tolerance
+    """Loop-per-response float64 transcription of docs/method.md §3 (+ the relative "constant S" tolerance
     and, with `cap`, the mass-conserving cap solved by water-filling: the largest ω go to the cap
     one by one until the rest, scaled to the remaining mass, stay below it)."""
     dep, mask = np.asarray(dep, np.float64), np.asarray(mask, bool)

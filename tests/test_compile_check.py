@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pgpo_jax import compile_check as cc
+from pgpo_jax.tools import compile_check as cc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

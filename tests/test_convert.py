@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax.convert import hf as convert
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading, weights
 from tests.hf_utils import hf_logits, make_ids, random_pixels
-from scripts import convert_hf as cli
+from pgpo_jax.cli import convert as cli
 
 GRIDS = [(1, 8, 12)]
 
@@ -30,7 +31,7 @@ def _all_tensors(folder) -> dict[str, np.ndarray]:
 
 
 def _logits(model, ids, pixels, grids):
-  return np.asarray(q.forward(model, ids, None, pixels, grids))
+  return np.asarray(qwen.forward(model, ids, None, pixels, grids))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def converted(tiny_hf, tmp_path_factory):
   """tiny_hf converted to Orbax in float32."""
   out = tmp_path_factory.mktemp("ckpt")
   summary = convert.hf_to_orbax(tiny_hf[1], out, dtype="float32", progress=False)
-  assert summary.num_tensors == len(loading.flat_params(q.abstract_model(q.Qwen25VLConfig.from_json(tiny_hf[1]))))
+  assert summary.num_tensors == len(loading.flat_params(qwen.abstract_model(qwen.Qwen25VLConfig.from_json(tiny_hf[1]))))
   return out
 
 
@@ -46,15 +47,15 @@ def test_hf_to_orbax_loads_with_same_logits(tiny_hf, converted):
   assert os.path.isdir(converted / "params") and os.path.isfile(converted / "config.json")
   assert os.path.isfile(converted / "generation_config.json")  # side files are copied
   ids, pixels, grids = _inputs()
-  from_hf = q.from_pretrained(tiny_hf[1])
-  from_ckpt = q.from_pretrained(converted)
+  from_hf = qwen.from_pretrained(tiny_hf[1])
+  from_ckpt = qwen.from_pretrained(converted)
   a, b = loading.flat_params(from_hf), loading.flat_params(from_ckpt)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg="/".join(k))
   np.testing.assert_array_equal(_logits(from_ckpt, ids, pixels, grids), _logits(from_hf, ids, pixels, grids))
   # The params item directly (config found one level up), cast to bf16 on restore.
-  bf = q.from_pretrained(converted / "params", "bfloat16")
+  bf = qwen.from_pretrained(converted / "params", "bfloat16")
   assert loading.flat_params(bf)[("lm_head",)].dtype == np.dtype("bfloat16")
 
 
@@ -92,7 +93,7 @@ def test_tied_model_export_omits_lm_head(tiny_hf_tied, tmp_path):
   from transformers import Qwen2_5_VLForConditionalGeneration
   hf_model, folder = tiny_hf_tied
   convert.hf_to_orbax(folder, tmp_path / "ck", dtype="float32", progress=False)
-  assert ("lm_head",) not in loading.orbax_param_metadata(tmp_path / "ck" / "params")
+  assert ("lm_head",) not in ckpt_lib.orbax_param_metadata(tmp_path / "ck" / "params")
   convert.orbax_to_hf(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=100_000, progress=False)
   exported = _all_tensors(tmp_path / "hf")
   assert "lm_head.weight" not in exported
@@ -109,18 +110,18 @@ def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
   The trainer saves its `TrainState.params` (an nnx.State: leaves stored as {'value': ...})."""
   import orbax.checkpoint as ocp
   from flax import nnx
-  model = q.from_pretrained(tiny_hf[1])
+  model = qwen.from_pretrained(tiny_hf[1])
   work = tmp_path / "workdir"
   params_dir = work / "checkpoints" / "7" / "params"
   os.makedirs(params_dir.parent)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(str(params_dir), nnx.state(model, nnx.Param))
     ckptr.wait_until_finished()
-  assert ("language_model", "norm", "value") in loading.orbax_param_metadata(params_dir)
+  assert ("language_model", "norm", "value") in ckpt_lib.orbax_param_metadata(params_dir)
   shutil.copy(tiny_hf[1] / "config.json", work / "config.json")
   # Config found three levels up from the params item, or given explicitly.
-  assert loading.find_config(params_dir) == str(work / "config.json")
-  rc = cli.main(["--to_hf", "--ckpt", str(params_dir), "--config", str(work / "config.json"),
+  assert ckpt_lib.find_config(params_dir) == str(work / "config.json")
+  rc = cli.main(["--to_hf", "--ckpt", str(params_dir), "--model_config", str(work / "config.json"),
                  "--out_dir", str(tmp_path / "out"), "--dtype", "bfloat16", "--max_shard_size", "200KB",
                  "--no_progress"])
   assert rc == 0
@@ -139,7 +140,7 @@ def test_trainer_state_item_gets_a_clear_error_and_the_step_folder_exports(tiny_
   import optax
   from flax import nnx
   from pgpo_jax import checkpoint as ckpt_lib
-  model = q.from_pretrained(tiny_hf[1])
+  model = qwen.from_pretrained(tiny_hf[1])
   params = nnx.state(model, nnx.Param)
   work = tmp_path / "workdir"
   c = ckpt_lib.Checkpointer(work / "checkpoints", save_every=1, async_save=False)
@@ -163,11 +164,11 @@ def test_trainer_state_item_gets_a_clear_error_and_the_step_folder_exports(tiny_
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(str(tmp_path / "opt"), {"opt": optax.adam(1e-3).init({"w": jax.numpy.zeros(3)})})
   with pytest.raises(ValueError, match="not a parameters checkpoint: opt is a list, not an array"):
-    loading.orbax_param_metadata(tmp_path / "opt")
+    ckpt_lib.orbax_param_metadata(tmp_path / "opt")
 
 
 def test_params_to_hf_from_memory(tiny_hf, tmp_path):
-  model = q.from_pretrained(tiny_hf[1])
+  model = qwen.from_pretrained(tiny_hf[1])
   convert.params_to_hf(loading.flat_params(model), model.cfg, tmp_path, config_src=tiny_hf[1], progress=False)
   exported, original = _all_tensors(tmp_path), _all_tensors(tiny_hf[1])
   for name, w in original.items():
@@ -208,13 +209,13 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_hf, tmp_path):
 
 
 def test_orbax_checkpoint_of_another_config_is_rejected(converted, tmp_path):
-  other = q.tiny_config(num_hidden_layers=3)
+  other = qwen.tiny_config(num_hidden_layers=3)
   cfg_file = tmp_path / "config.json"
   json.dump(other.to_hf_dict(), open(cfg_file, "w"))
   with pytest.raises(ValueError, match=r"mis-shaped parameter\(s\): language_model/layers/"):
     convert.orbax_to_hf(converted, tmp_path / "out", config=cfg_file, progress=False)
   with pytest.raises(ValueError, match="mis-shaped"):
-    q.from_pretrained(converted, config=other)
+    qwen.from_pretrained(converted, config=other)
   assert not os.path.exists(tmp_path / "out" / "model.safetensors")  # checked before writing
 
 
@@ -224,7 +225,7 @@ def test_unwritable_output_dir_and_cli_errors(tiny_hf, converted, tmp_path, caps
   with pytest.raises(PermissionError, match="cannot create output directory"):
     convert.orbax_to_hf(converted, blocker / "sub", progress=False)
   with pytest.raises(FileNotFoundError, match="not a Qwen2.5-VL checkpoint"):
-    q.from_pretrained(tmp_path)
+    qwen.from_pretrained(tmp_path)
   with pytest.raises(FileExistsError, match="already exists"):
     convert.hf_to_orbax(tiny_hf[1], converted, progress=False)
   assert cli.main(["--hf_dir", str(tiny_hf[1]), "--out_dir", str(blocker / "x"), "--no_progress"]) == 2

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgpo_jax.data import reader as reader_lib
-from pgpo_jax.data import synthetic
+from pgpo_jax.demo_task import synthetic
 from pgpo_jax.data.pipeline import _EpochShardIndices, make_prompt_iterator
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, RawRow
 from tests.test_data_processing import model_dir, noise_image, processor  # noqa: F401 (fixtures)

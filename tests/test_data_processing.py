@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from pgpo_jax.buckets import bucket_size, default_length_buckets
 from pgpo_jax.data import reader as reader_lib
-from pgpo_jax.data.processing import (DEFAULT_PROMPT_TEMPLATE, PaddingSpec, PromptEncoder,
-                                      PromptFormat, build_messages, bucket_size, collate,
-                                      default_length_buckets, unpad)
+from pgpo_jax.data.prompts import (DEFAULT_PROMPT_TEMPLATE, PaddingSpec, PromptEncoder, PromptFormat,
+                                   build_messages, collate, unpad)
 from pgpo_jax.data.reader import RawRow, RowError, SkippedRow
 from pgpo_jax.models.qwen2_5_vl.rope import get_rope_index
 
@@ -25,7 +25,7 @@ ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-  from pgpo_jax.data.tiny_tokenizer import build_tiny_model_folder
+  from pgpo_jax.demo_task.tiny_tokenizer import build_tiny_model_folder
   d = tmp_path_factory.mktemp("tiny_model")
   # 56..224 px images: 4..64 image tokens, enough to exercise non-square grids.
   build_tiny_model_folder(d, min_pixels=56 * 56, max_pixels=224 * 224)
@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def processor(model_dir):
-  from pgpo_jax.data.processor import load_processor
+  from pgpo_jax.data.hf_processor import load_processor
   return load_processor(model_dir)
 
 
@@ -219,7 +219,7 @@ def test_batch_position_ids_equal_rope_index_of_padded_batch_and_hf(processor):
   torch = pytest.importorskip("torch")
   from transformers import Qwen2_5_VLConfig
   from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-  from pgpo_jax.data.processor import special_token_ids
+  from pgpo_jax.data.hf_processor import special_token_ids
   ids = special_token_ids(processor.tokenizer)
   cfg = Qwen2_5_VLConfig(
       text_config=dict(vocab_size=ids["vocab_size"], hidden_size=16, intermediate_size=32,

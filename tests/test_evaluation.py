@@ -21,14 +21,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import evaluation as ev
-from pgpo_jax import inspect_dependency as idep
-from pgpo_jax import plotting, rewards, trainer
-from pgpo_jax.data import processor as processor_lib
-from pgpo_jax.data.processing import PromptEncoder, PromptFormat
+from pgpo_jax import programs
+from pgpo_jax.tools import inspect_dependency as idep
+from pgpo_jax import rewards, trainer
+from pgpo_jax.tools import plotting
+from pgpo_jax.data import hf_processor as processor_lib
+from pgpo_jax.data.prompts import PromptEncoder, PromptFormat
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec
-from pgpo_jax.models import qwen2_5_vl as q
-from pgpo_jax.models.qwen2_5_vl import loading
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.rl import advantages
 from tests.test_trainer import tiny_config
 
@@ -45,7 +47,7 @@ def _script(name):
 
 def _make_bigram(model, tok):
   """Zero the layers' outputs; token a -> its successor in CHAIN (a tuple: equal odds)."""
-  params = q.flat_params(model)
+  params = qwen.flat_params(model)
   lm = ("language_model",)
   params[lm + ("layers", "wo")] = np.zeros_like(params[lm + ("layers", "wo")])
   params[lm + ("layers", "w_down")] = np.zeros_like(params[lm + ("layers", "w_down")])
@@ -70,12 +72,12 @@ def _write_workdir(path, data_dir, bigram: bool):
   c = tiny_config(data_dir)
   proc = processor_lib.load_processor(data_dir / "model")
   model = trainer.build_model(c, proc.tokenizer)
-  params = _make_bigram(model, proc.tokenizer) if bigram else q.flat_params(model)
+  params = _make_bigram(model, proc.tokenizer) if bigram else qwen.flat_params(model)
   os.makedirs(path / "checkpoints" / "1")
   with open(path / "config.json", "w") as f:
     json.dump(model.cfg.to_hf_dict(), f)
   proc.save_pretrained(str(path))
-  loading.save_orbax_params(path / "checkpoints" / "1" / "params", {k: np.asarray(v) for k, v in params.items()})
+  ckpt_lib.save_orbax_params(path / "checkpoints" / "1" / "params", {k: np.asarray(v) for k, v in params.items()})
   return path
 
 
@@ -122,7 +124,8 @@ def test_eval_avg_at_k_equals_hand_computed_accuracy(bigram_workdir, data_dir, t
   out = tmp_path / "out"
   rc = _script("eval").main([
       "--ckpt", str(bigram_workdir), "--data", f"synth={data_dir / 'test.parquet'},{data_dir / 'jl' / 'bench.jsonl'}",
-      "--k", "2", "--max_new_tokens", "8", "--batch_size", "4", "--max_prompt_length", "256", "--dtype", "float32",
+      "--config.k=2", "--config.max_new_tokens=8", "--config.batch_size=4", "--config.max_prompt_length=256",
+      "--dtype", "float32",
       "--out", str(out), "--no_progress"])
   assert rc == 0
   table = {r["benchmark"]: r for r in json.load(open(out / "results.json"))["table"]}
@@ -199,9 +202,9 @@ def _check_png(path, size):
 def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path):
   out = tmp_path / "insp"
   rc = _script("inspect_dependency").main([
-      "--ckpt", str(random_workdir), "--data", str(data_dir / "test.parquet"), "--n", "5", "--batch_size", "4",
-      "--greedy",
-      "--max_new_tokens", "8", "--max_prompt_length", "256", "--chunk_size", "4", "--out", str(out),
+      "--ckpt", str(random_workdir), "--data", str(data_dir / "test.parquet"), "--config.n=5",
+      "--config.batch_size=4", "--greedy", "--config.max_new_tokens=8", "--config.max_prompt_length=256",
+      "--config.chunk_size=4", "--out", str(out),
       "--no_progress"])
   assert rc == 0
   recs = idep.read_tokens(out / "tokens.jsonl")
@@ -221,7 +224,7 @@ def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path
     groups.append(trainer.Group(e.input_ids, e.pixel_values, e.image_grid_thw, r["answer"], tokens, mask,
                                 np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, bool)))
   seq, _ = trainer.collate_groups(groups, policy.cfg, (64, 128, 256), policy.cfg.pad_token_id)
-  s = jax.device_get(jax.jit(lambda st, b: trainer.Trainer._score(policy.graphdef, st, b))(policy.state, seq))
+  s = jax.device_get(programs.make_score_program(policy.graphdef)(policy.state, seq))
   any_positive = False
   for i, r in enumerate(recs):
     n = len(r["token_ids"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from tests.hf_utils import IMAGE, hf_logits, left_pad, make_hf_model, make_ids, random_pixels
 
 TOL = 1e-4
@@ -12,12 +12,12 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def ours(tiny_hf):
-  return q.from_pretrained(tiny_hf[1], dtype="float32")
+  return qwen.from_pretrained(tiny_hf[1], dtype="float32")
 
 
 def _compare(hf, model, ids, am, pixels, grids):
   ref = hf_logits(hf, ids, am, pixels, grids)
-  got = np.asarray(q.forward(model, ids, am, pixels, None if grids is None else np.asarray(grids)))
+  got = np.asarray(qwen.forward(model, ids, am, pixels, None if grids is None else np.asarray(grids)))
   valid = np.ones(ids.shape, bool) if am is None else am.astype(bool)
   assert got.shape == ref.shape
   diff = np.abs(got - ref)[valid].max()
@@ -63,7 +63,7 @@ def test_tied_head_without_gqa(tiny_hf_tied):
   from safetensors import safe_open
   with safe_open(str(path / "model.safetensors"), "np") as f:
     assert "lm_head.weight" not in f.keys()  # what makes the tied case special
-  model = q.from_pretrained(path)
+  model = qwen.from_pretrained(path)
   assert not hasattr(model, "lm_head")
   rng = np.random.default_rng(5)
   grids = [(1, 6, 6)]
@@ -78,8 +78,8 @@ def test_vision_tower_output_matches_hf(tiny_hf, ours):
   with torch.no_grad():
     ref = hf.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(grids))
   ref = (ref.pooler_output if hasattr(ref, "pooler_output") else ref).float().numpy()
-  vin = q.prepare_vision(pixels, np.asarray(grids), ours.cfg.vision)
-  got = np.asarray(q.encode_images(ours, vin))[: ref.shape[0]]
+  vin = qwen.prepare_vision(pixels, np.asarray(grids), ours.cfg.vision)
+  got = np.asarray(qwen.encode_images(ours, vin))[: ref.shape[0]]
   np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
 
 
@@ -92,16 +92,16 @@ def test_mrope_position_ids_match_hf(tiny_hf):
   ref_pos, ref_delta = hf.model.get_rope_index(
       torch.tensor(ids), mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
       image_grid_thw=torch.tensor(grids), attention_mask=torch.tensor(am))
-  pos, delta = q.get_rope_index(ids, am, grids, image_token_id=IMAGE)
+  pos, delta = qwen.get_rope_index(ids, am, grids, image_token_id=IMAGE)
   valid = am.astype(bool)
   np.testing.assert_array_equal(pos[:, valid], ref_pos.numpy()[:, valid])
   np.testing.assert_array_equal(delta, ref_delta.numpy().reshape(-1))
 
 
 def test_checklist_position_example():
-  """QWEN2_5_VL.md §2.3: [a,b,c,<vs>] + image (1,8,12) + [<ve>,d,e,f] → delta -18."""
+  """docs/qwen2_5_vl_port.md §2.3: [a,b,c,<vs>] + image (1,8,12) + [<ve>,d,e,f] → delta -18."""
   ids = np.array([[7, 8, 9, 502] + [IMAGE] * 24 + [503, 10, 11, 12]])
-  pos, delta = q.get_rope_index(ids, None, np.array([[1, 8, 12]]), image_token_id=IMAGE)
+  pos, delta = qwen.get_rope_index(ids, None, np.array([[1, 8, 12]]), image_token_id=IMAGE)
   np.testing.assert_array_equal(pos[0, 0, 4:28], 4)
   np.testing.assert_array_equal(pos[1, 0, 4:28], np.repeat(np.arange(4, 8), 6))
   np.testing.assert_array_equal(pos[2, 0, 4:28], np.tile(np.arange(4, 10), 4))
@@ -112,7 +112,7 @@ def test_checklist_position_example():
 def test_image_token_count_mismatch_is_a_clear_error(ours):
   ids = np.array([[3, 502] + [IMAGE] * 5 + [503]])
   with pytest.raises(ValueError, match="image tokens do not match"):
-    q.forward(ours, ids, None, np.zeros((16, 1176), np.float32), np.array([[1, 4, 4]]))
+    qwen.forward(ours, ids, None, np.zeros((16, 1176), np.float32), np.array([[1, 4, 4]]))
 
 
 def test_loading_reports_missing_and_misshaped_keys(tmp_path, tiny_hf):
@@ -126,11 +126,11 @@ def test_loading_reports_missing_and_misshaped_keys(tmp_path, tiny_hf):
   save_file(tensors, str(tmp_path / "model.safetensors"))
   shutil.copy(src / "config.json", tmp_path / "config.json")
   with pytest.raises(ValueError) as e:
-    q.from_pretrained(tmp_path)
+    qwen.from_pretrained(tmp_path)
   msg = str(e.value)
   assert "missing key(s): model.norm.weight" in msg
   assert "unexpected key(s): extra.weight" in msg
   assert "mis-shaped" in msg and "visual.merger.ln_q.weight" in msg
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
   with pytest.raises(ValueError, match="not a Qwen2.5-VL config"):
-    q.from_pretrained(tmp_path)
+    qwen.from_pretrained(tmp_path)

@@ -202,8 +202,8 @@ def _metrics(workdir):
 def _params(workdir, step):
   from flax import nnx
 
-  from pgpo_jax.models import qwen2_5_vl as q
-  model = q.from_pretrained(os.path.join(workdir, "checkpoints", str(step), "params"))
+  from pgpo_jax.models import qwen2_5_vl as qwen
+  model = qwen.from_pretrained(os.path.join(workdir, "checkpoints", str(step), "params"))
   return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}
 
 
@@ -322,7 +322,7 @@ def test_eval_script_on_two_processes_equals_one(data_dir, tmp_path):
       r.images[0].save(tmp_path / "five" / "img" / f"{i}.png")
       f.write(json.dumps({"question": r.question, "answer": r.answer, "image": f"img/{i}.png"}) + "\n")
   flags = ["--ckpt", str(ckpt), "--data", f"synth={data_dir / 'test.parquet'},{tmp_path / 'five' / 'five.jsonl'}",
-           "--k", "2", "--max_new_tokens", "8", "--batch_size", "4", "--max_prompt_length", "256",
+           "--config.k=2", "--config.max_new_tokens=8", "--config.batch_size=4", "--config.max_prompt_length=256",
            "--dtype", "float32", "--no_progress"]
 
   def argv(devices, out, extra=()):

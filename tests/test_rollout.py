@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pgpo_jax import rollout
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax import programs, rollout, sampler
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading
 from tests.hf_utils import IMAGE, left_pad, make_ids, random_pixels
 from tests.multidevice import run_on_8_devices
@@ -22,7 +22,7 @@ EOS = (1,)  # the tiny HF model's eos id
 
 @pytest.fixture(scope="module")
 def ours(tiny_hf):
-  return q.from_pretrained(tiny_hf[1], dtype="float32")
+  return qwen.from_pretrained(tiny_hf[1], dtype="float32")
 
 
 def hf_generate(hf, ids, am, pixels, grids, max_new_tokens, eos):
@@ -77,12 +77,12 @@ def test_greedy_matches_hf_one_and_two_images_without_retrace(tiny_hf, ours):
   hf, _ = tiny_hf
   rng = np.random.default_rng(0)
   for prompt in (one_image_prompt(rng), two_image_prompt(rng)):
-    out = rollout.generate(ours, *prompt, max_new_tokens=N, eos_token_ids=EOS)
+    out = sampler.generate(ours, *prompt, max_new_tokens=N, eos_token_ids=EOS)
     assert_matches_hf(out, *hf_generate(hf, *prompt, N, EOS))
     assert out.tokens.shape == (1, N) and out.tokens.dtype == np.int32
   # Both prompts share the (B=1, T=32, patches=64) buckets: one trace/compile of each program.
   graphdef, _ = nnx.split(ours)
-  prog = rollout.programs(graphdef, rollout._Static(rollout.SamplingConfig(0.0), N, 1, 0, None, ()))
+  prog = programs.rollout_programs(graphdef, rollout.RolloutStatic(rollout.SamplingConfig(0.0), N, 1, 0, None, ()))
   assert prog.start._cache_size() == 1
   assert prog.decode._cache_size() == 1
 
@@ -90,14 +90,14 @@ def test_greedy_matches_hf_one_and_two_images_without_retrace(tiny_hf, ours):
 def test_greedy_matches_hf_left_padded_ragged_batch_and_stops_at_eos(tiny_hf, ours):
   hf, _ = tiny_hf
   ids, am, pixels, grids = ragged_batch(np.random.default_rng(2))
-  out = rollout.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=EOS)
+  out = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=EOS)
   assert_matches_hf(out, *hf_generate(hf, ids, am, pixels, grids, N, EOS))
 
   # Random tiny models rarely emit EOS: declare a token that greedy decoding of some row emits for
   # the first time at step >= 2 the stop token; that row stops there, the others go on or stop.
   row, step = next((r, s) for r in range(3) for s in range(2, N) if out.tokens[r, s] not in out.tokens[r, :s])
   stop = int(out.tokens[row, step])
-  got = rollout.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=(stop,))
+  got = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=(stop,))
   assert_matches_hf(got, *hf_generate(hf, ids, am, pixels, grids, N, (stop,)))
   for r in range(3):
     hits = np.nonzero(out.tokens[r] == stop)[0]
@@ -123,7 +123,7 @@ SAMPLED_N = 8
 def test_logprobs_equal_teacher_forced_forward(ours):
   ids, am, pixels, grids = one_image_prompt(np.random.default_rng(2))
   G = 2
-  out = rollout.generate(ours, ids, am, pixels, grids, max_new_tokens=SAMPLED_N, temperature=1.0,
+  out = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=SAMPLED_N, temperature=1.0,
                          num_samples=G, eos_token_ids=EOS, seed=5)
   assert out.tokens.shape == (G, SAMPLED_N)
   assert (out.tokens[0] != out.tokens[1]).any()  # two different samples
@@ -131,7 +131,7 @@ def test_logprobs_equal_teacher_forced_forward(ours):
   T = ids.shape[1]
   full_ids = np.concatenate([np.repeat(ids, G, 0), out.tokens], 1)
   full_am = np.concatenate([np.repeat(am, G, 0), out.mask.astype(am.dtype)], 1)
-  logits = np.asarray(q.forward(ours, full_ids, full_am, np.concatenate([pixels] * G), np.repeat(grids, G, 0)))
+  logits = np.asarray(qwen.forward(ours, full_ids, full_am, np.concatenate([pixels] * G), np.repeat(grids, G, 0)))
   logp = jax.nn.log_softmax(logits[:, T - 1:T - 1 + SAMPLED_N], -1)
   want = np.take_along_axis(np.asarray(logp), out.tokens[..., None], -1)[..., 0] * out.mask
   np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
@@ -143,7 +143,7 @@ def test_samples_do_not_depend_on_batch_composition_or_padding_side(ours):
   alone = one_image_prompt(rng)
   ids, am, pixels, grids = ragged_batch(rng)
   kw = dict(max_new_tokens=SAMPLED_N, temperature=1.0, num_samples=2, eos_token_ids=EOS, seed=11)
-  solo = rollout.generate(ours, *alone, prompt_ids=[7], **kw)
+  solo = sampler.generate(ours, *alone, prompt_ids=[7], **kw)
   # The same prompt as row 1 of a batch, RIGHT-padded this time, with stream id 7 again.
   rows = [alone[0][0], ids[0][am[0] == 1], ids[1][am[1] == 1]]
   T = max(len(r) for r in rows)
@@ -154,15 +154,15 @@ def test_samples_do_not_depend_on_batch_composition_or_padding_side(ours):
   n0 = int(grids[0].prod())
   pix = np.concatenate([pixels[:n0], alone[2], pixels[n0:n0 + int(grids[1].prod())]])
   grd = np.concatenate([grids[:1], alone[3], grids[1:2]])
-  batch = rollout.generate(ours, ids_r, am_r, pix, grd, prompt_ids=[3, 7, 9], **kw)
+  batch = sampler.generate(ours, ids_r, am_r, pix, grd, prompt_ids=[3, 7, 9], **kw)
   np.testing.assert_array_equal(batch.tokens[2:4], solo.tokens)
   np.testing.assert_allclose(batch.logprobs[2:4], solo.logprobs, atol=1e-5)
   # Default stream ids are the positions in the call: the same prompt at position 0 of both
   # calls draws the same samples; a different stream id draws different ones.
-  first = rollout.generate(ours, *alone, **kw)
+  first = sampler.generate(ours, *alone, **kw)
   assert (first.tokens != solo.tokens).any()
   ids_b, am_b = left_pad([list(alone[0][0]), list(rows[2]), list(rows[1])])  # same buckets as `batch`
-  batch0 = rollout.generate(ours, ids_b, am_b, np.concatenate([alone[2], pix[-16:], pix[:n0]]),
+  batch0 = sampler.generate(ours, ids_b, am_b, np.concatenate([alone[2], pix[-16:], pix[:n0]]),
                             np.concatenate([alone[3], grd[2:], grd[:1]]), **kw)
   np.testing.assert_array_equal(batch0.tokens[:2], first.tokens)
 
@@ -170,29 +170,29 @@ def test_samples_do_not_depend_on_batch_composition_or_padding_side(ours):
 # ------------------------------------------------------------------------------------------------
 # Sampling statistics on a 16-token vocabulary
 # ------------------------------------------------------------------------------------------------
-def random_model(cfg: q.Qwen25VLConfig, seed: int, head_scale: float = 1.0) -> q.Qwen25VL:
-  """A random model drawn on the host (`q.init_model` compiles one op per parameter: ~5 s)."""
-  abstract = q.abstract_model(cfg)
+def random_model(cfg: qwen.Qwen25VLConfig, seed: int, head_scale: float = 1.0) -> qwen.Qwen25VL:
+  """A random model drawn on the host (`qwen.init_model` compiles one op per parameter: ~5 s)."""
+  abstract = qwen.abstract_model(cfg)
   rng = np.random.default_rng(seed)
 
   def draw(path, shape):
     if "norm" in path[-1] or path[-1] == "ln_q":
       return 1 + 0.1 * rng.standard_normal(shape)
     return (head_scale if path[-1] == "lm_head" else 1) * 0.02 * rng.standard_normal(shape)
-  params = {p: jnp.asarray(draw(p, v.shape), v.dtype) for p, v in q.flat_params(abstract).items()}
+  params = {p: jnp.asarray(draw(p, v.shape), v.dtype) for p, v in qwen.flat_params(abstract).items()}
   return loading.model_from_flat(abstract, params)
 
 
 @pytest.fixture(scope="module")
 def small_vocab():
   """A text-only tiny model over 16 tokens whose next-token distribution is far from flat."""
-  cfg = q.tiny_config(vocab_size=16, eos_token_id=1, pad_token_id=0)
+  cfg = qwen.tiny_config(vocab_size=16, eos_token_id=1, pad_token_id=0)
   model = random_model(cfg, seed=3, head_scale=8.0)
   ids = np.array([[5, 9, 3, 12, 7, 2]])
   # Reference next-token logits from an uncached text-only forward pass (float64 on the host).
   pos = np.broadcast_to(np.arange(ids.shape[1]), (3,) + ids.shape)
-  h = q.hidden_states(model, jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool))
-  logits = np.asarray(q.logits_from_hidden(model, h)[0, -1], np.float64)
+  h = qwen.hidden_states(model, jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool))
+  logits = np.asarray(qwen.logits_from_hidden(model, h)[0, -1], np.float64)
   probs = np.exp(logits - logits.max())
   probs /= probs.sum()
   assert 0.05 < probs.max() < 0.6 and probs.min() < 0.01, probs  # informative, not degenerate
@@ -214,7 +214,7 @@ ROWS = 4000
 
 
 def first_tokens(model, ids, **kw):
-  out = rollout.generate(model, ids, None, max_new_tokens=1, num_samples=ROWS, eos_token_ids=(), seed=1, **kw)
+  out = sampler.generate(model, ids, None, max_new_tokens=1, num_samples=ROWS, eos_token_ids=(), seed=1, **kw)
   assert out.tokens.shape == (ROWS, 1) and out.mask.all()
   return out.tokens[:, 0], out.logprobs[:, 0]
 
@@ -293,24 +293,24 @@ def test_sharded_rollout_equals_unsharded():
   res = run_on_8_devices("""
     import json
     import numpy as np
-    from pgpo_jax import rollout, sharding
-    from pgpo_jax.models import qwen2_5_vl as q
+    from pgpo_jax import sampler, sharding
+    from pgpo_jax.models import qwen2_5_vl as qwen
     from tests.hf_utils import left_pad, make_ids, random_pixels
     from tests.test_rollout import random_model
 
-    model = random_model(q.tiny_config(), seed=0)
+    model = random_model(qwen.tiny_config(), seed=0)
     rng = np.random.default_rng(0)
     gs = [[(1, 4, 4)], [(1, 4, 6)], [(1, 6, 4)]]
     ids, am = left_pad([make_ids(rng, gs[0]), make_ids(rng, gs[1], pre=6), make_ids(rng, gs[2], pre=2)])
     flat = sum(gs, [])
     args = (ids, am, random_pixels(rng, flat), np.asarray(flat))
     kw = dict(max_new_tokens=6, temperature=1.0, top_k=50, num_samples=2, eos_token_ids=(1,), seed=4)
-    single = rollout.generate(model, *args, **kw)
+    single = sampler.generate(model, *args, **kw)
     # batch over (data, fsdp) = 4 shards; heads, MLP, vocab and the cache's kv heads over tensor.
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = rollout.generate(model, *args, mesh=mesh, **kw)
+    sharded = sampler.generate(model, *args, mesh=mesh, **kw)
     with sharding.use_rules(mesh, sharding.SAMPLE_RULES):  # the trainer's way: mesh from context
-      in_context = rollout.generate(model, *args, **kw)
+      in_context = sampler.generate(model, *args, **kw)
     print(json.dumps({"single": single.tokens.tolist(), "sharded": sharded.tokens.tolist(),
                       "in_context": in_context.tokens.tolist(),
                       "lp_single": single.logprobs.tolist(), "lp_sharded": sharded.logprobs.tolist()}))

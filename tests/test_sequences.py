@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pgpo_jax.models import qwen2_5_vl as q
-from pgpo_jax.rl import sequences
+from pgpo_jax.models import qwen2_5_vl as qwen
+from pgpo_jax.rl import scoring, sequences
 from tests.hf_utils import left_pad, make_ids, random_pixels
 
 G, L = 2, 6
@@ -14,7 +14,7 @@ G, L = 2, 6
 
 @pytest.fixture(scope="module")
 def setup(tiny_hf):
-  model = q.from_pretrained(tiny_hf[1])
+  model = qwen.from_pretrained(tiny_hf[1])
   rng = np.random.default_rng(0)
   g0, g1 = [(1, 4, 8)], [(1, 6, 4)]
   ids, am = left_pad([make_ids(rng, g0), make_ids(rng, g1, pre=9)])
@@ -28,7 +28,7 @@ def setup(tiny_hf):
 
 
 def _teacher_forced(model, ids, am, grids, pixels, response, rmask, key_mask_fn=None):
-  """log-softmax of each response token from q.forward on the concatenated rows."""
+  """log-softmax of each response token from qwen.forward on the concatenated rows."""
   out = np.zeros(response.shape, np.float32)
   Tp = ids.shape[1]
   for n in range(response.shape[0]):
@@ -39,7 +39,7 @@ def _teacher_forced(model, ids, am, grids, pixels, response, rmask, key_mask_fn=
     start = sum(int(np.prod(x)) for x in grids[:p])
     pix = pixels[start:start + int(np.prod(grids[p]))]
     km = key_mask_fn(full, fam) if key_mask_fn else None
-    logits = np.asarray(q.forward(model, full, fam, pix, g, key_mask=km))[0]
+    logits = np.asarray(qwen.forward(model, full, fam, pix, g, key_mask=km))[0]
     logp = jax.nn.log_softmax(logits[Tp - 1:-1], -1)
     out[n] = np.take_along_axis(np.asarray(logp), response[n][:, None], -1)[:, 0]
   return out

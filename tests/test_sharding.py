@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from pgpo_jax import sharding as sh
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from tests.multidevice import run_on_8_devices
 
 
@@ -60,7 +60,7 @@ def test_indivisible_dims_fall_back():
 
 
 def test_param_shardings_cover_every_param_of_the_real_7b():
-  model = q.abstract_model(q.PRESETS["7b"], "bfloat16")
+  model = qwen.abstract_model(qwen.PRESETS["7b"], "bfloat16")
   mesh = _mesh(1, 8, 4)
   shardings = sh.flat_shardings(sh.param_shardings(model, mesh, sh.TRAIN_RULES))
   from pgpo_jax.models.qwen2_5_vl.loading import flat_params
@@ -91,39 +91,39 @@ import json, numpy as np, jax, jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from pgpo_jax import sharding as sh
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading
 from tests.hf_utils import make_ids, left_pad, random_pixels
 
-cfg = q.tiny_config()
-model = q.init_model(cfg, seed=3)
+cfg = qwen.tiny_config()
+model = qwen.init_model(cfg, seed=3)
 rng = np.random.default_rng(0)
 grids = [(1, 4, 8), (1, 8, 4), (1, 4, 4), (1, 8, 8)]
 ids, am = left_pad([make_ids(rng, [g], pre=3 + i) for i, g in enumerate(grids)])
 ids = np.pad(ids, ((0, 0), (0, 64 - ids.shape[1]))); am = np.pad(am, ((0, 0), (0, 64 - am.shape[1])))
-pos, _ = q.get_rope_index(ids, am, np.asarray(grids), image_token_id=cfg.image_token_id, spatial_merge_size=2)
-vin = q.prepare_vision(random_pixels(rng, grids), np.asarray(grids), cfg.vision)
+pos, _ = qwen.get_rope_index(ids, am, np.asarray(grids), image_token_id=cfg.image_token_id, spatial_merge_size=2)
+vin = qwen.prepare_vision(random_pixels(rng, grids), np.asarray(grids), cfg.vision)
 ids, pos, km = jnp.asarray(ids, jnp.int32), jnp.asarray(pos, jnp.int32), jnp.asarray(am, bool)
 
 def logits_fn(graphdef):
   def f(state, ids, pos, km, vin):
     m = nnx.merge(graphdef, state)
-    h = sh.constrain(q.hidden_states(m, ids, pos, km, vin), ("batch", "length", "act_embed"))
-    return q.logits_from_hidden(m, h)
+    h = sh.constrain(qwen.hidden_states(m, ids, pos, km, vin), ("batch", "length", "act_embed"))
+    return qwen.logits_from_hidden(m, h)
   return f
 
 def rollout_fn(graphdef):
   def f(state, ids, pos, km, vin, cache):
     m = nnx.merge(graphdef, state)
-    logits0, cache = q.prefill(m, ids, pos, km, cache, vin)
+    logits0, cache = qwen.prefill(m, ids, pos, km, cache, vin)
     tok = jnp.argmax(logits0, -1).astype(jnp.int32)
-    logits1, cache = q.decode_step(m, tok, pos.max(axis=(0, 2)) + 1, cache)
+    logits1, cache = qwen.decode_step(m, tok, pos.max(axis=(0, 2)) + 1, cache)
     return logits0, logits1
   return f
 
 graphdef, state = nnx.split(model)
 ref = jax.jit(logits_fn(graphdef))(state, ids, pos, km, vin)
-cache = q.init_cache(cfg.text, 4, 80, jnp.float32)
+cache = qwen.init_cache(cfg.text, 4, 80, jnp.float32)
 ref0, ref1 = jax.jit(rollout_fn(graphdef))(state, ids, pos, km, vin, cache)
 
 out = {}
@@ -146,9 +146,9 @@ for name, rules, shape, kind in (("train", sh.TRAIN_RULES, (2, 2, 2), "forward")
       logits = jax.jit(logits_fn(graphdef))(sstate, *args, vin)
       r.update(forward=float(jnp.abs(logits - ref).max()), batch_spec=str(tuple(logits.sharding.spec)))
     else:
-      c = q.init_cache(cfg.text, 4, 80, jnp.float32)
+      c = qwen.init_cache(cfg.text, 4, 80, jnp.float32)
       cache_axes = ("layers", "batch", "cache_length", "act_kv_heads", "act_head_dim")
-      c = q.KVCache(k=bsh(cache_axes, c.k), v=bsh(cache_axes, c.v),
+      c = qwen.KVCache(k=bsh(cache_axes, c.k), v=bsh(cache_axes, c.v),
                     key_mask=bsh(("batch", "cache_length"), c.key_mask), index=c.index)
       l0, l1 = jax.jit(rollout_fn(graphdef))(sstate, *args, vin, c)
       r.update(prefill=float(jnp.abs(l0 - ref0).max()), decode=float(jnp.abs(l1 - ref1).max()))
@@ -177,11 +177,11 @@ _LOAD = """
 import json, numpy as np, jax
 from pgpo_jax import sharding as sh
 from pgpo_jax.convert import hf as convert
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading
 
 HF, CKPT = {hf!r}, {ckpt!r}
-reference = loading.flat_params(q.from_pretrained(HF))
+reference = loading.flat_params(qwen.from_pretrained(HF))
 mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
 # Spy: no host->device copy may carry a whole sharded parameter (Orbax puts shard-sized pieces).
 full_shape = reference[("language_model", "layers", "w_gate")].shape
@@ -192,8 +192,9 @@ def spy_put(x, *a, **k):
 jax.device_put = spy_put
 result = {{}}
 for name, path in (("hf", HF), ("orbax", CKPT)):
-  model, shardings = sh.load_sharded(path, mesh, sh.TRAIN_RULES, "float32")
-  want = sh.flat_shardings(shardings)
+  cfg = qwen.Qwen25VLConfig.from_json(HF)
+  want = sh.flat_shardings(sh.param_shardings(qwen.abstract_model(cfg), mesh, sh.TRAIN_RULES))
+  model = qwen.from_pretrained(path, "float32", config=cfg, shardings=want)
   params = loading.flat_params(model)
   ok_sharding = all(params[k].sharding == want[k] for k in want)
   # Each device holds exactly its slice: the per-device bytes of e.g. w_gate are 1/4 of the array.
@@ -206,7 +207,7 @@ print(json.dumps(result))
 """
 
 
-def test_load_sharded_puts_params_straight_into_their_shardings(tiny_hf, tmp_path):
+def test_from_pretrained_puts_params_straight_into_their_shardings(tiny_hf, tmp_path):
   from pgpo_jax.convert import hf as convert
   convert.hf_to_orbax(tiny_hf[1], tmp_path / "ck", dtype="float32", progress=False)
   out = run_on_8_devices(_LOAD.format(hf=str(tiny_hf[1]), ckpt=str(tmp_path / "ck")))

@@ -1,7 +1,6 @@
 """Synthetic task (determinism, answers checked against the pixels), the tiny tokenizer/processor folder,
 and `scripts/make_demo_data.py`."""
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -14,18 +13,17 @@ import pytest
 import scipy.ndimage
 from PIL import Image
 
-from pgpo_jax.data import synthetic
-from pgpo_jax.data.processor import (
+from pgpo_jax.demo_task import synthetic
+from pgpo_jax.data.hf_processor import (
     NONSPECIAL_ADDED_TOKENS,
     SPECIAL_TOKENS,
     load_processor,
     load_tokenizer,
     num_image_tokens,
 )
-from pgpo_jax.data.tiny_tokenizer import CHAT_TEMPLATE, build_tiny_model_folder
+from pgpo_jax.demo_task.tiny_tokenizer import CHAT_TEMPLATE, build_tiny_model_folder
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-# Checklist §3, rendered by the real Qwen2.5-VL template.
+# docs/qwen2_5_vl_port.md §3, rendered by the real Qwen2.5-VL template.
 QWEN_RENDERED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                  "<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n"
                  "<|im_start|>assistant\n")
@@ -255,7 +253,7 @@ def test_load_processor_hf_checkpoint_layout(tiny, tmp_path):
         "processor_class": "Qwen2_5_VLProcessor"}))
     proc = load_processor(tmp_path)
     assert proc.apply_chat_template(DESCRIBE_MSGS, add_generation_prompt=True, tokenize=False) == QWEN_RENDERED
-    # Checklist §3: a 100x150 (h x w) image is resized to 112x140 -> grid (1, 8, 10), 20 image tokens.
+    # Port notes §3-4: a 100x150 (h x w) image is resized to 112x140 -> grid (1, 8, 10), 20 image tokens.
     out = proc(text=[QWEN_RENDERED], images=[Image.new("RGB", (150, 100), (9, 99, 199))], return_tensors="np")
     assert out["image_grid_thw"].tolist() == [[1, 8, 10]]
     assert int((out["input_ids"] == ids["image_token_id"]).sum()) == 20
@@ -266,15 +264,13 @@ def test_load_processor_hf_checkpoint_layout(tiny, tmp_path):
 
 
 def test_make_demo_data_script_is_idempotent(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "scripts" / "make_demo_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from pgpo_jax.cli import make_demo_data as script
     argv = ["--out_dir", str(tmp_path / "demo"), "--n_train", "12", "--n_test", "6", "--image_size", "56"]
-    ids = script.main(argv)
+    ids = script.run(argv)
     first = {**_files_digest(tmp_path / "demo" / "model"),
              **{f: hashlib.sha256((tmp_path / "demo" / f).read_bytes()).hexdigest()
                 for f in ("train.parquet", "test.parquet")}}
-    assert script.main(argv) == ids
+    assert script.run(argv) == ids
     again = {**_files_digest(tmp_path / "demo" / "model"),
              **{f: hashlib.sha256((tmp_path / "demo" / f).read_bytes()).hexdigest()
                 for f in ("train.parquet", "test.parquet")}}

@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 
 from pgpo_jax.rl.losses import loss_normalizers, policy_loss
+from pgpo_jax.keypaths import path_str
+from pgpo_jax.programs import make_train_step
 from pgpo_jax.train_step import (
     init_train_state,
     make_optimizer,
     make_schedule,
-    make_train_step,
-    path_to_str,
     reduce_microbatch_metrics,
     split_microbatches,
 )
@@ -60,7 +60,7 @@ def copy_tree(tree):
 
 
 def flat_params(state):
-    return {path_to_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
 
 
 @pytest.fixture
@@ -289,7 +289,8 @@ def test_data_parallel_on_8_devices_matches_single_device():
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
     from tests.test_train_step import TinyPolicy, make_batch, pg_loss_fn
-    from pgpo_jax.train_step import init_train_state, make_optimizer, make_train_step
+    from pgpo_jax.programs import make_train_step
+    from pgpo_jax.train_step import init_train_state, make_optimizer
 
     model = TinyPolicy(nnx.Rngs(0))
     batch = make_batch(3, model, b=16)

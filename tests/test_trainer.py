@@ -194,17 +194,17 @@ def test_bad_mesh_and_missing_init_from(data_dir):
 
 def test_trained_checkpoint_loads_as_a_model(data_dir, tmp_path):
   """WORKDIR/checkpoints/<step>/params + WORKDIR/config.json + processor = a loadable model."""
-  from pgpo_jax.data.processor import load_processor
-  from pgpo_jax.models import qwen2_5_vl as q
+  from pgpo_jax.data.hf_processor import load_processor
+  from pgpo_jax.models import qwen2_5_vl as qwen
   c = tiny_config(data_dir)
   c.train.num_steps, c.train.eval_every = 1, 1
   t = trainer.Trainer(c, str(tmp_path / "w"))
   last = t.run()
   assert last["eval/num_prompts"] == c.train.eval_prompts  # the held-out greedy eval ran
   assert 0.0 <= last["eval/accuracy"] <= 1.0
-  model = q.from_pretrained(tmp_path / "w" / "checkpoints" / "1" / "params")
+  model = qwen.from_pretrained(tmp_path / "w" / "checkpoints" / "1" / "params")
   import jax
-  got = jax.tree.leaves(jax.tree.map(np.asarray, q.loading.flat_params(model)))
+  got = jax.tree.leaves(jax.tree.map(np.asarray, qwen.loading.flat_params(model)))
   want = jax.tree.leaves(jax.tree.map(np.asarray, t.state.params))
   assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
   proc = load_processor(str(tmp_path / "w"))

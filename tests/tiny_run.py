@@ -17,7 +17,7 @@ def length_parity(responses, answers):
 
 def load_config(path):
   if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # configs import each other (`from configs import pgpo_7b`)
+    sys.path.insert(0, ROOT)  # tests import configs as a package (`from configs import pgpo_7b`)
   spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

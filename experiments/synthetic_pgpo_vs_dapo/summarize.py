@@ -54,7 +54,7 @@ def main():
     json.dump({m: {"seeds": n, **{k: {"mean": v[0], "std": v[1]} for k, v in st.items()}} for m, n, st in rows}, f,
               indent=2)
   try:
-    from pgpo_jax import plotting
+    from pgpo_jax.tools import plotting
     runs = [(os.path.basename(d), d) for ds in by_method.values() for d in ds]
     plotting.plot_runs(runs, os.path.join(a.out, "plots"))
   except Exception as e:  # plots are a convenience; the table is the result

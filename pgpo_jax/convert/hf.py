@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax.models.qwen2_5_vl import loading, weights
 from pgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
@@ -176,7 +177,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="bf
   cfg = Qwen25VLConfig.from_json(hf_dir)
   files = weights.safetensors_files(hf_dir)  # fails early if there are no weights
   out_dir = ensure_writable_dir(out_dir)
-  params_dir = os.path.join(out_dir, loading.PARAMS_ITEM)
+  params_dir = os.path.join(out_dir, ckpt_lib.PARAMS_ITEM)
   if os.path.exists(params_dir):
     if not overwrite:
       raise FileExistsError(f"{params_dir} already exists (pass overwrite=True / --overwrite)")
@@ -199,7 +200,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="bf
     raise ValueError(f"{hf_dir}: {e}") from None
   finally:
     bar.close()
-  loading.save_orbax_params(params_dir, params)
+  ckpt_lib.save_orbax_params(params_dir, params)
   written = copy_side_files(hf_dir, out_dir)
   n = sum(int(np.prod(s)) for s, _ in shapes.values())
   return ConvertSummary("hf->orbax", out_dir, dt.name, n, len(shapes), n * dt.itemsize, time.time() - t0,
@@ -340,27 +341,27 @@ def orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, config: 
     ckpt: a converted folder (`CKPT` with `CKPT/params`) or an Orbax params item directory
       (e.g. the trainer's `WORKDIR/checkpoints/<step>/params`).
     out_dir: output folder (created).
-    config: the `config.json` (file or folder) to use; default: `loading.find_config(ckpt)`.
+    config: the `config.json` (file or folder) to use; default: `ckpt_lib.find_config(ckpt)`.
       Tokenizer/processor files next to it are copied too.
     dtype: output dtype; default: the dtype stored in the checkpoint.
     max_shard_bytes: shard size limit (5e9 = HF's default "5GB").
   """
   t0 = time.time()
   ckpt = os.path.abspath(os.fspath(ckpt))
-  layout, params_dir = loading.checkpoint_layout(ckpt)
+  layout, params_dir = ckpt_lib.checkpoint_layout(ckpt)
   if layout != "orbax":
     raise ValueError(f"{ckpt} is already an HF folder; pass an Orbax checkpoint (CKPT or CKPT/params)")
-  config_path = loading.find_config(config if config is not None else ckpt)
+  config_path = ckpt_lib.find_config(config if config is not None else ckpt)
   cfg = Qwen25VLConfig.from_json(config_path)
-  stored = loading.orbax_param_metadata(params_dir)
+  stored = ckpt_lib.orbax_param_metadata(params_dir)
   dt = _np_dtype(dtype) if dtype is not None else next(iter(stored.values()))[1]
   shapes = {p: (tuple(v.shape), dt) for p, v in loading.flat_params(loading.abstract_model(cfg, dt)).items()}
-  loading.check_orbax_params(params_dir, shapes)  # clear error before anything is written
+  ckpt_lib.check_orbax_params(params_dir, shapes)  # clear error before anything is written
   out_dir = ensure_writable_dir(out_dir)
   _remove_stale_weights(out_dir)
 
   def source(paths: Sequence[Path]) -> list[np.ndarray]:
-    got = loading.restore_orbax_params(params_dir, shapes, as_numpy=True, paths=list(paths))
+    got = ckpt_lib.restore_orbax_params(params_dir, shapes, as_numpy=True, paths=list(paths))
     return [got[p] for p in paths]
 
   files, n_tensors, nbytes = write_hf(source, cfg, shapes, out_dir, dt, max_shard_bytes=max_shard_bytes,
@@ -388,7 +389,7 @@ def params_to_hf(params: Mapping[Path, object], cfg: Qwen25VLConfig, out_dir: st
   files, n_tensors, nbytes = write_hf(source, cfg, shapes, out_dir, dt, max_shard_bytes=max_shard_bytes,
                                       progress=progress)
   if config_src is not None:
-    config_path = loading.find_config(config_src)
+    config_path = ckpt_lib.find_config(config_src)
     files += copy_side_files(os.path.dirname(config_path), out_dir, dtype=dt, config_path=config_path)
   else:
     with open(os.path.join(out_dir, "config.json"), "w") as f:

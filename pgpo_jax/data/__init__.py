@@ -1,6 +1,10 @@
-"""Data: the processor wrapper, the synthetic demo task and its tiny tokenizer, and the input pipeline.
+"""Data: rows from files, the paper's prompt, the HF processor, static-shape batches, the input pipeline.
 
-- `processor.py`: `load_processor` / `load_tokenizer` for a real Qwen2.5-VL folder or the tiny demo folder.
-- `synthetic.py`: a seeded visual-reasoning task (colored shapes) written as EasyR1-layout parquet.
-- `tiny_tokenizer.py`: builds a small byte-level BPE Qwen-style tokenizer + processor folder for the demo.
+- `reader.py`: `DatasetReader` over parquet / JSON-lines files (images, column names, bad rows skipped).
+- `prompts.py`: `PromptEncoder` (chat prompt + HF processor + M-RoPE ids per row), `collate` into
+  `PromptBatch`es of bucketed shapes.
+- `pipeline.py`: the grain pipeline (shuffle, host sharding, epochs, checkpointable iterator state).
+- `hf_processor.py`: `load_processor` / `load_tokenizer` for a real Qwen2.5-VL folder or the tiny demo folder.
+
+The synthetic demo task and its tiny tokenizer are in `pgpo_jax.demo_task`.
 """

@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from pgpo_jax.data.processing import (PaddingSpec, PromptBatch, PromptEncoder, PromptFormat,
-                                      collate, default_length_buckets)
+from pgpo_jax.buckets import default_length_buckets
+from pgpo_jax.data.prompts import PaddingSpec, PromptBatch, PromptEncoder, PromptFormat, collate
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, SkippedRow, SkipStats
 
 
@@ -188,7 +188,7 @@ def make_prompt_iterator(
   Args:
     spec: the files and columns; all files are read and checked here (missing file or column
       raises ValueError/FileNotFoundError naming both).
-    processor: a `Qwen2_5_VLProcessor` (e.g. `pgpo_jax.data.processor.load_processor(dir)`).
+    processor: a `Qwen2_5_VLProcessor` (e.g. `pgpo_jax.data.hf_processor.load_processor(dir)`).
     batch_size: prompts per batch, B. A short last batch is filled (`prompt_valid=False`)
       unless `drop_remainder=True`.
     seed: shuffle seed; epoch e uses its own permutation.

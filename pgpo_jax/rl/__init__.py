@@ -2,7 +2,7 @@
 
 Everything here is pure `jnp` over arrays with static shapes, so it runs the same
 inside and outside `jax.jit`. Shapes use suffixes: B responses, T response tokens,
-D hidden size, V vocabulary. The data flow (PGPO.md):
+D hidden size, V vocabulary. The data flow (docs/method.md):
 
     scoring.k3 / full_kl  ->  advantages.pgpo_token_weights  ->  advantages.pgpo
                           ->  losses.policy_loss

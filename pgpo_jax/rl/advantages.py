@@ -1,10 +1,10 @@
-"""Group advantages (GRPO) and PGPO perception-grounded token weights (PGPO.md §1, §3).
+"""Group advantages (GRPO) and PGPO perception-grounded token weights (docs/method.md §1, §3).
 
 Layout: responses are group-major, rows [g*G:(g+1)*G] are the G responses of prompt g.
 All functions are pure `jnp`, jit-friendly, and take boolean or 0/1 float masks.
 
-Choices where PGPO.md is open (all defaults reproduce the paper exactly, except that a response whose
-S is constant up to 1% counts as constant: see `degenerate_rtol`):
+Choices where the paper is open (docs/method.md §9; all defaults reproduce the paper exactly, except that a
+response whose S is constant up to 1% counts as constant: see `degenerate_rtol`):
 - Zero-std group (all rewards equal, by exact max == min): advantages are exactly 0
   (the formula gives 0 up to float noise divided by eps = 1e-6; we remove the noise).
 - `min_weight` / `max_weight` bound the FINAL weights ω̃, and renormalisation is
@@ -107,7 +107,7 @@ def _masked_quantile(x_BxT: Array, mask_BxT: Array, q: float | Array) -> Array:
 
 
 def _gate(importance_BxT: Array, tau: Array, beta: float, eps: float) -> Array:
-    """PGPO.md §3.3: suppression branch below τ (0 -> ≈1), boost branch above (1 -> ≈1+β)."""
+    """docs/method.md §3 step 3: suppression branch below τ (0 -> ≈1), boost branch above (1 -> ≈1+β)."""
     # max(·, 0) pins the evaluation order: XLA otherwise reassociates (1 - τ) + ε into
     # 1 + (ε - τ), which is exactly 0 in float32 at τ = 1 (then 0/0 = NaN).
     suppress = importance_BxT / (jnp.maximum(tau, 0.0) + eps)
@@ -175,7 +175,7 @@ def pgpo_token_weights(
     eps: float = 1e-8,
     degenerate_rtol: float = DEGENERATE_RTOL,
 ) -> Array:
-    """PGPO token weights ω̃ from visual dependency S (PGPO.md §3), per response.
+    """PGPO token weights ω̃ from visual dependency S (docs/method.md §3), per response.
 
     1. S̃ = log(1 + S);  2. I = (S̃ - min S̃) / (max S̃ - min S̃ + eps) over valid tokens;
     3. ω = I/(τ+eps) if I < τ else 1 + β (I - τ)/(1 - τ + eps);
@@ -327,7 +327,7 @@ def pgpo(
     degenerate_rtol: float = DEGENERATE_RTOL,
     adv_eps: float = 1e-6,
 ) -> Array:
-    """PGPO token advantages Ã_{i,t} = A_i · ω̃_{i,t} (PGPO.md §3.5), whatever the sign of A_i.
+    """PGPO token advantages Ã_{i,t} = A_i · ω̃_{i,t} (docs/method.md §3 step 5), whatever the sign of A_i.
 
     Args:
       rewards_B: [B] rewards, group-major.

@@ -1,4 +1,4 @@
-"""Clipped policy-gradient loss with verl-compatible aggregation (PGPO.md §4).
+"""Clipped policy-gradient loss with verl-compatible aggregation (docs/method.md §4).
 
 The default is the paper's DAPO recipe: asymmetric clip (ε_low = 0.2, ε_high = 0.28),
 "token-mean" over all valid tokens of the mini-batch, no KL-to-reference, no entropy term.

@@ -1,4 +1,4 @@
-"""Token scoring: log-probs, entropy and visual dependency S_t (PGPO.md §2).
+"""Token scoring: log-probs, entropy and visual dependency S_t (docs/method.md §2).
 
 Layout of this file:
   1. Pure estimators on per-token log-probs (`k3`).
@@ -187,7 +187,7 @@ class DependencyScores(NamedTuple):
     logp_image_BxT: Array  # log π_I(x_t): the old log-probs of the rollout
     logp_blind_BxT: Array  # log π_∅(x_t)
     dependency_BxT: Array  # S_t >= 0
-    entropy_BxT: Array  # entropy of π_I, for logging (PGPO.md §6: entropy collapse)
+    entropy_BxT: Array  # entropy of π_I, for logging (docs/method.md §6: entropy collapse)
 
 
 def _two_view_chunk(lm_head_DxV, temperature, full_kl):

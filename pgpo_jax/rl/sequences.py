@@ -10,7 +10,7 @@ Two passes use this layout:
 - `response_logprobs` (one view, differentiable): the loss's log π_θ(x_t).
 - `score_rollout` (two views, no gradient): PGPO's dual-condition scoring. The image view attends
   to everything; the blind view has the visual tokens masked out of attention with the SAME token
-  ids and positions (PGPO.md §2). Both views share one vision encoding and run as one batch.
+  ids and positions (docs/method.md §2). Both views share one vision encoding and run as one batch.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.rl import scoring
 
 
@@ -44,7 +44,7 @@ class SequenceBatch:
   prompt_pos: jnp.ndarray
   prompt_visual: jnp.ndarray
   next_pos: jnp.ndarray
-  vision: q.VisionInputs | None
+  vision: qwen.VisionInputs | None
   response: jnp.ndarray
   response_mask: jnp.ndarray
 
@@ -62,12 +62,12 @@ class SequenceBatch:
     return self.response_mask.reshape(-1, self.response_mask.shape[-1]).astype(bool)
 
 
-def _embed_and_positions(model: q.Qwen25VL, b: SequenceBatch):
+def _embed_and_positions(model: qwen.Qwen25VL, b: SequenceBatch):
   """Embeddings [P*G, Tp+L, D], positions [3, P*G, Tp+L], key mask and visual mask [P*G, Tp+L]."""
   G, L = b.group_size, b.response.shape[-1]
-  feats = q.encode_images(model, b.vision) if b.vision is not None else None  # [P, U, D]
+  feats = qwen.encode_images(model, b.vision) if b.vision is not None else None  # [P, U, D]
   rep = lambda x: jnp.repeat(x, G, axis=0)
-  x_prompt = rep(q.embed_inputs(model, b.prompt_ids, feats))
+  x_prompt = rep(qwen.embed_inputs(model, b.prompt_ids, feats))
   x_resp = model.language_model.embed(b.flat_response)
   x = jnp.concatenate([x_prompt, x_resp.astype(x_prompt.dtype)], axis=1)
   resp_pos = b.next_pos[:, None] + jnp.arange(L, dtype=jnp.int32)[None]  # [P, L]
@@ -83,7 +83,7 @@ def _response_hidden(h_NxTxD: jnp.ndarray, prompt_len: int) -> jnp.ndarray:
   return h_NxTxD[:, prompt_len - 1:-1]
 
 
-def response_logprobs(model: q.Qwen25VL, b: SequenceBatch, *, chunk_size: int = 256,
+def response_logprobs(model: qwen.Qwen25VL, b: SequenceBatch, *, chunk_size: int = 256,
                       temperature: float = 1.0, return_entropy: bool = False):
   """log π(x_t | image, prompt, x_<t) of every response token [P*G, L] (float32, differentiable).
 
@@ -91,13 +91,13 @@ def response_logprobs(model: q.Qwen25VL, b: SequenceBatch, *, chunk_size: int = 
   Values at masked positions are meaningless; callers mask them.
   """
   x, pos, key_mask, _ = _embed_and_positions(model, b)
-  h, _ = model.language_model(x, pos, key_mask, None, **q.model._kw(model))
+  h, _ = qwen.run_decoder(model, x, pos, key_mask)
   return scoring.token_logprobs_chunked(_response_hidden(h, b.prompt_ids.shape[1]), model.lm_head_weight(),
                                         b.flat_response, chunk_size, temperature=temperature,
                                         return_entropy=return_entropy)
 
 
-def score_rollout(model: q.Qwen25VL, b: SequenceBatch, *, estimator: str = "k3", chunk_size: int = 256,
+def score_rollout(model: qwen.Qwen25VL, b: SequenceBatch, *, estimator: str = "k3", chunk_size: int = 256,
                   clamp_log_ratio: float | None = None, temperature: float = 1.0
                   ) -> scoring.DependencyScores:
   """PGPO's dual-condition scoring pass (no gradient): old log-probs, blind log-probs and S.
@@ -108,8 +108,7 @@ def score_rollout(model: q.Qwen25VL, b: SequenceBatch, *, estimator: str = "k3",
   """
   x, pos, key_mask, visual = _embed_and_positions(model, b)
   both = lambda a, axis=0: jnp.concatenate([a, a], axis=axis)
-  h, _ = model.language_model(both(x), both(pos, 1), jnp.concatenate([key_mask, key_mask & ~visual]),
-                              None, **q.model._kw(model))
+  h, _ = qwen.run_decoder(model, both(x), both(pos, 1), jnp.concatenate([key_mask, key_mask & ~visual]))
   h = _response_hidden(h, b.prompt_ids.shape[1])
   n = h.shape[0] // 2
   fn = scoring.get_dependency_estimator(estimator)
@@ -120,7 +119,7 @@ def score_rollout(model: q.Qwen25VL, b: SequenceBatch, *, estimator: str = "k3",
 # ------------------------------------------------------------------------------------------------
 # Host-side construction
 # ------------------------------------------------------------------------------------------------
-def visual_token_mask(prompt_ids: np.ndarray, cfg: q.Qwen25VLConfig, mask_vision_markers: bool = False) -> np.ndarray:
+def visual_token_mask(prompt_ids: np.ndarray, cfg: qwen.Qwen25VLConfig, mask_vision_markers: bool = False) -> np.ndarray:
   """The tokens the blind view hides: `<|image_pad|>` (+ vision start/end if asked)."""
   ids = np.asarray(prompt_ids)
   m = ids == cfg.image_token_id
@@ -129,7 +128,7 @@ def visual_token_mask(prompt_ids: np.ndarray, cfg: q.Qwen25VLConfig, mask_vision
   return m
 
 
-def make_sequence_batch(cfg: q.Qwen25VLConfig, prompt_ids, prompt_mask, pixel_values, image_grid_thw,
+def make_sequence_batch(cfg: qwen.Qwen25VLConfig, prompt_ids, prompt_mask, pixel_values, image_grid_thw,
                         response, response_mask, *, prompt_pos=None, num_patches: int | None = None,
                         mask_vision_markers: bool = False) -> SequenceBatch:
   """Builds a SequenceBatch from left-padded prompts (HF processor outputs) and sampled responses.
@@ -141,12 +140,12 @@ def make_sequence_batch(cfg: q.Qwen25VLConfig, prompt_ids, prompt_mask, pixel_va
   am = np.asarray(prompt_mask).astype(np.int32)
   P = ids.shape[0]
   if prompt_pos is None:
-    prompt_pos, _ = q.get_rope_index(ids, am, image_grid_thw, image_token_id=cfg.image_token_id,
+    prompt_pos, _ = qwen.get_rope_index(ids, am, image_grid_thw, image_token_id=cfg.image_token_id,
                                      spatial_merge_size=cfg.vision.spatial_merge_size)
   prompt_pos = np.asarray(prompt_pos, np.int32)
   next_pos = (np.where(am[None] > 0, prompt_pos, -1).max(axis=(0, 2)) + 1).astype(np.int32)
-  has_images = image_grid_thw is not None and len(q.rope.valid_grids(image_grid_thw)) > 0
-  vision = (q.prepare_vision_rows(pixel_values, image_grid_thw, ids, cfg.vision, cfg.image_token_id, num_patches)
+  has_images = image_grid_thw is not None and len(qwen.rope.valid_grids(image_grid_thw)) > 0
+  vision = (qwen.prepare_vision_rows(pixel_values, image_grid_thw, ids, cfg.vision, cfg.image_token_id, num_patches)
             if has_images or num_patches else None)
   response = np.asarray(response, np.int32)
   L = response.shape[-1]

@@ -8,7 +8,7 @@ from pgpo_jax.models.qwen2_5_vl.config import PRESETS, Qwen25VLConfig, TextConfi
 from pgpo_jax.models.qwen2_5_vl.loading import abstract_model, count_params, flat_params, from_pretrained, init_model
 from pgpo_jax.models.qwen2_5_vl.model import (Qwen25VL, check_image_tokens, decode_step, embed_inputs,
                                               encode_images, forward, hidden_states, logits_from_hidden,
-                                              prefill)
+                                              prefill, run_decoder)
 from pgpo_jax.models.qwen2_5_vl.rope import get_rope_index
 from pgpo_jax.models.qwen2_5_vl.text import KVCache, init_cache
-from pgpo_jax.models.qwen2_5_vl.vision import VisionInputs, patch_bucket, prepare_vision, prepare_vision_rows
+from pgpo_jax.models.qwen2_5_vl.vision import VisionInputs, prepare_vision, prepare_vision_rows

@@ -1,6 +1,6 @@
 """Qwen2.5-VL configuration: frozen dataclasses read from a Hugging Face `config.json`.
 
-Both layouts of `config.json` are accepted (QWEN2_5_VL.md §5):
+Both layouts of `config.json` are accepted (docs/qwen2_5_vl_port.md §5):
 - the flat 4.x hub form (LM keys at the root, `rope_scaling={"type": "mrope", ...}`);
 - the nested 5.x form (`text_config`, `rope_parameters`).
 HF class defaults are never relied on for values that matter (eps, vision sizes).
@@ -215,7 +215,7 @@ def _preset(hidden, layers, heads, kv, inter, vocab, tie, v_inter) -> Qwen25VLCo
       vision=VisionConfig(intermediate_size=v_inter, out_hidden_size=hidden))
 
 
-# Released configs (QWEN2_5_VL.md §5). 72B is "very likely"; verify against its config.json.
+# Released configs (docs/qwen2_5_vl_port.md §5). 72B is "very likely"; verify against its config.json.
 PRESETS: dict[str, Qwen25VLConfig] = {
     "3b": _preset(2048, 36, 16, 2, 11008, 151936, True, 3420),
     "7b": _preset(3584, 28, 28, 4, 18944, 152064, False, 3420),
@@ -225,7 +225,7 @@ PRESETS: dict[str, Qwen25VLConfig] = {
 
 
 def tiny_config(**overrides) -> Qwen25VLConfig:
-  """A tiny random-init-friendly config for tests and the CPU demo (QWEN2_5_VL.md §7)."""
+  """A tiny random-init-friendly config for tests and the CPU demo (docs/qwen2_5_vl_port.md §7)."""
   text_kw = {k: overrides.pop(k) for k in list(overrides) if k in TextConfig.__dataclass_fields__}
   vision_kw = {k[len("vision_"):]: overrides.pop(k) for k in list(overrides)
                if k.startswith("vision_") and k[len("vision_"):] in VisionConfig.__dataclass_fields__}

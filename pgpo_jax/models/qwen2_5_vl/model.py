@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pgpo_jax.buckets import seq_bucket
 from pgpo_jax.models.qwen2_5_vl import rope, text, vision
 from pgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from pgpo_jax.models.qwen2_5_vl.layers import param
@@ -89,6 +90,14 @@ def hidden_states(model: Qwen25VL, input_ids_BxT, position_ids_3xBxT, key_mask_B
   return h
 
 
+def run_decoder(model: Qwen25VL, x_BxTxD: jnp.ndarray, position_ids_3xBxT, key_mask_BxT,
+                cache: text.KVCache | None = None) -> tuple[jnp.ndarray, text.KVCache | None]:
+  """The decoder on given input embeddings [B, T, D], with the config's remat / scan / attention-chunk
+  settings: final-normed hidden states [B, T, D] and the updated cache (None without one). For callers
+  that build their own embeddings (e.g. prompt + response sequences in `rl/sequences.py`)."""
+  return model.language_model(x_BxTxD, position_ids_3xBxT, key_mask_BxT, cache, **_kw(model))
+
+
 def logits_from_hidden(model: Qwen25VL, h_BxTxD: jnp.ndarray) -> jnp.ndarray:
   """float32 logits [B, T, V]."""
   return jnp.einsum("btd,dv->btv", h_BxTxD, model.lm_head_weight(),
@@ -116,10 +125,6 @@ def decode_step(model: Qwen25VL, token_B: jnp.ndarray, position_B: jnp.ndarray, 
 # ------------------------------------------------------------------------------------------------
 # Host-facing API
 # ------------------------------------------------------------------------------------------------
-def seq_bucket(t: int, multiple: int = 32) -> int:
-  return max(multiple, -(-int(t) // multiple) * multiple)
-
-
 def check_image_tokens(input_ids_BxT: np.ndarray, image_grid_thw, cfg: Qwen25VLConfig) -> None:
   """The number of `<|image_pad|>` tokens must equal sum(t*h*w)/merge_unit (HF raises too)."""
   grids = rope.valid_grids(image_grid_thw)

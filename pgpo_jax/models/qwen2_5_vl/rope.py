@@ -1,7 +1,7 @@
 """Rotary embeddings of Qwen2.5-VL: M-RoPE for the LM and 2-D axial RoPE for the ViT.
 
 Host-side (numpy): `get_rope_index` builds the 3-D (temporal, height, width) position ids of a batch
-with images, HF 5.24 semantics (QWEN2_5_VL.md §2.3). Device-side (jnp): cos/sin tables and
+with images, HF 5.24 semantics (docs/qwen2_5_vl_port.md §2.3). Device-side (jnp): cos/sin tables and
 `apply_rotary` (rotate-half, non-interleaved).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ def inv_freq(dim: int, theta: float) -> np.ndarray:
 
   torch evaluates the exponent in fp32 and the power in fp32; computing the power in float64 from
   the fp32 exponent, rounding to fp32 and then taking the fp32 reciprocal reproduces it
-  (QWEN2_5_VL.md §8.6).
+  (docs/qwen2_5_vl_port.md §8, item 6).
   """
   exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
   power = np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)

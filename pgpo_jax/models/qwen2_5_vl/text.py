@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pgpo_jax.logical_axes import constrain  # the identity unless a caller set `use_rules`
 from pgpo_jax.models.qwen2_5_vl import layers, rope
 from pgpo_jax.models.qwen2_5_vl.config import TextConfig
 
@@ -107,7 +108,6 @@ class TextModel(nnx.Module):
       mask = causal[None] & kv_mask[:, None, :]
     scale = K ** -0.5
 
-    from pgpo_jax.sharding import constrain  # identity unless under `sharding.use_rules`
     resid = lambda x: constrain(x, ("batch", "length", "act_embed"))
 
     def layer(x, xs):

@@ -1,8 +1,8 @@
 """The Qwen2.5-VL vision tower with static shapes.
 
 All images of a batch run as one packed, padded patch sequence of static length N_pad (a bucket).
-Window attention and per-image "full" attention are segment-id masks (QWEN2_5_VL.md §1.3), so one
-compiled program serves every mix of image sizes within a bucket. The host computes the index
+Window attention and per-image "full" attention are segment-id masks (docs/qwen2_5_vl_port.md §1.3), so
+one compiled program serves every mix of image sizes within a bucket. The host computes the index
 arrays (`VisionInputs`) from `image_grid_thw`; the device does only dense math.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pgpo_jax.buckets import patch_bucket
 from pgpo_jax.models.qwen2_5_vl import layers, rope
 from pgpo_jax.models.qwen2_5_vl.config import VisionConfig
 
@@ -36,13 +37,6 @@ class VisionInputs:
   hw_pos: jnp.ndarray
   window_seg: jnp.ndarray
   image_seg: jnp.ndarray
-
-
-def patch_bucket(n: int, minimum: int = 64) -> int:
-  """Static patch budget for n patches: 4 buckets per octave, multiple of 16 (≤ 25% waste)."""
-  n = max(int(n), minimum)
-  step = max(16, 1 << max(0, (n - 1).bit_length() - 3))
-  return -(-n // step) * step
 
 
 def prepare_vision(pixel_values, image_grid_thw, cfg: VisionConfig,

@@ -1,6 +1,6 @@
 """One table between HF Qwen2.5-VL state-dict names and our parameter paths, used both ways.
 
-HF keys come in two spellings (QWEN2_5_VL.md §6): on disk `visual.*`, `model.layers.*`,
+HF keys come in two spellings (docs/qwen2_5_vl_port.md §6): on disk `visual.*`, `model.layers.*`,
 `model.embed_tokens.weight`; in memory `model.visual.*`, `model.language_model.*`. Both are
 normalised to the on-disk form. Per-layer tensors are stacked on our leading `layers` axis.
 """

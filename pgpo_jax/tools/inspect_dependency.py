@@ -1,6 +1,6 @@
 """Token visual dependency of a checkpoint, made visible: the paper's sparsity analysis on any policy.
 
-    from pgpo_jax import evaluation as ev, inspect_dependency as idep
+    from pgpo_jax import evaluation as ev; from pgpo_jax.tools import inspect_dependency as idep
     policy = ev.load_policy("runs/pgpo_3b", dtype="float32")
     spec = idep.dataset_spec("data/mathverse.parquet")
     cfg = idep.InspectConfig(n=20, tau=0.4, beta=2.0)
@@ -10,9 +10,9 @@
 
 For n prompts, one response each is sampled (temperature 1 by default, or greedy) and scored with the
 trainer's dual-condition pass `sequences.score_rollout` (same ids and M-RoPE positions, visual tokens
-masked in the blind view; PGPO.md §2), giving per token: log π_I(x_t), log π_∅(x_t), S_t and the
+masked in the blind view; docs/method.md §2), giving per token: log π_I(x_t), log π_∅(x_t), S_t and the
 entropy of π_I. The PGPO weights ω̃_t of each response come from `advantages.pgpo_token_weights` with
-the given τ, β (PGPO.md §3). Nothing is re-implemented here: the numbers are the trainer's.
+the given τ, β (docs/method.md §3). Nothing is re-implemented here: the numbers are the trainer's.
 
 Outputs (`write_report`):
 - `index.html`: the summary, the plots and one line per response; `response_NNN.html`: the response's
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import html
 import io
 import json
@@ -40,14 +39,13 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from pgpo_jax import evaluation as ev
-from pgpo_jax import plotting
+from pgpo_jax import programs
+from pgpo_jax.tools import plotting
 from pgpo_jax import rewards as rewards_lib
-from pgpo_jax.data import processor as processor_lib
+from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, RawRow
-from pgpo_jax.rl import advantages as adv_lib
 from pgpo_jax.rl import sequences
 
 log = logging.getLogger("pgpo_jax.inspect_dependency")
@@ -56,19 +54,17 @@ CATEGORIES = ("digit", "word", "punctuation", "whitespace", "special", "other")
 
 
 @dataclasses.dataclass(frozen=True)
-class InspectConfig:
-  """Sampling, scoring and PGPO-weight settings (defaults: the paper's rollout at top-p 1, τ=0.4, β=2).
+class InspectConfig(ev.EvalConfig):
+  """The evaluator's sampling settings (one sample per prompt, 8 prompts per call) plus scoring and
+  PGPO-weight settings (defaults: the paper's rollout at top-p 1, τ=0.4, β=2).
 
   n: responses (one per prompt, the first n prompts of the shuffled file). temperature 0 = greedy.
   estimator: "k3" (paper) or "full_kl"; clamp_log_ratio / mask_vision_markers: as `pgpo.*`.
   thresholds: S levels of the sparsity statistics.
   """
-  n: int = 20
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  max_new_tokens: int = 2048
+  k: int = 1
   batch_size: int = 8
+  n: int = 20
   tau: float = 0.4
   beta: float = 2.0
   threshold_mode: str = "absolute"
@@ -77,21 +73,13 @@ class InspectConfig:
   mask_vision_markers: bool = False
   chunk_size: int = 256
   thresholds: tuple[float, ...] = (1e-3, 1e-2, 0.1, 1.0)
-  max_prompt_length: int = 4096
-  min_pixels: int | None = None
-  max_pixels: int | None = None
-  seed: int = 0
-  reward: str = "pgpo_math"
 
   def __post_init__(self):
-    if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-      raise ValueError(f"n, batch_size and max_new_tokens must be >= 1, got {self.n}, {self.batch_size}, "
-                       f"{self.max_new_tokens}")
-    ev.EvalConfig(k=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, reward=self.reward)
-
-  @property
-  def sampling(self):
-    return ev.EvalConfig(k=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k).sampling
+    super().__post_init__()
+    if self.k != 1:
+      raise ValueError(f"the inspector scores one response per prompt: k must be 1, got {self.k}")
+    if self.n < 1:
+      raise ValueError(f"n must be >= 1, got {self.n}")
 
 
 @dataclasses.dataclass
@@ -165,18 +153,6 @@ def dataset_spec(path: str, *, question_key: str | None = None, answer_key: str 
   return dataclasses.replace(bench.spec, require_images=True)
 
 
-@functools.lru_cache(maxsize=8)
-def _score_fn(graphdef, estimator: str, chunk_size: int, clamp: float | None, threshold_mode: str):
-  """jit(state, seq, tau, beta) -> (DependencyScores [B, L] arrays, weights [B, L]): one program."""
-  def score(state, seq, tau, beta):
-    model = nnx.merge(graphdef, state)
-    s = sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk_size, clamp_log_ratio=clamp)
-    w = adv_lib.pgpo_token_weights(s.dependency_BxT, seq.flat_response_mask, tau, beta,
-                                   threshold_mode=threshold_mode)
-    return s, w
-  return jax.jit(score)
-
-
 def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectConfig(), *,
             progress: bool = True) -> list[ResponseRecord]:
   """Samples and scores one response for each of the first `cfg.n` prompts of `spec` (one host: a
@@ -187,7 +163,10 @@ def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectCo
   tok = policy.tokenizer
   specials = special_ids(tok)
   reward_fn = rewards_lib.get_batch_reward_fn(cfg.reward)
-  score = _score_fn(policy.graphdef, cfg.estimator, cfg.chunk_size, cfg.clamp_log_ratio, cfg.threshold_mode)
+  # The trainer's scoring program and PGPO's weight function, as `programs.py` builds them.
+  score = programs.make_score_program(policy.graphdef, estimator=cfg.estimator, chunk_size=cfg.chunk_size,
+                                      clamp_log_ratio=cfg.clamp_log_ratio)
+  token_weights = programs.make_token_weights_program(threshold_mode=cfg.threshold_mode)
   it = ev.prompt_iterator(spec, policy.processor, cfg, seed=cfg.seed)
   file_index = {p: i for i, p in enumerate(DatasetReader(spec).files)}
   key = jax.random.key(cfg.seed)
@@ -207,7 +186,10 @@ def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectCo
       seq = sequences.make_sequence_batch(policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values,
                                           pb.image_grid_thw, resp_BxN, mask_BxN, prompt_pos=pb.position_ids,
                                           mask_vision_markers=cfg.mask_vision_markers)
-      scores, weights_BxN = jax.device_get(score(policy.state, seq, np.float32(cfg.tau), np.float32(cfg.beta)))
+      scores = score(policy.state, seq)
+      weights_BxN = token_weights(scores.dependency_BxT, seq.flat_response_mask, np.float32(cfg.tau),
+                                  np.float32(cfg.beta))
+      scores, weights_BxN = jax.device_get((scores, weights_BxN))
       texts = [tok.decode(resp_BxN[b][mask_BxN[b]], skip_special_tokens=True) for b in keep]
       rewards = reward_fn(texts, [pb.answers[b] for b in keep])
       for r, b in enumerate(keep):
@@ -487,7 +469,7 @@ def write_report(records: Sequence[ResponseRecord], summary: dict[str, Any], out
     f.write(_index_page(records, summary, list(plots.values()), title or out_dir))
   summary_path = os.path.join(out_dir, "summary.json")
   with open(summary_path, "w", encoding="utf-8") as f:
-    json.dump(ev._json_safe(summary), f, indent=2, ensure_ascii=False)
+    json.dump(ev.json_safe(summary), f, indent=2, ensure_ascii=False)
   tokens_path = os.path.join(out_dir, "tokens.jsonl")
   with open(tokens_path, "w", encoding="utf-8") as f:
     for r in records:

@@ -4,7 +4,7 @@
 ByteLevel pre-tokenizer, so it behaves like the real Qwen2 tokenizer, only with fewer merges), appends the
 22 Qwen added tokens in Qwen's order, wraps it as a `Qwen2Tokenizer`, adds the Qwen2.5-VL ChatML template
 and a PIL image processor, and saves the processor with `save_pretrained`. The folder then loads with
-`pgpo_jax.data.processor.load_processor` / `load_tokenizer`. It does not write a model `config.json`: build
+`pgpo_jax.data.hf_processor.load_processor` / `load_tokenizer`. It does not write a model `config.json`: build
 that from the returned ids (`image_token_id`, `vision_start_token_id`, ..., `vocab_size`).
 
 The BPE corpus covers the synthetic task (questions, answers, templated `<think>...</think> \\boxed{}`
@@ -20,8 +20,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from pgpo_jax.data import synthetic
-from pgpo_jax.data.processor import (
+from pgpo_jax.demo_task import synthetic
+from pgpo_jax.data.hf_processor import (
     NONSPECIAL_ADDED_TOKENS,
     SPECIAL_TOKENS,
     Qwen25VLProcessorNoVideo,
@@ -164,7 +164,7 @@ def build_tiny_model_folder(out_dir: str | os.PathLike, vocab_size: int = 1024, 
     """Writes tokenizer + image processor + processor files into `out_dir` (other files are kept).
 
     Defaults give 4..16 image tokens per image (56x56 .. 112x112 px after `smart_resize`).
-    Returns `processor.special_token_ids` of the result: `image_token_id`, `video_token_id`,
+    Returns `hf_processor.special_token_ids` of the result: `image_token_id`, `video_token_id`,
     `vision_start_token_id`, `vision_end_token_id`, `vision_token_id`, `im_start_token_id`,
     `im_end_token_id` (= `eos_token_id`), `endoftext_token_id` (= `pad_token_id` = `bos_token_id`) and
     `vocab_size` (all ids, added tokens included; at most the requested `vocab_size`).

@@ -3,19 +3,21 @@
     python scripts/compile_check.py --config=configs/pgpo_7b.py --topology=v5p-64
 
 libtpu (the `tpu` extra: `pip install 'jax[tpu]==0.10.2'`) provides abstract TPU devices for a named
-topology (`jax.experimental.topologies.get_topology_desc`); the mesh is built on them and every
-program is `jit(...).lower(abstract args with shardings).compile()`d exactly as the trainer builds it:
+topology (`jax.experimental.topologies.get_topology_desc`); the mesh is built on them and the
+trainer's own programs (`programs.py`: `rollout_programs(training_rollout_static(c))` and
+`trainer_programs(c)`, the same builders and arguments as `Trainer`) are lowered on abstract arguments
+with the trainer's shardings and compiled:
 
   step            program                                        layout        resident besides args
   --------------  ---------------------------------------------  ------------  ---------------------
-  rollout_start   `rollout.programs(...).start`: vision +        SAMPLE_RULES  train state (params +
-                  prefill of the rollout batch, G-fold cache                   AdamW moments)
-  rollout_decode  `rollout.programs(...).decode`: the while      SAMPLE_RULES  train state
-                  loop over max_new_tokens (state donated)
-  score           `sequences.score_rollout`: image + blind       TRAIN_RULES   AdamW moments
-                  views of every rollout sequence (no grad)
-  train           `train_step.make_train_step(rl_loss_fn)`:      TRAIN_RULES   -
-                  one optimizer update (state donated)
+  rollout_start   rollout `start`: vision + prefill of the       SAMPLE_RULES  train state (params +
+                  rollout batch, G-fold cache                                  AdamW moments)
+  rollout_decode  rollout `decode`: the while loop over          SAMPLE_RULES  train state
+                  max_new_tokens (state donated)
+  score           `score`: image + blind views of one scoring    TRAIN_RULES   AdamW moments
+                  slice (`pgpo.scoring_prompts`), no grad
+  train           `train_step`: one optimizer update (state      TRAIN_RULES   -
+                  donated)
 
 Per step the report gives per-device bytes from `compiled.memory_analysis()` (arguments, outputs,
 aliased outputs, temporaries, generated code) plus the train state that stays on the devices while
@@ -37,17 +39,20 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")  # tests / parallel runs on one host
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from pgpo_jax import sharding  # noqa: E402
-from pgpo_jax.models import qwen2_5_vl as q  # noqa: E402
+from pgpo_jax import buckets, programs, sharding
+from pgpo_jax import config as config_lib
+from pgpo_jax import rollout as rollout_lib
+from pgpo_jax import train_step as train_step_lib
+from pgpo_jax.keypaths import path_str
+from pgpo_jax.rl import sequences
+from pgpo_jax.models import qwen2_5_vl as qwen
 
 GiB = 2**30
 logging.getLogger("jax._src.compilation_cache").setLevel(logging.WARNING)  # reset_cache() logs at INFO
@@ -130,6 +135,8 @@ def ensure_libtpu() -> None:
 def topology_devices(topo: Topology) -> list:
   """Abstract TPU devices of the slice (one per chip: v4/v5p as megacore)."""
   ensure_libtpu()
+  # Read when libtpu initialises (here, not at import): lets tests and parallel checks share a host.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
   from jax.experimental import topologies
   kw = {"chip_config_name": topo.chip.chip_config_name} if topo.chip.chip_config_name else {}
   devices = topologies.get_topology_desc(topo.desc, "tpu", **kw).devices
@@ -141,17 +148,17 @@ def topology_devices(topo: Topology) -> list:
 # ------------------------------------------------------------------------------------------------
 # Shapes from the config
 # ------------------------------------------------------------------------------------------------
-def model_config(c: ml_collections.ConfigDict) -> q.Qwen25VLConfig:
+def model_config(c: ml_collections.ConfigDict) -> qwen.Qwen25VLConfig:
   """The architecture: `model.init_from`'s config.json if it exists, else `model.preset`
   (3b/7b/32b/72b or 'tiny' = the trainer's random-init `model.tiny`)."""
   m = c.model
   compute = dict(remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention_chunk_size=m.attention_chunk_size)
   init = m.get("init_from", "")
   if init and os.path.exists(os.path.join(init, "config.json")):
-    return q.Qwen25VLConfig.from_json(init).replace(**compute)
+    return qwen.Qwen25VLConfig.from_json(init).replace(**compute)
   preset = m.get("preset", "")
-  if preset in q.PRESETS:
-    return q.PRESETS[preset].replace(**compute)
+  if preset in qwen.PRESETS:
+    return qwen.PRESETS[preset].replace(**compute)
   if preset == "tiny" or m.get("random_init", False):
     t = dict(m.tiny)
     vision = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in t.items() if k.startswith("vision_")}
@@ -159,9 +166,9 @@ def model_config(c: ml_collections.ConfigDict) -> q.Qwen25VLConfig:
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     quarter = head_dim // 2
     section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
-    return q.tiny_config(head_dim=head_dim, mrope_section=section, **text, **vision).replace(**compute)
+    return qwen.tiny_config(head_dim=head_dim, mrope_section=section, **text, **vision).replace(**compute)
   raise ValueError(f"config.model: set init_from to a folder with config.json or preset to one of "
-                   f"{sorted(q.PRESETS) + ['tiny']} (got init_from={init!r}, preset={preset!r})")
+                   f"{sorted(qwen.PRESETS) + ['tiny']} (got init_from={init!r}, preset={preset!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +189,8 @@ class Shapes:
 
 
 def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_prompts: int | None = None) -> Shapes:
-  """Shapes of the trainer's programs; `score_prompts` (what-if) scores in calls of that many prompts
-  instead of the trainer's one call over the whole rollout batch."""
-  from pgpo_jax import rollout as rollout_lib
+  """Shapes of the trainer's programs (worst-case buckets); `score_prompts` (what-if) scores in calls
+  of that many prompts instead of the trainer's slice (`pgpo.scoring_prompts`, default the micro-batch)."""
   u = c.updates
   patch_area = 14 * 14
   max_pixels = c.data.max_pixels
@@ -193,13 +199,15 @@ def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_pr
   patches = max(4, int(max_pixels) // patch_area // 4 * 4)
   prompts = int(c.rollout.prompts_per_step)
   s = Shapes(
-      rollout_prompts=rollout_lib.batch_bucket(prompts, batch_shards),
+      rollout_prompts=buckets.batch_bucket(prompts, batch_shards),
       group_size=int(c.rollout.group_size), prompt_len=int(c.data.max_prompt_length),
       response_len=int(c.rollout.max_new_tokens), patches=patches,
-      score_prompts=int(score_prompts or prompts), update_prompts=int(u.prompts_per_update),
-      micro_prompts=int(u.micro_batch_prompts))
-  for key, n in (("rollout.prompts_per_step" if not score_prompts else "--score_prompts", s.score_prompts),
-                 ("updates.micro_batch_prompts", s.micro_prompts)):
+      score_prompts=int(score_prompts or config_lib.scoring_prompts_per_host(c, 1)),
+      update_prompts=int(u.prompts_per_update), micro_prompts=int(u.micro_batch_prompts))
+  checks = [("updates.micro_batch_prompts", s.micro_prompts)]  # also the default scoring slice
+  if score_prompts or c.pgpo.scoring_prompts:
+    checks.append(("--score_prompts" if score_prompts else "pgpo.scoring_prompts", s.score_prompts))
+  for key, n in checks:
     if n % batch_shards:
       raise ValueError(f"config.{key}={n} does not split over the {batch_shards} shards of the batch axis "
                        f"(data x fsdp); pick a multiple of {batch_shards} or change config.mesh")
@@ -212,7 +220,7 @@ def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_pr
 # ------------------------------------------------------------------------------------------------
 # Analytic FLOPs (as implemented: dense masked attention, float32 logits)
 # ------------------------------------------------------------------------------------------------
-def text_flops(cfg: q.Qwen25VLConfig, tokens: float, context: float, logits_tokens: float) -> float:
+def text_flops(cfg: qwen.Qwen25VLConfig, tokens: float, context: float, logits_tokens: float) -> float:
   """Decoder forward: `tokens` new tokens attending to `context` keys each; lm head on `logits_tokens`."""
   t = cfg.text
   per_layer = 2 * t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
@@ -221,7 +229,7 @@ def text_flops(cfg: q.Qwen25VLConfig, tokens: float, context: float, logits_toke
   return t.num_hidden_layers * tokens * (per_layer + attn) + 2 * t.hidden_size * t.vocab_size * logits_tokens
 
 
-def vision_flops(cfg: q.Qwen25VLConfig, images: float, patches: int) -> float:
+def vision_flops(cfg: qwen.Qwen25VLConfig, images: float, patches: int) -> float:
   """Vision tower forward on `images` rows of `patches` patches (dense N x N masked attention)."""
   v = cfg.vision
   D, I = v.hidden_size, v.intermediate_size
@@ -245,10 +253,10 @@ def _rows(shape, dtype, mesh, rules) -> jax.ShapeDtypeStruct:
 
 def _attach(tree, shardings) -> Any:
   """ShapeDtypeStructs of `tree` with the sharding of the same leaf in `shardings` (a prefix tree)."""
-  flat = {sharding.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+  flat = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
       shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[sharding.path_str(p)]), tree)
+      lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[path_str(p)]), tree)
 
 
 def per_device_bytes(tree) -> int:
@@ -260,18 +268,17 @@ def per_device_bytes(tree) -> int:
   return total
 
 
-def vision_rows(cfg: q.Qwen25VLConfig, rows: int, patches: int, mesh, rules) -> q.VisionInputs:
+def vision_rows(cfg: qwen.Qwen25VLConfig, rows: int, patches: int, mesh, rules) -> qwen.VisionInputs:
   """Per-row VisionInputs ([rows, N, ...], `prepare_vision_rows`), rows over `batch`."""
   u = patches // cfg.vision.merge_unit
   r = lambda shape, dt: _rows((rows,) + shape, dt, mesh, rules)  # noqa: E731
-  return q.VisionInputs(pixel_values=r((patches, cfg.vision.patch_dim), jnp.float32), unit_order=r((u,), jnp.int32),
+  return qwen.VisionInputs(pixel_values=r((patches, cfg.vision.patch_dim), jnp.float32), unit_order=r((u,), jnp.int32),
                         unit_restore=r((u,), jnp.int32), hw_pos=r((patches, 2), jnp.int32),
                         window_seg=r((patches,), jnp.int32), image_seg=r((patches,), jnp.int32))
 
 
-def sequence_batch(cfg: q.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
+def sequence_batch(cfg: qwen.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
   """An abstract `rl.sequences.SequenceBatch` of `prompts` rows, rows over the batch axis."""
-  from pgpo_jax.rl import sequences
   G, Tp, L = s.group_size, s.prompt_len, s.response_len
   r = lambda shape, dt: _rows((prompts,) + shape, dt, mesh, rules)  # noqa: E731
   return sequences.SequenceBatch(
@@ -286,13 +293,18 @@ def sequence_batch(cfg: q.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Step:
+  """One of the trainer's programs (from `programs.py`) and the abstract arguments it is compiled on."""
   name: str
   rules: str
-  lower: Callable[[], Any]  # -> jax.stages.Lowered
+  program: Any  # a jitted function
+  args: tuple  # its arguments: ShapeDtypeStructs with the trainer's shardings
   resident_bytes: int
   flops: float  # analytic, all devices
   hbm_read_bytes: float = 0.0  # per device, for memory-bound loops (decode)
   note: str = ""
+
+  def lower(self) -> jax.stages.Lowered:
+    return self.program.lower(*self.args)
 
 
 @dataclasses.dataclass
@@ -319,20 +331,26 @@ class StepReport:
 
 
 class Context:
-  """Everything the steps share: config, mesh, model graph, abstract params and train state."""
+  """Everything the steps share: config, mesh, model graph, abstract params and train state, and the
+  trainer's programs built from them exactly as `Trainer` builds them (`programs.trainer_programs`).
 
-  def __init__(self, c: ml_collections.ConfigDict, topo: Topology, devices: Sequence,
-               score_prompts: int | None = None):
-    from pgpo_jax import rollout as rollout_lib
-    from pgpo_jax import train_step as train_step_lib
-    from pgpo_jax import trainer
+  `devices`: the mesh's devices (a topology's abstract TPUs, or local devices in tests); `topo`: the
+  slice, for the report (None: no HBM verdicts); `model_cfg`: the model (default: `model_config(c)`).
+  """
+
+  def __init__(self, c: ml_collections.ConfigDict, devices: Sequence, *, topo: Topology | None = None,
+               score_prompts: int | None = None, model_cfg: qwen.Qwen25VLConfig | None = None):
+    if score_prompts:  # what-if: the trainer with this scoring slice
+      c = c.copy_and_resolve_references()
+      with c.unlocked():
+        c.pgpo.scoring_prompts = int(score_prompts)
     self.c, self.topo = c, topo
-    self.cfg = model_config(c)
+    self.cfg = model_cfg or model_config(c)
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
     self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
     self.shapes = shapes_from_config(c, self.batch_shards, score_prompts)
     self.dtype = jnp.dtype(c.model.dtype)
-    abstract = q.abstract_model(self.cfg, self.dtype)
+    abstract = qwen.abstract_model(self.cfg, self.dtype)
     self.model_graphdef, params = nnx.split(abstract)
     self.train_sh = sharding.param_shardings(abstract, self.mesh, sharding.TRAIN_RULES)
     self.sample_sh = sharding.param_shardings(abstract, self.mesh, sharding.SAMPLE_RULES)
@@ -340,31 +358,28 @@ class Context:
     self.sample_params = _attach(params, self.sample_sh)
     self.fallbacks = sharding.sharding_fallbacks(abstract, self.mesh, sharding.TRAIN_RULES)
     updates_per_step = c.rollout.prompts_per_step // c.updates.prompts_per_update * c.updates.passes
-    self.optimizer = trainer.make_optimizer(c, max(1, c.train.num_steps) * updates_per_step)
+    self.optimizer = programs.make_optimizer(c, max(1, c.train.num_steps) * updates_per_step)
     self.train_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
     state = jax.eval_shape(lambda: train_step_lib.init_train_state(
-        q.Qwen25VL(self.cfg, dtype=self.dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
-    rep = NamedSharding(self.mesh, P())
-    state_sh = train_step_lib.TrainState(
-        step=rep, params=self.train_sh,
-        opt_state=sharding.shardings_like_params(state.opt_state, state.params, self.train_sh, self.mesh),
-        num_skipped=rep)
-    self.state_sh = state_sh
-    self.train_state = _attach(state, state_sh)
+        qwen.Qwen25VL(self.cfg, dtype=self.dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
+    self.state_sh = programs.train_state_shardings(state, self.train_sh, self.mesh)
+    self.train_state = _attach(state, self.state_sh)
     self.param_bytes = per_device_bytes(self.train_params)
     self.state_bytes = per_device_bytes(self.train_state)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    self.programs = programs.trainer_programs(c, model_graphdef=self.model_graphdef,
+                                              train_graphdef=self.train_graphdef, optimizer=self.optimizer,
+                                              mesh=self.mesh, state_sharding=self.state_sh)
+    self.rollout_static = programs.training_rollout_static(c, self.cfg.pad_token_id, self.mesh)
 
 
-def rollout_steps(ctx: Context) -> list[Step]:
-  from pgpo_jax import rollout as rollout_lib
-  c, cfg, s, mesh = ctx.c, ctx.cfg, ctx.shapes, ctx.mesh
+def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
+  """The trainer's rollout programs on abstract inputs of `shapes` (default: the worst-case buckets)."""
+  cfg, s, mesh = ctx.cfg, shapes or ctx.shapes, ctx.mesh
   rules = sharding.SAMPLE_RULES
   B, G, T, N = s.rollout_prompts, s.group_size, s.prompt_len, s.response_len
   R, S = B * G, T + N
-  static = rollout_lib._Static(rollout_lib.SamplingConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k),
-                               N, G, cfg.pad_token_id, mesh, tuple(sorted(rules.items())))
-  prog = rollout_lib.programs(ctx.model_graphdef, static)
+  prog = programs.rollout_programs(ctx.model_graphdef, ctx.rollout_static)
   E = len(rollout_lib.default_eos_ids(cfg))
   # The inputs exactly as `rollout.prepare_inputs` builds them (per-row vision, rows over `batch`).
   inputs = rollout_lib.RolloutInputs(
@@ -386,7 +401,7 @@ def rollout_steps(ctx: Context) -> list[Step]:
       row_keys=jax.ShapeDtypeStruct(keys.shape, keys.dtype,
                                     sharding=sharding.logical_sharding(("batch",), mesh, rules, keys.shape)),
       eos_ids=_rows((R, E), jnp.int32, mesh, rules),
-      cache=q.KVCache(k=_sds(cache_shape, ctx.dtype, mesh, rules, kv), v=_sds(cache_shape, ctx.dtype, mesh, rules, kv),
+      cache=qwen.KVCache(k=_sds(cache_shape, ctx.dtype, mesh, rules, kv), v=_sds(cache_shape, ctx.dtype, mesh, rules, kv),
                       key_mask=_sds((R, S), bool, mesh, rules, ("batch", "cache_length")),
                       index=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))),
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())))
@@ -396,42 +411,31 @@ def rollout_steps(ctx: Context) -> list[Step]:
   cache_read = per_device_bytes(dstate.cache)
   sample_param_bytes = per_device_bytes(ctx.sample_params)
   return [
-      Step("rollout_start", "sample", lambda: prog.start.lower(ctx.sample_params, inputs, key), ctx.state_bytes,
+      Step("rollout_start", "sample", prog.start, (ctx.sample_params, inputs, key), ctx.state_bytes,
            prefill_flops, note=f"B={B} prompts x T={T}, {s.patches} patches per prompt"),
-      Step("rollout_decode", "sample", lambda: prog.decode.lower(ctx.sample_params, dstate), ctx.state_bytes,
+      Step("rollout_decode", "sample", prog.decode, (ctx.sample_params, dstate), ctx.state_bytes,
            decode_flops, hbm_read_bytes=N * (cache_read + sample_param_bytes),
            note=f"R={R} rows x N={N} steps, cache S={S}"),
   ]
 
 
-def score_step(ctx: Context) -> Step:
-  from pgpo_jax.rl import sequences
-  c, cfg, s, mesh = ctx.c, ctx.cfg, ctx.shapes, ctx.mesh
+def score_step(ctx: Context, shapes: Shapes | None = None) -> Step:
+  """The trainer's scoring program on one abstract slice of `shapes.score_prompts` prompts."""
+  cfg, s, mesh = ctx.cfg, shapes or ctx.shapes, ctx.mesh
   rules = sharding.TRAIN_RULES
   seq = sequence_batch(cfg, s.score_prompts, s, mesh, rules)
-  p = c.pgpo
-  graphdef = ctx.model_graphdef
-  from pgpo_jax import trainer
-  temperature = trainer.logprob_temperature(c)
-
-  def score(params, seq):  # = Trainer._score
-    model = nnx.merge(graphdef, params)
-    return sequences.score_rollout(model, seq, estimator=p.dependency_estimator, chunk_size=p.scoring_chunk,
-                                   clamp_log_ratio=p.clamp_log_ratio, temperature=temperature)
-
-  fn = jax.jit(score)
+  fn = ctx.programs.score
   rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len
   flops = 2 * text_flops(cfg, rows * T, T, rows * s.response_len) + vision_flops(cfg, s.score_prompts, s.patches)
   # AdamW moments (params are an argument), + π_ref with a KL term (`reference.py`).
-  resident = ctx.state_bytes - ctx.param_bytes + (ctx.param_bytes if c.loss.kl_coef else 0)
-  return Step("score", "train", lambda: fn.lower(ctx.train_params, seq), resident, flops,
+  resident = ctx.state_bytes - ctx.param_bytes + (ctx.param_bytes if ctx.c.loss.kl_coef else 0)
+  return Step("score", "train", fn, (ctx.train_params, seq), resident, flops,
               note=f"{rows} sequences x T={T}, two views")
 
 
-def train_step_step(ctx: Context) -> Step:
-  from pgpo_jax import train_step as train_step_lib
-  from pgpo_jax import trainer
-  c, cfg, s, mesh = ctx.c, ctx.cfg, ctx.shapes, ctx.mesh
+def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
+  """The trainer's update program on an abstract update batch of `shapes.update_prompts` prompts."""
+  cfg, s, mesh = ctx.cfg, shapes or ctx.shapes, ctx.mesh
   rules = sharding.TRAIN_RULES
   Pu, G, L = s.update_prompts, s.group_size, s.response_len
   rep = NamedSharding(mesh, P())
@@ -439,19 +443,14 @@ def train_step_step(ctx: Context) -> Step:
            "adv": _rows((Pu, G, L), jnp.float32, mesh, rules), "old_logp": _rows((Pu, G, L), jnp.float32, mesh, rules),
            "token_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
            "seq_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
-  if c.loss.kl_coef:  # log π_ref of the KL term
+  if ctx.c.loss.kl_coef:  # log π_ref of the KL term
     batch["ref_logp"] = _rows((Pu, G, L), jnp.float32, mesh, rules)
-  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-  loss_fn = trainer.rl_loss_fn(c)
-
-  step = train_step_lib.make_train_step(ctx.train_graphdef, loss_fn, ctx.optimizer, s.num_microbatches,
-                                        frozen_regex=c.optim.frozen_regex or None, state_sharding=ctx.state_sh,
-                                        batch_sharding=batch_sh)
+  step = ctx.programs.train_step
   rows, T = Pu * G, s.prompt_len + L
   fwd = text_flops(cfg, rows * T, T, rows * L) + vision_flops(cfg, Pu, s.patches)
   recompute = 0 if cfg.remat_policy == "none" else 1
-  ref_bytes = ctx.param_bytes if c.loss.kl_coef else 0  # π_ref stays on the devices
-  return Step("train", "train", lambda: step.lower(ctx.train_state, batch), ref_bytes, (3 + recompute) * fwd,
+  ref_bytes = ctx.param_bytes if ctx.c.loss.kl_coef else 0  # π_ref stays on the devices
+  return Step("train", "train", step, (ctx.train_state, batch), ref_bytes, (3 + recompute) * fwd,
               note=f"{rows} sequences x T={T} in {s.num_microbatches} micro-batches, remat={cfg.remat_policy}")
 
 
@@ -509,13 +508,13 @@ def run(c: ml_collections.ConfigDict, topology: str, steps: Sequence[str] = ALL_
         ) -> tuple[Context, list[StepReport]]:
   """Compiles `steps` of config `c` for `topology`; returns the context and one report per step.
 
-  `score_prompts`: what-if, score in calls of that many prompts (the trainer scores all at once).
+  `score_prompts`: what-if, score in calls of that many prompts (default: the trainer's slice).
   """
   unknown = [s for s in steps if s not in ALL_STEPS]
   if unknown:
     raise ValueError(f"unknown steps {unknown}; valid: {list(ALL_STEPS)}")
   topo = parse_topology(topology)
-  ctx = Context(c, topo, topology_devices(topo), score_prompts)
+  ctx = Context(c, topology_devices(topo), topo=topo, score_prompts=score_prompts)
   built: list[Step] = []
   if any(s.startswith("rollout") for s in steps):
     built += [st for st in rollout_steps(ctx) if st.name in steps]

@@ -64,7 +64,7 @@ def _check_model_dir(model_dir: str | os.PathLike, need: tuple[str, ...], what: 
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in need):
         raise FileNotFoundError(
             f"{what}: {model_dir!r} has none of {list(need)}; expected a Qwen2.5-VL checkpoint folder or one "
-            f"written by pgpo_jax.data.tiny_tokenizer.build_tiny_model_folder")
+            f"written by pgpo_jax.demo_task.tiny_tokenizer.build_tiny_model_folder")
     return model_dir
 
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pgpo_jax.buckets import bucket_size
 from pgpo_jax.data import reader as reader_lib
 from pgpo_jax.data.reader import RawRow, RowError, SkippedRow
 from pgpo_jax.models.qwen2_5_vl.rope import get_rope_index
@@ -225,25 +226,6 @@ class PromptBatch:
     return {k: getattr(self, k) for k in (
         "input_ids", "attention_mask", "position_ids", "rope_deltas", "is_visual", "pixel_values",
         "image_grid_thw", "prompt_valid")}
-
-
-def bucket_size(n: int, buckets: Sequence[int] | None, *, minimum: int = 1) -> int:
-  """The smallest allowed size >= n: from `buckets`, or the next power of two (>= minimum)."""
-  if buckets is None:
-    return max(int(minimum), 1 << max(int(n) - 1, 0).bit_length())
-  for b in sorted(buckets):
-    if b >= n:
-      return int(b)
-  raise ValueError(f"size {n} exceeds the largest bucket {max(buckets)} of {tuple(buckets)}")
-
-
-def default_length_buckets(max_prompt_length: int, smallest: int = 64) -> tuple[int, ...]:
-  """Powers of two from `smallest` below `max_prompt_length`, then `max_prompt_length` itself."""
-  out, b = [], smallest
-  while b < max_prompt_length:
-    out.append(b)
-    b *= 2
-  return tuple(out) + (int(max_prompt_length),)
 
 
 @dataclasses.dataclass(frozen=True)

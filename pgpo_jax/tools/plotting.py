@@ -1,6 +1,6 @@
 """PNG plots: training curves of one or more runs, and the token-dependency figures of the inspector.
 
-    from pgpo_jax import plotting
+    from pgpo_jax.tools import plotting
     runs = plotting.parse_runs(["runs/dapo", "pgpo=runs/pgpo_7b"])   # (label, metrics.jsonl) pairs
     plotting.plot_runs(runs, "plots/")                                # reward.png, entropy.png, ...
 
