@@ -278,6 +278,7 @@ def sequence_batch(cfg: q.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
   return sequences.SequenceBatch(
       prompt_ids=r((Tp,), jnp.int32), prompt_mask=r((Tp,), bool), prompt_pos=r((3, Tp), jnp.int32),
       prompt_visual=r((Tp,), bool), next_pos=r((), jnp.int32),
+      blind_index=r((Tp,), jnp.int32),  # worst case: a prompt without images keeps every token
       vision=vision_rows(cfg, prompts, s.patches, mesh, rules),
       response=r((G, L), jnp.int32), response_mask=r((G, L), bool))
 
