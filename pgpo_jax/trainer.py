@@ -83,10 +83,12 @@ def split_prompt_batch(pb: PromptBatch) -> list[tuple[np.ndarray, np.ndarray, np
   return out
 
 
-def group_extent(groups: list[Group]) -> tuple[int, int]:
-  """(longest prompt in tokens, most patches in one prompt) of some groups."""
+def group_extent(groups: list[Group], image_token_id: int = -1) -> tuple[int, ...]:
+  """(longest prompt in tokens, most patches in one prompt, longest prompt without its
+  `image_token_id` tokens: the blind view's) of some groups."""
   return (max((len(g.prompt_ids) for g in groups), default=1),
-          max((int(g.grids.prod(axis=1).sum()) for g in groups), default=0))
+          max((int(g.grids.prod(axis=1).sum()) for g in groups), default=0),
+          max((int((g.prompt_ids != image_token_id).sum()) for g in groups), default=1))
 
 
 def row_patches(pb: PromptBatch) -> np.ndarray:
@@ -106,20 +108,20 @@ def prompt_stream_ids(pb: PromptBatch) -> np.ndarray:
 
 def collate_groups(groups: list[Group], cfg: qwen.Qwen25VLConfig, length_buckets, pad_id: int,
                    filler: int = 0, *, filler_group: Group | None = None,
-                   extent: tuple[int, int] | None = None,
+                   extent: tuple[int, ...] | None = None,
                    mask_vision_markers: bool = False) -> tuple[sequences.SequenceBatch, np.ndarray]:
   """Left-pads the groups' prompts into one SequenceBatch (+ `filler` masked groups).
 
   Returns the batch and the flat rewards [P*G]. Filler groups (copies of `filler_group`, default
   group 0) have an all-False response mask, so they add nothing to losses, normalisers or
   statistics; they keep the update batch shape static. `extent` = (prompt tokens, patches per
-  prompt) to pad to (default: `group_extent(groups)`; hosts of a multi-host run pass the maximum
-  over hosts so that their batches have one shape). `mask_vision_markers`: the blind view also hides
-  `<|vision_start|>`/`<|vision_end|>` (`pgpo.mask_vision_markers`).
+  prompt, blind prompt tokens) to pad to (default: `group_extent(groups)`; hosts of a multi-host run
+  pass the maximum over hosts so that their batches have one shape). `mask_vision_markers`: the blind
+  view also hides `<|vision_start|>`/`<|vision_end|>` (`pgpo.mask_vision_markers`).
   """
   base = groups[0] if filler_group is None else filler_group
   groups = list(groups) + [dataclasses.replace(base, mask=np.zeros_like(base.mask))] * filler
-  longest, patches = group_extent(groups) if extent is None else extent
+  longest, patches, blind = group_extent(groups, cfg.image_token_id) if extent is None else extent
   T = bucket_size(longest, length_buckets)
   P = len(groups)
   ids = np.full((P, T), pad_id, np.int32)
@@ -131,7 +133,8 @@ def collate_groups(groups: list[Group], cfg: qwen.Qwen25VLConfig, length_buckets
   grids = np.concatenate([g.grids for g in groups])
   seq = sequences.make_sequence_batch(cfg, ids, am, pix, grids, np.stack([g.tokens for g in groups]),
                                       np.stack([g.mask for g in groups]),
-                                      num_patches=patch_bucket(patches), mask_vision_markers=mask_vision_markers)
+                                      num_patches=patch_bucket(patches), mask_vision_markers=mask_vision_markers,
+                                      blind_prompt_len=min(bucket_size(blind, length_buckets), T))
   return seq, np.concatenate([g.rewards for g in groups]).astype(np.float32)
 
 
@@ -349,10 +352,9 @@ class Trainer:
     """The inverse of `_put_batch`: this host's rows of row-aligned device outputs, as numpy."""
     return multihost.to_local(tree, None, self.mesh, sharding.TRAIN_RULES)
 
-  def _extent(self, longest: int, patches: int) -> tuple[int, int]:
-    """(prompt tokens, patches per prompt) to pad to: the maximum over hosts."""
-    t, n = multihost.max_over_hosts(np.array([longest, patches], np.int64))
-    return int(t), int(n)
+  def _extent(self, *sizes: int) -> tuple[int, ...]:
+    """Sizes to pad to, e.g. (prompt tokens, patches per prompt): the maximum over hosts."""
+    return tuple(int(x) for x in multihost.max_over_hosts(np.array(sizes, np.int64)))
 
   # -- one step -----------------------------------------------------------------------------------
   def _sample(self, pb: PromptBatch, params, key, *, max_new_tokens: int, num_samples: int,
@@ -483,7 +485,8 @@ class Trainer:
     filler = self.prompts_local - len(kept)
     base = kept or all_groups[:1]
     seq, rewards = collate_groups(kept, self.cfg, self.length_buckets, self.cfg.pad_token_id, filler,
-                                  filler_group=base[0], extent=self._extent(*group_extent(base)),
+                                  filler_group=base[0],
+                                  extent=self._extent(*group_extent(base, self.cfg.image_token_id)),
                                   mask_vision_markers=c.pgpo.mask_vision_markers)
     t1 = time.perf_counter()
     P, L = seq.response.shape[0], seq.response.shape[-1]

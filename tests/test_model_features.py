@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import model as model_lib
@@ -159,3 +161,23 @@ def test_per_row_vision_inputs_equal_packed(ours):
   x_packed = qwen.embed_inputs(ours, jnp.asarray(ids), jnp.asarray(packed))
   x_rows = qwen.embed_inputs(ours, jnp.asarray(ids), jnp.asarray(per_row))
   np.testing.assert_allclose(np.asarray(x_rows), np.asarray(x_packed), atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(units=st.lists(st.integers(1, 4), min_size=1, max_size=40), spare=st.integers(0, 20))
+def test_window_blocks_hold_any_windows_of_a_patch_budget(units, spare):
+  """First-fit packing never needs more than the static block count of the budget; every window
+  lies whole in one block and the slot maps are inverse to each other."""
+  cfg = qwen.tiny_config().vision  # window 2x2 merge units = 16 patches a block, merge unit 4
+  mu, S = cfg.merge_unit, qwen.vision.window_block(cfg)
+  sizes = [u * mu for u in units]
+  n_pad = sum(sizes) + spare * mu
+  window_seg = np.concatenate([np.full(s, w) for w, s in enumerate(sizes)] + [np.full(spare * mu, -1)])
+  nb = qwen.vision.num_window_blocks(n_pad, cfg)
+  index, seg, slot = qwen.vision._pack_windows(window_seg.astype(np.int32), S, nb)
+  real = np.nonzero(window_seg >= 0)[0]
+  np.testing.assert_array_equal(index[slot[real]], real)
+  np.testing.assert_array_equal(seg[slot[real]], window_seg[real])
+  assert (seg >= 0).sum() == len(real)
+  for w in range(len(sizes)):
+    assert len(set(np.nonzero(seg == w)[0] // S)) == 1, f"window {w} split over blocks"

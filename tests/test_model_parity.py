@@ -83,6 +83,24 @@ def test_vision_tower_output_matches_hf(tiny_hf, ours):
   np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
 
 
+def test_vision_tower_with_small_windows_sharing_blocks(tiny_hf, ours):
+  """Many small images in one row: edge windows of 1-3 merge units share attention blocks, and
+  patch padding fills the budget; HF attends each window on its own."""
+  hf, _ = tiny_hf
+  rng = np.random.default_rng(8)
+  grids = [(1, 6, 6), (1, 2, 2), (1, 6, 2), (1, 4, 6), (1, 2, 10)]
+  pixels = random_pixels(rng, grids)
+  with torch.no_grad():
+    ref = hf.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(grids))
+  ref = (ref.pooler_output if hasattr(ref, "pooler_output") else ref).float().numpy()
+  vin = qwen.prepare_vision(pixels, np.asarray(grids), ours.cfg.vision, num_patches=160)
+  S = qwen.vision.window_block(ours.cfg.vision)
+  windows_per_block = [len(set(b[b >= 0].tolist())) for b in vin.block_seg.reshape(-1, S)]
+  assert max(windows_per_block) > 1  # what this test is about
+  got = np.asarray(qwen.encode_images(ours, vin))[: ref.shape[0]]
+  np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+
+
 def test_mrope_position_ids_match_hf(tiny_hf):
   hf, _ = tiny_hf
   rng = np.random.default_rng(7)

@@ -12,17 +12,22 @@ from tests.hf_utils import left_pad, make_ids, random_pixels
 G, L = 2, 6
 
 
+PROMPT_GRIDS = ([(1, 4, 8)], [(1, 6, 4), (1, 2, 4)], [(1, 2, 2)])  # one prompt with two images
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_hf):
   model = qwen.from_pretrained(tiny_hf[1])
   rng = np.random.default_rng(0)
-  g0, g1 = [(1, 4, 8)], [(1, 6, 4)]
-  ids, am = left_pad([make_ids(rng, g0), make_ids(rng, g1, pre=9)])
-  grids = np.asarray(g0 + g1)
-  pixels = random_pixels(rng, g0 + g1)
-  response = rng.integers(10, 400, (2 * G, L)).astype(np.int32)
-  rmask = np.ones((2 * G, L), bool)
+  g0, g1, g2 = PROMPT_GRIDS
+  ids, am = left_pad([make_ids(rng, g0), make_ids(rng, g1, pre=9), make_ids(rng, g2, pre=1, post=2)])
+  grids = np.asarray(g0 + g1 + g2)
+  pixels = random_pixels(rng, g0 + g1 + g2)
+  P = len(PROMPT_GRIDS)
+  response = rng.integers(10, 400, (P * G, L)).astype(np.int32)
+  rmask = np.ones((P * G, L), bool)
   rmask[1, 4:] = False  # a response that ended early
+  rmask[4, 1:] = False
   batch = sequences.make_sequence_batch(model.cfg, ids, am, pixels, grids, response, rmask)
   return model, batch, (ids, am, grids, pixels, response, rmask)
 
@@ -31,13 +36,16 @@ def _teacher_forced(model, ids, am, grids, pixels, response, rmask, key_mask_fn=
   """log-softmax of each response token from qwen.forward on the concatenated rows."""
   out = np.zeros(response.shape, np.float32)
   Tp = ids.shape[1]
+  counts = [len(g) for g in PROMPT_GRIDS]
+  sizes = [int(np.prod(x)) for x in grids]
   for n in range(response.shape[0]):
     p = n // G
     full = np.concatenate([ids[p], response[n]])[None]
     fam = np.concatenate([am[p], rmask[n].astype(am.dtype)])[None]
-    g = grids[p:p + 1]  # one image per prompt in these tests
-    start = sum(int(np.prod(x)) for x in grids[:p])
-    pix = pixels[start:start + int(np.prod(grids[p]))]
+    first = sum(counts[:p])
+    g = grids[first:first + counts[p]]
+    start = sum(sizes[:first])
+    pix = pixels[start:start + sum(sizes[first:first + counts[p]])]
     km = key_mask_fn(full, fam) if key_mask_fn else None
     logits = np.asarray(qwen.forward(model, full, fam, pix, g, key_mask=km))[0]
     logp = jax.nn.log_softmax(logits[Tp - 1:-1], -1)
@@ -75,11 +83,55 @@ def test_two_view_scoring(setup):
   assert np.abs(np.asarray(s2.logp_image_BxT) - np.asarray(s.logp_image_BxT)).max() > 1e-3
 
 
+def _masked_blind_view(model, b: sequences.SequenceBatch, chunk_size=4):
+  """The blind view as first implemented, kept as a reference: the full sequence with the visual
+  tokens masked out of attention (same ids and positions), then k3."""
+  x, pos, key_mask, visual = sequences._embed_and_positions(model, b)
+  kw = qwen.model._kw(model)
+  h_img, _ = model.language_model(x, pos, key_mask, None, **kw)
+  h_bl, _ = model.language_model(x, pos, key_mask & ~visual, None, **kw)
+  Tp = b.prompt_ids.shape[1]
+  return scoring.k3_dependency(sequences._response_hidden(h_img, Tp), sequences._response_hidden(h_bl, Tp),
+                               model.lm_head_weight(), b.flat_response, b.flat_response_mask, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("mask_vision_markers", [False, True])
+def test_blind_view_without_visual_tokens_equals_masked_view(setup, mask_vision_markers):
+  """Left-padded prompts with one, two and one small image: dropping the visual tokens (positions
+  kept) gives the masked view's numbers; the blind prompt is much shorter than the prompt."""
+  model, _, (ids, am, grids, pixels, response, rmask) = setup
+  visual = sequences.visual_token_mask(ids, model.cfg, mask_vision_markers)
+  tight = int((am.astype(bool) & ~visual).sum(1).max())  # no padding in the longest blind prompt
+  b = sequences.make_sequence_batch(model.cfg, ids, am, pixels, grids, response, rmask,
+                                    mask_vision_markers=mask_vision_markers, blind_prompt_len=tight)
+  assert b.blind_index.shape[1] < b.prompt_ids.shape[1]
+  got = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4))(model, b)
+  ref = jax.jit(_masked_blind_view)(model, b)
+  for name in ("logp_image_BxT", "logp_blind_BxT", "dependency_BxT", "entropy_BxT"):
+    np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), atol=2e-5,
+                               err_msg=name)
+
+
+def test_blind_prompt_index_keeps_text_in_order_left_padded():
+  mask = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], bool)
+  visual = np.array([[0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(sequences.blind_prompt_index(mask, visual, 5),
+                                [[-1, -1, 2, 5, 6], [-1, 0, 4, 5, 6]])
+  with pytest.raises(ValueError, match="ends with a visual token"):
+    sequences.blind_prompt_index(mask, np.array([[0, 0, 0, 0, 0, 0, 1], [0] * 7], bool))
+  with pytest.raises(ValueError, match="blind prompt length 2"):
+    sequences.blind_prompt_index(mask, visual, 2)
+
+
 def test_full_kl_estimator_is_nonnegative_and_zero_without_images(setup):
   model, batch, _ = setup
   s = jax.jit(lambda m, b: sequences.score_rollout(m, b, estimator="full_kl", chunk_size=4))(model, batch)
   dep = np.asarray(s.dependency_BxT)
   assert (dep >= 0).all() and dep.max() > 0
-  no_visual = batch.__class__(**{**batch.__dict__, "prompt_visual": np.zeros_like(batch.prompt_visual)})
-  s0 = sequences.score_rollout(model, no_visual, estimator="full_kl", chunk_size=4)
+  rng = np.random.default_rng(1)
+  ids, am = left_pad([make_ids(rng, [], pre=7), make_ids(rng, [], pre=12)])  # text-only prompts
+  response = rng.integers(10, 400, (2 * G, L)).astype(np.int32)
+  text_only = sequences.make_sequence_batch(model.cfg, ids, am, None, None, response, np.ones_like(response, bool))
+  assert text_only.vision is None and text_only.blind_index.shape == ids.shape
+  s0 = sequences.score_rollout(model, text_only, estimator="full_kl", chunk_size=4)
   np.testing.assert_allclose(np.asarray(s0.dependency_BxT), 0, atol=1e-5)

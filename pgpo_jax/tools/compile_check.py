@@ -230,12 +230,16 @@ def text_flops(cfg: qwen.Qwen25VLConfig, tokens: float, context: float, logits_t
 
 
 def vision_flops(cfg: qwen.Qwen25VLConfig, images: float, patches: int) -> float:
-  """Vision tower forward on `images` rows of `patches` patches (dense N x N masked attention)."""
+  """Vision tower forward on `images` rows of `patches` patches (full layers: dense N x N masked
+  attention; windowed layers: Nb blocks of S x S)."""
   v = cfg.vision
   D, I = v.hidden_size, v.intermediate_size
-  per_patch = 2 * v.patch_dim * D + v.depth * (2 * 4 * D * D + 2 * 3 * D * I + 4 * D * patches)
+  n_full = len([i for i in v.fullatt_block_indexes if i < v.depth])
+  slots = qwen.vision.num_window_blocks(patches, v) * qwen.vision.window_block(v)
+  per_patch = 2 * v.patch_dim * D + v.depth * (2 * 4 * D * D + 2 * 3 * D * I)
+  attn = 4 * D * (n_full * patches * patches + (v.depth - n_full) * slots * qwen.vision.window_block(v))
   merger = (patches // v.merge_unit) * 2 * (v.merge_unit * D * v.merge_unit * D + v.merge_unit * D * v.out_hidden_size)
-  return images * (patches * per_patch + merger)
+  return images * (patches * per_patch + attn + merger)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,11 +274,8 @@ def per_device_bytes(tree) -> int:
 
 def vision_rows(cfg: qwen.Qwen25VLConfig, rows: int, patches: int, mesh, rules) -> qwen.VisionInputs:
   """Per-row VisionInputs ([rows, N, ...], `prepare_vision_rows`), rows over `batch`."""
-  u = patches // cfg.vision.merge_unit
-  r = lambda shape, dt: _rows((rows,) + shape, dt, mesh, rules)  # noqa: E731
-  return qwen.VisionInputs(pixel_values=r((patches, cfg.vision.patch_dim), jnp.float32), unit_order=r((u,), jnp.int32),
-                        unit_restore=r((u,), jnp.int32), hw_pos=r((patches, 2), jnp.int32),
-                        window_seg=r((patches,), jnp.int32), image_seg=r((patches,), jnp.int32))
+  return qwen.VisionInputs(**{k: _rows((rows,) + shape, jnp.dtype(dt), mesh, rules)
+                           for k, (shape, dt) in qwen.vision.input_shapes(cfg.vision, patches).items()})
 
 
 def sequence_batch(cfg: qwen.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
@@ -284,6 +285,7 @@ def sequence_batch(cfg: qwen.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rule
   return sequences.SequenceBatch(
       prompt_ids=r((Tp,), jnp.int32), prompt_mask=r((Tp,), bool), prompt_pos=r((3, Tp), jnp.int32),
       prompt_visual=r((Tp,), bool), next_pos=r((), jnp.int32),
+      blind_index=r((Tp,), jnp.int32),  # worst case: a prompt without images keeps every token
       vision=vision_rows(cfg, prompts, s.patches, mesh, rules),
       response=r((G, L), jnp.int32), response_mask=r((G, L), bool))
 

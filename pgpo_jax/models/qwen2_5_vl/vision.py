@@ -1,9 +1,12 @@
 """The Qwen2.5-VL vision tower with static shapes.
 
 All images of a batch run as one packed, padded patch sequence of static length N_pad (a bucket).
-Window attention and per-image "full" attention are segment-id masks (docs/qwen2_5_vl_port.md §1.3), so
-one compiled program serves every mix of image sizes within a bucket. The host computes the index
-arrays (`VisionInputs`) from `image_grid_thw`; the device does only dense math.
+Window attention is block-diagonal: the host lays every window's patches into one of a fixed number
+of blocks of `window_block` slots (small windows share a block, told apart by a window id), and the
+windowed layers attend within blocks only, O(N·S) rather than O(N²). The few full-attention layers
+attend densely over the row with a per-image segment mask (docs/qwen2_5_vl_port.md §1.3). Block counts
+depend on N_pad only, so one compiled program serves every mix of image sizes within a bucket. The
+host computes the index arrays (`VisionInputs`) from `image_grid_thw`; the device does dense math.
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ class VisionInputs:
   hw_pos:       [N_pad, 2] int32, (row, col) of each patch, already in window order.
   window_seg:   [N_pad] int32, window id per patch in window order (-1 = padding).
   image_seg:    [N_pad] int32, image-frame id per patch in window order (-1 = padding).
+  block_index:  [Nb*S] int32, the window-order patch held by each block slot (0 in empty slots);
+                Nb = `num_window_blocks(N_pad)`, S = `window_block`.
+  block_seg:    [Nb*S] int32, window id of each block slot (-1 = empty slot).
+  block_slot:   [N_pad] int32, the slot holding each window-order patch (padding patches: 0).
   """
   pixel_values: jnp.ndarray
   unit_order: jnp.ndarray
@@ -37,6 +44,61 @@ class VisionInputs:
   hw_pos: jnp.ndarray
   window_seg: jnp.ndarray
   image_seg: jnp.ndarray
+  block_index: jnp.ndarray
+  block_seg: jnp.ndarray
+  block_slot: jnp.ndarray
+
+
+def window_block(cfg: VisionConfig) -> int:
+  """Slots per attention block S: the patches of one full window (window_merged² · merge_unit)."""
+  return cfg.window_merged**2 * cfg.merge_unit
+
+
+def num_window_blocks(num_patches: int, cfg: VisionConfig) -> int:
+  """Static block count Nb for a patch budget: enough for ANY set of windows of that many patches.
+
+  Windows are placed first-fit, so any two used blocks together hold more than S patches (the
+  later one's first window did not fit into the earlier one): k blocks hold > k·S/2 patches, so
+  k < 2·N/S. Typical images (mostly full windows) use about half of them.
+  """
+  return max(1, -(-2 * int(num_patches) // window_block(cfg)))
+
+
+def input_shapes(cfg: VisionConfig, num_patches: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{field: (shape, dtype)} of one row of `VisionInputs` for a patch budget (abstract inputs)."""
+  n, u = int(num_patches), int(num_patches) // cfg.merge_unit
+  slots = num_window_blocks(n, cfg) * window_block(cfg)
+  return dict(pixel_values=((n, cfg.patch_dim), "float32"), unit_order=((u,), "int32"),
+              unit_restore=((u,), "int32"), hw_pos=((n, 2), "int32"), window_seg=((n,), "int32"),
+              image_seg=((n,), "int32"), block_index=((slots,), "int32"), block_seg=((slots,), "int32"),
+              block_slot=((n,), "int32"))
+
+
+def _pack_windows(window_seg: np.ndarray, block: int, n_blocks: int) -> tuple[np.ndarray, ...]:
+  """First-fit of the windows (contiguous runs of `window_seg`, in order) into `n_blocks` blocks.
+
+  Returns (block_index, block_seg, block_slot) as documented on `VisionInputs`.
+  """
+  sizes = np.bincount(window_seg[window_seg >= 0]) if (window_seg >= 0).any() else np.zeros(0, np.int64)
+  block_index = np.zeros(n_blocks * block, np.int32)
+  block_seg = np.full(n_blocks * block, -1, np.int32)
+  block_slot = np.zeros(len(window_seg), np.int32)
+  fill = np.zeros(n_blocks, np.int64)
+  start = 0
+  for w, size in enumerate(sizes):
+    if size > block:
+      raise ValueError(f"window {w} has {size} patches, more than a block of {block}")
+    fits = np.nonzero(fill + size <= block)[0]
+    if not len(fits):  # cannot happen for n_blocks = num_window_blocks(len(window_seg))
+      raise ValueError(f"{len(sizes)} windows do not fit into {n_blocks} blocks of {block} patches")
+    b = fits[0]
+    slots = b * block + fill[b] + np.arange(size)
+    block_index[slots] = start + np.arange(size)
+    block_seg[slots] = w
+    block_slot[start:start + size] = slots
+    fill[b] += size
+    start += size
+  return block_index, block_seg, block_slot
 
 
 def prepare_vision(pixel_values, image_grid_thw, cfg: VisionConfig,
@@ -93,9 +155,12 @@ def prepare_vision(pixel_values, image_grid_thw, cfg: VisionConfig,
                        np.zeros((len(pad_units) * mu, 2), np.int64)])
   pix_pad = np.zeros((n_pad, cfg.patch_dim), np.float32)
   pix_pad[:n_real] = pix[:n_real]
+  window_seg = window_seg.astype(np.int32)
+  block_index, block_seg, block_slot = _pack_windows(window_seg, window_block(cfg), num_window_blocks(n_pad, cfg))
   return VisionInputs(pixel_values=pix_pad, unit_order=order, unit_restore=restore,
-                      hw_pos=hw.astype(np.int32), window_seg=window_seg.astype(np.int32),
-                      image_seg=image_seg.astype(np.int32))
+                      hw_pos=hw.astype(np.int32), window_seg=window_seg,
+                      image_seg=image_seg.astype(np.int32), block_index=block_index, block_seg=block_seg,
+                      block_slot=block_slot)
 
 
 def images_per_row(input_ids_BxT, image_grid_thw, cfg_merge_unit: int, image_token_id: int) -> list[int]:
@@ -187,7 +252,8 @@ class VisionTower(nnx.Module):
 
     Packed inputs ([N_pad, ...] leaves, from `prepare_vision`) give [U_pad, out_hidden]; per-row
     inputs ([P, N_pad, ...] leaves, from `prepare_vision_rows`) give [P, U_pad, out_hidden] and
-    attention never crosses rows (P·N² rather than (P·N)² attention scores).
+    attention never crosses rows (full layers: P·N² rather than (P·N)² attention scores; windowed
+    layers: P·Nb·S², Nb·S ≤ 2N + S).
     """
     if vin.pixel_values.ndim == 2:
       one = jax.tree.map(lambda a: a[None], vin)
@@ -197,26 +263,41 @@ class VisionTower(nnx.Module):
     mu, D = cfg.merge_unit, cfg.hidden_size
     x = vin.pixel_values.astype(dt) @ self.patch_embed[...]  # [P, N, D]
     P, n = x.shape[:2]
-    take_units = lambda a, idx: jnp.take_along_axis(a, idx[:, :, None, None], axis=1)
-    x = take_units(x.reshape(P, n // mu, mu, D), vin.unit_order).reshape(P, n, D)  # window order
+    take_rows = lambda a, idx: jnp.take_along_axis(a, idx[:, :, None, None], axis=1)
+    x = take_rows(x.reshape(P, n // mu, mu, D), vin.unit_order).reshape(P, n, D)  # window order
     cos, sin = jax.vmap(lambda hw: rope.vision_cos_sin(hw, cfg.head_dim, cfg.rope_theta))(vin.hw_pos)
-    win_mask = vin.window_seg[:, :, None] == vin.window_seg[:, None, :]  # [P, N, N]
-    full_mask = vin.image_seg[:, :, None] == vin.image_seg[:, None, :]
+    S = window_block(cfg)
+    nb = vin.block_seg.shape[1] // S
+    block_seg = vin.block_seg.reshape(P, nb, S)
+    # [P*Nb, S, S]: a block may hold several small windows; empty slots only see each other.
+    block_mask = (block_seg[..., :, None] == block_seg[..., None, :]).reshape(P * nb, S, S)
+    full_mask = vin.image_seg[:, :, None] == vin.image_seg[:, None, :]  # [P, N, N]
     is_full = np.zeros(cfg.depth, bool)
     is_full[[i for i in cfg.fullatt_block_indexes if i < cfg.depth]] = True
     scale = cfg.head_dim ** -0.5
 
+    def full_attention(q, k, v):  # [P, N, H, K] each
+      return layers.chunked_attention(q[:, :, :, None, :], k, v, full_mask, scale,
+                                      attention_chunk_size)[:, :, :, 0, :]
+
+    def window_attention(q, k, v):
+      blocks = lambda a: take_rows(a, vin.block_index).reshape(P * nb, S, *a.shape[2:])
+      att = layers.masked_softmax_attention(blocks(q)[:, :, :, None, :], blocks(k), blocks(v), block_mask,
+                                            scale)[:, :, :, 0, :]
+      return take_rows(att.reshape(P, nb * S, *att.shape[2:]), vin.block_slot)  # back to window order
+
     def block(x, xs):
       p, full = xs
-      mask = jnp.where(full, full_mask, win_mask)
       h = layers.rms_norm(x, p["norm1"], cfg.rms_norm_eps)
       proj = lambda w, b: jnp.einsum("pnd,dhk->pnhk", h, w) + b
       q, k, v = proj(p["wq"], p["bq"]), proj(p["wk"], p["bk"]), proj(p["wv"], p["bv"])
       # HF applies the vision rotary in float32, then casts back.
       q = rope.apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
       k = rope.apply_rotary(k.astype(jnp.float32), cos, sin).astype(dt)
-      att = layers.chunked_attention(q[:, :, :, None, :], k, v, mask, scale,
-                                     attention_chunk_size)[:, :, :, 0, :]  # [P, N, H, K]
+      if isinstance(full, (bool, np.bool_)):  # unrolled layers: the kind is known statically
+        att = full_attention(q, k, v) if full else window_attention(q, k, v)
+      else:  # scanned layers: only the taken branch runs
+        att = jax.lax.cond(full, full_attention, window_attention, q, k, v)  # [P, N, H, K]
       x = x + jnp.einsum("pnhk,hkd->pnd", att, p["wo"]) + p["bo"]
       h = layers.rms_norm(x, p["norm2"], cfg.rms_norm_eps)
       gate = jax.nn.silu(h @ p["w_gate"] + p["b_gate"])
@@ -225,7 +306,8 @@ class VisionTower(nnx.Module):
 
     body = layers.maybe_remat(block, remat_policy)
     params = layers.values(self.blocks, VisionBlocks.NAMES)
-    x, _ = layers.scan_layers(body, x, (params, jnp.asarray(is_full)), cfg.depth, use_scan)
+    x, _ = layers.scan_layers(body, x, (params, jnp.asarray(is_full) if use_scan else is_full), cfg.depth,
+                              use_scan)
 
     h = layers.rms_norm(x, self.ln_q[...], cfg.rms_norm_eps).reshape(P, n // mu, mu * D)
     h = jax.nn.gelu(h @ self.merger_w0[...] + self.merger_b0[...], approximate=False)  # exact GELU
