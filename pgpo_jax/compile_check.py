@@ -331,8 +331,9 @@ class Context:
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
     self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
     self.shapes = shapes_from_config(c, self.batch_shards, score_prompts)
-    self.dtype = jnp.dtype(c.model.dtype)
-    abstract = q.abstract_model(self.cfg, self.dtype)
+    self.dtype = jnp.dtype(c.model.dtype)  # compute dtype (activations, KV cache)
+    self.param_dtype = jnp.dtype(c.model.param_dtype or c.model.dtype)
+    abstract = q.abstract_model(self.cfg, self.dtype, param_dtype=self.param_dtype)
     self.model_graphdef, params = nnx.split(abstract)
     self.train_sh = sharding.param_shardings(abstract, self.mesh, sharding.TRAIN_RULES)
     self.sample_sh = sharding.param_shardings(abstract, self.mesh, sharding.SAMPLE_RULES)
@@ -343,7 +344,8 @@ class Context:
     self.optimizer = trainer.make_optimizer(c, max(1, c.train.num_steps) * updates_per_step)
     self.train_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
     state = jax.eval_shape(lambda: train_step_lib.init_train_state(
-        q.Qwen25VL(self.cfg, dtype=self.dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
+        q.Qwen25VL(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, rngs=nnx.Rngs(0)),
+        self.optimizer)[1])
     rep = NamedSharding(self.mesh, P())
     state_sh = train_step_lib.TrainState(
         step=rep, params=self.train_sh,
@@ -541,7 +543,8 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
   lines = [
       f"topology {ctx.topo.name} ({ctx.topo.desc}, {mesh.size} x TPU {chip.name}, "
       f"{chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per device)",
-      f"mesh {dict(mesh.shape)}; model {ctx.num_params / 1e9:.2f}B params in {ctx.dtype.name}, "
+      f"mesh {dict(mesh.shape)}; model {ctx.num_params / 1e9:.2f}B params in {ctx.param_dtype.name}, "
+      f"compute in {ctx.dtype.name}, "
       f"remat={cfg.remat_policy}, attention_chunk={cfg.attention_chunk_size}",
       f"shapes: rollout {s.rollout_prompts} prompts x G={s.group_size}, prompt {s.prompt_len} + response "
       f"{s.response_len} tokens, {s.patches} patches/prompt; update {s.update_prompts} prompts in "

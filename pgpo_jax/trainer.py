@@ -185,9 +185,9 @@ def build_model(c: ml_collections.ConfigDict, tokenizer) -> q.Qwen25VL:
                         vision_end_token_id=ids["vision_end_token_id"], bos_token_id=ids["bos_token_id"],
                         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
                         **text_kw, **vision_kw).replace(**compute)
-    return q.init_model(cfg, c.model.dtype, seed=c.seed)
+    return q.init_model(cfg, c.model.dtype, seed=c.seed, param_dtype=c.model.param_dtype or None)
   cfg = q.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
-  return q.from_pretrained(c.model.init_from, c.model.dtype, config=cfg)
+  return q.from_pretrained(c.model.init_from, c.model.dtype, param_dtype=c.model.param_dtype or None, config=cfg)
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, learning_rate: float | None = None):

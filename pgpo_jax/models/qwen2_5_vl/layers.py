@@ -3,6 +3,10 @@
 Every parameter is an `nnx.Param` carrying `axes`, a tuple of logical axis names (one per dim);
 `pgpo_jax.sharding` maps those names to mesh axes. Stacked (scanned) layers put `layers` /
 `vision_layers` first.
+
+Mixed precision: parameters live in their own dtype (float32 masters for training) and are cast to
+the compute dtype where they are used (`cast`, inside each scanned layer, so only one layer's copy
+exists at a time); RMSNorm statistics, softmax and the logits stay float32.
 """
 from __future__ import annotations
 
@@ -32,11 +36,20 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtyp
   return nnx.Param(value.astype(dtype), axes=tuple(axes))
 
 
+def cast(tree, dtype):
+  """Floating leaves of `tree` cast to `dtype` (the compute dtype); a no-op where they already are."""
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
-  """HF RMSNorm: normalise in float32, cast back to the input dtype, then scale by `weight`."""
+  """HF RMSNorm: normalise in float32, cast back to the input dtype, then scale by `weight`.
+
+  `weight` is cast to the input (compute) dtype first, so float32 masters computing in bfloat16
+  give exactly what a bfloat16 model (HF's `weight * x.to(bf16)`) gives.
+  """
   xf = x.astype(jnp.float32)
   xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return weight * xf.astype(x.dtype)
+  return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
 def masked_softmax_attention(q_BxTxNxGxK: jnp.ndarray, k_BxSxNxK: jnp.ndarray, v_BxSxNxK: jnp.ndarray,

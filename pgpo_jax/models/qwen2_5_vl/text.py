@@ -67,15 +67,18 @@ class DecoderLayers(nnx.Module):
 class TextModel(nnx.Module):
   """Embedding table, decoder layers and final norm (the LM head lives on the outer model)."""
 
-  def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs, param_dtype=None):
+    """`dtype`: compute dtype (activations, KV cache); `param_dtype`: parameters (default `dtype`)."""
     self.cfg = cfg
     self.dtype = dtype
-    self.embed_tokens = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-    self.layers = DecoderLayers(cfg, dtype, rngs)
-    self.norm = layers.param(rngs, (cfg.hidden_size,), ("embed",), dtype, "ones")
+    pdt = dtype if param_dtype is None else param_dtype
+    self.embed_tokens = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+    self.layers = DecoderLayers(cfg, pdt, rngs)
+    self.norm = layers.param(rngs, (cfg.hidden_size,), ("embed",), pdt, "ones")
 
   def embed(self, input_ids_BxT: jnp.ndarray) -> jnp.ndarray:
-    return jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0)
+    """[B, T, D] embeddings in the compute dtype (rows gathered first, then cast)."""
+    return jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0).astype(self.dtype)
 
   def __call__(self, x_BxTxD: jnp.ndarray, position_ids_3xBxT: jnp.ndarray, key_mask_BxT: jnp.ndarray,
                cache: KVCache | None = None, *, remat_policy: str = "none", use_scan: bool = True,
@@ -112,6 +115,7 @@ class TextModel(nnx.Module):
 
     def layer(x, xs):
       p, ck, cv = xs
+      p = layers.cast(p, dt)  # this layer's weights in the compute dtype (float32 masters stay put)
       x = resid(x)
       h = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
       q = jnp.einsum("btd,dhk->bthk", h, p["wq"]) + p["bq"]

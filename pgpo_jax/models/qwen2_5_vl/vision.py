@@ -175,17 +175,19 @@ class VisionBlocks(nnx.Module):
 class VisionTower(nnx.Module):
   """Patch embedding → windowed/full blocks → PatchMerger; emits LM-sized features per merge unit."""
 
-  def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs, param_dtype=None):
+    """`dtype`: compute dtype; `param_dtype`: parameters (default `dtype`)."""
     self.cfg = cfg
     self.dtype = dtype
+    pdt = dtype if param_dtype is None else param_dtype
     D, mu = cfg.hidden_size, cfg.merge_unit
-    self.patch_embed = layers.param(rngs, (cfg.patch_dim, D), ("vision_patch", "vision_embed"), dtype)
-    self.blocks = VisionBlocks(cfg, dtype, rngs)
-    self.ln_q = layers.param(rngs, (D,), ("vision_embed",), dtype, "ones")
-    self.merger_w0 = layers.param(rngs, (mu * D, mu * D), ("vision_merge", "vision_merge_out"), dtype)
-    self.merger_b0 = layers.param(rngs, (mu * D,), ("vision_merge_out",), dtype, "zeros")
-    self.merger_w2 = layers.param(rngs, (mu * D, cfg.out_hidden_size), ("vision_merge_out", "embed"), dtype)
-    self.merger_b2 = layers.param(rngs, (cfg.out_hidden_size,), ("embed",), dtype, "zeros")
+    self.patch_embed = layers.param(rngs, (cfg.patch_dim, D), ("vision_patch", "vision_embed"), pdt)
+    self.blocks = VisionBlocks(cfg, pdt, rngs)
+    self.ln_q = layers.param(rngs, (D,), ("vision_embed",), pdt, "ones")
+    self.merger_w0 = layers.param(rngs, (mu * D, mu * D), ("vision_merge", "vision_merge_out"), pdt)
+    self.merger_b0 = layers.param(rngs, (mu * D,), ("vision_merge_out",), pdt, "zeros")
+    self.merger_w2 = layers.param(rngs, (mu * D, cfg.out_hidden_size), ("vision_merge_out", "embed"), pdt)
+    self.merger_b2 = layers.param(rngs, (cfg.out_hidden_size,), ("embed",), pdt, "zeros")
 
   def __call__(self, vin: VisionInputs, *, remat_policy: str = "none", use_scan: bool = True,
                attention_chunk_size: int = 0) -> jnp.ndarray:
@@ -201,7 +203,7 @@ class VisionTower(nnx.Module):
                   attention_chunk_size=attention_chunk_size)[0]
     cfg, dt = self.cfg, self.dtype
     mu, D = cfg.merge_unit, cfg.hidden_size
-    x = vin.pixel_values.astype(dt) @ self.patch_embed[...]  # [P, N, D]
+    x = vin.pixel_values.astype(dt) @ self.patch_embed[...].astype(dt)  # [P, N, D]
     P, n = x.shape[:2]
     take_units = lambda a, idx: jnp.take_along_axis(a, idx[:, :, None, None], axis=1)
     x = take_units(x.reshape(P, n // mu, mu, D), vin.unit_order).reshape(P, n, D)  # window order
@@ -214,6 +216,7 @@ class VisionTower(nnx.Module):
 
     def block(x, xs):
       p, full = xs
+      p = layers.cast(p, dt)  # this block's weights in the compute dtype
       mask = jnp.where(full, full_mask, win_mask)
       h = layers.rms_norm(x, p["norm1"], cfg.rms_norm_eps)
       proj = lambda w, b: jnp.einsum("pnd,dhk->pnhk", h, w) + b
@@ -234,6 +237,8 @@ class VisionTower(nnx.Module):
     x, _ = layers.scan_layers(body, x, (params, jnp.asarray(is_full)), cfg.depth, use_scan)
 
     h = layers.rms_norm(x, self.ln_q[...], cfg.rms_norm_eps).reshape(P, n // mu, mu * D)
-    h = jax.nn.gelu(h @ self.merger_w0[...] + self.merger_b0[...], approximate=False)  # exact GELU
-    h = h @ self.merger_w2[...] + self.merger_b2[...]
+    w0, b0, w2, b2 = layers.cast((self.merger_w0[...], self.merger_b0[...], self.merger_w2[...],
+                                  self.merger_b2[...]), dt)
+    h = jax.nn.gelu(h @ w0 + b0, approximate=False)  # exact GELU
+    h = h @ w2 + b2
     return jnp.take_along_axis(h, vin.unit_restore[:, :, None], axis=1)  # processor order
