@@ -145,7 +145,8 @@ def model_config(c: ml_collections.ConfigDict) -> q.Qwen25VLConfig:
   """The architecture: `model.init_from`'s config.json if it exists, else `model.preset`
   (3b/7b/32b/72b or 'tiny' = the trainer's random-init `model.tiny`)."""
   m = c.model
-  compute = dict(remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention_chunk_size=m.attention_chunk_size)
+  compute = dict(remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention_chunk_size=m.attention_chunk_size,
+                 attention_impl=m.attention_impl)
   init = m.get("init_from", "")
   if init and os.path.exists(os.path.join(init, "config.json")):
     return q.Qwen25VLConfig.from_json(init).replace(**compute)

@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "full"
   c.model.scan_layers = True
   c.model.attention_chunk_size = 0
+  # xla | splash (TPU) | cudnn (NVIDIA GPUs) | auto (splash on TPU, cudnn on GPUs, xla elsewhere). Default
+  # xla until the fused kernels run under shard_map (models/qwen2_5_vl/config.py says why).
+  c.model.attention_impl = "xla"
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -187,6 +190,7 @@ VALUE_RULES: dict[str, Rule] = {
     "model.param_dtype": _one_of("", "float32", "bfloat16"),  # "" = model.dtype
     "model.remat_policy": _one_of("none", "full", "dots", "dots_no_batch"),
     "model.attention_chunk_size": _NONNEG_INT,
+    "model.attention_impl": _one_of("auto", "xla", "splash", "cudnn"),  # layers.ATTENTION_IMPLS
     "data.max_prompt_length": _POS_INT,
     "data.min_pixels": _number(0, lo_open=True, integer=True, optional=True),
     "data.max_pixels": _number(0, lo_open=True, integer=True, optional=True),

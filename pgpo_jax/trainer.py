@@ -167,7 +167,7 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
 
 def build_model(c: ml_collections.ConfigDict, tokenizer) -> q.Qwen25VL:
   compute = dict(remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers,
-                 attention_chunk_size=c.model.attention_chunk_size)
+                 attention_chunk_size=c.model.attention_chunk_size, attention_impl=c.model.attention_impl)
   if c.model.random_init:
     ids = processor_lib.special_token_ids(tokenizer)
     t = dict(c.model.tiny)

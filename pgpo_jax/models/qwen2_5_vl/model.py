@@ -48,7 +48,8 @@ class Qwen25VL(nnx.Module):
 
 def _kw(model: Qwen25VL) -> dict[str, Any]:
   c = model.cfg
-  return dict(remat_policy=c.remat_policy, use_scan=c.scan_layers, attention_chunk_size=c.attention_chunk_size)
+  return dict(remat_policy=c.remat_policy, use_scan=c.scan_layers, attention_chunk_size=c.attention_chunk_size,
+              attention_impl=c.attention_impl)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ class TextModel(nnx.Module):
 
   def __call__(self, x_BxTxD: jnp.ndarray, position_ids_3xBxT: jnp.ndarray, key_mask_BxT: jnp.ndarray,
                cache: KVCache | None = None, *, remat_policy: str = "none", use_scan: bool = True,
-               attention_chunk_size: int = 0) -> tuple[jnp.ndarray, KVCache | None]:
+               attention_chunk_size: int = 0, attention_impl: str = "xla") -> tuple[jnp.ndarray, KVCache | None]:
     """Runs the decoder on T new tokens. Returns final-normed hidden states [B, T, D] and the cache.
 
     Without a cache, attention is causal over the T tokens and `key_mask_BxT` drops keys. With a
@@ -99,6 +99,10 @@ class TextModel(nnx.Module):
     if cache is None:
       causal = jnp.tril(jnp.ones((T, T), bool))
       mask = causal[None] & key_mask_BxT[:, None, :]  # [B, T, S=T]
+      # The same mask as segment ids for the fused kernels: kept tokens (1) see kept keys causally;
+      # a dropped token (0) sees only dropped ones, itself included, so no row is empty (its output
+      # is never used, as with the dense mask).
+      seg = key_mask_BxT.astype(jnp.int32)
       start = None
       kv_mask = None
     else:
@@ -108,6 +112,7 @@ class TextModel(nnx.Module):
       q_slot = start + jnp.arange(T)
       causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]
       mask = causal[None] & kv_mask[:, None, :]
+      seg = None  # cached steps: the dense-mask path
     scale = K ** -0.5
 
     from pgpo_jax.sharding import constrain  # identity unless under `sharding.use_rules`
@@ -130,7 +135,8 @@ class TextModel(nnx.Module):
       else:
         k_all, v_all = k, v
       att = layers.chunked_attention(q.reshape(B, T, N, G, K), k_all, v_all, mask, scale,
-                                     attention_chunk_size).reshape(B, T, H, K)
+                                     attention_chunk_size, impl=attention_impl, causal=True,
+                                     q_seg_BxT=seg, kv_seg_BxS=seg).reshape(B, T, H, K)
       x = x + jnp.einsum("bthk,hkd->btd", att, p["wo"])
       h = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
       x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]

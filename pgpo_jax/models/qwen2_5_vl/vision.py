@@ -190,7 +190,7 @@ class VisionTower(nnx.Module):
     self.merger_b2 = layers.param(rngs, (cfg.out_hidden_size,), ("embed",), pdt, "zeros")
 
   def __call__(self, vin: VisionInputs, *, remat_policy: str = "none", use_scan: bool = True,
-               attention_chunk_size: int = 0) -> jnp.ndarray:
+               attention_chunk_size: int = 0, attention_impl: str = "xla") -> jnp.ndarray:
     """Merged features in processor order, padding units last.
 
     Packed inputs ([N_pad, ...] leaves, from `prepare_vision`) give [U_pad, out_hidden]; per-row
@@ -200,7 +200,7 @@ class VisionTower(nnx.Module):
     if vin.pixel_values.ndim == 2:
       one = jax.tree.map(lambda a: a[None], vin)
       return self(one, remat_policy=remat_policy, use_scan=use_scan,
-                  attention_chunk_size=attention_chunk_size)[0]
+                  attention_chunk_size=attention_chunk_size, attention_impl=attention_impl)[0]
     cfg, dt = self.cfg, self.dtype
     mu, D = cfg.merge_unit, cfg.hidden_size
     x = vin.pixel_values.astype(dt) @ self.patch_embed[...].astype(dt)  # [P, N, D]
@@ -224,8 +224,10 @@ class VisionTower(nnx.Module):
       # HF applies the vision rotary in float32, then casts back.
       q = rope.apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
       k = rope.apply_rotary(k.astype(jnp.float32), cos, sin).astype(dt)
-      att = layers.chunked_attention(q[:, :, :, None, :], k, v, mask, scale,
-                                     attention_chunk_size)[:, :, :, 0, :]  # [P, N, H, K]
+      seg = jnp.where(full, vin.image_seg, vin.window_seg)  # [P, N]: the mask as segment ids
+      att = layers.chunked_attention(q[:, :, :, None, :], k, v, mask, scale, attention_chunk_size,
+                                     impl=attention_impl, q_seg_BxT=seg,
+                                     kv_seg_BxS=seg)[:, :, :, 0, :]  # [P, N, H, K]
       x = x + jnp.einsum("pnhk,hkd->pnd", att, p["wo"]) + p["bo"]
       h = layers.rms_norm(x, p["norm2"], cfg.rms_norm_eps)
       gate = jax.nn.silu(h @ p["w_gate"] + p["b_gate"])
