@@ -90,3 +90,28 @@ def test_model_with_splash_attention_matches_xla(monkeypatch):
   got = q.logits_from_hidden(model, q.hidden_states(model, ids, pos, keep))
   assert calls == [True]  # the scanned decoder layer traced once, through the kernel
   np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(ref)[keep], atol=1e-4, rtol=1e-4)
+
+
+def test_cudnn_path_plumbing_matches_dense_xla(monkeypatch):
+  """cuDNN needs a GPU; here `jax.nn.dot_product_attention` runs its xla implementation on exactly the
+  arguments the cudnn path builds (GQA heads, scale, the [B, 1, T, S] segment mask)."""
+  real = jax.nn.dot_product_attention
+  seen = []
+
+  def as_xla(*a, implementation=None, **kw):
+    seen.append(implementation)
+    return real(*a, implementation="xla", **kw)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+  B, T, N, G, K = 2, 64, 2, 2, 16
+  qa, ka, va = _qkv(B, T, N, G, K, seed=4)
+  keep = np.ones((B, T), bool)
+  keep[0, :9] = False
+  keep[1, 20:33] = False
+  dense = jnp.asarray(np.tril(np.ones((T, T), bool))[None] & keep[:, None, :])
+  ref = layers.masked_softmax_attention(qa, ka, va, dense, K ** -0.5)
+  seg = jnp.asarray(keep.astype(np.int32))
+  got = layers.chunked_attention(qa, ka, va, dense, K ** -0.5, 0, impl="cudnn", causal=True, q_seg_BxT=seg,
+                                 kv_seg_BxS=seg)
+  assert seen == ["cudnn"]
+  np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(ref)[keep], atol=2e-5, rtol=2e-5)
+  assert np.isfinite(np.asarray(got)).all()  # no empty rows, even under left padding

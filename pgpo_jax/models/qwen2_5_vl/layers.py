@@ -127,21 +127,19 @@ def splash_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, s
   return out.transpose(0, 3, 1, 2, 4).astype(v_BxSxNxK.dtype)
 
 
-def cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale: float, *, causal: bool,
-                    kv_seg_BxS=None) -> jnp.ndarray:
+def cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale: float, *,
+                    causal: bool) -> jnp.ndarray:
   """`jax.nn.dot_product_attention(implementation="cudnn")` (NVIDIA GPUs), GQA natively.
 
-  With `causal` and a key mask given as `kv_seg_BxS` (nonzero = keep) only a [B, 1, 1, S] mask
-  goes to cuDNN (causality is its own mask type); otherwise the dense [B, T, S] mask does (cuDNN
-  turns it into an additive bias, in the input dtype). Returns [B, T, N, G, K].
+  The mask goes to cuDNN as the [B, 1, T, S] segment mask (cuDNN makes it an additive bias in the
+  input dtype; no float32 score tensor). Not a [B, 1, 1, S] key mask: with left padding some query
+  rows would see no key at all, and cuDNN's output there is undefined (NaN would then reach every
+  row through P·V); under the segment mask every row sees at least itself. Returns [B, T, N, G, K].
   """
   B, T, N, G, K = q_BxTxNxGxK.shape
-  if kv_seg_BxS is not None and causal:
-    mask = (kv_seg_BxS != 0)[:, None, None, :]
-  else:
-    mask, causal = mask_BxTxS[:, None], False
+  mask = segment_mask(q_seg_BxT, kv_seg_BxS, causal)[:, None]
   out = jax.nn.dot_product_attention(q_BxTxNxGxK.reshape(B, T, N * G, K), k_BxSxNxK, v_BxSxNxK, mask=mask,
-                                     scale=scale, is_causal=causal, implementation="cudnn")
+                                     scale=scale, implementation="cudnn")
   return out.reshape(B, T, N, G, K)
 
 
@@ -161,8 +159,7 @@ def chunked_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale: floa
     if impl == "splash":
       return splash_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale, causal=causal,
                               interpret=interpret)
-    return cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale, causal=causal,
-                           kv_seg_BxS=kv_seg_BxS)
+    return cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale, causal=causal)
   if mask_BxTxS is None:
     mask_BxTxS = segment_mask(q_seg_BxT, kv_seg_BxS, causal)
   T = q_BxTxNxGxK.shape[1]
