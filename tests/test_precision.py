@@ -106,3 +106,15 @@ def test_float32_masters_compute_exactly_as_a_bfloat16_model(tiny_hf, image_inpu
   a = np.asarray(q.forward(mixed, ids, None, pixels, grids))
   b = np.asarray(q.forward(pure16, ids, None, pixels, grids))
   np.testing.assert_array_equal(a, b)
+
+
+def test_compile_check_peak_follows_the_compute_dtype_and_precision():
+  """t@peak's FLOP rate: bf16 matmuls at the MXU peak; float32 ones at 1/1/3/6 bf16 passes
+  (JAX's TPU precisions default / bfloat16 / high = bf16_3x / highest = bf16_6x)."""
+  from pgpo_jax import compile_check as cc
+  chip = cc.CHIPS["v5p"]
+  assert cc.matmul_peak(chip, jnp.bfloat16, "highest") == chip.peak_flops
+  assert cc.matmul_peak(chip, jnp.float32, "default") == chip.peak_flops
+  assert cc.matmul_peak(chip, jnp.float32, "high") == chip.peak_flops / 3
+  assert cc.matmul_peak(chip, jnp.float32, "highest") == chip.peak_flops / 6
+  assert cc.MATMUL_PRECISION == "default"  # what the trainer runs at (it sets no precision)
