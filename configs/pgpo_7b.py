@@ -20,10 +20,12 @@ def get_config():
   # Architecture when `init_from` has no config.json yet (compile_check, shape tests): a
   # `qwen2_5_vl.PRESETS` key.
   c.model.preset = "7b"
-  # float32 parameters: at lr 1e-6 an AdamW step moves a weight by ~1e-6, far below bfloat16's
-  # resolution (ulp ~1.2e-4 at |w| = 0.02), so bf16 weights would never change. Switch to bf16
-  # compute once the model keeps float32 master weights and casts them per step.
-  c.model.dtype = "float32"
+  # float32 master weights (and AdamW moments): at lr 1e-6 an AdamW step moves a weight by ~1e-6, far
+  # below bfloat16's resolution (ulp ~1.2e-4 at |w| = 0.02), so bf16 weights would never change
+  # (tests/test_precision.py). Matmuls run in bfloat16 (each layer casts its weights where it uses
+  # them); RMSNorm, softmax, log-softmax and the loss stay float32.
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
   c.model.remat_policy = "full"
   c.model.scan_layers = True
   c.model.attention_chunk_size = 1024  # bounds the [rows, heads, T, S] attention scores

@@ -32,10 +32,16 @@ def base_config() -> ml_collections.ConfigDict:
       hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
       num_key_value_heads=2, vision_depth=2, vision_hidden_size=64, vision_intermediate_size=128,
       vision_num_heads=2, vision_window_size=56, vision_fullatt_block_indexes=(1,)))
-  c.model.dtype = "bfloat16"
+  c.model.dtype = "bfloat16"  # compute dtype: matmul inputs, activations, KV cache
+  # Parameter (and AdamW moment) dtype; "" = model.dtype. "float32" keeps float32 master weights that
+  # small updates can move, cast to model.dtype where each layer uses them.
+  c.model.param_dtype = ""
   c.model.remat_policy = "full"
   c.model.scan_layers = True
   c.model.attention_chunk_size = 0
+  # xla | splash (TPU) | cudnn (NVIDIA GPUs) | auto (splash on TPU, cudnn on GPUs, xla elsewhere). Default
+  # xla until the fused kernels run under shard_map (models/qwen2_5_vl/config.py says why).
+  c.model.attention_impl = "xla"
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -181,8 +187,10 @@ _PROBABILITY = _number(0, 1)
 
 VALUE_RULES: dict[str, Rule] = {
     "model.dtype": _one_of("float32", "bfloat16"),
+    "model.param_dtype": _one_of("", "float32", "bfloat16"),  # "" = model.dtype
     "model.remat_policy": _one_of("none", "full", "dots", "dots_no_batch"),
     "model.attention_chunk_size": _NONNEG_INT,
+    "model.attention_impl": _one_of("auto", "xla", "splash", "cudnn"),  # layers.ATTENTION_IMPLS
     "data.max_prompt_length": _POS_INT,
     "data.min_pixels": _number(0, lo_open=True, integer=True, optional=True),
     "data.max_pixels": _number(0, lo_open=True, integer=True, optional=True),

@@ -150,8 +150,11 @@ def make_optimizer(
         schedule, learning_rate, warmup_steps=warmup_steps, total_steps=total_steps,
         end_learning_rate=end_learning_rate,
     )
-    adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+    # Hyperparameters and the first moment stay float32 whatever the parameter dtype: by default
+    # inject_hyperparams casts b2 = 0.999 to a bfloat16 parameter's dtype, where it rounds to 1.0, so
+    # nu stays 0 and the bias correction 1 - b2^t is 0 (NaN weights after one step).
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mu_dtype",), hyperparam_dtype=jnp.float32)(
+        learning_rate=lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=jnp.float32
     )
     trainable = optax.chain(optax.clip_by_global_norm(grad_clip_norm), adamw) if grad_clip_norm else adamw
     if frozen_regex is None:

@@ -167,7 +167,7 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
 
 def build_model(c: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VL:
   compute = dict(remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers,
-                 attention_chunk_size=c.model.attention_chunk_size)
+                 attention_chunk_size=c.model.attention_chunk_size, attention_impl=c.model.attention_impl)
   if c.model.random_init:
     ids = processor_lib.special_token_ids(tokenizer)
     t = dict(c.model.tiny)
@@ -185,9 +185,9 @@ def build_model(c: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VL:
                         vision_end_token_id=ids["vision_end_token_id"], bos_token_id=ids["bos_token_id"],
                         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
                         **text_kw, **vision_kw).replace(**compute)
-    return qwen.init_model(cfg, c.model.dtype, seed=c.seed)
+    return qwen.init_model(cfg, c.model.dtype, seed=c.seed, param_dtype=c.model.param_dtype or None)
   cfg = qwen.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
-  return qwen.from_pretrained(c.model.init_from, c.model.dtype, config=cfg)
+  return qwen.from_pretrained(c.model.init_from, c.model.dtype, param_dtype=c.model.param_dtype or None, config=cfg)
 
 
 def _normalizers(mask: np.ndarray) -> dict[str, np.ndarray]:

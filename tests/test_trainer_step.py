@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from pgpo_jax import rewards, trainer
-from pgpo_jax.models import qwen2_5_vl as q
+from pgpo_jax.models import qwen2_5_vl as qwen
 from tests.test_advantages import np_grpo, np_weights
 from tests.tiny_run import length_parity, tiny_config
 
@@ -74,7 +74,7 @@ def _record(t: trainer.Trainer):
 # Independent references
 # ------------------------------------------------------------------------------------------------
 def _forward_logp(model, g: trainer.Group, temperature: float, *, blind: bool = False) -> np.ndarray:
-  """[G, L] log softmax(logits / T) of each sampled token, from q.forward on [prompt | response]
+  """[G, L] log softmax(logits / T) of each sampled token, from qwen.forward on [prompt | response]
   (the blind view: visual tokens dropped from attention, positions unchanged)."""
   Tp = len(g.prompt_ids)
   out = np.zeros(g.tokens.shape, np.float64)
@@ -82,14 +82,14 @@ def _forward_logp(model, g: trainer.Group, temperature: float, *, blind: bool = 
     full = np.concatenate([g.prompt_ids, g.tokens[s]])[None]
     am = np.concatenate([np.ones(Tp, np.int32), g.mask[s].astype(np.int32)])[None]
     km = am * (full != model.cfg.image_token_id) if blind else None
-    logits = np.asarray(q.forward(model, full, am, g.pixel_values, g.grids, key_mask=km), np.float64)[0]
+    logits = np.asarray(qwen.forward(model, full, am, g.pixel_values, g.grids, key_mask=km), np.float64)[0]
     z = logits[Tp - 1:-1] / temperature
     logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
     out[s] = np.take_along_axis(logp, g.tokens[s][:, None].astype(np.int64), -1)[:, 0]
   return out
 
 
-def _model(t: trainer.Trainer, params) -> q.Qwen25VL:
+def _model(t: trainer.Trainer, params) -> qwen.Qwen25VL:
   return nnx.merge(t.model_graphdef, jax.tree.map(jnp.asarray, params))
 
 

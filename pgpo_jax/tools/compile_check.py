@@ -25,8 +25,11 @@ the step runs ("resident"), their total against the chip's HBM, and FLOPs. XLA d
 compile until it is far over HBM, so the verdict is ours: total <= HBM. FLOPs are analytic (the
 model's matmul + attention FLOPs as implemented: dense masked attention, remat recompute included)
 because `cost_analysis()` counts a loop body (layer scan, micro-batch scan, decode loop) once; its
-raw number is shown too, marked "loops once". `t@peak` is FLOPs / (devices x peak bf16 FLOP/s), and
-for the memory-bound decode loop max(that, bytes read per token x steps / HBM bandwidth).
+raw number is shown too, marked "loops once". `t@peak` is FLOPs / (devices x the MXU peak of the dtype
+the matmuls run in: `matmul_peak`), and for the memory-bound decode loop max(that, bytes read per
+token x steps / HBM bandwidth). The programs compile at JAX's default matmul precision, under which
+a TPU computes a float32 matmul as one bfloat16 pass (bf16-rounded inputs, float32 accumulation):
+`model.dtype=float32` moves twice the bytes of bfloat16 but runs its matmuls at the bf16 peak.
 """
 from __future__ import annotations
 
@@ -88,6 +91,22 @@ class Topology:
   chip: Chip
   desc: str  # e.g. "v5:2x4x4"
   num_chips: int
+
+
+# bfloat16 MXU passes per matmul by (input dtype, matmul precision): a float32 matmul is 1 pass at
+# "default"/"bfloat16" (inputs rounded to bf16), 3 at "high"/"tensorfloat32" (bf16_3x), 6 at
+# "highest"/"float32" (bf16_6x); bfloat16 inputs are always 1 pass.
+MATMUL_PRECISION = "default"  # the trainer's (JAX's default); the programs compile under it
+
+_F32_PASSES = {"default": 1, "bfloat16": 1, "fastest": 1, "high": 3, "tensorfloat32": 3, "bfloat16_3x": 3,
+               "highest": 6, "float32": 6}
+
+
+def matmul_peak(chip: "Chip", dtype, precision: str | None = "default") -> float:
+  """Peak matmul FLOP/s of `chip` for matmuls whose inputs are `dtype` at `precision`."""
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    return chip.peak_flops
+  return chip.peak_flops / _F32_PASSES[str(precision or "default").lower()]
 
 
 def _torus(chips: int, dims: int) -> str:
@@ -152,7 +171,8 @@ def model_config(c: ml_collections.ConfigDict) -> qwen.Qwen25VLConfig:
   """The architecture: `model.init_from`'s config.json if it exists, else `model.preset`
   (3b/7b/32b/72b or 'tiny' = the trainer's random-init `model.tiny`)."""
   m = c.model
-  compute = dict(remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention_chunk_size=m.attention_chunk_size)
+  compute = dict(remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention_chunk_size=m.attention_chunk_size,
+                 attention_impl=m.attention_impl)
   init = m.get("init_from", "")
   if init and os.path.exists(os.path.join(init, "config.json")):
     return qwen.Qwen25VLConfig.from_json(init).replace(**compute)
@@ -351,8 +371,9 @@ class Context:
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
     self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
     self.shapes = shapes_from_config(c, self.batch_shards, score_prompts)
-    self.dtype = jnp.dtype(c.model.dtype)
-    abstract = qwen.abstract_model(self.cfg, self.dtype)
+    self.dtype = jnp.dtype(c.model.dtype)  # compute dtype (activations, KV cache)
+    self.param_dtype = jnp.dtype(c.model.param_dtype or c.model.dtype)
+    abstract = qwen.abstract_model(self.cfg, self.dtype, param_dtype=self.param_dtype)
     self.model_graphdef, params = nnx.split(abstract)
     self.train_sh = sharding.param_shardings(abstract, self.mesh, sharding.TRAIN_RULES)
     self.sample_sh = sharding.param_shardings(abstract, self.mesh, sharding.SAMPLE_RULES)
@@ -363,7 +384,7 @@ class Context:
     self.optimizer = programs.make_optimizer(c, max(1, c.train.num_steps) * updates_per_step)
     self.train_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
     state = jax.eval_shape(lambda: train_step_lib.init_train_state(
-        qwen.Qwen25VL(self.cfg, dtype=self.dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
+        qwen.Qwen25VL(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
     self.state_sh = programs.train_state_shardings(state, self.train_sh, self.mesh)
     self.train_state = _attach(state, self.state_sh)
     self.param_bytes = per_device_bytes(self.train_params)
@@ -470,7 +491,8 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
   rep = StepReport(step.name, step.rules, "error", chip.hbm_bytes, resident=step.resident_bytes, note=step.note)
   n = ctx.mesh.size
   rep.flops_per_device = step.flops / n
-  rep.seconds_at_peak = max(rep.flops_per_device / chip.peak_flops, step.hbm_read_bytes / chip.hbm_bandwidth)
+  peak = matmul_peak(chip, ctx.dtype, MATMUL_PRECISION)
+  rep.seconds_at_peak = max(rep.flops_per_device / peak, step.hbm_read_bytes / chip.hbm_bandwidth)
   t0 = time.time()
   # The trainer's numerics (not a test suite's "highest" matmul precision), and no persistent
   # compilation cache: a topology executable cannot be reloaded without a TPU client.
@@ -479,7 +501,7 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()  # the "is the cache used" decision is memoised per process
   try:
-    with sharding.use_rules(ctx.mesh, sharding.RULES[step.rules]), jax.default_matmul_precision("default"):
+    with sharding.use_rules(ctx.mesh, sharding.RULES[step.rules]), jax.default_matmul_precision(MATMUL_PRECISION):
       compiled = step.lower().compile()  # traced (and `constrain`ed) here
   except Exception as e:  # noqa: BLE001 - reported, not raised
     rep.compile_s = time.time() - t0
@@ -542,7 +564,9 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
   lines = [
       f"topology {ctx.topo.name} ({ctx.topo.desc}, {mesh.size} x TPU {chip.name}, "
       f"{chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per device)",
-      f"mesh {dict(mesh.shape)}; model {ctx.num_params / 1e9:.2f}B params in {ctx.dtype.name}, "
+      f"mesh {dict(mesh.shape)}; model {ctx.num_params / 1e9:.2f}B params in {ctx.param_dtype.name}, "
+      f"compute in {ctx.dtype.name} (t@peak at {matmul_peak(chip, ctx.dtype, MATMUL_PRECISION) / 1e12:.0f} "
+      f"TFLOP/s: {MATMUL_PRECISION!r} matmul precision), "
       f"remat={cfg.remat_policy}, attention_chunk={cfg.attention_chunk_size}",
       f"shapes: rollout {s.rollout_prompts} prompts x G={s.group_size}, prompt {s.prompt_len} + response "
       f"{s.response_len} tokens, {s.patches} patches/prompt; update {s.update_prompts} prompts in "

@@ -3,6 +3,10 @@
 Every parameter is an `nnx.Param` carrying `axes`, a tuple of logical axis names (one per dim);
 `pgpo_jax.sharding` maps those names to mesh axes. Stacked (scanned) layers put `layers` /
 `vision_layers` first.
+
+Mixed precision: parameters live in their own dtype (float32 masters for training) and are cast to
+the compute dtype where they are used (`cast`, inside each scanned layer, so only one layer's copy
+exists at a time); RMSNorm statistics, softmax and the logits stay float32.
 """
 from __future__ import annotations
 
@@ -32,11 +36,20 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtyp
   return nnx.Param(value.astype(dtype), axes=tuple(axes))
 
 
+def cast(tree, dtype):
+  """Floating leaves of `tree` cast to `dtype` (the compute dtype); a no-op where they already are."""
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
-  """HF RMSNorm: normalise in float32, cast back to the input dtype, then scale by `weight`."""
+  """HF RMSNorm: normalise in float32, cast back to the input dtype, then scale by `weight`.
+
+  `weight` is cast to the input (compute) dtype first, so float32 masters computing in bfloat16
+  give exactly what a bfloat16 model (HF's `weight * x.to(bf16)`) gives.
+  """
   xf = x.astype(jnp.float32)
   xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return weight * xf.astype(x.dtype)
+  return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
 def masked_softmax_attention(q_BxTxNxGxK: jnp.ndarray, k_BxSxNxK: jnp.ndarray, v_BxSxNxK: jnp.ndarray,
@@ -54,9 +67,101 @@ def masked_softmax_attention(q_BxTxNxGxK: jnp.ndarray, k_BxSxNxK: jnp.ndarray, v
   return jnp.einsum("bngts,bsnk->btngk", probs, v_BxSxNxK)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
+
+
+def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
+  """`auto` → splash on TPU, cudnn on NVIDIA GPUs, xla elsewhere (CPU); others pass through."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+  if impl != "auto":
+    return impl
+  platform = platform or jax.default_backend()
+  return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+
+
+def segment_mask(q_seg_BxT: jnp.ndarray, kv_seg_BxS: jnp.ndarray, causal: bool) -> jnp.ndarray:
+  """[B, T, S] bool: same segment id, and (if causal) key index <= query index (T == S)."""
+  mask = q_seg_BxT[:, :, None] == kv_seg_BxS[:, None, :]
+  if causal:
+    T, S = mask.shape[1:]
+    mask = mask & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None]
+  return mask
+
+
+def _splash_block(n: int, largest: int) -> int:
+  """The largest tile of (512, 256, 128) ≤ `largest` that divides n; a short sequence is one tile."""
+  for b in (512, 256, 128):
+    if b <= largest and n % b == 0:
+      return b
+  if n <= 1024:
+    return n
+  raise ValueError(f"splash attention: sequence length {n} is not a multiple of 128 (pad it to a bucket that is)")
+
+
+def splash_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale: float, *,
+                     causal: bool, interpret: bool = False, block: int = 512) -> jnp.ndarray:
+  """TPU Pallas splash (flash) attention, GQA as one MQA kernel per KV head. Returns [B, T, N, G, K].
+
+  Query t attends key s iff their segment ids match (and s <= t if causal); scores live only as
+  [block, block] tiles (`_splash_block`). `interpret` runs the kernel in Pallas interpret mode (CPU
+  tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  B, T, N, G, K = q_BxTxNxGxK.shape
+  S = k_BxSxNxK.shape[1]
+  bq, bkv = _splash_block(T, block), _splash_block(S, block)
+  base = sm.CausalMask((T, S)) if causal else sm.FullMask((T, S))
+  sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                        block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([base] * G), block_sizes=sizes, interpret=interpret)
+  q_BxNxGxTxK = (q_BxTxNxGxK * jnp.asarray(scale, q_BxTxNxGxK.dtype)).transpose(0, 2, 3, 1, 4)
+  k_BxNxSxK, v_BxNxSxK = k_BxSxNxK.transpose(0, 2, 1, 3), v_BxSxNxK.transpose(0, 2, 1, 3)
+
+  def row(q_NxGxTxK, k_NxSxK, v_NxSxK, q_seg_T, kv_seg_S):
+    seg = sk.SegmentIds(q=q_seg_T.astype(jnp.int32), kv=kv_seg_S.astype(jnp.int32))
+    return jax.vmap(lambda qn, kn, vn: kernel(qn, kn, vn, segment_ids=seg))(q_NxGxTxK, k_NxSxK, v_NxSxK)
+
+  out = jax.vmap(row)(q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_seg_BxT, kv_seg_BxS)
+  return out.transpose(0, 3, 1, 2, 4).astype(v_BxSxNxK.dtype)
+
+
+def cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale: float, *,
+                    causal: bool) -> jnp.ndarray:
+  """`jax.nn.dot_product_attention(implementation="cudnn")` (NVIDIA GPUs), GQA natively.
+
+  The mask goes to cuDNN as the [B, 1, T, S] segment mask (cuDNN makes it an additive bias in the
+  input dtype; no float32 score tensor). Not a [B, 1, 1, S] key mask: with left padding some query
+  rows would see no key at all, and cuDNN's output there is undefined (NaN would then reach every
+  row through P·V); under the segment mask every row sees at least itself. Returns [B, T, N, G, K].
+  """
+  B, T, N, G, K = q_BxTxNxGxK.shape
+  mask = segment_mask(q_seg_BxT, kv_seg_BxS, causal)[:, None]
+  out = jax.nn.dot_product_attention(q_BxTxNxGxK.reshape(B, T, N * G, K), k_BxSxNxK, v_BxSxNxK, mask=mask,
+                                     scale=scale, implementation="cudnn")
+  return out.reshape(B, T, N, G, K)
+
+
 def chunked_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale: float,
-                      chunk: int) -> jnp.ndarray:
-  """`masked_softmax_attention` over query chunks of `chunk` rows (bounds the score memory)."""
+                      chunk: int, *, impl: str = "xla", causal: bool = False, q_seg_BxT=None,
+                      kv_seg_BxS=None, interpret: bool = False) -> jnp.ndarray:
+  """Grouped attention [B, T, N, G, K] by `impl` (`ATTENTION_IMPLS`); the one attention entry point.
+
+  xla: `masked_softmax_attention` over query chunks of `chunk` rows (bounds the score memory), on
+  `mask_BxTxS` (or, when it is None, the mask the segment ids give). splash / cudnn: fused kernels
+  that never build [T, S] float32 scores; they need the structured form of the mask: `causal` and
+  segment ids (query t sees key s iff q_seg[t] == kv_seg[s]). Callers pass both forms; a caller
+  without segment ids (the KV-cached decode step) gets xla.
+  """
+  impl = resolve_attention_impl(impl)
+  if impl != "xla" and q_seg_BxT is not None and kv_seg_BxS is not None:
+    if impl == "splash":
+      return splash_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale, causal=causal,
+                              interpret=interpret)
+    return cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale, causal=causal)
+  if mask_BxTxS is None:
+    mask_BxTxS = segment_mask(q_seg_BxT, kv_seg_BxS, causal)
   T = q_BxTxNxGxK.shape[1]
   if chunk <= 0 or T <= chunk or T % chunk:
     return masked_softmax_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale)

@@ -25,14 +25,21 @@ from pgpo_jax.models.qwen2_5_vl.model import Qwen25VL
 Path = tuple[str, ...]
 
 
-def init_model(cfg: Qwen25VLConfig, dtype="float32", seed: int = 0) -> Qwen25VL:
-  """A randomly initialised model (normal(0.02) weights, unit norms, zero biases)."""
-  return Qwen25VL(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
+def _param_dtype(dtype, param_dtype):
+  return jnp.dtype(dtype if param_dtype is None or param_dtype == "" else param_dtype)
 
 
-def abstract_model(cfg: Qwen25VLConfig, dtype="float32") -> Qwen25VL:
+def init_model(cfg: Qwen25VLConfig, dtype="float32", seed: int = 0, *, param_dtype=None) -> Qwen25VL:
+  """A randomly initialised model (normal(0.02) weights, unit norms, zero biases).
+
+  `dtype` is the compute dtype, `param_dtype` the parameters' (default `dtype`; see `Qwen25VL`)."""
+  return Qwen25VL(cfg, dtype=jnp.dtype(dtype), param_dtype=_param_dtype(dtype, param_dtype), rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: Qwen25VLConfig, dtype="float32", *, param_dtype=None) -> Qwen25VL:
   """The model with `jax.ShapeDtypeStruct` leaves: no memory, usable for 72B on a laptop."""
-  return nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+  pdt = _param_dtype(dtype, param_dtype)
+  return nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=jnp.dtype(dtype), param_dtype=pdt, rngs=nnx.Rngs(0)))
 
 
 def flat_params(model_or_state) -> dict[Path, object]:
@@ -80,7 +87,7 @@ def sharded_put(shardings: Mapping[Path, jax.sharding.Sharding]) -> Callable[[Pa
   return put
 
 
-def from_pretrained(path: str | os.PathLike, dtype="float32", *,
+def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=None,
                     put: Callable[[Path, np.ndarray], object] | None = None,
                     config: Qwen25VLConfig | None = None,
                     shardings: Mapping[Path, jax.sharding.Sharding] | None = None) -> Qwen25VL:
@@ -88,7 +95,10 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *,
 
   Args:
     path: HF folder; converted folder `CKPT` (with `CKPT/params`); or an Orbax params item.
-    dtype: parameter and compute dtype ("float32" or "bfloat16"); stored weights are cast.
+    dtype: compute dtype ("float32" or "bfloat16"): matmul inputs, activations, KV cache.
+    param_dtype: the parameters' dtype (default `dtype`); stored weights are cast to it. Training
+      uses `dtype="bfloat16", param_dtype="float32"`: float32 master weights (an AdamW step at lr
+      1e-6 is far below bfloat16's resolution) cast to bfloat16 where each layer uses them.
     put: HF only: places each converted parameter (default: `jax.device_put` on the default
       device). Ignored when `shardings` is given.
     config: overrides the config read from `config.json` (e.g. remat/scan settings).
@@ -98,7 +108,7 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", *,
   path = os.fspath(path)
   layout, where = checkpoint.checkpoint_layout(path)
   cfg = config or Qwen25VLConfig.from_json(checkpoint.find_config(path))
-  abstract = abstract_model(cfg, dtype)
+  abstract = abstract_model(cfg, dtype, param_dtype=param_dtype)
   shapes = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat_params(abstract).items()}
   if layout == "orbax":
     if put is not None and shardings is None:

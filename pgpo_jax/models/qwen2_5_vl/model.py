@@ -25,25 +25,32 @@ from pgpo_jax.models.qwen2_5_vl.layers import param
 class Qwen25VL(nnx.Module):
   """`visual` (ViT + merger), `language_model` (decoder) and `lm_head` (absent when tied)."""
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None,
+               rngs: nnx.Rngs | None = None):
+    """`dtype`: the compute dtype (matmul inputs, activations, KV cache); `param_dtype`: the dtype
+    the parameters are stored (and trained) in, default `dtype`. Training keeps float32 masters
+    (`param_dtype="float32"`) and computes in bfloat16: each weight is cast where it is used."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
-    self.visual = vision.VisionTower(cfg.vision, self.dtype, rngs)
-    self.language_model = text.TextModel(cfg.text, self.dtype, rngs)
+    self.param_dtype = jnp.dtype(dtype if param_dtype is None else param_dtype)
+    self.visual = vision.VisionTower(cfg.vision, self.dtype, rngs, self.param_dtype)
+    self.language_model = text.TextModel(cfg.text, self.dtype, rngs, self.param_dtype)
     if not cfg.text.tie_word_embeddings:
-      self.lm_head = param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"), self.dtype)
+      self.lm_head = param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"),
+                           self.param_dtype)
 
   def lm_head_weight(self) -> jnp.ndarray:
-    """[D, V] output projection (the transposed embedding when tied)."""
+    """[D, V] output projection (the transposed embedding when tied), in the compute dtype."""
     if self.cfg.text.tie_word_embeddings:
-      return self.language_model.embed_tokens[...].T
-    return self.lm_head[...]
+      return self.language_model.embed_tokens[...].T.astype(self.dtype)
+    return self.lm_head[...].astype(self.dtype)
 
 
 def _kw(model: Qwen25VL) -> dict[str, Any]:
   c = model.cfg
-  return dict(remat_policy=c.remat_policy, use_scan=c.scan_layers, attention_chunk_size=c.attention_chunk_size)
+  return dict(remat_policy=c.remat_policy, use_scan=c.scan_layers, attention_chunk_size=c.attention_chunk_size,
+              attention_impl=c.attention_impl)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -68,19 +68,22 @@ class DecoderLayers(nnx.Module):
 class TextModel(nnx.Module):
   """Embedding table, decoder layers and final norm (the LM head lives on the outer model)."""
 
-  def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs, param_dtype=None):
+    """`dtype`: compute dtype (activations, KV cache); `param_dtype`: parameters (default `dtype`)."""
     self.cfg = cfg
     self.dtype = dtype
-    self.embed_tokens = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-    self.layers = DecoderLayers(cfg, dtype, rngs)
-    self.norm = layers.param(rngs, (cfg.hidden_size,), ("embed",), dtype, "ones")
+    pdt = dtype if param_dtype is None else param_dtype
+    self.embed_tokens = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+    self.layers = DecoderLayers(cfg, pdt, rngs)
+    self.norm = layers.param(rngs, (cfg.hidden_size,), ("embed",), pdt, "ones")
 
   def embed(self, input_ids_BxT: jnp.ndarray) -> jnp.ndarray:
-    return jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0)
+    """[B, T, D] embeddings in the compute dtype (rows gathered first, then cast)."""
+    return jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0).astype(self.dtype)
 
   def __call__(self, x_BxTxD: jnp.ndarray, position_ids_3xBxT: jnp.ndarray, key_mask_BxT: jnp.ndarray,
                cache: KVCache | None = None, *, remat_policy: str = "none", use_scan: bool = True,
-               attention_chunk_size: int = 0) -> tuple[jnp.ndarray, KVCache | None]:
+               attention_chunk_size: int = 0, attention_impl: str = "xla") -> tuple[jnp.ndarray, KVCache | None]:
     """Runs the decoder on T new tokens. Returns final-normed hidden states [B, T, D] and the cache.
 
     Without a cache, attention is causal over the T tokens and `key_mask_BxT` drops keys. With a
@@ -97,6 +100,10 @@ class TextModel(nnx.Module):
     if cache is None:
       causal = jnp.tril(jnp.ones((T, T), bool))
       mask = causal[None] & key_mask_BxT[:, None, :]  # [B, T, S=T]
+      # The same mask as segment ids for the fused kernels: kept tokens (1) see kept keys causally;
+      # a dropped token (0) sees only dropped ones, itself included, so no row is empty (its output
+      # is never used, as with the dense mask).
+      seg = key_mask_BxT.astype(jnp.int32)
       start = None
       kv_mask = None
     else:
@@ -106,12 +113,14 @@ class TextModel(nnx.Module):
       q_slot = start + jnp.arange(T)
       causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]
       mask = causal[None] & kv_mask[:, None, :]
+      seg = None  # cached steps: the dense-mask path
     scale = K ** -0.5
 
     resid = lambda x: constrain(x, ("batch", "length", "act_embed"))
 
     def layer(x, xs):
       p, ck, cv = xs
+      p = layers.cast(p, dt)  # this layer's weights in the compute dtype (float32 masters stay put)
       x = resid(x)
       h = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
       q = jnp.einsum("btd,dhk->bthk", h, p["wq"]) + p["bq"]
@@ -126,7 +135,8 @@ class TextModel(nnx.Module):
       else:
         k_all, v_all = k, v
       att = layers.chunked_attention(q.reshape(B, T, N, G, K), k_all, v_all, mask, scale,
-                                     attention_chunk_size).reshape(B, T, H, K)
+                                     attention_chunk_size, impl=attention_impl, causal=True,
+                                     q_seg_BxT=seg, kv_seg_BxS=seg).reshape(B, T, H, K)
       x = x + jnp.einsum("bthk,hkd->btd", att, p["wo"])
       h = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
       x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]

@@ -234,20 +234,22 @@ class VisionBlocks(nnx.Module):
 class VisionTower(nnx.Module):
   """Patch embedding → windowed/full blocks → PatchMerger; emits LM-sized features per merge unit."""
 
-  def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs, param_dtype=None):
+    """`dtype`: compute dtype; `param_dtype`: parameters (default `dtype`)."""
     self.cfg = cfg
     self.dtype = dtype
+    pdt = dtype if param_dtype is None else param_dtype
     D, mu = cfg.hidden_size, cfg.merge_unit
-    self.patch_embed = layers.param(rngs, (cfg.patch_dim, D), ("vision_patch", "vision_embed"), dtype)
-    self.blocks = VisionBlocks(cfg, dtype, rngs)
-    self.ln_q = layers.param(rngs, (D,), ("vision_embed",), dtype, "ones")
-    self.merger_w0 = layers.param(rngs, (mu * D, mu * D), ("vision_merge", "vision_merge_out"), dtype)
-    self.merger_b0 = layers.param(rngs, (mu * D,), ("vision_merge_out",), dtype, "zeros")
-    self.merger_w2 = layers.param(rngs, (mu * D, cfg.out_hidden_size), ("vision_merge_out", "embed"), dtype)
-    self.merger_b2 = layers.param(rngs, (cfg.out_hidden_size,), ("embed",), dtype, "zeros")
+    self.patch_embed = layers.param(rngs, (cfg.patch_dim, D), ("vision_patch", "vision_embed"), pdt)
+    self.blocks = VisionBlocks(cfg, pdt, rngs)
+    self.ln_q = layers.param(rngs, (D,), ("vision_embed",), pdt, "ones")
+    self.merger_w0 = layers.param(rngs, (mu * D, mu * D), ("vision_merge", "vision_merge_out"), pdt)
+    self.merger_b0 = layers.param(rngs, (mu * D,), ("vision_merge_out",), pdt, "zeros")
+    self.merger_w2 = layers.param(rngs, (mu * D, cfg.out_hidden_size), ("vision_merge_out", "embed"), pdt)
+    self.merger_b2 = layers.param(rngs, (cfg.out_hidden_size,), ("embed",), pdt, "zeros")
 
   def __call__(self, vin: VisionInputs, *, remat_policy: str = "none", use_scan: bool = True,
-               attention_chunk_size: int = 0) -> jnp.ndarray:
+               attention_chunk_size: int = 0, attention_impl: str = "xla") -> jnp.ndarray:
     """Merged features in processor order, padding units last.
 
     Packed inputs ([N_pad, ...] leaves, from `prepare_vision`) give [U_pad, out_hidden]; per-row
@@ -258,10 +260,10 @@ class VisionTower(nnx.Module):
     if vin.pixel_values.ndim == 2:
       one = jax.tree.map(lambda a: a[None], vin)
       return self(one, remat_policy=remat_policy, use_scan=use_scan,
-                  attention_chunk_size=attention_chunk_size)[0]
+                  attention_chunk_size=attention_chunk_size, attention_impl=attention_impl)[0]
     cfg, dt = self.cfg, self.dtype
     mu, D = cfg.merge_unit, cfg.hidden_size
-    x = vin.pixel_values.astype(dt) @ self.patch_embed[...]  # [P, N, D]
+    x = vin.pixel_values.astype(dt) @ self.patch_embed[...].astype(dt)  # [P, N, D]
     P, n = x.shape[:2]
     take_rows = lambda a, idx: jnp.take_along_axis(a, idx[:, :, None, None], axis=1)
     x = take_rows(x.reshape(P, n // mu, mu, D), vin.unit_order).reshape(P, n, D)  # window order
@@ -276,9 +278,10 @@ class VisionTower(nnx.Module):
     is_full[[i for i in cfg.fullatt_block_indexes if i < cfg.depth]] = True
     scale = cfg.head_dim ** -0.5
 
-    def full_attention(q, k, v):  # [P, N, H, K] each
-      return layers.chunked_attention(q[:, :, :, None, :], k, v, full_mask, scale,
-                                      attention_chunk_size)[:, :, :, 0, :]
+    def full_attention(q, k, v):  # [P, N, H, K] each; the per-image mask as segment ids for fused kernels
+      return layers.chunked_attention(q[:, :, :, None, :], k, v, full_mask, scale, attention_chunk_size,
+                                      impl=attention_impl, q_seg_BxT=vin.image_seg,
+                                      kv_seg_BxS=vin.image_seg)[:, :, :, 0, :]
 
     def window_attention(q, k, v):
       blocks = lambda a: take_rows(a, vin.block_index).reshape(P * nb, S, *a.shape[2:])
@@ -288,6 +291,7 @@ class VisionTower(nnx.Module):
 
     def block(x, xs):
       p, full = xs
+      p = layers.cast(p, dt)  # this block's weights in the compute dtype
       h = layers.rms_norm(x, p["norm1"], cfg.rms_norm_eps)
       proj = lambda w, b: jnp.einsum("pnd,dhk->pnhk", h, w) + b
       q, k, v = proj(p["wq"], p["bq"]), proj(p["wk"], p["bk"]), proj(p["wv"], p["bv"])
@@ -310,6 +314,8 @@ class VisionTower(nnx.Module):
                               use_scan)
 
     h = layers.rms_norm(x, self.ln_q[...], cfg.rms_norm_eps).reshape(P, n // mu, mu * D)
-    h = jax.nn.gelu(h @ self.merger_w0[...] + self.merger_b0[...], approximate=False)  # exact GELU
-    h = h @ self.merger_w2[...] + self.merger_b2[...]
+    w0, b0, w2, b2 = layers.cast((self.merger_w0[...], self.merger_b0[...], self.merger_w2[...],
+                                  self.merger_b2[...]), dt)
+    h = jax.nn.gelu(h @ w0 + b0, approximate=False)  # exact GELU
+    h = h @ w2 + b2
     return jnp.take_along_axis(h, vin.unit_restore[:, :, None], axis=1)  # processor order
