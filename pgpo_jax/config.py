@@ -57,6 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_p = 0.99
   c.rollout.top_k = 0
+  # Sampling runs on a copy of the weights in this dtype, cast once per rollout call (the float32
+  # masters are untouched), with a KV cache in it; logits, sampling and log-probs stay float32.
+  c.rollout.dtype = "bfloat16"
+  # Slot refill (continuous batching): 0 decodes all prompts x G samples at once (a batch runs until
+  # its longest sample ends); N > 0 decodes N samples at a time (a multiple of the batch shards),
+  # a finished row taking the next pending sample. Samples are the same either way.
+  c.rollout.decode_rows = 0
 
   c.dynamic_sampling = ml_collections.ConfigDict(dict(enabled=True, min_accuracy=0.01, max_accuracy=0.99,
                                                       max_rounds=3))
@@ -124,6 +131,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_p
   _require(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
   _require(r.temperature >= 0, "rollout.temperature", "must be >= 0")
   _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+  _require(r.dtype in ("float32", "bfloat16"), "rollout.dtype", f"must be float32|bfloat16, got {r.dtype!r}")
+  _require(r.decode_rows >= 0, "rollout.decode_rows", f"must be >= 0 (0 = all samples at once), got {r.decode_rows}")
   u = c.updates
   _require(u.prompts_per_update > 0 and r.prompts_per_step % u.prompts_per_update == 0, "updates.prompts_per_update",
            f"({u.prompts_per_update}) must divide rollout.prompts_per_step ({r.prompts_per_step}): a rollout batch "

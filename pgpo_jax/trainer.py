@@ -394,7 +394,7 @@ class Trainer:
     mesh = self.mesh if self.mesh.size > 1 else None
     out = rollout_lib.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
                               sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
-                              mesh=mesh)
+                              mesh=mesh, decode_rows=self.c.rollout.decode_rows, compute_dtype=self.c.rollout.dtype)
     return multihost.to_local(out, rollout_lib.logical_axes(out), self.mesh, sharding.SAMPLE_RULES)
 
   def rollout_round(self, pb: PromptBatch, params) -> list[Group]:

@@ -388,6 +388,29 @@ def test_batch_pads_only_to_a_multiple_of_the_shards(ours):
     rollout.prepare_inputs(ours.cfg, ids, length_limits=[3, 0, 2])
 
 
+def test_trainer_rollout_uses_the_refill_switch(tmp_path, monkeypatch):
+  """config.rollout.decode_rows / dtype reach the trainer's rollout calls (one training step)."""
+  from pgpo_jax import rewards, trainer
+  from tests.tiny_run import length_parity, tiny_config
+  monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", length_parity)
+  c = tiny_config(tmp_path / "data")
+  c.rollout.decode_rows, c.rollout.dtype = 2, "bfloat16"
+  c.warmup.sft_steps, c.train.num_steps, c.checkpoint.async_save = 0, 1, False
+  calls = []
+  real = rollout.rollout
+
+  def spy(*args, **kw):
+    out = real(*args, **kw)
+    calls.append((kw["decode_rows"], kw["compute_dtype"], int(out.decode_steps), int(np.asarray(out.lengths).sum())))
+    return out
+  monkeypatch.setattr(trainer.rollout_lib, "rollout", spy)
+  metrics = trainer.train(c, str(tmp_path / "run"))
+  assert calls and all(rows == 2 and dtype == "bfloat16" for rows, dtype, _, _ in calls), calls
+  # 2 rows for 4 prompts x 2 samples: at least (sum of lengths - 8) / 2 decode steps per round.
+  assert all(steps >= (total - 8) / 2 for _, _, steps, total in calls), calls
+  assert np.isfinite(metrics["train/loss"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Sharded == unsharded
 # ------------------------------------------------------------------------------------------------
