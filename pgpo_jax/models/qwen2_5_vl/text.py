@@ -178,16 +178,27 @@ def _partial_attention(q_BxQxNxGxK, k, v, valid_BxQxS, heads_first: bool):
   of exp(score - m) over valid keys) and acc [B, Q, N, G, K]. A query without any valid key gives
   m = finfo.min, l = 0, acc = 0.
   """
-  kv = "bnsk" if heads_first else "bsnk"
-  s = jnp.einsum(f"bqngk,{kv}->bqngs", q_BxQxNxGxK, k, preferred_element_type=jnp.float32)
+  B, Q, N, G, K = q_BxQxNxGxK.shape
+  S = k.shape[2] if heads_first else k.shape[1]
+  if heads_first:  # (batch, kv head) merged into one batch dim: one batched matmul, no transposes of k/v
+    q = jnp.swapaxes(q_BxQxNxGxK, 1, 2).reshape(B * N, Q * G, K)
+    s = jnp.einsum("xqk,xsk->xqs", q, k.reshape(B * N, S, K), preferred_element_type=jnp.float32)
+    s = jnp.swapaxes(s.reshape(B, N, Q, G, S), 1, 2)
+  else:
+    s = jnp.einsum("bqngk,bsnk->bqngs", q_BxQxNxGxK, k, preferred_element_type=jnp.float32)
   valid = valid_BxQxS[:, :, None, None, :]
   s = jnp.where(valid, s, jnp.finfo(jnp.float32).min)
   m = jnp.max(s, axis=-1)
   p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
   # Weights in the values' dtype, as `layers.masked_softmax_attention` does (XLA:CPU has no
   # bf16 x bf16 -> f32 dot); the chunks' sums are then accumulated in float32.
-  acc = jnp.einsum(f"bqngs,{kv}->bqngk", p.astype(v.dtype), v).astype(jnp.float32)
-  return m, jnp.sum(p, axis=-1), acc
+  pv = p.astype(v.dtype)
+  if heads_first:
+    acc = jnp.einsum("xqs,xsk->xqk", jnp.swapaxes(pv, 1, 2).reshape(B * N, Q * G, S), v.reshape(B * N, S, K))
+    acc = jnp.swapaxes(acc.reshape(B, N, Q, G, K), 1, 2)
+  else:
+    acc = jnp.einsum("bqngs,bsnk->bqngk", pv, v)
+  return m, jnp.sum(p, axis=-1), acc.astype(jnp.float32)
 
 
 def _merge_partials(a, b):
