@@ -5,22 +5,30 @@
                            max_new_tokens=256, temperature=1.0, num_samples=8, seed=0)
     out.tokens  # [B*G, max_new_tokens], prompt-major: prompt b's samples are rows b*G .. b*G+G-1
 
-Programs, compiled once per (batch bucket, prompt bucket, patch bucket, max_new_tokens, G,
-sampling config, mesh):
-  1. `start`: vision tower + prefill of the B prompts (images encoded once per prompt), the KV
-     cache repeated G times along the batch (prompt-major), the first token sampled -> `DecodeState`.
-  2. `decode`: `lax.while_loop` over `DecodeState` (donated): feed the last token, sample the next,
-     until every row has emitted a stop token or `max_new_tokens` tokens exist.
+Programs, compiled once per (batch size, prompt bucket, patch bucket, max_new_tokens, G, decode
+rows, sampling config, compute dtype, mesh):
+  0. `cast` (with `compute_dtype`, e.g. bf16): a copy of the parameters in that dtype, once per call.
+  1. `start`: vision tower + prefill of the B prompts (images encoded once per prompt); the prompt's
+     keys/values are kept ONCE per prompt (`text.PromptKV`) and read by its G samples; token 0 of
+     every sample is sampled from the prefill logits; rows get their first samples -> `DecodeState`.
+  2. `decode`: `lax.while_loop` over `DecodeState` (donated). A step feeds every row's last token:
+     each layer writes that token's key/value into ONE slot of the row's own buffer (in place:
+     no cache copy per token) and attends to the prompt plus the row's filled slots only, in
+     chunks up to the longest filled row (`text.decode`: O(filled), not O(max length)). With
+     fewer rows than samples (`decode_rows`), a finished row takes the next pending sample of its
+     batch shard (slot refill): rows stay busy while samples are pending.
   3. `finish`: masks, lengths, truncation flags -> `RolloutOutput`.
-Decode positions continue per row from max(prompt positions) + 1 (QWEN2_5_VL.md §2.5), so left
-padding and M-RoPE image offsets need no rope-delta bookkeeping.
+Decode positions continue per sample from max(prompt positions) + 1 (QWEN2_5_VL.md §2.5), so left
+padding and M-RoPE image offsets need no rope-delta bookkeeping. Batches are padded only to a
+multiple of the batch shards (`batch_bucket`).
 
-RNG (results independent of batch composition, padding and sharding). With `key` the call's key,
-each row has its own stream
-    row_key(p, g) = fold_in(fold_in(key, p), g),  token key at step s = fold_in(row_key, s)
+RNG (results independent of batch composition, padding, sharding and slot refill). With `key` the
+call's key, each sample has its own stream
+    row_key(p, g) = fold_in(fold_in(key, p), g),  key of token s = fold_in(row_key, s)
 where p is the prompt's *stream id* (default: its index in the call; pass `prompt_ids`, e.g. the
-data row index, to make a prompt's samples independent of where it sits in the batch) and g the
-sample index in [0, G). Padding rows and padding tokens never touch a real row's stream.
+data row index, to make a prompt's samples independent of where it sits in the batch), g the
+sample index in [0, G) and s the token's index in the sample (whichever decode row runs it).
+Padding rows and padding tokens never touch a real sample's stream.
 
 Log-prob semantics (`RolloutOutput`):
   logprobs:     log q(x_t), q = the SAMPLING distribution (logits / temperature, then top-k, then
