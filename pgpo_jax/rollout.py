@@ -445,8 +445,11 @@ def _decode(model: q.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, 
   G, n = num_samples, shards
   W, R = state.tokens.shape[0], state.row_sample.shape[0]
   refill = R < W
-  # Per-layer weights split before the loop where slices inside it would be copied every step.
-  weights = text_lib.layer_weights(model.language_model) if _split_weights(mesh) else None
+  # Off TPU: per-layer weights split before the loop (XLA:CPU copies a slice of a stacked weight
+  # inside a loop every step; XLA:TPU reads it in the consumer's fusion) and attention matmuls with
+  # one batch dim (see `text._partial_attention`).
+  off_tpu = _off_tpu(mesh)
+  weights = text_lib.layer_weights(model.language_model) if off_tpu else None
 
   def cond(s: DecodeState):
     return jnp.any(~s.finished)  # a refilled row is live: only samples that need steps are queued
@@ -458,7 +461,8 @@ def _decode(model: q.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, 
     h, k, v = text_lib.decode(
         model.language_model, x, s.row_pos + slot, slot, s.k, s.v, heads_first=True,
         filled=jnp.max(jnp.where(live, s.row_len, 0)), prompt=s.prompt,
-        row_prompt_R=s.row_sample // G if refill else None, shards=n, chunk=chunk, weights=weights)
+        row_prompt_R=s.row_sample // G if refill else None, shards=n, chunk=chunk, weights=weights,
+        fold_heads=off_tpu)
     logits = q.logits_from_hidden(model, h[:, None])[:, 0]
     keys = jax.vmap(jax.random.fold_in)(s.row_key, s.row_len)  # token index = row_len
     tok, logp, raw = sample_tokens(logits, keys, sampling)
@@ -478,9 +482,8 @@ def _decode(model: q.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, 
   return jax.lax.while_loop(cond, body, state)
 
 
-def _split_weights(mesh: Mesh | None) -> bool:
-  """XLA:TPU reads a static slice of a stacked weight inside the consumer's fusion; XLA:CPU copies
-  it, every step of a loop. So off TPU the decode loop gets per-layer copies made before it."""
+def _off_tpu(mesh: Mesh | None) -> bool:
+  """Whether the programs run off TPU (the platform of the mesh's devices, else the default)."""
   devices = mesh.devices.flat if mesh is not None else jax.devices()
   return next(iter(devices)).platform != "tpu"
 

@@ -298,11 +298,17 @@ def run_programs(model, ids, am, pixels, grids, static, **prep):
   return jax.tree.map(np.asarray, prog.finish(ds))
 
 
-def test_one_refilled_row_with_chunked_attention_matches_hf(tiny_hf, ours):
+@pytest.mark.parametrize("tpu_layout", [False, True])
+def test_one_refilled_row_with_chunked_attention_matches_hf(tiny_hf, ours, tpu_layout, monkeypatch):
   """decode_rows=1: the 3 prompts are decoded one after another in ONE row that reuses its KV
   buffers, and the decode attention reads them 4 slots at a time (chunk=4, 12 slots). Greedy tokens
-  and log-probs are still HF's, with samples of different lengths (a stop token)."""
+  and log-probs are still HF's, with samples of different lengths (a stop token).
+  tpu_layout: the program as built for TPU (weights sliced inside the loop, attention matmuls with
+  (row, kv head) batch dims) instead of the CPU one."""
   hf, _ = tiny_hf
+  if tpu_layout:
+    monkeypatch.setattr(rollout, "_off_tpu", lambda mesh: False)
+  rollout.programs.cache_clear()
   ids, am, pixels, grids = ragged_batch(np.random.default_rng(2))
   free = rollout.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=EOS)
   stops = (int(free.tokens[1, 2]), int(free.tokens[2, 4]))  # rows 1 and 2 stop early (at the latest)
@@ -313,6 +319,7 @@ def test_one_refilled_row_with_chunked_attention_matches_hf(tiny_hf, ours):
   assert out.lengths[1] <= 3 and out.lengths[2] <= 5 and len(set(out.lengths.tolist())) == 3, out.lengths
   # One row: every decode step of every sample ran one after another.
   assert out.decode_steps == (out.lengths - 1).sum()
+  rollout.programs.cache_clear()  # no program traced with the patch outlives the test
 
 
 def test_refill_keeps_every_sample_identical(ours):
