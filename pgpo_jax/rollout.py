@@ -428,7 +428,8 @@ def _start(model: q.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: Sa
       next_pos=(jnp.max(inputs.position_ids, axis=(0, 2)) + 1).astype(jnp.int32), eos_ids=inputs.eos_ids,
       limit=limit_B, row_sample=jnp.full((R,), -1, jnp.int32), row_len=jnp.zeros((R,), jnp.int32),
       last_token=jnp.full((R,), pad_token_id, jnp.int32), row_pos=jnp.zeros((R,), jnp.int32),
-      row_key=keys_W[:R], row_eos=jnp.full((R, inputs.eos_ids.shape[1]), -1, jnp.int32),
+      row_key=_take_local(keys_W, jnp.zeros((R,), jnp.int32), n),  # placeholders until a row is assigned
+      row_eos=jnp.full((R, inputs.eos_ids.shape[1]), -1, jnp.int32),
       row_limit=jnp.ones((R,), jnp.int32), finished=jnp.ones((R,), bool), k=zeros(), v=zeros(),
       steps=jnp.zeros((), jnp.int32))
   if R == W:

@@ -289,13 +289,16 @@ def decode(model: TextModel, x_RxD, position_R, slot_R, k_rows, v_rows, *, heads
     return _partial_attention(q_RxNxGxK[:, None], take(pk), take(pv), take(prompt.mask)[:, None, :], True,
                               fold_heads)
 
+  def mm(spec, a, w):  # weight matmuls accumulate and return float32, cast back to the compute dtype
+    return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32)  # (XLA:CPU: fast bf16 path)
+
   def layer(i, x, k_rows, v_rows):
     p = weights[i]
     x = resid(x)
     h = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("rd,dhk->rhk", h, p["wq"]) + p["bq"]
-    k = jnp.einsum("rd,dnk->rnk", h, p["wk"]) + p["bk"]
-    v = jnp.einsum("rd,dnk->rnk", h, p["wv"]) + p["bv"]
+    q = (mm("rd,dhk->rhk", h, p["wq"]) + p["bq"]).astype(dt)
+    k = (mm("rd,dnk->rnk", h, p["wk"]) + p["bk"]).astype(dt)
+    v = (mm("rd,dnk->rnk", h, p["wv"]) + p["bv"]).astype(dt)
     q = rope.apply_rotary(q[:, None], cos, sin)[:, 0]
     k = rope.apply_rotary(k[:, None], cos, sin)[:, 0]
     k_rows, v_rows = write(k_rows, i, k), write(v_rows, i, v)
@@ -313,9 +316,10 @@ def decode(model: TextModel, x_RxD, position_R, slot_R, k_rows, v_rows, *, heads
       acc = _merge_partials(acc, attend(0, S))
     _, l, out = acc
     att = (out / jnp.where(l == 0, 1.0, l)[..., None]).astype(dt).reshape(R, H, K)
-    x = x + jnp.einsum("rhk,hkd->rd", att, p["wo"])
+    x = x + mm("rhk,hkd->rd", att, p["wo"]).astype(dt)
     h = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+    gate = (jax.nn.silu(mm("rd,di->ri", h, p["w_gate"])) * mm("rd,di->ri", h, p["w_up"])).astype(dt)
+    x = x + mm("ri,id->rd", gate, p["w_down"]).astype(dt)
     return resid(x), k_rows, v_rows
 
   x = x_RxD.astype(dt)
