@@ -38,6 +38,7 @@ def get_config():
   c.rollout.max_new_tokens = 24
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
+  c.rollout.dtype = "float32"  # XLA:CPU runs bf16 matmuls through float32 conversions: slower here
 
   c.dynamic_sampling.max_rounds = 2
 

@@ -72,6 +72,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_p = 0.99
   c.rollout.top_k = 0
+  # Sampling runs on a copy of the weights in this dtype, cast once per rollout call (the float32
+  # masters are untouched), with a KV cache in it; logits, sampling and log-probs stay float32.
+  c.rollout.dtype = "bfloat16"
+  # Slot refill (continuous batching): 0 decodes all prompts x G samples at once (a batch runs until
+  # its longest sample ends); N > 0 decodes N samples at a time (a multiple of the batch shards),
+  # a finished row taking the next pending sample. Samples are the same either way.
+  c.rollout.decode_rows = 0
 
   # Keep groups with min_accuracy < accuracy < max_accuracy; sample more rounds of
   # `rollout.prompts_per_step` prompts until that many groups are kept, at most `max_rounds` rounds
@@ -203,6 +210,8 @@ VALUE_RULES: dict[str, Rule] = {
     "rollout.temperature": _NONNEG,
     "rollout.top_p": _number(0, 1, lo_open=True),
     "rollout.top_k": _NONNEG_INT,  # 0 = off
+    "rollout.dtype": _one_of("float32", "bfloat16"),
+    "rollout.decode_rows": _NONNEG_INT,  # 0 = all samples at once; a multiple of the batch shards (trainer)
     "dynamic_sampling.min_accuracy": _PROBABILITY,
     "dynamic_sampling.max_accuracy": _PROBABILITY,
     "dynamic_sampling.max_rounds": _NONNEG_INT,  # 0 = unlimited

@@ -2,6 +2,7 @@
 
   program         body                                     layout                       donated  builder
   --------------  ---------------------------------------  ---------------------------  -------  -------------------------
+  rollout cast    `rollout.program_bodies(...).cast`       the parameters' layout       -        `rollout_programs`
   rollout start   `rollout.program_bodies(...).start`      SAMPLE, pinned inside        -        `rollout_programs`
   rollout decode  `rollout.program_bodies(...).decode`     SAMPLE, pinned inside        state    `rollout_programs`
   rollout finish  `rollout.program_bodies(...).finish`     SAMPLE, pinned inside        -        `rollout_programs`
@@ -72,14 +73,17 @@ def rows_sharding(mesh: Mesh, rules: sharding.Rules, num_rows: int) -> NamedShar
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def rollout_programs(graphdef, static: rollout.RolloutStatic) -> rollout.Programs:
-  """start / decode (decode state donated) / finish of one (model graph, static config); each compiles
-  once per input shapes. Cached: the same static gives the same jitted functions."""
+  """cast (with a compute dtype) / start / decode (decode state donated) / finish of one (model graph,
+  static config); each compiles once per input shapes. Cached: the same static gives the same jitted
+  functions."""
   body = rollout.program_bodies(graphdef, static)
   rules = dict(static.rules) if static.mesh is not None else None
   traced = lambda fn: _with_rules(fn, static.mesh, rules)  # noqa: E731
+  # The cast copy keeps each parameter's layout (elementwise), so it needs no pinning.
   return rollout.Programs(start=jax.jit(traced(body.start)),
                           decode=jax.jit(traced(body.decode), donate_argnums=(1,)),
-                          finish=jax.jit(traced(body.finish)))
+                          finish=jax.jit(traced(body.finish)),
+                          cast=None if body.cast is None else jax.jit(body.cast))
 
 
 def training_rollout_static(c: ml_collections.ConfigDict, pad_token_id: int, mesh: Mesh) -> rollout.RolloutStatic:
@@ -87,7 +91,7 @@ def training_rollout_static(c: ml_collections.ConfigDict, pad_token_id: int, mes
   r = c.rollout
   return rollout.RolloutStatic.make(rollout.SamplingConfig(r.temperature, r.top_p, r.top_k), r.max_new_tokens,
                                     r.group_size, pad_token_id, mesh if mesh.size > 1 else None,
-                                    sharding.SAMPLE_RULES)
+                                    sharding.SAMPLE_RULES, decode_rows=r.decode_rows, compute_dtype=r.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

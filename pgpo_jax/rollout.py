@@ -8,22 +8,30 @@ This module holds the rollout's containers, sampling maths and the bodies of its
                            max_new_tokens=256, temperature=1.0, num_samples=8, seed=0)
     out.tokens  # [B*G, max_new_tokens], prompt-major: prompt b's samples are rows b*G .. b*G+G-1
 
-Programs, compiled once per (batch bucket, prompt bucket, patch bucket, max_new_tokens, G,
-sampling config, mesh):
-  1. `start`: vision tower + prefill of the B prompts (images encoded once per prompt), the KV
-     cache repeated G times along the batch (prompt-major), the first token sampled -> `DecodeState`.
-  2. `decode`: `lax.while_loop` over `DecodeState` (donated): feed the last token, sample the next,
-     until every row has emitted a stop token or `max_new_tokens` tokens exist.
+Programs, compiled once per (batch size, prompt bucket, patch bucket, max_new_tokens, G, decode
+rows, sampling config, compute dtype, mesh):
+  0. `cast` (with `compute_dtype`, e.g. bf16): a copy of the parameters in that dtype, once per call.
+  1. `start`: vision tower + prefill of the B prompts (images encoded once per prompt); the prompt's
+     keys/values are kept ONCE per prompt (`text.PromptKV`) and read by its G samples; token 0 of
+     every sample is sampled from the prefill logits; rows get their first samples -> `DecodeState`.
+  2. `decode`: `lax.while_loop` over `DecodeState` (donated). A step feeds every row's last token:
+     each layer writes that token's key/value into ONE slot of the row's own buffer (in place:
+     no cache copy per token) and attends to the prompt plus the row's filled slots only, in
+     chunks up to the longest filled row (`text.decode`: O(filled), not O(max length)). With
+     fewer rows than samples (`decode_rows`), a finished row takes the next pending sample of its
+     batch shard (slot refill): rows stay busy while samples are pending.
   3. `finish`: masks, lengths, truncation flags -> `RolloutOutput`.
-Decode positions continue per row from max(prompt positions) + 1 (docs/qwen2_5_vl_port.md §2.5), so
-left padding and M-RoPE image offsets need no rope-delta bookkeeping.
+Decode positions continue per sample from max(prompt positions) + 1 (docs/qwen2_5_vl_port.md
+§2.5), so left padding and M-RoPE image offsets need no rope-delta bookkeeping. Batches are padded
+only to a multiple of the batch shards (`buckets.batch_bucket`).
 
-RNG (results independent of batch composition, padding and sharding). With `key` the call's key,
-each row has its own stream
-    row_key(p, g) = fold_in(fold_in(key, p), g),  token key at step s = fold_in(row_key, s)
+RNG (results independent of batch composition, padding, sharding and slot refill). With `key` the
+call's key, each sample has its own stream
+    row_key(p, g) = fold_in(fold_in(key, p), g),  key of token s = fold_in(row_key, s)
 where p is the prompt's *stream id* (default: its index in the call; pass `prompt_ids`, e.g. the
-data row index, to make a prompt's samples independent of where it sits in the batch) and g the
-sample index in [0, G). Padding rows and padding tokens never touch a real row's stream.
+data row index, to make a prompt's samples independent of where it sits in the batch), g the
+sample index in [0, G) and s the token's index in the sample (whichever decode row runs it).
+Padding rows and padding tokens never touch a real sample's stream.
 
 Log-prob semantics (`RolloutOutput`):
   logprobs:     log q(x_t), q = the SAMPLING distribution (logits / temperature, then top-k, then
@@ -48,8 +56,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pgpo_jax import sharding
-from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.buckets import batch_bucket, seq_bucket
+from pgpo_jax.models import qwen2_5_vl as qwen
+from pgpo_jax.models.qwen2_5_vl import text as text_lib
 from pgpo_jax.models.qwen2_5_vl.rope import valid_grids
 
 Array = jax.Array
@@ -96,6 +105,8 @@ class RolloutInputs:
   prompt_ids:     [B] uint32 RNG stream id of each prompt (see the module docstring).
   valid:          [B] bool; False rows (batch padding) emit nothing and have length 0.
   eos_ids:        [B, E] int32 stop tokens of each prompt, -1 = unused slot.
+  length_limit:   [B] int32 in [1, N], or None (= N): a prompt's samples are cut (truncated) after
+                  this many tokens.
   """
   input_ids: Array
   attention_mask: Array
@@ -104,6 +115,7 @@ class RolloutInputs:
   prompt_ids: Array
   valid: Array
   eos_ids: Array
+  length_limit: Array | None = None
 
   @property
   def batch_size(self) -> int:
@@ -113,24 +125,48 @@ class RolloutInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-  """The while-loop carry. R = B * G rows (prompt-major), N = max_new_tokens.
+  """The decode loop's carry. W = B*G samples (prompt-major: prompt b's at b*G .. b*G+G-1), R decode
+  rows (R = W, or fewer with slot refill), N = max_new_tokens, n = batch shards (W, R, B split
+  into n equal blocks; a row only ever takes samples of its own block).
 
-  tokens [R, N] int32 (pad after a stop token), logprobs / raw_logprobs [R, N] float32,
-  last_token [R] (fed at the next step), next_pos [R] (its M-RoPE position), finished [R] bool,
-  lengths [R] int32 (tokens kept, stop token included), row_keys [R] PRNG keys, eos_ids [R, E],
-  cache (the KV cache, S = T + N slots), step [] int32 (index of the next token to sample).
+  Per sample:  tokens [W, N] int32 (pad after the stop token), logprobs / raw_logprobs [W, N]
+               float32, lengths [W] int32 (tokens so far, stop token included), keys [W] PRNG
+               keys (the sample's stream), first_token [W] (sampled from the prefill logits).
+  Queue:       queue [W] int32: per block, the local indices of the samples still to decode (in
+               order, then padding); queued [n] how many there are, taken [n] how many got a row.
+  Per prompt:  prompt (`text.PromptKV`: the prefill's keys/values [B, KV, T, K] per layer, read by
+               all of a prompt's rows), next_pos [B] (its first decode position), eos_ids [B, E],
+               limit [B] (max tokens per sample).
+  Per row:     row_sample [R] (global sample index; -1 = none yet), row_len [R] (its tokens so far),
+               last_token [R], row_pos [R] (position of the prompt's first decode token),
+               row_key [R], row_eos [R, E], row_limit [R], finished [R] (no sample in progress),
+               k, v (tuples of L [R, KV, S, K]: the keys/values of the sample's own tokens; S >= N-1).
+  steps [] int32: decode steps run (each computes all R rows).
   """
   tokens: Array
   logprobs: Array
   raw_logprobs: Array
-  last_token: Array
-  next_pos: Array
-  finished: Array
   lengths: Array
-  row_keys: Array
+  keys: Array
+  first_token: Array
+  queue: Array
+  queued: Array
+  taken: Array
+  prompt: text_lib.PromptKV
+  next_pos: Array
   eos_ids: Array
-  cache: qwen.KVCache
-  step: Array
+  limit: Array
+  row_sample: Array
+  row_len: Array
+  last_token: Array
+  row_pos: Array
+  row_key: Array
+  row_eos: Array
+  row_limit: Array
+  finished: Array
+  k: tuple
+  v: tuple
+  steps: Array
 
 
 @jax.tree_util.register_dataclass
@@ -143,7 +179,9 @@ class RolloutOutput:
   logprobs:     [R, N] float32, log-prob under the sampling distribution (0 where masked; 0 for greedy).
   raw_logprobs: [R, N] float32, log-prob under the raw model at temperature 1 (0 where masked).
   lengths:      [R] int32, number of True entries of `mask`.
-  truncated:    [R] bool, no stop token within N tokens.
+  truncated:    [R] bool, no stop token within N tokens (or within the prompt's length limit).
+  decode_steps: [] int32, decode steps run; each computes every decode row, so
+                decode rows x decode_steps - sum(max(lengths - 1, 0)) row-steps were wasted.
   """
   tokens: Array
   mask: Array
@@ -151,6 +189,7 @@ class RolloutOutput:
   raw_logprobs: Array
   lengths: Array
   truncated: Array
+  decode_steps: Array
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,17 +257,22 @@ def logical_axes(tree) -> object:
                                                         tree.vision)
     return RolloutInputs(input_ids=("batch", "length"), attention_mask=("batch", "length"),
                          position_ids=(None, "batch", "length"), vision=vis, prompt_ids=("batch",),
-                         valid=("batch",), eos_ids=("batch", None))
+                         valid=("batch",), eos_ids=("batch", None),
+                         length_limit=None if tree.length_limit is None else ("batch",))
   if isinstance(tree, DecodeState):
-    kv = ("layers", "batch", "cache_length", "act_kv_heads", "act_head_dim")
-    return DecodeState(tokens=("batch", None), logprobs=("batch", None), raw_logprobs=("batch", None),
-                       last_token=("batch",), next_pos=("batch",), finished=("batch",),
-                       lengths=("batch",), row_keys=("batch",), eos_ids=("batch", None),
-                       cache=qwen.KVCache(k=kv, v=kv, key_mask=("batch", "cache_length"), index=()),
-                       step=())
+    kv = ("batch", "act_kv_heads", "cache_length", "act_head_dim")
+    rows = ("batch",)
+    return DecodeState(
+        tokens=("batch", None), logprobs=("batch", None), raw_logprobs=("batch", None), lengths=rows,
+        keys=rows, first_token=rows, queue=rows, queued=rows, taken=rows,
+        prompt=text_lib.PromptKV(k=(kv,) * len(tree.k), v=(kv,) * len(tree.v), mask=("batch", "cache_length")),
+        next_pos=rows, eos_ids=("batch", None), limit=rows, row_sample=rows, row_len=rows, last_token=rows,
+        row_pos=rows, row_key=rows, row_eos=("batch", None), row_limit=rows, finished=rows,
+        k=(kv,) * len(tree.k), v=(kv,) * len(tree.v), steps=())
   if isinstance(tree, RolloutOutput):
     return RolloutOutput(tokens=("batch", None), mask=("batch", None), logprobs=("batch", None),
-                         raw_logprobs=("batch", None), lengths=("batch",), truncated=("batch",))
+                         raw_logprobs=("batch", None), lengths=("batch",), truncated=("batch",),
+                         decode_steps=())
   raise TypeError(type(tree))
 
 
@@ -257,78 +301,210 @@ def batch_shards(mesh: Mesh | None, rules: sharding.Rules = sharding.SAMPLE_RULE
 # ------------------------------------------------------------------------------------------------
 # The programs
 # ------------------------------------------------------------------------------------------------
-def _start(model: qwen.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: SamplingConfig,
-           max_new_tokens: int, num_samples: int, pad_token_id: int, mesh, rules) -> DecodeState:
-  """Prefill B prompts, repeat the cache G times, sample token 0 of every row."""
-  inputs = _constrain(inputs, mesh, rules)
-  B, T = inputs.input_ids.shape
-  G, N = num_samples, max_new_tokens
-  R = B * G
-  cache = qwen.init_cache(model.cfg.text, B, T, model.dtype)
-  logits_BxV, cache = qwen.prefill(model, inputs.input_ids, inputs.position_ids, inputs.attention_mask,
-                                cache, inputs.vision)
-  # Decode cache: each prompt's T slots copied to its G rows (prompt-major), plus N empty slots.
-  rep = lambda x, axis: jnp.repeat(x, G, axis=axis)
-  grow = lambda x: jnp.concatenate([rep(x, 1), jnp.zeros(x.shape[:1] + (R, N) + x.shape[3:], x.dtype)], 2)
-  cache = qwen.KVCache(k=grow(cache.k), v=grow(cache.v),
-                    key_mask=jnp.concatenate([rep(cache.key_mask, 0), jnp.zeros((R, N), bool)], 1),
-                    index=cache.index)
-  keys_R = row_keys(key, inputs.prompt_ids, G)
-  step0 = jax.vmap(jax.random.fold_in, (0, None))(keys_R, 0)
-  tok, logp, raw = sample_tokens(rep(logits_BxV, 0), step0, sampling)
-  valid_R = rep(inputs.valid, 0)
-  eos_RxE = rep(inputs.eos_ids, 0)
-  tok = jnp.where(valid_R, tok, pad_token_id)
-  col0 = lambda v, fill, dt: jnp.full((R, N), fill, dt).at[:, 0].set(jnp.where(valid_R, v, fill))
-  # Decode position: max prompt position + 1 (= last + 1 for images and text; port notes §2.5).
-  next_pos = rep(jnp.max(inputs.position_ids, axis=(0, 2)) + 1, 0).astype(jnp.int32)
-  state = DecodeState(
-      tokens=col0(tok, pad_token_id, jnp.int32), logprobs=col0(logp, 0.0, jnp.float32),
-      raw_logprobs=col0(raw, 0.0, jnp.float32), last_token=tok, next_pos=next_pos,
-      finished=~valid_R | _is_stop(tok, eos_RxE), lengths=valid_R.astype(jnp.int32),
-      row_keys=keys_R, eos_ids=eos_RxE, cache=cache, step=jnp.ones((), jnp.int32))
-  return _constrain(state, mesh, rules)
+def _blocks(x: Array, n: int) -> Array:
+  """[X, ...] -> [n, X/n, ...]: the contiguous blocks that the n batch shards hold."""
+  return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+
+def _take_local(x: Array, local_R: Array, n: int) -> Array:
+  """x[block(r) * X/n + local_R[r]] for each row r of R (rows split into the same n blocks): a
+  gather within each block, so no data crosses batch shards. [X, ...] -> [R, ...]."""
+  out = jax.vmap(lambda blk, i: blk[i])(_blocks(x, n), _blocks(local_R, n))
+  return out.reshape(local_R.shape + x.shape[1:])
+
+
+def _put_local(buf: Array, local_R: Array, values_R: Array, n: int, col_R: Array | None = None) -> Array:
+  """buf[block(r) * X/n + local_R[r] (, col_R[r])] = values_R[r] within each block; a local index
+  of X/n (out of range) writes nothing."""
+  if col_R is None:
+    out = jax.vmap(lambda b, i, v: b.at[i].set(v, mode="drop"))(_blocks(buf, n), _blocks(local_R, n),
+                                                                _blocks(values_R, n))
+  else:
+    out = jax.vmap(lambda b, i, j, v: b.at[i, j].set(v, mode="drop"))(
+        _blocks(buf, n), _blocks(local_R, n), _blocks(col_R, n), _blocks(values_R, n))
+  return out.reshape(buf.shape)
+
+
+def _local_index(global_R: Array, X: int, n: int) -> Array:
+  """A row's global index into an [X] array -> its index within the row's block."""
+  R = global_R.shape[0]
+  return global_R - (jnp.arange(R) // (R // n)) * (X // n)
+
+
+def decode_rows_for(num_samples_total: int, decode_rows: int) -> int:
+  """R: all W samples at once (decode_rows 0 or >= W), else `decode_rows` slots refilled."""
+  return num_samples_total if decode_rows <= 0 or decode_rows >= num_samples_total else decode_rows
+
+
+def row_slots(max_new_tokens: int, chunk: int) -> int:
+  """S, the slots of a row's own KV: N - 1 (the last token is never fed), rounded up to a multiple
+  of the attention chunk when there is more than one chunk."""
+  s = max(max_new_tokens - 1, 1)
+  return -(-s // chunk) * chunk if 0 < chunk < s else s
 
 
 def _is_stop(tok_R: Array, eos_RxE: Array) -> Array:
   return jnp.any(tok_R[:, None] == eos_RxE, axis=-1)
 
 
-def _decode(model: qwen.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, max_new_tokens: int,
-            pad_token_id: int, mesh, rules) -> DecodeState:
-  """Runs the while loop until every row stopped or N tokens exist; returns the final state."""
-  N = max_new_tokens
+def _assign(s: DecodeState, take_R: Array, sample_R: Array, num_samples: int, n: int) -> DecodeState:
+  """Rows where take_R start decoding sample sample_R (global index): its first token (sampled at
+  prefill) is fed next, at its prompt's first decode position, with the sample's own RNG stream."""
+  W = s.tokens.shape[0]
+  loc = jnp.clip(_local_index(sample_R, W, n), 0, W // n - 1)
+  loc_prompt = loc // num_samples  # blocks of samples and of prompts line up (prompt-major)
+
+  def sel(new, old):
+    return jnp.where(take_R.reshape(take_R.shape + (1,) * (jnp.ndim(old) - 1)), new, old)
+  pick = lambda x, i: _take_local(x, i, n)
+  return dataclasses.replace(
+      s, row_sample=sel(sample_R, s.row_sample), row_len=sel(1, s.row_len),
+      last_token=sel(pick(s.first_token, loc), s.last_token), row_pos=sel(pick(s.next_pos, loc_prompt), s.row_pos),
+      row_key=sel(pick(s.keys, loc), s.row_key), row_eos=sel(pick(s.eos_ids, loc_prompt), s.row_eos),
+      row_limit=sel(pick(s.limit, loc_prompt), s.row_limit), finished=s.finished & ~take_R)
+
+
+def _refill(s: DecodeState, num_samples: int, n: int) -> DecodeState:
+  """Finished rows take the next queued samples of their block, in queue order (slot refill)."""
+  R, W = s.row_sample.shape[0], s.tokens.shape[0]
+  Wl = W // n
+  free = _blocks(s.finished, n)  # [n, R/n]
+  rank = jnp.cumsum(free, axis=1) - 1
+  left = s.queued - s.taken
+  take = free & (rank < left[:, None])
+  loc = jnp.take_along_axis(_blocks(s.queue, n), jnp.clip(s.taken[:, None] + rank, 0, Wl - 1), axis=1)
+  sample = (loc + jnp.arange(n)[:, None] * Wl).reshape(R)
+  s = dataclasses.replace(s, taken=s.taken + jnp.minimum(jnp.sum(free, axis=1), left).astype(jnp.int32))
+  return _assign(s, take.reshape(R), sample, num_samples, n)
+
+
+def _start(model: qwen.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: SamplingConfig,
+           max_new_tokens: int, num_samples: int, pad_token_id: int, decode_rows: int, chunk: int,
+           shards: int, mesh, rules) -> DecodeState:
+  """Prefill the B prompts once, sample token 0 of every sample, give rows their first samples."""
+  inputs = _constrain(inputs, mesh, rules)
+  B, T = inputs.input_ids.shape
+  G, N, n = num_samples, max_new_tokens, shards
+  W = B * G
+  R = decode_rows_for(W, decode_rows)
+  t = model.cfg.text
+  L = t.num_hidden_layers
+  cache = qwen.init_cache(t, B, T, model.dtype)
+  logits_BxV, cache = qwen.prefill(model, inputs.input_ids, inputs.position_ids, inputs.attention_mask,
+                                cache, inputs.vision)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, KV, K] -> [B, KV, T, K] (`text.decode`)
+  prompt = text_lib.PromptKV(k=tuple(heads_first(cache.k[i]) for i in range(L)),
+                             v=tuple(heads_first(cache.v[i]) for i in range(L)), mask=cache.key_mask)
+  rep = lambda x: jnp.repeat(x, G, axis=0)  # prompt -> its G samples (prompt-major)
+  keys_W = row_keys(key, inputs.prompt_ids, G)
+  tok, logp, raw = sample_tokens(rep(logits_BxV), jax.vmap(jax.random.fold_in, (0, None))(keys_W, 0), sampling)
+  valid_W = rep(inputs.valid)
+  tok = jnp.where(valid_W, tok, pad_token_id)
+  col0 = lambda v, fill, dt: jnp.full((W, N), fill, dt).at[:, 0].set(jnp.where(valid_W, v, fill))
+  limit_B = (jnp.full((B,), N, jnp.int32) if inputs.length_limit is None
+             else jnp.clip(inputs.length_limit.astype(jnp.int32), 1, N))
+  # Samples that need decode steps: the others end at token 0 (a stop token, or limit 1).
+  todo_W = valid_W & ~_is_stop(tok, rep(inputs.eos_ids)) & (rep(limit_B) > 1)
+  if R == W:  # every sample has its row from the start; no queue
+    queue, queued = jnp.zeros((W,), jnp.int32), jnp.zeros((n,), jnp.int32)
+  else:  # per block: the samples to decode, in order, then the rest
+    queue = jnp.argsort(~_blocks(todo_W, n), axis=1, stable=True).astype(jnp.int32).reshape(W)
+    queued = jnp.sum(_blocks(todo_W, n), axis=1).astype(jnp.int32)
+  S = row_slots(N, chunk)
+  zeros = lambda: tuple(jnp.zeros((R, t.num_key_value_heads, S, t.head_dim), model.dtype) for _ in range(L))
+  state = DecodeState(
+      tokens=col0(tok, pad_token_id, jnp.int32), logprobs=col0(logp, 0.0, jnp.float32),
+      raw_logprobs=col0(raw, 0.0, jnp.float32), lengths=valid_W.astype(jnp.int32), keys=keys_W,
+      first_token=tok, queue=queue, queued=queued, taken=jnp.zeros((n,), jnp.int32), prompt=prompt,
+      # Decode positions continue from max(prompt positions) + 1 (docs/qwen2_5_vl_port.md §2.5).
+      next_pos=(jnp.max(inputs.position_ids, axis=(0, 2)) + 1).astype(jnp.int32), eos_ids=inputs.eos_ids,
+      limit=limit_B, row_sample=jnp.full((R,), -1, jnp.int32), row_len=jnp.zeros((R,), jnp.int32),
+      last_token=jnp.full((R,), pad_token_id, jnp.int32), row_pos=jnp.zeros((R,), jnp.int32),
+      row_key=_take_local(keys_W, jnp.zeros((R,), jnp.int32), n),  # placeholders until a row is assigned
+      row_eos=jnp.full((R, inputs.eos_ids.shape[1]), -1, jnp.int32),
+      row_limit=jnp.ones((R,), jnp.int32), finished=jnp.ones((R,), bool), k=zeros(), v=zeros(),
+      steps=jnp.zeros((), jnp.int32))
+  if R == W:
+    state = _assign(state, todo_W, jnp.arange(W, dtype=jnp.int32), G, n)
+  else:
+    state = _refill(state, G, n)
+  return _constrain(state, mesh, rules)
+
+
+def _decode(model: qwen.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, num_samples: int,
+            pad_token_id: int, chunk: int, shards: int, mesh, rules) -> DecodeState:
+  """Decode steps until no row has a sample left: each step feeds every row's last token, samples
+  the next one, and (with fewer rows than samples) hands finished rows the next queued samples."""
+  G, n = num_samples, shards
+  W, R = state.tokens.shape[0], state.row_sample.shape[0]
+  refill = R < W
+  # Off TPU: per-layer weights split before the loop (XLA:CPU copies a slice of a stacked weight
+  # inside a loop every step; XLA:TPU reads it in the consumer's fusion) and attention matmuls with
+  # one batch dim (see `text._partial_attention`).
+  off_tpu = _off_tpu(mesh)
+  weights = text_lib.layer_weights(model.language_model) if off_tpu else None
 
   def cond(s: DecodeState):
-    return (s.step < N) & ~jnp.all(s.finished)
+    return jnp.any(~s.finished)  # a refilled row is live: only samples that need steps are queued
 
   def body(s: DecodeState) -> DecodeState:
-    logits, cache = qwen.decode_step(model, s.last_token, s.next_pos, s.cache)
-    keys = jax.vmap(jax.random.fold_in, (0, None))(s.row_keys, s.step)
+    live = ~s.finished
+    slot = jnp.maximum(s.row_len - 1, 0)  # the fed token's index = its slot in the row's KV
+    x = model.language_model.embed(s.last_token)
+    h, k, v = text_lib.decode(
+        model.language_model, x, s.row_pos + slot, slot, s.k, s.v, heads_first=True,
+        filled=jnp.max(jnp.where(live, s.row_len, 0)), prompt=s.prompt,
+        row_prompt_R=s.row_sample // G if refill else None, shards=n, chunk=chunk, weights=weights,
+        fold_heads=off_tpu)
+    logits = qwen.logits_from_hidden(model, h[:, None])[:, 0]
+    keys = jax.vmap(jax.random.fold_in)(s.row_key, s.row_len)  # token index = row_len
     tok, logp, raw = sample_tokens(logits, keys, sampling)
-    live = ~s.finished  # rows that stopped earlier write pad / 0 and keep their length
     tok = jnp.where(live, tok, pad_token_id)
-    put = lambda buf, v: jax.lax.dynamic_update_slice(
-        buf, jnp.where(live, v, 0).astype(buf.dtype)[:, None], (0, s.step))
+    loc = jnp.where(live, _local_index(s.row_sample, W, n), W // n)  # W/n: no write
+    put = lambda buf, v: _put_local(buf, loc, v.astype(buf.dtype), n, s.row_len)
+    new_len = s.row_len + live.astype(jnp.int32)
     new = dataclasses.replace(
-        s, tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
-        logprobs=put(s.logprobs, logp), raw_logprobs=put(s.raw_logprobs, raw),
-        last_token=tok, next_pos=s.next_pos + 1, finished=s.finished | _is_stop(tok, s.eos_ids),
-        lengths=s.lengths + live.astype(jnp.int32), cache=cache, step=s.step + 1)
+        s, tokens=put(s.tokens, tok), logprobs=put(s.logprobs, logp), raw_logprobs=put(s.raw_logprobs, raw),
+        lengths=_put_local(s.lengths, loc, new_len, n), row_len=new_len, last_token=tok,
+        finished=s.finished | _is_stop(tok, s.row_eos) | (new_len >= s.row_limit), k=k, v=v,
+        steps=s.steps + 1)
+    if refill:
+      new = _refill(new, G, n)
     return _constrain(new, mesh, rules)
 
   return jax.lax.while_loop(cond, body, state)
 
 
+def _off_tpu(mesh: Mesh | None) -> bool:
+  """Whether the programs run off TPU (the platform of the mesh's devices, else the default)."""
+  devices = mesh.devices.flat if mesh is not None else jax.devices()
+  return next(iter(devices)).platform != "tpu"
+
+
 def _finish(s: DecodeState, *, mesh, rules) -> RolloutOutput:
   N = s.tokens.shape[1]
-  # Truncated: the last kept token is not a stop token (batch-padding rows have length 0).
+  # Truncated: the last kept token is not a stop token (batch-padding samples have length 0).
   last = jnp.take_along_axis(s.tokens, jnp.maximum(s.lengths - 1, 0)[:, None], axis=1)[:, 0]
-  truncated = (s.lengths > 0) & ~_is_stop(last, s.eos_ids)
+  G = s.tokens.shape[0] // s.eos_ids.shape[0]
+  truncated = (s.lengths > 0) & ~_is_stop(last, jnp.repeat(s.eos_ids, G, axis=0))
   out = RolloutOutput(tokens=s.tokens, mask=jnp.arange(N)[None, :] < s.lengths[:, None],
                       logprobs=s.logprobs, raw_logprobs=s.raw_logprobs, lengths=s.lengths,
-                      truncated=truncated)
+                      truncated=truncated, decode_steps=s.steps)
   return _constrain(out, mesh, rules)
+
+
+def _merge(graphdef, state, dtype) -> qwen.Qwen25VL:
+  """The model; with `dtype`, every module computes in it (activations, KV cache)."""
+  model = nnx.merge(graphdef, state)
+  if dtype is not None:
+    for _, m in nnx.iter_modules(model):
+      if hasattr(m, "dtype"):
+        m.dtype = dtype
+  return model
+
+
+def _cast(state, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,44 +519,65 @@ class RolloutStatic:
   pad_token_id: int
   mesh: Mesh | None
   rules: tuple[tuple[str, sharding.AxisRule], ...]
+  decode_rows: int = 0  # 0: all B*G samples at once; else that many rows, refilled (`sampler.rollout`)
+  compute_dtype: str | None = None  # None: the parameters' own dtype
+  chunk: int = text_lib.DECODE_CHUNK  # cache slots per step of the decode attention loop
 
   @classmethod
   def make(cls, sampling: SamplingConfig, max_new_tokens: int, num_samples: int, pad_token_id: int,
-           mesh: Mesh | None, rules: sharding.Rules) -> "RolloutStatic":
+           mesh: Mesh | None, rules: sharding.Rules, decode_rows: int = 0,
+           compute_dtype=None) -> "RolloutStatic":
+    """`compute_dtype`: None or anything `jnp.dtype` takes (stored by name: hashable)."""
     return cls(sampling, int(max_new_tokens), int(num_samples), int(pad_token_id), mesh,
-               tuple(sorted(rules.items())) if mesh is not None else ())
+               tuple(sorted(rules.items())) if mesh is not None else (), int(decode_rows),
+               None if compute_dtype is None else jnp.dtype(compute_dtype).name)
 
 
 @dataclasses.dataclass(frozen=True)
 class Programs:
   """The programs of one (model graph, static config); `programs.rollout_programs` jits them.
 
-  start(state, inputs, key) -> DecodeState        prefill + first token
+  cast(state) -> state                            the parameters in the compute dtype (a copy);
+                                                  None without `compute_dtype`
+  start(state, inputs, key) -> DecodeState        prefill + first token + first samples per row
   decode(state, decode_state) -> DecodeState      the while loop; `decode_state` is donated
   finish(decode_state) -> RolloutOutput           pack the buffers
-  Each compiles once per input shapes (batch / prompt / patch buckets).
+  Each compiles once per input shapes (batch size / prompt / patch buckets).
   """
   start: object
   decode: object
   finish: object
+  cast: object = None
+
+
+def needs_cast(static: RolloutStatic, state) -> bool:
+  """Whether `state` holds floating parameters not yet in the static's compute dtype."""
+  return static.compute_dtype is not None and any(
+      jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(static.compute_dtype)
+      for x in jax.tree.leaves(state))
 
 
 def program_bodies(graphdef, static: RolloutStatic) -> Programs:
-  """The three programs as plain functions of (parameter state, arrays), for `programs.py` to jit."""
-  rules = dict(static.rules)
-  kw = dict(sampling=static.sampling, max_new_tokens=static.max_new_tokens,
-            pad_token_id=static.pad_token_id, mesh=static.mesh, rules=rules)
+  """The programs as plain functions of (parameter state, arrays), for `programs.py` to jit."""
+  rules = dict(static.rules) if static.mesh is not None else sharding.SAMPLE_RULES
+  dtype = None if static.compute_dtype is None else jnp.dtype(static.compute_dtype)
+  kw = dict(sampling=static.sampling, pad_token_id=static.pad_token_id, num_samples=static.num_samples,
+            chunk=static.chunk, shards=batch_shards(static.mesh, rules), mesh=static.mesh, rules=rules)
 
   def start(state, inputs, key):
-    return _start(nnx.merge(graphdef, state), inputs, key, num_samples=static.num_samples, **kw)
+    return _start(_merge(graphdef, state, dtype), inputs, key, max_new_tokens=static.max_new_tokens,
+                  decode_rows=static.decode_rows, **kw)
 
   def decode(state, dstate):
-    return _decode(nnx.merge(graphdef, state), dstate, **kw)
+    return _decode(_merge(graphdef, state, dtype), dstate, **kw)
 
   def finish(dstate):
     return _finish(dstate, mesh=static.mesh, rules=rules)
 
-  return Programs(start, decode, finish)
+  def cast(state):
+    return _cast(state, dtype)
+
+  return Programs(start, decode, finish, cast if dtype is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,7 +603,8 @@ def _eos_table(eos_token_ids, B: int, B_pad: int) -> np.ndarray:
 def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
                    image_grid_thw=None, *, position_ids=None, eos_token_ids=None, prompt_ids=None,
                    batch_size: int | None = None, prompt_length: int | None = None,
-                   num_patches: int | None = None, batch_multiple: int = 1) -> RolloutInputs:
+                   num_patches: int | None = None, batch_multiple: int = 1,
+                   length_limits=None) -> RolloutInputs:
   """HF-processor outputs -> left-padded, bucketed `RolloutInputs` (host numpy).
 
   Args:
@@ -417,8 +615,9 @@ def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pix
     position_ids: optional [3, B, T] aligned with `input_ids` (else `qwen.get_rope_index`).
     eos_token_ids: stop ids, shared or per prompt ([B, E]); default `default_eos_ids(cfg)`.
     prompt_ids: [B] RNG stream ids (default arange(B)).
-    batch_size / prompt_length / num_patches: fixed bucket sizes (default: power of two rounded
-      to `batch_multiple`, a multiple of 32, `buckets.patch_bucket`).
+    batch_size / prompt_length / num_patches: fixed bucket sizes (default: B rounded up to
+      `batch_multiple`, a multiple of 32, `buckets.patch_bucket`).
+    length_limits: [B] max new tokens per prompt (>= 1; capped at max_new_tokens), or None.
   """
   ids = np.asarray(input_ids).astype(np.int32)
   if ids.ndim != 2:
@@ -470,8 +669,15 @@ def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pix
     # Padding rows take ids past the largest real one, so they never share a real stream.
     pid[:B] = given
     pid[B:] = given.max() + 1 + np.arange(B_pad - B)
+  limits = None
+  if length_limits is not None:
+    given = np.asarray(length_limits, np.int64).reshape(-1)
+    if given.shape != (B,) or (given < 1).any():
+      raise ValueError(f"length_limits must be one integer >= 1 per prompt ({B}), got {np.asarray(length_limits)!r}")
+    limits = np.ones(B_pad, np.int32)  # batch padding: nothing is decoded anyway
+    limits[:B] = np.minimum(given, 2**31 - 1)
   return RolloutInputs(input_ids=ids_p, attention_mask=am_p, position_ids=pos_p.astype(np.int32),
                        vision=vin, prompt_ids=(pid % 2**32).astype(np.uint32),
                        valid=np.arange(B_pad) < B,
                        eos_ids=_eos_table(default_eos_ids(cfg) if eos_token_ids is None else eos_token_ids,
-                                          B, B_pad))
+                                          B, B_pad), length_limit=limits)

@@ -7,8 +7,8 @@
 
 The programs themselves (prefill + first token, the decode loop, packing) are defined in `rollout.py`
 and jitted in `programs.py`; this module places the inputs (on a mesh: rows over the logical `batch`
-axis, host-local rows joined into global arrays on a multi-host run) and runs start -> decode ->
-finish. RNG streams and log-prob semantics: `rollout.py`.
+axis, host-local rows joined into global arrays on a multi-host run) and runs (cast ->) start ->
+decode -> finish. RNG streams and log-prob semantics: `rollout.py`.
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ from jax.sharding import Mesh, NamedSharding
 from pgpo_jax import multihost, programs, sharding
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.rollout import (RolloutInputs, RolloutOutput, RolloutStatic, SamplingConfig, batch_shards,
-                              logical_axes, prepare_inputs, tree_shardings)
+                              logical_axes, needs_cast, prepare_inputs, tree_shardings)
 
 Array = jax.Array
 
 
 def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new_tokens: int,
             sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1, pad_token_id: int,
-            mesh: Mesh | None = None, rules: sharding.Rules | None = None) -> RolloutOutput:
+            mesh: Mesh | None = None, rules: sharding.Rules | None = None, decode_rows: int = 0,
+            compute_dtype=None) -> RolloutOutput:
   """Samples `num_samples` completions of every prompt; no array leaves the devices.
 
   Args:
@@ -45,6 +46,13 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
     mesh, rules: shard the rows over the mesh axes of the logical `batch` axis (and the KV heads
       of the cache over `act_kv_heads`). Default: the `sharding.use_rules` context if one is
       active, else unsharded; `rules` defaults to SAMPLE_RULES.
+    decode_rows: 0 decodes all B*G samples at once (a batch runs until its longest sample ends).
+      R > 0 (a multiple of the batch shards) decodes R samples at a time; a row whose sample ends
+      takes the next pending sample of its shard (slot refill / continuous batching), so rows stay
+      busy while samples are pending. A sample's tokens do not depend on R.
+    compute_dtype: e.g. "bfloat16": sample with a copy of the parameters cast to it, made once per
+      call (`state` is untouched), and a KV cache in it; logits, sampling and log-probs stay
+      float32. None: the parameters' own dtype.
   Returns:
     `RolloutOutput` with B*G rows (batch-padding rows included: length 0, mask all False), global
     arrays; `multihost.to_local(out, logical_axes(out), mesh, rules)` gives this host's rows.
@@ -53,11 +61,15 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  if decode_rows < 0:
+    raise ValueError(f"decode_rows must be >= 0 (0 = all samples at once), got {decode_rows}")
   if isinstance(key, (int, np.integer)):
     key = jax.random.key(int(key))
   mesh, rules = _resolve_mesh(mesh, rules)
+  n = batch_shards(mesh, rules)
+  if decode_rows % n:
+    raise ValueError(f"decode_rows={decode_rows} does not split over the {n} shards of the 'batch' axis")
   if mesh is not None:
-    n = batch_shards(mesh, rules)
     on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(inputs))
     # Host numpy inputs are this host's prompts (all of them in a single-process run).
     B = inputs.batch_size * (1 if on_device else jax.process_count())
@@ -70,8 +82,11 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
     else:
       inputs = multihost.to_global(inputs, logical_axes(inputs), mesh, rules, what="rollout inputs")
     key = multihost.replicated(key, mesh)
-  static = RolloutStatic.make(sampling, max_new_tokens, num_samples, pad_token_id, mesh, rules)
+  static = RolloutStatic.make(sampling, max_new_tokens, num_samples, pad_token_id, mesh, rules,
+                              decode_rows=decode_rows, compute_dtype=compute_dtype)
   prog = programs.rollout_programs(graphdef, static)
+  if needs_cast(static, state):
+    state = prog.cast(state)  # once per call; the caller's (float32) parameters stay as they are
   dstate = prog.start(state, inputs, key)
   if max_new_tokens > 1:  # with N = 1 the first token is all there is (no decode program)
     dstate = prog.decode(state, dstate)
@@ -83,7 +98,8 @@ def generate(model: qwen.Qwen25VL, input_ids, attention_mask=None, pixel_values=
              num_samples: int = 1, eos_token_ids: Sequence[int] | np.ndarray | None = None,
              pad_token_id: int | None = None, seed: int | Array = 0,
              prompt_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
-             rules: sharding.Rules | None = None) -> RolloutOutput:
+             rules: sharding.Rules | None = None, decode_rows: int = 0, compute_dtype=None,
+             length_limits: Sequence[int] | None = None) -> RolloutOutput:
   """Samples completions for prompts exactly as the HF processor returns them.
 
   Args:
@@ -97,6 +113,9 @@ def generate(model: qwen.Qwen25VL, input_ids, attention_mask=None, pixel_values=
     seed: int or PRNG key. prompt_ids: [B] RNG stream ids (default: 0..B-1).
     mesh, rules: shard the rows over the mesh (see `rollout`); parameters not yet on the mesh are
       placed with `sharding.shard_model`'s layout for `rules` (default SAMPLE_RULES).
+    decode_rows: decode that many samples at a time with slot refill (0 = all at once; `rollout`).
+    compute_dtype: e.g. "bfloat16" to sample with a cast copy of the weights (`rollout`).
+    length_limits: [B] max new tokens per prompt (the rest are truncated there), or None.
   Returns:
     `RolloutOutput` of host numpy arrays with B*G rows, prompt-major.
   """
@@ -105,7 +124,7 @@ def generate(model: qwen.Qwen25VL, input_ids, attention_mask=None, pixel_values=
   mesh, rules = _resolve_mesh(mesh, rules)
   inputs = prepare_inputs(cfg, input_ids, attention_mask, pixel_values, image_grid_thw,
                           eos_token_ids=eos_token_ids, prompt_ids=prompt_ids,
-                          batch_multiple=batch_shards(mesh, rules))
+                          batch_multiple=batch_shards(mesh, rules), length_limits=length_limits)
   B = np.asarray(input_ids).shape[0]
   graphdef, state = nnx.split(model)
   if mesh is not None and not _on_mesh(state, mesh):
@@ -113,9 +132,9 @@ def generate(model: qwen.Qwen25VL, input_ids, attention_mask=None, pixel_values=
   out = rollout(graphdef, state, inputs, seed, max_new_tokens=max_new_tokens, sampling=sampling,
                 num_samples=num_samples,
                 pad_token_id=cfg.pad_token_id if pad_token_id is None else pad_token_id,
-                mesh=mesh, rules=rules)
+                mesh=mesh, rules=rules, decode_rows=decode_rows, compute_dtype=compute_dtype)
   rows = B * num_samples  # prompt-major: the real prompts' rows come first
-  return jax.tree.map(lambda x: np.asarray(x)[:rows], out)
+  return jax.tree.map(lambda x: np.asarray(x)[:rows] if np.ndim(x) else np.asarray(x), out)
 
 
 def _on_mesh(state, mesh: Mesh) -> bool:

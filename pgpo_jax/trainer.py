@@ -267,6 +267,9 @@ class Trainer:
     self.train_shardings = sharding.param_shardings(self.model, self.mesh, sharding.TRAIN_RULES)
     self.sample_shardings = sharding.param_shardings(self.model, self.mesh, sharding.SAMPLE_RULES)
     self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
+    if c.rollout.decode_rows % self.batch_shards:  # a row only takes samples of its own batch shard
+      raise ValueError(f"rollout.decode_rows ({c.rollout.decode_rows}) must be a multiple of the "
+                       f"{self.batch_shards} batch shards of the mesh (SAMPLE_RULES' 'batch' axes)")
     # This host's share of every global batch (validate() checked that they split evenly).
     n = jax.process_count()
     self.prompts_local = c.rollout.prompts_per_step // n
@@ -373,7 +376,7 @@ class Trainer:
     mesh = self.mesh if self.mesh.size > 1 else None
     out = sampler.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
                           sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
-                          mesh=mesh)
+                          mesh=mesh, decode_rows=self.c.rollout.decode_rows, compute_dtype=self.c.rollout.dtype)
     return multihost.to_local(out, rollout_lib.logical_axes(out), self.mesh, sharding.SAMPLE_RULES)
 
   def rollout_round(self, pb: PromptBatch, params) -> list[Group]:

@@ -17,7 +17,10 @@ def ours(tiny_hf):
   return qwen.from_pretrained(tiny_hf[1], dtype="float32")
 
 
-def test_cached_decode_equals_full_forward(ours):
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_cached_decode_equals_full_forward(ours, chunk):
+  """Prefill + cached decode steps == one uncached forward. chunk=8: the decode attention reads the
+  cache 8 slots at a time, only up to the last written slot (cache longer than needed, 8 | S)."""
   rng = np.random.default_rng(0)
   g0, g1 = [(1, 6, 8)], [(1, 4, 4)]
   ids, am = left_pad([make_ids(rng, g0), make_ids(rng, g1, pre=11)])
@@ -27,14 +30,16 @@ def test_cached_decode_equals_full_forward(ours):
   steps = 8
   pos, _ = qwen.get_rope_index(ids, am, grids, image_token_id=ours.cfg.image_token_id)
   vin = qwen.prepare_vision(pixels, grids, ours.cfg.vision)
-  cache = qwen.init_cache(ours.cfg.text, B, T + steps, jnp.float32)
+  S = -(-(T + steps + 9) // 8) * 8  # unwritten slots at the end: never read (chunk) or masked
+  cache = qwen.init_cache(ours.cfg.text, B, S, jnp.float32)
   logits, cache = qwen.prefill(ours, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(am, bool), cache, vin)
   next_pos = jnp.asarray(pos.max(axis=(0, 2)) + 1)
   step_logits, tokens = [logits], []
+  step = jax.jit(lambda m, tok, p, c: qwen.decode_step(m, tok, p, c, chunk=chunk))
   for _ in range(steps):
     tok = jnp.argmax(step_logits[-1], -1).astype(jnp.int32)
     tokens.append(tok)
-    logits, cache = qwen.decode_step(ours, tok, next_pos, cache)
+    logits, cache = step(ours, tok, next_pos, cache)
     next_pos = next_pos + 1
     step_logits.append(logits)
   full_ids = np.concatenate([ids, np.stack(tokens, 1)], 1)

@@ -52,7 +52,7 @@ real_rollout_programs = programs.rollout_programs
 def spy_rollout_programs(graphdef, static):
   statics.append(static)
   p = real_rollout_programs(graphdef, static)
-  return rollout.Programs(spy("rollout_start", p.start), spy("rollout_decode", p.decode), p.finish)
+  return rollout.Programs(spy("rollout_start", p.start), spy("rollout_decode", p.decode), p.finish, p.cast)
 programs.rollout_programs = spy_rollout_programs
 
 t = trainer.Trainer(c, {workdir!r})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pgpo_jax import programs, rollout, sampler
+from pgpo_jax import buckets, programs, rollout, sampler
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading
 from tests.hf_utils import IMAGE, left_pad, make_ids, random_pixels
@@ -287,6 +287,138 @@ def test_filter_logits_matches_reference():
 
 
 # ------------------------------------------------------------------------------------------------
+# Slot refill, length-aware decode attention, bfloat16 sampling, exact batch sizes
+# ------------------------------------------------------------------------------------------------
+def run_programs(model, ids, am, pixels, grids, static, **prep):
+  """prepare_inputs + the start / decode / finish programs of `static`, as host numpy."""
+  graphdef, state = nnx.split(model)
+  inputs = rollout.prepare_inputs(model.cfg, ids, am, pixels, grids, **prep)
+  prog = programs.rollout_programs(graphdef, static)
+  ds = prog.decode(state, prog.start(state, inputs, jax.random.key(0)))
+  return jax.tree.map(np.asarray, prog.finish(ds))
+
+
+@pytest.mark.parametrize("tpu_layout", [False, True])
+def test_one_refilled_row_with_chunked_attention_matches_hf(tiny_hf, ours, tpu_layout, monkeypatch):
+  """decode_rows=1: the 3 prompts are decoded one after another in ONE row that reuses its KV
+  buffers, and the decode attention reads them 4 slots at a time (chunk=4, 12 slots). Greedy tokens
+  and log-probs are still HF's, with samples of different lengths (a stop token).
+  tpu_layout: the program as built for TPU (weights sliced inside the loop, attention matmuls with
+  (row, kv head) batch dims) instead of the CPU one."""
+  hf, _ = tiny_hf
+  if tpu_layout:
+    monkeypatch.setattr(rollout, "_off_tpu", lambda mesh: False)
+  programs.rollout_programs.cache_clear()
+  ids, am, pixels, grids = ragged_batch(np.random.default_rng(2))
+  free = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=EOS)
+  stops = (int(free.tokens[1, 2]), int(free.tokens[2, 4]))  # rows 1 and 2 stop early (at the latest)
+  static = rollout.RolloutStatic(rollout.SamplingConfig(0.0), N, 1, 0, None, (), decode_rows=1, chunk=4)
+  out = run_programs(ours, ids, am, pixels, grids, static, eos_token_ids=stops)
+  hf_tokens, hf_logp = hf_generate(hf, ids, am, pixels, grids, N, stops)
+  assert_matches_hf(out, hf_tokens, hf_logp)
+  assert out.lengths[1] <= 3 and out.lengths[2] <= 5 and len(set(out.lengths.tolist())) == 3, out.lengths
+  # One row: every decode step of every sample ran one after another.
+  assert out.decode_steps == (out.lengths - 1).sum()
+  programs.rollout_programs.cache_clear()  # no program traced with the patch outlives the test
+
+
+def test_refill_keeps_every_sample_identical(ours):
+  """Slot refill changes which row decodes a sample and when, never what it samples: each sample
+  has its own RNG stream and positions. Skewed lengths (per-prompt limits 8, 2, 5; no stop token)."""
+  ids, am, pixels, grids = ragged_batch(np.random.default_rng(4))
+  kw = dict(max_new_tokens=SAMPLED_N, temperature=1.0, top_k=50, num_samples=2, eos_token_ids=(), seed=3,
+            length_limits=[8, 2, 5])
+  full = sampler.generate(ours, ids, am, pixels, grids, **kw)
+  refill = sampler.generate(ours, ids, am, pixels, grids, decode_rows=2, **kw)
+  assert full.lengths.tolist() == [8, 8, 2, 2, 5, 5]
+  assert full.truncated.all()
+  for name in ("tokens", "mask", "lengths", "truncated"):
+    np.testing.assert_array_equal(getattr(refill, name), getattr(full, name), err_msg=name)
+  np.testing.assert_allclose(refill.logprobs, full.logprobs, atol=1e-5)
+  np.testing.assert_allclose(refill.raw_logprobs, full.raw_logprobs, atol=1e-5)
+  # Row-steps wasted = rows x steps - decode steps that produced a token (sum of lengths - 1 = 24).
+  work = int((full.lengths - 1).sum())
+  assert (int(full.decode_steps), 6 * int(full.decode_steps) - work) == (7, 18)  # all wait for the longest
+  # Two rows: (s0, s1) 7 steps, then (s2, s3) 1 step, then (s4, s5) 4 steps: 12 steps, none wasted.
+  assert (int(refill.decode_steps), 2 * int(refill.decode_steps) - work) == (12, 0)
+
+
+def test_bf16_sampling_matches_float32_greedy_except_at_near_ties(ours):
+  """A bfloat16 copy of the weights and a bf16 KV cache; logits, sampling and log-probs float32.
+
+  Greedy tokens equal the float32 path's, except where the float32 top-2 logits are within bf16's
+  error (tiny random models have near-ties: top-2 margins of 0.0005..0.5 with logits ~0.16 std);
+  after a first flip the two paths continue from different prefixes, so only the first flip is
+  checked: it must be at a near-tie."""
+  ids, am, pixels, grids = ragged_batch(np.random.default_rng(2))
+  masters = {k: np.array(v) for k, v in qwen.flat_params(ours).items()}
+  f32 = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=())
+  b16 = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=(),
+                         compute_dtype="bfloat16")
+  after = qwen.flat_params(ours)
+  assert all(after[k].dtype == np.float32 and np.array_equal(after[k], v) for k, v in masters.items())
+  assert b16.raw_logprobs.dtype == np.float32 and (b16.logprobs == 0).all()
+  # The float32 model's logits along the float32 greedy path (teacher forcing, uncached forward).
+  T = ids.shape[1]
+  full_ids = np.concatenate([ids, f32.tokens], 1)
+  logits = np.asarray(qwen.forward(ours, full_ids, np.concatenate([am, np.ones_like(f32.tokens)], 1), pixels,
+                                grids))[:, T - 1:T - 1 + N]
+  top2 = -np.sort(-logits, -1)[..., :2]
+  margin = top2[..., 0] - top2[..., 1]
+  flips = 0
+  for r in range(3):
+    diff = np.nonzero(b16.tokens[r] != f32.tokens[r])[0]
+    d = int(diff[0]) if len(diff) else N
+    np.testing.assert_allclose(b16.raw_logprobs[r, :d], f32.raw_logprobs[r, :d], atol=2e-2)
+    if d < N:
+      flips += 1
+      assert margin[r, d] < 2e-2, (r, d, margin[r, d])
+  assert flips < 3
+  # The programs really run in bf16: KV cache bf16, output buffers float32.
+  graphdef, state = nnx.split(ours)
+  static = rollout.RolloutStatic.make(rollout.SamplingConfig(0.0), N, 1, 0, None, {}, compute_dtype="bfloat16")
+  prog = programs.rollout_programs(graphdef, static)
+  inputs = rollout.prepare_inputs(ours.cfg, ids, am, pixels, grids, eos_token_ids=())
+  ds = jax.eval_shape(prog.start, prog.cast(state), inputs, jax.random.key(0))
+  assert ds.k[0].dtype == jnp.bfloat16 and ds.prompt.v[0].dtype == jnp.bfloat16
+  assert ds.logprobs.dtype == jnp.float32
+
+
+def test_batch_pads_only_to_a_multiple_of_the_shards(ours):
+  assert [buckets.batch_bucket(n, m) for n, m in ((3, 1), (5, 4), (384, 32), (385, 32), (1, 8))] == [3, 8, 384, 416, 8]
+  rng = np.random.default_rng(5)
+  ids = rng.integers(10, 400, (3, 7))
+  inputs = rollout.prepare_inputs(ours.cfg, ids)
+  assert inputs.batch_size == 3 and inputs.valid.all()  # was 4 (next power of two)
+  assert rollout.prepare_inputs(ours.cfg, ids, batch_multiple=2).valid.tolist() == [True] * 3 + [False]
+  with pytest.raises(ValueError, match="length_limits must be one integer >= 1 per prompt"):
+    rollout.prepare_inputs(ours.cfg, ids, length_limits=[3, 0, 2])
+
+
+def test_trainer_rollout_uses_the_refill_switch(tmp_path, monkeypatch):
+  """config.rollout.decode_rows / dtype reach the trainer's rollout calls (one training step)."""
+  from pgpo_jax import rewards, trainer
+  from tests.tiny_run import length_parity, tiny_config
+  monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", length_parity)
+  c = tiny_config(tmp_path / "data")
+  c.rollout.decode_rows, c.rollout.dtype = 2, "bfloat16"
+  c.warmup.sft_steps, c.train.num_steps, c.checkpoint.async_save = 0, 1, False
+  calls = []
+  real = sampler.rollout
+
+  def spy(*args, **kw):
+    out = real(*args, **kw)
+    calls.append((kw["decode_rows"], kw["compute_dtype"], int(out.decode_steps), int(np.asarray(out.lengths).sum())))
+    return out
+  monkeypatch.setattr(trainer.sampler, "rollout", spy)
+  metrics = trainer.train(c, str(tmp_path / "run"))
+  assert calls and all(rows == 2 and dtype == "bfloat16" for rows, dtype, _, _ in calls), calls
+  # 2 rows for 4 prompts x 2 samples: at least (sum of lengths - 8) / 2 decode steps per round.
+  assert all(steps >= (total - 8) / 2 for _, _, steps, total in calls), calls
+  assert np.isfinite(metrics["train/loss"])
+
+
+# ------------------------------------------------------------------------------------------------
 # Sharded == unsharded
 # ------------------------------------------------------------------------------------------------
 def test_sharded_rollout_equals_unsharded():
@@ -311,11 +443,21 @@ def test_sharded_rollout_equals_unsharded():
     sharded = sampler.generate(model, *args, mesh=mesh, **kw)
     with sharding.use_rules(mesh, sharding.SAMPLE_RULES):  # the trainer's way: mesh from context
       in_context = sampler.generate(model, *args, **kw)
+    # Slot refill on the mesh: 4 rows, one per batch shard, each refilled from its own shard.
+    refill = sampler.generate(model, *args, mesh=mesh, decode_rows=4, **kw)
+    try:
+      sampler.generate(model, *args, mesh=mesh, decode_rows=6, **kw)
+      bad_rows = ""
+    except ValueError as e:
+      bad_rows = str(e)
     print(json.dumps({"single": single.tokens.tolist(), "sharded": sharded.tokens.tolist(),
-                      "in_context": in_context.tokens.tolist(),
+                      "in_context": in_context.tokens.tolist(), "refill": refill.tokens.tolist(),
+                      "bad_rows": bad_rows,
                       "lp_single": single.logprobs.tolist(), "lp_sharded": sharded.logprobs.tolist()}))
   """)
   assert np.asarray(res["single"]).shape == (6, 6)
   np.testing.assert_array_equal(res["sharded"], res["single"])
   np.testing.assert_array_equal(res["in_context"], res["single"])
+  np.testing.assert_array_equal(res["refill"], res["single"])
+  assert "decode_rows=6 does not split over the 4 shards" in res["bad_rows"]
   np.testing.assert_allclose(res["lp_sharded"], res["lp_single"], atol=1e-4)

@@ -11,7 +11,7 @@ with the trainer's shardings and compiled:
   step            program                                        layout        resident besides args
   --------------  ---------------------------------------------  ------------  ---------------------
   rollout_start   rollout `start`: vision + prefill of the       SAMPLE_RULES  train state (params +
-                  rollout batch, G-fold cache                                  AdamW moments)
+                  rollout batch, prompt KV once per prompt     AdamW moments)
   rollout_decode  rollout `decode`: the while loop over          SAMPLE_RULES  train state
                   max_new_tokens (state donated)
   score           `score`: image + blind views of one scoring    TRAIN_RULES   AdamW moments
@@ -323,6 +323,7 @@ class Step:
   resident_bytes: int
   flops: float  # analytic, all devices
   hbm_read_bytes: float = 0.0  # per device, for memory-bound loops (decode)
+  hbm_per_step: dict | None = None  # decode: analytic HBM bytes per step by part (`decode_bytes_per_step`)
   note: str = ""
 
   def lower(self) -> jax.stages.Lowered:
@@ -344,6 +345,8 @@ class StepReport:
   resident: int = 0
   flops_per_device: float = 0.0
   xla_flops: float = 0.0
+  xla_bytes: float = 0.0  # cost_analysis "bytes accessed" (loop bodies counted once)
+  hbm_per_step: dict | None = None
   seconds_at_peak: float = 0.0
   note: str = ""
 
@@ -396,13 +399,50 @@ class Context:
     self.rollout_static = programs.training_rollout_static(c, self.cfg.pad_token_id, self.mesh)
 
 
+def rollout_compute_dtype(static: rollout_lib.RolloutStatic, param_dtype) -> jnp.dtype:
+  """The dtype the trainer samples in: the static's compute dtype (`rollout.dtype`), else the parameters'."""
+  return jnp.dtype(static.compute_dtype or param_dtype)
+
+
+def decode_bytes_per_step(cfg: qwen.Qwen25VLConfig, s: Shapes, *, param_bytes: float, kv_itemsize: int,
+                          batch_shards: int, kv_heads_per_device: int, chunk: int) -> dict[str, float]:
+  """HBM bytes one device moves per decode step (analytic), averaged over the N steps.
+
+  Weights are read once per step. Keys/values: the prompt's T slots once per prompt (its G samples
+  share them), each row's own filled slots (rounded up to the attention chunk, as the decode loop
+  reads them) and one slot written. `minimum` reads weights once plus exactly the filled slots.
+  With slot refill the rows stay full, so per generated token the same estimate holds.
+  """
+  t = cfg.text
+  slot = 2 * t.num_hidden_layers * kv_heads_per_device * t.head_dim * kv_itemsize  # k and v, one token
+  B, W = s.rollout_prompts / batch_shards, s.rollout_prompts * s.group_size / batch_shards
+  N, T = s.response_len, s.prompt_len
+  mean_filled = (N - 1) / 2  # response slots filled, averaged over the steps
+  S = max(N - 1, 1)
+  if 0 < chunk < S:
+    S = -(-S // chunk) * chunk
+    steps = np.arange(1, N)
+    read = float(np.mean(np.minimum(-(-steps // chunk) * chunk, S)))
+  else:
+    read = S
+  return {"weights": param_bytes, "prompt_kv": B * T * slot, "row_kv": W * read * slot, "write": W * slot,
+          "minimum": param_bytes + B * T * slot + W * mean_filled * slot}
+
+
 def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
   """The trainer's rollout programs on abstract inputs of `shapes` (default: the worst-case buckets)."""
   cfg, s, mesh = ctx.cfg, shapes or ctx.shapes, ctx.mesh
   rules = sharding.SAMPLE_RULES
   B, G, T, N = s.rollout_prompts, s.group_size, s.prompt_len, s.response_len
-  R, S = B * G, T + N
-  prog = programs.rollout_programs(ctx.model_graphdef, ctx.rollout_static)
+  W = B * G
+  static = ctx.rollout_static
+  R = rollout_lib.decode_rows_for(W, static.decode_rows)
+  dtype = rollout_compute_dtype(static, ctx.dtype)
+  prog = programs.rollout_programs(ctx.model_graphdef, static)
+  # The parameters as the trainer hands them to start / decode: cast to the compute dtype (the cast
+  # program is elementwise), SAMPLE layout.
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                                       else x.dtype, sharding=x.sharding), ctx.sample_params)
   E = len(rollout_lib.default_eos_ids(cfg))
   # The inputs exactly as `rollout.prepare_inputs` builds them (per-row vision, rows over `batch`).
   inputs = rollout_lib.RolloutInputs(
@@ -412,33 +452,26 @@ def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
       valid=_rows((B,), bool, mesh, rules), eos_ids=_rows((B, E), jnp.int32, mesh, rules))
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
-  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), R))
-  kv = ("layers", "batch", "cache_length", "act_kv_heads", "act_head_dim")
-  t = cfg.text
-  cache_shape = (t.num_hidden_layers, R, S, t.num_key_value_heads, t.head_dim)
-  dstate = rollout_lib.DecodeState(
-      tokens=_rows((R, N), jnp.int32, mesh, rules), logprobs=_rows((R, N), jnp.float32, mesh, rules),
-      raw_logprobs=_rows((R, N), jnp.float32, mesh, rules), last_token=_rows((R,), jnp.int32, mesh, rules),
-      next_pos=_rows((R,), jnp.int32, mesh, rules), finished=_rows((R,), bool, mesh, rules),
-      lengths=_rows((R,), jnp.int32, mesh, rules),
-      row_keys=jax.ShapeDtypeStruct(keys.shape, keys.dtype,
-                                    sharding=sharding.logical_sharding(("batch",), mesh, rules, keys.shape)),
-      eos_ids=_rows((R, E), jnp.int32, mesh, rules),
-      cache=qwen.KVCache(k=_sds(cache_shape, ctx.dtype, mesh, rules, kv), v=_sds(cache_shape, ctx.dtype, mesh, rules, kv),
-                      key_mask=_sds((R, S), bool, mesh, rules, ("batch", "cache_length")),
-                      index=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))),
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())))
+  # The decode state exactly as the start program returns it, in the rollout's layout.
+  dstate = jax.eval_shape(prog.start, params, inputs, key)
+  dstate = _attach(dstate, rollout_lib.tree_shardings(dstate, mesh, rules))
   prefill_flops = text_flops(cfg, B * T, T, B) + vision_flops(cfg, B, s.patches)
-  # Decode: N steps of R rows; a row attends to S slots (the whole cache is read each step).
-  decode_flops = text_flops(cfg, R * N, S, R * N)
-  cache_read = per_device_bytes(dstate.cache)
-  sample_param_bytes = per_device_bytes(ctx.sample_params)
+  # Decode: at most W * N tokens; a token attends to its prompt and, on average, half its response.
+  decode_flops = text_flops(cfg, W * N, T + N / 2, W * N)
+  t = cfg.text
+  kv_spec = sharding.logical_to_spec(("act_kv_heads",), rules, mesh, (t.num_key_value_heads,))
+  kv_split = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(kv_spec)) if a is not None]))
+  per_step = decode_bytes_per_step(cfg, s, param_bytes=per_device_bytes(params), kv_itemsize=dtype.itemsize,
+                                   batch_shards=ctx.batch_shards, kv_heads_per_device=t.num_key_value_heads // kv_split,
+                                   chunk=static.chunk)
+  moved = per_step["weights"] + per_step["prompt_kv"] + per_step["row_kv"] + per_step["write"]
+  refill = f", {R} rows refilled" if R < W else ""
   return [
-      Step("rollout_start", "sample", prog.start, (ctx.sample_params, inputs, key), ctx.state_bytes,
-           prefill_flops, note=f"B={B} prompts x T={T}, {s.patches} patches per prompt"),
-      Step("rollout_decode", "sample", prog.decode, (ctx.sample_params, dstate), ctx.state_bytes,
-           decode_flops, hbm_read_bytes=N * (cache_read + sample_param_bytes),
-           note=f"R={R} rows x N={N} steps, cache S={S}"),
+      Step("rollout_start", "sample", prog.start, (params, inputs, key), ctx.state_bytes,
+           prefill_flops, note=f"B={B} prompts x T={T}, {s.patches} patches per prompt, {dtype.name}"),
+      Step("rollout_decode", "sample", prog.decode, (params, dstate), ctx.state_bytes,
+           decode_flops, hbm_read_bytes=N * moved, hbm_per_step=per_step,
+           note=f"W={W} samples x N={N} steps{refill}, prompt KV T={T} shared by G={G}, {dtype.name}"),
   ]
 
 
@@ -488,7 +521,8 @@ _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds .*memory|Ran out
 
 def compile_step(step: Step, ctx: Context) -> StepReport:
   chip = ctx.topo.chip
-  rep = StepReport(step.name, step.rules, "error", chip.hbm_bytes, resident=step.resident_bytes, note=step.note)
+  rep = StepReport(step.name, step.rules, "error", chip.hbm_bytes, resident=step.resident_bytes, note=step.note,
+                   hbm_per_step=step.hbm_per_step)
   n = ctx.mesh.size
   rep.flops_per_device = step.flops / n
   peak = matmul_peak(chip, ctx.dtype, MATMUL_PRECISION)
@@ -523,6 +557,7 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   rep.xla_flops = float((cost or {}).get("flops", 0.0))
+  rep.xla_bytes = float((cost or {}).get("bytes accessed", 0.0))
   rep.verdict = "fits" if rep.total <= chip.hbm_bytes else "does not fit"
   return rep
 
@@ -595,6 +630,14 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
   if ctx.fallbacks:
     lines.append("TRAIN_RULES fallbacks (dims the mesh axis does not divide, replicated instead):")
     lines += [f"  {f}" for f in ctx.fallbacks[:12]]
+  for r in reports:
+    if r.hbm_per_step:
+      h = r.hbm_per_step
+      moved = h["weights"] + h["prompt_kv"] + h["row_kv"] + h["write"]
+      lines.append(f"{r.name}: HBM per decode step per device (analytic, mean over the N steps): {moved / GiB:.2f} GiB "
+                   f"= weights {h['weights'] / GiB:.2f} + prompt KV {h['prompt_kv'] / GiB:.2f} + row KV read "
+                   f"{h['row_kv'] / GiB:.2f} + written {h['write'] / GiB:.4f}; minimum (weights once + filled "
+                   f"slots) {h['minimum'] / GiB:.2f} GiB ({moved / h['minimum']:.2f}x)")
   return "\n".join(lines)
 
 

@@ -120,13 +120,19 @@ def prefill(model: Qwen25VL, input_ids_BxT, position_ids_3xBxT, key_mask_BxT, ca
   return logits_from_hidden(model, h[:, -1:])[:, 0], cache
 
 
-def decode_step(model: Qwen25VL, token_B: jnp.ndarray, position_B: jnp.ndarray, cache: text.KVCache
-                ) -> tuple[jnp.ndarray, text.KVCache]:
-  """One cached step: token [B] at text position [B] (same on all 3 M-RoPE axes) → logits [B, V]."""
-  x = model.language_model.embed(token_B[:, None])
-  pos = jnp.broadcast_to(position_B[None, :, None], (3, token_B.shape[0], 1))
-  h, cache = model.language_model(x, pos, jnp.ones((token_B.shape[0], 1), bool), cache, **_kw(model))
-  return logits_from_hidden(model, h)[:, 0], cache
+def decode_step(model: Qwen25VL, token_B: jnp.ndarray, position_B: jnp.ndarray, cache: text.KVCache,
+                chunk: int = text.DECODE_CHUNK) -> tuple[jnp.ndarray, text.KVCache]:
+  """One cached step: token [B] at text position [B] (same on all 3 M-RoPE axes) → logits [B, V].
+
+  Writes only slot `cache.index` of each layer (in place when the caller donates the cache) and
+  attends over the slots written so far, `chunk` slots at a time (`text.decode`)."""
+  B = token_B.shape[0]
+  slot = cache.index
+  key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, 1), bool), (0, slot))
+  x = model.language_model.embed(token_B)
+  h, k, v = text.decode(model.language_model, x, position_B, jnp.broadcast_to(slot, (B,)), cache.k, cache.v,
+                        row_mask_RxS=key_mask, filled=slot + 1, chunk=chunk)
+  return logits_from_hidden(model, h[:, None])[:, 0], text.KVCache(k=k, v=v, key_mask=key_mask, index=slot + 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -152,3 +152,186 @@ class TextModel(nnx.Module):
     if cache is None:
       return x, None
     return x, KVCache(k=new_k, v=new_v, key_mask=kv_mask, index=start + T)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode: one new token per row; its keys/values written in place; attention over filled slots
+# ------------------------------------------------------------------------------------------------
+DECODE_CHUNK = 512  # cache slots per step of the length-aware attention loop
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptKV:
+  """Post-RoPE keys/values of P prompts that decode rows read but never write.
+
+  k, v: one [P, KV, T, K] array per layer (tuples of length L), kv-heads-major.
+  mask: [P, T] bool, the prompt's real tokens (False on padding).
+  A prompt's G samples all read this one copy (`decode` with `row_prompt_R=None`).
+  """
+  k: tuple
+  v: tuple
+  mask: jnp.ndarray
+
+
+def layer_weights(model: TextModel) -> tuple[dict[str, jnp.ndarray], ...]:
+  """The decoder's weights as one dict per layer (a copy). Inside a decode loop, slices of the
+  stacked arrays are copied every step on CPU; split once before the loop instead."""
+  params = layers.values(model.layers, DecoderLayers.NAMES)
+  return tuple({k: w[i] for k, w in params.items()} for i in range(model.cfg.num_hidden_layers))
+
+
+def _partial_attention(q_BxQxNxGxK, k, v, valid_BxQxS, heads_first: bool, fold_heads: bool = False):
+  """Softmax attention over S keys, not yet normalised, in float32: (max, sum, weighted values).
+
+  k, v: [B, N, S, K] (heads_first) or [B, S, N, K]. Returns m [B, Q, N, G], l [B, Q, N, G] (sum
+  of exp(score - m) over valid keys) and acc [B, Q, N, G, K]. A query without any valid key gives
+  m = finfo.min, l = 0, acc = 0. `fold_heads` (heads_first only): merge (batch, kv head) into one
+  batch dim, one batched matmul (4x faster on XLA:CPU than two batch dims; but on a mesh that
+  splits both dims the merge would reshard k and v every step).
+  """
+  B, Q, N, G, K = q_BxQxNxGxK.shape
+  S = k.shape[2] if heads_first else k.shape[1]
+  fold = heads_first and fold_heads
+  if fold:
+    q = jnp.swapaxes(q_BxQxNxGxK, 1, 2).reshape(B * N, Q * G, K)
+    s = jnp.einsum("xqk,xsk->xqs", q, k.reshape(B * N, S, K), preferred_element_type=jnp.float32)
+    s = jnp.swapaxes(s.reshape(B, N, Q, G, S), 1, 2)
+  else:
+    kv = "bnsk" if heads_first else "bsnk"
+    s = jnp.einsum(f"bqngk,{kv}->bqngs", q_BxQxNxGxK, k, preferred_element_type=jnp.float32)
+  valid = valid_BxQxS[:, :, None, None, :]
+  s = jnp.where(valid, s, jnp.finfo(jnp.float32).min)
+  m = jnp.max(s, axis=-1)
+  p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
+  # Weights in the values' dtype, as `layers.masked_softmax_attention` does (XLA:CPU has no
+  # bf16 x bf16 -> f32 dot); the chunks' sums are then accumulated in float32.
+  pv = p.astype(v.dtype)
+  if fold:
+    acc = jnp.einsum("xqs,xsk->xqk", jnp.swapaxes(pv, 1, 2).reshape(B * N, Q * G, S), v.reshape(B * N, S, K))
+    acc = jnp.swapaxes(acc.reshape(B, N, Q, G, K), 1, 2)
+  else:
+    acc = jnp.einsum(f"bqngs,{kv}->bqngk", pv, v)
+  return m, jnp.sum(p, axis=-1), acc.astype(jnp.float32)
+
+
+def _merge_partials(a, b):
+  """Combines two partial softmaxes over disjoint key sets (exact when one of them is empty:
+  its weight is exp(finfo.min - m) = 0 and the other's is exp(0) = 1)."""
+  m = jnp.maximum(a[0], b[0])
+  wa, wb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+  return m, a[1] * wa + b[1] * wb, a[2] * wa[..., None] + b[2] * wb[..., None]
+
+
+def decode(model: TextModel, x_RxD, position_R, slot_R, k_rows, v_rows, *, heads_first: bool = False,
+           row_mask_RxS=None, filled=None, prompt: PromptKV | None = None, row_prompt_R=None,
+           shards: int = 1, chunk: int = DECODE_CHUNK, weights=None, fold_heads: bool = False):
+  """Runs the decoder on ONE new token per row. Returns final-normed hidden states [R, D] and the
+  updated row buffers (k_rows, v_rows).
+
+  Row r's token sits at text position position_R[r] (the same on the 3 M-RoPE axes). Its key and
+  value are written at slot slot_R[r] of the row buffers `k_rows` / `v_rows` — per layer
+  [R, S, KV, K], or [R, KV, S, K] with `heads_first`; a stacked [L, ...] array or a tuple of L
+  arrays — and nothing else is written, so a decode loop that carries (and donates) the buffers
+  updates them in place. The token attends to
+    - its prompt's keys, if `prompt` is given: row r continues prompt row_prompt_R[r], or, with
+      `row_prompt_R=None`, rows are prompt-major groups (R = P * G, rows p*G .. p*G+G-1 read prompt
+      p: one read of the prompt per group). With `shards` > 1 the rows and prompts are split into
+      that many equal contiguous blocks and a row's prompt must lie in its own block (a
+      shard-local gather under a batch-sharded mesh);
+    - its row-buffer slots j <= slot_R[r] (and, if given, with row_mask_RxS[r, j] set).
+  Length-aware: only slots below `filled` (a traced scalar; default all S) are read, in chunks of
+  `chunk` slots in a loop, so a step costs O(filled), not O(S). Chunks need S % chunk == 0;
+  otherwise, or when S <= chunk, all S slots are read at once.
+  `weights`: `layer_weights(model)` computed outside the caller's loop (default: sliced here).
+  `fold_heads`: attention matmuls with (row, kv head) as one batch dim (`_partial_attention`).
+  """
+  cfg, dt = model.cfg, model.dtype
+  R = x_RxD.shape[0]
+  H, N, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  G = H // N
+  ax = 2 if heads_first else 1  # the slot axis of a layer's buffer
+  S = k_rows[0].shape[ax]
+  pos = jnp.broadcast_to(position_R[None, :, None], (3, R, 1))
+  cos, sin = rope.mrope_cos_sin(pos, K, cfg.rope_theta, cfg.mrope_section)
+  cos, sin = cos.astype(dt), sin.astype(dt)
+  scale = K ** -0.5
+  slot_R = slot_R.astype(jnp.int32)
+  rows = jnp.arange(R)
+  resid = lambda x: constrain(x, ("batch", "act_embed"))
+  weights = layer_weights(model) if weights is None else weights
+
+  def write(buf, i, new_RxNxK):  # only row r's slot slot_R[r] of layer i changes
+    idx = (rows, slice(None), slot_R) if heads_first else (rows, slot_R)
+    if isinstance(buf, (tuple, list)):
+      return buf[:i] + (buf[i].at[idx].set(new_RxNxK.astype(buf[i].dtype)),) + buf[i + 1:]
+    return buf.at[(i,) + idx].set(new_RxNxK.astype(buf.dtype))
+
+  def read(buf, i, start, size):  # slots [start, start + size) of layer i
+    b = buf[i]  # a tuple element, or a static slice of the stacked array
+    return b if size == S else jax.lax.dynamic_slice_in_dim(b, start, size, axis=ax)
+
+  def row_valid(start, size):  # [R, size]
+    j = start + jnp.arange(size)
+    ok = j[None, :] <= slot_R[:, None]
+    if row_mask_RxS is not None:
+      ok &= jax.lax.dynamic_slice_in_dim(row_mask_RxS, start, size, axis=1)
+    return ok
+
+  chunked = 0 < chunk < S and S % chunk == 0
+  if chunked:
+    filled = S if filled is None else filled
+    n_chunks = (jnp.minimum(filled, S) + chunk - 1) // chunk
+
+  def prompt_partial(i, q_RxNxGxK):
+    pk, pv = prompt.k[i], prompt.v[i]
+    P = pk.shape[0]
+    if row_prompt_R is None:  # prompt-major groups: q [P, G_samples, ...] against one prompt copy
+      m, l, acc = _partial_attention(q_RxNxGxK.reshape(P, R // P, N, G, K), pk, pv, prompt.mask[:, None, :], True,
+                                     fold_heads)
+      return m.reshape(R, 1, N, G), l.reshape(R, 1, N, G), acc.reshape(R, 1, N, G, K)
+    # Each row reads its own prompt: a gather within each of the `shards` blocks.
+    n = shards
+    local = (row_prompt_R - (rows // (R // n)) * (P // n)).reshape(n, R // n)
+    take = lambda a: jax.vmap(lambda blk, idx: blk[idx])(a.reshape((n, P // n) + a.shape[1:]), local
+                                                         ).reshape((R,) + a.shape[1:])
+    return _partial_attention(q_RxNxGxK[:, None], take(pk), take(pv), take(prompt.mask)[:, None, :], True,
+                              fold_heads)
+
+  def mm(spec, a, w):  # weight matmuls accumulate and return float32, cast back to the compute dtype
+    return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32)  # (XLA:CPU: fast bf16 path)
+
+  def layer(i, x, k_rows, v_rows):
+    p = weights[i]
+    x = resid(x)
+    h = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+    q = (mm("rd,dhk->rhk", h, p["wq"]) + p["bq"]).astype(dt)
+    k = (mm("rd,dnk->rnk", h, p["wk"]) + p["bk"]).astype(dt)
+    v = (mm("rd,dnk->rnk", h, p["wv"]) + p["bv"]).astype(dt)
+    q = rope.apply_rotary(q[:, None], cos, sin)[:, 0]
+    k = rope.apply_rotary(k[:, None], cos, sin)[:, 0]
+    k_rows, v_rows = write(k_rows, i, k), write(v_rows, i, v)
+    q = (q * scale).reshape(R, 1, N, G, K)  # one query per row, scaled once here
+    if prompt is not None:
+      acc = prompt_partial(i, q[:, 0])
+    else:
+      big = jnp.finfo(jnp.float32).min
+      acc = (jnp.full((R, 1, N, G), big), jnp.zeros((R, 1, N, G)), jnp.zeros((R, 1, N, G, K)))
+    attend = lambda start, size: _partial_attention(q, read(k_rows, i, start, size), read(v_rows, i, start, size),
+                                                    row_valid(start, size)[:, None], heads_first, fold_heads)
+    if chunked:
+      acc = jax.lax.fori_loop(0, n_chunks, lambda c, acc: _merge_partials(acc, attend(c * chunk, chunk)), acc)
+    else:
+      acc = _merge_partials(acc, attend(0, S))
+    _, l, out = acc
+    att = (out / jnp.where(l == 0, 1.0, l)[..., None]).astype(dt).reshape(R, H, K)
+    x = x + mm("rhk,hkd->rd", att, p["wo"]).astype(dt)
+    h = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
+    gate = (jax.nn.silu(mm("rd,di->ri", h, p["w_gate"])) * mm("rd,di->ri", h, p["w_up"])).astype(dt)
+    x = x + mm("ri,id->rd", gate, p["w_down"]).astype(dt)
+    return resid(x), k_rows, v_rows
+
+  x = x_RxD.astype(dt)
+  for i in range(cfg.num_hidden_layers):  # unrolled: each layer's buffer is written where it lies
+    x, k_rows, v_rows = layer(i, x, k_rows, v_rows)
+  return layers.rms_norm(x, model.norm[...], cfg.rms_norm_eps), k_rows, v_rows
