@@ -236,3 +236,26 @@ def test_jit_matches_eager():
         eager = policy_loss(*args, agg=mode, dual_clip=3.0)
         jitted = jax.jit(lambda *a: policy_loss(*a, agg=mode, dual_clip=3.0))(*args)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), eager, jitted)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_rows_with_sequence_lengths_match_numpy(mode):
+    """Sequences laid back to back in rows (packing): with each token's sequence length, every mode
+    gives the per-sequence (one per row) NumPy reference."""
+    logp, old, adv, mask = random_batch(4, b=7, t=6)
+    mask = np.arange(6)[None] < np.array([6, 2, 0, 5, 1, 3, 4])[:, None]  # prefix masks, one empty
+    pg, _, _ = np_pg_tokens(logp, old, adv, 0.2, 0.28)
+    want = np_agg(pg, mask, mode, horizon=6.0)
+    # Pack the valid tokens of all sequences into 2 rows of 16 (order: sequences 0..6).
+    lengths = mask.sum(-1)
+    flat = lambda x: np.concatenate([x[i, :n] for i, n in enumerate(lengths)])  # noqa: E731
+    n_tok = int(lengths.sum())
+    rows = lambda x, fill: np.concatenate([x, np.full(32 - n_tok, fill, x.dtype)]).reshape(2, 16)  # noqa: E731
+    seq_len = rows(np.repeat(lengths, lengths).astype(np.float32), 0.0)
+    loss, _ = policy_loss(jnp.asarray(rows(flat(logp), 0.0)), jnp.asarray(rows(flat(old), 0.0)),
+                          jnp.asarray(rows(flat(adv), 0.0)), jnp.asarray(rows(flat(mask), False)),
+                          agg=mode, loss_horizon=6.0, seq_length_BxT=jnp.asarray(seq_len))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    if mode == "seq-mean-token-sum-norm":
+        with pytest.raises(ValueError, match="loss_horizon"):
+            aggregate(jnp.ones((2, 3)), jnp.ones((2, 3), bool), mode, seq_length_BxT=jnp.ones((2, 3)))
