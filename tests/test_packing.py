@@ -13,8 +13,8 @@ from pgpo_jax.rl import losses, packing, sequences
 from tests.hf_utils import left_pad, make_ids, random_pixels
 
 G, L = 2, 7
-PROMPT_GRIDS = ([(1, 4, 8)], [(1, 6, 4), (1, 2, 4)], [(1, 2, 2)])
-LENGTHS = [7, 3, 0, 5, 1, 6]  # valid tokens per response; one empty (a filler row)
+PROMPT_GRIDS = ([(1, 4, 8)], [(1, 6, 4), (1, 2, 4)], [(1, 2, 2)], [(1, 4, 4)])
+LENGTHS = [7, 3, 0, 5, 1, 6, 7, 7]  # valid tokens per response; one empty (a filler row)
 ROW = 48  # packed row length: 2-3 sequences a row
 
 
@@ -22,10 +22,11 @@ ROW = 48  # packed row length: 2-3 sequences a row
 def setup(tiny_hf):
   model = q.from_pretrained(tiny_hf[1])
   rng = np.random.default_rng(0)
-  g0, g1, g2 = PROMPT_GRIDS
-  ids, am = left_pad([make_ids(rng, g0), make_ids(rng, g1, pre=9), make_ids(rng, g2, pre=1, post=2)])
-  grids = np.asarray(g0 + g1 + g2)
-  pixels = random_pixels(rng, g0 + g1 + g2)
+  g0, g1, g2, g3 = PROMPT_GRIDS
+  ids, am = left_pad([make_ids(rng, g0), make_ids(rng, g1, pre=9), make_ids(rng, g2, pre=1, post=2),
+                      make_ids(rng, g3, pre=2)])
+  grids = np.asarray(g0 + g1 + g2 + g3)
+  pixels = random_pixels(rng, g0 + g1 + g2 + g3)
   response = rng.integers(10, 400, (len(LENGTHS), L)).astype(np.int32)
   rmask = np.arange(L)[None] < np.asarray(LENGTHS)[:, None]
   batch = sequences.make_sequence_batch(model.cfg, ids, am, pixels, grids, response, rmask)
@@ -36,11 +37,23 @@ def _pack(model, batch, units, blind=True):
   return packing.pack_sequences(batch, model.cfg.image_token_id, units, ROW, blind=blind)
 
 
-@pytest.mark.parametrize("units", [1, 3])
+def test_units_are_balanced_by_length():
+  assign = packing._assign_units(np.array([10.0, 1, 9, 8, 1, 1]), 3, balance=True)
+  assert sorted(assign.reshape(-1).tolist()) == list(range(6))
+  assert sorted(map(sorted, assign.tolist())) == [[0, 5], [1, 3], [2, 4]]  # loads 11, 9, 10
+  np.testing.assert_array_equal(packing._assign_units(np.ones(6), 3, balance=False), [[0, 1], [2, 3], [4, 5]])
+
+
+@pytest.mark.parametrize("units", [1, 2, 4])
 @pytest.mark.parametrize("estimator", ["k3", "full_kl"])
 def test_packed_scoring_equals_padded(setup, units, estimator):
+  """Units of 4, 2 (prompts dealt out of order: each segment must find its own prompt's image
+  features) and 1 prompt."""
   model, batch = setup
   packed, slot = _pack(model, batch, units)
+  if units == 2:
+    load = [sum(LENGTHS[p * G:(p + 1) * G]) + 2 * batch.prompt_mask[p].sum() for p in range(4)]
+    assert not (packing._assign_units(np.array(load, float), 2, True) == [[0, 1], [2, 3]]).all()
   assert packed.image.ids.shape[0] == units and packed.image.ids.shape[2] == ROW
   # Several sequences share a row: packing does something.
   assert (packed.image.segment.max(axis=-1) > 1).any()
@@ -109,7 +122,7 @@ def _batches(model, batch, units):
 @pytest.mark.parametrize("agg", sorted(losses.LOSS_AGGREGATIONS))
 def test_every_loss_aggregation_is_the_same_packed_and_padded(setup, agg):
   model, batch = setup
-  padded, packed = _batches(model, batch, units=3)
+  padded, packed = _batches(model, batch, units=2)
   graphdef, state = nnx.split(model)
 
   def value_and_grad(loss_fn, b):
@@ -127,16 +140,16 @@ def test_every_loss_aggregation_is_the_same_packed_and_padded(setup, agg):
 
 
 def test_micro_batched_update_is_the_same_packed_and_padded(setup, tiny_hf):
-  """Three micro-batches (one packing unit each) vs three padded micro-batches: same step."""
+  """Two micro-batches (one packing unit each) vs two padded micro-batches: same step."""
   model, batch = setup
-  padded, packed = _batches(model, batch, units=3)
+  padded, packed = _batches(model, batch, units=2)
   results = []
   for loss_fn, b in ((_padded_loss("seq-mean-token-mean", float(L)), padded),
                      (_packed_loss("seq-mean-token-mean", float(L)), packed)):
     fresh = q.from_pretrained(tiny_hf[1])
     opt = train_step_lib.make_optimizer(1e-3)
     graphdef, state = train_step_lib.init_train_state(fresh, opt)
-    step = train_step_lib.make_train_step(graphdef, lambda m, mb: loss_fn(m, mb), opt, num_microbatches=3)
+    step = train_step_lib.make_train_step(graphdef, lambda m, mb: loss_fn(m, mb), opt, num_microbatches=2)
     state, metrics = step(state, b)
     results.append((jax.tree.map(np.asarray, state.params), jax.device_get(metrics)))
   (p_pad, m_pad), (p_pk, m_pk) = results
@@ -150,7 +163,7 @@ def test_micro_batched_update_is_the_same_packed_and_padded(setup, tiny_hf):
 
 def test_pack_like_and_unpack_are_inverse(setup):
   model, batch = setup
-  pb, slot = _pack(model, batch, 3)
+  pb, slot = _pack(model, batch, 2)
   x = np.random.default_rng(0).normal(size=slot.shape).astype(np.float32)
   mask = np.asarray(batch.flat_response_mask)
   np.testing.assert_array_equal(packing.unpack(packing.pack_like(x, slot, pb.target.shape), slot), np.where(mask, x, 0))
@@ -166,7 +179,7 @@ def test_pack_errors_name_the_problem(setup):
   with pytest.raises(ValueError, match="prefix"):
     packing.pack_sequences(dataclass_replace(batch, response_mask=holes), model.cfg.image_token_id, 1, ROW)
   with pytest.raises(ValueError, match="packing units"):
-    packing.pack_sequences(batch, model.cfg.image_token_id, 2, ROW)
+    packing.pack_sequences(batch, model.cfg.image_token_id, 3, ROW)
   small = packing.PackedSizes(rows=1, blind_rows=1, tokens=4)
   with pytest.raises(ValueError, match="needs"):
     packing.pack_sequences(batch, model.cfg.image_token_id, 1, ROW, sizes=small)

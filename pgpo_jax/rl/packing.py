@@ -18,9 +18,11 @@ Only the states that predict a response token reach the lm-head: both views gath
 response-token layout [U, M] (same order in both), so the two-view estimators and the loss see
 valid tokens only; `unpack` maps [U, M] results back to the padded [P*G, L].
 
-Units. Every device leaf has a leading unit axis U: unit u holds prompts [u*Pu, (u+1)*Pu) with
-their G responses, packed into its own R rows, and everything those rows need (image features,
-response tokens) lies in the same unit. The train step splits micro-batches, and the mesh shards
+Units. Every device leaf has a leading unit axis U: unit u holds Pu prompts with their G
+responses, packed into its own R rows, and everything those rows need (image features, response
+tokens) lies in the same unit. Prompts are dealt to units longest first, each to the least loaded
+unit with room (`balance`), so that the static R (the maximum over units) wastes little; losses
+with the mini-batch's normalisers and `unpack` do not depend on which unit a prompt lands in. The train step splits micro-batches, and the mesh shards
 rows, on this leading axis; with U a multiple of (micro-batches x batch shards) every gather stays
 inside its device and micro-batch. Static shapes: (U, R, Rb, M, T) and the patch bucket; R, Rb, M
 are bucketed (`size_bucket`) so that few programs compile.
@@ -162,38 +164,56 @@ def _first_fit(lengths: list[int], row_len: int) -> tuple[list[tuple[int, int]],
   return place, len(fill)
 
 
-def _plan(b: SequenceBatch, image_token_id: int, units: int, row_len: int, blind: bool):
+def _assign_units(load_P: np.ndarray, units: int, balance: bool) -> np.ndarray:
+  """[U, Pu] prompt indices per unit: in order, or longest first to the least loaded unit with room."""
+  P = len(load_P)
+  Pu = P // units
+  if not balance:
+    return np.arange(P).reshape(units, Pu)
+  members: list[list[int]] = [[] for _ in range(units)]
+  total = np.zeros(units)
+  for p in sorted(range(P), key=lambda p: -load_P[p]):
+    u = min((u for u in range(units) if len(members[u]) < Pu), key=lambda u: total[u])
+    members[u].append(p)
+    total[u] += load_P[p]
+  return np.array([sorted(m) for m in members], np.int64).reshape(units, Pu)
+
+
+def _plan(b: SequenceBatch, image_token_id: int, units: int, row_len: int, blind: bool, balance: bool):
   P = b.prompt_ids.shape[0]
   if P % units:
     raise ValueError(f"{P} prompts do not split into {units} packing units")
-  Pu = P // units
   seqs = _sequences(b, image_token_id)
+  load = np.zeros(P)
   for s in seqs:
     longest = max(len(s.ids), len(s.blind_ids))
     if longest > row_len:
       raise ValueError(f"sequence {s.n} (prompt {s.prompt}) has {longest} tokens, more than the packed row "
                        f"length {row_len}; raise train.packed_row_length")
-  per_unit = [[s for s in seqs if s.prompt // Pu == u] for u in range(units)]
+    load[s.prompt] += len(s.ids)
+  assign = _assign_units(load, units, balance)
+  per_unit = [[s for s in seqs if s.prompt in set(ps.tolist())] for ps in assign]
   plans, need = [], PackedSizes(1, 1 if blind else 0, 1)
   for ss in per_unit:
     img, rows = _first_fit([len(s.ids) for s in ss], row_len)
     bl, brows = _first_fit([len(s.blind_ids) for s in ss], row_len) if blind else ([], 0)
     plans.append((ss, img, bl))
     need = need.max(PackedSizes(rows, brows, sum(s.resp_len for s in ss)))
-  return Pu, plans, need
+  return assign, plans, need
 
 
 def packed_sizes(b: SequenceBatch, image_token_id: int, units: int, row_len: int, *,
-                 blind: bool = True) -> PackedSizes:
+                 blind: bool = True, balance: bool = True) -> PackedSizes:
   """The bucketed sizes `pack_sequences` needs for this batch (hosts of a multi-host run take the
   maximum over hosts and pass it to `pack_sequences`)."""
-  need = _plan(b, image_token_id, units, row_len, blind)[2]
+  need = _plan(b, image_token_id, units, row_len, blind, balance)[2]
   return PackedSizes(size_bucket(need.rows), size_bucket(need.blind_rows) if blind else 0,
                      size_bucket(need.tokens))
 
 
 def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: int, *,
-                   sizes: PackedSizes | None = None, blind: bool = True) -> tuple[PackedBatch, np.ndarray]:
+                   sizes: PackedSizes | None = None, blind: bool = True,
+                   balance: bool = True) -> tuple[PackedBatch, np.ndarray]:
   """Packs a host-side (numpy) SequenceBatch into U = `units` units of rows of `row_len` tokens.
 
   Args:
@@ -203,12 +223,13 @@ def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: i
     row_len: T, at least the longest prompt+response.
     sizes: static sizes (default: `packed_sizes` of this batch).
     blind: also pack the blind view (scoring) or not (update passes).
+    balance: deal prompts to units by length (module docstring); False: prompts in order.
   Returns:
     (PackedBatch of numpy arrays, slot [P*G, L] int64): response token (n, j) lies at flat index
     slot[n, j] of the [U*M] response layout, -1 where response_mask is False (`unpack`).
   """
-  Pu, plans, need = _plan(b, image_token_id, units, row_len, blind)
-  sizes = sizes or packed_sizes(b, image_token_id, units, row_len, blind=blind)
+  assign, plans, need = _plan(b, image_token_id, units, row_len, blind, balance)
+  sizes = sizes or packed_sizes(b, image_token_id, units, row_len, blind=blind, balance=balance)
   if need.rows > sizes.rows or need.tokens > sizes.tokens or (blind and need.blind_rows > sizes.blind_rows):
     raise ValueError(f"this batch needs {need} per unit, more than the given {sizes}")
   U, T, M = units, row_len, sizes.tokens
@@ -223,6 +244,7 @@ def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: i
   target, mask, seq_len = np.zeros((U, M), np.int32), np.zeros((U, M), bool), np.zeros((U, M), np.float32)
   N, L = np.prod(b.response.shape[:2]), b.response.shape[-1]
   slot = np.full((N, L), -1, np.int64)
+  local = {int(p): i for ps in assign for i, p in enumerate(ps)}  # a prompt's place in its unit
   for u, (ss, img_place, bl_place) in enumerate(plans):
     m = 0
     segs_img, segs_bl = {}, {}
@@ -246,11 +268,11 @@ def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: i
         v["resp_index"][u, resp] = r * T + o + tp - 1 + np.arange(lr)
       feat = s.feature_rank
       img["feature"][u, img_place[i][0], img_place[i][1]:img_place[i][1] + len(s.ids)] = np.where(
-          feat >= 0, (s.prompt - u * Pu) * u_img + feat, -1)
+          feat >= 0, local[s.prompt] * u_img + feat, -1)
       m += lr
   vision = None
   if b.vision is not None:
-    vision = jax.tree.map(lambda x: np.asarray(x).reshape(U, Pu, *np.shape(x)[1:]), b.vision)
+    vision = jax.tree.map(lambda x: np.asarray(x)[assign], b.vision)  # [U, Pu, ...]
   packed = PackedBatch(image=PackedView(**img), blind=PackedView(**bl) if blind else None, vision=vision,
                        target=target, mask=mask, seq_len=seq_len)
   return packed, slot
