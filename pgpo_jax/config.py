@@ -86,8 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup = ml_collections.ConfigDict(dict(sft_steps=0, learning_rate=1e-4, prompts_per_step=16,
                                             target_template="<think>I look at the image.</think> \\boxed{{{answer}}}"))
 
+  # packing: score and train on padding-free rows of `packed_row_length` tokens (rl/packing.py)
+  # instead of padding every sequence to the longest prompt + max_new_tokens.
   c.train = ml_collections.ConfigDict(dict(num_steps=0, log_every=1, eval_every=0, eval_prompts=64,
-                                           eval_max_new_tokens=0, profile=False))
+                                           eval_max_new_tokens=0, profile=False, packing=False,
+                                           packed_row_length=4096))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
 
@@ -152,6 +155,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_p
   _require(c.reward.name in rewards.BATCH_REWARD_FNS, "reward.name",
            f"unknown reward {c.reward.name!r}; registered: {sorted(rewards.BATCH_REWARD_FNS)}")
   _require(c.train.num_steps > 0, "train.num_steps", "must be > 0")
+  _require(not c.train.packing or c.train.packed_row_length >= c.data.max_prompt_length + r.max_new_tokens,
+           "train.packed_row_length", f"({c.train.packed_row_length}) must hold the longest sequence: "
+           f"data.max_prompt_length + rollout.max_new_tokens = {c.data.max_prompt_length + r.max_new_tokens}")
   _require(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint.every", "every and keep must be > 0")
   if num_processes > 1:
     for key, n in (("rollout.prompts_per_step", r.prompts_per_step), ("updates.prompts_per_update", u.prompts_per_update),

@@ -45,7 +45,7 @@ from pgpo_jax.models import qwen2_5_vl as q
 from pgpo_jax.models.qwen2_5_vl.model import seq_bucket
 from pgpo_jax.rl import advantages as adv_lib
 from pgpo_jax.rl import losses as losses_lib
-from pgpo_jax.rl import sequences
+from pgpo_jax.rl import packed_passes, packing, sequences
 
 log = logging.getLogger("pgpo_jax.trainer")
 
@@ -213,6 +213,8 @@ def rl_loss_fn(c: ml_collections.ConfigDict):
   l = c.loss
 
   def loss_fn(model, b):
+    if "packed" in b:  # train.packing: padding-free rows
+      return packed_passes.policy_loss(model, b, l)
     seq: sequences.SequenceBatch = b["seq"]
     logp, entropy = sequences.response_logprobs(model, seq, chunk_size=l.logprob_chunk, return_entropy=True)
     flat = lambda x: x.reshape(-1, x.shape[-1])
@@ -303,7 +305,9 @@ class Trainer:
     self.state = jax.device_put(state, self._state_shardings(state))
     self.model_graphdef, _ = nnx.split(self.model)
     del self.model  # the parameters live in self.state from here on
-    n_micro = c.updates.prompts_per_update // c.updates.micro_batch_prompts
+    n_micro = self.n_micro = c.updates.prompts_per_update // c.updates.micro_batch_prompts
+    # Batch shards per host of the train programs: with train.packing, one packing unit each.
+    self.train_shards = max(rollout_lib.batch_shards(self.mesh, sharding.TRAIN_RULES) // n, 1)
     self.train_step = train_step_lib.make_train_step(self.graphdef, rl_loss_fn(c), self.optimizer, n_micro,
                                                      frozen_regex=c.optim.frozen_regex or None)
     self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef),
@@ -360,7 +364,8 @@ class Trainer:
   @staticmethod
   def _score(graphdef, params, seq, *, estimator="k3", chunk=256, clamp=None):
     model = nnx.merge(graphdef, params)
-    return sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp)
+    lib = packing if isinstance(seq, packing.PackedBatch) else sequences
+    return lib.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp)
 
   def _sample_params(self):
     if self.mesh.size == 1:
@@ -478,13 +483,18 @@ class Trainer:
     # Scoring runs in slices of `scoring_prompts` prompts: one call over a whole 384-prompt rollout
     # batch needs hundreds of GiB of activations per device at 7B (compile_check).
     sp = self.scoring_local
-    parts = []
-    for s0 in range(0, seq.prompt_ids.shape[0], sp):
-      sub = self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))
-      parts.append(self.score_fn(self.state.params, sub, estimator=p.dependency_estimator, chunk=p.scoring_chunk,
-                                 clamp=p.clamp_log_ratio))
-    parts = [self._get_rows(x) for x in parts]
-    scores = type(parts[0])(*[np.concatenate(x) for x in zip(*parts)])
+    score_kw = dict(estimator=p.dependency_estimator, chunk=p.scoring_chunk, clamp=p.clamp_log_ratio)
+    if c.train.packing:  # padding-free rows, one packing unit per batch shard (rl/packed_passes.py)
+      scores = packed_passes.score(self.score_fn, self.state.params, seq, slice_prompts=sp, units=self.train_shards,
+                                   row_len=c.train.packed_row_length, image_token_id=self.cfg.image_token_id,
+                                   put=self._put_batch, get=self._get_rows, agree=self._extent, **score_kw)
+    else:
+      parts = []
+      for s0 in range(0, seq.prompt_ids.shape[0], sp):
+        sub = self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))
+        parts.append(self.score_fn(self.state.params, sub, **score_kw))
+      parts = [self._get_rows(x) for x in parts]
+      scores = type(parts[0])(*[np.concatenate(x) for x in zip(*parts)])
     times["scoring"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     mask = seq.flat_response_mask
@@ -502,6 +512,10 @@ class Trainer:
         sl = slice(s, s + upd)
         sub = jax.tree.map(lambda x: x[sl], seq)
         batch = {"seq": sub, "adv": adv[sl], "old_logp": old_logp[sl], **_normalizers(sub.response_mask)}
+        if c.train.packing:  # one packing unit per micro-batch and batch shard
+          batch = packed_passes.update_batch(batch, units=self.n_micro * self.train_shards,
+                                             row_len=c.train.packed_row_length,
+                                             image_token_id=self.cfg.image_token_id, agree=self._extent)
         self.state, um = self.train_step(self.state, self._put_batch(batch))
         update_metrics.append(um)
     update_metrics = jax.device_get(update_metrics)
