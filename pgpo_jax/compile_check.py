@@ -406,18 +406,33 @@ def rollout_steps(ctx: Context) -> list[Step]:
   ]
 
 
+def packed_batch(ctx: Context, prompts: int, units: int, blind: bool):
+  """train.packing: an abstract PackedBatch of `prompts` prompts in `units` units, at the sizes
+  that hold any batch (every response at max_new_tokens: as much work as the padded layout)."""
+  from pgpo_jax.rl import packing
+  s = ctx.shapes
+  row = ctx.c.train.packed_row_length
+  sizes = packing.worst_case_sizes(prompts // units, s.group_size, s.prompt_len, s.response_len, row, blind=blind)
+  leaf = lambda shape, dt: _rows(shape, dt, ctx.mesh, sharding.TRAIN_RULES)  # noqa: E731
+  return packing.abstract_batch(ctx.cfg, units, prompts // units, sizes, row, s.patches, leaf)
+
+
 def score_step(ctx: Context) -> Step:
-  from pgpo_jax.rl import sequences
+  from pgpo_jax import rollout as rollout_lib
+  from pgpo_jax.rl import packing, sequences
   c, cfg, s, mesh = ctx.c, ctx.cfg, ctx.shapes, ctx.mesh
   rules = sharding.TRAIN_RULES
   seq = sequence_batch(cfg, s.score_prompts, s, mesh, rules)
+  if c.train.packing:  # one packing unit per batch shard, as the trainer
+    seq = packed_batch(ctx, s.score_prompts, rollout_lib.batch_shards(mesh, rules), blind=True)
   p = c.pgpo
   graphdef = ctx.model_graphdef
 
   def score(params, seq):  # = Trainer._score
     model = nnx.merge(graphdef, params)
-    return sequences.score_rollout(model, seq, estimator=p.dependency_estimator, chunk_size=p.scoring_chunk,
-                                   clamp_log_ratio=p.clamp_log_ratio)
+    lib = packing if isinstance(seq, packing.PackedBatch) else sequences
+    return lib.score_rollout(model, seq, estimator=p.dependency_estimator, chunk_size=p.scoring_chunk,
+                             clamp_log_ratio=p.clamp_log_ratio)
 
   fn = jax.jit(score)
   rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len
@@ -428,6 +443,7 @@ def score_step(ctx: Context) -> Step:
 
 
 def train_step_step(ctx: Context) -> Step:
+  from pgpo_jax import rollout as rollout_lib
   from pgpo_jax import train_step as train_step_lib
   from pgpo_jax import trainer
   c, cfg, s, mesh = ctx.c, ctx.cfg, ctx.shapes, ctx.mesh
@@ -438,6 +454,12 @@ def train_step_step(ctx: Context) -> Step:
            "adv": _rows((Pu, G, L), jnp.float32, mesh, rules), "old_logp": _rows((Pu, G, L), jnp.float32, mesh, rules),
            "token_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
            "seq_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
+  if c.train.packing:  # one packing unit per micro-batch and batch shard, as the trainer
+    pb = packed_batch(ctx, Pu, s.num_microbatches * rollout_lib.batch_shards(mesh, rules), blind=False)
+    per_token = lambda: _rows(pb.target.shape, jnp.float32, mesh, rules)  # noqa: E731
+    batch = {**batch, "packed": pb, "adv": per_token(), "old_logp": per_token(),
+             "loss_horizon": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
+    del batch["seq"]
   batch_sh = jax.tree.map(lambda x: x.sharding, batch)
   loss_fn = trainer.rl_loss_fn(c)
 

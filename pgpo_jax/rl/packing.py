@@ -357,3 +357,37 @@ def score_rollout(model: q.Qwen25VL, pb: PackedBatch, *, estimator: str = "k3", 
   fn = scoring.get_dependency_estimator(estimator)
   return fn(h_img, h_blind, model.lm_head_weight(), pb.target, pb.mask, chunk_size=chunk_size,
             clamp_log_ratio=clamp_log_ratio, temperature=temperature)
+
+
+# ------------------------------------------------------------------------------------------------
+# Static shapes without data (compile checks)
+# ------------------------------------------------------------------------------------------------
+def worst_case_sizes(prompts_per_unit: int, group: int, prompt_len: int, response_len: int,
+                     row_len: int, *, blind: bool = True) -> PackedSizes:
+  """Sizes that hold any batch of these bounds: every sequence at its longest (a text-only
+  prompt of `prompt_len` tokens keeps them all in the blind view too)."""
+  longest = prompt_len + response_len
+  if longest > row_len:
+    raise ValueError(f"packed row length {row_len} < longest sequence {longest} (prompt + response)")
+  seqs = prompts_per_unit * group
+  rows = size_bucket(-(-seqs // (row_len // longest)))
+  return PackedSizes(rows, rows if blind else 0, size_bucket(seqs * response_len))
+
+
+def abstract_batch(cfg: q.Qwen25VLConfig, units: int, prompts_per_unit: int, sizes: PackedSizes, row_len: int,
+                   patches: int | None, leaf) -> PackedBatch:
+  """A PackedBatch whose leaves are `leaf(shape, dtype)` (e.g. sharded ShapeDtypeStructs)."""
+  U, T, M = units, row_len, sizes.tokens
+
+  def view(R):
+    return PackedView(ids=leaf((U, R, T), jnp.int32), pos=leaf((U, R, 3, T), jnp.int32),
+                      segment=leaf((U, R, T), jnp.int32), feature=leaf((U, R, T), jnp.int32),
+                      resp_index=leaf((U, M), jnp.int32))
+
+  vision = None
+  if patches:
+    vision = q.VisionInputs(**{k: leaf((U, prompts_per_unit) + shape, jnp.dtype(dt))
+                               for k, (shape, dt) in q.vision.input_shapes(cfg.vision, patches).items()})
+  return PackedBatch(image=view(sizes.rows), blind=view(sizes.blind_rows) if sizes.blind_rows else None,
+                     vision=vision, target=leaf((U, M), jnp.int32), mask=leaf((U, M), jnp.bool_),
+                     seq_len=leaf((U, M), jnp.float32))
