@@ -424,7 +424,7 @@ def score_step(ctx: Context) -> Step:
   rules = sharding.TRAIN_RULES
   seq = sequence_batch(cfg, s.score_prompts, s, mesh, rules)
   if c.train.packing:  # one packing unit per batch shard, as the trainer
-    seq = packed_batch(ctx, s.score_prompts, rollout_lib.batch_shards(mesh, rules), blind=True)
+    seq = packed_batch(ctx, s.score_prompts, rollout_lib.batch_shards(mesh, rules), blind=c.pgpo.enabled)
   p = c.pgpo
   graphdef = ctx.model_graphdef
 
@@ -432,7 +432,7 @@ def score_step(ctx: Context) -> Step:
     model = nnx.merge(graphdef, params)
     lib = packing if isinstance(seq, packing.PackedBatch) else sequences
     return lib.score_rollout(model, seq, estimator=p.dependency_estimator, chunk_size=p.scoring_chunk,
-                             clamp_log_ratio=p.clamp_log_ratio)
+                             clamp_log_ratio=p.clamp_log_ratio, blind=p.enabled)  # GRPO/DAPO: image view only
 
   fn = jax.jit(score)
   rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len

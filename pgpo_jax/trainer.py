@@ -311,7 +311,7 @@ class Trainer:
     self.train_step = train_step_lib.make_train_step(self.graphdef, rl_loss_fn(c), self.optimizer, n_micro,
                                                      frozen_regex=c.optim.frozen_regex or None)
     self.score_fn = jax.jit(functools.partial(self._score, self.model_graphdef),
-                            static_argnames=("estimator", "chunk", "clamp"))
+                            static_argnames=("estimator", "chunk", "clamp", "blind"))
     # One compiled program (the bounded renormalisation's bisection loop is slow op by op).
     est = adv_lib.get_estimator("pgpo" if c.pgpo.enabled else "grpo")
     self.advantage_fn = jax.jit(functools.partial(est, group_size=self.G, **estimator_options(c)))
@@ -362,10 +362,10 @@ class Trainer:
 
   # -- device programs ----------------------------------------------------------------------------
   @staticmethod
-  def _score(graphdef, params, seq, *, estimator="k3", chunk=256, clamp=None):
+  def _score(graphdef, params, seq, *, estimator="k3", chunk=256, clamp=None, blind=True):
     model = nnx.merge(graphdef, params)
     lib = packing if isinstance(seq, packing.PackedBatch) else sequences
-    return lib.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp)
+    return lib.score_rollout(model, seq, estimator=estimator, chunk_size=chunk, clamp_log_ratio=clamp, blind=blind)
 
   def _sample_params(self):
     if self.mesh.size == 1:
@@ -483,7 +483,8 @@ class Trainer:
     # Scoring runs in slices of `scoring_prompts` prompts: one call over a whole 384-prompt rollout
     # batch needs hundreds of GiB of activations per device at 7B (compile_check).
     sp = self.scoring_local
-    score_kw = dict(estimator=p.dependency_estimator, chunk=p.scoring_chunk, clamp=p.clamp_log_ratio)
+    # GRPO/DAPO (pgpo.enabled=False) need the old log-probs only: no blind view.
+    score_kw = dict(estimator=p.dependency_estimator, chunk=p.scoring_chunk, clamp=p.clamp_log_ratio, blind=p.enabled)
     if c.train.packing:  # padding-free rows, one packing unit per batch shard (rl/packed_passes.py)
       scores = packed_passes.score(self.score_fn, self.state.params, seq, slice_prompts=sp, units=self.train_shards,
                                    row_len=c.train.packed_row_length, image_token_id=self.cfg.image_token_id,

@@ -65,6 +65,17 @@ def test_packed_scoring_equals_padded(setup, units, estimator):
     np.testing.assert_allclose(g, np.where(rmask, np.asarray(getattr(ref, name)), 0), atol=2e-5, err_msg=name)
 
 
+def test_packed_image_view_only_equals_padded(setup):
+  model, batch = setup
+  packed, slot = _pack(model, batch, 2, blind=False)
+  ref = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4, blind=False))(model, batch)
+  got = jax.jit(lambda m, b: packing.score_rollout(m, b, chunk_size=4, blind=False))(model, packed)
+  rmask = np.asarray(batch.flat_response_mask)
+  for name in ("logp_image_BxT", "entropy_BxT"):
+    np.testing.assert_allclose(packing.unpack(getattr(got, name), slot),
+                               np.where(rmask, np.asarray(getattr(ref, name)), 0), atol=2e-5, err_msg=name)
+
+
 def test_segments_do_not_see_each_other(setup):
   """Changing one sequence's response changes no other sequence's scores (the rows are shared)."""
   model, batch = setup

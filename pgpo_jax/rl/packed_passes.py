@@ -38,21 +38,22 @@ def _sizes(seq: SequenceBatch, image_token_id: int, units: int, row_len: int, bl
 def score(score_fn: Callable[..., scoring.DependencyScores], params: Any, seq: SequenceBatch, *,
           slice_prompts: int, units: int, row_len: int, image_token_id: int,
           put: Callable[[Any], Any], get: Callable[[Any], Any], agree: Callable[..., tuple[int, ...]],
-          **score_kw) -> scoring.DependencyScores:
+          blind: bool = True, **score_kw) -> scoring.DependencyScores:
   """Two-view scores of a host-local padded batch, computed on packed rows in slices of
   `slice_prompts` prompts; returns [P*G, L] numpy arrays (zero where `response_mask` is False).
 
-  `score_fn(params, packed_batch, **score_kw)` is the jitted scoring program; `put`/`get` move
-  row-aligned trees to global arrays and back; `agree` takes the maximum of some ints over hosts.
+  `score_fn(params, packed_batch, blind=blind, **score_kw)` is the jitted scoring program;
+  `put`/`get` move row-aligned trees to global arrays and back; `agree` takes the maximum of some
+  ints over hosts. `blind=False` packs and scores the image view only (GRPO/DAPO).
   """
   P = seq.prompt_ids.shape[0]
   units = _units(slice_prompts, units, "pgpo.scoring_prompts")
   parts = []
   for s0 in range(0, P, slice_prompts):
     sub = jax.tree.map(lambda x: np.asarray(x)[s0:s0 + slice_prompts], seq)
-    sizes = _sizes(sub, image_token_id, units, row_len, True, agree)
-    pb, slot = packing.pack_sequences(sub, image_token_id, units, row_len, sizes=sizes)
-    out = get(score_fn(params, put(pb), **score_kw))
+    sizes = _sizes(sub, image_token_id, units, row_len, blind, agree)
+    pb, slot = packing.pack_sequences(sub, image_token_id, units, row_len, sizes=sizes, blind=blind)
+    out = get(score_fn(params, put(pb), blind=blind, **score_kw))
     parts.append(type(out)(*[packing.unpack(x, slot) for x in out]))
   return type(parts[0])(*[np.concatenate(x) for x in zip(*parts)])
 

@@ -346,12 +346,18 @@ def response_logprobs(model: q.Qwen25VL, pb: PackedBatch, *, chunk_size: int = 2
 
 
 def score_rollout(model: q.Qwen25VL, pb: PackedBatch, *, estimator: str = "k3", chunk_size: int = 256,
-                  clamp_log_ratio: float | None = None, temperature: float = 1.0) -> scoring.DependencyScores:
+                  clamp_log_ratio: float | None = None, temperature: float = 1.0,
+                  blind: bool = True) -> scoring.DependencyScores:
   """PGPO's two-view scoring pass on packed rows (the packed `sequences.score_rollout`): one
-  decoder call over the image view's and the blind view's rows; [U, M] arrays (`unpack` them)."""
+  decoder call over the image view's and the blind view's rows; [U, M] arrays (`unpack` them).
+  `blind=False`: the image view only (blind log-probs = old log-probs, S = 0)."""
+  feats = _unit_features(model, pb)
+  if not blind:
+    (h_img,) = _response_states(model, [pb.image], [_embed(model, pb.image, feats)])
+    return scoring.image_view_scores(h_img, model.lm_head_weight(), pb.target, pb.mask, chunk_size=chunk_size,
+                                     temperature=temperature)
   if pb.blind is None:
     raise ValueError("score_rollout needs a PackedBatch with its blind view (pack_sequences(blind=True))")
-  feats = _unit_features(model, pb)
   h_img, h_blind = _response_states(model, [pb.image, pb.blind],
                                     [_embed(model, pb.image, feats), _embed(model, pb.blind, None)])
   fn = scoring.get_dependency_estimator(estimator)

@@ -261,6 +261,24 @@ def full_kl_dependency(
     )
 
 
+def image_view_scores(
+    hidden_image_BxTxD: Array,
+    lm_head_DxV: Array,
+    targets_BxT: Array,
+    mask_BxT: Array,
+    *,
+    chunk_size: int = 256,
+    temperature: float = 1.0,
+) -> DependencyScores:
+    """The image view alone (GRPO/DAPO need only the old log-probs): blind log-probs = image ones, S = 0."""
+    logp, entropy = token_logprobs_chunked(hidden_image_BxTxD, lm_head_DxV, targets_BxT, chunk_size,
+                                           temperature=temperature, return_entropy=True)
+    mask_BxT = jnp.asarray(mask_BxT).astype(bool)
+    logp = jax.lax.stop_gradient(jnp.where(mask_BxT, logp, 0.0))
+    entropy = jax.lax.stop_gradient(jnp.where(mask_BxT, entropy, 0.0))
+    return DependencyScores(logp, logp, jnp.zeros_like(logp), entropy)
+
+
 DependencyEstimator = Callable[..., DependencyScores]
 
 DEPENDENCY_ESTIMATORS: dict[str, DependencyEstimator] = {
