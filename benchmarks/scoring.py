@@ -1,6 +1,6 @@
 """Scoring and update passes at the paper's proportions, CPU: the blind view's cost, packed vs padded.
 
-    .venv/bin/python benchmarks/scoring.py [--prompts 2 --group 4 --hidden 128 --layers 2 --repeats 3]
+    .venv/bin/python benchmarks/scoring.py [--prompts 2 --group 4 --hidden 64 --layers 2 --repeats 2]
 
 Workload (PGPO.md §5 proportions, real token counts, a scaled-down model): each prompt holds one
 image of 1,024 visual tokens and ~100 text tokens; responses are log-normal with mean ~600 tokens,
@@ -63,8 +63,10 @@ def workload(cfg, rng, prompts, group, text_tokens, image_side, mean_len, cap):
     rows.append(t[:h] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + t[h:])
     grids.append((1, image_side, image_side))
   ids = np.array(rows, np.int32)
-  sigma = 0.8  # a long right tail; mu gives the requested mean before capping
-  lengths = np.minimum(rng.lognormal(np.log(mean_len) - sigma**2 / 2, sigma, prompts * group).astype(int) + 1, cap)
+  # Log-normal (sigma 0.8: a long right tail), rescaled so that this small sample has the requested
+  # mean, then capped.
+  raw = rng.lognormal(0.0, 0.8, prompts * group)
+  lengths = np.minimum(np.maximum((raw * mean_len / raw.mean()).astype(int), 1), cap)
   response = rng.integers(10, cfg.text.vocab_size - 10, (prompts * group, cap)).astype(np.int32)
   mask = np.arange(cap)[None] < lengths[:, None]
   pixels = rng.standard_normal((prompts * image_side * image_side, 1176)).astype(np.float32)
@@ -112,10 +114,10 @@ def main():
   ap.add_argument("--cap", type=int, default=2048)
   ap.add_argument("--row", type=int, default=4096, help="packed row length")
   ap.add_argument("--vocab", type=int, default=2048)
-  ap.add_argument("--hidden", type=int, default=128)
+  ap.add_argument("--hidden", type=int, default=64)
   ap.add_argument("--layers", type=int, default=2)
   ap.add_argument("--chunk", type=int, default=256)
-  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "scoring.json"))
   a = ap.parse_args()

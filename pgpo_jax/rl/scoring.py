@@ -7,8 +7,9 @@ Layout of this file:
   3. Two-view dependency estimators from hidden states (`DEPENDENCY_ESTIMATORS`): one
      chunked pass gives the image view's log-probs (the old log-probs), the blind view's
      log-probs, S_t and the policy entropy.
-  4. (reserved) The model-dependent two-view forward pass (image view + blind view that
-     masks the visual tokens with the same position ids) is added below by the model code.
+  4. The model-dependent two-view forward passes live in `sequences.score_rollout` (padded)
+     and `packing.score_rollout` (padding-free rows); `image_view_scores` serves runs without
+     PGPO (no blind view).
 
 Alignment: hidden_BxTxD[:, t] is the state that PREDICTS targets_BxT[:, t]; callers shift.
 """
@@ -297,5 +298,3 @@ def get_dependency_estimator(name: str) -> DependencyEstimator:
         ) from None
 
 
-# ----------------------------------------------------------------------------- 4. two-view model pass
-# (added by the model integration: image view + blind view, same ids and M-RoPE positions)
