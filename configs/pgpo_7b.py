@@ -77,6 +77,8 @@ def get_config():
   c.pgpo.dependency_estimator = "k3"
 
   c.train.num_steps = 200  # ~2 epochs of ViRL39K (~39k prompts / 384 per step)
+  c.train.packing = True  # padding-free scoring and updates (rl/packing.py)
+  c.train.packed_row_length = 4096  # >= max_prompt_length + max_new_tokens
   c.checkpoint.every = 25
   c.checkpoint.keep = 3
   return c

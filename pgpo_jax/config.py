@@ -121,8 +121,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Metrics of every step go to WORKDIR/metrics.jsonl (+ TensorBoard, W&B). profile=True writes a
   # jax.profiler trace of one step (the second this process runs: the first compiles) to WORKDIR/profile.
+  # packing: score and train on padding-free rows of `packed_row_length` tokens (rl/packing.py)
+  # instead of padding every sequence to the longest prompt + max_new_tokens.
   c.train = ml_collections.ConfigDict(dict(num_steps=0, eval_every=0, eval_prompts=64,
-                                           eval_max_new_tokens=0, profile=False))
+                                           eval_max_new_tokens=0, profile=False, packing=False,
+                                           packed_row_length=4096))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
 
@@ -252,6 +255,7 @@ VALUE_RULES: dict[str, Rule] = {
     "train.num_steps": _POS_INT,
     "train.eval_every": _NONNEG_INT,  # 0 = off
     "train.eval_max_new_tokens": _NONNEG_INT,  # 0 = rollout.max_new_tokens
+    "train.packed_row_length": _POS_INT,
     "checkpoint.every": _POS_INT,
     "checkpoint.keep": _POS_INT,
 }
@@ -336,6 +340,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_p
   from pgpo_jax import rewards
   _require(c.reward.name in rewards.BATCH_REWARD_FNS, "reward.name",
            f"unknown reward {c.reward.name!r}; registered: {sorted(rewards.BATCH_REWARD_FNS)}")
+  if c.train.packing:
+    _require(c.train.packed_row_length >= c.data.max_prompt_length + r.max_new_tokens,
+             "train.packed_row_length", f"({c.train.packed_row_length}) must hold the longest sequence: "
+             f"data.max_prompt_length + rollout.max_new_tokens = {c.data.max_prompt_length + r.max_new_tokens}")
   if num_processes > 1:
     for key, n in (("rollout.prompts_per_step", r.prompts_per_step), ("updates.prompts_per_update", u.prompts_per_update),
                    ("pgpo.scoring_prompts", p.scoring_prompts),

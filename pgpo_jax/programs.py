@@ -46,7 +46,7 @@ from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.logical_axes import rules_in_effect
 from pgpo_jax.rl import advantages as adv_lib
 from pgpo_jax.rl import losses as losses_lib
-from pgpo_jax.rl import sequences
+from pgpo_jax.rl import packed_passes, packing, sequences
 
 
 def _with_rules(fn: Callable, mesh: Mesh | None, rules: sharding.Rules | None) -> Callable:
@@ -98,18 +98,22 @@ def training_rollout_static(c: ml_collections.ConfigDict, pad_token_id: int, mes
 # Scoring, advantages, token weights
 # ------------------------------------------------------------------------------------------------
 def make_score_program(graphdef, *, estimator: str = "k3", chunk_size: int = 256,
-                       clamp_log_ratio: float | None = None, temperature: float = 1.0, mesh: Mesh | None = None,
-                       rules: sharding.Rules = sharding.TRAIN_RULES, params_sharding: Any = None,
-                       num_rows: int | None = None) -> Callable:
-  """jit `score(params, seq) -> DependencyScores` of PGPO's two-view pass (`sequences.score_rollout`).
+                       clamp_log_ratio: float | None = None, temperature: float = 1.0, blind: bool = True,
+                       mesh: Mesh | None = None, rules: sharding.Rules = sharding.TRAIN_RULES,
+                       params_sharding: Any = None, num_rows: int | None = None) -> Callable:
+  """jit `score(params, seq) -> DependencyScores` of PGPO's two-view pass: `sequences.score_rollout`
+  on a SequenceBatch, `packing.score_rollout` on a PackedBatch (train.packing; [U, M] outputs).
+  `blind=False` (GRPO/DAPO, `pgpo.enabled=False`) runs the image view only.
 
   With a mesh: `params_sharding` is the parameters' layout (a tree of shardings), `seq` has `num_rows`
-  prompts laid out by `rows_sharding`, and the [num_rows * G, L] scores come back the same way.
+  leading rows (prompts, or packing units when packed) laid out by `rows_sharding`, and the scores
+  come back the same way.
   """
   def score(params, seq):
     model = nnx.merge(graphdef, params)
-    return sequences.score_rollout(model, seq, estimator=estimator, chunk_size=chunk_size,
-                                   clamp_log_ratio=clamp_log_ratio, temperature=temperature)
+    lib = packing if isinstance(seq, packing.PackedBatch) else sequences
+    return lib.score_rollout(model, seq, estimator=estimator, chunk_size=chunk_size,
+                             clamp_log_ratio=clamp_log_ratio, temperature=temperature, blind=blind)
 
   fn = _with_rules(score, mesh, rules)
   if mesh is None:
@@ -196,7 +200,8 @@ SUMMED_LOSS_METRICS = ("pg_loss", "kl")
 
 
 def rl_loss_fn(c: ml_collections.ConfigDict):
-  """`loss_fn(model, batch)` for the train step: clipped surrogate on row-aligned [P, G, L] data.
+  """`loss_fn(model, batch)` for the train step: clipped surrogate on row-aligned [P, G, L] data, or
+  on a packed update batch (key "packed", `packed_passes.update_batch`; [U, M] per-token arrays).
 
   With `loss.kl_coef > 0` the batch carries `ref_logp` [P, G, L] (log π_ref, `reference.py`) and the
   loss adds kl_coef · agg(KL estimate); its value is the metric `kl`.
@@ -205,6 +210,11 @@ def rl_loss_fn(c: ml_collections.ConfigDict):
   temperature = logprob_temperature(c)
 
   def loss_fn(model, b):
+    if "packed" in b:  # train.packing: padding-free rows (`packed_passes.update_batch`)
+      loss, metrics = packed_passes.policy_loss(model, b, l, temperature=temperature)
+      if "kl_loss" in metrics:
+        metrics["kl"] = metrics.pop("kl_loss")
+      return loss, metrics
     seq: sequences.SequenceBatch = b["seq"]
     logp, entropy = sequences.response_logprobs(model, seq, chunk_size=l.logprob_chunk, temperature=temperature,
                                                 return_entropy=True)
@@ -255,16 +265,28 @@ def train_state_shardings(state: train_step_lib.TrainState, param_shardings: Any
   return train_step_lib.TrainState(step=rep, params=param_shardings, opt_state=opt, num_skipped=rep)
 
 
-def update_batch_sharding(mesh: Mesh, rules: sharding.Rules, num_rows: int, *, kl: bool = False
-                          ) -> dict[str, Any]:
+def update_batch_sharding(mesh: Mesh, rules: sharding.Rules, num_rows: int, *, kl: bool = False,
+                          packed: bool = False) -> dict[str, Any]:
   """Layout of the RL update batch: `seq`, `adv`, `old_logp` (+ `ref_logp` with a KL term) rows over
-  `batch`, normalisers replicated."""
+  `batch`, normalisers replicated. `packed` (train.packing, `packed_passes.update_batch`): `packed`
+  and the per-token arrays have `num_rows` packing units over `batch`, + a replicated `loss_horizon`."""
   rows = rows_sharding(mesh, rules, num_rows)
   rep = NamedSharding(mesh, P())
-  out = {"seq": rows, "adv": rows, "old_logp": rows, "token_normalizer": rep, "seq_normalizer": rep}
+  out = {"packed" if packed else "seq": rows, "adv": rows, "old_logp": rows, "token_normalizer": rep,
+         "seq_normalizer": rep}
+  if packed:
+    out["loss_horizon"] = rep
   if kl:
     out["ref_logp"] = rows
   return out
+
+
+def packing_units(c: ml_collections.ConfigDict, mesh: Mesh, num_processes: int = 1) -> tuple[int, int]:
+  """train.packing's (units per scoring slice, units per update batch) per host: one packing unit per
+  batch shard of the TRAIN layout (and per micro-batch in updates), so no gather leaves a shard."""
+  shards = max(rollout.batch_shards(mesh, sharding.TRAIN_RULES) // num_processes, 1)
+  u = c.updates
+  return shards, shards * (u.prompts_per_update // u.micro_batch_prompts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +299,8 @@ class TrainerPrograms:
   score:      (params, SequenceBatch of `score_rows` prompts) -> DependencyScores [score_rows*G, L]
   advantages: (rewards_B, dependency_BxT, mask_BxT) -> (adv_BxT, diagnostics), host-local rows
   train_step: (TrainState, update batch of `update_rows` prompts) -> (TrainState, metrics); state donated
+  With train.packing, score and train_step take packed batches and `score_rows`/`update_rows` count
+  packing units (`packing_units`), the scores come back as [score_rows, M] (`packing.unpack` them).
   """
   score: Callable
   advantages: Callable
@@ -298,8 +322,13 @@ def trainer_programs(c: ml_collections.ConfigDict, *, model_graphdef, train_grap
   rules = sharding.TRAIN_RULES
   p, u = c.pgpo, c.updates
   score_rows = config_lib.scoring_prompts_per_host(c, num_processes) * num_processes
+  update_rows = u.prompts_per_update
+  if c.train.packing:  # leading axes are packing units (`packing_units`), not prompts
+    score_units, update_units = packing_units(c, mesh, num_processes)
+    score_rows, update_rows = score_units * num_processes, update_units * num_processes
   score = make_score_program(model_graphdef, estimator=p.dependency_estimator, chunk_size=p.scoring_chunk,
                              clamp_log_ratio=p.clamp_log_ratio, temperature=logprob_temperature(c),
+                             blind=p.enabled,  # GRPO/DAPO: the image view only
                              mesh=mesh, rules=rules,
                              params_sharding=state_sharding.params, num_rows=score_rows)
   advantages = make_advantage_program("pgpo" if p.enabled else "grpo", c.rollout.group_size,
@@ -307,7 +336,7 @@ def trainer_programs(c: ml_collections.ConfigDict, *, model_graphdef, train_grap
   step = make_train_step(train_graphdef, rl_loss_fn(c), optimizer, u.prompts_per_update // u.micro_batch_prompts,
                          frozen_regex=c.optim.frozen_regex or None, summed_metrics=SUMMED_LOSS_METRICS,
                          state_sharding=state_sharding,
-                         batch_sharding=update_batch_sharding(mesh, rules, u.prompts_per_update,
-                                                              kl=bool(c.loss.kl_coef)),
+                         batch_sharding=update_batch_sharding(mesh, rules, update_rows, kl=bool(c.loss.kl_coef),
+                                                              packed=bool(c.train.packing)),
                          mesh=mesh, rules=rules)
-  return TrainerPrograms(score, advantages, step, score_rows, u.prompts_per_update)
+  return TrainerPrograms(score, advantages, step, score_rows, update_rows)

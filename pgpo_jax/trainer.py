@@ -45,7 +45,7 @@ from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.data.reader import SKIP_REASONS, DatasetSpec
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.programs import logprob_temperature, make_optimizer, sft_loss_fn
-from pgpo_jax.rl import sequences
+from pgpo_jax.rl import packed_passes, sequences
 
 log = logging.getLogger("pgpo_jax.trainer")
 
@@ -295,6 +295,8 @@ class Trainer:
     self.train_step = self.programs.train_step
     self.score_fn = self.programs.score
     self.advantage_fn = self.programs.advantages
+    # train.packing: this host's packing units per scoring slice and per update batch.
+    self.packing_units = programs.packing_units(c, self.mesh, n)
     # π_ref for the KL term: a copy of the initial weights, or None (and no memory) when kl_coef == 0.
     self.reference = reference_lib.build(c, self.model_graphdef, self.state.params, self.train_shardings,
                                          temperature=logprob_temperature(c))
@@ -497,15 +499,23 @@ class Trainer:
     # Scoring runs in slices of `scoring_prompts` prompts: one call over a whole 384-prompt rollout
     # batch needs hundreds of GiB of activations per device at 7B (compile_check).
     sp = self.scoring_local
-    parts, ref_parts = [], []
-    for s0 in range(0, used, sp):
-      sub = self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))
-      parts.append(self.score_fn(self.state.params, sub))
-      if self.reference is not None:
-        ref_parts.append(self.reference.logprobs(sub))
-    parts = [self._get_rows(x) for x in parts]
-    scores = type(parts[0])(*[_pad_rows(np.concatenate(x), P * self.G) for x in zip(*parts)])
-    if ref_parts:
+    scored = min(P, -(-used // sp) * sp)  # whole scoring slices up to the last used row
+    ref_parts = []
+    if c.train.packing:  # padding-free rows, one packing unit per batch shard (rl/packed_passes.py)
+      scores = packed_passes.score(self.score_fn, self.state.params, jax.tree.map(lambda x: x[:scored], seq),
+                                   slice_prompts=sp, units=self.packing_units[0],
+                                   row_len=c.train.packed_row_length, image_token_id=self.cfg.image_token_id,
+                                   put=self._put_batch, get=self._get_rows, agree=self._extent, blind=c.pgpo.enabled)
+      scores = type(scores)(*[_pad_rows(x, P * self.G) for x in scores])
+    else:
+      parts = []
+      for s0 in range(0, used, sp):
+        parts.append(self.score_fn(self.state.params, self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))))
+      parts = [self._get_rows(x) for x in parts]
+      scores = type(parts[0])(*[_pad_rows(np.concatenate(x), P * self.G) for x in zip(*parts)])
+    if self.reference is not None:  # π_ref on the padded rows (packed or not, the update packs them alike)
+      for s0 in range(0, used, sp):
+        ref_parts.append(self.reference.logprobs(self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))))
       ref_logp = _pad_rows(np.concatenate([self._get_rows(x) for x in ref_parts]), P * self.G).reshape(P, self.G, L)
     times["scoring"] = time.perf_counter() - t1
     t2 = time.perf_counter()
@@ -524,6 +534,10 @@ class Trainer:
         batch = {"seq": sub, "adv": adv[sl], "old_logp": old_logp[sl], **_normalizers(sub.response_mask)}
         if self.reference is not None:
           batch["ref_logp"] = ref_logp[sl]
+        if c.train.packing:  # one packing unit per micro-batch and batch shard
+          batch = packed_passes.update_batch(batch, units=self.packing_units[1],
+                                             row_len=c.train.packed_row_length,
+                                             image_token_id=self.cfg.image_token_id, agree=self._extent)
         self.state, um = self.train_step(self.state, self._put_batch(batch))
         update_metrics.append(um)
     update_metrics = jax.device_get(update_metrics)

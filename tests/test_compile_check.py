@@ -40,6 +40,7 @@ def _tiny(**overrides):
   c.updates.micro_batch_prompts = 4
   c.pgpo.scoring_chunk = 16
   c.loss.logprob_chunk = 16
+  c.train.packed_row_length = 160  # two longest sequences a row
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -54,8 +55,9 @@ def libtpu():
   pytest.importorskip("libtpu", reason="libtpu not installed: pip install 'jax[tpu]==0.10.2' (the `tpu` extra)")
 
 
-def test_tiny_config_compiles_and_fits_on_v5e_2x2(libtpu):
-  ctx, reports = cc.run(_tiny(), "v5e:2x2", cc.ALL_STEPS, log=lambda m: None)
+@pytest.mark.parametrize("packing", [True, False])
+def test_tiny_config_compiles_and_fits_on_v5e_2x2(libtpu, packing):
+  ctx, reports = cc.run(_tiny(**{"train.packing": packing}), "v5e:2x2", cc.ALL_STEPS, log=lambda m: None)
   assert dict(ctx.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
   assert [r.name for r in reports] == ["rollout_start", "rollout_decode", "score", "train"]
   for r in reports:

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgpo_jax.rl.losses import LOSS_AGGREGATIONS, kl_penalty, loss_normalizers, policy_loss
+from pgpo_jax.rl.losses import LOSS_AGGREGATIONS, aggregate, kl_penalty, loss_normalizers, policy_loss
 
 MODES = sorted(LOSS_AGGREGATIONS)
 
@@ -297,3 +297,26 @@ def test_jitted_loss_matches_numpy():
         loss, metrics = jax.jit(lambda *a: policy_loss(*a, agg=mode, dual_clip=3.0))(*args)
         np.testing.assert_allclose(loss, np_agg(tok, mask, mode), rtol=1e-5)
         np.testing.assert_allclose(metrics["clip_frac"], clipped[mask].mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_rows_with_sequence_lengths_match_numpy(mode):
+    """Sequences laid back to back in rows (packing): with each token's sequence length, every mode
+    gives the per-sequence (one per row) NumPy reference."""
+    logp, old, adv, mask = random_batch(4, b=7, t=6)
+    mask = np.arange(6)[None] < np.array([6, 2, 0, 5, 1, 3, 4])[:, None]  # prefix masks, one empty
+    pg, _, _ = np_pg_tokens(logp, old, adv, 0.2, 0.28)
+    want = np_agg(pg, mask, mode, horizon=6.0)
+    # Pack the valid tokens of all sequences into 2 rows of 16 (order: sequences 0..6).
+    lengths = mask.sum(-1)
+    flat = lambda x: np.concatenate([x[i, :n] for i, n in enumerate(lengths)])  # noqa: E731
+    n_tok = int(lengths.sum())
+    rows = lambda x, fill: np.concatenate([x, np.full(32 - n_tok, fill, x.dtype)]).reshape(2, 16)  # noqa: E731
+    seq_len = rows(np.repeat(lengths, lengths).astype(np.float32), 0.0)
+    loss, _ = policy_loss(jnp.asarray(rows(flat(logp), 0.0)), jnp.asarray(rows(flat(old), 0.0)),
+                          jnp.asarray(rows(flat(adv), 0.0)), jnp.asarray(rows(flat(mask), False)),
+                          agg=mode, loss_horizon=6.0, seq_length_BxT=jnp.asarray(seq_len))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    if mode == "seq-mean-token-sum-norm":
+        with pytest.raises(ValueError, match="loss_horizon"):
+            aggregate(jnp.ones((2, 3)), jnp.ones((2, 3), bool), mode, seq_length_BxT=jnp.ones((2, 3)))

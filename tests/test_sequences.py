@@ -135,3 +135,14 @@ def test_full_kl_estimator_is_nonnegative_and_zero_without_images(setup):
   assert text_only.vision is None and text_only.blind_index.shape == ids.shape
   s0 = sequences.score_rollout(model, text_only, estimator="full_kl", chunk_size=4)
   np.testing.assert_allclose(np.asarray(s0.dependency_BxT), 0, atol=1e-5)
+
+
+def test_without_pgpo_the_scoring_pass_runs_the_image_view_only(setup):
+  """pgpo.enabled=False (GRPO/DAPO): old log-probs and entropy as with two views, no dependency."""
+  model, batch, _ = setup
+  two = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4))(model, batch)
+  one = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4, blind=False))(model, batch)
+  np.testing.assert_allclose(np.asarray(one.logp_image_BxT), np.asarray(two.logp_image_BxT), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(one.entropy_BxT), np.asarray(two.entropy_BxT), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(one.logp_blind_BxT), np.asarray(one.logp_image_BxT))
+  assert not np.asarray(one.dependency_BxT).any()

@@ -10,6 +10,10 @@ Aggregation modes mean what verl's `agg_loss` means (its current, global-batch-a
   seq-mean-token-sum-norm  Σ_i (Σ_t m ℓ) / N_seq / H                (Dr. GRPO, H = horizon)
 N_seq counts sequences with at least one valid token; H = `loss_horizon` or the padded T.
 
+Packed rows (several sequences back to back in one row, `rl.packing`): pass `seq_length_BxT`, each
+token's sequence length L_i (its sequence's valid-token count), and every mode gives the numbers
+of the same sequences one per row (L_i and N_seq come from it instead of from the rows).
+
 Gradient accumulation: every mode is a sum over tokens/sequences divided by a batch-level
 normaliser. Pass the FULL mini-batch's `token_normalizer` (N_tok) / `seq_normalizer`
 (N_seq) to each micro-batch (see `loss_normalizers`) and the sum of micro-batch losses
@@ -47,37 +51,45 @@ def loss_normalizers(mask_BxT: Array) -> dict[str, Array]:
     }
 
 
-def _seq_count(mask_BxT: Array, seq_normalizer: Array | None) -> Array:
+def _seq_count(mask_BxT: Array, seq_normalizer: Array | None, seq_length_BxT: Array | None = None) -> Array:
     if seq_normalizer is None:
-        seq_normalizer = mask_BxT.any(axis=-1).sum()
+        if seq_length_BxT is None:
+            seq_normalizer = mask_BxT.any(axis=-1).sum()
+        else:  # the L_i tokens of sequence i count 1/L_i each
+            seq_normalizer = jnp.sum(jnp.where(mask_BxT, 1.0 / jnp.maximum(seq_length_BxT, 1.0), 0.0))
     return jnp.maximum(jnp.asarray(seq_normalizer, jnp.float32), 1.0)
 
 
-def _token_mean(loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon):
-    del seq_normalizer, loss_horizon
+def _token_mean(loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon, seq_length_BxT):
+    del seq_normalizer, loss_horizon, seq_length_BxT
     if token_normalizer is None:
         token_normalizer = mask_BxT.sum()
     return jnp.sum(loss_BxT) / jnp.maximum(jnp.asarray(token_normalizer, jnp.float32), 1.0)
 
 
-def _seq_mean_token_sum(loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon):
+def _seq_mean_token_sum(loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon, seq_length_BxT):
     del token_normalizer, loss_horizon
-    return jnp.sum(loss_BxT) / _seq_count(mask_BxT, seq_normalizer)
+    return jnp.sum(loss_BxT) / _seq_count(mask_BxT, seq_normalizer, seq_length_BxT)
 
 
-def _seq_mean_token_mean(loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon):
+def _seq_mean_token_mean(loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon, seq_length_BxT):
     del token_normalizer, loss_horizon
+    count = _seq_count(mask_BxT, seq_normalizer, seq_length_BxT)
+    if seq_length_BxT is not None:
+        return jnp.sum(loss_BxT / jnp.maximum(seq_length_BxT, 1.0)) / count
     length_B = jnp.maximum(mask_BxT.sum(axis=-1), 1).astype(jnp.float32)
-    return jnp.sum(loss_BxT.sum(axis=-1) / length_B) / _seq_count(mask_BxT, seq_normalizer)
+    return jnp.sum(loss_BxT.sum(axis=-1) / length_B) / count
 
 
-def _seq_mean_token_sum_norm(loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon):
+def _seq_mean_token_sum_norm(loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon, seq_length_BxT):
     del token_normalizer
+    if loss_horizon is None and seq_length_BxT is not None:
+        raise ValueError("seq-mean-token-sum-norm on packed rows needs loss_horizon (the padded response length)")
     horizon = mask_BxT.shape[-1] if loss_horizon is None else loss_horizon
-    return jnp.sum(loss_BxT) / _seq_count(mask_BxT, seq_normalizer) / horizon
+    return jnp.sum(loss_BxT) / _seq_count(mask_BxT, seq_normalizer, seq_length_BxT) / horizon
 
 
-Aggregation = Callable[[Array, Array, "Array | None", "Array | None", "float | None"], Array]
+Aggregation = Callable[[Array, Array, "Array | None", "Array | None", "float | None", "Array | None"], Array]
 
 LOSS_AGGREGATIONS: dict[str, Aggregation] = {
     "token-mean": _token_mean,
@@ -95,6 +107,7 @@ def aggregate(
     token_normalizer: Array | float | None = None,
     seq_normalizer: Array | float | None = None,
     loss_horizon: float | None = None,
+    seq_length_BxT: Array | None = None,
 ) -> Array:
     """Reduces a per-token loss [B, T] to a scalar with a verl `agg_loss` mode.
 
@@ -104,14 +117,19 @@ def aggregate(
       mode: a key of LOSS_AGGREGATIONS.
       token_normalizer: global N_tok for "token-mean" (default: this batch's Σ m).
       seq_normalizer: global N_seq for the seq-* modes (default: this batch's count).
-      loss_horizon: H for "seq-mean-token-sum-norm" (default: padded length T).
+      loss_horizon: H for "seq-mean-token-sum-norm" (default: padded length T; required with
+        `seq_length_BxT`).
+      seq_length_BxT: [B, T] packed rows only: the valid-token count L_i of each token's sequence.
     Returns: scalar float32.
     """
     if mode not in LOSS_AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {mode!r}; valid: {sorted(LOSS_AGGREGATIONS)}")
     mask_BxT = jnp.asarray(mask_BxT).astype(bool)
     loss_BxT = jnp.where(mask_BxT, loss_BxT, 0.0)
-    return LOSS_AGGREGATIONS[mode](loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon)
+    if seq_length_BxT is not None:
+        seq_length_BxT = jnp.asarray(seq_length_BxT, jnp.float32)
+    return LOSS_AGGREGATIONS[mode](loss_BxT, mask_BxT, token_normalizer, seq_normalizer, loss_horizon,
+                                   seq_length_BxT)
 
 
 # ----------------------------------------------------------------------------- KL estimators
@@ -171,6 +189,7 @@ def policy_loss(
     loss_horizon: float | None = None,
     token_normalizer: Array | float | None = None,
     seq_normalizer: Array | float | None = None,
+    seq_length_BxT: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """PPO/DAPO clipped surrogate, L = agg(-min(ρÃ, clip(ρ, 1-ε_low, 1+ε_high)Ã)) (+ options).
 
@@ -189,6 +208,8 @@ def policy_loss(
       loss_horizon: H for "seq-mean-token-sum-norm".
       token_normalizer, seq_normalizer: full mini-batch normalisers for gradient
         accumulation (see `loss_normalizers`); default: this batch's own.
+      seq_length_BxT: packed rows (several sequences a row): each token's sequence length,
+        see `aggregate`.
     Returns:
       loss: scalar.
       metrics: float32 scalars (no gradient), averaged over this batch's valid tokens:
@@ -212,7 +233,8 @@ def policy_loss(
     logp_BxT = jnp.where(mask_BxT, logp_BxT, 0.0)
     old_logp_BxT = jax.lax.stop_gradient(jnp.where(mask_BxT, old_logp_BxT, 0.0))
     adv_BxT = jax.lax.stop_gradient(jnp.where(mask_BxT, adv_BxT, 0.0))
-    agg_kw = dict(token_normalizer=token_normalizer, seq_normalizer=seq_normalizer, loss_horizon=loss_horizon)
+    agg_kw = dict(token_normalizer=token_normalizer, seq_normalizer=seq_normalizer, loss_horizon=loss_horizon,
+                  seq_length_BxT=seq_length_BxT)
 
     log_ratio_BxT = jnp.clip(logp_BxT - old_logp_BxT, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio_BxT = jnp.exp(log_ratio_BxT)

@@ -7,8 +7,9 @@ Layout of this file:
   3. Two-view dependency estimators from hidden states (`DEPENDENCY_ESTIMATORS`): one
      chunked pass gives the image view's log-probs (the old log-probs), the blind view's
      log-probs, S_t and the policy entropy.
-  4. (reserved) The model-dependent two-view forward pass (image view + blind view that
-     masks the visual tokens with the same position ids) is added below by the model code.
+  4. The model-dependent two-view forward passes live in `sequences.score_rollout` (padded)
+     and `packing.score_rollout` (padding-free rows); `image_view_scores` serves runs without
+     PGPO (no blind view).
 
 Alignment: hidden_BxTxD[:, t] is the state that PREDICTS targets_BxT[:, t]; callers shift.
 """
@@ -261,6 +262,24 @@ def full_kl_dependency(
     )
 
 
+def image_view_scores(
+    hidden_image_BxTxD: Array,
+    lm_head_DxV: Array,
+    targets_BxT: Array,
+    mask_BxT: Array,
+    *,
+    chunk_size: int = 256,
+    temperature: float = 1.0,
+) -> DependencyScores:
+    """The image view alone (GRPO/DAPO need only the old log-probs): blind log-probs = image ones, S = 0."""
+    logp, entropy = token_logprobs_chunked(hidden_image_BxTxD, lm_head_DxV, targets_BxT, chunk_size,
+                                           temperature=temperature, return_entropy=True)
+    mask_BxT = jnp.asarray(mask_BxT).astype(bool)
+    logp = jax.lax.stop_gradient(jnp.where(mask_BxT, logp, 0.0))
+    entropy = jax.lax.stop_gradient(jnp.where(mask_BxT, entropy, 0.0))
+    return DependencyScores(logp, logp, jnp.zeros_like(logp), entropy)
+
+
 DependencyEstimator = Callable[..., DependencyScores]
 
 DEPENDENCY_ESTIMATORS: dict[str, DependencyEstimator] = {
@@ -279,5 +298,3 @@ def get_dependency_estimator(name: str) -> DependencyEstimator:
         ) from None
 
 
-# ----------------------------------------------------------------------------- 4. two-view model pass
-# (added by the model integration: image view + blind view, same ids and M-RoPE positions)

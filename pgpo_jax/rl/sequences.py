@@ -126,23 +126,27 @@ def response_logprobs(model: qwen.Qwen25VL, b: SequenceBatch, *, chunk_size: int
 
 
 def score_rollout(model: qwen.Qwen25VL, b: SequenceBatch, *, estimator: str = "k3", chunk_size: int = 256,
-                  clamp_log_ratio: float | None = None, temperature: float = 1.0
+                  clamp_log_ratio: float | None = None, temperature: float = 1.0, blind: bool = True
                   ) -> scoring.DependencyScores:
   """PGPO's dual-condition scoring pass (no gradient): old log-probs, blind log-probs and S.
 
   The image view runs on [prompt | response] (P*G rows of Tp+L); the blind view on [prompt without
   its visual tokens | response] (P*G rows of Tb+L, `blind_index`), with the full sequence's
   positions: what the image view gives when no token may attend to a visual token. Returns
-  [P*G, L] arrays (stop-gradient), zero where `response_mask` is 0.
+  [P*G, L] arrays (stop-gradient), zero where `response_mask` is 0. `blind=False` (GRPO/DAPO,
+  `pgpo.enabled=False`) runs the image view only: blind log-probs = old log-probs, S = 0.
   """
   x, pos, key_mask, _ = _embed_and_positions(model, b)
   h_image, _ = qwen.run_decoder(model, x, pos, key_mask)
+  h_image = _response_hidden(h_image, b.prompt_ids.shape[1])
+  if not blind:
+    return scoring.image_view_scores(h_image, model.lm_head_weight(), b.flat_response, b.flat_response_mask,
+                                     chunk_size=chunk_size, temperature=temperature)
   x, pos, key_mask = _blind_embed_and_positions(model, b)
   h_blind, _ = qwen.run_decoder(model, x, pos, key_mask)
   fn = scoring.get_dependency_estimator(estimator)
-  return fn(_response_hidden(h_image, b.prompt_ids.shape[1]), _response_hidden(h_blind, b.blind_index.shape[1]),
-            model.lm_head_weight(), b.flat_response, b.flat_response_mask, chunk_size=chunk_size,
-            clamp_log_ratio=clamp_log_ratio, temperature=temperature)
+  return fn(h_image, _response_hidden(h_blind, b.blind_index.shape[1]), model.lm_head_weight(), b.flat_response,
+            b.flat_response_mask, chunk_size=chunk_size, clamp_log_ratio=clamp_log_ratio, temperature=temperature)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from pgpo_jax import config as config_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.keypaths import path_str
-from pgpo_jax.rl import sequences
+from pgpo_jax.rl import packing, sequences
 from pgpo_jax.models import qwen2_5_vl as qwen
 
 GiB = 2**30
@@ -475,11 +475,23 @@ def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
   ]
 
 
+def packed_batch(ctx: Context, prompts: int, units: int, s: Shapes, blind: bool):
+  """train.packing: an abstract PackedBatch of `prompts` prompts in `units` units, at the sizes
+  that hold any batch (every response at max_new_tokens: as much work as the padded layout)."""
+  row = ctx.c.train.packed_row_length
+  sizes = packing.worst_case_sizes(prompts // units, s.group_size, s.prompt_len, s.response_len, row, blind=blind)
+  leaf = lambda shape, dt: _rows(shape, dt, ctx.mesh, sharding.TRAIN_RULES)  # noqa: E731
+  return packing.abstract_batch(ctx.cfg, units, prompts // units, sizes, row, s.patches, leaf)
+
+
 def score_step(ctx: Context, shapes: Shapes | None = None) -> Step:
-  """The trainer's scoring program on one abstract slice of `shapes.score_prompts` prompts."""
+  """The trainer's scoring program on one abstract slice of `shapes.score_prompts` prompts (with
+  train.packing: packed into one unit per batch shard, as the trainer)."""
   cfg, s, mesh = ctx.cfg, shapes or ctx.shapes, ctx.mesh
   rules = sharding.TRAIN_RULES
   seq = sequence_batch(cfg, s.score_prompts, s, mesh, rules)
+  if ctx.c.train.packing:
+    seq = packed_batch(ctx, s.score_prompts, programs.packing_units(ctx.c, mesh)[0], s, blind=ctx.c.pgpo.enabled)
   fn = ctx.programs.score
   rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len
   flops = 2 * text_flops(cfg, rows * T, T, rows * s.response_len) + vision_flops(cfg, s.score_prompts, s.patches)
@@ -490,7 +502,8 @@ def score_step(ctx: Context, shapes: Shapes | None = None) -> Step:
 
 
 def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
-  """The trainer's update program on an abstract update batch of `shapes.update_prompts` prompts."""
+  """The trainer's update program on an abstract update batch of `shapes.update_prompts` prompts (with
+  train.packing: packed into one unit per micro-batch and batch shard, as the trainer)."""
   cfg, s, mesh = ctx.cfg, shapes or ctx.shapes, ctx.mesh
   rules = sharding.TRAIN_RULES
   Pu, G, L = s.update_prompts, s.group_size, s.response_len
@@ -501,6 +514,12 @@ def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
            "seq_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
   if ctx.c.loss.kl_coef:  # log π_ref of the KL term
     batch["ref_logp"] = _rows((Pu, G, L), jnp.float32, mesh, rules)
+  if ctx.c.train.packing:  # the layout of `packed_passes.update_batch`
+    pb = packed_batch(ctx, Pu, programs.packing_units(ctx.c, mesh)[1], s, blind=False)
+    per_token = lambda: _rows(pb.target.shape, jnp.float32, mesh, rules)  # noqa: E731
+    batch = {"packed": pb, **{k: per_token() for k in ("adv", "old_logp", "ref_logp") if k in batch},
+             "token_normalizer": batch["token_normalizer"], "seq_normalizer": batch["seq_normalizer"],
+             "loss_horizon": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
   step = ctx.programs.train_step
   rows, T = Pu * G, s.prompt_len + L
   fwd = text_flops(cfg, rows * T, T, rows * L) + vision_flops(cfg, Pu, s.patches)

@@ -98,11 +98,14 @@ def hidden_states(model: Qwen25VL, input_ids_BxT, position_ids_3xBxT, key_mask_B
 
 
 def run_decoder(model: Qwen25VL, x_BxTxD: jnp.ndarray, position_ids_3xBxT, key_mask_BxT,
-                cache: text.KVCache | None = None) -> tuple[jnp.ndarray, text.KVCache | None]:
+                cache: text.KVCache | None = None, *, segment_ids_BxT: jnp.ndarray | None = None
+                ) -> tuple[jnp.ndarray, text.KVCache | None]:
   """The decoder on given input embeddings [B, T, D], with the config's remat / scan / attention-chunk
   settings: final-normed hidden states [B, T, D] and the updated cache (None without one). For callers
-  that build their own embeddings (e.g. prompt + response sequences in `rl/sequences.py`)."""
-  return model.language_model(x_BxTxD, position_ids_3xBxT, key_mask_BxT, cache, **_kw(model))
+  that build their own embeddings (e.g. prompt + response sequences in `rl/sequences.py`).
+  `segment_ids_BxT` (packed rows, no cache): attention stays inside each segment (`rl/packing.py`)."""
+  return model.language_model(x_BxTxD, position_ids_3xBxT, key_mask_BxT, cache, segment_ids_BxT=segment_ids_BxT,
+                              **_kw(model))
 
 
 def logits_from_hidden(model: Qwen25VL, h_BxTxD: jnp.ndarray) -> jnp.ndarray:

@@ -82,13 +82,16 @@ class TextModel(nnx.Module):
     return jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0).astype(self.dtype)
 
   def __call__(self, x_BxTxD: jnp.ndarray, position_ids_3xBxT: jnp.ndarray, key_mask_BxT: jnp.ndarray,
-               cache: KVCache | None = None, *, remat_policy: str = "none", use_scan: bool = True,
+               cache: KVCache | None = None, *, segment_ids_BxT: jnp.ndarray | None = None,
+               remat_policy: str = "none", use_scan: bool = True,
                attention_chunk_size: int = 0, attention_impl: str = "xla") -> tuple[jnp.ndarray, KVCache | None]:
     """Runs the decoder on T new tokens. Returns final-normed hidden states [B, T, D] and the cache.
 
     Without a cache, attention is causal over the T tokens and `key_mask_BxT` drops keys. With a
     cache, the T tokens are written at slots [index, index+T) and attend to every earlier slot
     whose cache key mask is set plus themselves causally (`key_mask_BxT` marks which new ones count).
+    `segment_ids_BxT` (no cache only): packed rows, several sequences back to back; a token attends
+    only to earlier tokens of its own segment.
     """
     cfg, dt = self.cfg, self.dtype
     B, T, _ = x_BxTxD.shape
@@ -97,13 +100,19 @@ class TextModel(nnx.Module):
     cos, sin = rope.mrope_cos_sin(position_ids_3xBxT, K, cfg.rope_theta, cfg.mrope_section)
     cos, sin = cos.astype(dt), sin.astype(dt)  # HF casts text cos/sin to the activation dtype
     key_mask_BxT = key_mask_BxT.astype(bool)
+    if cache is not None and segment_ids_BxT is not None:
+      raise ValueError("segment_ids_BxT (packed rows) is for uncached passes only")
     if cache is None:
       causal = jnp.tril(jnp.ones((T, T), bool))
       mask = causal[None] & key_mask_BxT[:, None, :]  # [B, T, S=T]
-      # The same mask as segment ids for the fused kernels: kept tokens (1) see kept keys causally;
-      # a dropped token (0) sees only dropped ones, itself included, so no row is empty (its output
-      # is never used, as with the dense mask).
+      if segment_ids_BxT is not None:
+        mask &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+      # The same mask as segment ids for the fused kernels: kept tokens see kept keys of their own
+      # (packed) segment causally; a dropped token (0) sees only dropped ones, itself included, so
+      # no row is empty (its output is never used, as with the dense mask).
       seg = key_mask_BxT.astype(jnp.int32)
+      if segment_ids_BxT is not None:
+        seg = jnp.where(key_mask_BxT, segment_ids_BxT.astype(jnp.int32) + 1, 0)
       start = None
       kv_mask = None
     else:
