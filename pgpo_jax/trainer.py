@@ -12,15 +12,17 @@ Resuming from WORKDIR restores params, optimizer state, RNG, the data iterator a
 next batch is the one after the last saved step. SIGTERM or SIGINT (preemption, Ctrl-C) triggers a
 checkpoint after the current step, then `train` raises `Preempted` (`scripts/train.py` exits with
 `EXIT_PREEMPTED` = 75: not finished, rerun the same command to resume).
+
+What the loop calls lives beside it: `train_setup` (demo data, model, WORKDIR model folder),
+`warmup` (the SFT warm-up), `train_eval` (the in-loop greedy eval), `train_metrics` (metrics.jsonl,
+TensorBoard, W&B, MFU), `groups` (`Group`), `programs` (every device program), `checkpoint`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
-import math
 import os
 import time
 import zlib
@@ -36,16 +38,17 @@ from pgpo_jax import multihost, programs, sampler
 from pgpo_jax import reference as reference_lib
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
-from pgpo_jax import sharding
+from pgpo_jax import sharding, train_eval, train_metrics, train_setup, warmup
 from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.buckets import batch_bucket, bucket_size, default_length_buckets, patch_bucket, seq_bucket
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
-from pgpo_jax.data.reader import SKIP_REASONS, DatasetSpec
+from pgpo_jax.groups import Group, split_prompt_batch  # noqa: F401  (re-exported: the tests build groups)
 from pgpo_jax.models import qwen2_5_vl as qwen
-from pgpo_jax.programs import logprob_temperature, make_optimizer, sft_loss_fn
+from pgpo_jax.programs import logprob_temperature, make_optimizer
 from pgpo_jax.rl import packed_passes, sequences
+from pgpo_jax.train_setup import build_model, ensure_demo_data  # noqa: F401  (re-exported)
 
 log = logging.getLogger("pgpo_jax.trainer")
 
@@ -53,36 +56,6 @@ log = logging.getLogger("pgpo_jax.trainer")
 # ------------------------------------------------------------------------------------------------
 # Groups: one prompt with its G responses, collected across rollout rounds
 # ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Group:
-  """One prompt (unpadded) and its G sampled responses, host-side."""
-  prompt_ids: np.ndarray  # [t] int32
-  pixel_values: np.ndarray  # [n_patches, 1176]
-  grids: np.ndarray  # [n_images, 3]
-  answer: str
-  tokens: np.ndarray  # [G, L] int32
-  mask: np.ndarray  # [G, L] bool
-  rewards: np.ndarray  # [G] overall reward
-  accuracy: np.ndarray  # [G]
-  format: np.ndarray  # [G]
-  truncated: np.ndarray  # [G] bool
-
-
-def split_prompt_batch(pb: PromptBatch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Per valid prompt: (unpadded ids, its pixel rows, its grid rows)."""
-  grids = qwen.rope.valid_grids(pb.image_grid_thw)
-  sizes = grids.prod(axis=1)
-  starts = np.concatenate([[0], np.cumsum(sizes)])
-  out, g = [], 0
-  for b in range(pb.batch_size):
-    k = int(pb.num_images[b])
-    if pb.prompt_valid[b]:
-      ids = pb.input_ids[b][pb.attention_mask[b].astype(bool)]
-      out.append((ids.astype(np.int32), pb.pixel_values[starts[g]:starts[g + k]], grids[g:g + k]))
-    g += k
-  return out
-
-
 def group_extent(groups: list[Group], image_token_id: int = -1) -> tuple[int, ...]:
   """(longest prompt in tokens, most patches in one prompt, longest prompt without its
   `image_token_id` tokens: the blind view's) of some groups."""
@@ -139,57 +112,8 @@ def collate_groups(groups: list[Group], cfg: qwen.Qwen25VLConfig, length_buckets
 
 
 # ------------------------------------------------------------------------------------------------
-# Set-up helpers
+# Update batches
 # ------------------------------------------------------------------------------------------------
-def _files(s: str) -> list[str]:
-  return [p.strip() for p in s.split(",") if p.strip()]
-
-
-def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
-  """Generates the synthetic task (train/test parquet + tiny tokenizer folder) when missing.
-
-  Host 0 writes (the folder must be shared by the hosts of a multi-host run); the others wait."""
-  if not c.data.make_demo_data:
-    return
-  d = c.data.demo_dir
-  done = os.path.exists(os.path.join(d, "train.parquet")) and os.path.exists(os.path.join(d, "model", "tokenizer.json"))
-  if not done and jax.process_index() == 0:
-    from pgpo_jax.demo_task import synthetic, tiny_tokenizer
-    log.info("making the synthetic demo data in %s", d)
-    os.makedirs(d, exist_ok=True)
-    tiny_tokenizer.build_tiny_model_folder(os.path.join(d, "model"))
-    synthetic.write_parquet(synthetic.make_split(c.data.demo_train_rows, seed=c.seed, image_size=c.data.demo_image_size),
-                            os.path.join(d, "train.parquet"))
-    synthetic.write_parquet(synthetic.make_split(c.data.demo_eval_rows, seed=c.seed, image_size=c.data.demo_image_size,
-                                                 stream=1), os.path.join(d, "test.parquet"))
-  multihost.barrier("pgpo_demo_data")
-
-
-def build_model(c: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VL:
-  compute = dict(remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers,
-                 attention_chunk_size=c.model.attention_chunk_size, attention_impl=c.model.attention_impl)
-  if c.model.random_init:
-    ids = processor_lib.special_token_ids(tokenizer)
-    t = dict(c.model.tiny)
-    vision_kw = {f"vision_{k[len('vision_'):]}": v for k, v in t.items() if k.startswith("vision_")}
-    text_kw = {k: v for k, v in t.items() if not k.startswith("vision_")}
-    if "vision_fullatt_block_indexes" in vision_kw:
-      vision_kw["vision_fullatt_block_indexes"] = tuple(vision_kw["vision_fullatt_block_indexes"])
-    heads = text_kw["num_attention_heads"]
-    head_dim = text_kw["hidden_size"] // heads
-    quarter = head_dim // 2
-    section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
-    cfg = qwen.tiny_config(vocab_size=len(tokenizer), head_dim=head_dim, mrope_section=section,
-                        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-                        vision_start_token_id=ids["vision_start_token_id"],
-                        vision_end_token_id=ids["vision_end_token_id"], bos_token_id=ids["bos_token_id"],
-                        eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
-                        **text_kw, **vision_kw).replace(**compute)
-    return qwen.init_model(cfg, c.model.dtype, seed=c.seed, param_dtype=c.model.param_dtype or None)
-  cfg = qwen.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
-  return qwen.from_pretrained(c.model.init_from, c.model.dtype, param_dtype=c.model.param_dtype or None, config=cfg)
-
-
 def _normalizers(mask: np.ndarray) -> dict[str, np.ndarray]:
   """Token and sequence counts of a (host-local) update batch, summed over hosts: the loss of the
   global batch is normalised by the global counts."""
@@ -262,7 +186,7 @@ class Trainer:
     self.length_buckets = default_length_buckets(c.data.max_prompt_length)
 
     if self.is_host0:
-      self._write_model_folder()
+      train_setup.write_model_folder(self.workdir, self.cfg, self.processor)
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     self.train_shardings = sharding.param_shardings(self.model, self.mesh, sharding.TRAIN_RULES)
     self.sample_shardings = sharding.param_shardings(self.model, self.mesh, sharding.SAMPLE_RULES)
@@ -307,35 +231,13 @@ class Trainer:
     self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                               save_every=c.checkpoint.every, keep=c.checkpoint.keep,
                                               async_save=c.checkpoint.async_save)
-    self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-    self.writer = None
-    if self.is_host0 and c.logging.tensorboard:
-      from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(self.workdir, "tb"))
-    self.wandb = None
-    if self.is_host0 and c.logging.wandb:
-      try:
-        import wandb
-        self.wandb = wandb.init(project=c.logging.wandb_project, config=c.to_dict(), dir=self.workdir)
-      except ImportError:
-        log.warning("logging.wandb=True but wandb is not installed; skipping W&B")
-
-  def _write_model_folder(self) -> None:
-    """WORKDIR/config.json + processor files, so `WORKDIR/checkpoints/<step>/params` is a complete
-    model: `qwen2_5_vl.from_pretrained(that path)` and `load_processor(WORKDIR)` both work."""
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      json.dump(self.cfg.to_hf_dict(), f, indent=2)
-    self.processor.save_pretrained(self.workdir)
+    self.metrics = train_metrics.MetricsLog(c, self.workdir, self.is_host0)
 
   # -- data ----------------------------------------------------------------------------------------
-  def _spec(self, files: str) -> DatasetSpec:
-    d = self.c.data
-    return DatasetSpec(_files(files), question_key=d.question_key, answer_key=d.answer_key, image_key=d.image_key)
-
   def _train_iterator(self):
     c = self.c
     return make_prompt_iterator(
-        self._spec(c.data.train_files), self.processor, batch_size=self.prompts_local, seed=c.seed,
+        train_setup.dataset_spec(c, c.data.train_files), self.processor, batch_size=self.prompts_local, seed=c.seed,
         num_epochs=c.data.num_epochs or None, max_prompt_length=c.data.max_prompt_length, drop_remainder=True,
         length_buckets=self.length_buckets,
         prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
@@ -451,14 +353,7 @@ class Trainer:
     return kept, stats, all_groups
 
   def _data_counts(self) -> dict[str, float]:
-    """Training rows read and skipped so far (cumulative over resumes), by reason: this host's counts,
-    summed over hosts by `reduce_metrics` (the `count/` prefix)."""
-    st = self.data_iter.stats
-    by_reason = {r: int(st.counts.get(r, 0)) for r in SKIP_REASONS}
-    out = {"count/data_rows_read": st.rows_read, "count/data_skipped_rows": st.skipped}
-    out.update({f"count/data_skipped_rows/{r}": n for r, n in by_reason.items()})
-    out["count/data_skipped_rows/other"] = st.skipped - sum(by_reason.values())
-    return out
+    return train_metrics.data_counts(self.data_iter.stats)
 
   def train_one_step(self) -> dict[str, float]:
     c = self.c
@@ -565,95 +460,27 @@ class Trainer:
     return multihost.reduce_metrics(m)
 
   def _mfu(self, gen_tokens: int, train_tokens: int, scored_tokens: int, seconds: float) -> float:
-    """Model FLOPs utilisation estimate: 2N per generated, 2·2N per scored (two views) and 6N·passes
-    per trained token, over the chips' peak bf16 FLOP/s (NaN where the peak is unknown, e.g. CPU).
-    Host-local tokens over this host's chips (the mean over hosts is the run's MFU)."""
-    peak = _peak_flops(jax.devices()[0])
-    if not peak:
-      return float("nan")
-    n = self.num_params
-    flops = 2 * n * gen_tokens + 4 * n * scored_tokens + 6 * n * scored_tokens * self.c.updates.passes
-    return flops / (seconds * peak * jax.local_device_count())
+    return train_metrics.mfu(self.num_params, self.c.updates.passes, gen_tokens, train_tokens, scored_tokens, seconds)
 
   @functools.cached_property
   def num_params(self) -> int:
     return int(sum(x.size for x in jax.tree.leaves(self.state.params)))
 
-  # -- warm-up ------------------------------------------------------------------------------------
+  # -- warm-up and evaluation (warmup.py, train_eval.py) --------------------------------------------
   def sft_warmup(self) -> None:
-    """Supervised steps on `warmup.target_template` responses (the demo's cold start)."""
-    c = self.c
-    n = c.warmup.sft_steps
-    if n <= 0:
-      return
-    opt = make_optimizer(c, n, learning_rate=c.warmup.learning_rate)
-    graphdef, st = train_step_lib.init_train_state(nnx.merge(self.graphdef, self.state.params), opt)
-    step_fn = programs.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
-    it = make_prompt_iterator(self._spec(c.data.train_files), self.processor,
-                              batch_size=c.warmup.prompts_per_step // jax.process_count(),
-                              seed=c.seed + 1, num_epochs=None, max_prompt_length=c.data.max_prompt_length,
-                              drop_remainder=True, length_buckets=self.length_buckets,
-                              prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
-    L = c.rollout.max_new_tokens
-    eos = self.cfg.eos_token_id
-    for i in range(n):
-      pb = next(it)
-      groups = []
-      for (ids, pix, grids), ans in zip(split_prompt_batch(pb), pb.answers):
-        text = c.warmup.target_template.format(answer=ans)
-        toks = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])[:L - 1] + [eos]
-        t = np.full((1, L), self.cfg.pad_token_id, np.int32)
-        t[0, :len(toks)] = toks
-        mk = np.zeros((1, L), bool)
-        mk[0, :len(toks)] = True
-        groups.append(Group(ids, pix, grids, ans, t, mk, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, bool)))
-      seq, _ = collate_groups(groups, self.cfg, self.length_buckets, self.cfg.pad_token_id,
-                              extent=self._extent(*group_extent(groups)))
-      st, mt = step_fn(st, self._put_batch({"seq": seq, **_normalizers(seq.response_mask)}))
-      if i % max(1, n // 5) == 0 or i == n - 1:
-        log.info("warm-up %d/%d: nll %.3f", i + 1, n, float(mt["nll"]))
-    self.state = dataclasses.replace(self.state, params=st.params)
+    params = warmup.sft_warmup(self.c, self.graphdef, self.state.params, processor=self.processor, cfg=self.cfg,
+                               length_buckets=self.length_buckets, make_batch=self._sft_batch)
+    self.state = dataclasses.replace(self.state, params=params)
 
-  # -- eval ---------------------------------------------------------------------------------------
+  def _sft_batch(self, groups: list[Group]):
+    seq, _ = collate_groups(groups, self.cfg, self.length_buckets, self.cfg.pad_token_id,
+                            extent=self._extent(*group_extent(groups)))
+    return self._put_batch({"seq": seq, **_normalizers(seq.response_mask)})
+
   def evaluate(self) -> dict[str, float]:
-    """Greedy accuracy on the first `train.eval_prompts` held-out prompts (each host takes its
-    share of them from its own shard of the eval files)."""
-    c = self.c
-    if not c.data.eval_files or c.train.eval_prompts <= 0:
-      return {}
-    want = -(-c.train.eval_prompts // jax.process_count())
-    bs = min(want, self.prompts_local)
-    it = make_prompt_iterator(self._spec(c.data.eval_files), self.processor, batch_size=bs, seed=0, num_epochs=1,
-                              max_prompt_length=c.data.max_prompt_length, length_buckets=self.length_buckets,
-                              prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
-    params = self._sample_params()
-    acc, fmt, n = 0.0, 0.0, 0
-    max_new = c.train.eval_max_new_tokens or c.rollout.max_new_tokens
-    last = None
-    while True:
-      pb = next(it, None) if n < want else None
-      # Every host samples while any host still has prompts (sampling is a collective); a host that
-      # is done feeds its last batch again with every prompt marked invalid.
-      if not int(multihost.max_over_hosts(np.int64(pb is not None))):
-        break
-      if pb is None:
-        if last is None:
-          raise RuntimeError(f"host {jax.process_index()} has no prompt of {c.data.eval_files} (after skips) while "
-                             "other hosts do; use more evaluation rows than hosts")
-        pb = dataclasses.replace(last, prompt_valid=np.zeros_like(last.prompt_valid))
-      last = pb
-      out = self._sample(pb, params, 0, max_new_tokens=max_new, num_samples=1,
-                         sampling=rollout_lib.SamplingConfig(0.0))
-      for b in range(pb.batch_size):
-        if not pb.prompt_valid[b] or n >= want:
-          continue
-        text = self.tokenizer.decode(out.tokens[b][out.mask[b]], skip_special_tokens=True)
-        s = self.reward_fn([text], [pb.answers[b]])[0]
-        acc += s["accuracy"]
-        fmt += s["format"]
-        n += 1
-    acc, fmt, n = (float(x) for x in multihost.sum_over_hosts(np.array([acc, fmt, n], np.float64)))
-    return {"eval/accuracy": acc / max(n, 1), "eval/format": fmt / max(n, 1), "eval/num_prompts": int(n)}
+    return train_eval.evaluate(self.c, sample=self._sample, sample_params=self._sample_params,
+                               processor=self.processor, reward_fn=self.reward_fn,
+                               max_batch_size=self.prompts_local, length_buckets=self.length_buckets)
 
   # -- checkpointing ------------------------------------------------------------------------------
   def _ckpt_state(self):
@@ -682,35 +509,12 @@ class Trainer:
                        f"{jax.process_count()} would change every host's data shard (data.seed fixes the order)")
     self.data_iter.set_state(states[jax.process_index()])
     self.step = int(data["step"])
-    self._truncate_metrics(self.step)
+    self.metrics.truncate(self.step)
     log.info("resumed from %s at step %d", self.checkpointer.directory, self.step)
     return True
 
-  # -- logging ------------------------------------------------------------------------------------
-  def _truncate_metrics(self, step: int) -> None:
-    """After a resume, drop metrics of steps that were logged but not checkpointed (they rerun)."""
-    if not self.is_host0 or not os.path.exists(self.metrics_path):
-      return
-    with open(self.metrics_path) as f:
-      rows = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
-    with open(self.metrics_path, "w") as f:
-      f.writelines(rows)
-
   def log_metrics(self, m: dict[str, float]) -> None:
-    if not self.is_host0:
-      return
-    m = {"step": self.step, **{k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
-                               for k, v in m.items()}}
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()})
-              + "\n")
-    if self.writer is not None:
-      for k, v in m.items():
-        if k != "step" and isinstance(v, float) and math.isfinite(v):
-          self.writer.add_scalar(k, v, self.step)
-      self.writer.flush()
-    if self.wandb is not None:
-      self.wandb.log(m, step=self.step)
+    self.metrics.log(self.step, m)
 
   # -- main loop ----------------------------------------------------------------------------------
   def _profile(self, first_step: int):
@@ -771,25 +575,12 @@ class Trainer:
         self.save(force=self.step == c.train.num_steps)
     bar.close()
     self.checkpointer.close()
-    if self.writer is not None:
-      self.writer.close()
+    self.metrics.close()
     counts = multihost.reduce_metrics(self._data_counts())
     log.info("training data: %d rows read, %d skipped %s", counts["count/data_rows_read"],
              counts["count/data_skipped_rows"], {k.rsplit("/", 1)[1]: int(v) for k, v in counts.items()
                                                   if k.startswith("count/data_skipped_rows/") and v})
     return {**last, **counts}
-
-
-_PEAK_BF16 = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
-
-
-def _peak_flops(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for name, v in _PEAK_BF16.items():
-    if kind.startswith(name):
-      return v
-  return None
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

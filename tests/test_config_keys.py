@@ -37,7 +37,7 @@ rewards.BATCH_REWARD_FNS.setdefault("test_length_parity", length_parity)
 # key -> (file that reads it, why the recorded calls do not reach it)
 READ_ELSEWHERE = {
     "workdir": ("pgpo_jax/cli/train.py", "resolved by the command (--workdir wins)"),
-    "logging.wandb_project": ("pgpo_jax/trainer.py", "read only with logging.wandb=True and wandb installed"),
+    "logging.wandb_project": ("pgpo_jax/train_metrics.py", "read only with logging.wandb=True and wandb installed"),
 }
 
 

@@ -4,7 +4,7 @@
     runs = plotting.parse_runs(["runs/dapo", "pgpo=runs/pgpo_7b"])   # (label, metrics.jsonl) pairs
     plotting.plot_runs(runs, "plots/")                                # reward.png, entropy.png, ...
 
-Training curves read `WORKDIR/metrics.jsonl` (one JSON object per step, see `trainer.log_metrics`).
+Training curves read `WORKDIR/metrics.jsonl` (one JSON object per step, see `train_metrics.MetricsLog`).
 Keys may be missing from some rows (eval metrics every `eval_every` steps) or null (non-finite values):
 each series keeps only its finite points, a subplot is drawn when at least one run has the key, a file
 when at least one of its subplots is. Rows logged again after a resume replace the earlier ones.
