@@ -9,9 +9,10 @@ program is `jit(...).lower(abstract args with shardings).compile()`d exactly as 
   step            program                                        layout        resident besides args
   --------------  ---------------------------------------------  ------------  ---------------------
   rollout_start   `rollout.programs(...).start`: vision +        SAMPLE_RULES  train state (params +
-                  prefill of the rollout batch, G-fold cache                   AdamW moments)
+                  prefill of the rollout batch (prompt KV once                 AdamW moments)
+                  per prompt), in `rollout.dtype`
   rollout_decode  `rollout.programs(...).decode`: the while      SAMPLE_RULES  train state
-                  loop over max_new_tokens (state donated)
+                  loop over the samples (state donated)
   score           `sequences.score_rollout`: image + blind       TRAIN_RULES   AdamW moments
                   views of every rollout sequence (no grad)
   train           `train_step.make_train_step(rl_loss_fn)`:      TRAIN_RULES   -
@@ -24,7 +25,9 @@ compile until it is far over HBM, so the verdict is ours: total <= HBM. FLOPs ar
 model's matmul + attention FLOPs as implemented: dense masked attention, remat recompute included)
 because `cost_analysis()` counts a loop body (layer scan, micro-batch scan, decode loop) once; its
 raw number is shown too, marked "loops once". `t@peak` is FLOPs / (devices x peak bf16 FLOP/s), and
-for the memory-bound decode loop max(that, bytes read per token x steps / HBM bandwidth).
+for the memory-bound decode loop max(that, HBM bytes per decode step x steps / HBM bandwidth), the
+bytes per step analytic (`decode_bytes_per_step`: weights once, the prompt's KV once per prompt,
+the rows' filled slots in whole attention chunks) and printed against the minimum.
 """
 from __future__ import annotations
 
