@@ -8,7 +8,9 @@ implementation, the best of `--repeats` warm calls (interleaved) of
   t_N = generate(max_new_tokens=N)   -> end-to-end
 gives decode throughput = B*(N-1) / (t_N - t_1) generated tokens/s (prefill excluded). Stop tokens
 are disabled (HF: min_new_tokens=N), so every row generates exactly N tokens. JAX compile time (the
-first call of each shape minus a warm call) is reported separately. Both run float32. PyTorch is
+first call of each shape minus a warm call) is reported separately. Both run in `--dtype`: float32,
+or bfloat16 (ours: the float32 model sampled with `compute_dtype="bfloat16"`, i.e. a bf16 copy cast
+in every call and a bf16 KV cache; HF: the model converted to bf16). PyTorch is
 timed at every thread count of `--torch_threads` and each row compares against HF's best one (named
 in the table): on a small shared CPU box, two OpenMP threads can make HF's decode-sized matmuls much
 slower (spin-waiting barriers under load from other processes).
@@ -104,6 +106,7 @@ def main():
   ap.add_argument("--skewed", type=int, default=64, help="samples of the length-skewed workload (0 = skip)")
   ap.add_argument("--median", type=int, default=16, help="median response length of the skewed workload")
   ap.add_argument("--rows", type=int, default=16, help="decode rows R of the skewed workload")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides compute in it")
   a = ap.parse_args()
   threads = [int(t) for t in a.torch_threads.split(",")]
   from transformers import Qwen2_5_VLForConditionalGeneration
@@ -112,6 +115,10 @@ def main():
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
     model = qwen.from_pretrained(d)
+  bf16 = a.dtype == "bfloat16"
+  if bf16:
+    hf = hf.to(torch.bfloat16)
+  compute = dict(compute_dtype="bfloat16") if bf16 else {}
   N = a.new_tokens
   grid = 8  # 112x112 px: 64 patches, 16 image tokens
   rows = []
@@ -119,11 +126,11 @@ def main():
     ids, am, pixels, grids = prompts(B, a.text, grid, np.random.default_rng(B))
 
     def ours(n):
-      return sampler.generate(model, ids, am, pixels, grids, max_new_tokens=n, eos_token_ids=())
+      return sampler.generate(model, ids, am, pixels, grids, max_new_tokens=n, eos_token_ids=(), **compute)
 
     hf_kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am),
                  mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
-                 pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids), do_sample=False,
+                 pixel_values=torch.tensor(pixels).to(hf.dtype), image_grid_thw=torch.tensor(grids), do_sample=False,
                  pad_token_id=0)
 
     def theirs(n):
@@ -174,17 +181,17 @@ def main():
           f"{r['ttft_speedup']:>5.2f}x {r['ours_e2e_tok_s']:>15.0f} {r['hf_e2e_tok_s']:>9.0f} "
           f"{r['e2e_speedup']:>5.2f}x {r['torch_threads']:>6} {r['ours_compile_s']:>10.1f} "
           f"{r['greedy_token_agreement']:>6.2f}")
-  print(f"(hidden {a.hidden}, {a.layers} layers, vocab 4096, N={N} new tokens, one 112x112 image per "
+  print(f"({a.dtype}, hidden {a.hidden}, {a.layers} layers, vocab 4096, N={N} new tokens, one 112x112 image per "
         f"prompt, HF at its best of torch threads {threads} per row ('HF thr'), {jax.devices()[0].device_kind})")
-  skewed = skewed_workload(model, a) if a.skewed else None
-  res = dict(config=dict(hidden=a.hidden, layers=a.layers, vocab=4096, new_tokens=N, image_px=112,
+  skewed = skewed_workload(model, a, compute) if a.skewed else None
+  res = dict(config=dict(dtype=a.dtype, hidden=a.hidden, layers=a.layers, vocab=4096, new_tokens=N, image_px=112,
                          text_tokens=a.text, repeats=a.repeats, torch_threads_tried=threads,
                          devices=str(jax.devices())), rows=rows, skewed=skewed)
   pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(a.out).write_text(json.dumps(res, indent=2))
 
 
-def skewed_workload(model, a) -> dict:
+def skewed_workload(model, a, compute: dict) -> dict:
   """Part 2: log-normal response lengths, all rows at once vs R rows in turns vs R rows refilled."""
   W, R, med = a.skewed, a.rows, a.median
   if W % R:
@@ -197,7 +204,7 @@ def skewed_workload(model, a) -> dict:
 
   def run(decode_rows, batch):
     outs = [sampler.generate(model, ids[i:i + batch], None, max_new_tokens=cap, eos_token_ids=(),
-                             length_limits=limits[i:i + batch], decode_rows=decode_rows)
+                             length_limits=limits[i:i + batch], decode_rows=decode_rows, **compute)
             for i in range(0, W, batch)]
     return outs
 
@@ -213,7 +220,8 @@ def skewed_workload(model, a) -> dict:
     table[name] = dict(rows=rows, decode_steps=steps, wasted_row_steps=rows * steps - (total - W),
                        wall_s=t, tokens_per_s=total / t)
   print(f"\nlength-skewed workload: {W} samples, lengths log-normal (median {med}, sigma 1, cap {cap}): "
-        f"mean {limits.mean():.1f}, max {limits.max()}, {total} tokens; greedy, text prompts of {a.text} tokens")
+        f"mean {limits.mean():.1f}, max {limits.max()}, {total} tokens; greedy, text prompts of {a.text} tokens, "
+        f"{a.dtype}")
   print(f"{'mode':>14} {'rows':>5} {'decode steps':>13} {'row-steps wasted':>17} {'tok/s':>8} {'wall s':>7}")
   for name, r in table.items():
     print(f"{name:>14} {r['rows']:>5} {r['decode_steps']:>13} {r['wasted_row_steps']:>10} "

@@ -11,9 +11,10 @@ with the trainer's shardings and compiled:
   step            program                                        layout        resident besides args
   --------------  ---------------------------------------------  ------------  ---------------------
   rollout_start   rollout `start`: vision + prefill of the       SAMPLE_RULES  train state (params +
-                  rollout batch, prompt KV once per prompt     AdamW moments)
-  rollout_decode  rollout `decode`: the while loop over          SAMPLE_RULES  train state
-                  max_new_tokens (state donated)
+                  rollout batch (prompt KV once per prompt),   AdamW moments)
+                  in `rollout.dtype`
+  rollout_decode  rollout `decode`: the while loop over the      SAMPLE_RULES  train state
+                  samples (state donated)
   score           `score`: image + blind views of one scoring    TRAIN_RULES   AdamW moments
                   slice (`pgpo.scoring_prompts`), no grad
   train           `train_step`: one optimizer update (state      TRAIN_RULES   -
@@ -26,9 +27,11 @@ compile until it is far over HBM, so the verdict is ours: total <= HBM. FLOPs ar
 model's matmul + attention FLOPs as implemented: dense masked attention, remat recompute included)
 because `cost_analysis()` counts a loop body (layer scan, micro-batch scan, decode loop) once; its
 raw number is shown too, marked "loops once". `t@peak` is FLOPs / (devices x the MXU peak of the dtype
-the matmuls run in: `matmul_peak`), and for the memory-bound decode loop max(that, bytes read per
-token x steps / HBM bandwidth). The programs compile at JAX's default matmul precision, under which
-a TPU computes a float32 matmul as one bfloat16 pass (bf16-rounded inputs, float32 accumulation):
+the matmuls run in: `matmul_peak`), and for the memory-bound decode loop max(that, HBM bytes per
+decode step x steps / HBM bandwidth), the bytes per step analytic (`decode_bytes_per_step`: weights
+once, the prompt's KV once per prompt, the rows' filled slots in whole attention chunks) and printed
+against the minimum. The programs compile at JAX's default matmul precision, under which a TPU
+computes a float32 matmul as one bfloat16 pass (bf16-rounded inputs, float32 accumulation):
 `model.dtype=float32` moves twice the bytes of bfloat16 but runs its matmuls at the bf16 peak.
 """
 from __future__ import annotations
