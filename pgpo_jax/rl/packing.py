@@ -192,7 +192,8 @@ def _plan(b: SequenceBatch, image_token_id: int, units: int, row_len: int, blind
                        f"length {row_len}; raise train.packed_row_length")
     load[s.prompt] += len(s.ids)
   assign = _assign_units(load, units, balance)
-  per_unit = [[s for s in seqs if s.prompt in set(ps.tolist())] for ps in assign]
+  unit_of = {int(p): u for u, ps in enumerate(assign) for p in ps}
+  per_unit = [[s for s in seqs if unit_of[s.prompt] == u] for u in range(units)]
   plans, need = [], PackedSizes(1, 1 if blind else 0, 1)
   for ss in per_unit:
     img, rows = _first_fit([len(s.ids) for s in ss], row_len)
@@ -206,9 +207,11 @@ def packed_sizes(b: SequenceBatch, image_token_id: int, units: int, row_len: int
                  blind: bool = True, balance: bool = True) -> PackedSizes:
   """The bucketed sizes `pack_sequences` needs for this batch (hosts of a multi-host run take the
   maximum over hosts and pass it to `pack_sequences`)."""
-  need = _plan(b, image_token_id, units, row_len, blind, balance)[2]
-  return PackedSizes(size_bucket(need.rows), size_bucket(need.blind_rows) if blind else 0,
-                     size_bucket(need.tokens))
+  return _bucketed(_plan(b, image_token_id, units, row_len, blind, balance)[2], blind)
+
+
+def _bucketed(need: PackedSizes, blind: bool) -> PackedSizes:
+  return PackedSizes(size_bucket(need.rows), size_bucket(need.blind_rows) if blind else 0, size_bucket(need.tokens))
 
 
 def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: int, *,
@@ -229,7 +232,7 @@ def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: i
     slot[n, j] of the [U*M] response layout, -1 where response_mask is False (`unpack`).
   """
   assign, plans, need = _plan(b, image_token_id, units, row_len, blind, balance)
-  sizes = sizes or packed_sizes(b, image_token_id, units, row_len, blind=blind, balance=balance)
+  sizes = sizes or _bucketed(need, blind)
   if need.rows > sizes.rows or need.tokens > sizes.tokens or (blind and need.blind_rows > sizes.blind_rows):
     raise ValueError(f"this batch needs {need} per unit, more than the given {sizes}")
   U, T, M = units, row_len, sizes.tokens
