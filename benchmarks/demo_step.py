@@ -7,6 +7,7 @@ updates), stepped alternately after one compiling step each. DAPO scores the ima
 the difference of the two steps is what PGPO's blind view (and its token weights) costs. Writes
 benchmarks/results/demo_step.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,16 +62,22 @@ def main():
     t.checkpointer.close()
   mean = {name: {k: float(np.mean([m[k] for m in ms])) for k in KEYS} for name, ms in rows.items()}
   p, d = mean["pgpo"], mean["dapo"]
-  res = dict(steps=a.steps, packing=a.packing, mean_s=mean,
-             blind_share_of_step=(p["time/step"] - d["time/step"]) / p["time/step"],
-             scoring_share_pgpo=p["time/scoring"] / p["time/step"],
-             scoring_share_dapo=d["time/scoring"] / d["time/step"])
+  res = dict(
+    steps=a.steps,
+    packing=a.packing,
+    mean_s=mean,
+    blind_share_of_step=(p["time/step"] - d["time/step"]) / p["time/step"],
+    scoring_share_pgpo=p["time/scoring"] / p["time/step"],
+    scoring_share_dapo=d["time/scoring"] / d["time/step"],
+  )
   print(f"{'mean seconds':<14}" + "".join(f"{k[5:]:>12}" for k in KEYS))
   for name in ("pgpo", "dapo"):
     print(f"{name:<14}" + "".join(f"{mean[name][k]:>12.2f}" for k in KEYS))
-  print(f"blind view's share of a PGPO step: {100 * res['blind_share_of_step']:.1f}% "
-        f"(scoring: {100 * res['scoring_share_pgpo']:.1f}% of the PGPO step, {100 * res['scoring_share_dapo']:.1f}% "
-        f"of the DAPO step; packing={a.packing})")
+  print(
+    f"blind view's share of a PGPO step: {100 * res['blind_share_of_step']:.1f}% "
+    f"(scoring: {100 * res['scoring_share_pgpo']:.1f}% of the PGPO step, {100 * res['scoring_share_dapo']:.1f}% "
+    f"of the DAPO step; packing={a.packing})"
+  )
   pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(a.out).write_text(json.dumps(res, indent=2))
 

@@ -7,6 +7,7 @@ compilation (reported separately). PyTorch runs at 1 and at 2 threads and the fa
 Runs alternate (ours, torch@1, torch@2, ours, ...) so that load from other processes on a shared
 machine falls on all of them alike; times are medians. Numbers are only comparable within one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,41 @@ from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
 
 def hf_config(hidden: int, layers: int):
   from transformers import Qwen2_5_VLConfig
+
   heads = hidden // 64
   return Qwen2_5_VLConfig(
-      text_config=dict(vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-                       rms_norm_eps=1e-6, max_position_embeddings=4096,
-                       rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
-                       bos_token_id=0, eos_token_id=1, pad_token_id=0),
-      vision_config=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14,
-                         temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[3],
-                         out_hidden_size=hidden, tokens_per_second=2),
-      image_token_id=4000, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003)
+    text_config=dict(
+      vocab_size=4096,
+      hidden_size=hidden,
+      intermediate_size=4 * hidden,
+      num_hidden_layers=layers,
+      num_attention_heads=heads,
+      num_key_value_heads=max(1, heads // 4),
+      rms_norm_eps=1e-6,
+      max_position_embeddings=4096,
+      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+      bos_token_id=0,
+      eos_token_id=1,
+      pad_token_id=0,
+    ),
+    vision_config=dict(
+      depth=4,
+      hidden_size=256,
+      intermediate_size=512,
+      num_heads=4,
+      patch_size=14,
+      temporal_patch_size=2,
+      spatial_merge_size=2,
+      window_size=112,
+      fullatt_block_indexes=[3],
+      out_hidden_size=hidden,
+      tokens_per_second=2,
+    ),
+    image_token_id=4000,
+    video_token_id=4001,
+    vision_start_token_id=4002,
+    vision_end_token_id=4003,
+  )
 
 
 def main():
@@ -52,6 +77,7 @@ def main():
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "forward.json"))
   a = ap.parse_args()
   from transformers import Qwen2_5_VLForConditionalGeneration
+
   torch.manual_seed(0)
   hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
   with tempfile.TemporaryDirectory() as d:
@@ -72,14 +98,20 @@ def main():
   jax.block_until_ready(qwen.forward(model, ids, am, pixels, grids))
   compile_s = time.perf_counter() - t0
 
-  kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am), pixel_values=torch.tensor(pixels),
-            image_grid_thw=torch.tensor(grids), mm_token_type_ids=torch.tensor((ids == 4000).astype(np.int64)))
+  kw = dict(
+    input_ids=torch.tensor(ids),
+    attention_mask=torch.tensor(am),
+    pixel_values=torch.tensor(pixels),
+    image_grid_thw=torch.tensor(grids),
+    mm_token_type_ids=torch.tensor((ids == 4000).astype(np.int64)),
+  )
 
   def torch_at(threads, fn):
     def run():
       torch.set_num_threads(threads)
       with torch.no_grad():
         fn()
+
     return run
 
   # The vision tower alone, on the same images (ours: per-row inputs, as `forward` builds them).
@@ -87,10 +119,14 @@ def main():
   graphdef, state = nnx.split(model)
   encode = jax.jit(lambda s, v: qwen.encode_images(nnx.merge(graphdef, s), v))
   hf_visual = lambda: hf.model.visual(kw["pixel_values"], grid_thw=kw["image_grid_thw"])
-  fns = {"jax": lambda: jax.block_until_ready(qwen.forward(model, ids, am, pixels, grids)),
-         "torch1": torch_at(1, lambda: hf(**kw)), "torch2": torch_at(2, lambda: hf(**kw)),
-         "jax_vision": lambda: jax.block_until_ready(encode(state, vin)),
-         "torch1_vision": torch_at(1, hf_visual), "torch2_vision": torch_at(2, hf_visual)}
+  fns = {
+    "jax": lambda: jax.block_until_ready(qwen.forward(model, ids, am, pixels, grids)),
+    "torch1": torch_at(1, lambda: hf(**kw)),
+    "torch2": torch_at(2, lambda: hf(**kw)),
+    "jax_vision": lambda: jax.block_until_ready(encode(state, vin)),
+    "torch1_vision": torch_at(1, hf_visual),
+    "torch2_vision": torch_at(2, hf_visual),
+  }
   for fn in fns.values():
     fn()  # warm-up
   times = {k: [] for k in fns}
@@ -103,18 +139,35 @@ def main():
   best = min((1, 2), key=lambda n: med[f"torch{n}"])
   jax_s, hf_s = med["jax"], med[f"torch{best}"]
   best_v = min((1, 2), key=lambda n: med[f"torch{n}_vision"])
-  res = dict(batch=a.batch, seq_len=int(ids.shape[1]), image=a.image, hidden=a.hidden, layers=a.layers,
-             jax_ms=1e3 * jax_s, hf_torch_ms=1e3 * hf_s, speedup_jax_over_hf=hf_s / jax_s,
-             jax_compile_s=compile_s, torch_threads=best, hf_torch_ms_by_threads={n: 1e3 * med[f"torch{n}"] for n in (1, 2)},
-             vision_jax_ms=1e3 * med["jax_vision"], vision_hf_torch_ms=1e3 * med[f"torch{best_v}_vision"],
-             vision_torch_threads=best_v, speedup_vision=med[f"torch{best_v}_vision"] / med["jax_vision"],
-             repeats=a.repeats, devices=str(jax.devices()))
+  res = dict(
+    batch=a.batch,
+    seq_len=int(ids.shape[1]),
+    image=a.image,
+    hidden=a.hidden,
+    layers=a.layers,
+    jax_ms=1e3 * jax_s,
+    hf_torch_ms=1e3 * hf_s,
+    speedup_jax_over_hf=hf_s / jax_s,
+    jax_compile_s=compile_s,
+    torch_threads=best,
+    hf_torch_ms_by_threads={n: 1e3 * med[f"torch{n}"] for n in (1, 2)},
+    vision_jax_ms=1e3 * med["jax_vision"],
+    vision_hf_torch_ms=1e3 * med[f"torch{best_v}_vision"],
+    vision_torch_threads=best_v,
+    speedup_vision=med[f"torch{best_v}_vision"] / med["jax_vision"],
+    repeats=a.repeats,
+    devices=str(jax.devices()),
+  )
   print(f"{'impl':<24}{'forward ms':>12}{'vision tower ms':>17}")
   print(f"{'pgpo-jax (jit)':<24}{res['jax_ms']:>12.1f}{res['vision_jax_ms']:>17.1f}")
   for n in (1, 2):
-    print(f"{f'HF torch eager, {n} thr':<24}{1e3 * med[f'torch{n}']:>12.1f}{1e3 * med[f'torch{n}_vision']:>17.1f}")
-  print(f"speed-up (HF at {best} thread(s) / ours): {res['speedup_jax_over_hf']:.2f}x   (JAX compile {compile_s:.1f} s; "
-        f"B={a.batch}, T={ids.shape[1]}, image {a.image}px)")
+    print(
+      f"{f'HF torch eager, {n} thr':<24}{1e3 * med[f'torch{n}']:>12.1f}{1e3 * med[f'torch{n}_vision']:>17.1f}"
+    )
+  print(
+    f"speed-up (HF at {best} thread(s) / ours): {res['speedup_jax_over_hf']:.2f}x   (JAX compile {compile_s:.1f} s; "
+    f"B={a.batch}, T={ids.shape[1]}, image {a.image}px)"
+  )
   print(f"vision tower alone (HF at {best_v} thread(s) / ours): {res['speedup_vision']:.2f}x")
   pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(a.out).write_text(json.dumps(res, indent=2))

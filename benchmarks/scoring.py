@@ -21,6 +21,7 @@ blind_overhead = two views / image view − 1 in the packed layout (the 7B/3B re
 Also an analytic FLOP estimate of the blind view's share for the 7B model at the same token counts
 (`tools/compile_check.text_flops`). Writes benchmarks/results/scoring.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def masked_blind_scores(model, b, chunk):
   h, _ = qwen.run_decoder(model, both(x), both(pos, 1), jnp.concatenate([km, km & ~vis]))
   h = sequences._response_hidden(h, b.prompt_ids.shape[1])
   n = h.shape[0] // 2
-  return scoring.k3_dependency(h[:n], h[n:], model.lm_head_weight(), b.flat_response, b.flat_response_mask,
-                               chunk_size=chunk)
+  return scoring.k3_dependency(
+    h[:n], h[n:], model.lm_head_weight(), b.flat_response, b.flat_response_mask, chunk_size=chunk
+  )
 
 
 def workload(cfg, rng, prompts, group, text_tokens, image_side, mean_len, cap):
@@ -60,7 +62,13 @@ def workload(cfg, rng, prompts, group, text_tokens, image_side, mean_len, cap):
   for _ in range(prompts):
     t = list(rng.integers(10, cfg.text.vocab_size - 10, text_tokens))
     h = text_tokens // 2
-    rows.append(t[:h] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + t[h:])
+    rows.append(
+      t[:h]
+      + [cfg.vision_start_token_id]
+      + [cfg.image_token_id] * n_img
+      + [cfg.vision_end_token_id]
+      + t[h:]
+    )
     grids.append((1, image_side, image_side))
   ids = np.array(rows, np.int32)
   # Log-normal (sigma 0.8: a long right tail), rescaled so that this small sample has the requested
@@ -80,9 +88,15 @@ def text_only_batch(cfg, b: sequences.SequenceBatch):
   ids = np.take_along_axis(np.asarray(b.prompt_ids), np.maximum(keep, 0), 1)
   pos = np.take_along_axis(np.asarray(b.prompt_pos), np.maximum(keep, 0)[:, None], 2)
   mask = keep >= 0
-  return dataclass_replace(b, prompt_ids=ids, prompt_mask=mask, prompt_pos=pos, prompt_visual=np.zeros_like(mask),
-                           blind_index=np.where(mask, np.arange(keep.shape[1])[None], -1).astype(np.int32),
-                           vision=None)
+  return dataclass_replace(
+    b,
+    prompt_ids=ids,
+    prompt_mask=mask,
+    prompt_pos=pos,
+    prompt_visual=np.zeros_like(mask),
+    blind_index=np.where(mask, np.arange(keep.shape[1])[None], -1).astype(np.int32),
+    vision=None,
+  )
 
 
 def dataclass_replace(b, **kw):
@@ -93,15 +107,19 @@ def analytic_7b(prompt_text, n_img, lengths, cap, row_len):
   """FLOP ratios for Qwen2.5-VL-7B's decoder at these token counts (dense masked attention over
   whole rows, as implemented; lm-head on the response tokens)."""
   from pgpo_jax.tools.compile_check import text_flops
+
   cfg = qwen.PRESETS["7b"]
   Tp, Tb = prompt_text + n_img + 2, prompt_text + 2
   N, resp = len(lengths), int(lengths.sum())
   padded = lambda t: text_flops(cfg, N * (t + cap), t + cap, N * cap)  # noqa: E731
   rows = lambda t: -(-int(N * t + resp) // row_len)  # ideal packing  # noqa: E731
   packed = lambda t: text_flops(cfg, rows(t) * row_len, row_len, resp)  # noqa: E731
-  return dict(blind_overhead=packed(Tb) / packed(Tp), blind_overhead_padded=padded(Tb) / padded(Tp),
-              blind_overhead_before=1.0,
-              packed_over_padded_scoring=(packed(Tp) + packed(Tb)) / (padded(Tp) + padded(Tb)))
+  return dict(
+    blind_overhead=packed(Tb) / packed(Tp),
+    blind_overhead_padded=padded(Tb) / padded(Tp),
+    blind_overhead_before=1.0,
+    packed_over_padded_scoring=(packed(Tp) + packed(Tb)) / (padded(Tp) + padded(Tb)),
+  )
 
 
 def main():
@@ -109,7 +127,9 @@ def main():
   ap.add_argument("--prompts", type=int, default=2)
   ap.add_argument("--group", type=int, default=4)
   ap.add_argument("--text", type=int, default=100, help="prompt text tokens")
-  ap.add_argument("--image_side", type=int, default=64, help="patches per side: 64 -> 1,024 visual tokens")
+  ap.add_argument(
+    "--image_side", type=int, default=64, help="patches per side: 64 -> 1,024 visual tokens"
+  )
   ap.add_argument("--mean_len", type=float, default=600)
   ap.add_argument("--cap", type=int, default=2048)
   ap.add_argument("--row", type=int, default=4096, help="packed row length")
@@ -122,16 +142,31 @@ def main():
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "scoring.json"))
   a = ap.parse_args()
   V = a.vocab
-  cfg = qwen.tiny_config(vocab_size=V, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
-                      num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=1,
-                      head_dim=64, mrope_section=(16, 8, 8), image_token_id=V - 4, video_token_id=V - 3,
-                      vision_start_token_id=V - 2, vision_end_token_id=V - 1, vision_hidden_size=64,
-                      vision_intermediate_size=128, vision_num_heads=1, vision_window_size=112,
-                      vision_fullatt_block_indexes=(1,), vision_out_hidden_size=a.hidden)
+  cfg = qwen.tiny_config(
+    vocab_size=V,
+    hidden_size=a.hidden,
+    intermediate_size=4 * a.hidden,
+    num_hidden_layers=a.layers,
+    num_attention_heads=a.hidden // 64,
+    num_key_value_heads=1,
+    head_dim=64,
+    mrope_section=(16, 8, 8),
+    image_token_id=V - 4,
+    video_token_id=V - 3,
+    vision_start_token_id=V - 2,
+    vision_end_token_id=V - 1,
+    vision_hidden_size=64,
+    vision_intermediate_size=128,
+    vision_num_heads=1,
+    vision_window_size=112,
+    vision_fullatt_block_indexes=(1,),
+    vision_out_hidden_size=a.hidden,
+  )
   model = qwen.init_model(cfg, "float32")
   rng = np.random.default_rng(a.seed)
-  ids, grids, pixels, response, rmask, lengths = workload(cfg, rng, a.prompts, a.group, a.text, a.image_side,
-                                                          a.mean_len, a.cap)
+  ids, grids, pixels, response, rmask, lengths = workload(
+    cfg, rng, a.prompts, a.group, a.text, a.image_side, a.mean_len, a.cap
+  )
   b = sequences.make_sequence_batch(cfg, ids, np.ones_like(ids), pixels, grids, response, rmask)
   floor_b = text_only_batch(cfg, b)
   pk, slot = packing.pack_sequences(b, cfg.image_token_id, 1, a.row)
@@ -149,20 +184,35 @@ def main():
 
   def padded_loss(model, bt):
     logp = sequences.response_logprobs(model, bt["seq"], chunk_size=ch)
-    return losses.policy_loss(logp, bt["old_logp"].reshape(N, L), bt["adv"].reshape(N, L),
-                              bt["seq"].flat_response_mask, token_normalizer=bt["token_normalizer"])
+    return losses.policy_loss(
+      logp,
+      bt["old_logp"].reshape(N, L),
+      bt["adv"].reshape(N, L),
+      bt["seq"].flat_response_mask,
+      token_normalizer=bt["token_normalizer"],
+    )
 
   def packed_loss(model, bt):
     pb = bt["packed"]
     logp = packing.response_logprobs(model, pb, chunk_size=ch)
-    return losses.policy_loss(logp, bt["old_logp"], bt["adv"], pb.mask, token_normalizer=bt["token_normalizer"],
-                              seq_length_BxT=pb.seq_len)
+    return losses.policy_loss(
+      logp,
+      bt["old_logp"],
+      bt["adv"],
+      pb.mask,
+      token_normalizer=bt["token_normalizer"],
+      seq_length_BxT=pb.seq_len,
+    )
 
   P, G = a.prompts, a.group
   pad_batch = {"seq": b, "old_logp": old.reshape(P, G, L), "adv": adv.reshape(P, G, L), **norms}
   shape = pk_train.target.shape
-  pk_batch = {"packed": pk_train, "old_logp": packing.pack_like(old, slot_train, shape),
-              "adv": packing.pack_like(adv, slot_train, shape), **norms}
+  pk_batch = {
+    "packed": pk_train,
+    "old_logp": packing.pack_like(old, slot_train, shape),
+    "adv": packing.pack_like(adv, slot_train, shape),
+    **norms,
+  }
   opt = train_step_lib.make_optimizer(1e-6)
 
   def update(loss_fn):
@@ -173,15 +223,18 @@ def main():
   padded_logp = jax.jit(lambda s, x: sequences.response_logprobs(m(s), x, chunk_size=ch))
   packed_logp = jax.jit(lambda s, x: packing.response_logprobs(m(s), x, chunk_size=ch))
   rows = {
-      "padded: image view only": (padded_logp, b),
-      "padded: two views, blind masked (before)": (jax.jit(lambda s, x: masked_blind_scores(m(s), x, ch)), b),
-      "padded: two views": (jax.jit(lambda s, x: sequences.score_rollout(m(s), x, chunk_size=ch)), b),
-      "padded: floor (non-visual tokens)": (padded_logp, floor_b),
-      "packed: image view only": (packed_logp, pk_train),
-      "packed: two views": (jax.jit(lambda s, x: packing.score_rollout(m(s), x, chunk_size=ch)), pk),
-      "packed: floor (non-visual tokens)": (packed_logp, pk_floor),
-      "padded: update step": (update(padded_loss), pad_batch),
-      "packed: update step": (update(packed_loss), pk_batch),
+    "padded: image view only": (padded_logp, b),
+    "padded: two views, blind masked (before)": (
+      jax.jit(lambda s, x: masked_blind_scores(m(s), x, ch)),
+      b,
+    ),
+    "padded: two views": (jax.jit(lambda s, x: sequences.score_rollout(m(s), x, chunk_size=ch)), b),
+    "padded: floor (non-visual tokens)": (padded_logp, floor_b),
+    "packed: image view only": (packed_logp, pk_train),
+    "packed: two views": (jax.jit(lambda s, x: packing.score_rollout(m(s), x, chunk_size=ch)), pk),
+    "packed: floor (non-visual tokens)": (packed_logp, pk_floor),
+    "padded: update step": (update(padded_loss), pad_batch),
+    "packed: update step": (update(packed_loss), pk_batch),
   }
   peak = {}
   for name, (fn, x) in rows.items():
@@ -199,44 +252,66 @@ def main():
 
   # The packed scores are the padded ones (tests/test_packing.py); check here too.
   s_pad, s_pk = rows["padded: two views"][0](state, b), rows["packed: two views"][0](state, pk)
-  diff = np.abs(packing.unpack(s_pk.logp_blind_BxT, slot) - np.where(rmask, np.asarray(s_pad.logp_blind_BxT), 0)).max()
+  diff = np.abs(
+    packing.unpack(s_pk.logp_blind_BxT, slot) - np.where(rmask, np.asarray(s_pad.logp_blind_BxT), 0)
+  ).max()
 
   img, img_pk = med["padded: image view only"], med["packed: image view only"]
   res = dict(
-      workload=dict(prompts=P, group=G, prompt_text_tokens=a.text, visual_tokens=a.image_side**2 // 4,
-                    response_mean=float(lengths.mean()), response_max=int(lengths.max()), cap=a.cap,
-                    padded_row=int(b.prompt_ids.shape[1] + L), blind_prompt=int(b.blind_index.shape[1]),
-                    packed_row=a.row, packed_rows=int(pk.image.ids.shape[1]), packed_blind_rows=int(pk.blind.ids.shape[1])),
-      model=dict(hidden=a.hidden, layers=a.layers, vocab=V, heads=a.hidden // 64),
-      rows={k: {"time_s": med[k], "peak_mib": peak.get(k)} for k in rows},
-      blind_overhead=med["packed: two views"] / img_pk - 1,
-      blind_floor=med["packed: floor (non-visual tokens)"] / img_pk,
-      blind_overhead_padded=med["padded: two views"] / img - 1,
-      blind_floor_padded=med["padded: floor (non-visual tokens)"] / img,
-      blind_overhead_before=med["padded: two views, blind masked (before)"] / img - 1,
-      packed_over_padded_scoring=med["packed: two views"] / med["padded: two views"],
-      packed_over_padded_update=med["packed: update step"] / med["padded: update step"],
-      packed_scores_max_abs_diff=float(diff),
-      analytic_7b=analytic_7b(a.text, a.image_side**2 // 4, lengths, a.cap, a.row),
-      repeats=a.repeats, devices=str(jax.devices()))
+    workload=dict(
+      prompts=P,
+      group=G,
+      prompt_text_tokens=a.text,
+      visual_tokens=a.image_side**2 // 4,
+      response_mean=float(lengths.mean()),
+      response_max=int(lengths.max()),
+      cap=a.cap,
+      padded_row=int(b.prompt_ids.shape[1] + L),
+      blind_prompt=int(b.blind_index.shape[1]),
+      packed_row=a.row,
+      packed_rows=int(pk.image.ids.shape[1]),
+      packed_blind_rows=int(pk.blind.ids.shape[1]),
+    ),
+    model=dict(hidden=a.hidden, layers=a.layers, vocab=V, heads=a.hidden // 64),
+    rows={k: {"time_s": med[k], "peak_mib": peak.get(k)} for k in rows},
+    blind_overhead=med["packed: two views"] / img_pk - 1,
+    blind_floor=med["packed: floor (non-visual tokens)"] / img_pk,
+    blind_overhead_padded=med["padded: two views"] / img - 1,
+    blind_floor_padded=med["padded: floor (non-visual tokens)"] / img,
+    blind_overhead_before=med["padded: two views, blind masked (before)"] / img - 1,
+    packed_over_padded_scoring=med["packed: two views"] / med["padded: two views"],
+    packed_over_padded_update=med["packed: update step"] / med["padded: update step"],
+    packed_scores_max_abs_diff=float(diff),
+    analytic_7b=analytic_7b(a.text, a.image_side**2 // 4, lengths, a.cap, a.row),
+    repeats=a.repeats,
+    devices=str(jax.devices()),
+  )
   w = res["workload"]
-  print(f"workload: {P} prompts x {G} responses; prompt {a.text} text + {w['visual_tokens']} visual tokens; "
-        f"responses mean {w['response_mean']:.0f}, max {w['response_max']} (cap {a.cap}); padded rows of "
-        f"{w['padded_row']}, blind prompt {w['blind_prompt']}; packed: {w['packed_rows']} + {w['packed_blind_rows']} "
-        f"rows of {a.row}. Model: hidden {a.hidden}, {a.layers} layers, vocab {V}.")
+  print(
+    f"workload: {P} prompts x {G} responses; prompt {a.text} text + {w['visual_tokens']} visual tokens; "
+    f"responses mean {w['response_mean']:.0f}, max {w['response_max']} (cap {a.cap}); padded rows of "
+    f"{w['padded_row']}, blind prompt {w['blind_prompt']}; packed: {w['packed_rows']} + {w['packed_blind_rows']} "
+    f"rows of {a.row}. Model: hidden {a.hidden}, {a.layers} layers, vocab {V}."
+  )
   print(f"{'pass':<44}{'time s':>9}{'/ padded image view':>21}{'peak MiB':>10}")
   for k in rows:
     pm = f"{peak[k]:>10.0f}" if k in peak else f"{'-':>10}"
     print(f"{k:<44}{med[k]:>9.2f}{med[k] / img:>20.2f}x{pm}")
-  print(f"blind_overhead (packed) {100 * res['blind_overhead']:+.0f}%, floor {100 * res['blind_floor']:.0f}%; "
-        f"padded {100 * res['blind_overhead_padded']:+.0f}%, floor {100 * res['blind_floor_padded']:.0f}% "
-        f"(before: {100 * res['blind_overhead_before']:+.0f}%)")
-  print(f"packed / padded: scoring {res['packed_over_padded_scoring']:.2f}, update {res['packed_over_padded_update']:.2f}"
-        f"  (packed scores = padded to {diff:.1e})")
+  print(
+    f"blind_overhead (packed) {100 * res['blind_overhead']:+.0f}%, floor {100 * res['blind_floor']:.0f}%; "
+    f"padded {100 * res['blind_overhead_padded']:+.0f}%, floor {100 * res['blind_floor_padded']:.0f}% "
+    f"(before: {100 * res['blind_overhead_before']:+.0f}%)"
+  )
+  print(
+    f"packed / padded: scoring {res['packed_over_padded_scoring']:.2f}, update {res['packed_over_padded_update']:.2f}"
+    f"  (packed scores = padded to {diff:.1e})"
+  )
   an = res["analytic_7b"]
-  print(f"analytic, 7B decoder at these token counts (FLOPs): blind_overhead packed {100 * an['blind_overhead']:+.0f}%, "
-        f"padded {100 * an['blind_overhead_padded']:+.0f}% (before +100%); packed / padded scoring "
-        f"{an['packed_over_padded_scoring']:.2f}")
+  print(
+    f"analytic, 7B decoder at these token counts (FLOPs): blind_overhead packed {100 * an['blind_overhead']:+.0f}%, "
+    f"padded {100 * an['blind_overhead_padded']:+.0f}% (before +100%); packed / padded scoring "
+    f"{an['packed_over_padded_scoring']:.2f}"
+  )
   pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(a.out).write_text(json.dumps(res, indent=2))
 

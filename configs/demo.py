@@ -7,6 +7,7 @@ Generates the demo data (train/test parquet + a tiny tokenizer/processor folder)
 initialises a small model in place, runs a short supervised warm-up so that rewards are not all
 zero, then PGPO. Finishes in minutes on a 2-core CPU.
 """
+
 from pgpo_jax.config import base_config
 
 

@@ -9,6 +9,7 @@ rollout batch:
     python scripts/train.py --config=configs/grpo_7b.py --config.model.init_from=/ckpt/qwen2_5_vl_7b \
         --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/grpo_7b
 """
+
 from pgpo_jax.config import sibling
 
 pgpo_7b = sibling("pgpo_7b", __file__)

@@ -5,6 +5,7 @@
         --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/pgpo_3b
     python scripts/compile_check.py --config=configs/pgpo_3b.py --topology=v5p-32
 """
+
 from pgpo_jax.config import sibling
 
 pgpo_7b = sibling("pgpo_7b", __file__)

@@ -11,6 +11,7 @@ On v5e-256 (16 GiB per chip), more batch shards: micro-batches must split over t
     python scripts/compile_check.py --config=configs/pgpo_7b.py --topology=v5e-256 \
         --config.updates.micro_batch_prompts=64
 """
+
 from pgpo_jax.config import base_config
 
 
@@ -54,7 +55,9 @@ def get_config():
   c.rollout.top_p = 0.99
 
   c.updates.prompts_per_update = 128  # 640 responses -> 3 optimizer steps per rollout batch
-  c.updates.micro_batch_prompts = 8  # 40 sequences; must be a multiple of the batch shards (data x fsdp)
+  c.updates.micro_batch_prompts = (
+    8  # 40 sequences; must be a multiple of the batch shards (data x fsdp)
+  )
   c.updates.passes = 1
 
   c.optim.learning_rate = 1e-6

@@ -5,6 +5,7 @@ prompt lengths (`seq_bucket`, or the configured `default_length_buckets`), patch
 (`patch_bucket`), prompts per call (`batch_bucket`). Few buckets mean few compiles; fine buckets
 mean little padding. Pure Python: used by the model's host API, the data pipeline and the rollout.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

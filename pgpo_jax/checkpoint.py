@@ -16,6 +16,7 @@ inspection; Orbax no longer sees them, so those steps are saved afresh). When no
 nothing is moved (a changed config fails the same way) and `CheckpointError` names the steps and
 says what to do.
 """
+
 from __future__ import annotations
 
 import gc
@@ -33,7 +34,6 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 
+
 DAMAGED_SUFFIX = ".damaged"
 
 
@@ -65,13 +66,16 @@ def _short_error(e: BaseException) -> str:
   and the root cause (e.g. `OUT_OF_RANGE: Error reading ... Requested byte range ... is not valid`)
   are the useful parts.
   """
+
   def first_line(x: BaseException) -> str:
     text = str(x).strip()
     line = text.splitlines()[0] if text else ""
     return f"{type(x).__name__}: {line.split(' See full TensorStore details')[0][:300]}"
 
   msg = first_line(e)
-  arrays = [p.rstrip("/") for p in re.findall(r"'path': '([^']*)'", str(e)) if not p.startswith("/")]
+  arrays = [
+    p.rstrip("/") for p in re.findall(r"'path': '([^']*)'", str(e)) if not p.startswith("/")
+  ]
   if arrays:
     msg += f" (array {arrays[-1]})"
   root, seen = e, {id(e)}
@@ -100,26 +104,32 @@ def _collect_failed_reads() -> None:
 
 def _abstract(tree: Any) -> Any:
   """Restore targets: ShapeDtypeStructs with the shardings of jax Array leaves; numpy leaves as is."""
+
   def one(x):
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     if isinstance(x, jax.ShapeDtypeStruct):
       return x
     return np.asarray(x)  # host values (same on every host) restore as numpy
+
   return jax.tree.map(one, tree)
 
 
 class Checkpointer:
   """Async, keep-last-K checkpoints of a training run, with automatic resume."""
 
-  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True):
+  def __init__(
+    self, directory: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True
+  ):
     self.directory = os.path.abspath(os.fspath(directory))
     os.makedirs(self.directory, exist_ok=True)
     self.save_every = int(save_every)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=("state", "params", "data", "config"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
+    self._mngr = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "params", "data", "config")
+    )
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -130,21 +140,29 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return step > 0 and step % self.save_every == 0
 
-  def save(self, step: int, state: Any, params: Any, data: dict, config: dict, *, force: bool = False) -> bool:
+  def save(
+    self, step: int, state: Any, params: Any, data: dict, config: dict, *, force: bool = False
+  ) -> bool:
     """Starts an async save of `step` (if due or forced). Returns whether a save was started."""
     if not force and not self.should_save(step):
       return False
     if step in self._mngr.all_steps():
       return False
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), params=ocp.args.StandardSave(params),
-                              data=ocp.args.JsonSave(data), config=ocp.args.JsonSave(config))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      params=ocp.args.StandardSave(params),
+      data=ocp.args.JsonSave(data),
+      config=ocp.args.JsonSave(config),
+    )
     self._mngr.save(step, args=args, force=True)
     log.info("checkpoint: saving step %d to %s", step, self.directory)
     return True
 
   def restore(self, step: int, state_like: Any) -> tuple[Any, dict]:
     """Restores (state, data) of `step` into the structure/shardings of `state_like`."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(state_like)), data=ocp.args.JsonRestore())
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(state_like)), data=ocp.args.JsonRestore()
+    )
     out = self._mngr.restore(step, args=args)
     return out.state, dict(out.data)
 
@@ -159,7 +177,9 @@ class Checkpointer:
     jax.block_until_ready(restored)
     del restored
 
-  def restore_latest(self, state_like: Any, params_like: Any = None) -> tuple[int, Any, dict] | None:
+  def restore_latest(
+    self, state_like: Any, params_like: Any = None
+  ) -> tuple[int, Any, dict] | None:
     """(step, state, data) of the newest checkpoint that reads back completely; None if there is none.
 
     Args:
@@ -175,7 +195,9 @@ class Checkpointer:
     for step in sorted(self.all_steps(), reverse=True):
       error = ""
       try:
-        if params_like is not None:  # first: its copy is freed before the state arrives (same peak memory)
+        if (
+          params_like is not None
+        ):  # first: its copy is freed before the state arrives (same peak memory)
           self.verify_params(step, params_like)
         state, data = self.restore(step, state_like)
       except Exception as e:  # Orbax/TensorStore raise plain Exception, ValueError, OSError, ...
@@ -185,8 +207,12 @@ class Checkpointer:
       if _any_host(bool(error)):
         error = error or "the restore failed on another host"
         damaged.append((step, error))
-        log.warning("checkpoint %s/%d does not read back: %s. Trying the previous checkpoint.", self.directory,
-                    step, error)
+        log.warning(
+          "checkpoint %s/%d does not read back: %s. Trying the previous checkpoint.",
+          self.directory,
+          step,
+          error,
+        )
         continue
       # A good older step proves the run's structure matches: the newer failures are damage. Move them
       # aside so that this run saves those steps afresh and a later resume does not read them again.
@@ -194,16 +220,20 @@ class Checkpointer:
         where = self._set_aside(bad)
         log.warning("checkpoint %s/%d is damaged: moved to %s", self.directory, bad, where)
       if damaged:
-        log.warning("resumed from checkpoint step %d, the newest that reads back (damaged: %s)", step,
-                    ", ".join(f"step {s}" for s, _ in damaged))
+        log.warning(
+          "resumed from checkpoint step %d, the newest that reads back (damaged: %s)",
+          step,
+          ", ".join(f"step {s}" for s, _ in damaged),
+        )
       return step, state, data
     if damaged:  # Nothing moved: a config that no longer matches fails the same way as damage.
       lines = "\n  ".join(f"step {s}: {err}" for s, err in damaged)
       raise CheckpointError(
-          f"no checkpoint in {self.directory} can be restored:\n  {lines}\n"
-          f"If the run's config changed since they were saved (model size, optimizer, mesh), resume with the "
-          f"original config or start in a new workdir. If the files are damaged (disk full, an interrupted "
-          f"copy), move the damaged <step> folders out of {self.directory} (or start in a new workdir).")
+        f"no checkpoint in {self.directory} can be restored:\n  {lines}\n"
+        f"If the run's config changed since they were saved (model size, optimizer, mesh), resume with the "
+        f"original config or start in a new workdir. If the files are damaged (disk full, an interrupted "
+        f"copy), move the damaged <step> folders out of {self.directory} (or start in a new workdir)."
+      )
     return None
 
   def _set_aside(self, step: int) -> str:
@@ -286,7 +316,9 @@ class PreemptionGuard:
 
 def to_jsonable(obj: Any) -> Any:
   """Config dicts → JSON-safe values (tuples to lists, numpy scalars to Python)."""
-  return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+  return json.loads(
+    json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,17 +345,19 @@ def checkpoint_layout(path: str | os.PathLike) -> tuple[str, str]:
   """("hf", folder) | ("orbax", params_dir) for a checkpoint path, or FileNotFoundError."""
   path = os.fspath(path)
   if os.path.isdir(path):
-    if (os.path.exists(os.path.join(path, "model.safetensors"))
-        or os.path.exists(os.path.join(path, "model.safetensors.index.json"))):
+    if os.path.exists(os.path.join(path, "model.safetensors")) or os.path.exists(
+      os.path.join(path, "model.safetensors.index.json")
+    ):
       return "hf", path
     if is_orbax_params_dir(os.path.join(path, PARAMS_ITEM)):
       return "orbax", os.path.join(path, PARAMS_ITEM)
     if is_orbax_params_dir(path):
       return "orbax", path
   raise FileNotFoundError(
-      f"{path}: not a Qwen2.5-VL checkpoint: expected an HF folder (model.safetensors or "
-      f"model.safetensors.index.json), a converted folder with an Orbax '{PARAMS_ITEM}/' item, "
-      f"or an Orbax params item directory")
+    f"{path}: not a Qwen2.5-VL checkpoint: expected an HF folder (model.safetensors or "
+    f"model.safetensors.index.json), a converted folder with an Orbax '{PARAMS_ITEM}/' item, "
+    f"or an Orbax params item directory"
+  )
 
 
 def find_config(path: str | os.PathLike) -> str:
@@ -343,7 +377,9 @@ def find_config(path: str | os.PathLike) -> str:
     f = os.path.join(c, "config.json")
     if os.path.isfile(f):
       return f
-  raise FileNotFoundError(f"no config.json for {path}: looked in {candidates}; pass the config explicitly")
+  raise FileNotFoundError(
+    f"no config.json for {path}: looked in {candidates}; pass the config explicitly"
+  )
 
 
 def _walk_tree(tree, prefix=()):
@@ -369,7 +405,9 @@ def _nest(items: Mapping[Path, object]) -> dict:
   return out
 
 
-def orbax_param_metadata(params_dir: str | os.PathLike) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+def orbax_param_metadata(
+  params_dir: str | os.PathLike,
+) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
   """{stored key path: (shape, dtype)} of an Orbax params item, read from its metadata only."""
   meta = ocp.PyTreeCheckpointer().metadata(os.fspath(params_dir))
   tree = getattr(meta, "item_metadata", meta)
@@ -377,20 +415,25 @@ def orbax_param_metadata(params_dir: str | os.PathLike) -> dict[Path, tuple[tupl
   if isinstance(tree, Mapping) and "train" in tree and "rng" in tree:
     # The trainer's `state` item (parameters + optimizer state + RNG); its sibling holds the parameters.
     sibling = os.path.join(os.path.dirname(os.path.abspath(os.fspath(params_dir))), PARAMS_ITEM)
-    raise ValueError(f"{params_dir} is a trainer checkpoint's 'state' item (parameters with the optimizer "
-                     f"state); use the parameters item next to it, {sibling}, or the step folder above it")
+    raise ValueError(
+      f"{params_dir} is a trainer checkpoint's 'state' item (parameters with the optimizer "
+      f"state); use the parameters item next to it, {sibling}, or the step folder above it"
+    )
   out = {}
   for p, m in _walk_tree(tree):
     if not hasattr(m, "shape"):
-      raise ValueError(f"{params_dir}: not a parameters checkpoint: {'/'.join(p) or '<root>'} is a "
-                       f"{type(m).__name__}, not an array; expected an Orbax item of parameter arrays "
-                       f"(CKPT/{PARAMS_ITEM} or WORKDIR/checkpoints/<step>/{PARAMS_ITEM})")
+      raise ValueError(
+        f"{params_dir}: not a parameters checkpoint: {'/'.join(p) or '<root>'} is a "
+        f"{type(m).__name__}, not an array; expected an Orbax item of parameter arrays "
+        f"(CKPT/{PARAMS_ITEM} or WORKDIR/checkpoints/<step>/{PARAMS_ITEM})"
+      )
     out[p] = (tuple(m.shape), np.dtype(m.dtype))
   return out
 
 
-def check_orbax_params(params_dir: str, shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]]
-                       ) -> dict[Path, Path]:
+def check_orbax_params(
+  params_dir: str, shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]]
+) -> dict[Path, Path]:
   """Compares stored params with the expected shapes; returns {our path: stored path}.
 
   Raises a ValueError listing missing, unexpected and mis-shaped parameters.
@@ -399,21 +442,35 @@ def check_orbax_params(params_dir: str, shapes: Mapping[Path, tuple[tuple[int, .
   by_ours = {_ours(p): p for p in stored}
   missing = ["/".join(p) for p in shapes if p not in by_ours]
   unexpected = ["/".join(p) for p in by_ours if p not in shapes]
-  misshaped = [f"{'/'.join(p)}: got {stored[by_ours[p]][0]}, expected {shapes[p][0]}"
-               for p in shapes if p in by_ours and tuple(stored[by_ours[p]][0]) != tuple(shapes[p][0])]
+  misshaped = [
+    f"{'/'.join(p)}: got {stored[by_ours[p]][0]}, expected {shapes[p][0]}"
+    for p in shapes
+    if p in by_ours and tuple(stored[by_ours[p]][0]) != tuple(shapes[p][0])
+  ]
   if missing or unexpected or misshaped:
     lines = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for label, items in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("mis-shaped", misshaped),
+    ):
       if items:
         more = " …" if len(items) > 20 else ""
         lines.append(f"{len(items)} {label} parameter(s): " + ", ".join(items[:20]) + more)
-    raise ValueError(f"{params_dir}: Orbax params do not match the Qwen2.5-VL config:\n  " + "\n  ".join(lines))
+    raise ValueError(
+      f"{params_dir}: Orbax params do not match the Qwen2.5-VL config:\n  " + "\n  ".join(lines)
+    )
   return {p: by_ours[p] for p in shapes}
 
 
-def restore_orbax_params(params_dir: str | os.PathLike, shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]],
-                         *, shardings: Mapping[Path, jax.sharding.Sharding] | None = None,
-                         as_numpy: bool = False, paths: list[Path] | None = None) -> dict[Path, object]:
+def restore_orbax_params(
+  params_dir: str | os.PathLike,
+  shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]],
+  *,
+  shardings: Mapping[Path, jax.sharding.Sharding] | None = None,
+  as_numpy: bool = False,
+  paths: list[Path] | None = None,
+) -> dict[Path, object]:
   """Restores (a subset of) an Orbax params item, cast to the dtypes of `shapes`.
 
   Args:
@@ -441,8 +498,9 @@ def restore_orbax_params(params_dir: str | os.PathLike, shapes: Mapping[Path, tu
       sharding = (shardings or {}).get(p, default)
       target[sp] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
       restore_args[sp] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=dtype)
-  args = ocp.args.PyTreeRestore(item=_nest(target), restore_args=_nest(restore_args),
-                                partial_restore=paths is not None)
+  args = ocp.args.PyTreeRestore(
+    item=_nest(target), restore_args=_nest(restore_args), partial_restore=paths is not None
+  )
   restored = ocp.PyTreeCheckpointer().restore(params_dir, args=args)
   flat = {_ours(p): v for p, v in _walk_tree(restored)}
   return {p: flat[p] for p in wanted}
@@ -455,7 +513,9 @@ def save_orbax_params(params_dir: str | os.PathLike, params: Mapping[Path, objec
   model a second time during a conversion, so the budget is the largest parameter (min 1 GB).
   """
   params_dir = os.path.abspath(os.fspath(params_dir))
-  largest = max((int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in params.values()), default=0)
+  largest = max(
+    (int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in params.values()), default=0
+  )
   handler = ocp.StandardCheckpointHandler(save_concurrent_gb=max(1, math.ceil(largest / 1e9)))
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(params_dir, args=ocp.args.StandardSave(_nest(params)))

@@ -5,6 +5,7 @@ key here is read by the trainer (`tests/test_config_keys.py` fails on a key that
 `validate(config, num_devices)` names the offending key.
 Defaults are the paper's DAPO/PGPO recipe (docs/method.md §4-5) wherever it is explicit.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,10 +29,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.init_from = ""  # HF Qwen2.5-VL folder or a converted Orbax checkpoint folder
   c.model.random_init = False  # True: build from `model.tiny` (demo) instead of init_from
-  c.model.tiny = ml_collections.ConfigDict(dict(
-      hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-      num_key_value_heads=2, vision_depth=2, vision_hidden_size=64, vision_intermediate_size=128,
-      vision_num_heads=2, vision_window_size=56, vision_fullatt_block_indexes=(1,)))
+  c.model.tiny = ml_collections.ConfigDict(
+    dict(
+      hidden_size=128,
+      intermediate_size=256,
+      num_hidden_layers=4,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      vision_depth=2,
+      vision_hidden_size=64,
+      vision_intermediate_size=128,
+      vision_num_heads=2,
+      vision_window_size=56,
+      vision_fullatt_block_indexes=(1,),
+    )
+  )
   c.model.dtype = "bfloat16"  # compute dtype: matmul inputs, activations, KV cache
   # Parameter (and AdamW moment) dtype; "" = model.dtype. "float32" keeps float32 master weights that
   # small updates can move, cast to model.dtype where each layer uses them.
@@ -85,51 +97,100 @@ def base_config() -> ml_collections.ConfigDict:
   # (0: unlimited, verl's max_num_gen_batches). When the rounds run out with fewer groups,
   # `on_short="train"` trains on the groups kept (fewer update mini-batches, never an empty one) and
   # `on_short="error"` stops the run with an error naming `dynamic_sampling.max_rounds` (verl/EasyR1).
-  c.dynamic_sampling = ml_collections.ConfigDict(dict(enabled=True, min_accuracy=0.01, max_accuracy=0.99,
-                                                      max_rounds=3, on_short="train"))
+  c.dynamic_sampling = ml_collections.ConfigDict(
+    dict(enabled=True, min_accuracy=0.01, max_accuracy=0.99, max_rounds=3, on_short="train")
+  )
 
   c.updates = ml_collections.ConfigDict()
   c.updates.prompts_per_update = 128  # update (mini-)batch in prompts: 128 × 5 = 640 responses
   c.updates.micro_batch_prompts = 8  # gradient accumulation granularity
   c.updates.passes = 1  # epochs over a rollout batch
 
-  c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=1e-6, schedule="constant", warmup_steps=0, end_learning_rate=0.0, weight_decay=1e-2,
-      b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, frozen_regex=""))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      learning_rate=1e-6,
+      schedule="constant",
+      warmup_steps=0,
+      end_learning_rate=0.0,
+      weight_decay=1e-2,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip_norm=1.0,
+      frozen_regex="",
+    )
+  )
 
   # kl_coef > 0 adds kl_coef · agg(KL(π_θ‖π_ref)) to the loss, π_ref a frozen copy of the weights at the
   # start of RL (after any warm-up), logged as train/kl; kl_estimator: k1 = log π_θ - log π_ref,
   # k2 = ½(log π_θ - log π_ref)², k3 = verl/EasyR1 "low_var_kl" (r - log r - 1, r = π_ref/π_θ, log r
   # clamped to ±20, value to [-10, 10]). kl_coef = 0 (default, the paper): no reference model at all.
-  c.loss = ml_collections.ConfigDict(dict(
-      clip_low=0.2, clip_high=0.28, agg="token-mean", dual_clip=0.0, kl_coef=0.0, kl_estimator="k3",
-      entropy_coef=0.0, logprob_chunk=256))
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      clip_low=0.2,
+      clip_high=0.28,
+      agg="token-mean",
+      dual_clip=0.0,
+      kl_coef=0.0,
+      kl_estimator="k3",
+      entropy_coef=0.0,
+      logprob_chunk=256,
+    )
+  )
 
   # degenerate_rtol: a response whose spread of log(1 + S) is at most this share of its largest value
   # gets uniform weights (0: only an exactly constant S, as PGPO.md; why 1e-2: rl/advantages.py).
-  c.pgpo = ml_collections.ConfigDict(dict(
-      enabled=True, tau=0.4, beta=2.0, dependency_estimator="k3", mask_vision_markers=False,
-      clamp_log_ratio=config_dict.placeholder(float), renormalize=True, threshold_mode="absolute",
-      min_weight=0.0, max_weight=config_dict.placeholder(float), degenerate_rtol=1e-2, scoring_chunk=256,
-      scoring_prompts=0))  # prompts per scoring call (0: updates.micro_batch_prompts)
+  c.pgpo = ml_collections.ConfigDict(
+    dict(
+      enabled=True,
+      tau=0.4,
+      beta=2.0,
+      dependency_estimator="k3",
+      mask_vision_markers=False,
+      clamp_log_ratio=config_dict.placeholder(float),
+      renormalize=True,
+      threshold_mode="absolute",
+      min_weight=0.0,
+      max_weight=config_dict.placeholder(float),
+      degenerate_rtol=1e-2,
+      scoring_chunk=256,
+      scoring_prompts=0,
+    )
+  )  # prompts per scoring call (0: updates.micro_batch_prompts)
 
   c.reward = ml_collections.ConfigDict(dict(name="pgpo_math"))
 
   # Supervised cold start on `target_template.format(answer=...)` (the demo; off for real models).
-  c.warmup = ml_collections.ConfigDict(dict(sft_steps=0, learning_rate=1e-4, prompts_per_step=16,
-                                            target_template="<think>I look at the image.</think> \\boxed{{{answer}}}"))
+  c.warmup = ml_collections.ConfigDict(
+    dict(
+      sft_steps=0,
+      learning_rate=1e-4,
+      prompts_per_step=16,
+      target_template="<think>I look at the image.</think> \\boxed{{{answer}}}",
+    )
+  )
 
   # Metrics of every step go to WORKDIR/metrics.jsonl (+ TensorBoard, W&B). profile=True writes a
   # jax.profiler trace of one step (the second this process runs: the first compiles) to WORKDIR/profile.
   # packing: score and train on padding-free rows of `packed_row_length` tokens (rl/packing.py)
   # instead of padding every sequence to the longest prompt + max_new_tokens.
-  c.train = ml_collections.ConfigDict(dict(num_steps=0, eval_every=0, eval_prompts=64,
-                                           eval_max_new_tokens=0, profile=False, packing=False,
-                                           packed_row_length=4096))
+  c.train = ml_collections.ConfigDict(
+    dict(
+      num_steps=0,
+      eval_every=0,
+      eval_prompts=64,
+      eval_max_new_tokens=0,
+      profile=False,
+      packing=False,
+      packed_row_length=4096,
+    )
+  )
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
 
-  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, wandb=False, wandb_project="pgpo-jax"))
+  c.logging = ml_collections.ConfigDict(
+    dict(tensorboard=True, wandb=False, wandb_project="pgpo-jax")
+  )
   return c
 
 
@@ -145,16 +206,29 @@ def _require(cond: bool, key: str, msg: str) -> None:
 Rule = tuple[Callable[[Any], bool], str]  # (accepts the value, what the message says it must be)
 
 
-def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-            integer: bool = False, optional: bool = False) -> Rule:
+def _number(
+  lo: float | None = None,
+  hi: float | None = None,
+  *,
+  lo_open: bool = False,
+  hi_open: bool = False,
+  integer: bool = False,
+  optional: bool = False,
+) -> Rule:
   """A finite number (an int if `integer`) in [lo, hi] (open ends as asked); None too if `optional`."""
+
   def ok(v: Any) -> bool:
     if v is None:
       return optional
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v):
+    if (
+      isinstance(v, bool)
+      or not isinstance(v, int if integer else (int, float))
+      or not math.isfinite(v)
+    ):
       return False
-    return ((lo is None or (v > lo if lo_open else v >= lo))
-            and (hi is None or (v < hi if hi_open else v <= hi)))
+    return (lo is None or (v > lo if lo_open else v >= lo)) and (
+      hi is None or (v < hi if hi_open else v <= hi)
+    )
 
   kind = "an integer" if integer else "a number"
   if lo is not None and hi is not None:
@@ -196,74 +270,74 @@ _POSITIVE = _number(0, lo_open=True)
 _PROBABILITY = _number(0, 1)
 
 VALUE_RULES: dict[str, Rule] = {
-    "model.dtype": _one_of("float32", "bfloat16"),
-    "model.param_dtype": _one_of("", "float32", "bfloat16"),  # "" = model.dtype
-    "model.remat_policy": _one_of("none", "full", "dots", "dots_no_batch"),
-    "model.attention_chunk_size": _NONNEG_INT,
-    "model.attention_impl": _one_of("auto", "xla", "splash", "cudnn"),  # layers.ATTENTION_IMPLS
-    "data.max_prompt_length": _POS_INT,
-    "data.min_pixels": _number(0, lo_open=True, integer=True, optional=True),
-    "data.max_pixels": _number(0, lo_open=True, integer=True, optional=True),
-    "data.demo_train_rows": _POS_INT,
-    "data.demo_eval_rows": _POS_INT,
-    "data.demo_image_size": _POS_INT,
-    "rollout.prompts_per_step": _POS_INT,
-    "rollout.group_size": _number(2, integer=True),  # a group std needs two samples
-    "rollout.max_new_tokens": _POS_INT,
-    "rollout.temperature": _NONNEG,
-    "rollout.top_p": _number(0, 1, lo_open=True),
-    "rollout.top_k": _NONNEG_INT,  # 0 = off
-    "rollout.dtype": _one_of("float32", "bfloat16"),
-    "rollout.decode_rows": _NONNEG_INT,  # 0 = all samples at once; a multiple of the batch shards (trainer)
-    "dynamic_sampling.min_accuracy": _PROBABILITY,
-    "dynamic_sampling.max_accuracy": _PROBABILITY,
-    "dynamic_sampling.max_rounds": _NONNEG_INT,  # 0 = unlimited
-    "dynamic_sampling.on_short": _one_of("train", "error"),
-    "data.num_epochs": _NONNEG_INT,  # 0 = unlimited
-    "updates.prompts_per_update": _POS_INT,
-    "updates.micro_batch_prompts": _POS_INT,
-    "updates.passes": _POS_INT,
-    "optim.learning_rate": _POSITIVE,
-    "optim.schedule": _one_of("constant", "warmup_cosine", "linear"),  # train_step.SCHEDULES
-    "optim.warmup_steps": _NONNEG_INT,
-    "optim.end_learning_rate": _NONNEG,
-    "optim.weight_decay": _NONNEG,
-    "optim.b1": _number(0, 1, hi_open=True),
-    "optim.b2": _number(0, 1, hi_open=True),
-    "optim.eps": _POSITIVE,
-    "optim.grad_clip_norm": _NONNEG,  # 0 = off
-    "optim.frozen_regex": (_regex, "a Python regular expression ('' = nothing frozen)"),
-    "loss.clip_low": _number(0, 1, hi_open=True),
-    "loss.clip_high": _NONNEG,
-    "loss.agg": _one_of("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "loss.dual_clip": (_dual_clip, "0 (off) or a number > 1 (verl's clip_ratio_c)"),
-    "loss.entropy_coef": _NONNEG,
-    "loss.kl_coef": _NONNEG,  # 0 = no reference model
-    "loss.kl_estimator": _one_of("k1", "k2", "k3"),
-    "loss.logprob_chunk": _POS_INT,
-    "pgpo.tau": _PROBABILITY,
-    "pgpo.beta": _NONNEG,
-    "pgpo.dependency_estimator": _one_of("k3", "full_kl"),
-    "pgpo.clamp_log_ratio": _number(0, lo_open=True, optional=True),
-    "pgpo.threshold_mode": _one_of("absolute", "quantile"),
-    "pgpo.min_weight": _PROBABILITY,
-    "pgpo.max_weight": _number(1, optional=True),
-    "pgpo.degenerate_rtol": _number(0, 1, hi_open=True),
-    "pgpo.scoring_chunk": _POS_INT,
-    "pgpo.scoring_prompts": _NONNEG_INT,  # 0 = updates.micro_batch_prompts
-    "warmup.sft_steps": _NONNEG_INT,
-    "train.num_steps": _POS_INT,
-    "train.eval_every": _NONNEG_INT,  # 0 = off
-    "train.eval_max_new_tokens": _NONNEG_INT,  # 0 = rollout.max_new_tokens
-    "train.packed_row_length": _POS_INT,
-    "checkpoint.every": _POS_INT,
-    "checkpoint.keep": _POS_INT,
+  "model.dtype": _one_of("float32", "bfloat16"),
+  "model.param_dtype": _one_of("", "float32", "bfloat16"),  # "" = model.dtype
+  "model.remat_policy": _one_of("none", "full", "dots", "dots_no_batch"),
+  "model.attention_chunk_size": _NONNEG_INT,
+  "model.attention_impl": _one_of("auto", "xla", "splash", "cudnn"),  # layers.ATTENTION_IMPLS
+  "data.max_prompt_length": _POS_INT,
+  "data.min_pixels": _number(0, lo_open=True, integer=True, optional=True),
+  "data.max_pixels": _number(0, lo_open=True, integer=True, optional=True),
+  "data.demo_train_rows": _POS_INT,
+  "data.demo_eval_rows": _POS_INT,
+  "data.demo_image_size": _POS_INT,
+  "rollout.prompts_per_step": _POS_INT,
+  "rollout.group_size": _number(2, integer=True),  # a group std needs two samples
+  "rollout.max_new_tokens": _POS_INT,
+  "rollout.temperature": _NONNEG,
+  "rollout.top_p": _number(0, 1, lo_open=True),
+  "rollout.top_k": _NONNEG_INT,  # 0 = off
+  "rollout.dtype": _one_of("float32", "bfloat16"),
+  "rollout.decode_rows": _NONNEG_INT,  # 0 = all samples at once; a multiple of the batch shards (trainer)
+  "dynamic_sampling.min_accuracy": _PROBABILITY,
+  "dynamic_sampling.max_accuracy": _PROBABILITY,
+  "dynamic_sampling.max_rounds": _NONNEG_INT,  # 0 = unlimited
+  "dynamic_sampling.on_short": _one_of("train", "error"),
+  "data.num_epochs": _NONNEG_INT,  # 0 = unlimited
+  "updates.prompts_per_update": _POS_INT,
+  "updates.micro_batch_prompts": _POS_INT,
+  "updates.passes": _POS_INT,
+  "optim.learning_rate": _POSITIVE,
+  "optim.schedule": _one_of("constant", "warmup_cosine", "linear"),  # train_step.SCHEDULES
+  "optim.warmup_steps": _NONNEG_INT,
+  "optim.end_learning_rate": _NONNEG,
+  "optim.weight_decay": _NONNEG,
+  "optim.b1": _number(0, 1, hi_open=True),
+  "optim.b2": _number(0, 1, hi_open=True),
+  "optim.eps": _POSITIVE,
+  "optim.grad_clip_norm": _NONNEG,  # 0 = off
+  "optim.frozen_regex": (_regex, "a Python regular expression ('' = nothing frozen)"),
+  "loss.clip_low": _number(0, 1, hi_open=True),
+  "loss.clip_high": _NONNEG,
+  "loss.agg": _one_of("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+  "loss.dual_clip": (_dual_clip, "0 (off) or a number > 1 (verl's clip_ratio_c)"),
+  "loss.entropy_coef": _NONNEG,
+  "loss.kl_coef": _NONNEG,  # 0 = no reference model
+  "loss.kl_estimator": _one_of("k1", "k2", "k3"),
+  "loss.logprob_chunk": _POS_INT,
+  "pgpo.tau": _PROBABILITY,
+  "pgpo.beta": _NONNEG,
+  "pgpo.dependency_estimator": _one_of("k3", "full_kl"),
+  "pgpo.clamp_log_ratio": _number(0, lo_open=True, optional=True),
+  "pgpo.threshold_mode": _one_of("absolute", "quantile"),
+  "pgpo.min_weight": _PROBABILITY,
+  "pgpo.max_weight": _number(1, optional=True),
+  "pgpo.degenerate_rtol": _number(0, 1, hi_open=True),
+  "pgpo.scoring_chunk": _POS_INT,
+  "pgpo.scoring_prompts": _NONNEG_INT,  # 0 = updates.micro_batch_prompts
+  "warmup.sft_steps": _NONNEG_INT,
+  "train.num_steps": _POS_INT,
+  "train.eval_every": _NONNEG_INT,  # 0 = off
+  "train.eval_max_new_tokens": _NONNEG_INT,  # 0 = rollout.max_new_tokens
+  "train.packed_row_length": _POS_INT,
+  "checkpoint.every": _POS_INT,
+  "checkpoint.keep": _POS_INT,
 }
 # Only read when their feature is on (warmup.sft_steps > 0, train.eval_every > 0).
 WARMUP_RULES: dict[str, Rule] = {
-    "warmup.learning_rate": _POSITIVE,
-    "warmup.prompts_per_step": _POS_INT,
-    "warmup.target_template": (_answer_template, "a str.format template with an {answer} field"),
+  "warmup.learning_rate": _POSITIVE,
+  "warmup.prompts_per_step": _POS_INT,
+  "warmup.target_template": (_answer_template, "a str.format template with an {answer} field"),
 }
 EVAL_RULES: dict[str, Rule] = {"train.eval_prompts": _POS_INT}
 
@@ -295,25 +369,34 @@ def _check_init_from(c: ml_collections.ConfigDict) -> None:
   if c.model.random_init or not path or not os.path.exists(path):
     return
   from pgpo_jax import checkpoint  # the layouts the loader accepts
+
   try:
     checkpoint.checkpoint_layout(path)
   except FileNotFoundError:
     what = "a file" if os.path.isfile(path) else "a folder with neither layout"
-    _require(False, "model.init_from",
-             f"{path!r} is {what}; expected an HF Qwen2.5-VL folder (config.json + model.safetensors or "
-             f"model.safetensors.index.json) or a converted folder (config.json + an Orbax '{checkpoint.PARAMS_ITEM}/' "
-             f"item), as written by scripts/convert_hf.py")
+    _require(
+      False,
+      "model.init_from",
+      f"{path!r} is {what}; expected an HF Qwen2.5-VL folder (config.json + model.safetensors or "
+      f"model.safetensors.index.json) or a converted folder (config.json + an Orbax '{checkpoint.PARAMS_ITEM}/' "
+      f"item), as written by scripts/convert_hf.py",
+    )
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
+def validate(
+  c: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1
+) -> None:
   """Fails fast with the key at fault. Called before any model is built or data is read.
 
   Batch sizes are global; with `num_processes` hosts each must split evenly (one share per host).
   Every numeric or enumerated key is checked against its rule in `VALUE_RULES` (the warm-up and
   evaluation keys only when that feature is on).
   """
-  _require(c.model.random_init or bool(c.model.init_from), "model.init_from",
-           "is required (an HF Qwen2.5-VL folder or a converted checkpoint), or set model.random_init=True")
+  _require(
+    c.model.random_init or bool(c.model.init_from),
+    "model.init_from",
+    "is required (an HF Qwen2.5-VL folder or a converted checkpoint), or set model.random_init=True",
+  )
   _check_init_from(c)
   _require(bool(c.data.train_files) or c.data.make_demo_data, "data.train_files", "is required")
   _check_values(c, VALUE_RULES)
@@ -321,39 +404,72 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_p
     _check_values(c, WARMUP_RULES)
   if c.train.eval_every > 0:
     _check_values(c, EVAL_RULES)
-  _require(c.data.min_pixels is None or c.data.max_pixels is None or c.data.min_pixels <= c.data.max_pixels,
-           "data.min_pixels", f"({c.data.min_pixels}) must be <= data.max_pixels ({c.data.max_pixels})")
+  _require(
+    c.data.min_pixels is None
+    or c.data.max_pixels is None
+    or c.data.min_pixels <= c.data.max_pixels,
+    "data.min_pixels",
+    f"({c.data.min_pixels}) must be <= data.max_pixels ({c.data.max_pixels})",
+  )
   r = c.rollout
   u = c.updates
-  _require(r.prompts_per_step % u.prompts_per_update == 0, "updates.prompts_per_update",
-           f"({u.prompts_per_update}) must divide rollout.prompts_per_step ({r.prompts_per_step}): a rollout batch "
-           "is split into whole update batches")
-  _require(u.prompts_per_update % u.micro_batch_prompts == 0,
-           "updates.micro_batch_prompts", f"({u.micro_batch_prompts}) must divide updates.prompts_per_update "
-           f"({u.prompts_per_update})")
+  _require(
+    r.prompts_per_step % u.prompts_per_update == 0,
+    "updates.prompts_per_update",
+    f"({u.prompts_per_update}) must divide rollout.prompts_per_step ({r.prompts_per_step}): a rollout batch "
+    "is split into whole update batches",
+  )
+  _require(
+    u.prompts_per_update % u.micro_batch_prompts == 0,
+    "updates.micro_batch_prompts",
+    f"({u.micro_batch_prompts}) must divide updates.prompts_per_update ({u.prompts_per_update})",
+  )
   ds = c.dynamic_sampling
-  _require(0 <= ds.min_accuracy < ds.max_accuracy <= 1, "dynamic_sampling.min_accuracy",
-           "need 0 <= min_accuracy < max_accuracy <= 1")
+  _require(
+    0 <= ds.min_accuracy < ds.max_accuracy <= 1,
+    "dynamic_sampling.min_accuracy",
+    "need 0 <= min_accuracy < max_accuracy <= 1",
+  )
   p = c.pgpo
-  _require(p.scoring_prompts == 0 or r.prompts_per_step % p.scoring_prompts == 0,
-           "pgpo.scoring_prompts", f"({p.scoring_prompts}) must divide rollout.prompts_per_step ({r.prompts_per_step})")
+  _require(
+    p.scoring_prompts == 0 or r.prompts_per_step % p.scoring_prompts == 0,
+    "pgpo.scoring_prompts",
+    f"({p.scoring_prompts}) must divide rollout.prompts_per_step ({r.prompts_per_step})",
+  )
   from pgpo_jax import rewards
-  _require(c.reward.name in rewards.BATCH_REWARD_FNS, "reward.name",
-           f"unknown reward {c.reward.name!r}; registered: {sorted(rewards.BATCH_REWARD_FNS)}")
+
+  _require(
+    c.reward.name in rewards.BATCH_REWARD_FNS,
+    "reward.name",
+    f"unknown reward {c.reward.name!r}; registered: {sorted(rewards.BATCH_REWARD_FNS)}",
+  )
   if c.train.packing:
-    _require(c.train.packed_row_length >= c.data.max_prompt_length + r.max_new_tokens,
-             "train.packed_row_length", f"({c.train.packed_row_length}) must hold the longest sequence: "
-             f"data.max_prompt_length + rollout.max_new_tokens = {c.data.max_prompt_length + r.max_new_tokens}")
+    _require(
+      c.train.packed_row_length >= c.data.max_prompt_length + r.max_new_tokens,
+      "train.packed_row_length",
+      f"({c.train.packed_row_length}) must hold the longest sequence: "
+      f"data.max_prompt_length + rollout.max_new_tokens = {c.data.max_prompt_length + r.max_new_tokens}",
+    )
   if num_processes > 1:
-    for key, n in (("rollout.prompts_per_step", r.prompts_per_step), ("updates.prompts_per_update", u.prompts_per_update),
-                   ("pgpo.scoring_prompts", p.scoring_prompts),
-                   ("warmup.prompts_per_step", c.warmup.prompts_per_step if c.warmup.sft_steps > 0 else 0)):
-      _require(n % num_processes == 0, key, f"({n}) must be a multiple of the {num_processes} hosts: each host "
-               "holds an equal share of every batch")
+    for key, n in (
+      ("rollout.prompts_per_step", r.prompts_per_step),
+      ("updates.prompts_per_update", u.prompts_per_update),
+      ("pgpo.scoring_prompts", p.scoring_prompts),
+      ("warmup.prompts_per_step", c.warmup.prompts_per_step if c.warmup.sft_steps > 0 else 0),
+    ):
+      _require(
+        n % num_processes == 0,
+        key,
+        f"({n}) must be a multiple of the {num_processes} hosts: each host "
+        "holds an equal share of every batch",
+      )
     local = r.prompts_per_step // num_processes
-    _require(local % scoring_prompts_per_host(c, num_processes) == 0, "pgpo.scoring_prompts",
-             f"the default slice (updates.micro_batch_prompts = {u.micro_batch_prompts} over {num_processes} hosts) "
-             f"does not divide the {local} prompts per host; set pgpo.scoring_prompts")
+    _require(
+      local % scoring_prompts_per_host(c, num_processes) == 0,
+      "pgpo.scoring_prompts",
+      f"the default slice (updates.micro_batch_prompts = {u.micro_batch_prompts} over {num_processes} hosts) "
+      f"does not divide the {local} prompts per host; set pgpo.scoring_prompts",
+    )
   if num_devices is not None:
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     fixed = 1
@@ -361,8 +477,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, num_p
       _require(s == -1 or s >= 1, f"mesh.{name}", f"must be -1 (fill) or >= 1, got {s}")
       fixed *= s if s > 0 else 1
     _require(sizes.count(-1) <= 1, "mesh", "at most one axis may be -1")
-    _require(num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices), "mesh",
-             f"data×fsdp×tensor = {sizes} does not match the {num_devices} devices")
+    _require(
+      num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices),
+      "mesh",
+      f"data×fsdp×tensor = {sizes} does not match the {num_devices} devices",
+    )
 
 
 def sibling(name: str, config_file: str):
@@ -373,6 +492,7 @@ def sibling(name: str, config_file: str):
   """
   import importlib.util
   import os
+
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{config_file}: builds on config {name!r}, but {path} does not exist")

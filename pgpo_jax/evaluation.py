@@ -35,6 +35,7 @@ used (a file without an image column is evaluated text-only). Rows the pipeline 
 question, missing answer, undecodable image, prompt over `max_prompt_length`) are counted per reason,
 reported as `num_skipped`, and are not part of the accuracy.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,13 +53,12 @@ import numpy as np
 from flax import nnx
 
 from pgpo_jax import checkpoint as ckpt_lib
-from pgpo_jax import multihost
+from pgpo_jax import multihost, sampler, sharding
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
-from pgpo_jax import sampler, sharding
+from pgpo_jax.buckets import batch_bucket, default_length_buckets, patch_bucket, seq_bucket
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
-from pgpo_jax.buckets import batch_bucket, default_length_buckets, patch_bucket, seq_bucket
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths
 from pgpo_jax.models import qwen2_5_vl as qwen
@@ -85,6 +85,7 @@ class EvalConfig:
   min_pixels / max_pixels: override the processor's image resize bounds (None: the checkpoint's).
   reward: a name registered in `rewards.BATCH_REWARD_FNS`.
   """
+
   k: int = 8
   temperature: float = 1.0
   top_p: float = 1.0
@@ -101,10 +102,16 @@ class EvalConfig:
     if self.k < 1:
       raise ValueError(f"k must be >= 1, got {self.k}")
     if self.temperature == 0 and self.k != 1:
-      raise ValueError(f"greedy decoding (temperature 0) gives k identical samples; use k=1, got k={self.k}")
+      raise ValueError(
+        f"greedy decoding (temperature 0) gives k identical samples; use k=1, got k={self.k}"
+      )
     if self.batch_size < 1 or self.max_new_tokens < 1:
-      raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
-    rollout_lib.SamplingConfig(self.temperature, self.top_p, self.top_k)  # validates the sampling values
+      raise ValueError(
+        f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}"
+      )
+    rollout_lib.SamplingConfig(
+      self.temperature, self.top_p, self.top_k
+    )  # validates the sampling values
     rewards_lib.get_batch_reward_fn(self.reward)
 
   @classmethod
@@ -126,6 +133,7 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   """One benchmark: a display name and the file(s) with its columns."""
+
   name: str
   spec: DatasetSpec
 
@@ -136,6 +144,7 @@ class Benchmark:
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
   """Where a checkpoint's pieces are. kind: "trainer" | "hf" | "orbax"; step: trainer step or None."""
+
   path: str  # what the user gave
   kind: str
   model_path: str  # what `qwen.from_pretrained` loads (HF folder or Orbax params item)
@@ -148,7 +157,9 @@ class CheckpointRef:
 def _finished_steps(checkpoints_dir: str) -> list[int]:
   out = []
   for name in os.listdir(checkpoints_dir):
-    if name.isdigit() and ckpt_lib.is_orbax_params_dir(os.path.join(checkpoints_dir, name, ckpt_lib.PARAMS_ITEM)):
+    if name.isdigit() and ckpt_lib.is_orbax_params_dir(
+      os.path.join(checkpoints_dir, name, ckpt_lib.PARAMS_ITEM)
+    ):
       out.append(int(name))
   return sorted(out)
 
@@ -162,33 +173,52 @@ def resolve_checkpoint(path: str | os.PathLike, processor_dir: str | None = None
   path = os.path.abspath(given)
   step, workdir = None, None
   parent = os.path.dirname(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(os.path.join(path, "model.safetensors")):
+  if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.exists(
+    os.path.join(path, "model.safetensors")
+  ):
     steps = _finished_steps(os.path.join(path, "checkpoints"))
     if not steps:
-      raise FileNotFoundError(f"{given}: a trainer WORKDIR without a finished checkpoint in {path}/checkpoints")
+      raise FileNotFoundError(
+        f"{given}: a trainer WORKDIR without a finished checkpoint in {path}/checkpoints"
+      )
     step, workdir = steps[-1], path
     model_path = os.path.join(path, "checkpoints", str(step), ckpt_lib.PARAMS_ITEM)
   elif os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
     step, workdir = int(os.path.basename(path)), os.path.dirname(parent)
     model_path = os.path.join(path, ckpt_lib.PARAMS_ITEM)
     if not ckpt_lib.is_orbax_params_dir(model_path):
-      raise FileNotFoundError(f"{given}: no finished Orbax params item at {model_path} (save still running?)")
-  elif (os.path.basename(path) == ckpt_lib.PARAMS_ITEM and os.path.basename(parent).isdigit()
-        and os.path.basename(os.path.dirname(parent)) == "checkpoints"):
+      raise FileNotFoundError(
+        f"{given}: no finished Orbax params item at {model_path} (save still running?)"
+      )
+  elif (
+    os.path.basename(path) == ckpt_lib.PARAMS_ITEM
+    and os.path.basename(parent).isdigit()
+    and os.path.basename(os.path.dirname(parent)) == "checkpoints"
+  ):
     step, workdir = int(os.path.basename(parent)), os.path.dirname(os.path.dirname(parent))
     model_path = path
   else:
     kind, model_path = ckpt_lib.checkpoint_layout(path)
     config_path = ckpt_lib.find_config(model_path)
-    return CheckpointRef(given, kind, model_path, config_path, processor_dir or os.path.dirname(config_path))
+    return CheckpointRef(
+      given, kind, model_path, config_path, processor_dir or os.path.dirname(config_path)
+    )
   config_path = ckpt_lib.find_config(model_path)
-  return CheckpointRef(given, "trainer", model_path, config_path, processor_dir or os.path.dirname(config_path),
-                       step=step, workdir=workdir)
+  return CheckpointRef(
+    given,
+    "trainer",
+    model_path,
+    config_path,
+    processor_dir or os.path.dirname(config_path),
+    step=step,
+    workdir=workdir,
+  )
 
 
 @dataclasses.dataclass
 class Policy:
   """A loaded model, split for the jitted programs, with its processor and (optional) mesh."""
+
   graphdef: Any
   state: Any  # nnx.State of the parameters; on `mesh` (SAMPLE_RULES) when a mesh is given
   cfg: qwen.Qwen25VLConfig
@@ -217,11 +247,15 @@ def parse_mesh(text: str | None) -> dict[str, int]:
     name, sep, value = part.partition("=")
     name = name.strip()
     if not sep or name not in sharding.MESH_AXES:
-      raise ValueError(f"bad mesh entry {part!r}: expected NAME=SIZE with NAME in {sharding.MESH_AXES}")
+      raise ValueError(
+        f"bad mesh entry {part!r}: expected NAME=SIZE with NAME in {sharding.MESH_AXES}"
+      )
     try:
       out[name] = int(value)
     except ValueError:
-      raise ValueError(f"bad mesh entry {part!r}: SIZE must be an integer (or -1 to fill)") from None
+      raise ValueError(
+        f"bad mesh entry {part!r}: SIZE must be an integer (or -1 to fill)"
+      ) from None
   return out
 
 
@@ -239,9 +273,15 @@ def make_eval_mesh(spec: str | Mapping[str, int] | None = None) -> jax.sharding.
   return mesh if mesh.size > 1 else None
 
 
-def load_policy(ckpt: str | os.PathLike, *, dtype: str = "bfloat16", mesh: jax.sharding.Mesh | None = None,
-                processor_dir: str | None = None, min_pixels: int | None = None,
-                max_pixels: int | None = None) -> Policy:
+def load_policy(
+  ckpt: str | os.PathLike,
+  *,
+  dtype: str = "bfloat16",
+  mesh: jax.sharding.Mesh | None = None,
+  processor_dir: str | None = None,
+  min_pixels: int | None = None,
+  max_pixels: int | None = None,
+) -> Policy:
   """Loads a checkpoint (any layout of `resolve_checkpoint`) and its processor.
 
   With a mesh, every parameter is written straight into its SAMPLE_RULES sharding (weights split over
@@ -249,22 +289,33 @@ def load_policy(ckpt: str | os.PathLike, *, dtype: str = "bfloat16", mesh: jax.s
   every host's devices, `make_eval_mesh`).
   """
   if jax.process_count() > 1 and mesh is None:
-    raise ValueError(f"evaluation on {jax.process_count()} processes needs a mesh over all their devices "
-                     "(make_eval_mesh)")
+    raise ValueError(
+      f"evaluation on {jax.process_count()} processes needs a mesh over all their devices "
+      "(make_eval_mesh)"
+    )
   ref = resolve_checkpoint(ckpt, processor_dir)
   cfg = qwen.Qwen25VLConfig.from_json(ref.config_path)
   shardings = None
-  if mesh is not None:  # every parameter read straight into its sharding (never whole on one device)
+  if (
+    mesh is not None
+  ):  # every parameter read straight into its sharding (never whole on one device)
     shardings = sharding.flat_shardings(
-        sharding.param_shardings(qwen.abstract_model(cfg, dtype), mesh, sharding.SAMPLE_RULES))
+      sharding.param_shardings(qwen.abstract_model(cfg, dtype), mesh, sharding.SAMPLE_RULES)
+    )
   model = qwen.from_pretrained(ref.model_path, dtype, config=cfg, shardings=shardings)
   try:
-    proc = processor_lib.load_processor(ref.processor_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+    proc = processor_lib.load_processor(
+      ref.processor_dir, min_pixels=min_pixels, max_pixels=max_pixels
+    )
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{e}. The processor of {ckpt!r} was looked for in {ref.processor_dir}; pass "
-                            "processor_dir (--processor) to take it from another folder") from None
+    raise FileNotFoundError(
+      f"{e}. The processor of {ckpt!r} was looked for in {ref.processor_dir}; pass "
+      "processor_dir (--processor) to take it from another folder"
+    ) from None
   graphdef, state = nnx.split(model)
-  log.info("loaded %s checkpoint %s (step %s) from %s", ref.kind, ref.path, ref.step, ref.model_path)
+  log.info(
+    "loaded %s checkpoint %s (step %s) from %s", ref.kind, ref.path, ref.step, ref.model_path
+  )
   return Policy(graphdef, state, cfg, proc, ref, mesh)
 
 
@@ -276,6 +327,7 @@ def file_columns(path: str) -> list[str]:
   lower = path.lower()
   if lower.endswith((".parquet", ".pq")):
     import pyarrow.parquet as pq
+
     return list(pq.read_schema(path).names)
   with open(path, encoding="utf-8") as f:
     for line in f:
@@ -310,9 +362,14 @@ def _default_names(paths: Sequence[str]) -> list[str]:
   return out
 
 
-def resolve_benchmarks(data: str | Sequence[str], *, question_key: str | None = None,
-                       answer_key: str | None = None, image_key: str | None = None,
-                       image_dir: str | None = None) -> list[Benchmark]:
+def resolve_benchmarks(
+  data: str | Sequence[str],
+  *,
+  question_key: str | None = None,
+  answer_key: str | None = None,
+  image_key: str | None = None,
+  image_dir: str | None = None,
+) -> list[Benchmark]:
   """Benchmarks from 'FILE[,FILE...]' or a list; entries may be 'name=FILE' (globs allowed: one
   benchmark per pattern). Columns are detected per benchmark unless given; errors name the file."""
   items = [s.strip() for s in data.split(",")] if isinstance(data, str) else [str(s) for s in data]
@@ -334,15 +391,28 @@ def resolve_benchmarks(data: str | Sequence[str], *, question_key: str | None = 
     if q_key is None or a_key is None:
       missing = "question" if q_key is None else "answer"
       tried = QUESTION_KEYS if q_key is None else ANSWER_KEYS
-      raise ValueError(f"{files[0]}: no {missing} column among {list(tried)}; columns are {sorted(cols)}. "
-                       f"Pass --{missing}_key.")
+      raise ValueError(
+        f"{files[0]}: no {missing} column among {list(tried)}; columns are {sorted(cols)}. "
+        f"Pass --{missing}_key."
+      )
     i_key = image_key if image_key is not None else _pick(cols, IMAGE_KEYS)
     if i_key in ("", "none", "None"):
       i_key = None
     if i_key is None:
-      log.warning("benchmark %s (%s): no image column among %s; evaluating text-only", name, files[0], IMAGE_KEYS)
-    spec = DatasetSpec(tuple(files), question_key=q_key, answer_key=a_key, image_key=i_key, image_dir=image_dir,
-                       require_images=False)
+      log.warning(
+        "benchmark %s (%s): no image column among %s; evaluating text-only",
+        name,
+        files[0],
+        IMAGE_KEYS,
+      )
+    spec = DatasetSpec(
+      tuple(files),
+      question_key=q_key,
+      answer_key=a_key,
+      image_key=i_key,
+      image_dir=image_dir,
+      require_images=False,
+    )
     out.append(Benchmark(name, spec))
   return out
 
@@ -357,6 +427,7 @@ class Generations:
   tokens [R, N] int32 and mask [R, N] bool (stop token included), truncated [R] bool; `prompts` are the
   indices into the batch of the valid prompts, in row order.
   """
+
   tokens: np.ndarray
   mask: np.ndarray
   truncated: np.ndarray
@@ -364,8 +435,16 @@ class Generations:
   num_samples: int
 
 
-def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_samples: int, max_new_tokens: int,
-                   sampling: rollout_lib.SamplingConfig, stream_ids: Sequence[int] | None = None) -> Generations:
+def generate_batch(
+  policy: Policy,
+  pb: PromptBatch,
+  key: jax.Array,
+  *,
+  num_samples: int,
+  max_new_tokens: int,
+  sampling: rollout_lib.SamplingConfig,
+  stream_ids: Sequence[int] | None = None,
+) -> Generations:
   """Samples `num_samples` responses for every valid prompt of `pb`; rows of filler prompts are dropped.
 
   stream_ids [B]: RNG stream of each prompt (default: the file row index), so a prompt's samples do not
@@ -376,17 +455,41 @@ def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_sampl
   shards = max(policy.batch_shards // n, 1)  # this host's share of the batch shards
   ids = np.asarray(pb.row_indices if stream_ids is None else stream_ids, np.int64)
   extent = {}
-  if n > 1:  # the hosts' inputs must have one shape: pad to the longest prompt / most patches of any host
-    longest, patches = (int(x) for x in multihost.max_over_hosts(
-        np.array([pb.attention_mask.sum(1).max(), _max_row_patches(pb)], np.int64)))
-    extent = dict(prompt_length=seq_bucket(longest), num_patches=patch_bucket(patches) if patches else None)
+  if (
+    n > 1
+  ):  # the hosts' inputs must have one shape: pad to the longest prompt / most patches of any host
+    longest, patches = (
+      int(x)
+      for x in multihost.max_over_hosts(
+        np.array([pb.attention_mask.sum(1).max(), _max_row_patches(pb)], np.int64)
+      )
+    )
+    extent = dict(
+      prompt_length=seq_bucket(longest), num_patches=patch_bucket(patches) if patches else None
+    )
   inputs = rollout_lib.prepare_inputs(
-      policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
-      position_ids=pb.position_ids, prompt_ids=ids, batch_multiple=shards,
-      batch_size=batch_bucket(pb.batch_size, shards), **extent)
-  out = sampler.rollout(policy.graphdef, policy.state, inputs, key, max_new_tokens=max_new_tokens,
-                        sampling=sampling, num_samples=num_samples, pad_token_id=policy.cfg.pad_token_id,
-                        mesh=policy.mesh)
+    policy.cfg,
+    pb.input_ids,
+    pb.attention_mask,
+    pb.pixel_values,
+    pb.image_grid_thw,
+    position_ids=pb.position_ids,
+    prompt_ids=ids,
+    batch_multiple=shards,
+    batch_size=batch_bucket(pb.batch_size, shards),
+    **extent,
+  )
+  out = sampler.rollout(
+    policy.graphdef,
+    policy.state,
+    inputs,
+    key,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    num_samples=num_samples,
+    pad_token_id=policy.cfg.pad_token_id,
+    mesh=policy.mesh,
+  )
   if n > 1:
     out = multihost.to_local(out, rollout_lib.logical_axes(out), policy.mesh, sharding.SAMPLE_RULES)
   tokens, mask, trunc = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
@@ -397,7 +500,11 @@ def generate_batch(policy: Policy, pb: PromptBatch, key: jax.Array, *, num_sampl
 
 def _max_row_patches(pb: PromptBatch) -> int:
   """The most image patches of one prompt of the batch (0 without images)."""
-  sizes = qwen.rope.valid_grids(pb.image_grid_thw).prod(axis=1) if pb.image_grid_thw is not None else np.zeros(0)
+  sizes = (
+    qwen.rope.valid_grids(pb.image_grid_thw).prod(axis=1)
+    if pb.image_grid_thw is not None
+    else np.zeros(0)
+  )
   csum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
   ends = np.cumsum(pb.num_images)
   return int((csum[ends] - csum[ends - pb.num_images]).max(initial=0))
@@ -413,8 +520,10 @@ def host_batches(it) -> Iterable[PromptBatch]:
       return
     if pb is None:
       if last is None:
-        raise ValueError(f"host {jax.process_index()} has no usable row of this benchmark while other hosts do; "
-                         f"evaluate it with fewer processes than its {jax.process_count()}")
+        raise ValueError(
+          f"host {jax.process_index()} has no usable row of this benchmark while other hosts do; "
+          f"evaluate it with fewer processes than its {jax.process_count()}"
+        )
       pb = dataclasses.replace(last, prompt_valid=np.zeros_like(last.prompt_valid))
     last = pb
     yield pb
@@ -422,7 +531,10 @@ def host_batches(it) -> Iterable[PromptBatch]:
 
 def stream_ids(pb: PromptBatch, file_index: Mapping[str, int]) -> np.ndarray:
   """[B] RNG stream of each prompt: file index * 2^24 + row index (unique within a benchmark)."""
-  return np.array([file_index.get(s, 0) * (1 << 24) + int(r) for s, r in zip(pb.sources, pb.row_indices)], np.int64)
+  return np.array(
+    [file_index.get(s, 0) * (1 << 24) + int(r) for s, r in zip(pb.sources, pb.row_indices)],
+    np.int64,
+  )
 
 
 def benchmark_key(seed: int, name: str) -> jax.Array:
@@ -430,15 +542,31 @@ def benchmark_key(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def prompt_iterator(spec: DatasetSpec, processor, cfg: EvalConfig | Any, *, seed: int = 0, shard_index: int = 0,
-                    shard_count: int = 1, batch_size: int | None = None):
+def prompt_iterator(
+  spec: DatasetSpec,
+  processor,
+  cfg: EvalConfig | Any,
+  *,
+  seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  batch_size: int | None = None,
+):
   """One pass over the rows of `spec` as `PromptBatch`es of `batch_size` (default `cfg.batch_size`):
   all of them, or every `shard_count`-th from `shard_index` (a host's share)."""
   return make_prompt_iterator(
-      spec, processor, batch_size=batch_size or cfg.batch_size, seed=seed, num_epochs=1,
-      max_prompt_length=cfg.max_prompt_length, shard_index=shard_index, shard_count=shard_count, even_shards=False,
-      length_buckets=default_length_buckets(cfg.max_prompt_length),
-      prompt_format=PromptFormat(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels))
+    spec,
+    processor,
+    batch_size=batch_size or cfg.batch_size,
+    seed=seed,
+    num_epochs=1,
+    max_prompt_length=cfg.max_prompt_length,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    even_shards=False,
+    length_buckets=default_length_buckets(cfg.max_prompt_length),
+    prompt_format=PromptFormat(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,13 +576,25 @@ def prompt_iterator(spec: DatasetSpec, processor, cfg: EvalConfig | Any, *, seed
 class EvalResult:
   """table: one row per benchmark plus `average`; samples: one dict per (prompt, sample), sorted by
   benchmark, file, row, sample; info: checkpoint, protocol, skips, timings."""
+
   table: list[dict[str, Any]]
   samples: list[dict[str, Any]]
   info: dict[str, Any]
 
 
-TABLE_COLUMNS = ("benchmark", "accuracy", "pass_at_k", "format", "num_prompts", "k", "num_skipped",
-                 "mean_response_tokens", "truncated", "accuracy_std_over_k", "seconds")
+TABLE_COLUMNS = (
+  "benchmark",
+  "accuracy",
+  "pass_at_k",
+  "format",
+  "num_prompts",
+  "k",
+  "num_skipped",
+  "mean_response_tokens",
+  "truncated",
+  "accuracy_std_over_k",
+  "seconds",
+)
 
 
 def summarize(samples: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
@@ -469,30 +609,45 @@ def summarize(samples: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
     by_prompt.setdefault((s["source"], s["row_index"]), []).append(s)
   n = len(by_prompt)
   if n == 0:
-    return {"accuracy": float("nan"), "pass_at_k": float("nan"), "format": float("nan"), "num_prompts": 0,
-            "k": k, "mean_response_tokens": float("nan"), "truncated": float("nan"),
-            "accuracy_std_over_k": float("nan")}
-  acc_PxK = np.array([[x["accuracy"] for x in sorted(v, key=lambda x: x["sample"])] for v in by_prompt.values()],
-                     np.float64)
+    return {
+      "accuracy": float("nan"),
+      "pass_at_k": float("nan"),
+      "format": float("nan"),
+      "num_prompts": 0,
+      "k": k,
+      "mean_response_tokens": float("nan"),
+      "truncated": float("nan"),
+      "accuracy_std_over_k": float("nan"),
+    }
+  acc_PxK = np.array(
+    [[x["accuracy"] for x in sorted(v, key=lambda x: x["sample"])] for v in by_prompt.values()],
+    np.float64,
+  )
   if acc_PxK.shape != (n, k):
     raise ValueError(f"expected {k} samples per prompt, got an array of shape {acc_PxK.shape}")
   return {
-      "accuracy": float(acc_PxK.mean(axis=1).mean()),
-      "pass_at_k": float((acc_PxK > 0).any(axis=1).mean()),
-      "format": float(np.mean([s["format"] for s in samples])),
-      "num_prompts": n,
-      "k": k,
-      "mean_response_tokens": float(np.mean([s["num_tokens"] for s in samples])),
-      "truncated": float(np.mean([s["truncated"] for s in samples])),
-      "accuracy_std_over_k": float(acc_PxK.mean(axis=0).std()) if k > 1 else 0.0,
+    "accuracy": float(acc_PxK.mean(axis=1).mean()),
+    "pass_at_k": float((acc_PxK > 0).any(axis=1).mean()),
+    "format": float(np.mean([s["format"] for s in samples])),
+    "num_prompts": n,
+    "k": k,
+    "mean_response_tokens": float(np.mean([s["num_tokens"] for s in samples])),
+    "truncated": float(np.mean([s["truncated"] for s in samples])),
+    "accuracy_std_over_k": float(acc_PxK.mean(axis=0).std()) if k > 1 else 0.0,
   }
 
 
-def evaluate(policy: Policy, benchmarks: Sequence[Benchmark], cfg: EvalConfig = EvalConfig(), *,
-             progress: bool = True) -> EvalResult:
+def evaluate(
+  policy: Policy,
+  benchmarks: Sequence[Benchmark],
+  cfg: EvalConfig = EvalConfig(),
+  *,
+  progress: bool = True,
+) -> EvalResult:
   """Samples, scores and summarises every benchmark (see the module docstring for the protocol).
   Multi-host: call on every host; each gets the whole result."""
   from tqdm import tqdm
+
   reward_fn = rewards_lib.get_batch_reward_fn(cfg.reward)
   tok = policy.tokenizer
   table, all_samples, skips = [], [], {}
@@ -504,17 +659,33 @@ def evaluate(policy: Policy, benchmarks: Sequence[Benchmark], cfg: EvalConfig = 
     total = len(range(host, len(reader), hosts))  # this host's rows
     file_index = {path: i for i, path in enumerate(reader.files)}
     del reader  # the iterator reads the files again; do not hold two copies of the image column
-    it = prompt_iterator(bench.spec, policy.processor, cfg, seed=cfg.seed, shard_index=host, shard_count=hosts,
-                         batch_size=-(-cfg.batch_size // hosts))
+    it = prompt_iterator(
+      bench.spec,
+      policy.processor,
+      cfg,
+      seed=cfg.seed,
+      shard_index=host,
+      shard_count=hosts,
+      batch_size=-(-cfg.batch_size // hosts),
+    )
     key = benchmark_key(cfg.seed, bench.name)
     samples: list[dict[str, Any]] = []
     gen_tokens, correct = 0, 0.0
     progress_here = progress and host == 0
-    with tqdm(total=total, desc=bench.name, unit="prompt", disable=not progress_here, dynamic_ncols=True) as bar:
+    with tqdm(
+      total=total, desc=bench.name, unit="prompt", disable=not progress_here, dynamic_ncols=True
+    ) as bar:
       read = 0
       for pb in host_batches(it):
-        gen = generate_batch(policy, pb, key, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                             sampling=cfg.sampling, stream_ids=stream_ids(pb, file_index))
+        gen = generate_batch(
+          policy,
+          pb,
+          key,
+          num_samples=cfg.k,
+          max_new_tokens=cfg.max_new_tokens,
+          sampling=cfg.sampling,
+          stream_ids=stream_ids(pb, file_index),
+        )
         texts = [tok.decode(t[m], skip_special_tokens=True) for t, m in zip(gen.tokens, gen.mask)]
         answers = [pb.answers[b] for b in gen.prompts for _ in range(cfg.k)]
         scores = reward_fn(texts, answers)
@@ -523,12 +694,23 @@ def evaluate(policy: Policy, benchmarks: Sequence[Benchmark], cfg: EvalConfig = 
           n_tok = int(gen.mask[r].sum())
           gen_tokens += n_tok
           correct += float(sc["accuracy"])
-          samples.append({
-              "benchmark": bench.name, "source": pb.sources[b], "row_index": int(pb.row_indices[b]), "sample": s,
-              "question": pb.questions[b], "answer": pb.answers[b], "response": text,
+          samples.append(
+            {
+              "benchmark": bench.name,
+              "source": pb.sources[b],
+              "row_index": int(pb.row_indices[b]),
+              "sample": s,
+              "question": pb.questions[b],
+              "answer": pb.answers[b],
+              "response": text,
               "prediction": rewards_lib.extract_boxed(rewards_lib.strip_stop_tokens(text)),
-              "accuracy": float(sc["accuracy"]), "format": float(sc["format"]), "overall": float(sc["overall"]),
-              "num_tokens": n_tok, "truncated": bool(gen.truncated[r])})
+              "accuracy": float(sc["accuracy"]),
+              "format": float(sc["format"]),
+              "overall": float(sc["overall"]),
+              "num_tokens": n_tok,
+              "truncated": bool(gen.truncated[r]),
+            }
+          )
         bar.update(it.stats.rows_read - read)
         read = it.stats.rows_read
         bar.set_postfix(acc=f"{correct / len(samples):.3f}" if samples else "-")
@@ -536,31 +718,58 @@ def evaluate(policy: Policy, benchmarks: Sequence[Benchmark], cfg: EvalConfig = 
     stats = _sum_stats(multihost.allgather_json(it.stats.as_dict()))
     skips[bench.name] = stats
     if stats["skipped_total"]:
-      log.warning("benchmark %s: %d of %d rows skipped (%s); they are not part of the accuracy", bench.name,
-                  stats["skipped_total"], stats["rows_read"], {r: n for r, n in stats["skipped"].items() if n})
+      log.warning(
+        "benchmark %s: %d of %d rows skipped (%s); they are not part of the accuracy",
+        bench.name,
+        stats["skipped_total"],
+        stats["rows_read"],
+        {r: n for r, n in stats["skipped"].items() if n},
+      )
     del stats["skipped_total"]
     if hosts > 1:  # every host's records (JSON-safe values), and the token count over hosts
       samples = [x for part in multihost.allgather_json(samples) for x in part]
       gen_tokens = int(multihost.sum_over_hosts(np.int64(gen_tokens)))
     samples.sort(key=lambda x: (x["source"], x["row_index"], x["sample"]))
     seconds = time.perf_counter() - t0
-    table.append({"benchmark": bench.name, **summarize(samples, cfg.k), "num_skipped": sum(stats["skipped"].values()),
-                  "seconds": seconds, "generated_tokens_per_s": gen_tokens / max(seconds, 1e-9)})
+    table.append(
+      {
+        "benchmark": bench.name,
+        **summarize(samples, cfg.k),
+        "num_skipped": sum(stats["skipped"].values()),
+        "seconds": seconds,
+        "generated_tokens_per_s": gen_tokens / max(seconds, 1e-9),
+      }
+    )
     all_samples.extend(samples)
   table.append(average_row(table))
   info = {
-      "checkpoint": dataclasses.asdict(policy.ref), "config": dataclasses.asdict(cfg), "protocol": cfg.tag,
-      "benchmarks": {b.name: {"files": list(b.spec.paths), "question_key": b.spec.question_key,
-                              "answer_key": b.spec.answer_key, "image_key": b.spec.image_key} for b in benchmarks},
-      "rows": skips, "devices": [str(d) for d in jax.devices()],
-      "mesh": None if policy.mesh is None else dict(policy.mesh.shape), "seconds": time.perf_counter() - t_all}
+    "checkpoint": dataclasses.asdict(policy.ref),
+    "config": dataclasses.asdict(cfg),
+    "protocol": cfg.tag,
+    "benchmarks": {
+      b.name: {
+        "files": list(b.spec.paths),
+        "question_key": b.spec.question_key,
+        "answer_key": b.spec.answer_key,
+        "image_key": b.spec.image_key,
+      }
+      for b in benchmarks
+    },
+    "rows": skips,
+    "devices": [str(d) for d in jax.devices()],
+    "mesh": None if policy.mesh is None else dict(policy.mesh.shape),
+    "seconds": time.perf_counter() - t_all,
+  }
   return EvalResult(table, all_samples, info)
 
 
 def _sum_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Hosts' `SkipStats.as_dict()` summed (+ "skipped_total")."""
-  out = {"rows_read": sum(p["rows_read"] for p in parts), "prompts": sum(p["prompts"] for p in parts),
-         "skipped": {}}
+  out = {
+    "rows_read": sum(p["rows_read"] for p in parts),
+    "prompts": sum(p["prompts"] for p in parts),
+    "skipped": {},
+  }
   for p in parts:
     for r, n in p["skipped"].items():
       out["skipped"][r] = out["skipped"].get(r, 0) + n
@@ -572,7 +781,14 @@ def average_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """The unweighted mean over benchmarks of the rate columns; counts and times are summed."""
   rows = [r for r in rows if r["benchmark"] != "average"]
   out: dict[str, Any] = {"benchmark": "average"}
-  for col in ("accuracy", "pass_at_k", "format", "mean_response_tokens", "truncated", "accuracy_std_over_k"):
+  for col in (
+    "accuracy",
+    "pass_at_k",
+    "format",
+    "mean_response_tokens",
+    "truncated",
+    "accuracy_std_over_k",
+  ):
     vals = [r[col] for r in rows if r.get(col) is not None and not math.isnan(r[col])]
     out[col] = float(np.mean(vals)) if vals else float("nan")
   for col in ("num_prompts", "num_skipped", "seconds"):
@@ -586,17 +802,40 @@ def average_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   """A fixed-width text table; rates in percent."""
-  heads = ("benchmark", "acc %", "pass@k %", "format %", "prompts", "k", "skipped", "tokens", "trunc %")
+  heads = (
+    "benchmark",
+    "acc %",
+    "pass@k %",
+    "format %",
+    "prompts",
+    "k",
+    "skipped",
+    "tokens",
+    "trunc %",
+  )
   lines = []
   for r in rows:
-    pct = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"  # noqa: E731
-    lines.append((str(r["benchmark"]), pct(r["accuracy"]), pct(r["pass_at_k"]), pct(r["format"]),
-                  str(r["num_prompts"]), str(r["k"]), str(r["num_skipped"]),
-                  "-" if math.isnan(r["mean_response_tokens"]) else f"{r['mean_response_tokens']:.0f}",
-                  pct(r["truncated"])))
+    pct = lambda v: (
+      "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+    )  # noqa: E731
+    lines.append(
+      (
+        str(r["benchmark"]),
+        pct(r["accuracy"]),
+        pct(r["pass_at_k"]),
+        pct(r["format"]),
+        str(r["num_prompts"]),
+        str(r["k"]),
+        str(r["num_skipped"]),
+        "-" if math.isnan(r["mean_response_tokens"]) else f"{r['mean_response_tokens']:.0f}",
+        pct(r["truncated"]),
+      )
+    )
   widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(heads)]
-  fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                for i, (c, w) in enumerate(zip(cells, widths)))
+  fmt = lambda cells: "  ".join(
+    c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+    for i, (c, w) in enumerate(zip(cells, widths))
+  )
   sep = "  ".join("-" * w for w in widths)
   body = [fmt(l) for l in lines]
   if len(body) > 1:
@@ -619,8 +858,14 @@ def write_results(result: EvalResult, out_dir: str | os.PathLike) -> dict[str, s
   """Writes results.json (table + info), results.csv (table) and generations.jsonl (per sample)."""
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  paths = {k: os.path.join(out_dir, f) for k, f in
-           (("json", "results.json"), ("csv", "results.csv"), ("generations", "generations.jsonl"))}
+  paths = {
+    k: os.path.join(out_dir, f)
+    for k, f in (
+      ("json", "results.json"),
+      ("csv", "results.csv"),
+      ("generations", "generations.jsonl"),
+    )
+  }
   with open(paths["json"], "w") as f:
     json.dump(json_safe({"table": result.table, **result.info}), f, indent=2)
   cols = list(TABLE_COLUMNS) + sorted({k for r in result.table for k in r} - set(TABLE_COLUMNS))
@@ -648,7 +893,9 @@ def read_generations(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def iter_prompts(samples: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], list[Mapping[str, Any]]]:
+def iter_prompts(
+  samples: Iterable[Mapping[str, Any]],
+) -> dict[tuple[str, str, int], list[Mapping[str, Any]]]:
   """Groups per-sample records by (benchmark, source, row)."""
   out: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
   for s in samples:

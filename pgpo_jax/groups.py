@@ -3,6 +3,7 @@
 `Group` is what rollouts and the SFT warm-up produce and what `trainer.collate_groups` turns into
 one padded `SequenceBatch`; `split_prompt_batch` cuts a `PromptBatch` back into its prompts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from pgpo_jax.models import qwen2_5_vl as qwen
 @dataclasses.dataclass
 class Group:
   """One prompt (unpadded) and its G sampled responses, host-side."""
+
   prompt_ids: np.ndarray  # [t] int32
   pixel_values: np.ndarray  # [n_patches, 1176]
   grids: np.ndarray  # [n_images, 3]
@@ -38,6 +40,8 @@ def split_prompt_batch(pb: PromptBatch) -> list[tuple[np.ndarray, np.ndarray, np
     k = int(pb.num_images[b])
     if pb.prompt_valid[b]:
       ids = pb.input_ids[b][pb.attention_mask[b].astype(bool)]
-      out.append((ids.astype(np.int32), pb.pixel_values[starts[g]:starts[g + k]], grids[g:g + k]))
+      out.append(
+        (ids.astype(np.int32), pb.pixel_values[starts[g] : starts[g + k]], grids[g : g + k])
+      )
     g += k
   return out

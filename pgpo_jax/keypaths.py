@@ -1,4 +1,5 @@
 """Key paths of pytrees as readable strings, one spelling for the whole code base."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence

@@ -8,6 +8,7 @@ a given mesh and shape. Model code marks activations with `constrain(x, names)`,
 identity unless a caller made `(mesh, rules)` current with `use_rules`: the model needs no mesh,
 and one code path serves one device, a CPU test mesh and a pod.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,8 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AxisRule = str | tuple[str, ...] | None
 Rules = Mapping[str, AxisRule]
@@ -32,8 +34,9 @@ def _as_tuple(rule: AxisRule) -> tuple[str, ...]:
   return (rule,) if isinstance(rule, str) else tuple(rule)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh,
-                    shape: Sequence[int] | None = None) -> P:
+def logical_to_spec(
+  axes: Sequence[str | None], rules: Rules, mesh: Mesh, shape: Sequence[int] | None = None
+) -> P:
   """PartitionSpec for an array whose dims have logical names `axes`.
 
   Args:
@@ -57,7 +60,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh,
       raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
     unknown = [a for a in _as_tuple(rules[name]) if a not in mesh.shape]
     if unknown:
-      raise ValueError(f"rule {name!r} -> {rules[name]!r} names mesh axes {unknown} not in mesh {dict(mesh.shape)}")
+      raise ValueError(
+        f"rule {name!r} -> {rules[name]!r} names mesh axes {unknown} not in mesh {dict(mesh.shape)}"
+      )
     want = [a for a in _as_tuple(rules[name]) if a not in used and mesh.shape[a] > 1]
     if shape is not None:
       while want and shape[d] % math.prod(mesh.shape[a] for a in want):
@@ -69,8 +74,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh,
   return P(*spec)
 
 
-def logical_sharding(logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules,
-                     shape: Sequence[int] | None = None) -> NamedSharding:
+def logical_sharding(
+  logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules, shape: Sequence[int] | None = None
+) -> NamedSharding:
   """NamedSharding for an input array (batch, cache, ...) named by logical axes."""
   return NamedSharding(mesh, logical_to_spec(tuple(logical_axes), rules, mesh, shape))
 
@@ -89,7 +95,9 @@ class _Context:
   rules: Rules
 
 
-_CONTEXT: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("pgpo_sharding_rules", default=None)
+_CONTEXT: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
+  "pgpo_sharding_rules", default=None
+)
 
 
 @contextlib.contextmanager

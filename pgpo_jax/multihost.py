@@ -17,6 +17,7 @@ so each host must own one contiguous block of it (the 'batch' mesh axes split ac
 Cross-host reductions (`allgather`, `max_over_hosts`, `allgather_json`, `reduce_metrics`) are
 collectives: every process must call them in the same order.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,11 @@ def is_multihost() -> bool:
   return jax.process_count() > 1
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """`jax.distributed.initialize`, explicit or auto-detected (TPU pods, SLURM, ...).
 
   CPU processes get gloo collectives (jax has none on CPU by default), which lets a multi-process
@@ -50,10 +54,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kw = {}
   if coordinator_address:
-    kw = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    kw = dict(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   jax.distributed.initialize(**kw)
-  log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count())
+  log.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def barrier(name: str) -> None:
@@ -69,7 +80,9 @@ def _batch_dim(axes: Axes) -> int | None:
   return axes.index(BATCH) if BATCH in axes else None
 
 
-def global_shape(local_shape: Sequence[int], axes: Axes, num_processes: int | None = None) -> tuple[int, ...]:
+def global_shape(
+  local_shape: Sequence[int], axes: Axes, num_processes: int | None = None
+) -> tuple[int, ...]:
   """The shape of the global array whose host blocks have `local_shape` (rows × processes)."""
   shape = list(local_shape)
   d = _batch_dim(axes)
@@ -94,14 +107,17 @@ def _check_block(s: NamedSharding, shape: tuple[int, ...], d: int, what: str) ->
   want = shape[d] // jax.process_count()
   if shape[d] % jax.process_count() or rows.stop - rows.start != want:
     raise ValueError(
-        f"{what}: the {shape[d]} rows of dimension {d} do not split into one block per host under {s.spec} "
-        f"on mesh {dict(s.mesh.shape)} (this host's devices hold rows {rows.start}:{rows.stop}, not "
-        f"{want}); the mesh axes of the 'batch' axis must split the rows across the {jax.process_count()} "
-        "hosts, and the global batch must be a multiple of the batch shards")
+      f"{what}: the {shape[d]} rows of dimension {d} do not split into one block per host under {s.spec} "
+      f"on mesh {dict(s.mesh.shape)} (this host's devices hold rows {rows.start}:{rows.stop}, not "
+      f"{want}); the mesh axes of the 'batch' axis must split the rows across the {jax.process_count()} "
+      "hosts, and the global batch must be a multiple of the batch shards"
+    )
   return rows
 
 
-def check_host_split(mesh: Mesh, rules: sharding_lib.Rules, num_rows: int, what: str = "batch") -> None:
+def check_host_split(
+  mesh: Mesh, rules: sharding_lib.Rules, num_rows: int, what: str = "batch"
+) -> None:
   """Fails unless a batch of `num_rows` global rows gives every host its own contiguous block."""
   if not is_multihost():
     return
@@ -114,7 +130,9 @@ def row_axes(tree: Any) -> Any:
   return jax.tree.map(lambda x: (BATCH,) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else (), tree)
 
 
-def to_global(tree: Any, axes: Any, mesh: Mesh, rules: sharding_lib.Rules, *, what: str = "batch") -> Any:
+def to_global(
+  tree: Any, axes: Any, mesh: Mesh, rules: sharding_lib.Rules, *, what: str = "batch"
+) -> Any:
   """Host-local numpy leaves -> global jax Arrays sharded by their logical `axes`.
 
   Leaves named with "batch" hold this host's rows (every host passes the same number); leaves
@@ -158,8 +176,10 @@ def to_local(tree: Any, axes: Any, mesh: Mesh, rules: sharding_lib.Rules) -> Any
     box = _host_box(s, shape)
     out = np.empty([b.stop - b.start for b in box], x.dtype)
     for shard in x.addressable_shards:
-      dst = tuple(slice(sl.indices(n)[0] - b.start, sl.indices(n)[1] - b.start)
-                  for sl, b, n in zip(shard.index, box, shape))
+      dst = tuple(
+        slice(sl.indices(n)[0] - b.start, sl.indices(n)[1] - b.start)
+        for sl, b, n in zip(shard.index, box, shape)
+      )
       out[dst] = np.asarray(shard.data)
     return out
 
@@ -186,9 +206,14 @@ def allgather(x: Any) -> np.ndarray:
   x = np.asarray(x)
   if not is_multihost():
     return x[None]
-  if x.dtype.itemsize == 8:  # jax (without x64) would narrow 64-bit values: move their bits as uint32
-    bits = np.asarray(multihost_utils.process_allgather(np.ascontiguousarray(x).reshape(-1).view(np.uint32),
-                                                        tiled=False))
+  if (
+    x.dtype.itemsize == 8
+  ):  # jax (without x64) would narrow 64-bit values: move their bits as uint32
+    bits = np.asarray(
+      multihost_utils.process_allgather(
+        np.ascontiguousarray(x).reshape(-1).view(np.uint32), tiled=False
+      )
+    )
     return bits.view(x.dtype).reshape((-1,) + x.shape)
   return np.asarray(multihost_utils.process_allgather(x, tiled=False))
 
@@ -212,7 +237,7 @@ def allgather_json(obj: Any) -> list[Any]:
   raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   n = int(max_over_hosts(np.int64(raw.size)))
   buf = np.zeros(n, np.uint8)
-  buf[:raw.size] = raw
+  buf[: raw.size] = raw
   sizes = allgather(np.int64(raw.size))
   return [json.loads(bytes(row[:k]).decode()) for row, k in zip(allgather(buf), sizes)]
 
@@ -239,7 +264,9 @@ def reduce_metrics(m: dict[str, float]) -> dict[str, float]:
   keys = sorted(m)
   gathered = allgather_json(keys)
   if any(g != keys for g in gathered):
-    raise RuntimeError(f"hosts logged different metric keys: {[sorted(set(g) ^ set(keys)) for g in gathered]}")
+    raise RuntimeError(
+      f"hosts logged different metric keys: {[sorted(set(g) ^ set(keys)) for g in gathered]}"
+    )
   vals = allgather(np.array([float(m[k]) for k in keys], np.float64))
   out = {}
   for i, k in enumerate(keys):

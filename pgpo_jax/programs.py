@@ -28,6 +28,7 @@ each host's own rows (numpy in, numpy out), on one local device. Every program t
 in effect for the model's activation constraints (`logical_axes.rules_in_effect`): the constraints are
 part of the program, whatever context its caller is in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pgpo_jax import config as config_lib
 from pgpo_jax import rollout, sharding
@@ -80,27 +82,47 @@ def rollout_programs(graphdef, static: rollout.RolloutStatic) -> rollout.Program
   rules = dict(static.rules) if static.mesh is not None else None
   traced = lambda fn: _with_rules(fn, static.mesh, rules)  # noqa: E731
   # The cast copy keeps each parameter's layout (elementwise), so it needs no pinning.
-  return rollout.Programs(start=jax.jit(traced(body.start)),
-                          decode=jax.jit(traced(body.decode), donate_argnums=(1,)),
-                          finish=jax.jit(traced(body.finish)),
-                          cast=None if body.cast is None else jax.jit(body.cast))
+  return rollout.Programs(
+    start=jax.jit(traced(body.start)),
+    decode=jax.jit(traced(body.decode), donate_argnums=(1,)),
+    finish=jax.jit(traced(body.finish)),
+    cast=None if body.cast is None else jax.jit(body.cast),
+  )
 
 
-def training_rollout_static(c: ml_collections.ConfigDict, pad_token_id: int, mesh: Mesh) -> rollout.RolloutStatic:
+def training_rollout_static(
+  c: ml_collections.ConfigDict, pad_token_id: int, mesh: Mesh
+) -> rollout.RolloutStatic:
   """The static config of the trainer's rollouts (`rollout.*` keys; rows over SAMPLE_RULES' batch)."""
   r = c.rollout
-  return rollout.RolloutStatic.make(rollout.SamplingConfig(r.temperature, r.top_p, r.top_k), r.max_new_tokens,
-                                    r.group_size, pad_token_id, mesh if mesh.size > 1 else None,
-                                    sharding.SAMPLE_RULES, decode_rows=r.decode_rows, compute_dtype=r.dtype)
+  return rollout.RolloutStatic.make(
+    rollout.SamplingConfig(r.temperature, r.top_p, r.top_k),
+    r.max_new_tokens,
+    r.group_size,
+    pad_token_id,
+    mesh if mesh.size > 1 else None,
+    sharding.SAMPLE_RULES,
+    decode_rows=r.decode_rows,
+    compute_dtype=r.dtype,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
 # Scoring, advantages, token weights
 # ------------------------------------------------------------------------------------------------
-def make_score_program(graphdef, *, estimator: str = "k3", chunk_size: int = 256,
-                       clamp_log_ratio: float | None = None, temperature: float = 1.0, blind: bool = True,
-                       mesh: Mesh | None = None, rules: sharding.Rules = sharding.TRAIN_RULES,
-                       params_sharding: Any = None, num_rows: int | None = None) -> Callable:
+def make_score_program(
+  graphdef,
+  *,
+  estimator: str = "k3",
+  chunk_size: int = 256,
+  clamp_log_ratio: float | None = None,
+  temperature: float = 1.0,
+  blind: bool = True,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.TRAIN_RULES,
+  params_sharding: Any = None,
+  num_rows: int | None = None,
+) -> Callable:
   """jit `score(params, seq) -> DependencyScores` of PGPO's two-view pass: `sequences.score_rollout`
   on a SequenceBatch, `packing.score_rollout` on a PackedBatch (train.packing; [U, M] outputs).
   `blind=False` (GRPO/DAPO, `pgpo.enabled=False`) runs the image view only.
@@ -109,11 +131,19 @@ def make_score_program(graphdef, *, estimator: str = "k3", chunk_size: int = 256
   leading rows (prompts, or packing units when packed) laid out by `rows_sharding`, and the scores
   come back the same way.
   """
+
   def score(params, seq):
     model = nnx.merge(graphdef, params)
     lib = packing if isinstance(seq, packing.PackedBatch) else sequences
-    return lib.score_rollout(model, seq, estimator=estimator, chunk_size=chunk_size,
-                             clamp_log_ratio=clamp_log_ratio, temperature=temperature, blind=blind)
+    return lib.score_rollout(
+      model,
+      seq,
+      estimator=estimator,
+      chunk_size=chunk_size,
+      clamp_log_ratio=clamp_log_ratio,
+      temperature=temperature,
+      blind=blind,
+    )
 
   fn = _with_rules(score, mesh, rules)
   if mesh is None:
@@ -127,8 +157,15 @@ def estimator_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   p = c.pgpo
   if not p.enabled:
     return {}
-  return dict(tau=p.tau, beta=p.beta, renormalize=p.renormalize, threshold_mode=p.threshold_mode,
-              min_weight=p.min_weight, max_weight=p.max_weight, degenerate_rtol=p.degenerate_rtol)
+  return dict(
+    tau=p.tau,
+    beta=p.beta,
+    renormalize=p.renormalize,
+    threshold_mode=p.threshold_mode,
+    min_weight=p.min_weight,
+    max_weight=p.max_weight,
+    degenerate_rtol=p.degenerate_rtol,
+  )
 
 
 def make_advantage_program(name: str, group_size: int, **options: Any) -> Callable:
@@ -142,19 +179,30 @@ def make_advantage_program(name: str, group_size: int, **options: Any) -> Callab
 
 def make_token_weights_program(**options: Any) -> Callable:
   """jit `(dependency_BxT, mask_BxT, tau, beta) -> weights_BxT` (`advantages.pgpo_token_weights`; τ, β traced)."""
+
   def token_weights(dependency_BxT, mask_BxT, tau, beta):
     return adv_lib.pgpo_token_weights(dependency_BxT, mask_BxT, tau, beta, **options)
+
   return jax.jit(token_weights)
 
 
 # ------------------------------------------------------------------------------------------------
 # The update step
 # ------------------------------------------------------------------------------------------------
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: train_step_lib.LossFn, optimizer, num_microbatches: int = 1,
-                    *, frozen_regex: str | None = None, summed_metrics: Sequence[str] = (),
-                    state_sharding: Any = None, batch_sharding: Any = None,
-                    donate: bool = True, mesh: Mesh | None = None, rules: sharding.Rules | None = None
-                    ) -> Callable:
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  loss_fn: train_step_lib.LossFn,
+  optimizer,
+  num_microbatches: int = 1,
+  *,
+  frozen_regex: str | None = None,
+  summed_metrics: Sequence[str] = (),
+  state_sharding: Any = None,
+  batch_sharding: Any = None,
+  donate: bool = True,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules | None = None,
+) -> Callable:
   """jit `step(state, batch) -> (state, metrics)` of `train_step.train_step_fn`.
 
   Args:
@@ -165,8 +213,14 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: train_step_lib.LossFn, opti
     donate: donate the input state's buffers (do not reuse `state` after the call).
     mesh, rules: the rules in effect for the model's activation constraints while tracing.
   """
-  step = train_step_lib.train_step_fn(graphdef, loss_fn, optimizer, num_microbatches, frozen_regex=frozen_regex,
-                                      summed_metrics=summed_metrics)
+  step = train_step_lib.train_step_fn(
+    graphdef,
+    loss_fn,
+    optimizer,
+    num_microbatches,
+    frozen_regex=frozen_regex,
+    summed_metrics=summed_metrics,
+  )
   kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
   if state_sharding is not None or batch_sharding is not None:
     kwargs["in_shardings"] = (state_sharding, batch_sharding)
@@ -174,14 +228,24 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: train_step_lib.LossFn, opti
   return jax.jit(_with_rules(step, mesh, rules) if mesh is not None else step, **kwargs)
 
 
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, learning_rate: float | None = None):
+def make_optimizer(
+  c: ml_collections.ConfigDict, total_steps: int, learning_rate: float | None = None
+):
   """The `optim.*` optimizer (`train_step.make_optimizer`); `learning_rate` overrides the config's."""
   o = c.optim
   return train_step_lib.make_optimizer(
-      o.learning_rate if learning_rate is None else learning_rate, schedule=o.schedule,
-      warmup_steps=o.warmup_steps, total_steps=total_steps, end_learning_rate=o.end_learning_rate,
-      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip_norm=o.grad_clip_norm or None,
-      frozen_regex=o.frozen_regex or None)
+    o.learning_rate if learning_rate is None else learning_rate,
+    schedule=o.schedule,
+    warmup_steps=o.warmup_steps,
+    total_steps=total_steps,
+    end_learning_rate=o.end_learning_rate,
+    weight_decay=o.weight_decay,
+    b1=o.b1,
+    b2=o.b2,
+    eps=o.eps,
+    grad_clip_norm=o.grad_clip_norm or None,
+    frozen_regex=o.frozen_regex or None,
+  )
 
 
 def logprob_temperature(c: ml_collections.ConfigDict) -> float:
@@ -216,15 +280,31 @@ def rl_loss_fn(c: ml_collections.ConfigDict):
         metrics["kl"] = metrics.pop("kl_loss")
       return loss, metrics
     seq: sequences.SequenceBatch = b["seq"]
-    logp, entropy = sequences.response_logprobs(model, seq, chunk_size=l.logprob_chunk, temperature=temperature,
-                                                return_entropy=True)
+    logp, entropy = sequences.response_logprobs(
+      model, seq, chunk_size=l.logprob_chunk, temperature=temperature, return_entropy=True
+    )
     flat = lambda x: x.reshape(-1, x.shape[-1])
-    kl = dict(ref_logp_BxT=flat(b["ref_logp"]), kl_coef=l.kl_coef, kl_estimator=l.kl_estimator) if l.kl_coef else {}
+    kl = (
+      dict(ref_logp_BxT=flat(b["ref_logp"]), kl_coef=l.kl_coef, kl_estimator=l.kl_estimator)
+      if l.kl_coef
+      else {}
+    )
     loss, metrics = losses_lib.policy_loss(
-        logp, flat(b["old_logp"]), flat(b["adv"]), seq.flat_response_mask, l.clip_low, l.clip_high, l.agg,
-        dual_clip=l.dual_clip or None, entropy_BxT=entropy if l.entropy_coef else None,
-        entropy_coef=l.entropy_coef, loss_horizon=float(seq.response.shape[-1]),
-        token_normalizer=b["token_normalizer"], seq_normalizer=b["seq_normalizer"], **kl)
+      logp,
+      flat(b["old_logp"]),
+      flat(b["adv"]),
+      seq.flat_response_mask,
+      l.clip_low,
+      l.clip_high,
+      l.agg,
+      dual_clip=l.dual_clip or None,
+      entropy_BxT=entropy if l.entropy_coef else None,
+      entropy_coef=l.entropy_coef,
+      loss_horizon=float(seq.response.shape[-1]),
+      token_normalizer=b["token_normalizer"],
+      seq_normalizer=b["seq_normalizer"],
+      **kl,
+    )
     if "kl_loss" in metrics:
       metrics["kl"] = metrics.pop("kl_loss")
     m = seq.flat_response_mask
@@ -238,26 +318,32 @@ def rl_loss_fn(c: ml_collections.ConfigDict):
 def make_logprob_program(graphdef, *, temperature: float, chunk_size: int) -> Callable:
   """jit `logprobs(params, seq) -> [P*G, L]` float32 log p(x_t) of the sampled tokens at `temperature`,
   without gradient (π_ref of the KL term, `reference.py`)."""
+
   def logprobs(params, seq: sequences.SequenceBatch) -> jax.Array:
     model = nnx.merge(graphdef, params)
     return jax.lax.stop_gradient(
-        sequences.response_logprobs(model, seq, chunk_size=chunk_size, temperature=temperature))
+      sequences.response_logprobs(model, seq, chunk_size=chunk_size, temperature=temperature)
+    )
+
   return jax.jit(logprobs)
 
 
 def sft_loss_fn(c: ml_collections.ConfigDict):
   """Token-mean negative log-likelihood of target responses (the demo's supervised warm-up)."""
+
   def loss_fn(model, b):
     seq = b["seq"]
     logp = sequences.response_logprobs(model, seq, chunk_size=c.loss.logprob_chunk)
     m = seq.flat_response_mask
     loss = -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(b["token_normalizer"], 1.0)
     return loss, {"nll": -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(m.sum(), 1)}
+
   return loss_fn
 
 
-def train_state_shardings(state: train_step_lib.TrainState, param_shardings: Any, mesh: Mesh
-                          ) -> train_step_lib.TrainState:
+def train_state_shardings(
+  state: train_step_lib.TrainState, param_shardings: Any, mesh: Mesh
+) -> train_step_lib.TrainState:
   """Shardings of a TrainState (arrays or shapes): the parameters' layout for the parameters and for
   every optimizer leaf that mirrors one (Adam's moments), counters replicated."""
   opt = sharding.shardings_like_params(state.opt_state, state.params, param_shardings, mesh)
@@ -265,15 +351,21 @@ def train_state_shardings(state: train_step_lib.TrainState, param_shardings: Any
   return train_step_lib.TrainState(step=rep, params=param_shardings, opt_state=opt, num_skipped=rep)
 
 
-def update_batch_sharding(mesh: Mesh, rules: sharding.Rules, num_rows: int, *, kl: bool = False,
-                          packed: bool = False) -> dict[str, Any]:
+def update_batch_sharding(
+  mesh: Mesh, rules: sharding.Rules, num_rows: int, *, kl: bool = False, packed: bool = False
+) -> dict[str, Any]:
   """Layout of the RL update batch: `seq`, `adv`, `old_logp` (+ `ref_logp` with a KL term) rows over
   `batch`, normalisers replicated. `packed` (train.packing, `packed_passes.update_batch`): `packed`
   and the per-token arrays have `num_rows` packing units over `batch`, + a replicated `loss_horizon`."""
   rows = rows_sharding(mesh, rules, num_rows)
   rep = NamedSharding(mesh, P())
-  out = {"packed" if packed else "seq": rows, "adv": rows, "old_logp": rows, "token_normalizer": rep,
-         "seq_normalizer": rep}
+  out = {
+    "packed" if packed else "seq": rows,
+    "adv": rows,
+    "old_logp": rows,
+    "token_normalizer": rep,
+    "seq_normalizer": rep,
+  }
   if packed:
     out["loss_horizon"] = rep
   if kl:
@@ -281,7 +373,9 @@ def update_batch_sharding(mesh: Mesh, rules: sharding.Rules, num_rows: int, *, k
   return out
 
 
-def packing_units(c: ml_collections.ConfigDict, mesh: Mesh, num_processes: int = 1) -> tuple[int, int]:
+def packing_units(
+  c: ml_collections.ConfigDict, mesh: Mesh, num_processes: int = 1
+) -> tuple[int, int]:
   """train.packing's (units per scoring slice, units per update batch) per host: one packing unit per
   batch shard of the TRAIN layout (and per micro-batch in updates), so no gather leaves a shard."""
   shards = max(rollout.batch_shards(mesh, sharding.TRAIN_RULES) // num_processes, 1)
@@ -302,6 +396,7 @@ class TrainerPrograms:
   With train.packing, score and train_step take packed batches and `score_rows`/`update_rows` count
   packing units (`packing_units`), the scores come back as [score_rows, M] (`packing.unpack` them).
   """
+
   score: Callable
   advantages: Callable
   train_step: Callable
@@ -309,8 +404,16 @@ class TrainerPrograms:
   update_rows: int
 
 
-def trainer_programs(c: ml_collections.ConfigDict, *, model_graphdef, train_graphdef, optimizer, mesh: Mesh,
-                     state_sharding: train_step_lib.TrainState, num_processes: int = 1) -> TrainerPrograms:
+def trainer_programs(
+  c: ml_collections.ConfigDict,
+  *,
+  model_graphdef,
+  train_graphdef,
+  optimizer,
+  mesh: Mesh,
+  state_sharding: train_step_lib.TrainState,
+  num_processes: int = 1,
+) -> TrainerPrograms:
   """The trainer's programs from its config (also what `compile_check` compiles).
 
   Args:
@@ -326,17 +429,33 @@ def trainer_programs(c: ml_collections.ConfigDict, *, model_graphdef, train_grap
   if c.train.packing:  # leading axes are packing units (`packing_units`), not prompts
     score_units, update_units = packing_units(c, mesh, num_processes)
     score_rows, update_rows = score_units * num_processes, update_units * num_processes
-  score = make_score_program(model_graphdef, estimator=p.dependency_estimator, chunk_size=p.scoring_chunk,
-                             clamp_log_ratio=p.clamp_log_ratio, temperature=logprob_temperature(c),
-                             blind=p.enabled,  # GRPO/DAPO: the image view only
-                             mesh=mesh, rules=rules,
-                             params_sharding=state_sharding.params, num_rows=score_rows)
-  advantages = make_advantage_program("pgpo" if p.enabled else "grpo", c.rollout.group_size,
-                                      **estimator_options(c))
-  step = make_train_step(train_graphdef, rl_loss_fn(c), optimizer, u.prompts_per_update // u.micro_batch_prompts,
-                         frozen_regex=c.optim.frozen_regex or None, summed_metrics=SUMMED_LOSS_METRICS,
-                         state_sharding=state_sharding,
-                         batch_sharding=update_batch_sharding(mesh, rules, update_rows, kl=bool(c.loss.kl_coef),
-                                                              packed=bool(c.train.packing)),
-                         mesh=mesh, rules=rules)
+  score = make_score_program(
+    model_graphdef,
+    estimator=p.dependency_estimator,
+    chunk_size=p.scoring_chunk,
+    clamp_log_ratio=p.clamp_log_ratio,
+    temperature=logprob_temperature(c),
+    blind=p.enabled,  # GRPO/DAPO: the image view only
+    mesh=mesh,
+    rules=rules,
+    params_sharding=state_sharding.params,
+    num_rows=score_rows,
+  )
+  advantages = make_advantage_program(
+    "pgpo" if p.enabled else "grpo", c.rollout.group_size, **estimator_options(c)
+  )
+  step = make_train_step(
+    train_graphdef,
+    rl_loss_fn(c),
+    optimizer,
+    u.prompts_per_update // u.micro_batch_prompts,
+    frozen_regex=c.optim.frozen_regex or None,
+    summed_metrics=SUMMED_LOSS_METRICS,
+    state_sharding=state_sharding,
+    batch_sharding=update_batch_sharding(
+      mesh, rules, update_rows, kl=bool(c.loss.kl_coef), packed=bool(c.train.packing)
+    ),
+    mesh=mesh,
+    rules=rules,
+  )
   return TrainerPrograms(score, advantages, step, score_rows, update_rows)

@@ -11,6 +11,7 @@ the trainer rebuilds. A supervised warm-up (`warmup.sft_steps > 0`, the demo) mo
 RL starts, so then π_ref is reset to the warmed-up weights and written once to WORKDIR/reference; a
 resumed run reads it back. With `loss.kl_coef == 0`, `build` returns None: no copy, no memory.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,11 +34,14 @@ DIRNAME = "reference"  # WORKDIR/reference: π_ref after a warm-up
 class ReferencePolicy:
   """A frozen copy of some parameters and the jitted log-prob program over them."""
 
-  def __init__(self, graphdef, params: nnx.State, shardings: Any, *, temperature: float, chunk_size: int):
+  def __init__(
+    self, graphdef, params: nnx.State, shardings: Any, *, temperature: float, chunk_size: int
+  ):
     self._shardings = shardings
     self.params = self._copy(params)
-    self._program = programs.make_logprob_program(graphdef, temperature=float(temperature),
-                                                  chunk_size=int(chunk_size))
+    self._program = programs.make_logprob_program(
+      graphdef, temperature=float(temperature), chunk_size=int(chunk_size)
+    )
 
   def _copy(self, params: nnx.State) -> nnx.State:
     # A real copy: the policy's buffers are donated to (and freed by) every optimizer step.
@@ -58,17 +62,23 @@ class ReferencePolicy:
     self.params = ckpt_lib.restore_params(path, self.params)
 
 
-def build(c: ml_collections.ConfigDict, graphdef, params: nnx.State, shardings: Any, *,
-          temperature: float) -> ReferencePolicy | None:
+def build(
+  c: ml_collections.ConfigDict, graphdef, params: nnx.State, shardings: Any, *, temperature: float
+) -> ReferencePolicy | None:
   """π_ref as a copy of `params` (the initial weights) when `loss.kl_coef > 0`; else None."""
   if not c.loss.kl_coef:
     return None
-  log.info("KL to a frozen reference policy: kl_coef %g, estimator %s", c.loss.kl_coef, c.loss.kl_estimator)
-  return ReferencePolicy(graphdef, params, shardings, temperature=temperature, chunk_size=c.loss.logprob_chunk)
+  log.info(
+    "KL to a frozen reference policy: kl_coef %g, estimator %s", c.loss.kl_coef, c.loss.kl_estimator
+  )
+  return ReferencePolicy(
+    graphdef, params, shardings, temperature=temperature, chunk_size=c.loss.logprob_chunk
+  )
 
 
-def start_rl(ref: ReferencePolicy | None, params: nnx.State, workdir: str, *, resumed: bool,
-             warmed_up: bool) -> None:
+def start_rl(
+  ref: ReferencePolicy | None, params: nnx.State, workdir: str, *, resumed: bool, warmed_up: bool
+) -> None:
   """Makes π_ref the weights RL starts from (see the module docstring). Call on every host.
 
   Without a warm-up the copy `build` made of the initial weights already is. After a warm-up, a fresh
@@ -83,8 +93,9 @@ def start_rl(ref: ReferencePolicy | None, params: nnx.State, workdir: str, *, re
     return
   if not os.path.isdir(path):
     raise FileNotFoundError(
-        f"{path}: the reference weights of this run are missing. With loss.kl_coef > 0 and "
-        "warmup.sft_steps > 0, π_ref is the weights after the warm-up, saved there when the run starts; a "
-        "run started with loss.kl_coef=0 has none. Start a new workdir, or set warmup.sft_steps=0 to use "
-        "the initial weights as π_ref.")
+      f"{path}: the reference weights of this run are missing. With loss.kl_coef > 0 and "
+      "warmup.sft_steps > 0, π_ref is the weights after the warm-up, saved there when the run starts; a "
+      "run started with loss.kl_coef=0 has none. Start a new workdir, or set warmup.sft_steps=0 to use "
+      "the initial weights as π_ref."
+    )
   ref.restore(path)

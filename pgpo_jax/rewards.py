@@ -22,6 +22,7 @@ only boxed answers of at most `MAX_ANSWER_CHARS` are normalised (a 1 MB response
 Workers start lazily (only when an answer needs math_verify), one per `_ITEMS_PER_WORKER` such answers in a
 batch, up to `max_workers`.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -39,7 +40,9 @@ from collections.abc import Callable, Sequence
 
 ACCURACY_WEIGHT = 0.9
 FORMAT_WEIGHT = 0.1
-MAX_ANSWER_CHARS = 1000  # Longer boxed contents score 0 without parsing (no sane answer is that long).
+MAX_ANSWER_CHARS = (
+  1000  # Longer boxed contents score 0 without parsing (no sane answer is that long).
+)
 # Extraction reads at most the last this-many characters of a response: a bound on its (linear) cost
 # whatever the policy writes (2048 tokens are ~10k characters; a box opened before the window is unclosed).
 MAX_RESPONSE_CHARS = 1 << 18
@@ -55,49 +58,51 @@ _SCAN_RE = re.compile(rf"{_BOX}|\\(?!{_BOX}).|[{{}}]", re.DOTALL)
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` / `\\fbox{...}`; an unclosed (truncated) box is skipped.
+  """Content of the last complete `\\boxed{...}` / `\\fbox{...}`; an unclosed (truncated) box is skipped.
 
-    "Last" is by where the box opens, so in `\\boxed{a \\boxed{b}}` it is `b`. One left-to-right scan with
-    a stack of open braces (linear time; the scan jumps between braces and backslashes in C), over at
-    most the last `MAX_RESPONSE_CHARS` characters.
-    """
-    if len(text) > MAX_RESPONSE_CHARS:
-        text = text[-MAX_RESPONSE_CHARS:]
-    stack: list[int] = []  # content start of each open brace; -1 for a plain (non-box) brace
-    best_start, best = -1, None
-    for m in _SCAN_RE.finditer(text):
-        tok = m.group()
-        if tok == "{":
-            stack.append(-1)
-        elif tok == "}":
-            if stack:
-                start = stack.pop()
-                if start > best_start:  # a box that opens later than the best so far
-                    best_start, best = start, (start, m.start())
-        elif len(tok) > 2:  # a box opener (an escape pair is 2 characters)
-            stack.append(m.end())
-    return None if best is None else text[best[0]:best[1]]
+  "Last" is by where the box opens, so in `\\boxed{a \\boxed{b}}` it is `b`. One left-to-right scan with
+  a stack of open braces (linear time; the scan jumps between braces and backslashes in C), over at
+  most the last `MAX_RESPONSE_CHARS` characters.
+  """
+  if len(text) > MAX_RESPONSE_CHARS:
+    text = text[-MAX_RESPONSE_CHARS:]
+  stack: list[int] = []  # content start of each open brace; -1 for a plain (non-box) brace
+  best_start, best = -1, None
+  for m in _SCAN_RE.finditer(text):
+    tok = m.group()
+    if tok == "{":
+      stack.append(-1)
+    elif tok == "}":
+      if stack:
+        start = stack.pop()
+        if start > best_start:  # a box that opens later than the best so far
+          best_start, best = start, (start, m.start())
+    elif len(tok) > 2:  # a box opener (an escape pair is 2 characters)
+      stack.append(m.end())
+  return None if best is None else text[best[0] : best[1]]
 
 
-_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_WRAPPER_RE = re.compile(
+  r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+)
 _LATEX_SPACE_RE = re.compile(r"\\[,;:! ]|\\q?quad(?![a-zA-Z])")
 _SIZING_RE = re.compile(r"\\(?:left|right)(?![a-zA-Z])")
 
 
 def _unwrap(s: str) -> str:
-    """Drops `\\text{..}`-style wrappers (innermost first, repeatedly) and `$`; strips."""
-    prev = None
-    while prev != s:
-        prev, s = s, _WRAPPER_RE.sub(r"\1", s)
-    return s.replace("$", "").strip()
+  """Drops `\\text{..}`-style wrappers (innermost first, repeatedly) and `$`; strips."""
+  prev = None
+  while prev != s:
+    prev, s = s, _WRAPPER_RE.sub(r"\1", s)
+  return s.replace("$", "").strip()
 
 
 def normalize_answer(s: str) -> str:
-    """Case/space-insensitive form: `_unwrap`, then drops LaTeX spacing, `\\left` / `\\right`, all
-    whitespace and trailing periods, and lower-cases."""
-    s = _LATEX_SPACE_RE.sub("", _SIZING_RE.sub("", _unwrap(s)))
-    s = re.sub(r"\s+", "", s).lower()
-    return s.rstrip(".")
+  """Case/space-insensitive form: `_unwrap`, then drops LaTeX spacing, `\\left` / `\\right`, all
+  whitespace and trailing periods, and lower-cases."""
+  s = _LATEX_SPACE_RE.sub("", _SIZING_RE.sub("", _unwrap(s)))
+  s = re.sub(r"\s+", "", s).lower()
+  return s.rstrip(".")
 
 
 _MC_GOLD_RE = re.compile(r"^\(?([A-H])\)?[.:)]?$")
@@ -105,32 +110,34 @@ _MC_PRED_RE = re.compile(r"^\(?([A-Ha-h])\)?(?:[.:)]|\s|$)")
 
 
 def choice_letter(s: str, gold: bool = False) -> str | None:
-    """The option letter of `A`, `(A)`, `A.`, `A)`, `A: text`, `(A) text` (gold: the letter alone), upper-case."""
-    m = (_MC_GOLD_RE if gold else _MC_PRED_RE).match(_unwrap(s))
-    return m.group(1).upper() if m else None
+  """The option letter of `A`, `(A)`, `A.`, `A)`, `A: text`, `(A) text` (gold: the letter alone), upper-case."""
+  m = (_MC_GOLD_RE if gold else _MC_PRED_RE).match(_unwrap(s))
+  return m.group(1).upper() if m else None
 
 
 _NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)$")
-_WORDS_RE = re.compile(r"^[a-z][a-z'\-]*[a-z]$")  # After normalize_answer: letters only, >= 2 of them.
+_WORDS_RE = re.compile(
+  r"^[a-z][a-z'\-]*[a-z]$"
+)  # After normalize_answer: letters only, >= 2 of them.
 
 
 def _fast_accuracy(pred: str | None, gold: str) -> float | None:
-    """Accuracy decided without math_verify, or None when math_verify must decide."""
-    if pred is None or len(pred) > MAX_ANSWER_CHARS:
-        return 0.0
-    p, g = normalize_answer(pred), normalize_answer(gold)
-    if not p:
-        return 0.0
-    if p == g:
-        return 1.0
-    gold_letter = choice_letter(gold, gold=True)
-    if gold_letter is not None:
-        return float(choice_letter(pred) == gold_letter)
-    if _NUMBER_RE.match(p) and _NUMBER_RE.match(g):
-        return float(fractions.Fraction(p) == fractions.Fraction(g))
-    if _WORDS_RE.match(p) or _WORDS_RE.match(g):
-        return 0.0
-    return None
+  """Accuracy decided without math_verify, or None when math_verify must decide."""
+  if pred is None or len(pred) > MAX_ANSWER_CHARS:
+    return 0.0
+  p, g = normalize_answer(pred), normalize_answer(gold)
+  if not p:
+    return 0.0
+  if p == g:
+    return 1.0
+  gold_letter = choice_letter(gold, gold=True)
+  if gold_letter is not None:
+    return float(choice_letter(pred) == gold_letter)
+  if _NUMBER_RE.match(p) and _NUMBER_RE.match(g):
+    return float(fractions.Fraction(p) == fractions.Fraction(g))
+  if _WORDS_RE.match(p) or _WORDS_RE.match(g):
+    return 0.0
+  return None
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -139,29 +146,29 @@ _FORMAT_RE = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
 
 
 def strip_stop_tokens(response: str) -> str:
-    """Drops trailing `<|im_end|>` / `<|endoftext|>` left by decoding without skip_special_tokens."""
-    end = len(response)
-    changed = True
-    while changed:  # Moves an end index (no copies): linear however many stop tokens trail.
-        changed = False
-        while end and response[end - 1].isspace():
-            end -= 1
-        for tok in _STOP_TOKENS:
-            if response.endswith(tok, 0, end):
-                end, changed = end - len(tok), True
-    return response[:end]
+  """Drops trailing `<|im_end|>` / `<|endoftext|>` left by decoding without skip_special_tokens."""
+  end = len(response)
+  changed = True
+  while changed:  # Moves an end index (no copies): linear however many stop tokens trail.
+    changed = False
+    while end and response[end - 1].isspace():
+      end -= 1
+    for tok in _STOP_TOKENS:
+      if response.endswith(tok, 0, end):
+        end, changed = end - len(tok), True
+  return response[:end]
 
 
 def format_reward(response: str) -> float:
-    """1.0 iff the response is `<think>...</think>` then text with a non-empty boxed answer, else 0.0."""
-    m = _FORMAT_RE.match(strip_stop_tokens(response))
-    if m is None:
-        return 0.0
-    thought, rest = m.groups()
-    if "<think>" in thought or "<think>" in rest or "</think>" in rest:
-        return 0.0
-    boxed = extract_boxed(rest)
-    return float(boxed is not None and boxed.strip() != "")
+  """1.0 iff the response is `<think>...</think>` then text with a non-empty boxed answer, else 0.0."""
+  m = _FORMAT_RE.match(strip_stop_tokens(response))
+  if m is None:
+    return 0.0
+  thought, rest = m.groups()
+  if "<think>" in thought or "<think>" in rest or "</think>" in rest:
+    return 0.0
+  boxed = extract_boxed(rest)
+  return float(boxed is not None and boxed.strip() != "")
 
 
 # --------------------------------------------------------------------------- math_verify worker processes
@@ -190,154 +197,164 @@ while True:
 
 
 class _Worker:
-    """One math_verify subprocess and its partial stdout line buffer."""
+  """One math_verify subprocess and its partial stdout line buffer."""
 
-    def __init__(self, inner_timeout_s: int, startup_timeout_s: float):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _WORKER_SRC, str(inner_timeout_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-            start_new_session=True)  # Ctrl-C in the terminal goes to the trainer only.
-        self.fd = self.proc.stdout.fileno()
-        self.buf = b""
-        line = self.read_line(time.monotonic() + startup_timeout_s)
-        if line is None or not json.loads(line).get("ready"):
-            self.kill()
-            raise RuntimeError(f"rewards: math_verify worker ({sys.executable}) did not start within "
-                               f"{startup_timeout_s:.0f}s; is math-verify installed in this environment?")
+  def __init__(self, inner_timeout_s: int, startup_timeout_s: float):
+    self.proc = subprocess.Popen(
+      [sys.executable, "-I", "-c", _WORKER_SRC, str(inner_timeout_s)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      bufsize=0,
+      start_new_session=True,
+    )  # Ctrl-C in the terminal goes to the trainer only.
+    self.fd = self.proc.stdout.fileno()
+    self.buf = b""
+    line = self.read_line(time.monotonic() + startup_timeout_s)
+    if line is None or not json.loads(line).get("ready"):
+      self.kill()
+      raise RuntimeError(
+        f"rewards: math_verify worker ({sys.executable}) did not start within "
+        f"{startup_timeout_s:.0f}s; is math-verify installed in this environment?"
+      )
 
-    def send(self, gold: str, pred: str) -> None:
-        self.proc.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode())
-        self.proc.stdin.flush()
+  def send(self, gold: str, pred: str) -> None:
+    self.proc.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode())
+    self.proc.stdin.flush()
 
-    def read_available(self) -> bool:
-        """Reads what the pipe holds (call when select says readable); False on EOF (worker died)."""
-        chunk = os.read(self.fd, 1 << 16)
-        self.buf += chunk
-        return bool(chunk)
+  def read_available(self) -> bool:
+    """Reads what the pipe holds (call when select says readable); False on EOF (worker died)."""
+    chunk = os.read(self.fd, 1 << 16)
+    self.buf += chunk
+    return bool(chunk)
 
-    def pop_line(self) -> bytes | None:
-        if b"\n" not in self.buf:
-            return None
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
+  def pop_line(self) -> bytes | None:
+    if b"\n" not in self.buf:
+      return None
+    line, self.buf = self.buf.split(b"\n", 1)
+    return line
 
-    def read_line(self, deadline: float) -> bytes | None:
-        """Blocks until one full line or the deadline; None on timeout or EOF."""
-        while (line := self.pop_line()) is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
-                return None
-            if not self.read_available():
-                return None
-        return line
+  def read_line(self, deadline: float) -> bytes | None:
+    """Blocks until one full line or the deadline; None on timeout or EOF."""
+    while (line := self.pop_line()) is None:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
+        return None
+      if not self.read_available():
+        return None
+    return line
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+  def kill(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+    self.proc.wait()
+    for f in (self.proc.stdin, self.proc.stdout):
+      try:
+        f.close()
+      except OSError:
+        pass
 
-    def close(self) -> None:
-        """Asks the worker to exit (EOF on stdin); kills it if it does not within a second."""
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=1.0)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        self.kill()
+  def close(self) -> None:
+    """Asks the worker to exit (EOF on stdin); kills it if it does not within a second."""
+    try:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=1.0)
+    except (OSError, subprocess.TimeoutExpired):
+      pass
+    self.kill()
 
 
 class MathVerifyPool:
-    """Persistent math_verify workers with a hard per-answer timeout. Thread-safe (calls are serialized).
+  """Persistent math_verify workers with a hard per-answer timeout. Thread-safe (calls are serialized).
 
-    Args:
-      max_workers: at most this many processes (default: cpu_count - 1, clipped to [1, 4]).
-      timeout_s: wall-clock budget per answer, from dispatch; an overrunning worker is killed, answer -> False.
-      inner_timeout_s: math_verify's own (SIGALRM) timeout per parse / comparison, whole seconds; the first
-        line of defense, so a killed worker (and its restart, ~1 s) stays rare.
-      startup_timeout_s: budget for a worker to import math_verify (not counted in `timeout_s`).
-    """
+  Args:
+    max_workers: at most this many processes (default: cpu_count - 1, clipped to [1, 4]).
+    timeout_s: wall-clock budget per answer, from dispatch; an overrunning worker is killed, answer -> False.
+    inner_timeout_s: math_verify's own (SIGALRM) timeout per parse / comparison, whole seconds; the first
+      line of defense, so a killed worker (and its restart, ~1 s) stays rare.
+    startup_timeout_s: budget for a worker to import math_verify (not counted in `timeout_s`).
+  """
 
-    def __init__(self, max_workers: int | None = None, timeout_s: float = 5.0,
-                 inner_timeout_s: int | None = None, startup_timeout_s: float = 120.0):
-        if timeout_s <= 0:
-            raise ValueError(f"MathVerifyPool: timeout_s must be > 0, got {timeout_s}")
-        self.max_workers = max_workers or max(1, min(4, (os.cpu_count() or 2) - 1))
-        self.timeout_s = float(timeout_s)
-        self.inner_timeout_s = inner_timeout_s or max(1, int(timeout_s) // 2)
-        self.startup_timeout_s = startup_timeout_s
-        self._workers: list[_Worker] = []
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-        self.num_timeouts = 0  # Answers cut off by the hard timeout (for logging).
+  def __init__(
+    self,
+    max_workers: int | None = None,
+    timeout_s: float = 5.0,
+    inner_timeout_s: int | None = None,
+    startup_timeout_s: float = 120.0,
+  ):
+    if timeout_s <= 0:
+      raise ValueError(f"MathVerifyPool: timeout_s must be > 0, got {timeout_s}")
+    self.max_workers = max_workers or max(1, min(4, (os.cpu_count() or 2) - 1))
+    self.timeout_s = float(timeout_s)
+    self.inner_timeout_s = inner_timeout_s or max(1, int(timeout_s) // 2)
+    self.startup_timeout_s = startup_timeout_s
+    self._workers: list[_Worker] = []
+    self._lock = threading.Lock()
+    self._pid = os.getpid()
+    self.num_timeouts = 0  # Answers cut off by the hard timeout (for logging).
 
-    def _ensure_workers(self, n: int) -> None:
-        if os.getpid() != self._pid:  # Forked child: the parent owns those pipes; start our own.
-            self._workers, self._pid = [], os.getpid()
-        while len(self._workers) < n:
-            self._workers.append(_Worker(self.inner_timeout_s, self.startup_timeout_s))
+  def _ensure_workers(self, n: int) -> None:
+    if os.getpid() != self._pid:  # Forked child: the parent owns those pipes; start our own.
+      self._workers, self._pid = [], os.getpid()
+    while len(self._workers) < n:
+      self._workers.append(_Worker(self.inner_timeout_s, self.startup_timeout_s))
 
-    def _drop(self, worker: _Worker) -> None:
-        worker.kill()
-        self._workers.remove(worker)
+  def _drop(self, worker: _Worker) -> None:
+    worker.kill()
+    self._workers.remove(worker)
 
-    def verify_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
-        """[(gold, pred)] -> [math_verify says equal]; False for timeouts and crashes."""
-        if not pairs:
-            return []
-        with self._lock:
-            self._ensure_workers(min(self.max_workers, math.ceil(len(pairs) / _ITEMS_PER_WORKER)))
-            results = [False] * len(pairs)
-            todo = list(range(len(pairs)))[::-1]
-            busy: dict[int, tuple[_Worker, int, float]] = {}  # fd -> (worker, item, deadline)
-            idle = list(self._workers)
-            while todo or busy:
-                while todo and idle:
-                    w, i = idle.pop(), todo.pop()
-                    try:
-                        w.send(*pairs[i])
-                    except OSError:  # Worker died between calls: replace it and retry the item.
-                        self._drop(w)
-                        self._ensure_workers(len(self._workers) + 1)
-                        idle.append(self._workers[-1])
-                        todo.append(i)
-                        continue
-                    busy[w.fd] = (w, i, time.monotonic() + self.timeout_s)
-                if not busy:
-                    continue
-                wait = max(0.0, min(d for _, _, d in busy.values()) - time.monotonic())
-                readable, _, _ = select.select(list(busy), [], [], wait)
-                for fd in readable:
-                    w, i, _ = busy[fd]
-                    alive = w.read_available()
-                    line = w.pop_line()
-                    if line is not None:
-                        results[i] = bool(json.loads(line)["ok"])
-                        del busy[fd]
-                        idle.append(w)
-                    elif not alive:
-                        del busy[fd]
-                        self._drop(w)
-                now = time.monotonic()
-                for fd, (w, i, deadline) in list(busy.items()):
-                    if now >= deadline:  # Hard timeout: the only way to stop sympy stuck in C code.
-                        del busy[fd]
-                        self._drop(w)
-                        self.num_timeouts += 1
-                if not self._workers and (todo or busy):
-                    self._ensure_workers(1)
-                    idle = list(self._workers)
-            return results
+  def verify_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+    """[(gold, pred)] -> [math_verify says equal]; False for timeouts and crashes."""
+    if not pairs:
+      return []
+    with self._lock:
+      self._ensure_workers(min(self.max_workers, math.ceil(len(pairs) / _ITEMS_PER_WORKER)))
+      results = [False] * len(pairs)
+      todo = list(range(len(pairs)))[::-1]
+      busy: dict[int, tuple[_Worker, int, float]] = {}  # fd -> (worker, item, deadline)
+      idle = list(self._workers)
+      while todo or busy:
+        while todo and idle:
+          w, i = idle.pop(), todo.pop()
+          try:
+            w.send(*pairs[i])
+          except OSError:  # Worker died between calls: replace it and retry the item.
+            self._drop(w)
+            self._ensure_workers(len(self._workers) + 1)
+            idle.append(self._workers[-1])
+            todo.append(i)
+            continue
+          busy[w.fd] = (w, i, time.monotonic() + self.timeout_s)
+        if not busy:
+          continue
+        wait = max(0.0, min(d for _, _, d in busy.values()) - time.monotonic())
+        readable, _, _ = select.select(list(busy), [], [], wait)
+        for fd in readable:
+          w, i, _ = busy[fd]
+          alive = w.read_available()
+          line = w.pop_line()
+          if line is not None:
+            results[i] = bool(json.loads(line)["ok"])
+            del busy[fd]
+            idle.append(w)
+          elif not alive:
+            del busy[fd]
+            self._drop(w)
+        now = time.monotonic()
+        for fd, (w, i, deadline) in list(busy.items()):
+          if now >= deadline:  # Hard timeout: the only way to stop sympy stuck in C code.
+            del busy[fd]
+            self._drop(w)
+            self.num_timeouts += 1
+        if not self._workers and (todo or busy):
+          self._ensure_workers(1)
+          idle = list(self._workers)
+      return results
 
-    def close(self) -> None:
-        with self._lock:
-            for w in self._workers:
-                w.close()
-            self._workers = []
+  def close(self) -> None:
+    with self._lock:
+      for w in self._workers:
+        w.close()
+      self._workers = []
 
 
 _DEFAULT_POOL: MathVerifyPool | None = None
@@ -345,52 +362,55 @@ _DEFAULT_POOL_LOCK = threading.Lock()
 
 
 def default_pool() -> MathVerifyPool:
-    """The process-wide pool used by `score` / `score_batch` (created on first use, closed at exit)."""
-    global _DEFAULT_POOL
-    with _DEFAULT_POOL_LOCK:
-        if _DEFAULT_POOL is None:
-            _DEFAULT_POOL = MathVerifyPool()
-            atexit.register(_DEFAULT_POOL.close)
-        return _DEFAULT_POOL
+  """The process-wide pool used by `score` / `score_batch` (created on first use, closed at exit)."""
+  global _DEFAULT_POOL
+  with _DEFAULT_POOL_LOCK:
+    if _DEFAULT_POOL is None:
+      _DEFAULT_POOL = MathVerifyPool()
+      atexit.register(_DEFAULT_POOL.close)
+    return _DEFAULT_POOL
 
 
 # ----------------------------------------------------------------------------------------------- scoring
 
 
 def _combine(acc: float, fmt: float) -> dict[str, float]:
-    return {"overall": ACCURACY_WEIGHT * acc + FORMAT_WEIGHT * fmt, "accuracy": acc, "format": fmt}
+  return {"overall": ACCURACY_WEIGHT * acc + FORMAT_WEIGHT * fmt, "accuracy": acc, "format": fmt}
 
 
-def score_batch(responses: Sequence[str], answers: Sequence[str],
-                pool: MathVerifyPool | None = None) -> list[dict[str, float]]:
-    """[score(r, a) for r, a in zip(responses, answers)], sending only the math cases to the workers."""
-    if len(responses) != len(answers):
-        raise ValueError(f"score_batch: {len(responses)} responses but {len(answers)} answers")
-    accs: list[float | None] = []
-    math_items: list[int] = []
-    preds: list[str | None] = []
-    golds: list[str] = []
-    for i, (resp, gold) in enumerate(zip(responses, answers)):
-        if not isinstance(resp, str) or not isinstance(gold, str):
-            raise TypeError(f"score_batch: item {i}: response and answer must be str, got "
-                            f"{type(resp).__name__} and {type(gold).__name__}")
-        pred = extract_boxed(strip_stop_tokens(resp))
-        gold = extract_boxed(gold) or gold  # Tolerates golds stored as "\\boxed{..}".
-        preds.append(pred)
-        golds.append(gold)
-        accs.append(_fast_accuracy(pred, gold))
-        if accs[-1] is None:
-            math_items.append(i)
-    if math_items:
-        pairs = [(_unwrap(golds[i]), _unwrap(preds[i])) for i in math_items]
-        for i, ok in zip(math_items, (pool or default_pool()).verify_many(pairs)):
-            accs[i] = float(ok)
-    return [_combine(acc, format_reward(resp)) for acc, resp in zip(accs, responses)]
+def score_batch(
+  responses: Sequence[str], answers: Sequence[str], pool: MathVerifyPool | None = None
+) -> list[dict[str, float]]:
+  """[score(r, a) for r, a in zip(responses, answers)], sending only the math cases to the workers."""
+  if len(responses) != len(answers):
+    raise ValueError(f"score_batch: {len(responses)} responses but {len(answers)} answers")
+  accs: list[float | None] = []
+  math_items: list[int] = []
+  preds: list[str | None] = []
+  golds: list[str] = []
+  for i, (resp, gold) in enumerate(zip(responses, answers)):
+    if not isinstance(resp, str) or not isinstance(gold, str):
+      raise TypeError(
+        f"score_batch: item {i}: response and answer must be str, got "
+        f"{type(resp).__name__} and {type(gold).__name__}"
+      )
+    pred = extract_boxed(strip_stop_tokens(resp))
+    gold = extract_boxed(gold) or gold  # Tolerates golds stored as "\\boxed{..}".
+    preds.append(pred)
+    golds.append(gold)
+    accs.append(_fast_accuracy(pred, gold))
+    if accs[-1] is None:
+      math_items.append(i)
+  if math_items:
+    pairs = [(_unwrap(golds[i]), _unwrap(preds[i])) for i in math_items]
+    for i, ok in zip(math_items, (pool or default_pool()).verify_many(pairs)):
+      accs[i] = float(ok)
+  return [_combine(acc, format_reward(resp)) for acc, resp in zip(accs, responses)]
 
 
 def score(response: str, answer: str) -> dict[str, float]:
-    """{"overall", "accuracy", "format"} in [0, 1] for one response against its ground-truth answer."""
-    return score_batch([response], [answer])[0]
+  """{"overall", "accuracy", "format"} in [0, 1] for one response against its ground-truth answer."""
+  return score_batch([response], [answer])[0]
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -402,14 +422,14 @@ BATCH_REWARD_FNS: dict[str, BatchRewardFn] = {"pgpo_math": score_batch}
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """The per-example reward registered as `name`."""
-    if name not in REWARD_FNS:
-        raise ValueError(f"unknown reward function {name!r}; valid names: {sorted(REWARD_FNS)}")
-    return REWARD_FNS[name]
+  """The per-example reward registered as `name`."""
+  if name not in REWARD_FNS:
+    raise ValueError(f"unknown reward function {name!r}; valid names: {sorted(REWARD_FNS)}")
+  return REWARD_FNS[name]
 
 
 def get_batch_reward_fn(name: str) -> BatchRewardFn:
-    """The batched reward registered as `name` (same values as mapping `get_reward_fn(name)`)."""
-    if name not in BATCH_REWARD_FNS:
-        raise ValueError(f"unknown reward function {name!r}; valid names: {sorted(BATCH_REWARD_FNS)}")
-    return BATCH_REWARD_FNS[name]
+  """The batched reward registered as `name` (same values as mapping `get_reward_fn(name)`)."""
+  if name not in BATCH_REWARD_FNS:
+    raise ValueError(f"unknown reward function {name!r}; valid names: {sorted(BATCH_REWARD_FNS)}")
+  return BATCH_REWARD_FNS[name]

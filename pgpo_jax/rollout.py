@@ -45,6 +45,7 @@ left-padded `RolloutInputs`. With a mesh, rows go over the logical `batch` axis,
 under SAMPLE_RULES; each program pins its inputs' and outputs' layout by logical axes
 (`logical_axes`) inside, since the buckets' shapes decide where a dimension cannot be split.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,6 +77,7 @@ class SamplingConfig:
   top_p: then keep the smallest set of most likely tokens whose mass reaches top_p (1 = off).
   Order and tie handling follow HF's TemperatureLogitsWarper -> TopK -> TopP.
   """
+
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
@@ -108,6 +110,7 @@ class RolloutInputs:
   length_limit:   [B] int32 in [1, N], or None (= N): a prompt's samples are cut (truncated) after
                   this many tokens.
   """
+
   input_ids: Array
   attention_mask: Array
   position_ids: Array
@@ -143,6 +146,7 @@ class DecodeState:
                k, v (tuples of L [R, KV, S, K]: the keys/values of the sample's own tokens; S >= N-1).
   steps [] int32: decode steps run (each computes all R rows).
   """
+
   tokens: Array
   logprobs: Array
   raw_logprobs: Array
@@ -183,6 +187,7 @@ class RolloutOutput:
   decode_steps: [] int32, decode steps run; each computes every decode row, so
                 decode rows x decode_steps - sum(max(lengths - 1, 0)) row-steps were wasted.
   """
+
   tokens: Array
   mask: Array
   logprobs: Array
@@ -221,8 +226,9 @@ def _token_logprob(logits_RxV: Array, tokens_R: Array) -> Array:
   return jnp.take_along_axis(logp, tokens_R[:, None], axis=-1)[:, 0]
 
 
-def sample_tokens(logits_RxV: Array, keys_R: Array, sampling: SamplingConfig
-                  ) -> tuple[Array, Array, Array]:
+def sample_tokens(
+  logits_RxV: Array, keys_R: Array, sampling: SamplingConfig
+) -> tuple[Array, Array, Array]:
   """Draws one token per row with its own key.
 
   Returns tokens [R] int32, log-probs [R] under the sampling distribution (0 when greedy) and
@@ -253,33 +259,71 @@ def logical_axes(tree) -> object:
   """A pytree like `tree` whose leaves are tuples of logical axis names (one per dim)."""
   if isinstance(tree, RolloutInputs):
     # Per-row vision inputs ([B, N_pad, ...]): each prompt's images travel with its row.
-    vis = None if tree.vision is None else jax.tree.map(lambda x: ("batch",) + (None,) * (np.ndim(x) - 1),
-                                                        tree.vision)
-    return RolloutInputs(input_ids=("batch", "length"), attention_mask=("batch", "length"),
-                         position_ids=(None, "batch", "length"), vision=vis, prompt_ids=("batch",),
-                         valid=("batch",), eos_ids=("batch", None),
-                         length_limit=None if tree.length_limit is None else ("batch",))
+    vis = (
+      None
+      if tree.vision is None
+      else jax.tree.map(lambda x: ("batch",) + (None,) * (np.ndim(x) - 1), tree.vision)
+    )
+    return RolloutInputs(
+      input_ids=("batch", "length"),
+      attention_mask=("batch", "length"),
+      position_ids=(None, "batch", "length"),
+      vision=vis,
+      prompt_ids=("batch",),
+      valid=("batch",),
+      eos_ids=("batch", None),
+      length_limit=None if tree.length_limit is None else ("batch",),
+    )
   if isinstance(tree, DecodeState):
     kv = ("batch", "act_kv_heads", "cache_length", "act_head_dim")
     rows = ("batch",)
     return DecodeState(
-        tokens=("batch", None), logprobs=("batch", None), raw_logprobs=("batch", None), lengths=rows,
-        keys=rows, first_token=rows, queue=rows, queued=rows, taken=rows,
-        prompt=text_lib.PromptKV(k=(kv,) * len(tree.k), v=(kv,) * len(tree.v), mask=("batch", "cache_length")),
-        next_pos=rows, eos_ids=("batch", None), limit=rows, row_sample=rows, row_len=rows, last_token=rows,
-        row_pos=rows, row_key=rows, row_eos=("batch", None), row_limit=rows, finished=rows,
-        k=(kv,) * len(tree.k), v=(kv,) * len(tree.v), steps=())
+      tokens=("batch", None),
+      logprobs=("batch", None),
+      raw_logprobs=("batch", None),
+      lengths=rows,
+      keys=rows,
+      first_token=rows,
+      queue=rows,
+      queued=rows,
+      taken=rows,
+      prompt=text_lib.PromptKV(
+        k=(kv,) * len(tree.k), v=(kv,) * len(tree.v), mask=("batch", "cache_length")
+      ),
+      next_pos=rows,
+      eos_ids=("batch", None),
+      limit=rows,
+      row_sample=rows,
+      row_len=rows,
+      last_token=rows,
+      row_pos=rows,
+      row_key=rows,
+      row_eos=("batch", None),
+      row_limit=rows,
+      finished=rows,
+      k=(kv,) * len(tree.k),
+      v=(kv,) * len(tree.v),
+      steps=(),
+    )
   if isinstance(tree, RolloutOutput):
-    return RolloutOutput(tokens=("batch", None), mask=("batch", None), logprobs=("batch", None),
-                         raw_logprobs=("batch", None), lengths=("batch",), truncated=("batch",),
-                         decode_steps=())
+    return RolloutOutput(
+      tokens=("batch", None),
+      mask=("batch", None),
+      logprobs=("batch", None),
+      raw_logprobs=("batch", None),
+      lengths=("batch",),
+      truncated=("batch",),
+      decode_steps=(),
+    )
   raise TypeError(type(tree))
 
 
 def tree_shardings(tree, mesh: Mesh, rules: sharding.Rules):
   """NamedSharding per leaf; a dim that its mesh axes do not divide is replicated (sharding.py)."""
+
   def one(axes, x):
     return sharding.logical_sharding(axes, mesh, rules, np.shape(x))
+
   return jax.tree.map(one, logical_axes(tree), tree, is_leaf=sharding.is_logical_axes)
 
 
@@ -313,15 +357,19 @@ def _take_local(x: Array, local_R: Array, n: int) -> Array:
   return out.reshape(local_R.shape + x.shape[1:])
 
 
-def _put_local(buf: Array, local_R: Array, values_R: Array, n: int, col_R: Array | None = None) -> Array:
+def _put_local(
+  buf: Array, local_R: Array, values_R: Array, n: int, col_R: Array | None = None
+) -> Array:
   """buf[block(r) * X/n + local_R[r] (, col_R[r])] = values_R[r] within each block; a local index
   of X/n (out of range) writes nothing."""
   if col_R is None:
-    out = jax.vmap(lambda b, i, v: b.at[i].set(v, mode="drop"))(_blocks(buf, n), _blocks(local_R, n),
-                                                                _blocks(values_R, n))
+    out = jax.vmap(lambda b, i, v: b.at[i].set(v, mode="drop"))(
+      _blocks(buf, n), _blocks(local_R, n), _blocks(values_R, n)
+    )
   else:
     out = jax.vmap(lambda b, i, j, v: b.at[i, j].set(v, mode="drop"))(
-        _blocks(buf, n), _blocks(local_R, n), _blocks(col_R, n), _blocks(values_R, n))
+      _blocks(buf, n), _blocks(local_R, n), _blocks(col_R, n), _blocks(values_R, n)
+    )
   return out.reshape(buf.shape)
 
 
@@ -347,7 +395,9 @@ def _is_stop(tok_R: Array, eos_RxE: Array) -> Array:
   return jnp.any(tok_R[:, None] == eos_RxE, axis=-1)
 
 
-def _assign(s: DecodeState, take_R: Array, sample_R: Array, num_samples: int, n: int) -> DecodeState:
+def _assign(
+  s: DecodeState, take_R: Array, sample_R: Array, num_samples: int, n: int
+) -> DecodeState:
   """Rows where take_R start decoding sample sample_R (global index): its first token (sampled at
   prefill) is fed next, at its prompt's first decode position, with the sample's own RNG stream."""
   W = s.tokens.shape[0]
@@ -356,12 +406,19 @@ def _assign(s: DecodeState, take_R: Array, sample_R: Array, num_samples: int, n:
 
   def sel(new, old):
     return jnp.where(take_R.reshape(take_R.shape + (1,) * (jnp.ndim(old) - 1)), new, old)
+
   pick = lambda x, i: _take_local(x, i, n)
   return dataclasses.replace(
-      s, row_sample=sel(sample_R, s.row_sample), row_len=sel(1, s.row_len),
-      last_token=sel(pick(s.first_token, loc), s.last_token), row_pos=sel(pick(s.next_pos, loc_prompt), s.row_pos),
-      row_key=sel(pick(s.keys, loc), s.row_key), row_eos=sel(pick(s.eos_ids, loc_prompt), s.row_eos),
-      row_limit=sel(pick(s.limit, loc_prompt), s.row_limit), finished=s.finished & ~take_R)
+    s,
+    row_sample=sel(sample_R, s.row_sample),
+    row_len=sel(1, s.row_len),
+    last_token=sel(pick(s.first_token, loc), s.last_token),
+    row_pos=sel(pick(s.next_pos, loc_prompt), s.row_pos),
+    row_key=sel(pick(s.keys, loc), s.row_key),
+    row_eos=sel(pick(s.eos_ids, loc_prompt), s.row_eos),
+    row_limit=sel(pick(s.limit, loc_prompt), s.row_limit),
+    finished=s.finished & ~take_R,
+  )
 
 
 def _refill(s: DecodeState, num_samples: int, n: int) -> DecodeState:
@@ -372,15 +429,31 @@ def _refill(s: DecodeState, num_samples: int, n: int) -> DecodeState:
   rank = jnp.cumsum(free, axis=1) - 1
   left = s.queued - s.taken
   take = free & (rank < left[:, None])
-  loc = jnp.take_along_axis(_blocks(s.queue, n), jnp.clip(s.taken[:, None] + rank, 0, Wl - 1), axis=1)
+  loc = jnp.take_along_axis(
+    _blocks(s.queue, n), jnp.clip(s.taken[:, None] + rank, 0, Wl - 1), axis=1
+  )
   sample = (loc + jnp.arange(n)[:, None] * Wl).reshape(R)
-  s = dataclasses.replace(s, taken=s.taken + jnp.minimum(jnp.sum(free, axis=1), left).astype(jnp.int32))
+  s = dataclasses.replace(
+    s, taken=s.taken + jnp.minimum(jnp.sum(free, axis=1), left).astype(jnp.int32)
+  )
   return _assign(s, take.reshape(R), sample, num_samples, n)
 
 
-def _start(model: qwen.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling: SamplingConfig,
-           max_new_tokens: int, num_samples: int, pad_token_id: int, decode_rows: int, chunk: int,
-           shards: int, mesh, rules) -> DecodeState:
+def _start(
+  model: qwen.Qwen25VL,
+  inputs: RolloutInputs,
+  key: Array,
+  *,
+  sampling: SamplingConfig,
+  max_new_tokens: int,
+  num_samples: int,
+  pad_token_id: int,
+  decode_rows: int,
+  chunk: int,
+  shards: int,
+  mesh,
+  rules,
+) -> DecodeState:
   """Prefill the B prompts once, sample token 0 of every sample, give rows their first samples."""
   inputs = _constrain(inputs, mesh, rules)
   B, T = inputs.input_ids.shape
@@ -390,19 +463,28 @@ def _start(model: qwen.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling:
   t = model.cfg.text
   L = t.num_hidden_layers
   cache = qwen.init_cache(t, B, T, model.dtype)
-  logits_BxV, cache = qwen.prefill(model, inputs.input_ids, inputs.position_ids, inputs.attention_mask,
-                                cache, inputs.vision)
+  logits_BxV, cache = qwen.prefill(
+    model, inputs.input_ids, inputs.position_ids, inputs.attention_mask, cache, inputs.vision
+  )
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, KV, K] -> [B, KV, T, K] (`text.decode`)
-  prompt = text_lib.PromptKV(k=tuple(heads_first(cache.k[i]) for i in range(L)),
-                             v=tuple(heads_first(cache.v[i]) for i in range(L)), mask=cache.key_mask)
+  prompt = text_lib.PromptKV(
+    k=tuple(heads_first(cache.k[i]) for i in range(L)),
+    v=tuple(heads_first(cache.v[i]) for i in range(L)),
+    mask=cache.key_mask,
+  )
   rep = lambda x: jnp.repeat(x, G, axis=0)  # prompt -> its G samples (prompt-major)
   keys_W = row_keys(key, inputs.prompt_ids, G)
-  tok, logp, raw = sample_tokens(rep(logits_BxV), jax.vmap(jax.random.fold_in, (0, None))(keys_W, 0), sampling)
+  tok, logp, raw = sample_tokens(
+    rep(logits_BxV), jax.vmap(jax.random.fold_in, (0, None))(keys_W, 0), sampling
+  )
   valid_W = rep(inputs.valid)
   tok = jnp.where(valid_W, tok, pad_token_id)
   col0 = lambda v, fill, dt: jnp.full((W, N), fill, dt).at[:, 0].set(jnp.where(valid_W, v, fill))
-  limit_B = (jnp.full((B,), N, jnp.int32) if inputs.length_limit is None
-             else jnp.clip(inputs.length_limit.astype(jnp.int32), 1, N))
+  limit_B = (
+    jnp.full((B,), N, jnp.int32)
+    if inputs.length_limit is None
+    else jnp.clip(inputs.length_limit.astype(jnp.int32), 1, N)
+  )
   # Samples that need decode steps: the others end at token 0 (a stop token, or limit 1).
   todo_W = valid_W & ~_is_stop(tok, rep(inputs.eos_ids)) & (rep(limit_B) > 1)
   if R == W:  # every sample has its row from the start; no queue
@@ -411,19 +493,38 @@ def _start(model: qwen.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling:
     queue = jnp.argsort(~_blocks(todo_W, n), axis=1, stable=True).astype(jnp.int32).reshape(W)
     queued = jnp.sum(_blocks(todo_W, n), axis=1).astype(jnp.int32)
   S = row_slots(N, chunk)
-  zeros = lambda: tuple(jnp.zeros((R, t.num_key_value_heads, S, t.head_dim), model.dtype) for _ in range(L))
+  zeros = lambda: tuple(
+    jnp.zeros((R, t.num_key_value_heads, S, t.head_dim), model.dtype) for _ in range(L)
+  )
   state = DecodeState(
-      tokens=col0(tok, pad_token_id, jnp.int32), logprobs=col0(logp, 0.0, jnp.float32),
-      raw_logprobs=col0(raw, 0.0, jnp.float32), lengths=valid_W.astype(jnp.int32), keys=keys_W,
-      first_token=tok, queue=queue, queued=queued, taken=jnp.zeros((n,), jnp.int32), prompt=prompt,
-      # Decode positions continue from max(prompt positions) + 1 (docs/qwen2_5_vl_port.md §2.5).
-      next_pos=(jnp.max(inputs.position_ids, axis=(0, 2)) + 1).astype(jnp.int32), eos_ids=inputs.eos_ids,
-      limit=limit_B, row_sample=jnp.full((R,), -1, jnp.int32), row_len=jnp.zeros((R,), jnp.int32),
-      last_token=jnp.full((R,), pad_token_id, jnp.int32), row_pos=jnp.zeros((R,), jnp.int32),
-      row_key=_take_local(keys_W, jnp.zeros((R,), jnp.int32), n),  # placeholders until a row is assigned
-      row_eos=jnp.full((R, inputs.eos_ids.shape[1]), -1, jnp.int32),
-      row_limit=jnp.ones((R,), jnp.int32), finished=jnp.ones((R,), bool), k=zeros(), v=zeros(),
-      steps=jnp.zeros((), jnp.int32))
+    tokens=col0(tok, pad_token_id, jnp.int32),
+    logprobs=col0(logp, 0.0, jnp.float32),
+    raw_logprobs=col0(raw, 0.0, jnp.float32),
+    lengths=valid_W.astype(jnp.int32),
+    keys=keys_W,
+    first_token=tok,
+    queue=queue,
+    queued=queued,
+    taken=jnp.zeros((n,), jnp.int32),
+    prompt=prompt,
+    # Decode positions continue from max(prompt positions) + 1 (docs/qwen2_5_vl_port.md §2.5).
+    next_pos=(jnp.max(inputs.position_ids, axis=(0, 2)) + 1).astype(jnp.int32),
+    eos_ids=inputs.eos_ids,
+    limit=limit_B,
+    row_sample=jnp.full((R,), -1, jnp.int32),
+    row_len=jnp.zeros((R,), jnp.int32),
+    last_token=jnp.full((R,), pad_token_id, jnp.int32),
+    row_pos=jnp.zeros((R,), jnp.int32),
+    row_key=_take_local(
+      keys_W, jnp.zeros((R,), jnp.int32), n
+    ),  # placeholders until a row is assigned
+    row_eos=jnp.full((R, inputs.eos_ids.shape[1]), -1, jnp.int32),
+    row_limit=jnp.ones((R,), jnp.int32),
+    finished=jnp.ones((R,), bool),
+    k=zeros(),
+    v=zeros(),
+    steps=jnp.zeros((), jnp.int32),
+  )
   if R == W:
     state = _assign(state, todo_W, jnp.arange(W, dtype=jnp.int32), G, n)
   else:
@@ -431,8 +532,18 @@ def _start(model: qwen.Qwen25VL, inputs: RolloutInputs, key: Array, *, sampling:
   return _constrain(state, mesh, rules)
 
 
-def _decode(model: qwen.Qwen25VL, state: DecodeState, *, sampling: SamplingConfig, num_samples: int,
-            pad_token_id: int, chunk: int, shards: int, mesh, rules) -> DecodeState:
+def _decode(
+  model: qwen.Qwen25VL,
+  state: DecodeState,
+  *,
+  sampling: SamplingConfig,
+  num_samples: int,
+  pad_token_id: int,
+  chunk: int,
+  shards: int,
+  mesh,
+  rules,
+) -> DecodeState:
   """Decode steps until no row has a sample left: each step feeds every row's last token, samples
   the next one, and (with fewer rows than samples) hands finished rows the next queued samples."""
   G, n = num_samples, shards
@@ -452,10 +563,21 @@ def _decode(model: qwen.Qwen25VL, state: DecodeState, *, sampling: SamplingConfi
     slot = jnp.maximum(s.row_len - 1, 0)  # the fed token's index = its slot in the row's KV
     x = model.language_model.embed(s.last_token)
     h, k, v = text_lib.decode(
-        model.language_model, x, s.row_pos + slot, slot, s.k, s.v, heads_first=True,
-        filled=jnp.max(jnp.where(live, s.row_len, 0)), prompt=s.prompt,
-        row_prompt_R=s.row_sample // G if refill else None, shards=n, chunk=chunk, weights=weights,
-        fold_heads=off_tpu)
+      model.language_model,
+      x,
+      s.row_pos + slot,
+      slot,
+      s.k,
+      s.v,
+      heads_first=True,
+      filled=jnp.max(jnp.where(live, s.row_len, 0)),
+      prompt=s.prompt,
+      row_prompt_R=s.row_sample // G if refill else None,
+      shards=n,
+      chunk=chunk,
+      weights=weights,
+      fold_heads=off_tpu,
+    )
     logits = qwen.logits_from_hidden(model, h[:, None])[:, 0]
     keys = jax.vmap(jax.random.fold_in)(s.row_key, s.row_len)  # token index = row_len
     tok, logp, raw = sample_tokens(logits, keys, sampling)
@@ -464,10 +586,18 @@ def _decode(model: qwen.Qwen25VL, state: DecodeState, *, sampling: SamplingConfi
     put = lambda buf, v: _put_local(buf, loc, v.astype(buf.dtype), n, s.row_len)
     new_len = s.row_len + live.astype(jnp.int32)
     new = dataclasses.replace(
-        s, tokens=put(s.tokens, tok), logprobs=put(s.logprobs, logp), raw_logprobs=put(s.raw_logprobs, raw),
-        lengths=_put_local(s.lengths, loc, new_len, n), row_len=new_len, last_token=tok,
-        finished=s.finished | _is_stop(tok, s.row_eos) | (new_len >= s.row_limit), k=k, v=v,
-        steps=s.steps + 1)
+      s,
+      tokens=put(s.tokens, tok),
+      logprobs=put(s.logprobs, logp),
+      raw_logprobs=put(s.raw_logprobs, raw),
+      lengths=_put_local(s.lengths, loc, new_len, n),
+      row_len=new_len,
+      last_token=tok,
+      finished=s.finished | _is_stop(tok, s.row_eos) | (new_len >= s.row_limit),
+      k=k,
+      v=v,
+      steps=s.steps + 1,
+    )
     if refill:
       new = _refill(new, G, n)
     return _constrain(new, mesh, rules)
@@ -487,9 +617,15 @@ def _finish(s: DecodeState, *, mesh, rules) -> RolloutOutput:
   last = jnp.take_along_axis(s.tokens, jnp.maximum(s.lengths - 1, 0)[:, None], axis=1)[:, 0]
   G = s.tokens.shape[0] // s.eos_ids.shape[0]
   truncated = (s.lengths > 0) & ~_is_stop(last, jnp.repeat(s.eos_ids, G, axis=0))
-  out = RolloutOutput(tokens=s.tokens, mask=jnp.arange(N)[None, :] < s.lengths[:, None],
-                      logprobs=s.logprobs, raw_logprobs=s.raw_logprobs, lengths=s.lengths,
-                      truncated=truncated, decode_steps=s.steps)
+  out = RolloutOutput(
+    tokens=s.tokens,
+    mask=jnp.arange(N)[None, :] < s.lengths[:, None],
+    logprobs=s.logprobs,
+    raw_logprobs=s.raw_logprobs,
+    lengths=s.lengths,
+    truncated=truncated,
+    decode_steps=s.steps,
+  )
   return _constrain(out, mesh, rules)
 
 
@@ -504,7 +640,9 @@ def _merge(graphdef, state, dtype) -> qwen.Qwen25VL:
 
 
 def _cast(state, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+  return jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,24 +651,42 @@ class RolloutStatic:
 
   `rules` is the sorted items of the rules table (a hashable form), empty without a mesh.
   """
+
   sampling: SamplingConfig
   max_new_tokens: int
   num_samples: int
   pad_token_id: int
   mesh: Mesh | None
   rules: tuple[tuple[str, sharding.AxisRule], ...]
-  decode_rows: int = 0  # 0: all B*G samples at once; else that many rows, refilled (`sampler.rollout`)
+  decode_rows: int = (
+    0  # 0: all B*G samples at once; else that many rows, refilled (`sampler.rollout`)
+  )
   compute_dtype: str | None = None  # None: the parameters' own dtype
   chunk: int = text_lib.DECODE_CHUNK  # cache slots per step of the decode attention loop
 
   @classmethod
-  def make(cls, sampling: SamplingConfig, max_new_tokens: int, num_samples: int, pad_token_id: int,
-           mesh: Mesh | None, rules: sharding.Rules, decode_rows: int = 0,
-           compute_dtype=None) -> "RolloutStatic":
+  def make(
+    cls,
+    sampling: SamplingConfig,
+    max_new_tokens: int,
+    num_samples: int,
+    pad_token_id: int,
+    mesh: Mesh | None,
+    rules: sharding.Rules,
+    decode_rows: int = 0,
+    compute_dtype=None,
+  ) -> "RolloutStatic":
     """`compute_dtype`: None or anything `jnp.dtype` takes (stored by name: hashable)."""
-    return cls(sampling, int(max_new_tokens), int(num_samples), int(pad_token_id), mesh,
-               tuple(sorted(rules.items())) if mesh is not None else (), int(decode_rows),
-               None if compute_dtype is None else jnp.dtype(compute_dtype).name)
+    return cls(
+      sampling,
+      int(max_new_tokens),
+      int(num_samples),
+      int(pad_token_id),
+      mesh,
+      tuple(sorted(rules.items())) if mesh is not None else (),
+      int(decode_rows),
+      None if compute_dtype is None else jnp.dtype(compute_dtype).name,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -544,6 +700,7 @@ class Programs:
   finish(decode_state) -> RolloutOutput           pack the buffers
   Each compiles once per input shapes (batch size / prompt / patch buckets).
   """
+
   start: object
   decode: object
   finish: object
@@ -553,20 +710,34 @@ class Programs:
 def needs_cast(static: RolloutStatic, state) -> bool:
   """Whether `state` holds floating parameters not yet in the static's compute dtype."""
   return static.compute_dtype is not None and any(
-      jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(static.compute_dtype)
-      for x in jax.tree.leaves(state))
+    jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(static.compute_dtype)
+    for x in jax.tree.leaves(state)
+  )
 
 
 def program_bodies(graphdef, static: RolloutStatic) -> Programs:
   """The programs as plain functions of (parameter state, arrays), for `programs.py` to jit."""
   rules = dict(static.rules) if static.mesh is not None else sharding.SAMPLE_RULES
   dtype = None if static.compute_dtype is None else jnp.dtype(static.compute_dtype)
-  kw = dict(sampling=static.sampling, pad_token_id=static.pad_token_id, num_samples=static.num_samples,
-            chunk=static.chunk, shards=batch_shards(static.mesh, rules), mesh=static.mesh, rules=rules)
+  kw = dict(
+    sampling=static.sampling,
+    pad_token_id=static.pad_token_id,
+    num_samples=static.num_samples,
+    chunk=static.chunk,
+    shards=batch_shards(static.mesh, rules),
+    mesh=static.mesh,
+    rules=rules,
+  )
 
   def start(state, inputs, key):
-    return _start(_merge(graphdef, state, dtype), inputs, key, max_new_tokens=static.max_new_tokens,
-                  decode_rows=static.decode_rows, **kw)
+    return _start(
+      _merge(graphdef, state, dtype),
+      inputs,
+      key,
+      max_new_tokens=static.max_new_tokens,
+      decode_rows=static.decode_rows,
+      **kw,
+    )
 
   def decode(state, dstate):
     return _decode(_merge(graphdef, state, dtype), dstate, **kw)
@@ -594,17 +765,30 @@ def _eos_table(eos_token_ids, B: int, B_pad: int) -> np.ndarray:
   if arr.ndim <= 1:
     arr = np.broadcast_to(arr.reshape(1, -1), (B, arr.size))
   if arr.ndim != 2 or arr.shape[0] != B:
-    raise ValueError(f"eos_token_ids must be a sequence of ids or a [B={B}, E] array, got shape {arr.shape}")
+    raise ValueError(
+      f"eos_token_ids must be a sequence of ids or a [B={B}, E] array, got shape {arr.shape}"
+    )
   out = np.full((B_pad, max(arr.shape[1], 1)), -1, np.int32)
-  out[:B, :arr.shape[1]] = arr
+  out[:B, : arr.shape[1]] = arr
   return out
 
 
-def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
-                   image_grid_thw=None, *, position_ids=None, eos_token_ids=None, prompt_ids=None,
-                   batch_size: int | None = None, prompt_length: int | None = None,
-                   num_patches: int | None = None, batch_multiple: int = 1,
-                   length_limits=None) -> RolloutInputs:
+def prepare_inputs(
+  cfg: qwen.Qwen25VLConfig,
+  input_ids,
+  attention_mask=None,
+  pixel_values=None,
+  image_grid_thw=None,
+  *,
+  position_ids=None,
+  eos_token_ids=None,
+  prompt_ids=None,
+  batch_size: int | None = None,
+  prompt_length: int | None = None,
+  num_patches: int | None = None,
+  batch_multiple: int = 1,
+  length_limits=None,
+) -> RolloutInputs:
   """HF-processor outputs -> left-padded, bucketed `RolloutInputs` (host numpy).
 
   Args:
@@ -634,9 +818,13 @@ def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pix
   B_pad = batch_bucket(B, batch_multiple) if batch_size is None else int(batch_size)
   T_pad = seq_bucket(int(lengths.max())) if prompt_length is None else int(prompt_length)
   if B_pad < B or B_pad % batch_multiple:
-    raise ValueError(f"batch_size={B_pad} must be >= {B} prompts and a multiple of {batch_multiple}")
+    raise ValueError(
+      f"batch_size={B_pad} must be >= {B} prompts and a multiple of {batch_multiple}"
+    )
   if T_pad < lengths.max():
-    raise ValueError(f"prompt_length={T_pad} is shorter than the longest prompt ({lengths.max()} tokens)")
+    raise ValueError(
+      f"prompt_length={T_pad} is shorter than the longest prompt ({lengths.max()} tokens)"
+    )
 
   pad_id = cfg.pad_token_id
   ids_p = np.full((B_pad, T_pad), pad_id, np.int32)
@@ -645,13 +833,18 @@ def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pix
   src_pos = None if position_ids is None else np.asarray(position_ids).astype(np.int32)
   for b in range(B):
     keep = am[b].astype(bool)
-    ids_p[b, T_pad - lengths[b]:] = ids[b, keep]
-    am_p[b, T_pad - lengths[b]:] = True
+    ids_p[b, T_pad - lengths[b] :] = ids[b, keep]
+    am_p[b, T_pad - lengths[b] :] = True
     if src_pos is not None:
-      pos_p[:, b, T_pad - lengths[b]:] = src_pos[:, b, keep]
+      pos_p[:, b, T_pad - lengths[b] :] = src_pos[:, b, keep]
   if src_pos is None:
-    pos_p, _ = qwen.get_rope_index(ids_p, am_p, image_grid_thw, image_token_id=cfg.image_token_id,
-                                spatial_merge_size=cfg.vision.spatial_merge_size)
+    pos_p, _ = qwen.get_rope_index(
+      ids_p,
+      am_p,
+      image_grid_thw,
+      image_token_id=cfg.image_token_id,
+      spatial_merge_size=cfg.vision.spatial_merge_size,
+    )
 
   has_images = len(valid_grids(image_grid_thw)) > 0
   # Per-row patches: attention stays within a prompt (B·N² rather than (B·N)² scores) and the
@@ -659,8 +852,13 @@ def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pix
   ids_rows = np.where(am_p, ids_p, pad_id)
   # A given `num_patches` builds vision inputs even for text-only rows, so that every host of a
   # multi-host rollout passes the same structure.
-  vin = (qwen.prepare_vision_rows(pixel_values, image_grid_thw, ids_rows, cfg.vision, cfg.image_token_id, num_patches)
-         if has_images or num_patches else None)
+  vin = (
+    qwen.prepare_vision_rows(
+      pixel_values, image_grid_thw, ids_rows, cfg.vision, cfg.image_token_id, num_patches
+    )
+    if has_images or num_patches
+    else None
+  )
   pid = np.arange(B_pad, dtype=np.int64)
   if prompt_ids is not None:
     given = np.asarray(prompt_ids, np.int64).reshape(-1)
@@ -673,11 +871,18 @@ def prepare_inputs(cfg: qwen.Qwen25VLConfig, input_ids, attention_mask=None, pix
   if length_limits is not None:
     given = np.asarray(length_limits, np.int64).reshape(-1)
     if given.shape != (B,) or (given < 1).any():
-      raise ValueError(f"length_limits must be one integer >= 1 per prompt ({B}), got {np.asarray(length_limits)!r}")
+      raise ValueError(
+        f"length_limits must be one integer >= 1 per prompt ({B}), got {np.asarray(length_limits)!r}"
+      )
     limits = np.ones(B_pad, np.int32)  # batch padding: nothing is decoded anyway
     limits[:B] = np.minimum(given, 2**31 - 1)
-  return RolloutInputs(input_ids=ids_p, attention_mask=am_p, position_ids=pos_p.astype(np.int32),
-                       vision=vin, prompt_ids=(pid % 2**32).astype(np.uint32),
-                       valid=np.arange(B_pad) < B,
-                       eos_ids=_eos_table(default_eos_ids(cfg) if eos_token_ids is None else eos_token_ids,
-                                          B, B_pad), length_limit=limits)
+  return RolloutInputs(
+    input_ids=ids_p,
+    attention_mask=am_p,
+    position_ids=pos_p.astype(np.int32),
+    vision=vin,
+    prompt_ids=(pid % 2**32).astype(np.uint32),
+    valid=np.arange(B_pad) < B,
+    eos_ids=_eos_table(default_eos_ids(cfg) if eos_token_ids is None else eos_token_ids, B, B_pad),
+    length_limit=limits,
+  )

@@ -10,6 +10,7 @@ and jitted in `programs.py`; this module places the inputs (on a mesh: rows over
 axis, host-local rows joined into global arrays on a multi-host run) and runs (cast ->) start ->
 decode -> finish. RNG streams and log-prob semantics: `rollout.py`.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -21,16 +22,36 @@ from jax.sharding import Mesh, NamedSharding
 
 from pgpo_jax import multihost, programs, sharding
 from pgpo_jax.models import qwen2_5_vl as qwen
-from pgpo_jax.rollout import (RolloutInputs, RolloutOutput, RolloutStatic, SamplingConfig, batch_shards,
-                              logical_axes, needs_cast, prepare_inputs, tree_shardings)
+from pgpo_jax.rollout import (
+  RolloutInputs,
+  RolloutOutput,
+  RolloutStatic,
+  SamplingConfig,
+  batch_shards,
+  logical_axes,
+  needs_cast,
+  prepare_inputs,
+  tree_shardings,
+)
 
 Array = jax.Array
 
 
-def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new_tokens: int,
-            sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1, pad_token_id: int,
-            mesh: Mesh | None = None, rules: sharding.Rules | None = None, decode_rows: int = 0,
-            compute_dtype=None) -> RolloutOutput:
+def rollout(
+  graphdef,
+  state,
+  inputs: RolloutInputs,
+  key: Array | int,
+  *,
+  max_new_tokens: int,
+  sampling: SamplingConfig = SamplingConfig(),
+  num_samples: int = 1,
+  pad_token_id: int,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules | None = None,
+  decode_rows: int = 0,
+  compute_dtype=None,
+) -> RolloutOutput:
   """Samples `num_samples` completions of every prompt; no array leaves the devices.
 
   Args:
@@ -68,22 +89,34 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
   mesh, rules = _resolve_mesh(mesh, rules)
   n = batch_shards(mesh, rules)
   if decode_rows % n:
-    raise ValueError(f"decode_rows={decode_rows} does not split over the {n} shards of the 'batch' axis")
+    raise ValueError(
+      f"decode_rows={decode_rows} does not split over the {n} shards of the 'batch' axis"
+    )
   if mesh is not None:
     on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(inputs))
     # Host numpy inputs are this host's prompts (all of them in a single-process run).
     B = inputs.batch_size * (1 if on_device else jax.process_count())
     if B % n:
-      raise ValueError(f"a batch of {B} prompts does not split over the {n} shards of the 'batch' axis "
-                       f"({rules['batch']!r}); use prepare_inputs(batch_multiple={n}) (per host: "
-                       f"{n} / number of hosts)")
+      raise ValueError(
+        f"a batch of {B} prompts does not split over the {n} shards of the 'batch' axis "
+        f"({rules['batch']!r}); use prepare_inputs(batch_multiple={n}) (per host: "
+        f"{n} / number of hosts)"
+      )
     if on_device:
       inputs = jax.device_put(inputs, tree_shardings(inputs, mesh, rules))
     else:
       inputs = multihost.to_global(inputs, logical_axes(inputs), mesh, rules, what="rollout inputs")
     key = multihost.replicated(key, mesh)
-  static = RolloutStatic.make(sampling, max_new_tokens, num_samples, pad_token_id, mesh, rules,
-                              decode_rows=decode_rows, compute_dtype=compute_dtype)
+  static = RolloutStatic.make(
+    sampling,
+    max_new_tokens,
+    num_samples,
+    pad_token_id,
+    mesh,
+    rules,
+    decode_rows=decode_rows,
+    compute_dtype=compute_dtype,
+  )
   prog = programs.rollout_programs(graphdef, static)
   if needs_cast(static, state):
     state = prog.cast(state)  # once per call; the caller's (float32) parameters stay as they are
@@ -93,13 +126,28 @@ def rollout(graphdef, state, inputs: RolloutInputs, key: Array | int, *, max_new
   return prog.finish(dstate)
 
 
-def generate(model: qwen.Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-             *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             num_samples: int = 1, eos_token_ids: Sequence[int] | np.ndarray | None = None,
-             pad_token_id: int | None = None, seed: int | Array = 0,
-             prompt_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
-             rules: sharding.Rules | None = None, decode_rows: int = 0, compute_dtype=None,
-             length_limits: Sequence[int] | None = None) -> RolloutOutput:
+def generate(
+  model: qwen.Qwen25VL,
+  input_ids,
+  attention_mask=None,
+  pixel_values=None,
+  image_grid_thw=None,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  top_k: int = 0,
+  num_samples: int = 1,
+  eos_token_ids: Sequence[int] | np.ndarray | None = None,
+  pad_token_id: int | None = None,
+  seed: int | Array = 0,
+  prompt_ids: Sequence[int] | None = None,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules | None = None,
+  decode_rows: int = 0,
+  compute_dtype=None,
+  length_limits: Sequence[int] | None = None,
+) -> RolloutOutput:
   """Samples completions for prompts exactly as the HF processor returns them.
 
   Args:
@@ -122,25 +170,45 @@ def generate(model: qwen.Qwen25VL, input_ids, attention_mask=None, pixel_values=
   cfg = model.cfg
   sampling = SamplingConfig(float(temperature), float(top_p), int(top_k))
   mesh, rules = _resolve_mesh(mesh, rules)
-  inputs = prepare_inputs(cfg, input_ids, attention_mask, pixel_values, image_grid_thw,
-                          eos_token_ids=eos_token_ids, prompt_ids=prompt_ids,
-                          batch_multiple=batch_shards(mesh, rules), length_limits=length_limits)
+  inputs = prepare_inputs(
+    cfg,
+    input_ids,
+    attention_mask,
+    pixel_values,
+    image_grid_thw,
+    eos_token_ids=eos_token_ids,
+    prompt_ids=prompt_ids,
+    batch_multiple=batch_shards(mesh, rules),
+    length_limits=length_limits,
+  )
   B = np.asarray(input_ids).shape[0]
   graphdef, state = nnx.split(model)
   if mesh is not None and not _on_mesh(state, mesh):
     state = jax.device_put(state, _state_shardings(state, mesh, rules))
-  out = rollout(graphdef, state, inputs, seed, max_new_tokens=max_new_tokens, sampling=sampling,
-                num_samples=num_samples,
-                pad_token_id=cfg.pad_token_id if pad_token_id is None else pad_token_id,
-                mesh=mesh, rules=rules, decode_rows=decode_rows, compute_dtype=compute_dtype)
+  out = rollout(
+    graphdef,
+    state,
+    inputs,
+    seed,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    num_samples=num_samples,
+    pad_token_id=cfg.pad_token_id if pad_token_id is None else pad_token_id,
+    mesh=mesh,
+    rules=rules,
+    decode_rows=decode_rows,
+    compute_dtype=compute_dtype,
+  )
   rows = B * num_samples  # prompt-major: the real prompts' rows come first
   return jax.tree.map(lambda x: np.asarray(x)[:rows] if np.ndim(x) else np.asarray(x), out)
 
 
 def _on_mesh(state, mesh: Mesh) -> bool:
   leaves = jax.tree.leaves(state)
-  return all(isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
-             for x in leaves)
+  return all(
+    isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
+    for x in leaves
+  )
 
 
 def _state_shardings(state, mesh: Mesh, rules: sharding.Rules):
@@ -148,7 +216,9 @@ def _state_shardings(state, mesh: Mesh, rules: sharding.Rules):
   return sharding.param_shardings(state, mesh, rules)
 
 
-def _resolve_mesh(mesh: Mesh | None, rules: sharding.Rules | None) -> tuple[Mesh | None, sharding.Rules]:
+def _resolve_mesh(
+  mesh: Mesh | None, rules: sharding.Rules | None
+) -> tuple[Mesh | None, sharding.Rules]:
   """Explicit arguments win; else the active `sharding.use_rules` context; rules default SAMPLE."""
   ctx = sharding.current_rules()
   if mesh is None and ctx is not None:

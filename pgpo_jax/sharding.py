@@ -46,6 +46,7 @@ guided by the parameter/input shardings and `constrain` calls. `Explicit` axes w
 part of every array's type, which the model code (plain `jnp` einsums written for unsharded
 arrays) does not annotate; Auto keeps one model code path for 1 device, a CPU test mesh and a pod.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,13 +55,23 @@ from typing import Any, Iterator, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pgpo_jax.keypaths import path_str
+
 # The resolution rule and the activation-constraint context live below this module (the model code
 # uses them too); they are part of this module's API.
-from pgpo_jax.logical_axes import (AxisRule, Rules, constrain, current_rules, is_logical_axes,  # noqa: F401
-                                   logical_sharding, logical_to_spec, use_rules)
+from pgpo_jax.logical_axes import (  # noqa: F401
+  AxisRule,
+  Rules,
+  constrain,
+  current_rules,
+  is_logical_axes,
+  logical_sharding,
+  logical_to_spec,
+  use_rules,
+)
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 MESH_AXES: tuple[str, str, str] = (DATA, FSDP, TENSOR)
@@ -68,48 +79,77 @@ MESH_AXES: tuple[str, str, str] = (DATA, FSDP, TENSOR)
 
 # Logical names shared by both tables: where TRAIN and SAMPLE agree.
 _COMMON: dict[str, AxisRule] = {
-    # parameters
-    "vocab": TENSOR, "heads": TENSOR, "kv_heads": TENSOR, "mlp": TENSOR, "head_dim": None,
-    "layers": None, "vision_layers": None, "vision_heads": TENSOR, "vision_head_dim": None,
-    "vision_mlp": TENSOR, "vision_patch": None, "vision_merge_out": TENSOR,
-    # activations
-    "batch": (DATA, FSDP), "length": None, "cache_length": None, "act_embed": None,
-    "act_heads": TENSOR, "act_kv_heads": TENSOR, "act_head_dim": None, "act_mlp": TENSOR,
-    "act_vocab": TENSOR, "vision_tokens": None,
+  # parameters
+  "vocab": TENSOR,
+  "heads": TENSOR,
+  "kv_heads": TENSOR,
+  "mlp": TENSOR,
+  "head_dim": None,
+  "layers": None,
+  "vision_layers": None,
+  "vision_heads": TENSOR,
+  "vision_head_dim": None,
+  "vision_mlp": TENSOR,
+  "vision_patch": None,
+  "vision_merge_out": TENSOR,
+  # activations
+  "batch": (DATA, FSDP),
+  "length": None,
+  "cache_length": None,
+  "act_embed": None,
+  "act_heads": TENSOR,
+  "act_kv_heads": TENSOR,
+  "act_head_dim": None,
+  "act_mlp": TENSOR,
+  "act_vocab": TENSOR,
+  "vision_tokens": None,
 }
 
 TRAIN_RULES: Rules = types.MappingProxyType(
-    {**_COMMON, "embed": FSDP, "vision_embed": FSDP, "vision_merge": FSDP})
+  {**_COMMON, "embed": FSDP, "vision_embed": FSDP, "vision_merge": FSDP}
+)
 SAMPLE_RULES: Rules = types.MappingProxyType(
-    {**_COMMON, "embed": None, "vision_embed": None, "vision_merge": None})
+  {**_COMMON, "embed": None, "vision_embed": None, "vision_merge": None}
+)
 RULES: dict[str, Rules] = {"train": TRAIN_RULES, "sample": SAMPLE_RULES}
 
 
 # ------------------------------------------------------------------------------------------------
 # Mesh
 # ------------------------------------------------------------------------------------------------
-def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -> tuple[int, int, int]:
+def mesh_shape(
+  num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1
+) -> tuple[int, int, int]:
   """Resolves one `-1` ("fill") entry of (data, fsdp, tensor) so the product is `num_devices`."""
   sizes = [int(data), int(fsdp), int(tensor)]
   fill = [i for i, s in enumerate(sizes) if s == -1]
   if len(fill) > 1:
-    raise ValueError(f"at most one mesh axis may be -1 (fill), got data={data} fsdp={fsdp} tensor={tensor}")
+    raise ValueError(
+      f"at most one mesh axis may be -1 (fill), got data={data} fsdp={fsdp} tensor={tensor}"
+    )
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    raise ValueError(
+      f"mesh axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}"
+    )
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: the fixed axes (product {known}) "
-                       f"do not divide the {num_devices} devices")
+      raise ValueError(
+        f"mesh data={data} fsdp={fsdp} tensor={tensor}: the fixed axes (product {known}) "
+        f"do not divide the {num_devices} devices"
+      )
     sizes[fill[0]] = num_devices // known
   elif known != num_devices:
-    raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} has {known} devices, "
-                     f"but {num_devices} are available (use -1 on one axis to fill)")
+    raise ValueError(
+      f"mesh data={data} fsdp={fsdp} tensor={tensor} has {known} devices, "
+      f"but {num_devices} are available (use -1 on one axis to fill)"
+    )
   return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), Auto axis types.
 
   One axis may be -1 to take the remaining devices. `tensor` is the innermost (fastest varying)
@@ -126,6 +166,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     # Shapes that do not map onto the physical torus without splitting an axis (e.g. 2x4x4 chips
     # as fsdp=32): allow splitting, as maxtext does.
     from jax.experimental import mesh_utils
+
     arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(arr, MESH_AXES, axis_types=types_)
 
@@ -146,7 +187,9 @@ def _param_state(model_or_state) -> nnx.State:
 def _axes_of(var: nnx.Variable, where: str) -> tuple[str | None, ...]:
   axes = var.get_metadata().get("axes")
   if axes is None:
-    raise ValueError(f"parameter {where} has no logical `axes` metadata; every nnx.Param must carry one")
+    raise ValueError(
+      f"parameter {where} has no logical `axes` metadata; every nnx.Param must carry one"
+    )
   return tuple(axes)
 
 
@@ -191,8 +234,9 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
   return model
 
 
-def shardings_like_params(tree: Any, abstract_params: nnx.State, shardings: nnx.State,
-                          mesh: Mesh) -> Any:
+def shardings_like_params(
+  tree: Any, abstract_params: nnx.State, shardings: nnx.State, mesh: Mesh
+) -> Any:
   """Shardings for a pytree that embeds copies of the parameter tree (optimizer state, TrainState).
 
   A leaf whose key path ENDS with a parameter's path and has that parameter's shape gets the
@@ -218,7 +262,9 @@ def shardings_like_params(tree: Any, abstract_params: nnx.State, shardings: nnx.
 
 
 def _flat_shardings(shardings: nnx.State) -> Iterator[tuple[str, NamedSharding]]:
-  leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+  leaves = jax.tree_util.tree_flatten_with_path(
+    shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+  )[0]
   for path, s in leaves:
     yield path_str(path), s
 

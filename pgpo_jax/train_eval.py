@@ -3,6 +3,7 @@
 A quick signal logged with the training metrics (`eval/accuracy`, `eval/format`, `eval/num_prompts`);
 the full benchmark protocols live in `evaluation.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,16 +13,22 @@ import jax
 import ml_collections
 import numpy as np
 
-from pgpo_jax import multihost
+from pgpo_jax import multihost, train_setup
 from pgpo_jax import rollout as rollout_lib
-from pgpo_jax import train_setup
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.prompts import PromptFormat
 
 
-def evaluate(c: ml_collections.ConfigDict, *, sample: Callable[..., rollout_lib.RolloutOutput],
-             sample_params: Callable[[], object], processor, reward_fn, max_batch_size: int,
-             length_buckets) -> dict[str, float]:
+def evaluate(
+  c: ml_collections.ConfigDict,
+  *,
+  sample: Callable[..., rollout_lib.RolloutOutput],
+  sample_params: Callable[[], object],
+  processor,
+  reward_fn,
+  max_batch_size: int,
+  length_buckets,
+) -> dict[str, float]:
   """Greedy accuracy on the first `train.eval_prompts` held-out prompts (each host takes its
   share of them from its own shard of the eval files).
 
@@ -33,9 +40,16 @@ def evaluate(c: ml_collections.ConfigDict, *, sample: Callable[..., rollout_lib.
     return {}
   want = -(-c.train.eval_prompts // jax.process_count())
   bs = min(want, max_batch_size)
-  it = make_prompt_iterator(train_setup.dataset_spec(c, c.data.eval_files), processor, batch_size=bs, seed=0,
-                            num_epochs=1, max_prompt_length=c.data.max_prompt_length, length_buckets=length_buckets,
-                            prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
+  it = make_prompt_iterator(
+    train_setup.dataset_spec(c, c.data.eval_files),
+    processor,
+    batch_size=bs,
+    seed=0,
+    num_epochs=1,
+    max_prompt_length=c.data.max_prompt_length,
+    length_buckets=length_buckets,
+    prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
+  )
   params = sample_params()
   acc, fmt, n = 0.0, 0.0, 0
   max_new = c.train.eval_max_new_tokens or c.rollout.max_new_tokens
@@ -48,12 +62,15 @@ def evaluate(c: ml_collections.ConfigDict, *, sample: Callable[..., rollout_lib.
       break
     if pb is None:
       if last is None:
-        raise RuntimeError(f"host {jax.process_index()} has no prompt of {c.data.eval_files} (after skips) while "
-                           "other hosts do; use more evaluation rows than hosts")
+        raise RuntimeError(
+          f"host {jax.process_index()} has no prompt of {c.data.eval_files} (after skips) while "
+          "other hosts do; use more evaluation rows than hosts"
+        )
       pb = dataclasses.replace(last, prompt_valid=np.zeros_like(last.prompt_valid))
     last = pb
-    out = sample(pb, params, 0, max_new_tokens=max_new, num_samples=1,
-                 sampling=rollout_lib.SamplingConfig(0.0))
+    out = sample(
+      pb, params, 0, max_new_tokens=max_new, num_samples=1, sampling=rollout_lib.SamplingConfig(0.0)
+    )
     for b in range(pb.batch_size):
       if not pb.prompt_valid[b] or n >= want:
         continue
@@ -63,4 +80,8 @@ def evaluate(c: ml_collections.ConfigDict, *, sample: Callable[..., rollout_lib.
       fmt += s["format"]
       n += 1
   acc, fmt, n = (float(x) for x in multihost.sum_over_hosts(np.array([acc, fmt, n], np.float64)))
-  return {"eval/accuracy": acc / max(n, 1), "eval/format": fmt / max(n, 1), "eval/num_prompts": int(n)}
+  return {
+    "eval/accuracy": acc / max(n, 1),
+    "eval/format": fmt / max(n, 1),
+    "eval/num_prompts": int(n),
+  }

@@ -5,6 +5,7 @@
 (`logging.tensorboard`) and W&B (`logging.wandb`, when installed). After a resume, `truncate`
 drops the rows of steps that were logged but not checkpointed (they run again).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,13 @@ class MetricsLog:
     self.writer = None
     if self.is_host0 and c.logging.tensorboard:
       from tensorboardX import SummaryWriter
+
       self.writer = SummaryWriter(os.path.join(workdir, "tb"))
     self.wandb = None
     if self.is_host0 and c.logging.wandb:
       try:
         import wandb
+
         self.wandb = wandb.init(project=c.logging.wandb_project, config=c.to_dict(), dir=workdir)
       except ImportError:
         log.warning("logging.wandb=True but wandb is not installed; skipping W&B")
@@ -52,11 +55,20 @@ class MetricsLog:
     """One row of metrics `m` for `step`."""
     if not self.is_host0:
       return
-    m = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
-                          for k, v in m.items()}}
+    m = {
+      "step": step,
+      **{
+        k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+        for k, v in m.items()
+      },
+    }
     with open(self.metrics_path, "a") as f:
-      f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()})
-              + "\n")
+      f.write(
+        json.dumps(
+          {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+        )
+        + "\n"
+      )
     if self.writer is not None:
       for k, v in m.items():
         if k != "step" and isinstance(v, float) and math.isfinite(v):
@@ -80,8 +92,14 @@ def data_counts(stats) -> dict[str, float]:
   return out
 
 
-def mfu(num_params: int, passes: int, gen_tokens: int, train_tokens: int, scored_tokens: int,
-        seconds: float) -> float:
+def mfu(
+  num_params: int,
+  passes: int,
+  gen_tokens: int,
+  train_tokens: int,
+  scored_tokens: int,
+  seconds: float,
+) -> float:
   """Model FLOPs utilisation estimate: 2N per generated, 2·2N per scored (two views) and 6N·passes
   per trained token, over the chips' peak bf16 FLOP/s (NaN where the peak is unknown, e.g. CPU).
   Host-local tokens over this host's chips (the mean over hosts is the run's MFU)."""
@@ -93,8 +111,17 @@ def mfu(num_params: int, passes: int, gen_tokens: int, train_tokens: int, scored
   return flops / (seconds * peak * jax.local_device_count())
 
 
-_PEAK_BF16 = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
+_PEAK_BF16 = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+}
 
 
 def peak_flops(device) -> float | None:

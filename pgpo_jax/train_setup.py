@@ -2,6 +2,7 @@
 
 Called once by `Trainer.__init__` (and by the tests, which make the demo data before a run).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,26 +32,41 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
   if not c.data.make_demo_data:
     return
   d = c.data.demo_dir
-  done = os.path.exists(os.path.join(d, "train.parquet")) and os.path.exists(os.path.join(d, "model", "tokenizer.json"))
+  done = os.path.exists(os.path.join(d, "train.parquet")) and os.path.exists(
+    os.path.join(d, "model", "tokenizer.json")
+  )
   if not done and jax.process_index() == 0:
     from pgpo_jax.demo_task import synthetic, tiny_tokenizer
+
     log.info("making the synthetic demo data in %s", d)
     os.makedirs(d, exist_ok=True)
     tiny_tokenizer.build_tiny_model_folder(os.path.join(d, "model"))
-    synthetic.write_parquet(synthetic.make_split(c.data.demo_train_rows, seed=c.seed, image_size=c.data.demo_image_size),
-                            os.path.join(d, "train.parquet"))
-    synthetic.write_parquet(synthetic.make_split(c.data.demo_eval_rows, seed=c.seed, image_size=c.data.demo_image_size,
-                                                 stream=1), os.path.join(d, "test.parquet"))
+    synthetic.write_parquet(
+      synthetic.make_split(c.data.demo_train_rows, seed=c.seed, image_size=c.data.demo_image_size),
+      os.path.join(d, "train.parquet"),
+    )
+    synthetic.write_parquet(
+      synthetic.make_split(
+        c.data.demo_eval_rows, seed=c.seed, image_size=c.data.demo_image_size, stream=1
+      ),
+      os.path.join(d, "test.parquet"),
+    )
   multihost.barrier("pgpo_demo_data")
 
 
 def build_model(c: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VL:
-  compute = dict(remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers,
-                 attention_chunk_size=c.model.attention_chunk_size, attention_impl=c.model.attention_impl)
+  compute = dict(
+    remat_policy=c.model.remat_policy,
+    scan_layers=c.model.scan_layers,
+    attention_chunk_size=c.model.attention_chunk_size,
+    attention_impl=c.model.attention_impl,
+  )
   if c.model.random_init:
     ids = processor_lib.special_token_ids(tokenizer)
     t = dict(c.model.tiny)
-    vision_kw = {f"vision_{k[len('vision_'):]}": v for k, v in t.items() if k.startswith("vision_")}
+    vision_kw = {
+      f"vision_{k[len('vision_') :]}": v for k, v in t.items() if k.startswith("vision_")
+    }
     text_kw = {k: v for k, v in t.items() if not k.startswith("vision_")}
     if "vision_fullatt_block_indexes" in vision_kw:
       vision_kw["vision_fullatt_block_indexes"] = tuple(vision_kw["vision_fullatt_block_indexes"])
@@ -58,15 +74,25 @@ def build_model(c: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VL:
     head_dim = text_kw["hidden_size"] // heads
     quarter = head_dim // 2
     section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
-    cfg = qwen.tiny_config(vocab_size=len(tokenizer), head_dim=head_dim, mrope_section=section,
-                        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-                        vision_start_token_id=ids["vision_start_token_id"],
-                        vision_end_token_id=ids["vision_end_token_id"], bos_token_id=ids["bos_token_id"],
-                        eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
-                        **text_kw, **vision_kw).replace(**compute)
+    cfg = qwen.tiny_config(
+      vocab_size=len(tokenizer),
+      head_dim=head_dim,
+      mrope_section=section,
+      image_token_id=ids["image_token_id"],
+      video_token_id=ids["video_token_id"],
+      vision_start_token_id=ids["vision_start_token_id"],
+      vision_end_token_id=ids["vision_end_token_id"],
+      bos_token_id=ids["bos_token_id"],
+      eos_token_id=ids["eos_token_id"],
+      pad_token_id=ids["pad_token_id"],
+      **text_kw,
+      **vision_kw,
+    ).replace(**compute)
     return qwen.init_model(cfg, c.model.dtype, seed=c.seed, param_dtype=c.model.param_dtype or None)
   cfg = qwen.Qwen25VLConfig.from_json(c.model.init_from).replace(**compute)
-  return qwen.from_pretrained(c.model.init_from, c.model.dtype, param_dtype=c.model.param_dtype or None, config=cfg)
+  return qwen.from_pretrained(
+    c.model.init_from, c.model.dtype, param_dtype=c.model.param_dtype or None, config=cfg
+  )
 
 
 def write_model_folder(workdir: str, cfg: qwen.Qwen25VLConfig, processor) -> None:
@@ -80,4 +106,9 @@ def write_model_folder(workdir: str, cfg: qwen.Qwen25VLConfig, processor) -> Non
 def dataset_spec(c: ml_collections.ConfigDict, files: str) -> DatasetSpec:
   """The `data.*` columns of the comma-separated `files`."""
   d = c.data
-  return DatasetSpec(dataset_files(files), question_key=d.question_key, answer_key=d.answer_key, image_key=d.image_key)
+  return DatasetSpec(
+    dataset_files(files),
+    question_key=d.question_key,
+    answer_key=d.answer_key,
+    image_key=d.image_key,
+  )

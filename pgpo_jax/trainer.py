@@ -17,6 +17,7 @@ What the loop calls lives beside it: `train_setup` (demo data, model, WORKDIR mo
 `warmup` (the SFT warm-up), `train_eval` (the in-loop greedy eval), `train_metrics` (metrics.jsonl,
 TensorBoard, W&B, MFU), `groups` (`Group`), `programs` (every device program), `checkpoint`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,15 +35,29 @@ from flax import nnx
 
 from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import config as config_lib
-from pgpo_jax import multihost, programs, sampler
+from pgpo_jax import (
+  multihost,
+  programs,
+  sampler,
+  sharding,
+  train_eval,
+  train_metrics,
+  train_setup,
+  warmup,
+)
 from pgpo_jax import reference as reference_lib
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
-from pgpo_jax import sharding, train_eval, train_metrics, train_setup, warmup
 from pgpo_jax import train_step as train_step_lib
+from pgpo_jax.buckets import (
+  batch_bucket,
+  bucket_size,
+  default_length_buckets,
+  patch_bucket,
+  seq_bucket,
+)
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
-from pgpo_jax.buckets import batch_bucket, bucket_size, default_length_buckets, patch_bucket, seq_bucket
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.groups import Group, split_prompt_batch  # noqa: F401  (re-exported: the tests build groups)
 from pgpo_jax.models import qwen2_5_vl as qwen
@@ -59,9 +74,11 @@ log = logging.getLogger("pgpo_jax.trainer")
 def group_extent(groups: list[Group], image_token_id: int = -1) -> tuple[int, ...]:
   """(longest prompt in tokens, most patches in one prompt, longest prompt without its
   `image_token_id` tokens: the blind view's) of some groups."""
-  return (max((len(g.prompt_ids) for g in groups), default=1),
-          max((int(g.grids.prod(axis=1).sum()) for g in groups), default=0),
-          max((int((g.prompt_ids != image_token_id).sum()) for g in groups), default=1))
+  return (
+    max((len(g.prompt_ids) for g in groups), default=1),
+    max((int(g.grids.prod(axis=1).sum()) for g in groups), default=0),
+    max((int((g.prompt_ids != image_token_id).sum()) for g in groups), default=1),
+  )
 
 
 def row_patches(pb: PromptBatch) -> np.ndarray:
@@ -75,14 +92,22 @@ def row_patches(pb: PromptBatch) -> np.ndarray:
 def prompt_stream_ids(pb: PromptBatch) -> np.ndarray:
   """[B] RNG stream id of each prompt, from its data file and row: a prompt's samples then depend on
   the key and the prompt only, not on its batch position or host."""
-  return np.array([zlib.crc32(f"{src}\0{row}".encode()) for src, row in zip(pb.sources, pb.row_indices)],
-                  np.int64)
+  return np.array(
+    [zlib.crc32(f"{src}\0{row}".encode()) for src, row in zip(pb.sources, pb.row_indices)], np.int64
+  )
 
 
-def collate_groups(groups: list[Group], cfg: qwen.Qwen25VLConfig, length_buckets, pad_id: int,
-                   filler: int = 0, *, filler_group: Group | None = None,
-                   extent: tuple[int, ...] | None = None,
-                   mask_vision_markers: bool = False) -> tuple[sequences.SequenceBatch, np.ndarray]:
+def collate_groups(
+  groups: list[Group],
+  cfg: qwen.Qwen25VLConfig,
+  length_buckets,
+  pad_id: int,
+  filler: int = 0,
+  *,
+  filler_group: Group | None = None,
+  extent: tuple[int, ...] | None = None,
+  mask_vision_markers: bool = False,
+) -> tuple[sequences.SequenceBatch, np.ndarray]:
   """Left-pads the groups' prompts into one SequenceBatch (+ `filler` masked groups).
 
   Returns the batch and the flat rewards [P*G]. Filler groups (copies of `filler_group`, default
@@ -100,14 +125,22 @@ def collate_groups(groups: list[Group], cfg: qwen.Qwen25VLConfig, length_buckets
   ids = np.full((P, T), pad_id, np.int32)
   am = np.zeros((P, T), np.int32)
   for p, g in enumerate(groups):
-    ids[p, T - len(g.prompt_ids):] = g.prompt_ids
-    am[p, T - len(g.prompt_ids):] = 1
+    ids[p, T - len(g.prompt_ids) :] = g.prompt_ids
+    am[p, T - len(g.prompt_ids) :] = 1
   pix = np.concatenate([g.pixel_values for g in groups]) if groups else None
   grids = np.concatenate([g.grids for g in groups])
-  seq = sequences.make_sequence_batch(cfg, ids, am, pix, grids, np.stack([g.tokens for g in groups]),
-                                      np.stack([g.mask for g in groups]),
-                                      num_patches=patch_bucket(patches), mask_vision_markers=mask_vision_markers,
-                                      blind_prompt_len=min(bucket_size(blind, length_buckets), T))
+  seq = sequences.make_sequence_batch(
+    cfg,
+    ids,
+    am,
+    pix,
+    grids,
+    np.stack([g.tokens for g in groups]),
+    np.stack([g.mask for g in groups]),
+    num_patches=patch_bucket(patches),
+    mask_vision_markers=mask_vision_markers,
+    blind_prompt_len=min(bucket_size(blind, length_buckets), T),
+  )
   return seq, np.concatenate([g.rewards for g in groups]).astype(np.float32)
 
 
@@ -124,7 +157,11 @@ def _normalizers(mask: np.ndarray) -> dict[str, np.ndarray]:
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   """x [n, ...] -> [rows, ...], zeros after row n."""
-  return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)]) if rows > x.shape[0] else x
+  return (
+    np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)])
+    if rows > x.shape[0]
+    else x
+  )
 
 
 def num_update_batches(kept_local: int, per_update_local: int) -> int:
@@ -141,15 +178,19 @@ class EndOfData(Exception):
   """The training data ran out (after `data.num_epochs` passes) while a step collected prompts."""
 
 
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early by a signal, checkpoint saved; rerun to resume
+EXIT_PREEMPTED = (
+  75  # sysexits.h EX_TEMPFAIL: stopped early by a signal, checkpoint saved; rerun to resume
+)
 
 
 class Preempted(Exception):
   """Raised by `train` when SIGTERM or SIGINT stopped the run; a checkpoint of `step` was saved."""
 
   def __init__(self, step: int, metrics: dict[str, float]):
-    super().__init__(f"stopped by a signal after step {step}, which is checkpointed; rerun the same command "
-                     "to resume")
+    super().__init__(
+      f"stopped by a signal after step {step}, which is checkpointed; rerun the same command "
+      "to resume"
+    )
     self.step = step
     self.metrics = metrics
 
@@ -176,8 +217,9 @@ class Trainer:
     self.is_host0 = jax.process_index() == 0
 
     proc_dir = c.data.processor_dir or c.model.init_from
-    self.processor = processor_lib.load_processor(proc_dir, min_pixels=c.data.min_pixels,
-                                                  max_pixels=c.data.max_pixels)
+    self.processor = processor_lib.load_processor(
+      proc_dir, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels
+    )
     self.tokenizer = self.processor.tokenizer
     self.model = build_model(c, self.tokenizer)
     self.cfg = self.model.cfg
@@ -192,20 +234,26 @@ class Trainer:
     self.sample_shardings = sharding.param_shardings(self.model, self.mesh, sharding.SAMPLE_RULES)
     self.batch_shards = rollout_lib.batch_shards(self.mesh, sharding.SAMPLE_RULES)
     if c.rollout.decode_rows % self.batch_shards:  # a row only takes samples of its own batch shard
-      raise ValueError(f"rollout.decode_rows ({c.rollout.decode_rows}) must be a multiple of the "
-                       f"{self.batch_shards} batch shards of the mesh (SAMPLE_RULES' 'batch' axes)")
+      raise ValueError(
+        f"rollout.decode_rows ({c.rollout.decode_rows}) must be a multiple of the "
+        f"{self.batch_shards} batch shards of the mesh (SAMPLE_RULES' 'batch' axes)"
+      )
     # This host's share of every global batch (validate() checked that they split evenly).
     n = jax.process_count()
     self.prompts_local = c.rollout.prompts_per_step // n
     self.update_local = c.updates.prompts_per_update // n
     self.scoring_local = config_lib.scoring_prompts_per_host(c, n)
     self.rollout_multiple = max(self.batch_shards // n, 1)
-    for rules, rows, what in ((sharding.TRAIN_RULES, c.updates.prompts_per_update, "updates.prompts_per_update"),
-                              (sharding.TRAIN_RULES, self.scoring_local * n, "pgpo.scoring_prompts"),
-                              (sharding.SAMPLE_RULES, max(self.batch_shards, n), "mesh")):
+    for rules, rows, what in (
+      (sharding.TRAIN_RULES, c.updates.prompts_per_update, "updates.prompts_per_update"),
+      (sharding.TRAIN_RULES, self.scoring_local * n, "pgpo.scoring_prompts"),
+      (sharding.SAMPLE_RULES, max(self.batch_shards, n), "mesh"),
+    ):
       multihost.check_host_split(self.mesh, rules, rows, what)
 
-    self.updates_per_step = c.rollout.prompts_per_step // c.updates.prompts_per_update * c.updates.passes
+    self.updates_per_step = (
+      c.rollout.prompts_per_step // c.updates.prompts_per_update * c.updates.passes
+    )
     total_updates = c.train.num_steps * self.updates_per_step
     self.optimizer = make_optimizer(c, total_updates)
     self.graphdef, state = train_step_lib.init_train_state(self.model, self.optimizer)
@@ -213,34 +261,54 @@ class Trainer:
     self.model_graphdef, _ = nnx.split(self.model)
     del self.model  # the parameters live in self.state from here on
     # The device programs, with their shardings (`compile_check` compiles these same programs).
-    self.programs = programs.trainer_programs(c, model_graphdef=self.model_graphdef, train_graphdef=self.graphdef,
-                                              optimizer=self.optimizer, mesh=self.mesh,
-                                              state_sharding=self._state_shardings(state), num_processes=n)
+    self.programs = programs.trainer_programs(
+      c,
+      model_graphdef=self.model_graphdef,
+      train_graphdef=self.graphdef,
+      optimizer=self.optimizer,
+      mesh=self.mesh,
+      state_sharding=self._state_shardings(state),
+      num_processes=n,
+    )
     self.train_step = self.programs.train_step
     self.score_fn = self.programs.score
     self.advantage_fn = self.programs.advantages
     # train.packing: this host's packing units per scoring slice and per update batch.
     self.packing_units = programs.packing_units(c, self.mesh, n)
     # π_ref for the KL term: a copy of the initial weights, or None (and no memory) when kl_coef == 0.
-    self.reference = reference_lib.build(c, self.model_graphdef, self.state.params, self.train_shardings,
-                                         temperature=logprob_temperature(c))
+    self.reference = reference_lib.build(
+      c,
+      self.model_graphdef,
+      self.state.params,
+      self.train_shardings,
+      temperature=logprob_temperature(c),
+    )
     self.key = jax.random.key(c.seed)
     self.step = 0
     self.stop_reason = ""  # set by run(): "finished" | "preempted" | "end of data"
     self.data_iter = self._train_iterator()
-    self.checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                              save_every=c.checkpoint.every, keep=c.checkpoint.keep,
-                                              async_save=c.checkpoint.async_save)
+    self.checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(self.workdir, "checkpoints"),
+      save_every=c.checkpoint.every,
+      keep=c.checkpoint.keep,
+      async_save=c.checkpoint.async_save,
+    )
     self.metrics = train_metrics.MetricsLog(c, self.workdir, self.is_host0)
 
   # -- data ----------------------------------------------------------------------------------------
   def _train_iterator(self):
     c = self.c
     return make_prompt_iterator(
-        train_setup.dataset_spec(c, c.data.train_files), self.processor, batch_size=self.prompts_local, seed=c.seed,
-        num_epochs=c.data.num_epochs or None, max_prompt_length=c.data.max_prompt_length, drop_remainder=True,
-        length_buckets=self.length_buckets,
-        prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
+      train_setup.dataset_spec(c, c.data.train_files),
+      self.processor,
+      batch_size=self.prompts_local,
+      seed=c.seed,
+      num_epochs=c.data.num_epochs or None,
+      max_prompt_length=c.data.max_prompt_length,
+      drop_remainder=True,
+      length_buckets=self.length_buckets,
+      prompt_format=PromptFormat(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
+    )
 
   def _state_shardings(self, state):
     return programs.train_state_shardings(state, self.train_shardings, self.mesh)
@@ -264,30 +332,61 @@ class Trainer:
     return tuple(int(x) for x in multihost.max_over_hosts(np.array(sizes, np.int64)))
 
   # -- one step -----------------------------------------------------------------------------------
-  def _sample(self, pb: PromptBatch, params, key, *, max_new_tokens: int, num_samples: int,
-              sampling: rollout_lib.SamplingConfig) -> rollout_lib.RolloutOutput:
+  def _sample(
+    self,
+    pb: PromptBatch,
+    params,
+    key,
+    *,
+    max_new_tokens: int,
+    num_samples: int,
+    sampling: rollout_lib.SamplingConfig,
+  ) -> rollout_lib.RolloutOutput:
     """Rollout of this host's PromptBatch with the current params (training rounds and evaluation
     alike); returns this host's rows (numpy). Each prompt's RNG stream is keyed by its data row, so
     samples do not depend on the batch or host a prompt lands in."""
     longest = int(pb.attention_mask.sum(1).max())
     longest, patches = self._extent(longest, int(row_patches(pb).max()))
     inputs = rollout_lib.prepare_inputs(
-        self.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values, pb.image_grid_thw,
-        position_ids=pb.position_ids, batch_multiple=self.rollout_multiple,
-        batch_size=batch_bucket(pb.batch_size, self.rollout_multiple),
-        prompt_length=seq_bucket(longest), num_patches=patch_bucket(patches) if patches else None,
-        prompt_ids=prompt_stream_ids(pb))
+      self.cfg,
+      pb.input_ids,
+      pb.attention_mask,
+      pb.pixel_values,
+      pb.image_grid_thw,
+      position_ids=pb.position_ids,
+      batch_multiple=self.rollout_multiple,
+      batch_size=batch_bucket(pb.batch_size, self.rollout_multiple),
+      prompt_length=seq_bucket(longest),
+      num_patches=patch_bucket(patches) if patches else None,
+      prompt_ids=prompt_stream_ids(pb),
+    )
     mesh = self.mesh if self.mesh.size > 1 else None
-    out = sampler.rollout(self.model_graphdef, params, inputs, key, max_new_tokens=max_new_tokens,
-                          sampling=sampling, num_samples=num_samples, pad_token_id=self.cfg.pad_token_id,
-                          mesh=mesh, decode_rows=self.c.rollout.decode_rows, compute_dtype=self.c.rollout.dtype)
+    out = sampler.rollout(
+      self.model_graphdef,
+      params,
+      inputs,
+      key,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+      num_samples=num_samples,
+      pad_token_id=self.cfg.pad_token_id,
+      mesh=mesh,
+      decode_rows=self.c.rollout.decode_rows,
+      compute_dtype=self.c.rollout.dtype,
+    )
     return multihost.to_local(out, rollout_lib.logical_axes(out), self.mesh, sharding.SAMPLE_RULES)
 
   def rollout_round(self, pb: PromptBatch, params) -> list[Group]:
     c = self.c
     self.key, k = jax.random.split(self.key)
-    out = self._sample(pb, params, k, max_new_tokens=c.rollout.max_new_tokens, num_samples=self.G,
-                       sampling=rollout_lib.SamplingConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k))
+    out = self._sample(
+      pb,
+      params,
+      k,
+      max_new_tokens=c.rollout.max_new_tokens,
+      num_samples=self.G,
+      sampling=rollout_lib.SamplingConfig(c.rollout.temperature, c.rollout.top_p, c.rollout.top_k),
+    )
     tokens, mask, trunc = (np.asarray(x) for x in (out.tokens, out.mask, out.truncated))
     prompts = split_prompt_batch(pb)
     valid_rows = [b for b in range(pb.batch_size) if pb.prompt_valid[b]]
@@ -303,10 +402,20 @@ class Trainer:
       sl = slice(i * self.G, (i + 1) * self.G)
       rows = slice(b * self.G, (b + 1) * self.G)
       sc = scores[sl]
-      groups.append(Group(ids, pix, grids, pb.answers[b], tokens[rows], mask[rows],
-                          np.array([s["overall"] for s in sc], np.float32),
-                          np.array([s["accuracy"] for s in sc], np.float32),
-                          np.array([s["format"] for s in sc], np.float32), trunc[rows]))
+      groups.append(
+        Group(
+          ids,
+          pix,
+          grids,
+          pb.answers[b],
+          tokens[rows],
+          mask[rows],
+          np.array([s["overall"] for s in sc], np.float32),
+          np.array([s["accuracy"] for s in sc], np.float32),
+          np.array([s["format"] for s in sc], np.float32),
+          trunc[rows],
+        )
+      )
     return groups
 
   def _next_prompts(self) -> PromptBatch:
@@ -314,7 +423,9 @@ class Trainer:
     ran out (`data.num_epochs`): hosts skip different rows, so their shards end at different batches."""
     pb = next(self.data_iter, None)
     if not int(multihost.min_over_hosts(np.int64(pb is not None))):
-      raise EndOfData(f"the training data ran out after data.num_epochs={self.c.data.num_epochs} passes")
+      raise EndOfData(
+        f"the training data ran out after data.num_epochs={self.c.data.num_epochs} passes"
+      )
     return pb
 
   def collect(self) -> tuple[list[Group], dict[str, float], list[Group]]:
@@ -330,8 +441,9 @@ class Trainer:
     want = self.prompts_local
     params = self._sample_params()
     kept, seen, rounds, all_groups = [], 0, 0, []
-    while ((not ds.max_rounds or rounds < ds.max_rounds)
-           and int(multihost.min_over_hosts(np.int64(len(kept)))) < want):
+    while (not ds.max_rounds or rounds < ds.max_rounds) and int(
+      multihost.min_over_hosts(np.int64(len(kept)))
+    ) < want:
       groups = self.rollout_round(self._next_prompts(), params)
       rounds += 1
       seen += len(groups)
@@ -344,12 +456,16 @@ class Trainer:
     total = int(multihost.sum_over_hosts(np.int64(len(kept))))
     if total < self.c.rollout.prompts_per_step and ds.on_short == "error":
       raise RuntimeError(
-          f"step {self.step + 1}: dynamic sampling kept {total} of the rollout.prompts_per_step="
-          f"{self.c.rollout.prompts_per_step} groups in dynamic_sampling.max_rounds={ds.max_rounds} rounds "
-          f"(accuracy bounds ({ds.min_accuracy}, {ds.max_accuracy})). Raise dynamic_sampling.max_rounds "
-          "(0: no cap), or set dynamic_sampling.on_short='train' to train on the groups kept.")
-    stats = {"dynamic_sampling/kept_share": len(kept) / max(seen, 1), "dynamic_sampling/rounds": rounds,
-             "dynamic_sampling/filled": len(kept) / want}
+        f"step {self.step + 1}: dynamic sampling kept {total} of the rollout.prompts_per_step="
+        f"{self.c.rollout.prompts_per_step} groups in dynamic_sampling.max_rounds={ds.max_rounds} rounds "
+        f"(accuracy bounds ({ds.min_accuracy}, {ds.max_accuracy})). Raise dynamic_sampling.max_rounds "
+        "(0: no cap), or set dynamic_sampling.on_short='train' to train on the groups kept."
+      )
+    stats = {
+      "dynamic_sampling/kept_share": len(kept) / max(seen, 1),
+      "dynamic_sampling/rounds": rounds,
+      "dynamic_sampling/filled": len(kept) / want,
+    }
     return kept, stats, all_groups
 
   def _data_counts(self) -> dict[str, float]:
@@ -384,10 +500,16 @@ class Trainer:
     # sampled); shapes are the maximum over hosts.
     filler = self.prompts_local - len(kept)
     base = kept or all_groups[:1]
-    seq, rewards = collate_groups(kept, self.cfg, self.length_buckets, self.cfg.pad_token_id, filler,
-                                  filler_group=base[0],
-                                  extent=self._extent(*group_extent(base, self.cfg.image_token_id)),
-                                  mask_vision_markers=c.pgpo.mask_vision_markers)
+    seq, rewards = collate_groups(
+      kept,
+      self.cfg,
+      self.length_buckets,
+      self.cfg.pad_token_id,
+      filler,
+      filler_group=base[0],
+      extent=self._extent(*group_extent(base, self.cfg.image_token_id)),
+      mask_vision_markers=c.pgpo.mask_vision_markers,
+    )
     t1 = time.perf_counter()
     P, L = seq.response.shape[0], seq.response.shape[-1]
     used = n_updates * upd  # rows the updates read; filler rows after them are not scored
@@ -397,21 +519,40 @@ class Trainer:
     scored = min(P, -(-used // sp) * sp)  # whole scoring slices up to the last used row
     ref_parts = []
     if c.train.packing:  # padding-free rows, one packing unit per batch shard (rl/packed_passes.py)
-      scores = packed_passes.score(self.score_fn, self.state.params, jax.tree.map(lambda x: x[:scored], seq),
-                                   slice_prompts=sp, units=self.packing_units[0],
-                                   row_len=c.train.packed_row_length, image_token_id=self.cfg.image_token_id,
-                                   put=self._put_batch, get=self._get_rows, agree=self._extent, blind=c.pgpo.enabled)
+      scores = packed_passes.score(
+        self.score_fn,
+        self.state.params,
+        jax.tree.map(lambda x: x[:scored], seq),
+        slice_prompts=sp,
+        units=self.packing_units[0],
+        row_len=c.train.packed_row_length,
+        image_token_id=self.cfg.image_token_id,
+        put=self._put_batch,
+        get=self._get_rows,
+        agree=self._extent,
+        blind=c.pgpo.enabled,
+      )
       scores = type(scores)(*[_pad_rows(x, P * self.G) for x in scores])
     else:
       parts = []
       for s0 in range(0, used, sp):
-        parts.append(self.score_fn(self.state.params, self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))))
+        parts.append(
+          self.score_fn(
+            self.state.params, self._put_batch(jax.tree.map(lambda x: x[s0 : s0 + sp], seq))
+          )
+        )
       parts = [self._get_rows(x) for x in parts]
       scores = type(parts[0])(*[_pad_rows(np.concatenate(x), P * self.G) for x in zip(*parts)])
-    if self.reference is not None:  # π_ref on the padded rows (packed or not, the update packs them alike)
+    if (
+      self.reference is not None
+    ):  # π_ref on the padded rows (packed or not, the update packs them alike)
       for s0 in range(0, used, sp):
-        ref_parts.append(self.reference.logprobs(self._put_batch(jax.tree.map(lambda x: x[s0:s0 + sp], seq))))
-      ref_logp = _pad_rows(np.concatenate([self._get_rows(x) for x in ref_parts]), P * self.G).reshape(P, self.G, L)
+        ref_parts.append(
+          self.reference.logprobs(self._put_batch(jax.tree.map(lambda x: x[s0 : s0 + sp], seq)))
+        )
+      ref_logp = _pad_rows(
+        np.concatenate([self._get_rows(x) for x in ref_parts]), P * self.G
+      ).reshape(P, self.G, L)
     times["scoring"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     mask = seq.flat_response_mask
@@ -426,13 +567,22 @@ class Trainer:
       for s in range(0, used, upd):
         sl = slice(s, s + upd)
         sub = jax.tree.map(lambda x: x[sl], seq)
-        batch = {"seq": sub, "adv": adv[sl], "old_logp": old_logp[sl], **_normalizers(sub.response_mask)}
+        batch = {
+          "seq": sub,
+          "adv": adv[sl],
+          "old_logp": old_logp[sl],
+          **_normalizers(sub.response_mask),
+        }
         if self.reference is not None:
           batch["ref_logp"] = ref_logp[sl]
         if c.train.packing:  # one packing unit per micro-batch and batch shard
-          batch = packed_passes.update_batch(batch, units=self.packing_units[1],
-                                             row_len=c.train.packed_row_length,
-                                             image_token_id=self.cfg.image_token_id, agree=self._extent)
+          batch = packed_passes.update_batch(
+            batch,
+            units=self.packing_units[1],
+            row_len=c.train.packed_row_length,
+            image_token_id=self.cfg.image_token_id,
+            agree=self._extent,
+          )
         self.state, um = self.train_step(self.state, self._put_batch(batch))
         update_metrics.append(um)
     update_metrics = jax.device_get(update_metrics)
@@ -449,18 +599,25 @@ class Trainer:
     m["dependency/max"] = float(dep[valid].max()) if valid.any() else 0.0
     for k, v in diag.items():
       m[f"pgpo/{k}"] = float(v)
-    m["entropy/scoring"] = float(np.asarray(scores.entropy_BxT)[valid].mean()) if valid.any() else 0.0
+    m["entropy/scoring"] = (
+      float(np.asarray(scores.entropy_BxT)[valid].mean()) if valid.any() else 0.0
+    )
     for k, v in times.items():
       m[f"time/{k}"] = v
     m["time/step"] = time.perf_counter() - t0
     m["throughput/generated_tokens_per_s"] = gen_tokens / max(times["rollout"], 1e-9)
-    scored_rows = min(P, -(-used // sp) * sp) * self.G  # whole scoring slices up to the last used row
-    m["throughput/mfu"] = self._mfu(gen_tokens, int(valid.sum()), scored_rows * (seq.prompt_ids.shape[1] + L),
-                                    m["time/step"])
+    scored_rows = (
+      min(P, -(-used // sp) * sp) * self.G
+    )  # whole scoring slices up to the last used row
+    m["throughput/mfu"] = self._mfu(
+      gen_tokens, int(valid.sum()), scored_rows * (seq.prompt_ids.shape[1] + L), m["time/step"]
+    )
     return multihost.reduce_metrics(m)
 
   def _mfu(self, gen_tokens: int, train_tokens: int, scored_tokens: int, seconds: float) -> float:
-    return train_metrics.mfu(self.num_params, self.c.updates.passes, gen_tokens, train_tokens, scored_tokens, seconds)
+    return train_metrics.mfu(
+      self.num_params, self.c.updates.passes, gen_tokens, train_tokens, scored_tokens, seconds
+    )
 
   @functools.cached_property
   def num_params(self) -> int:
@@ -468,19 +625,37 @@ class Trainer:
 
   # -- warm-up and evaluation (warmup.py, train_eval.py) --------------------------------------------
   def sft_warmup(self) -> None:
-    params = warmup.sft_warmup(self.c, self.graphdef, self.state.params, processor=self.processor, cfg=self.cfg,
-                               length_buckets=self.length_buckets, make_batch=self._sft_batch)
+    params = warmup.sft_warmup(
+      self.c,
+      self.graphdef,
+      self.state.params,
+      processor=self.processor,
+      cfg=self.cfg,
+      length_buckets=self.length_buckets,
+      make_batch=self._sft_batch,
+    )
     self.state = dataclasses.replace(self.state, params=params)
 
   def _sft_batch(self, groups: list[Group]):
-    seq, _ = collate_groups(groups, self.cfg, self.length_buckets, self.cfg.pad_token_id,
-                            extent=self._extent(*group_extent(groups)))
+    seq, _ = collate_groups(
+      groups,
+      self.cfg,
+      self.length_buckets,
+      self.cfg.pad_token_id,
+      extent=self._extent(*group_extent(groups)),
+    )
     return self._put_batch({"seq": seq, **_normalizers(seq.response_mask)})
 
   def evaluate(self) -> dict[str, float]:
-    return train_eval.evaluate(self.c, sample=self._sample, sample_params=self._sample_params,
-                               processor=self.processor, reward_fn=self.reward_fn,
-                               max_batch_size=self.prompts_local, length_buckets=self.length_buckets)
+    return train_eval.evaluate(
+      self.c,
+      sample=self._sample,
+      sample_params=self._sample_params,
+      processor=self.processor,
+      reward_fn=self.reward_fn,
+      max_batch_size=self.prompts_local,
+      length_buckets=self.length_buckets,
+    )
 
   # -- checkpointing ------------------------------------------------------------------------------
   def _ckpt_state(self):
@@ -491,10 +666,18 @@ class Trainer:
     if not force and not self.checkpointer.should_save(self.step):
       return
     # Every host's iterator state (each reads its own shard); Orbax writes JSON from host 0 only.
-    data = {"iterators": multihost.allgather_json(ckpt_lib.to_jsonable(self.data_iter.get_state())),
-            "step": self.step}
-    self.checkpointer.save(self.step, self._ckpt_state(), self.state.params, data,
-                           ckpt_lib.to_jsonable(self.c.to_dict()), force=force)
+    data = {
+      "iterators": multihost.allgather_json(ckpt_lib.to_jsonable(self.data_iter.get_state())),
+      "step": self.step,
+    }
+    self.checkpointer.save(
+      self.step,
+      self._ckpt_state(),
+      self.state.params,
+      data,
+      ckpt_lib.to_jsonable(self.c.to_dict()),
+      force=force,
+    )
 
   def maybe_restore(self) -> bool:
     found = self.checkpointer.restore_latest(self._ckpt_state(), self.state.params)
@@ -505,8 +688,10 @@ class Trainer:
     self.key = jax.random.wrap_key_data(np.asarray(restored["rng"]))
     states = data["iterators"] if "iterators" in data else [data["iterator"]]
     if len(states) != jax.process_count():
-      raise ValueError(f"{self.checkpointer.directory}/{step} was saved by {len(states)} host(s); resuming with "
-                       f"{jax.process_count()} would change every host's data shard (data.seed fixes the order)")
+      raise ValueError(
+        f"{self.checkpointer.directory}/{step} was saved by {len(states)} host(s); resuming with "
+        f"{jax.process_count()} would change every host's data shard (data.seed fixes the order)"
+      )
     self.data_iter.set_state(states[jax.process_index()])
     self.step = int(data["step"])
     self.metrics.truncate(self.step)
@@ -523,7 +708,9 @@ class Trainer:
     c = self.c
     if not c.train.profile or self.step != min(first_step + 1, c.train.num_steps - 1):
       return contextlib.nullcontext()
-    log.info("train.profile: tracing step %d into %s", self.step + 1, os.path.join(self.workdir, "profile"))
+    log.info(
+      "train.profile: tracing step %d into %s", self.step + 1, os.path.join(self.workdir, "profile")
+    )
     return jax.profiler.trace(os.path.join(self.workdir, "profile"))
 
   def run(self) -> dict[str, float]:
@@ -537,12 +724,28 @@ class Trainer:
         ev = self.evaluate()
         self.log_metrics(ev)
         log.info("eval before RL: %s", ev)
-    reference_lib.start_rl(self.reference, self.state.params, self.workdir, resumed=resumed,
-                           warmed_up=c.warmup.sft_steps > 0)
+    reference_lib.start_rl(
+      self.reference,
+      self.state.params,
+      self.workdir,
+      resumed=resumed,
+      warmed_up=c.warmup.sft_steps > 0,
+    )
     from tqdm import tqdm
+
     last: dict[str, float] = {}
-    bar = tqdm(total=c.train.num_steps, initial=self.step, disable=not self.is_host0, desc="pgpo", dynamic_ncols=True)
-    rules = sharding.use_rules(self.mesh, sharding.TRAIN_RULES) if self.mesh.size > 1 else contextlib.nullcontext()
+    bar = tqdm(
+      total=c.train.num_steps,
+      initial=self.step,
+      disable=not self.is_host0,
+      desc="pgpo",
+      dynamic_ncols=True,
+    )
+    rules = (
+      sharding.use_rules(self.mesh, sharding.TRAIN_RULES)
+      if self.mesh.size > 1
+      else contextlib.nullcontext()
+    )
     first_step = self.step
     self.stop_reason = "finished"
     with ckpt_lib.PreemptionGuard() as guard, rules:
@@ -551,35 +754,54 @@ class Trainer:
           with self._profile(first_step):
             m = self.train_one_step()
         except EndOfData as e:
-          log.warning("%s: stopping at step %d (train.num_steps=%d)", e, self.step, c.train.num_steps)
+          log.warning(
+            "%s: stopping at step %d (train.num_steps=%d)", e, self.step, c.train.num_steps
+          )
           self.stop_reason = "end of data"
           self.save(force=True)
           break
         self.step += 1
-        if c.train.eval_every and (self.step % c.train.eval_every == 0 or self.step == c.train.num_steps):
+        if c.train.eval_every and (
+          self.step % c.train.eval_every == 0 or self.step == c.train.num_steps
+        ):
           m.update(self.evaluate())
         if m.get("train/skipped_updates"):
-          log.warning("step %d: %d update(s) skipped for non-finite loss/gradients", self.step,
-                      int(m["train/skipped_updates"]))
+          log.warning(
+            "step %d: %d update(s) skipped for non-finite loss/gradients",
+            self.step,
+            int(m["train/skipped_updates"]),
+          )
         self.log_metrics(m)
         last = m
         bar.update(1)
-        bar.set_postfix(reward=f"{m.get('reward/overall', float('nan')):.3f}",
-                        acc=f"{m.get('reward/accuracy', float('nan')):.2f}", s_per_step=f"{m.get('time/step', 0):.1f}")
+        bar.set_postfix(
+          reward=f"{m.get('reward/overall', float('nan')):.3f}",
+          acc=f"{m.get('reward/accuracy', float('nan')):.2f}",
+          s_per_step=f"{m.get('time/step', 0):.1f}",
+        )
         # A signal may reach the hosts at different steps: stop when any host got one (all save together).
         if int(multihost.max_over_hosts(np.int64(guard.triggered))):
           self.save(force=True)
           self.stop_reason = "preempted"
-          log.warning("stopped by a signal: saved step %d, exiting with status %d", self.step, EXIT_PREEMPTED)
+          log.warning(
+            "stopped by a signal: saved step %d, exiting with status %d", self.step, EXIT_PREEMPTED
+          )
           break
         self.save(force=self.step == c.train.num_steps)
     bar.close()
     self.checkpointer.close()
     self.metrics.close()
     counts = multihost.reduce_metrics(self._data_counts())
-    log.info("training data: %d rows read, %d skipped %s", counts["count/data_rows_read"],
-             counts["count/data_skipped_rows"], {k.rsplit("/", 1)[1]: int(v) for k, v in counts.items()
-                                                  if k.startswith("count/data_skipped_rows/") and v})
+    log.info(
+      "training data: %d rows read, %d skipped %s",
+      counts["count/data_rows_read"],
+      counts["count/data_skipped_rows"],
+      {
+        k.rsplit("/", 1)[1]: int(v)
+        for k, v in counts.items()
+        if k.startswith("count/data_skipped_rows/") and v
+      },
+    )
     return {**last, **counts}
 
 

@@ -4,6 +4,7 @@
 
 Thin wrapper of `pgpo-compile-check` (pgpo_jax/cli/compile_check.py): same flags; `--help` lists them.
 """
+
 import sys
 
 from pgpo_jax.cli.compile_check import main

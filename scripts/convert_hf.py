@@ -5,6 +5,7 @@
 
 Thin wrapper of `pgpo-convert` (pgpo_jax/cli/convert.py): same flags; `--help` lists them.
 """
+
 import sys
 
 from pgpo_jax.cli.convert import main

@@ -4,6 +4,7 @@
 
 Thin wrapper of `pgpo-eval` (pgpo_jax/cli/evaluate.py): same flags; `--help` lists them.
 """
+
 import sys
 
 from pgpo_jax.cli.evaluate import main

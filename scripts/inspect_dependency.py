@@ -4,6 +4,7 @@
 
 Thin wrapper of `pgpo-inspect` (pgpo_jax/cli/inspect_dependency.py): same flags; `--help` lists them.
 """
+
 import sys
 
 from pgpo_jax.cli.inspect_dependency import main

@@ -4,6 +4,7 @@
 
 Thin wrapper of `pgpo-make-demo-data` (pgpo_jax/cli/make_demo_data.py): same flags; `--help` lists them.
 """
+
 import sys
 
 from pgpo_jax.cli.make_demo_data import main

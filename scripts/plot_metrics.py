@@ -4,6 +4,7 @@
 
 Thin wrapper of `pgpo-plot` (pgpo_jax/cli/plot_metrics.py): same flags; `--help` lists them.
 """
+
 import sys
 
 from pgpo_jax.cli.plot_metrics import main

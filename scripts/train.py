@@ -4,6 +4,7 @@
 
 Thin wrapper of `pgpo-train` (pgpo_jax/cli/train.py): same flags; `--help` lists them.
 """
+
 import sys
 
 from pgpo_jax.cli.train import main

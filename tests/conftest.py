@@ -4,6 +4,7 @@ Multi-device tests run in a subprocess with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` (see `tests/multidevice.py`),
 because the flag must be set before jax is first imported.
 """
+
 import os
 import pathlib
 
@@ -25,6 +26,7 @@ import pytest  # noqa: E402
 def tiny_hf(tmp_path_factory):
   """(hf_model, folder) of an untied GQA tiny Qwen2.5-VL saved with save_pretrained."""
   from tests.hf_utils import make_hf_model
+
   path = tmp_path_factory.mktemp("tiny_hf")
   return make_hf_model(path, seed=0), path
 
@@ -32,5 +34,6 @@ def tiny_hf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_hf_tied(tmp_path_factory):
   from tests.hf_utils import make_hf_model
+
   path = tmp_path_factory.mktemp("tiny_hf_tied")
   return make_hf_model(path, seed=1, tie=True, num_kv_heads=4), path

@@ -4,6 +4,7 @@
 set before jax is imported, so multi-device tests execute their body in a fresh
 interpreter and read back a JSON result printed on the last line of stdout.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,15 @@ assert jax.device_count() == 8, jax.devices()
 
 
 def run_on_8_devices(body: str, timeout: float = 600) -> dict:
-    """Executes `body` on 8 CPU devices; `body` must print one JSON line last."""
-    code = _PRELUDE + textwrap.dedent(body)
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"8-device subprocess failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+  """Executes `body` on 8 CPU devices; `body` must print one JSON line last."""
+  code = _PRELUDE + textwrap.dedent(body)
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+  )
+  if proc.returncode != 0:
+    raise AssertionError(
+      f"8-device subprocess failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    )
+  return json.loads(proc.stdout.strip().splitlines()[-1])

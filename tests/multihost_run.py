@@ -7,6 +7,7 @@ Each process gets `devices / num_processes` CPU devices; with a coordinator the 
 jax.distributed run (gloo collectives) exactly as `scripts/train.py --coordinator_address` does.
 Host 0 prints the last step's metrics as one JSON line.
 """
+
 import argparse
 import json
 import os
@@ -32,10 +33,12 @@ def main():
   import ast
 
   import jax
+
   jax.config.update("jax_default_matmul_precision", "highest")
   jax.config.update("jax_compilation_cache_dir", os.path.join(ROOT, ".jax_cache"))
   from pgpo_jax import multihost, rewards, trainer
   from tests.tiny_run import length_parity, tiny_config
+
   if a.coordinator:
     multihost.initialize(a.coordinator, a.num_processes, a.process_id)
   assert jax.device_count() == a.devices, jax.devices()

@@ -4,6 +4,7 @@ splash (TPU Pallas) runs here in Pallas interpret mode; cudnn needs an NVIDIA GP
 selection is tested on CPU). The reference is `masked_softmax_attention` on a dense mask built by
 hand, independent of the segment-id plumbing.
 """
+
 import functools
 
 import jax
@@ -40,10 +41,21 @@ def test_splash_causal_gqa_key_mask_matches_dense_xla():
   keep[1, 100:150] = False  # visual tokens of the blind view
   causal = np.tril(np.ones((T, T), bool))
   dense = jnp.asarray(causal[None] & keep[:, None, :])
-  ref = layers.masked_softmax_attention(qa, ka, va, dense, K ** -0.5)
+  ref = layers.masked_softmax_attention(qa, ka, va, dense, K**-0.5)
   seg = jnp.asarray(keep.astype(np.int32))
-  got = layers.chunked_attention(qa, ka, va, None, K ** -0.5, 0, impl="splash", causal=True, q_seg_BxT=seg,
-                                 kv_seg_BxS=seg, interpret=True)
+  got = layers.chunked_attention(
+    qa,
+    ka,
+    va,
+    None,
+    K**-0.5,
+    0,
+    impl="splash",
+    causal=True,
+    q_seg_BxT=seg,
+    kv_seg_BxS=seg,
+    interpret=True,
+  )
   np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(ref)[keep], atol=2e-5, rtol=2e-5)
 
 
@@ -59,10 +71,14 @@ def test_splash_segments_and_gradients_match_dense_xla():
 
   def loss(fn, qa, ka, va):
     return jnp.sum(fn(qa, ka, va) * w)
-  xla = lambda a, b, c: layers.masked_softmax_attention(a, b, c, dense, K ** -0.5)
-  spl = lambda a, b, c: layers.chunked_attention(a, b, c, None, K ** -0.5, 0, impl="splash", q_seg_BxT=seg,
-                                                 kv_seg_BxS=seg, interpret=True)
-  np.testing.assert_allclose(np.asarray(spl(qa, ka, va)), np.asarray(xla(qa, ka, va)), atol=2e-5, rtol=2e-5)
+
+  xla = lambda a, b, c: layers.masked_softmax_attention(a, b, c, dense, K**-0.5)
+  spl = lambda a, b, c: layers.chunked_attention(
+    a, b, c, None, K**-0.5, 0, impl="splash", q_seg_BxT=seg, kv_seg_BxS=seg, interpret=True
+  )
+  np.testing.assert_allclose(
+    np.asarray(spl(qa, ka, va)), np.asarray(xla(qa, ka, va)), atol=2e-5, rtol=2e-5
+  )
   g_ref = jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2))(qa, ka, va)
   g_got = jax.grad(functools.partial(loss, spl), argnums=(0, 1, 2))(qa, ka, va)
   for a, b in zip(g_got, g_ref):
@@ -76,6 +92,7 @@ def test_model_with_splash_attention_matches_xla(monkeypatch):
   def interpreted(*a, **kw):
     calls.append(kw["causal"])
     return kernel(*a, **{**kw, "interpret": True})
+
   monkeypatch.setattr(layers, "splash_attention", interpreted)
   cfg = qwen.tiny_config()
   model = qwen.init_model(cfg, "float32", seed=0)
@@ -101,6 +118,7 @@ def test_cudnn_path_plumbing_matches_dense_xla(monkeypatch):
   def as_xla(*a, implementation=None, **kw):
     seen.append(implementation)
     return real(*a, implementation="xla", **kw)
+
   monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
   B, T, N, G, K = 2, 64, 2, 2, 16
   qa, ka, va = _qkv(B, T, N, G, K, seed=4)
@@ -108,10 +126,11 @@ def test_cudnn_path_plumbing_matches_dense_xla(monkeypatch):
   keep[0, :9] = False
   keep[1, 20:33] = False
   dense = jnp.asarray(np.tril(np.ones((T, T), bool))[None] & keep[:, None, :])
-  ref = layers.masked_softmax_attention(qa, ka, va, dense, K ** -0.5)
+  ref = layers.masked_softmax_attention(qa, ka, va, dense, K**-0.5)
   seg = jnp.asarray(keep.astype(np.int32))
-  got = layers.chunked_attention(qa, ka, va, dense, K ** -0.5, 0, impl="cudnn", causal=True, q_seg_BxT=seg,
-                                 kv_seg_BxS=seg)
+  got = layers.chunked_attention(
+    qa, ka, va, dense, K**-0.5, 0, impl="cudnn", causal=True, q_seg_BxT=seg, kv_seg_BxS=seg
+  )
   assert seen == ["cudnn"]
   np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(ref)[keep], atol=2e-5, rtol=2e-5)
   assert np.isfinite(np.asarray(got)).all()  # no empty rows, even under left padding

@@ -1,4 +1,5 @@
 """Checkpoint verification at resume: damaged steps are named, skipped and set aside (pgpo_jax/checkpoint.py)."""
+
 import logging
 import os
 
@@ -15,8 +16,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 def _tree(seed):
   rng = np.random.default_rng(seed)  # random floats: incompressible, so the array files are large
-  return {"w": jax.numpy.asarray(rng.standard_normal((64, 64), np.float32)),
-          "b": jax.numpy.asarray(rng.standard_normal((64,), np.float32))}
+  return {
+    "w": jax.numpy.asarray(rng.standard_normal((64, 64), np.float32)),
+    "b": jax.numpy.asarray(rng.standard_normal((64,), np.float32)),
+  }
 
 
 def _save_steps(directory, steps):
@@ -55,7 +58,9 @@ def test_damaged_newest_falls_back_and_is_set_aside(tmp_path, caplog, item):
   assert sorted(os.listdir(tmp_path)) == ["1", "2.damaged"]
   assert c.all_steps() == [1]
   # The step can be saved afresh (it was not left in Orbax's list of steps).
-  assert c.save(2, {"train": _tree(2), "rng": np.arange(2, dtype=np.uint32)}, _tree(102), {"step": 2}, {})
+  assert c.save(
+    2, {"train": _tree(2), "rng": np.arange(2, dtype=np.uint32)}, _tree(102), {"step": 2}, {}
+  )
   c.close()
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.damaged"]
 

@@ -1,4 +1,5 @@
 """Ahead-of-time compilation of the trainer's programs for a TPU topology on this CPU host."""
+
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def _tiny(**overrides):
   """configs/pgpo_7b.py shrunk to the tiny model and a few prompts (all trainer code paths)."""
   sys.path.insert(0, ROOT)
   from configs import pgpo_7b
+
   c = pgpo_7b.get_config()
   c.model.preset = "tiny"
   c.model.attention_chunk_size = 0
@@ -52,12 +54,16 @@ def _tiny(**overrides):
 
 @pytest.fixture(scope="module")
 def libtpu():
-  pytest.importorskip("libtpu", reason="libtpu not installed: pip install 'jax[tpu]==0.10.2' (the `tpu` extra)")
+  pytest.importorskip(
+    "libtpu", reason="libtpu not installed: pip install 'jax[tpu]==0.10.2' (the `tpu` extra)"
+  )
 
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_tiny_config_compiles_and_fits_on_v5e_2x2(libtpu, packing):
-  ctx, reports = cc.run(_tiny(**{"train.packing": packing}), "v5e:2x2", cc.ALL_STEPS, log=lambda m: None)
+  ctx, reports = cc.run(
+    _tiny(**{"train.packing": packing}), "v5e:2x2", cc.ALL_STEPS, log=lambda m: None
+  )
   assert dict(ctx.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
   assert [r.name for r in reports] == ["rollout_start", "rollout_decode", "score", "train"]
   for r in reports:
@@ -75,8 +81,12 @@ def test_tiny_config_compiles_and_fits_on_v5e_2x2(libtpu, packing):
 def test_kl_term_compiles_with_the_reference_resident(libtpu):
   """configs/grpo_7b.py's KL loss: the train step takes log π_ref, and π_ref's copy of the weights is
   counted as resident in the scoring and train steps."""
-  ctx, reports = cc.run(_tiny(**{"loss.kl_coef": 1e-2, "rollout.temperature": 0.7}), "v5e:2x2", ("score", "train"),
-                        log=lambda m: None)
+  ctx, reports = cc.run(
+    _tiny(**{"loss.kl_coef": 1e-2, "rollout.temperature": 0.7}),
+    "v5e:2x2",
+    ("score", "train"),
+    log=lambda m: None,
+  )
   by = {r.name: r for r in reports}
   assert all(r.verdict == "fits" for r in reports), [(r.name, r.note) for r in reports]
   assert by["train"].resident == ctx.param_bytes
@@ -85,25 +95,49 @@ def test_kl_term_compiles_with_the_reference_resident(libtpu):
 
 def test_oversized_config_does_not_fit_and_exits_1(libtpu, tmp_path):
   """~86 GiB of KV cache per device (20480 rows x 8256 slots) on 16 GiB chips: exit code 1."""
-  ctx, reports = cc.run(_tiny(**{"rollout.prompts_per_step": 4096, "rollout.max_new_tokens": 8192}), "v5e:2x2",
-                        ["rollout_decode"], log=lambda m: None)
+  ctx, reports = cc.run(
+    _tiny(**{"rollout.prompts_per_step": 4096, "rollout.max_new_tokens": 8192}),
+    "v5e:2x2",
+    ["rollout_decode"],
+    log=lambda m: None,
+  )
   assert reports[0].verdict == "does not fit", reports[0]
   assert cc.exit_code(reports) == 1
   # The script: same verdict, table on stdout, exit status 1.
-  cmd = [sys.executable, os.path.join(ROOT, "scripts", "compile_check.py"), "--config=configs/pgpo_7b.py",
-         "--topology=v5e:2x2", "--steps=rollout_decode", "--config.model.preset=tiny",
-         "--config.model.attention_chunk_size=0", "--config.mesh.tensor=2",
-         "--config.rollout.prompts_per_step=4096", "--config.rollout.max_new_tokens=8192",
-         "--config.data.max_prompt_length=64", f"--config.data.max_pixels={64 * 14 * 14}",
-         f"--config.data.min_pixels={16 * 14 * 14}",
-         "--config.updates.prompts_per_update=8", "--config.updates.micro_batch_prompts=4"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "scripts", "compile_check.py"),
+    "--config=configs/pgpo_7b.py",
+    "--topology=v5e:2x2",
+    "--steps=rollout_decode",
+    "--config.model.preset=tiny",
+    "--config.model.attention_chunk_size=0",
+    "--config.mesh.tensor=2",
+    "--config.rollout.prompts_per_step=4096",
+    "--config.rollout.max_new_tokens=8192",
+    "--config.data.max_prompt_length=64",
+    f"--config.data.max_pixels={64 * 14 * 14}",
+    f"--config.data.min_pixels={16 * 14 * 14}",
+    "--config.updates.prompts_per_update=8",
+    "--config.updates.micro_batch_prompts=4",
+  ]
+  proc = subprocess.run(
+    cmd,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
   assert "DOES NOT FIT" in proc.stdout
 
 
 def test_batch_that_does_not_split_over_the_mesh_is_a_clear_error(libtpu):
   with pytest.raises(ValueError, match=r"micro_batch_prompts=3 does not split over the 2 shards"):
-    cc.run(_tiny(**{"updates.micro_batch_prompts": 3, "updates.prompts_per_update": 6}), "v5e:2x2", ["train"],
-           log=lambda m: None)
+    cc.run(
+      _tiny(**{"updates.micro_batch_prompts": 3, "updates.prompts_per_update": 6}),
+      "v5e:2x2",
+      ["train"],
+      log=lambda m: None,
+    )

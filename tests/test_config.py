@@ -1,4 +1,5 @@
 """Config validation: every bad value fails before any compute, naming its key (pgpo_jax/config.py)."""
+
 import os
 
 import pytest
@@ -31,7 +32,9 @@ def _config(tmp_path):
   return c
 
 
-@pytest.mark.parametrize("key,value", [
+@pytest.mark.parametrize(
+  "key,value",
+  [
     ("optim.learning_rate", -1e-6),  # was accepted and used
     ("rollout.top_k", -5),  # failed 29 s in, after the warm-up
     ("warmup.prompts_per_step", 0),  # failed without naming the key
@@ -40,7 +43,8 @@ def _config(tmp_path):
     ("loss.dual_clip", 0.5),
     ("data.max_pixels", 0),
     ("pgpo.degenerate_rtol", 1.0),
-])
+  ],
+)
 def test_issue_examples_name_their_key(tmp_path, key, value):
   c = _config(tmp_path)
   _set(c, key, value)
@@ -70,9 +74,18 @@ def test_every_rule_rejects_a_bad_value_with_its_key(tmp_path, key):
 # Leaves with no per-key value rule: free text (paths, column names), booleans, and keys checked by
 # `validate` as relations or against a registry. A new numeric or enumerated key needs a rule instead.
 NO_VALUE_RULE = {
-    "seed", "workdir", "model.init_from", "data.train_files", "data.eval_files", "data.processor_dir",
-    "data.question_key", "data.answer_key", "data.image_key", "data.demo_dir", "reward.name",
-    "logging.wandb_project",
+  "seed",
+  "workdir",
+  "model.init_from",
+  "data.train_files",
+  "data.eval_files",
+  "data.processor_dir",
+  "data.question_key",
+  "data.answer_key",
+  "data.image_key",
+  "data.demo_dir",
+  "reward.name",
+  "logging.wandb_project",
 }
 
 
@@ -87,21 +100,52 @@ def _leaves(c, prefix=""):
 
 def test_every_numeric_or_enumerated_key_has_a_rule():
   c = config_lib.base_config()
-  skipped_subtrees = ("mesh.", "model.tiny.")  # checked against the device count / only for random_init
-  missing = [k for k, v in _leaves(c) if not isinstance(v, bool) and k not in ALL_RULES
-             and k not in NO_VALUE_RULE and not k.startswith(skipped_subtrees)]
+  skipped_subtrees = (
+    "mesh.",
+    "model.tiny.",
+  )  # checked against the device count / only for random_init
+  missing = [
+    k
+    for k, v in _leaves(c)
+    if not isinstance(v, bool)
+    and k not in ALL_RULES
+    and k not in NO_VALUE_RULE
+    and not k.startswith(skipped_subtrees)
+  ]
   assert not missing, f"add a rule to config.VALUE_RULES for {missing}"
-  assert not [k for k in ALL_RULES if k not in dict(_leaves(c))], "a rule names a key base_config lacks"
+  assert not [k for k in ALL_RULES if k not in dict(_leaves(c))], (
+    "a rule names a key base_config lacks"
+  )
 
 
 def test_enumerations_match_the_registries():
   from pgpo_jax import train_step
   from pgpo_jax.models.qwen2_5_vl import layers
   from pgpo_jax.rl import advantages, losses, scoring
-  choices = lambda key: {v for v in ["constant", "warmup_cosine", "linear", "token-mean", "seq-mean-token-mean",  # noqa: E731
-                                     "seq-mean-token-sum", "seq-mean-token-sum-norm", "k3", "full_kl", "absolute",
-                                     "quantile", "none", "full", "dots", "dots_no_batch", "float32", "bfloat16"]
-                         if ALL_RULES[key][0](v)}
+
+  choices = lambda key: {
+    v
+    for v in [
+      "constant",
+      "warmup_cosine",
+      "linear",
+      "token-mean",
+      "seq-mean-token-mean",  # noqa: E731
+      "seq-mean-token-sum",
+      "seq-mean-token-sum-norm",
+      "k3",
+      "full_kl",
+      "absolute",
+      "quantile",
+      "none",
+      "full",
+      "dots",
+      "dots_no_batch",
+      "float32",
+      "bfloat16",
+    ]
+    if ALL_RULES[key][0](v)
+  }
   assert choices("optim.schedule") == set(train_step.SCHEDULES)
   assert choices("pgpo.dependency_estimator") == set(scoring.DEPENDENCY_ESTIMATORS)
   assert choices("pgpo.threshold_mode") == set(advantages.THRESHOLD_MODES)
@@ -122,7 +166,9 @@ def test_init_from_a_random_file_names_key_and_path(tmp_path):
   junk.write_bytes(os.urandom(3000))
   c = _config(tmp_path)
   c.model.random_init, c.model.init_from = False, str(junk)
-  with pytest.raises(config_lib.ConfigError, match=f"config.model.init_from: '{junk}' is a file; expected an HF"):
+  with pytest.raises(
+    config_lib.ConfigError, match=f"config.model.init_from: '{junk}' is a file; expected an HF"
+  ):
     config_lib.validate(c, 1)
   c.model.init_from = str(tmp_path)  # a folder that holds no checkpoint
   with pytest.raises(config_lib.ConfigError, match="neither layout"):
@@ -142,9 +188,21 @@ def test_paper_recipes_follow_vppo_easyr1_or_say_why(name):
   """The values of VPPO's EasyR1 recipe (examples/configs/config.yaml; EasyR1's ActorConfig default
   clip_ratio_dual = 3.0), or a comment in configs/pgpo_7b.py saying why not."""
   from tests.tiny_run import ROOT, load_config
+
   c = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
-  assert (c.data.min_pixels, c.data.max_pixels) == (256 * 28 * 28, 1280 * 28 * 28) == (200_704, 1_003_520)
+  assert (
+    (c.data.min_pixels, c.data.max_pixels)
+    == (256 * 28 * 28, 1280 * 28 * 28)
+    == (200_704, 1_003_520)
+  )
   assert c.loss.dual_clip == 3.0
-  assert (c.loss.clip_low, c.loss.clip_high, c.rollout.top_p, c.rollout.group_size) == (0.2, 0.28, 0.99, 5)
+  assert (c.loss.clip_low, c.loss.clip_high, c.rollout.top_p, c.rollout.group_size) == (
+    0.2,
+    0.28,
+    0.99,
+    5,
+  )
   source = open(os.path.join(ROOT, "configs", "pgpo_7b.py")).read()
-  assert c.data.max_prompt_length == 4096 or "VPPO allows 4,096 prompt tokens; we keep 2,048" in source
+  assert (
+    c.data.max_prompt_length == 4096 or "VPPO allows 4,096 prompt tokens; we keep 2,048" in source
+  )

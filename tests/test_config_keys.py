@@ -17,6 +17,7 @@ The rest of the file checks what the run's keys did: the end of the data stops t
 trace exists, π_ref is the warmed-up weights and survives a restart, and the skipped-row counts are in
 metrics.jsonl, TensorBoard and the returned summary.
 """
+
 import glob
 import json
 import os
@@ -36,8 +37,11 @@ rewards.BATCH_REWARD_FNS.setdefault("test_length_parity", length_parity)
 
 # key -> (file that reads it, why the recorded calls do not reach it)
 READ_ELSEWHERE = {
-    "workdir": ("pgpo_jax/cli/train.py", "resolved by the command (--workdir wins)"),
-    "logging.wandb_project": ("pgpo_jax/train_metrics.py", "read only with logging.wandb=True and wandb installed"),
+  "workdir": ("pgpo_jax/cli/train.py", "resolved by the command (--workdir wins)"),
+  "logging.wandb_project": (
+    "pgpo_jax/train_metrics.py",
+    "read only with logging.wandb=True and wandb installed",
+  ),
 }
 
 
@@ -53,7 +57,11 @@ class Recorder:
     value = self._cd[name]
     path = self._prefix + name
     self._seen.add(path)
-    return Recorder(value, self._seen, path + ".") if isinstance(value, ml_collections.ConfigDict) else value
+    return (
+      Recorder(value, self._seen, path + ".")
+      if isinstance(value, ml_collections.ConfigDict)
+      else value
+    )
 
   def __getattr__(self, name):
     if not name.startswith("_") and name in self._cd:
@@ -104,7 +112,12 @@ def run_config(data_dir) -> ml_collections.ConfigDict:
   c.dynamic_sampling.enabled = False  # one rollout round (4 prompts) per step
   c.loss.kl_coef, c.loss.kl_estimator = 0.05, "k2"
   c.pgpo.mask_vision_markers = True
-  c.train.num_steps, c.train.eval_every, c.train.eval_prompts, c.train.eval_max_new_tokens = 5, 1, 4, 4
+  c.train.num_steps, c.train.eval_every, c.train.eval_prompts, c.train.eval_max_new_tokens = (
+    5,
+    1,
+    4,
+    4,
+  )
   c.train.profile = True
   c.checkpoint.every = 1
   return c
@@ -158,7 +171,9 @@ def test_the_end_of_the_data_ends_the_run(recorded_run):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(l) for l in f if l.strip()]
   assert [r["step"] for r in rows] == [0, 1, 2]  # eval before RL, then two steps
-  assert sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())[-1] == 2
+  assert (
+    sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())[-1] == 2
+  )
   assert last["count/data_rows_read"] == 8  # exactly one pass
 
 
@@ -186,13 +201,14 @@ def test_reference_is_the_warmed_up_policy_and_survives_a_restart(recorded_run):
 def _tensorboard_tags(workdir) -> set[str]:
   """Scalar tags of the TensorBoard event files (TFRecord framing: length, crc, event, crc)."""
   from tensorboardX.proto import event_pb2
+
   tags = set()
   for path in glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")):
     data = open(path, "rb").read()
     i = 0
     while i < len(data):
-      (n,) = struct.unpack("<Q", data[i:i + 8])
-      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      (n,) = struct.unpack("<Q", data[i : i + 8])
+      ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
       tags |= {v.tag for v in ev.summary.value}
       i += 12 + n + 4
   return tags
@@ -202,6 +218,10 @@ def test_skipped_row_counts_are_logged(recorded_run):
   _, _, last, workdir, _, _ = recorded_run
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(l) for l in f if l.strip()]
-  keys = {"count/data_rows_read", "count/data_skipped_rows", "count/data_skipped_rows/prompt_too_long"}
+  keys = {
+    "count/data_rows_read",
+    "count/data_skipped_rows",
+    "count/data_skipped_rows/prompt_too_long",
+  }
   assert keys <= set(rows[-1]) and keys <= set(last)
   assert keys <= _tensorboard_tags(workdir)

@@ -1,4 +1,5 @@
 """HF safetensors <-> Orbax conversion: logits, bit-exact round trips, sharded export, clear errors."""
+
 import json
 import os
 import shutil
@@ -9,11 +10,11 @@ import torch
 from safetensors.numpy import load_file
 
 from pgpo_jax import checkpoint as ckpt_lib
+from pgpo_jax.cli import convert as cli
 from pgpo_jax.convert import hf as convert
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import loading, weights
 from tests.hf_utils import hf_logits, make_ids, random_pixels
-from pgpo_jax.cli import convert as cli
 
 GRIDS = [(1, 8, 12)]
 
@@ -39,7 +40,9 @@ def converted(tiny_hf, tmp_path_factory):
   """tiny_hf converted to Orbax in float32."""
   out = tmp_path_factory.mktemp("ckpt")
   summary = convert.hf_to_orbax(tiny_hf[1], out, dtype="float32", progress=False)
-  assert summary.num_tensors == len(loading.flat_params(qwen.abstract_model(qwen.Qwen25VLConfig.from_json(tiny_hf[1]))))
+  assert summary.num_tensors == len(
+    loading.flat_params(qwen.abstract_model(qwen.Qwen25VLConfig.from_json(tiny_hf[1])))
+  )
   return out
 
 
@@ -53,15 +56,20 @@ def test_hf_to_orbax_loads_with_same_logits(tiny_hf, converted):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg="/".join(k))
-  np.testing.assert_array_equal(_logits(from_ckpt, ids, pixels, grids), _logits(from_hf, ids, pixels, grids))
+  np.testing.assert_array_equal(
+    _logits(from_ckpt, ids, pixels, grids), _logits(from_hf, ids, pixels, grids)
+  )
   # The params item directly (config found one level up), cast to bf16 on restore.
   bf = qwen.from_pretrained(converted / "params", "bfloat16")
   assert loading.flat_params(bf)[("lm_head",)].dtype == np.dtype("bfloat16")
 
 
 @pytest.mark.parametrize("max_shard_bytes", [convert.DEFAULT_MAX_SHARD_BYTES, 150_000])
-def test_round_trip_is_bit_exact_and_transformers_loads_it(tiny_hf, converted, tmp_path, max_shard_bytes):
+def test_round_trip_is_bit_exact_and_transformers_loads_it(
+  tiny_hf, converted, tmp_path, max_shard_bytes
+):
   from transformers import Qwen2_5_VLForConditionalGeneration
+
   out = tmp_path / "hf"
   summary = convert.orbax_to_hf(converted, out, max_shard_bytes=max_shard_bytes, progress=False)
   files = sorted(os.listdir(out))
@@ -83,14 +91,18 @@ def test_round_trip_is_bit_exact_and_transformers_loads_it(tiny_hf, converted, t
   assert summary.num_tensors == len(original)
   assert summary.num_params == sum(w.size for w in original.values())
 
-  reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+  reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    str(out), dtype=torch.float32
+  ).eval()
   ids, pixels, grids = _inputs(1)
-  np.testing.assert_array_equal(hf_logits(reloaded, ids, None, pixels, grids),
-                                hf_logits(tiny_hf[0], ids, None, pixels, grids))
+  np.testing.assert_array_equal(
+    hf_logits(reloaded, ids, None, pixels, grids), hf_logits(tiny_hf[0], ids, None, pixels, grids)
+  )
 
 
 def test_tied_model_export_omits_lm_head(tiny_hf_tied, tmp_path):
   from transformers import Qwen2_5_VLForConditionalGeneration
+
   hf_model, folder = tiny_hf_tied
   convert.hf_to_orbax(folder, tmp_path / "ck", dtype="float32", progress=False)
   assert ("lm_head",) not in ckpt_lib.orbax_param_metadata(tmp_path / "ck" / "params")
@@ -98,10 +110,13 @@ def test_tied_model_export_omits_lm_head(tiny_hf_tied, tmp_path):
   exported = _all_tensors(tmp_path / "hf")
   assert "lm_head.weight" not in exported
   assert json.load(open(tmp_path / "hf" / "config.json"))["tie_word_embeddings"] is True
-  reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+  reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    str(tmp_path / "hf"), dtype=torch.float32
+  ).eval()
   ids, pixels, grids = _inputs(2)
-  np.testing.assert_array_equal(hf_logits(reloaded, ids, None, pixels, grids),
-                                hf_logits(hf_model, ids, None, pixels, grids))
+  np.testing.assert_array_equal(
+    hf_logits(reloaded, ids, None, pixels, grids), hf_logits(hf_model, ids, None, pixels, grids)
+  )
 
 
 def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
@@ -110,6 +125,7 @@ def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
   The trainer saves its `TrainState.params` (an nnx.State: leaves stored as {'value': ...})."""
   import orbax.checkpoint as ocp
   from flax import nnx
+
   model = qwen.from_pretrained(tiny_hf[1])
   work = tmp_path / "workdir"
   params_dir = work / "checkpoints" / "7" / "params"
@@ -121,9 +137,22 @@ def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
   shutil.copy(tiny_hf[1] / "config.json", work / "config.json")
   # Config found three levels up from the params item, or given explicitly.
   assert ckpt_lib.find_config(params_dir) == str(work / "config.json")
-  rc = cli.main(["--to_hf", "--ckpt", str(params_dir), "--model_config", str(work / "config.json"),
-                 "--out_dir", str(tmp_path / "out"), "--dtype", "bfloat16", "--max_shard_size", "200KB",
-                 "--no_progress"])
+  rc = cli.main(
+    [
+      "--to_hf",
+      "--ckpt",
+      str(params_dir),
+      "--model_config",
+      str(work / "config.json"),
+      "--out_dir",
+      str(tmp_path / "out"),
+      "--dtype",
+      "bfloat16",
+      "--max_shard_size",
+      "200KB",
+      "--no_progress",
+    ]
+  )
   assert rc == 0
   exported, original = _all_tensors(tmp_path / "out"), _all_tensors(tiny_hf[1])
   assert set(exported) == set(original)
@@ -134,33 +163,45 @@ def test_trainer_layout_and_dtype_cast_via_cli(tiny_hf, tmp_path):
   assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
 
 
-def test_trainer_state_item_gets_a_clear_error_and_the_step_folder_exports(tiny_hf, tmp_path, capsys):
+def test_trainer_state_item_gets_a_clear_error_and_the_step_folder_exports(
+  tiny_hf, tmp_path, capsys
+):
   """`--ckpt WORKDIR/checkpoints/<step>/state` (params + optimizer state) names the params item to use."""
   import jax
   import optax
   from flax import nnx
+
   from pgpo_jax import checkpoint as ckpt_lib
+
   model = qwen.from_pretrained(tiny_hf[1])
   params = nnx.state(model, nnx.Param)
   work = tmp_path / "workdir"
   c = ckpt_lib.Checkpointer(work / "checkpoints", save_every=1, async_save=False)
-  state = {"train": {"params": params, "opt_state": optax.adam(1e-3).init(params), "step": np.int32(7)},
-           "rng": np.zeros(2, np.uint32)}
+  state = {
+    "train": {"params": params, "opt_state": optax.adam(1e-3).init(params), "step": np.int32(7)},
+    "rng": np.zeros(2, np.uint32),
+  }
   c.save(7, state, params, {"step": 7}, {})
   c.close()
   shutil.copy(tiny_hf[1] / "config.json", work / "config.json")
   step = work / "checkpoints" / "7"
-  rc = cli.main(["--to_hf", "--ckpt", str(step / "state"), "--out_dir", str(tmp_path / "out"), "--no_progress"])
+  rc = cli.main(
+    ["--to_hf", "--ckpt", str(step / "state"), "--out_dir", str(tmp_path / "out"), "--no_progress"]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and "'state' item" in err and f"{step / 'params'}" in err, err
   assert not os.path.exists(tmp_path / "out" / "model.safetensors")
   # The step folder itself exports (its params item; config.json two levels up).
-  assert cli.main(["--to_hf", "--ckpt", str(step), "--out_dir", str(tmp_path / "out"), "--no_progress"]) == 0
+  assert (
+    cli.main(["--to_hf", "--ckpt", str(step), "--out_dir", str(tmp_path / "out"), "--no_progress"])
+    == 0
+  )
   exported, original = _all_tensors(tmp_path / "out"), _all_tensors(tiny_hf[1])
   assert set(exported) == set(original)
   np.testing.assert_array_equal(exported["model.norm.weight"], original["model.norm.weight"])
   # Any other tree of non-arrays: named, not an AttributeError.
   import orbax.checkpoint as ocp
+
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(str(tmp_path / "opt"), {"opt": optax.adam(1e-3).init({"w": jax.numpy.zeros(3)})})
   with pytest.raises(ValueError, match="not a parameters checkpoint: opt is a list, not an array"):
@@ -169,7 +210,9 @@ def test_trainer_state_item_gets_a_clear_error_and_the_step_folder_exports(tiny_
 
 def test_params_to_hf_from_memory(tiny_hf, tmp_path):
   model = qwen.from_pretrained(tiny_hf[1])
-  convert.params_to_hf(loading.flat_params(model), model.cfg, tmp_path, config_src=tiny_hf[1], progress=False)
+  convert.params_to_hf(
+    loading.flat_params(model), model.cfg, tmp_path, config_src=tiny_hf[1], progress=False
+  )
   exported, original = _all_tensors(tmp_path), _all_tensors(tiny_hf[1])
   for name, w in original.items():
     np.testing.assert_array_equal(exported[name], w, err_msg=name)
@@ -194,6 +237,7 @@ def test_not_a_qwen_config(tiny_hf, tmp_path):
 
 def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_hf, tmp_path):
   from safetensors.numpy import save_file
+
   d = _copy_hf(tiny_hf[1], tmp_path / "broken")
   tensors = _all_tensors(d)
   del tensors["model.layers.1.mlp.up_proj.weight"]
@@ -228,6 +272,8 @@ def test_unwritable_output_dir_and_cli_errors(tiny_hf, converted, tmp_path, caps
     qwen.from_pretrained(tmp_path)
   with pytest.raises(FileExistsError, match="already exists"):
     convert.hf_to_orbax(tiny_hf[1], converted, progress=False)
-  assert cli.main(["--hf_dir", str(tiny_hf[1]), "--out_dir", str(blocker / "x"), "--no_progress"]) == 2
+  assert (
+    cli.main(["--hf_dir", str(tiny_hf[1]), "--out_dir", str(blocker / "x"), "--no_progress"]) == 2
+  )
   assert "cannot create output directory" in capsys.readouterr().err
   assert cli.parse_size("5GB") == 5 * 10**9 and cli.parse_size("2MiB") == 2 * 2**20

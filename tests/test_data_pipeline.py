@@ -1,4 +1,5 @@
 """Reader and grain pipeline: encodings, bad rows, file errors, resume, sharding, epochs."""
+
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgpo_jax.data import reader as reader_lib
-from pgpo_jax.demo_task import synthetic
 from pgpo_jax.data.pipeline import _EpochShardIndices, make_prompt_iterator
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, RawRow
+from pgpo_jax.demo_task import synthetic
 from tests.test_data_processing import model_dir, noise_image, processor  # noqa: F401 (fixtures)
 
 N_ROWS = 12
@@ -84,28 +85,57 @@ def test_image_encodings_read_identically(tmp_path):
   b64 = [base64.b64encode(r).decode() for r in raw]
   struct = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
   files = {
-      "pq_bytes_list": write_table(tmp_path / "a.parquet", {
-          "problem": q, "answer": a, "images": pa.array([[r] for r in raw], pa.list_(pa.binary()))}),
-      "pq_bytes_single": write_table(tmp_path / "b.parquet", {
-          "problem": q, "answer": a, "images": pa.array(raw, pa.binary())}),
-      "pq_dict": write_table(tmp_path / "c.parquet", {
-          "problem": q, "answer": a,
-          "images": pa.array([[{"bytes": r, "path": None}] for r in raw], struct)}),
-      "pq_dict_path": write_table(tmp_path / "d.parquet", {
-          "problem": q, "answer": a,
-          "images": pa.array([[{"bytes": None, "path": p}] for p in rel], struct)}),
-      "pq_rel_path": write_table(tmp_path / "e.parquet", {"problem": q, "answer": a, "images": [[p] for p in rel]}),
-      "jsonl_path_single": write_jsonl(tmp_path / "f.jsonl", [
-          {"problem": qi, "answer": ai, "images": p} for qi, ai, p in zip(q, a, rel)]),
-      "jsonl_dict_path": write_jsonl(tmp_path / "g.jsonl", [
-          {"problem": qi, "answer": ai, "images": [{"path": p}]} for qi, ai, p in zip(q, a, rel)]),
-      "jsonl_dict_b64": write_jsonl(tmp_path / "h.jsonl", [
-          {"problem": qi, "answer": ai, "images": [{"bytes": s}]} for qi, ai, s in zip(q, a, b64)]),
-      "jsonl_data_uri": write_jsonl(tmp_path / "i.jsonl", [
-          {"problem": qi, "answer": ai, "images": [f"data:image/png;base64,{s}"]}
-          for qi, ai, s in zip(q, a, b64)]),
-      "jsonl_abs_path": write_jsonl(tmp_path / "j.jsonl", [
-          {"problem": qi, "answer": ai, "images": [str(tmp_path / p)]} for qi, ai, p in zip(q, a, rel)]),
+    "pq_bytes_list": write_table(
+      tmp_path / "a.parquet",
+      {"problem": q, "answer": a, "images": pa.array([[r] for r in raw], pa.list_(pa.binary()))},
+    ),
+    "pq_bytes_single": write_table(
+      tmp_path / "b.parquet", {"problem": q, "answer": a, "images": pa.array(raw, pa.binary())}
+    ),
+    "pq_dict": write_table(
+      tmp_path / "c.parquet",
+      {
+        "problem": q,
+        "answer": a,
+        "images": pa.array([[{"bytes": r, "path": None}] for r in raw], struct),
+      },
+    ),
+    "pq_dict_path": write_table(
+      tmp_path / "d.parquet",
+      {
+        "problem": q,
+        "answer": a,
+        "images": pa.array([[{"bytes": None, "path": p}] for p in rel], struct),
+      },
+    ),
+    "pq_rel_path": write_table(
+      tmp_path / "e.parquet", {"problem": q, "answer": a, "images": [[p] for p in rel]}
+    ),
+    "jsonl_path_single": write_jsonl(
+      tmp_path / "f.jsonl",
+      [{"problem": qi, "answer": ai, "images": p} for qi, ai, p in zip(q, a, rel)],
+    ),
+    "jsonl_dict_path": write_jsonl(
+      tmp_path / "g.jsonl",
+      [{"problem": qi, "answer": ai, "images": [{"path": p}]} for qi, ai, p in zip(q, a, rel)],
+    ),
+    "jsonl_dict_b64": write_jsonl(
+      tmp_path / "h.jsonl",
+      [{"problem": qi, "answer": ai, "images": [{"bytes": s}]} for qi, ai, s in zip(q, a, b64)],
+    ),
+    "jsonl_data_uri": write_jsonl(
+      tmp_path / "i.jsonl",
+      [
+        {"problem": qi, "answer": ai, "images": [f"data:image/png;base64,{s}"]}
+        for qi, ai, s in zip(q, a, b64)
+      ],
+    ),
+    "jsonl_abs_path": write_jsonl(
+      tmp_path / "j.jsonl",
+      [
+        {"problem": qi, "answer": ai, "images": [str(tmp_path / p)]} for qi, ai, p in zip(q, a, rel)
+      ],
+    ),
   }
   expected = [np.asarray(im) for im in imgs]
   for name, path in files.items():
@@ -123,20 +153,28 @@ def test_image_encodings_read_identically(tmp_path):
   assert r.locate(3 * 4 + 1) == (files["pq_rel_path"], 1)
   # Glob patterns expand sorted.
   assert DatasetReader(DatasetSpec(str(tmp_path / "*.jsonl"))).files == sorted(
-      p for p in files.values() if p.endswith(".jsonl"))
+    p for p in files.values() if p.endswith(".jsonl")
+  )
 
 
 def test_verl_layout_and_explicit_keys(tmp_path):
   img = png(noise_image(56, 56, 0))
-  path = write_table(tmp_path / "verl.parquet", {
-      "prompt": [[{"role": "system", "content": "ignored"}, {"role": "user", "content": "<image>Find x."}]],
+  path = write_table(
+    tmp_path / "verl.parquet",
+    {
+      "prompt": [
+        [{"role": "system", "content": "ignored"}, {"role": "user", "content": "<image>Find x."}]
+      ],
       "reward_model": [{"ground_truth": "7", "style": "rule"}],
-      "images": pa.array([[{"bytes": img, "path": None}]])})
+      "images": pa.array([[{"bytes": img, "path": None}]]),
+    },
+  )
   row = DatasetReader(DatasetSpec(path, answer_key="reward_model.ground_truth")).load(0)
   assert (row.question, row.answer) == ("<image>Find x.", "7")
   path2 = write_jsonl(tmp_path / "custom.jsonl", [{"q": "Why?", "gt": 3, "pics": None}])
-  row = DatasetReader(DatasetSpec(path2, question_key="q", answer_key="gt", image_key="pics",
-                                  require_images=False)).load(0)
+  row = DatasetReader(
+    DatasetSpec(path2, question_key="q", answer_key="gt", image_key="pics", require_images=False)
+  ).load(0)
   assert (row.question, row.answer, row.images) == ("Why?", "3", ())
 
 
@@ -147,71 +185,146 @@ def bad_rows_files(tmp_path_factory):
   truncated = png(noise_image(56, 56, 9))[:200]
   struct = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
   img = lambda b: [{"bytes": b, "path": None}]
-  pq_path = write_table(d / "mixed.parquet", {
-      "problem": ["good 0", "corrupt", "missing file", "", "null answer", "good 1", "truncated",
-                  "no image"],
+  pq_path = write_table(
+    d / "mixed.parquet",
+    {
+      "problem": [
+        "good 0",
+        "corrupt",
+        "missing file",
+        "",
+        "null answer",
+        "good 1",
+        "truncated",
+        "no image",
+      ],
       "answer": ["a", "b", "c", "d", None, "e", "f", "g"],
-      "images": pa.array([img(good[0]), img(b"not an image"), [{"bytes": None, "path": "nope.png"}],
-                          img(good[1]), img(good[1]), img(good[2]), img(truncated), []], struct)})
-  jl_path = write_jsonl(d / "more.jsonl", [
+      "images": pa.array(
+        [
+          img(good[0]),
+          img(b"not an image"),
+          [{"bytes": None, "path": "nope.png"}],
+          img(good[1]),
+          img(good[1]),
+          img(good[2]),
+          img(truncated),
+          [],
+        ],
+        struct,
+      ),
+    },
+  )
+  jl_path = write_jsonl(
+    d / "more.jsonl",
+    [
       {"problem": "no answer key", "images": [{"bytes": base64.b64encode(good[0]).decode()}]},
-      {"problem": "good 2", "answer": "h", "images": [{"bytes": base64.b64encode(good[2]).decode()}]},
-  ])
+      {
+        "problem": "good 2",
+        "answer": "h",
+        "images": [{"bytes": base64.b64encode(good[2]).decode()}],
+      },
+    ],
+  )
   return pq_path, jl_path
 
 
 def test_bad_rows_are_skipped_counted_and_logged(processor, bad_rows_files, caplog):
   pq_path, jl_path = bad_rows_files
   with caplog.at_level(logging.WARNING, logger=reader_lib.__name__):
-    it = make_prompt_iterator(DatasetSpec([pq_path, jl_path]), processor, batch_size=4, seed=0,
-                              num_epochs=1, max_prompt_length=512, shard_index=0, shard_count=1)
+    it = make_prompt_iterator(
+      DatasetSpec([pq_path, jl_path]),
+      processor,
+      batch_size=4,
+      seed=0,
+      num_epochs=1,
+      max_prompt_length=512,
+      shard_index=0,
+      shard_count=1,
+    )
     batches = collect(it)
   questions = [q for b in batches for q, v in zip(b.questions, b.prompt_valid) if v]
   assert sorted(questions) == ["good 0", "good 1", "good 2"]
   assert it.stats.counts == {
-      reader_lib.EMPTY_QUESTION: 1, reader_lib.MISSING_ANSWER: 2, reader_lib.MISSING_IMAGE: 1,
-      reader_lib.MISSING_IMAGE_FILE: 1, reader_lib.CORRUPT_IMAGE: 2,
-      reader_lib.IMAGE_PLACEHOLDER_MISMATCH: 0, reader_lib.PROMPT_TOO_LONG: 0,
-      reader_lib.PROCESSOR_ERROR: 0, reader_lib.MALFORMED_ROW: 0}
+    reader_lib.EMPTY_QUESTION: 1,
+    reader_lib.MISSING_ANSWER: 2,
+    reader_lib.MISSING_IMAGE: 1,
+    reader_lib.MISSING_IMAGE_FILE: 1,
+    reader_lib.CORRUPT_IMAGE: 2,
+    reader_lib.IMAGE_PLACEHOLDER_MISMATCH: 0,
+    reader_lib.PROMPT_TOO_LONG: 0,
+    reader_lib.PROCESSOR_ERROR: 0,
+    reader_lib.MALFORMED_ROW: 0,
+  }
   assert (it.stats.rows_read, it.stats.prompts, it.stats.skipped) == (10, 3, 7)
   # One log line per skip, naming file, row and reason.
   msgs = [r.getMessage() for r in caplog.records]
   assert f"skipping row 1 of {pq_path}: corrupt_image" in "\n".join(msgs)
-  assert any(m.startswith(f"skipping row 2 of {pq_path}: missing_image_file") and "nope.png" in m
-             for m in msgs)
+  assert any(
+    m.startswith(f"skipping row 2 of {pq_path}: missing_image_file") and "nope.png" in m
+    for m in msgs
+  )
   assert f"skipping row 0 of {jl_path}: missing_answer" in "\n".join(msgs)
   assert len([m for m in msgs if m.startswith("skipping row")]) == 7
 
 
-def test_malformed_jsonl_lines_are_skipped_and_counted_like_bad_parquet_rows(processor, tmp_path, caplog):
+def test_malformed_jsonl_lines_are_skipped_and_counted_like_bad_parquet_rows(
+  processor, tmp_path, caplog
+):
   """One bad line no longer rejects a JSON-lines file: it is a skipped row, numbered from 0 like parquet's."""
   b64 = lambda i: base64.b64encode(png(noise_image(56, 56, i))).decode()  # noqa: E731
   good = lambda q, i: json.dumps({"problem": q, "answer": "1", "images": [{"bytes": b64(i)}]})  # noqa: E731
   jl = tmp_path / "some_bad.jsonl"
-  jl.write_text("\n".join([
-      good("jl 0", 0),  # row 0, line 1
-      '{"problem": "cut short", "answer": ',  # row 1, line 2: truncated
-      "",  # line 3: blank, not a row
-      '["a", "list"]',  # row 2, line 4: JSON, not an object
-      good("jl 3", 1),  # row 3, line 5
-      '{"problem": "nan", "answer": NaN}',  # row 4, line 6: not JSON
-  ]) + "\n")
-  pq_path = write_table(tmp_path / "one_bad.parquet", {
-      "problem": ["pq 0", "pq 1"], "answer": ["1", "2"],
-      "images": pa.array([[png(noise_image(56, 56, 2))], [b"not an image"]], pa.list_(pa.binary()))})
+  jl.write_text(
+    "\n".join(
+      [
+        good("jl 0", 0),  # row 0, line 1
+        '{"problem": "cut short", "answer": ',  # row 1, line 2: truncated
+        "",  # line 3: blank, not a row
+        '["a", "list"]',  # row 2, line 4: JSON, not an object
+        good("jl 3", 1),  # row 3, line 5
+        '{"problem": "nan", "answer": NaN}',  # row 4, line 6: not JSON
+      ]
+    )
+    + "\n"
+  )
+  pq_path = write_table(
+    tmp_path / "one_bad.parquet",
+    {
+      "problem": ["pq 0", "pq 1"],
+      "answer": ["1", "2"],
+      "images": pa.array([[png(noise_image(56, 56, 2))], [b"not an image"]], pa.list_(pa.binary())),
+    },
+  )
   with caplog.at_level(logging.WARNING, logger=reader_lib.__name__):
-    it = make_prompt_iterator(DatasetSpec([pq_path, str(jl)]), processor, batch_size=2, seed=0, num_epochs=1,
-                              max_prompt_length=512, shard_index=0, shard_count=1)
+    it = make_prompt_iterator(
+      DatasetSpec([pq_path, str(jl)]),
+      processor,
+      batch_size=2,
+      seed=0,
+      num_epochs=1,
+      max_prompt_length=512,
+      shard_index=0,
+      shard_count=1,
+    )
     batches = collect(it)
-  assert sorted(q for b in batches for q, v in zip(b.questions, b.prompt_valid) if v) == ["jl 0", "jl 3", "pq 0"]
-  assert it.stats.counts[reader_lib.MALFORMED_ROW] == 3 and it.stats.counts[reader_lib.CORRUPT_IMAGE] == 1
+  assert sorted(q for b in batches for q, v in zip(b.questions, b.prompt_valid) if v) == [
+    "jl 0",
+    "jl 3",
+    "pq 0",
+  ]
+  assert (
+    it.stats.counts[reader_lib.MALFORMED_ROW] == 3
+    and it.stats.counts[reader_lib.CORRUPT_IMAGE] == 1
+  )
   assert (it.stats.rows_read, it.stats.prompts, it.stats.skipped) == (7, 3, 4)
   msgs = "\n".join(r.getMessage() for r in caplog.records)
   assert f"skipping row 1 of {pq_path}: corrupt_image" in msgs
   assert f"skipping row 1 of {jl}: malformed_row (line 2: " in msgs
   assert f"skipping row 2 of {jl}: malformed_row (line 4: a JSON list, not an object)" in msgs
   assert f"skipping row 4 of {jl}: malformed_row (line 6: NaN is not valid JSON)" in msgs
-  assert DatasetReader(DatasetSpec(str(jl))).load(3).question == "jl 3"  # rows keep the file's numbering
+  assert (
+    DatasetReader(DatasetSpec(str(jl))).load(3).question == "jl 3"
+  )  # rows keep the file's numbering
 
 
 def test_jsonl_file_level_errors_give_the_line(tmp_path):
@@ -221,13 +334,14 @@ def test_jsonl_file_level_errors_give_the_line(tmp_path):
     DatasetReader(DatasetSpec(str(mixed), image_key=None))
   junk = tmp_path / "junk.jsonl"
   junk.write_text("not json\n[1]\n")
-  with pytest.raises(ValueError, match=r"junk.jsonl.*none of its 2 lines is a JSON object \(first: line 1: "):
+  with pytest.raises(
+    ValueError, match=r"junk.jsonl.*none of its 2 lines is a JSON object \(first: line 1: "
+  ):
     DatasetReader(DatasetSpec(str(junk), image_key=None))
 
 
 def test_file_level_errors_raise_before_iteration(processor, synth_path, tmp_path):
-  kw = dict(batch_size=2, seed=0, num_epochs=1, max_prompt_length=512, shard_index=0,
-            shard_count=1)
+  kw = dict(batch_size=2, seed=0, num_epochs=1, max_prompt_length=512, shard_index=0, shard_count=1)
   missing = str(tmp_path / "nope.parquet")
   with pytest.raises(FileNotFoundError, match="nope.parquet"):
     make_prompt_iterator(DatasetSpec([synth_path, missing]), processor, **kw)
@@ -252,9 +366,14 @@ def test_file_level_errors_raise_before_iteration(processor, synth_path, tmp_pat
   # Empty files hold no rows: fine next to other files, an error when they are all there is.
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
-  empty_pq = write_table(tmp_path / "empty.parquet", {
-      "problem": pa.array([], pa.string()), "answer": pa.array([], pa.string()),
-      "images": pa.array([], pa.list_(pa.binary()))})
+  empty_pq = write_table(
+    tmp_path / "empty.parquet",
+    {
+      "problem": pa.array([], pa.string()),
+      "answer": pa.array([], pa.string()),
+      "images": pa.array([], pa.list_(pa.binary())),
+    },
+  )
   it = make_prompt_iterator(DatasetSpec([str(empty), synth_path, empty_pq]), processor, **kw)
   assert sum(b.num_valid for b in it) == N_ROWS
   with pytest.raises(ValueError, match="has no rows"):
@@ -266,8 +385,15 @@ def test_file_level_errors_raise_before_iteration(processor, synth_path, tmp_pat
 # ------------------------------------------------------------------------------------------------
 def test_resume_continues_with_the_next_unseen_batch(processor, synth_path, bad_rows_files):
   spec = DatasetSpec([synth_path, *bad_rows_files])  # 22 rows, 7 of them skipped.
-  kw = dict(batch_size=4, seed=3, num_epochs=2, max_prompt_length=512, shard_index=0,
-            shard_count=1, num_threads=2)
+  kw = dict(
+    batch_size=4,
+    seed=3,
+    num_epochs=2,
+    max_prompt_length=512,
+    shard_index=0,
+    shard_count=1,
+    num_threads=2,
+  )
   full_it = make_prompt_iterator(spec, processor, **kw)
   full = collect(full_it)
   assert [b.num_valid for b in full] == [4] * 7 + [2]  # 2 epochs x 15 good rows
@@ -286,7 +412,7 @@ def test_resume_continues_with_the_next_unseen_batch(processor, synth_path, bad_
       longer.set_state(state)
       rest = valid_rows(full[k:])
       more = valid_rows(collect(longer))
-      assert more[:len(rest)] == rest and len(more) == len(rest) + N_ROWS + 3
+      assert more[: len(rest)] == rest and len(more) == len(rest) + N_ROWS + 3
   other = make_prompt_iterator(spec, processor, **{**kw, "seed": 4})
   with pytest.raises(ValueError, match="different pipeline"):
     other.set_state(state)
@@ -298,14 +424,19 @@ def test_epochs_reshuffle_and_seeds_are_reproducible(processor, synth_path):
   e0, e1 = rows[:N_ROWS], rows[N_ROWS:]
   assert sorted(e0) == sorted(e1) == list(range(N_ROWS))
   assert e0 != e1 and e0 != sorted(e0)
-  again = valid_rows(collect(make_prompt_iterator(DatasetSpec(synth_path), processor, seed=0, **kw)))
+  again = valid_rows(
+    collect(make_prompt_iterator(DatasetSpec(synth_path), processor, seed=0, **kw))
+  )
   assert again == rows
-  other = valid_rows(collect(make_prompt_iterator(DatasetSpec(synth_path), processor, seed=1, **kw)))
+  other = valid_rows(
+    collect(make_prompt_iterator(DatasetSpec(synth_path), processor, seed=1, **kw))
+  )
   assert other[:N_ROWS] != e0
   # num_epochs=None repeats forever with the same per-epoch permutations.
-  forever = make_prompt_iterator(DatasetSpec(synth_path), processor, seed=0,
-                                 **{**kw, "num_epochs": None})
-  assert valid_rows(collect(forever, limit=3 * N_ROWS // 4))[:2 * N_ROWS] == rows
+  forever = make_prompt_iterator(
+    DatasetSpec(synth_path), processor, seed=0, **{**kw, "num_epochs": None}
+  )
+  assert valid_rows(collect(forever, limit=3 * N_ROWS // 4))[: 2 * N_ROWS] == rows
 
 
 @pytest.mark.parametrize("shard_count", [2, 3, 4])
@@ -313,41 +444,75 @@ def test_host_shards_are_disjoint_and_cover_each_epoch(processor, synth_path, sh
   per_epoch = N_ROWS // shard_count
   epochs = [[] for _ in range(2)]
   for shard in range(shard_count):
-    it = make_prompt_iterator(DatasetSpec(synth_path), processor, batch_size=2, seed=5,
-                              num_epochs=2, max_prompt_length=512, shard_index=shard,
-                              shard_count=shard_count)
+    it = make_prompt_iterator(
+      DatasetSpec(synth_path),
+      processor,
+      batch_size=2,
+      seed=5,
+      num_epochs=2,
+      max_prompt_length=512,
+      shard_index=shard,
+      shard_count=shard_count,
+    )
     rows = valid_rows(collect(it))
     assert len(rows) == 2 * per_epoch
     for e in range(2):
-      epochs[e].extend(rows[e * per_epoch:(e + 1) * per_epoch])
+      epochs[e].extend(rows[e * per_epoch : (e + 1) * per_epoch])
   for e in range(2):
     assert sorted(epochs[e]) == list(range(N_ROWS)), e  # Disjoint (no repeats) and covering.
 
 
 def test_default_shard_is_this_jax_process(processor, synth_path):
-  it = make_prompt_iterator(DatasetSpec(synth_path), processor, batch_size=5, seed=0,
-                            num_epochs=1, max_prompt_length=512)
+  it = make_prompt_iterator(
+    DatasetSpec(synth_path), processor, batch_size=5, seed=0, num_epochs=1, max_prompt_length=512
+  )
   batches = collect(it)
   assert sorted(valid_rows(batches)) == list(range(N_ROWS))
   assert [b.num_valid for b in batches] == [5, 5, 2]
   assert batches[-1].prompt_valid.tolist() == [True, True, False, False, False]
-  dropped = make_prompt_iterator(DatasetSpec(synth_path), processor, batch_size=5, seed=0,
-                                 num_epochs=1, max_prompt_length=512, drop_remainder=True)
+  dropped = make_prompt_iterator(
+    DatasetSpec(synth_path),
+    processor,
+    batch_size=5,
+    seed=0,
+    num_epochs=1,
+    max_prompt_length=512,
+    drop_remainder=True,
+  )
   assert [b.num_valid for b in dropped] == [5, 5]
 
 
 @settings(max_examples=60, deadline=None)
-@given(num_rows=st.integers(1, 40), shard_count=st.integers(1, 6), num_epochs=st.integers(1, 3),
-       even=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@given(
+  num_rows=st.integers(1, 40),
+  shard_count=st.integers(1, 6),
+  num_epochs=st.integers(1, 3),
+  even=st.booleans(),
+  seed=st.integers(0, 2**32 - 1),
+)
 def test_epoch_shard_indices_partition_every_epoch(num_rows, shard_count, num_epochs, even, seed):
   if num_rows < shard_count:  # Some host would get nothing: a configuration error.
     with pytest.raises(ValueError, match="cannot feed"):
-      _EpochShardIndices(num_rows, seed=seed, num_epochs=1, shard_index=shard_count - 1,
-                         shard_count=shard_count, even_shards=even)
+      _EpochShardIndices(
+        num_rows,
+        seed=seed,
+        num_epochs=1,
+        shard_index=shard_count - 1,
+        shard_count=shard_count,
+        even_shards=even,
+      )
     return
-  shards = [_EpochShardIndices(num_rows, seed=seed, num_epochs=num_epochs, shard_index=i,
-                               shard_count=shard_count, even_shards=even)
-            for i in range(shard_count)]
+  shards = [
+    _EpochShardIndices(
+      num_rows,
+      seed=seed,
+      num_epochs=num_epochs,
+      shard_index=i,
+      shard_count=shard_count,
+      even_shards=even,
+    )
+    for i in range(shard_count)
+  ]
   lengths = [len(s) // num_epochs for s in shards]
   if even:
     assert set(lengths) == {num_rows // shard_count}
@@ -361,14 +526,30 @@ def test_epoch_shard_indices_partition_every_epoch(num_rows, shard_count, num_ep
 def test_over_long_prompts_are_dropped_and_counted(processor, tmp_path):
   img = [{"bytes": png(noise_image(56, 56, 0)), "path": None}]
   questions = ["Short?", "Long " * 300 + "?", "Also short?", "Longer still " * 200 + "?"]
-  path = write_table(tmp_path / "long.parquet", {
-      "problem": questions, "answer": ["1"] * 4,
-      "images": pa.array([img] * 4, pa.list_(pa.struct([("bytes", pa.binary()),
-                                                        ("path", pa.string())])))})
-  it = make_prompt_iterator(DatasetSpec(path), processor, batch_size=4, seed=0, num_epochs=1,
-                            max_prompt_length=256, shard_index=0, shard_count=1)
+  path = write_table(
+    tmp_path / "long.parquet",
+    {
+      "problem": questions,
+      "answer": ["1"] * 4,
+      "images": pa.array(
+        [img] * 4, pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+      ),
+    },
+  )
+  it = make_prompt_iterator(
+    DatasetSpec(path),
+    processor,
+    batch_size=4,
+    seed=0,
+    num_epochs=1,
+    max_prompt_length=256,
+    shard_index=0,
+    shard_count=1,
+  )
   (batch,) = collect(it)
   assert sorted(q for q, v in zip(batch.questions, batch.prompt_valid) if v) == [
-      "Also short?", "Short?"]
+    "Also short?",
+    "Short?",
+  ]
   assert it.stats.counts[reader_lib.PROMPT_TOO_LONG] == 2
   assert batch.input_ids.shape[1] <= 256 and batch.attention_mask.sum(1).max() <= 256

@@ -9,6 +9,7 @@ by saving parameters directly:
   the lower id) always answers 1.
 - `random`: the random-init demo model, whose responses depend on the image (S > 0).
 """
+
 import csv
 import importlib.util
 import json
@@ -23,15 +24,14 @@ from PIL import Image
 
 from pgpo_jax import checkpoint as ckpt_lib
 from pgpo_jax import evaluation as ev
-from pgpo_jax import programs
-from pgpo_jax.tools import inspect_dependency as idep
-from pgpo_jax import rewards, trainer
-from pgpo_jax.tools import plotting
+from pgpo_jax import programs, rewards, trainer
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.prompts import PromptEncoder, PromptFormat
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.rl import advantages
+from pgpo_jax.tools import inspect_dependency as idep
+from pgpo_jax.tools import plotting
 from tests.test_trainer import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -53,13 +53,22 @@ def _make_bigram(model, tok):
   params[lm + ("layers", "w_down")] = np.zeros_like(params[lm + ("layers", "w_down")])
   emb = np.array(params[lm + ("embed_tokens",)])
   head = np.zeros_like(np.asarray(params[("lm_head",)]))  # [D, V]
-  ids = [[tok.convert_tokens_to_ids(t) if t.startswith("<|") else tok(t, add_special_tokens=False)["input_ids"][0]
-          for t in (x if isinstance(x, tuple) else (x,))] for x in CHAIN]
+  ids = [
+    [
+      tok.convert_tokens_to_ids(t)
+      if t.startswith("<|")
+      else tok(t, add_special_tokens=False)["input_ids"][0]
+      for t in (x if isinstance(x, tuple) else (x,))
+    ]
+    for x in CHAIN
+  ]
   basis = {}
   for group in ids:
     for i in group:
       basis[i] = len(basis)
-      emb[i] = np.eye(emb.shape[1])[basis[i]]  # RMSNorm(e_j) = sqrt(D) e_j: row j of the head is the logits
+      emb[i] = np.eye(emb.shape[1])[
+        basis[i]
+      ]  # RMSNorm(e_j) = sqrt(D) e_j: row j of the head is the logits
   for cur, nxt in zip(ids[:-1], ids[1:]):
     for i in cur:
       head[basis[i], nxt] = 5.0  # logit 5 * sqrt(64) = 40 against 0: deterministic up to e^-40
@@ -77,7 +86,9 @@ def _write_workdir(path, data_dir, bigram: bool):
   with open(path / "config.json", "w") as f:
     json.dump(model.cfg.to_hf_dict(), f)
   proc.save_pretrained(str(path))
-  ckpt_lib.save_orbax_params(path / "checkpoints" / "1" / "params", {k: np.asarray(v) for k, v in params.items()})
+  ckpt_lib.save_orbax_params(
+    path / "checkpoints" / "1" / "params", {k: np.asarray(v) for k, v in params.items()}
+  )
   return path
 
 
@@ -92,7 +103,9 @@ def data_dir(tmp_path_factory):
     for i in range(4):
       r = rows.load(i)
       r.images[0].save(d / "jl" / "img" / f"{i}.png")
-      f.write(json.dumps({"question": r.question, "answer": r.answer, "image": f"img/{i}.png"}) + "\n")
+      f.write(
+        json.dumps({"question": r.question, "answer": r.answer, "image": f"img/{i}.png"}) + "\n"
+      )
   return d
 
 
@@ -115,59 +128,106 @@ def test_resolve_checkpoint_layouts(bigram_workdir):
   for p in (bigram_workdir / "checkpoints" / "1", bigram_workdir / "checkpoints" / "1" / "params"):
     r = ev.resolve_checkpoint(p)
     assert (r.model_path, r.config_path, r.processor_dir, r.step) == (
-        by_workdir.model_path, str(bigram_workdir / "config.json"), str(bigram_workdir), 1)
+      by_workdir.model_path,
+      str(bigram_workdir / "config.json"),
+      str(bigram_workdir),
+      1,
+    )
   with pytest.raises(FileNotFoundError, match="not a Qwen2.5-VL checkpoint"):
     ev.resolve_checkpoint(bigram_workdir / "checkpoints")
 
 
 def test_eval_avg_at_k_equals_hand_computed_accuracy(bigram_workdir, data_dir, tmp_path):
   out = tmp_path / "out"
-  rc = _script("eval").main([
-      "--ckpt", str(bigram_workdir), "--data", f"synth={data_dir / 'test.parquet'},{data_dir / 'jl' / 'bench.jsonl'}",
-      "--config.k=2", "--config.max_new_tokens=8", "--config.batch_size=4", "--config.max_prompt_length=256",
-      "--dtype", "float32",
-      "--out", str(out), "--no_progress"])
+  rc = _script("eval").main(
+    [
+      "--ckpt",
+      str(bigram_workdir),
+      "--data",
+      f"synth={data_dir / 'test.parquet'},{data_dir / 'jl' / 'bench.jsonl'}",
+      "--config.k=2",
+      "--config.max_new_tokens=8",
+      "--config.batch_size=4",
+      "--config.max_prompt_length=256",
+      "--dtype",
+      "float32",
+      "--out",
+      str(out),
+      "--no_progress",
+    ]
+  )
   assert rc == 0
   table = {r["benchmark"]: r for r in json.load(open(out / "results.json"))["table"]}
   assert list(table) == ["synth", "bench", "average"]
   gens = ev.read_generations(out / "generations.jsonl")
   assert len(gens) == 2 * (8 + 4)
   assert {g["response"] for g in gens} <= {"\\boxed{1}", "\\boxed{2}"}  # the bigram model works
-  golds = {"synth": [r["answer"] for r in pq.read_table(data_dir / "test.parquet").to_pylist()],
-           "bench": [json.loads(l)["answer"] for l in open(data_dir / "jl" / "bench.jsonl")]}
+  golds = {
+    "synth": [r["answer"] for r in pq.read_table(data_dir / "test.parquet").to_pylist()],
+    "bench": [json.loads(l)["answer"] for l in open(data_dir / "jl" / "bench.jsonl")],
+  }
   for name, n in (("synth", 8), ("bench", 4)):
     mine = [g for g in gens if g["benchmark"] == name]
-    assert all(g["answer"] == golds[name][g["row_index"]] for g in mine)  # each sample scored against its row
+    assert all(
+      g["answer"] == golds[name][g["row_index"]] for g in mine
+    )  # each sample scored against its row
     by_prompt = {}
     for g in mine:
       assert rewards.score(g["response"], g["answer"])["accuracy"] == g["accuracy"]
-      by_prompt.setdefault(g["row_index"], []).append(rewards.score(g["response"], g["answer"])["accuracy"])
+      by_prompt.setdefault(g["row_index"], []).append(
+        rewards.score(g["response"], g["answer"])["accuracy"]
+      )
     assert len(by_prompt) == n and all(len(v) == 2 for v in by_prompt.values())
     avg = np.mean([np.mean(v) for v in by_prompt.values()])
     np.testing.assert_allclose(table[name]["accuracy"], avg, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(table[name]["pass_at_k"], np.mean([max(v) for v in by_prompt.values()]), atol=1e-12)
-    assert table[name]["num_prompts"] == n and table[name]["k"] == 2 and table[name]["num_skipped"] == 0
+    np.testing.assert_allclose(
+      table[name]["pass_at_k"], np.mean([max(v) for v in by_prompt.values()]), atol=1e-12
+    )
+    assert (
+      table[name]["num_prompts"] == n and table[name]["k"] == 2 and table[name]["num_skipped"] == 0
+    )
   # Sampled answers are right only sometimes: the averaging is exercised, not a constant 0 or 1.
   assert 0 < table["synth"]["accuracy"] < 1
-  assert any(np.mean([g["accuracy"] for g in gens if g["row_index"] == r and g["benchmark"] == "synth"]) == 0.5
-             for r in range(8)) or table["synth"]["pass_at_k"] > table["synth"]["accuracy"]
-  np.testing.assert_allclose(table["average"]["accuracy"],
-                             (table["synth"]["accuracy"] + table["bench"]["accuracy"]) / 2, atol=1e-12)
+  assert (
+    any(
+      np.mean([g["accuracy"] for g in gens if g["row_index"] == r and g["benchmark"] == "synth"])
+      == 0.5
+      for r in range(8)
+    )
+    or table["synth"]["pass_at_k"] > table["synth"]["accuracy"]
+  )
+  np.testing.assert_allclose(
+    table["average"]["accuracy"],
+    (table["synth"]["accuracy"] + table["bench"]["accuracy"]) / 2,
+    atol=1e-12,
+  )
   # Sampled results depend on the prompt's benchmark and row, not on its batch or the other benchmarks.
   policy = ev.load_policy(bigram_workdir, dtype="float32")
-  again = ev.evaluate(policy, ev.resolve_benchmarks([f"synth={data_dir / 'test.parquet'}"]),
-                      ev.EvalConfig(k=2, max_new_tokens=8, batch_size=3, max_prompt_length=256), progress=False)
-  assert [x["response"] for x in again.samples] == [g["response"] for g in gens if g["benchmark"] == "synth"]
+  again = ev.evaluate(
+    policy,
+    ev.resolve_benchmarks([f"synth={data_dir / 'test.parquet'}"]),
+    ev.EvalConfig(k=2, max_new_tokens=8, batch_size=3, max_prompt_length=256),
+    progress=False,
+  )
+  assert [x["response"] for x in again.samples] == [
+    g["response"] for g in gens if g["benchmark"] == "synth"
+  ]
   with open(out / "results.csv") as f:
     csv_rows = {r["benchmark"]: r for r in csv.DictReader(f)}
-  assert float(csv_rows["synth"]["accuracy"]) == pytest.approx(table["synth"]["accuracy"], abs=1e-12)
+  assert float(csv_rows["synth"]["accuracy"]) == pytest.approx(
+    table["synth"]["accuracy"], abs=1e-12
+  )
 
 
 def test_greedy_eval(bigram_workdir, data_dir):
   policy = ev.load_policy(bigram_workdir / "checkpoints" / "1", dtype="float32")
   bench = ev.resolve_benchmarks([str(data_dir / "test.parquet")])
-  result = ev.evaluate(policy, bench, ev.EvalConfig.greedy(max_new_tokens=8, batch_size=4, max_prompt_length=256),
-                       progress=False)
+  result = ev.evaluate(
+    policy,
+    bench,
+    ev.EvalConfig.greedy(max_new_tokens=8, batch_size=4, max_prompt_length=256),
+    progress=False,
+  )
   golds = [r["answer"] for r in pq.read_table(data_dir / "test.parquet").to_pylist()]
   assert all(s["response"] == "\\boxed{1}" for s in result.samples)  # ties go to the lower token id
   assert result.table[0]["accuracy"] == golds.count("1") / len(golds) > 0
@@ -176,8 +236,16 @@ def test_greedy_eval(bigram_workdir, data_dir):
 def test_benchmark_columns_and_names(data_dir, tmp_path):
   b = ev.resolve_benchmarks(f"{data_dir / 'test.parquet'},named={data_dir / 'jl' / 'bench.jsonl'}")
   assert [x.name for x in b] == ["test", "named"]
-  assert (b[0].spec.question_key, b[0].spec.answer_key, b[0].spec.image_key) == ("problem", "answer", "images")
-  assert (b[1].spec.question_key, b[1].spec.answer_key, b[1].spec.image_key) == ("question", "answer", "image")
+  assert (b[0].spec.question_key, b[0].spec.answer_key, b[0].spec.image_key) == (
+    "problem",
+    "answer",
+    "images",
+  )
+  assert (b[1].spec.question_key, b[1].spec.answer_key, b[1].spec.image_key) == (
+    "question",
+    "answer",
+    "image",
+  )
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"question": "q", "target": "1"}) + "\n")
   with pytest.raises(ValueError, match="no answer column.*target"):
@@ -201,11 +269,23 @@ def _check_png(path, size):
 
 def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path):
   out = tmp_path / "insp"
-  rc = _script("inspect_dependency").main([
-      "--ckpt", str(random_workdir), "--data", str(data_dir / "test.parquet"), "--config.n=5",
-      "--config.batch_size=4", "--greedy", "--config.max_new_tokens=8", "--config.max_prompt_length=256",
-      "--config.chunk_size=4", "--out", str(out),
-      "--no_progress"])
+  rc = _script("inspect_dependency").main(
+    [
+      "--ckpt",
+      str(random_workdir),
+      "--data",
+      str(data_dir / "test.parquet"),
+      "--config.n=5",
+      "--config.batch_size=4",
+      "--greedy",
+      "--config.max_new_tokens=8",
+      "--config.max_prompt_length=256",
+      "--config.chunk_size=4",
+      "--out",
+      str(out),
+      "--no_progress",
+    ]
+  )
   assert rc == 0
   recs = idep.read_tokens(out / "tokens.jsonl")
   assert len(recs) == 5
@@ -213,7 +293,10 @@ def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path
   # groups (another padding and batch than the inspector's), scored by the trainer's scoring program.
   policy = ev.load_policy(random_workdir, dtype="float32")
   spec = DatasetSpec(str(data_dir / "test.parquet"))
-  reader, enc = DatasetReader(spec), PromptEncoder(policy.processor, PromptFormat(), max_prompt_length=256)
+  reader, enc = (
+    DatasetReader(spec),
+    PromptEncoder(policy.processor, PromptFormat(), max_prompt_length=256),
+  )
   L = 8
   groups = []
   for r in recs:
@@ -221,15 +304,31 @@ def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path
     n = len(r["token_ids"])
     tokens, mask = np.zeros((1, L), np.int32), np.zeros((1, L), bool)
     tokens[0, :n], mask[0, :n] = r["token_ids"], True
-    groups.append(trainer.Group(e.input_ids, e.pixel_values, e.image_grid_thw, r["answer"], tokens, mask,
-                                np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, bool)))
+    groups.append(
+      trainer.Group(
+        e.input_ids,
+        e.pixel_values,
+        e.image_grid_thw,
+        r["answer"],
+        tokens,
+        mask,
+        np.zeros(1),
+        np.zeros(1),
+        np.zeros(1),
+        np.zeros(1, bool),
+      )
+    )
   seq, _ = trainer.collate_groups(groups, policy.cfg, (64, 128, 256), policy.cfg.pad_token_id)
   s = jax.device_get(programs.make_score_program(policy.graphdef)(policy.state, seq))
   any_positive = False
   for i, r in enumerate(recs):
     n = len(r["token_ids"])
-    for field, ours in (("dependency", s.dependency_BxT), ("logp_image", s.logp_image_BxT),
-                        ("logp_blind", s.logp_blind_BxT), ("entropy", s.entropy_BxT)):
+    for field, ours in (
+      ("dependency", s.dependency_BxT),
+      ("logp_image", s.logp_image_BxT),
+      ("logp_blind", s.logp_blind_BxT),
+      ("entropy", s.entropy_BxT),
+    ):
       np.testing.assert_allclose(r[field], ours[i, :n], rtol=1e-4, atol=1e-6, err_msg=field)
     assert np.isclose(np.sum(r["weights"]), n, rtol=1e-5)  # mass conservation
     assert len(r["tokens"]) == len(r["categories"]) == n
@@ -241,10 +340,10 @@ def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path
   # noise between two paddings, so they are compared on the same S).
   dep, mask = np.zeros((5, L), np.float32), np.zeros((5, L), bool)
   for i, r in enumerate(recs):
-    dep[i, :len(r["dependency"])], mask[i, :len(r["dependency"])] = r["dependency"], True
+    dep[i, : len(r["dependency"])], mask[i, : len(r["dependency"])] = r["dependency"], True
   w = np.asarray(advantages.pgpo_token_weights(dep, mask, 0.4, 2.0))
   for i, r in enumerate(recs):
-    np.testing.assert_allclose(r["weights"], w[i, :len(r["weights"])], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["weights"], w[i, : len(r["weights"])], rtol=1e-5, atol=1e-6)
 
   summary = json.load(open(out / "summary.json"))
   dep = np.concatenate([r["dependency"] for r in recs])
@@ -255,16 +354,40 @@ def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path
   assert len(summary["top_tokens"]) == min(25, dep.size)
   assert summary["top_tokens"][0]["S"] == pytest.approx(dep.max())
   assert "response_004.html" in (out / "index.html").read_text()
-  for name, size in (("dependency_hist.png", (770, 462)), ("weights_hist.png", (770, 462)),
-                     ("dependency_by_category.png", (1210, 462)), ("sparsity.png", (1210, 462))):
+  for name, size in (
+    ("dependency_hist.png", (770, 462)),
+    ("weights_hist.png", (770, 462)),
+    ("dependency_by_category.png", (1210, 462)),
+    ("sparsity.png", (1210, 462)),
+  ):
     _check_png(out / name, size)
 
 
 def test_token_categories_and_colors():
   cat = idep.token_category
-  assert [cat("3"), cat(" 12"), cat("0.5"), cat("boxed"), cat(" the"), cat("{"), cat(" \\"), cat("\n"),
-          cat("<|im_end|>", special=True), cat("{yes")] == [
-              "digit", "digit", "digit", "word", "word", "punctuation", "punctuation", "whitespace", "special", "word"]
+  assert [
+    cat("3"),
+    cat(" 12"),
+    cat("0.5"),
+    cat("boxed"),
+    cat(" the"),
+    cat("{"),
+    cat(" \\"),
+    cat("\n"),
+    cat("<|im_end|>", special=True),
+    cat("{yes"),
+  ] == [
+    "digit",
+    "digit",
+    "digit",
+    "word",
+    "word",
+    "punctuation",
+    "punctuation",
+    "whitespace",
+    "special",
+    "word",
+  ]
   assert idep.s_color(0.0, 2.0) == "rgb(255,255,255)" and idep.s_color(2.0, 2.0) == "rgb(255,80,30)"
   assert idep.w_color(1.0, 5.0) == "rgb(255,255,255)"
   assert idep.w_color(0.0, 5.0).endswith(",255)") and idep.w_color(5.0, 5.0) == "rgb(255,45,45)"
@@ -284,19 +407,34 @@ def test_plot_metrics_two_runs(tmp_path):
   rng = np.random.default_rng(0)
   a_rows = [{"step": 0, "eval/accuracy": 0.2}]
   for s in range(1, 21):
-    a_rows.append({"step": s, "reward/overall": 0.1 + 0.02 * s, "reward/accuracy": 0.01 * s, "reward/format": 0.9,
-                   "train/grad_norm": float(rng.uniform(0.5, 2)), "entropy/scoring": 1.0 - 0.02 * s,
-                   "dependency/mean": 0.01, "dependency/max": None if s == 3 else 2.5,  # null = non-finite
-                   "pgpo/max_weight": 4.0, "response/length_mean": 100 + s, "throughput/mfu": None})
+    a_rows.append(
+      {
+        "step": s,
+        "reward/overall": 0.1 + 0.02 * s,
+        "reward/accuracy": 0.01 * s,
+        "reward/format": 0.9,
+        "train/grad_norm": float(rng.uniform(0.5, 2)),
+        "entropy/scoring": 1.0 - 0.02 * s,
+        "dependency/mean": 0.01,
+        "dependency/max": None if s == 3 else 2.5,  # null = non-finite
+        "pgpo/max_weight": 4.0,
+        "response/length_mean": 100 + s,
+        "throughput/mfu": None,
+      }
+    )
     if s % 10 == 0:
       a_rows[-1]["eval/accuracy"] = 0.2 + 0.01 * s
-  b_rows = [{"step": s, "reward/overall": 0.05 * s, "train/grad_norm": 1.0, "response/length_mean": 80.0}
-            for s in range(1, 11)]
+  b_rows = [
+    {"step": s, "reward/overall": 0.05 * s, "train/grad_norm": 1.0, "response/length_mean": 80.0}
+    for s in range(1, 11)
+  ]
   b_rows.append({"step": 5, "reward/overall": 0.9})  # logged again after a resume: replaces step 5
   _write_metrics(tmp_path / "pgpo_run", a_rows)
   _write_metrics(tmp_path / "dapo_run", b_rows)
 
-  runs = plotting.parse_runs([str(tmp_path / "pgpo_run"), f"dapo={tmp_path / 'dapo_run' / 'metrics.jsonl'}"])
+  runs = plotting.parse_runs(
+    [str(tmp_path / "pgpo_run"), f"dapo={tmp_path / 'dapo_run' / 'metrics.jsonl'}"]
+  )
   assert [label for label, _ in runs] == ["pgpo_run", "dapo"]
   b = plotting.read_metrics(tmp_path / "dapo_run")
   assert [r["step"] for r in b] == list(range(1, 11)) and b[4]["reward/overall"] == 0.9
@@ -304,11 +442,21 @@ def test_plot_metrics_two_runs(tmp_path):
   assert 3 not in steps and len(vals) == 19
 
   out = tmp_path / "plots"
-  rc = _script("plot_metrics").main([str(tmp_path / "pgpo_run"), f"dapo={tmp_path / 'dapo_run'}", "--out", str(out)])
+  rc = _script("plot_metrics").main(
+    [str(tmp_path / "pgpo_run"), f"dapo={tmp_path / 'dapo_run'}", "--out", str(out)]
+  )
   assert rc == 0
   names = sorted(os.listdir(out))
-  for must in ("overview.png", "reward.png", "eval_accuracy.png", "entropy.png", "grad_norm.png", "dependency.png",
-               "pgpo_weights.png", "response_length.png"):
+  for must in (
+    "overview.png",
+    "reward.png",
+    "eval_accuracy.png",
+    "entropy.png",
+    "grad_norm.png",
+    "dependency.png",
+    "pgpo_weights.png",
+    "response_length.png",
+  ):
     assert must in names, names
   assert "time.png" not in names and "loss.png" not in names  # no run has those keys
   for name in names:

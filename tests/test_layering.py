@@ -10,6 +10,7 @@
 - no module sets environment variables when it is imported;
 - no module reaches into another's private names (`module._name`).
 """
+
 import ast
 import os
 import pathlib
@@ -54,7 +55,9 @@ GRAPH = {name: _imports(tree) - {name} for name, tree in TREES.items()}
 
 
 def test_the_rules_see_the_package():
-  assert {"pgpo_jax.trainer", "pgpo_jax.models.qwen2_5_vl.text", "pgpo_jax.sharding"} <= set(MODULES)
+  assert {"pgpo_jax.trainer", "pgpo_jax.models.qwen2_5_vl.text", "pgpo_jax.sharding"} <= set(
+    MODULES
+  )
   assert "pgpo_jax.logical_axes" in GRAPH["pgpo_jax.models.qwen2_5_vl.text"]
 
 
@@ -65,7 +68,7 @@ def test_no_import_cycles():
     state[node] = 1
     for nxt in sorted(GRAPH.get(node, ())):
       if state.get(nxt) == 1:
-        cycle = path[path.index(nxt):] + [nxt]
+        cycle = path[path.index(nxt) :] + [nxt]
         # A package importing its own submodules (and them importing siblings) is not a cycle of concern.
         if not all(m.startswith(cycle[0] + ".") or m == cycle[0] for m in cycle):
           pytest.fail("import cycle: " + " -> ".join(cycle))
@@ -81,32 +84,51 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("pgpo_jax.models")))
 def test_models_import_only_the_bottom(name):
   above = {m for m in GRAPH[name] if not m.startswith("pgpo_jax.models") and m not in BOTTOM}
-  assert not above, f"{MODULES[name]} imports {sorted(above)}: the model must not depend on the layers above it"
+  assert not above, (
+    f"{MODULES[name]} imports {sorted(above)}: the model must not depend on the layers above it"
+  )
 
 
-@pytest.mark.parametrize("name,allowed", [(m, set()) for m in sorted(BOTTOM)]
-                         + [("pgpo_jax.sharding", {"pgpo_jax.keypaths", "pgpo_jax.logical_axes"})])
+@pytest.mark.parametrize(
+  "name,allowed",
+  [(m, set()) for m in sorted(BOTTOM)]
+  + [("pgpo_jax.sharding", {"pgpo_jax.keypaths", "pgpo_jax.logical_axes"})],
+)
 def test_bottom_modules_import_nothing_above(name, allowed):
   assert GRAPH[name] <= allowed, f"{MODULES[name]} imports {sorted(GRAPH[name] - allowed)}"
 
 
-@pytest.mark.parametrize("name", sorted(m for m in MODULES if not m.startswith(("pgpo_jax.tools", "pgpo_jax.cli"))))
+@pytest.mark.parametrize(
+  "name", sorted(m for m in MODULES if not m.startswith(("pgpo_jax.tools", "pgpo_jax.cli")))
+)
 def test_library_does_not_import_tools_or_commands(name):
   bad = {m for m in GRAPH[name] if m.startswith(("pgpo_jax.tools", "pgpo_jax.cli"))}
   assert not bad, f"{MODULES[name]} imports {sorted(bad)}"
 
 
 def test_orbax_only_in_checkpoint():
-  users = sorted(name for name, tree in TREES.items() for node in ast.walk(tree)
-                 if isinstance(node, (ast.Import, ast.ImportFrom))
-                 and any((a.name if isinstance(node, ast.Import) else node.module or "").startswith("orbax")
-                         for a in node.names))
+  users = sorted(
+    name
+    for name, tree in TREES.items()
+    for node in ast.walk(tree)
+    if isinstance(node, (ast.Import, ast.ImportFrom))
+    and any(
+      (a.name if isinstance(node, ast.Import) else node.module or "").startswith("orbax")
+      for a in node.names
+    )
+  )
   assert users == ["pgpo_jax.checkpoint"], users
 
 
 def test_jit_only_in_programs():
-  users = sorted({name for name, tree in TREES.items() for node in ast.walk(tree)
-                  if isinstance(node, ast.Attribute) and node.attr == "jit" and ast.unparse(node.value) == "jax"})
+  users = sorted(
+    {
+      name
+      for name, tree in TREES.items()
+      for node in ast.walk(tree)
+      if isinstance(node, ast.Attribute) and node.attr == "jit" and ast.unparse(node.value) == "jax"
+    }
+  )
   assert users == ["pgpo_jax.models.qwen2_5_vl.model", "pgpo_jax.programs"], users
 
 
@@ -117,8 +139,11 @@ def _module_level(tree: ast.Module):
     node = todo.pop()
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
       continue
-    if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and ast.unparse(node.test) == \
-        "__name__ == '__main__'":
+    if (
+      isinstance(node, ast.If)
+      and isinstance(node.test, ast.Compare)
+      and ast.unparse(node.test) == "__name__ == '__main__'"
+    ):
       continue
     yield node
     todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt))
@@ -128,7 +153,9 @@ def _module_level(tree: ast.Module):
 def test_no_environment_variables_set_at_import(name):
   for node in _module_level(TREES[name]):
     text = ast.unparse(node) if not isinstance(node, (ast.If, ast.Try, ast.With)) else ""
-    assert "os.environ" not in text, f"{MODULES[name]}:{node.lineno} touches os.environ at import: {text}"
+    assert "os.environ" not in text, (
+      f"{MODULES[name]}:{node.lineno} touches os.environ at import: {text}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -137,25 +164,36 @@ def test_no_private_cross_module_access(name):
   aliases = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
-      aliases |= {(a.asname or a.name.split(".")[0]) for a in node.names if a.name.startswith("pgpo_jax")}
+      aliases |= {
+        (a.asname or a.name.split(".")[0]) for a in node.names if a.name.startswith("pgpo_jax")
+      }
     elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pgpo_jax"):
       aliases |= {a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in MODULES}
   for node in ast.walk(tree):
-    if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+    if (
+      isinstance(node, ast.Attribute)
+      and node.attr.startswith("_")
+      and not node.attr.startswith("__")
+    ):
       root = node.value
       while isinstance(root, ast.Attribute):
         root = root.value
       if isinstance(root, ast.Name) and root.id in aliases:
-        pytest.fail(f"{MODULES[name]}:{node.lineno}: {ast.unparse(node)} is another module's private name")
+        pytest.fail(
+          f"{MODULES[name]}:{node.lineno}: {ast.unparse(node)} is another module's private name"
+        )
 
 
 def test_commands_are_declared_and_importable():
   """Every console entry point in pyproject.toml names a `main` that exists."""
   import importlib
   import tomllib
+
   with open(PKG.parent / "pyproject.toml", "rb") as f:
     scripts = tomllib.load(f)["project"]["scripts"]
-  assert {"pgpo-train", "pgpo-convert", "pgpo-compile-check", "pgpo-eval", "pgpo-inspect"} <= set(scripts)
+  assert {"pgpo-train", "pgpo-convert", "pgpo-compile-check", "pgpo-eval", "pgpo-inspect"} <= set(
+    scripts
+  )
   for command, target in scripts.items():
     module, func = target.split(":")
     assert callable(getattr(importlib.import_module(module), func)), command

@@ -1,4 +1,5 @@
 """Model features beyond parity: KV cache, bf16, static shapes (no retrace), released configs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,9 @@ def test_cached_decode_equals_full_forward(ours, chunk):
   vin = qwen.prepare_vision(pixels, grids, ours.cfg.vision)
   S = -(-(T + steps + 9) // 8) * 8  # unwritten slots at the end: never read (chunk) or masked
   cache = qwen.init_cache(ours.cfg.text, B, S, jnp.float32)
-  logits, cache = qwen.prefill(ours, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(am, bool), cache, vin)
+  logits, cache = qwen.prefill(
+    ours, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(am, bool), cache, vin
+  )
   next_pos = jnp.asarray(pos.max(axis=(0, 2)) + 1)
   step_logits, tokens = [logits], []
   step = jax.jit(lambda m, tok, p, c: qwen.decode_step(m, tok, p, c, chunk=chunk))
@@ -46,8 +49,9 @@ def test_cached_decode_equals_full_forward(ours, chunk):
   full_am = np.concatenate([am, np.ones((B, steps), am.dtype)], 1)
   full = np.asarray(qwen.forward(ours, full_ids, full_am, pixels, grids))
   for s in range(steps + 1):
-    np.testing.assert_allclose(np.asarray(step_logits[s]), full[:, T - 1 + s], atol=1e-4, rtol=0,
-                               err_msg=f"decode step {s}")
+    np.testing.assert_allclose(
+      np.asarray(step_logits[s]), full[:, T - 1 + s], atol=1e-4, rtol=0, err_msg=f"decode step {s}"
+    )
 
 
 def test_key_mask_drops_tokens_but_keeps_positions(ours):
@@ -61,13 +65,13 @@ def test_key_mask_drops_tokens_but_keeps_positions(ours):
   seeing = np.asarray(qwen.forward(ours, ids, None, pixels, grids))
   last_img = np.nonzero(ids[0] == ours.cfg.image_token_id)[0].max()
   # Text after the image sees the image only in the seeing view.
-  assert np.abs(blind[0, last_img + 1:] - seeing[0, last_img + 1:]).max() > 1e-3
+  assert np.abs(blind[0, last_img + 1 :] - seeing[0, last_img + 1 :]).max() > 1e-3
   # Text before the image is unaffected.
   first_img = np.nonzero(ids[0] == ours.cfg.image_token_id)[0].min()
   np.testing.assert_allclose(blind[0, :first_img], seeing[0, :first_img], atol=1e-6)
   # The blind view does not depend on the pixels at all.
   blind2 = np.asarray(qwen.forward(ours, ids, None, pixels * 3 + 1, grids, key_mask=km))
-  np.testing.assert_allclose(blind[0, last_img + 1:], blind2[0, last_img + 1:], atol=1e-6)
+  np.testing.assert_allclose(blind[0, last_img + 1 :], blind2[0, last_img + 1 :], atol=1e-6)
 
 
 def test_bf16_forward_is_finite_and_close_to_f32(tiny_hf, ours):
@@ -86,8 +90,9 @@ def test_bf16_forward_is_finite_and_close_to_f32(tiny_hf, ours):
 
 def test_no_recompile_within_a_bucket(tiny_hf):
   # A config field that changes nothing numerically gives a graph of its own, so a fresh jit cache.
-  ours = qwen.from_pretrained(tiny_hf[1], config=qwen.Qwen25VLConfig.from_json(tiny_hf[1]).replace(
-      attention_chunk_size=4096))
+  ours = qwen.from_pretrained(
+    tiny_hf[1], config=qwen.Qwen25VLConfig.from_json(tiny_hf[1]).replace(attention_chunk_size=4096)
+  )
   rng = np.random.default_rng(3)
   graphdef, _ = nnx.split(ours)
   jitted = model_lib._jitted_forward(graphdef)
@@ -100,7 +105,9 @@ def test_no_recompile_within_a_bucket(tiny_hf):
     qwen.forward(ours, ids, None, random_pixels(rng, grids), np.asarray(grids))
   assert jitted._cache_size() == before + 1
   grids = [(1, 10, 14)]  # a bigger patch bucket compiles once more
-  qwen.forward(ours, np.array([make_ids(rng, grids)]), None, random_pixels(rng, grids), np.asarray(grids))
+  qwen.forward(
+    ours, np.array([make_ids(rng, grids)]), None, random_pixels(rng, grids), np.asarray(grids)
+  )
   assert jitted._cache_size() == before + 2
 
 
@@ -111,14 +118,18 @@ def test_scan_and_unrolled_layers_agree(tiny_hf, ours):
   grids = np.asarray([(1, 4, 4)])
   ids = np.array([make_ids(rng, grids)])
   pixels = random_pixels(rng, grids)
-  np.testing.assert_allclose(np.asarray(qwen.forward(unrolled, ids, None, pixels, grids)),
-                             np.asarray(qwen.forward(ours, ids, None, pixels, grids)), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(qwen.forward(unrolled, ids, None, pixels, grids)),
+    np.asarray(qwen.forward(ours, ids, None, pixels, grids)),
+    atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("size", ["3b", "7b"])
 def test_released_configs_build_abstractly_with_hf_parameter_counts(size):
   import torch
   from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
   cfg = qwen.PRESETS[size]
   with torch.device("meta"):
     hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf_dict()))
@@ -129,20 +140,41 @@ def test_released_configs_build_abstractly_with_hf_parameter_counts(size):
   assert qwen.count_params(abstract) == want
   # HF's own names map one-to-one onto ours (every tensor has a rule, every rule a tensor).
   from pgpo_jax.models.qwen2_5_vl import weights
+
   hf_names = {weights.normalize_hf_key(n) for n, _ in hf.named_parameters()}
   assert hf_names == set(weights.expected_hf_keys(cfg))
 
 
 def test_config_reads_flat_4x_layout():
-  flat = {"model_type": "qwen2_5_vl", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True,
-          "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-          "image_token_id": 290, "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64,
-                                                  "num_heads": 2, "out_hidden_size": 64,
-                                                  "fullatt_block_indexes": [1], "model_type": "qwen2_5_vl"}}
+  flat = {
+    "model_type": "qwen2_5_vl",
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": True,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "image_token_id": 290,
+    "vision_config": {
+      "depth": 2,
+      "hidden_size": 32,
+      "intermediate_size": 64,
+      "num_heads": 2,
+      "out_hidden_size": 64,
+      "fullatt_block_indexes": [1],
+      "model_type": "qwen2_5_vl",
+    },
+  }
   cfg = qwen.Qwen25VLConfig.from_hf_dict(flat)
-  assert cfg.text.mrope_section == (2, 3, 3) and cfg.text.tie_word_embeddings and cfg.image_token_id == 290
+  assert (
+    cfg.text.mrope_section == (2, 3, 3)
+    and cfg.text.tie_word_embeddings
+    and cfg.image_token_id == 290
+  )
   assert qwen.Qwen25VLConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
   bad = dict(flat, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
   with pytest.raises(ValueError, match="mrope_section"):
@@ -161,7 +193,7 @@ def test_per_row_vision_inputs_equal_packed(ours):
   per_row = np.asarray(qwen.encode_images(ours, rows))
   n0 = (8 * 4 + 2 * 4) // 4
   np.testing.assert_allclose(per_row[0, :n0], packed[:n0], atol=1e-5)
-  np.testing.assert_allclose(per_row[2, :6], packed[n0:n0 + 6], atol=1e-5)
+  np.testing.assert_allclose(per_row[2, :6], packed[n0 : n0 + 6], atol=1e-5)
   pos, _ = qwen.get_rope_index(ids, am, grids, image_token_id=ours.cfg.image_token_id)
   x_packed = qwen.embed_inputs(ours, jnp.asarray(ids), jnp.asarray(packed))
   x_rows = qwen.embed_inputs(ours, jnp.asarray(ids), jnp.asarray(per_row))
@@ -177,7 +209,9 @@ def test_window_blocks_hold_any_windows_of_a_patch_budget(units, spare):
   mu, S = cfg.merge_unit, qwen.vision.window_block(cfg)
   sizes = [u * mu for u in units]
   n_pad = sum(sizes) + spare * mu
-  window_seg = np.concatenate([np.full(s, w) for w, s in enumerate(sizes)] + [np.full(spare * mu, -1)])
+  window_seg = np.concatenate(
+    [np.full(s, w) for w, s in enumerate(sizes)] + [np.full(spare * mu, -1)]
+  )
   nb = qwen.vision.num_window_blocks(n_pad, cfg)
   index, seg, slot = qwen.vision._pack_windows(window_seg.astype(np.int32), S, nb)
   real = np.nonzero(window_seg >= 0)[0]

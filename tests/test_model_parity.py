@@ -1,11 +1,11 @@
 """Flax Qwen2.5-VL vs the HF PyTorch reference: logits, vision tower, M-RoPE ids (float32)."""
-import chex
+
 import numpy as np
 import pytest
 import torch
 
 from pgpo_jax.models import qwen2_5_vl as qwen
-from tests.hf_utils import IMAGE, hf_logits, left_pad, make_hf_model, make_ids, random_pixels
+from tests.hf_utils import IMAGE, hf_logits, left_pad, make_ids, random_pixels
 
 TOL = 1e-4
 
@@ -17,7 +17,9 @@ def ours(tiny_hf):
 
 def _compare(hf, model, ids, am, pixels, grids):
   ref = hf_logits(hf, ids, am, pixels, grids)
-  got = np.asarray(qwen.forward(model, ids, am, pixels, None if grids is None else np.asarray(grids)))
+  got = np.asarray(
+    qwen.forward(model, ids, am, pixels, None if grids is None else np.asarray(grids))
+  )
   valid = np.ones(ids.shape, bool) if am is None else am.astype(bool)
   assert got.shape == ref.shape
   diff = np.abs(got - ref)[valid].max()
@@ -34,13 +36,17 @@ def test_text_only(tiny_hf, ours):
 def test_one_image(tiny_hf, ours):
   rng = np.random.default_rng(1)
   grids = [(1, 8, 12)]
-  _compare(tiny_hf[0], ours, np.array([make_ids(rng, grids)]), None, random_pixels(rng, grids), grids)
+  _compare(
+    tiny_hf[0], ours, np.array([make_ids(rng, grids)]), None, random_pixels(rng, grids), grids
+  )
 
 
 def test_two_images_of_different_sizes_in_one_example(tiny_hf, ours):
   rng = np.random.default_rng(2)
   grids = [(1, 8, 12), (1, 6, 4)]
-  _compare(tiny_hf[0], ours, np.array([make_ids(rng, grids)]), None, random_pixels(rng, grids), grids)
+  _compare(
+    tiny_hf[0], ours, np.array([make_ids(rng, grids)]), None, random_pixels(rng, grids), grids
+  )
 
 
 def test_left_padded_batch_with_different_image_sizes(tiny_hf, ours):
@@ -55,12 +61,15 @@ def test_ragged_windows_and_grid_divisible_by_window(tiny_hf, ours):
   """10x14 patches → 5x7 merged: ragged 2x2 windows; 8x8 → divisible (HF adds empty windows)."""
   rng = np.random.default_rng(4)
   grids = [(1, 10, 14), (1, 8, 8)]
-  _compare(tiny_hf[0], ours, np.array([make_ids(rng, grids)]), None, random_pixels(rng, grids), grids)
+  _compare(
+    tiny_hf[0], ours, np.array([make_ids(rng, grids)]), None, random_pixels(rng, grids), grids
+  )
 
 
 def test_tied_head_without_gqa(tiny_hf_tied):
   hf, path = tiny_hf_tied
   from safetensors import safe_open
+
   with safe_open(str(path / "model.safetensors"), "np") as f:
     assert "lm_head.weight" not in f.keys()  # what makes the tied case special
   model = qwen.from_pretrained(path)
@@ -108,8 +117,11 @@ def test_mrope_position_ids_match_hf(tiny_hf):
   ids, am = left_pad([make_ids(rng, g0, pre=12), make_ids(rng, g1)])
   grids = np.asarray(g0 + g1)
   ref_pos, ref_delta = hf.model.get_rope_index(
-      torch.tensor(ids), mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
-      image_grid_thw=torch.tensor(grids), attention_mask=torch.tensor(am))
+    torch.tensor(ids),
+    mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
+    image_grid_thw=torch.tensor(grids),
+    attention_mask=torch.tensor(am),
+  )
   pos, delta = qwen.get_rope_index(ids, am, grids, image_token_id=IMAGE)
   valid = am.astype(bool)
   np.testing.assert_array_equal(pos[:, valid], ref_pos.numpy()[:, valid])
@@ -134,8 +146,11 @@ def test_image_token_count_mismatch_is_a_clear_error(ours):
 
 
 def test_loading_reports_missing_and_misshaped_keys(tmp_path, tiny_hf):
+  import json
+  import shutil
+
   from safetensors.numpy import load_file, save_file
-  import json, shutil
+
   src = tiny_hf[1]
   tensors = load_file(str(src / "model.safetensors"))
   tensors.pop("model.norm.weight")

@@ -6,6 +6,7 @@ own CPU devices, exactly as on a TPU pod where each host is one process.
   samples, same losses, same parameters), and a 2-process run resumes from its checkpoint (each
   host's data iterator, the RNG) and continues exactly like the uninterrupted run.
 """
+
 import json
 import os
 import signal
@@ -35,12 +36,18 @@ def _start_processes(argv_of, n: int):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
   env.pop("XLA_FLAGS", None)
   logs = [tempfile.TemporaryFile("w+") for _ in range(2 * n)]
-  procs = [subprocess.Popen(argv_of(i, port), env=env, stdout=logs[2 * i], stderr=logs[2 * i + 1], text=True)
-           for i in range(n)]
+  procs = [
+    subprocess.Popen(
+      argv_of(i, port), env=env, stdout=logs[2 * i], stderr=logs[2 * i + 1], text=True
+    )
+    for i in range(n)
+  ]
   return procs, logs
 
 
-def _wait_processes(procs, logs, timeout: float = 600, returncode: int = 0) -> list[subprocess.CompletedProcess]:
+def _wait_processes(
+  procs, logs, timeout: float = 600, returncode: int = 0
+) -> list[subprocess.CompletedProcess]:
   """Waits for all; every process must exit with `returncode` (none is left running)."""
   deadline = time.time() + timeout
   try:
@@ -57,13 +64,15 @@ def _wait_processes(procs, logs, timeout: float = 600, returncode: int = 0) -> l
   outs = []
   for i, p in enumerate(procs):
     text = []
-    for f in logs[2 * i:2 * i + 2]:
+    for f in logs[2 * i : 2 * i + 2]:
       f.seek(0)
       text.append(f.read())
       f.close()
     outs.append(subprocess.CompletedProcess(p.args, p.returncode, *text))
   for i, o in enumerate(outs):
-    assert o.returncode == returncode, f"process {i} exited {o.returncode}:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
+    assert o.returncode == returncode, (
+      f"process {i} exited {o.returncode}:\n{o.stdout[-3000:]}\n{o.stderr[-6000:]}"
+    )
   return outs
 
 
@@ -125,16 +134,25 @@ print(json.dumps(out))
 
 def test_multihost_helpers_on_two_processes():
   code = _HELPERS.format(root=ROOT)
-  outs = _run_processes(lambda i, port: [sys.executable, "-c", code, str(i), str(port)], n=2, timeout=300)
+  outs = _run_processes(
+    lambda i, port: [sys.executable, "-c", code, str(i), str(port)], n=2, timeout=300
+  )
   for pid, o in enumerate(outs):
     r = json.loads(o.stdout.strip().splitlines()[-1])
     assert r["global_shapes"] == [[3, 4, 5], [4, 5], []]
     assert r["global_is_hosts_in_order"] and r["roundtrip"] and r["local_of_replicated"], r
     assert r["allgather_f64_exact"] and r["allgather_i64"] and r["key_replicated"], r
     assert r["json"] == [{"host": 0, "pad": ""}, {"host": 1, "pad": "x" * 10}]
-    assert r["metrics"] == {"time/rollout": 2.0, "reward/overall": 0.5, "pgpo/max_weight": 2.0,
-                            "pgpo/min_weight": 0.0, "throughput/generated_tokens_per_s": 20.0}
-    assert "updates.prompts_per_update" in r["tensor_over_hosts"] and "hosts" in r["tensor_over_hosts"], r
+    assert r["metrics"] == {
+      "time/rollout": 2.0,
+      "reward/overall": 0.5,
+      "pgpo/max_weight": 2.0,
+      "pgpo/min_weight": 0.0,
+      "throughput/generated_tokens_per_s": 20.0,
+    }
+    assert (
+      "updates.prompts_per_update" in r["tensor_over_hosts"] and "hosts" in r["tensor_over_hosts"]
+    ), r
     assert r["update_batches"] == 2, r
 
 
@@ -143,12 +161,21 @@ def test_single_process_helpers_are_plain_device_put():
   mesh = trainer.sharding.make_mesh(1, 1, 1)
   g = multihost.to_global({"x": x}, None, mesh, trainer.sharding.TRAIN_RULES)
   np.testing.assert_array_equal(np.asarray(g["x"]), x)
-  np.testing.assert_array_equal(multihost.to_local(g, None, mesh, trainer.sharding.TRAIN_RULES)["x"], x)
+  np.testing.assert_array_equal(
+    multihost.to_local(g, None, mesh, trainer.sharding.TRAIN_RULES)["x"], x
+  )
   assert multihost.allgather_json({"a": 1}) == [{"a": 1}]
   assert multihost.reduce_metrics({"a": 1.5}) == {"a": 1.5}
-  assert [multihost.metric_reduction(k) for k in ("time/step", "train/grad_norm_max", "pgpo/min_weight",
-                                                  "throughput/generated_tokens_per_s", "reward/overall")] == [
-                                                      "max", "max", "min", "sum", "mean"]
+  assert [
+    multihost.metric_reduction(k)
+    for k in (
+      "time/step",
+      "train/grad_norm_max",
+      "pgpo/min_weight",
+      "throughput/generated_tokens_per_s",
+      "reward/overall",
+    )
+  ] == ["max", "max", "min", "sum", "mean"]
 
 
 def test_global_batches_must_split_over_hosts(tmp_path):
@@ -180,14 +207,29 @@ def test_global_batches_must_split_over_hosts(tmp_path):
 # is the whole rollout batch), so the update sees the same groups however the hosts split them. A KL
 # term: π_ref (the weights after the warm-up) is sharded over both hosts, saved once and restored on
 # resume.
-_OVERRIDES = ["mesh.data=1", "mesh.fsdp=4", "rollout.prompts_per_step=8", "updates.prompts_per_update=8",
-              "updates.micro_batch_prompts=4", "pgpo.scoring_prompts=4", "dynamic_sampling.max_rounds=1",
-              "train.eval_every=3", "checkpoint.every=2", "loss.kl_coef=0.05"]
+_OVERRIDES = [
+  "mesh.data=1",
+  "mesh.fsdp=4",
+  "rollout.prompts_per_step=8",
+  "updates.prompts_per_update=8",
+  "updates.micro_batch_prompts=4",
+  "pgpo.scoring_prompts=4",
+  "dynamic_sampling.max_rounds=1",
+  "train.eval_every=3",
+  "checkpoint.every=2",
+  "loss.kl_coef=0.05",
+]
 
 
 def _driver(workdir, data_dir, steps, n, i=0, port=0):
-  argv = [sys.executable, os.path.join(ROOT, "tests", "multihost_run.py"), f"--workdir={workdir}",
-          f"--data_dir={data_dir}", f"--steps={steps}", "--devices=4"]
+  argv = [
+    sys.executable,
+    os.path.join(ROOT, "tests", "multihost_run.py"),
+    f"--workdir={workdir}",
+    f"--data_dir={data_dir}",
+    f"--steps={steps}",
+    "--devices=4",
+  ]
   argv += [f"--override={o}" for o in _OVERRIDES]
   if n > 1:
     argv += [f"--coordinator=localhost:{port}", f"--num_processes={n}", f"--process_id={i}"]
@@ -203,6 +245,7 @@ def _params(workdir, step):
   from flax import nnx
 
   from pgpo_jax.models import qwen2_5_vl as qwen
+
   model = qwen.from_pretrained(os.path.join(workdir, "checkpoints", str(step), "params"))
   return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}
 
@@ -227,17 +270,35 @@ def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
     assert len(json.load(f)["iterators"]) == 2
   for step in (1, 2, 3):
     # Same prompts and samples: rewards and lengths are identical.
-    for k in ("reward/overall", "reward/accuracy", "dynamic_sampling/kept_share", "response/length_mean"):
+    for k in (
+      "reward/overall",
+      "reward/accuracy",
+      "dynamic_sampling/kept_share",
+      "response/length_mean",
+    ):
       assert got[step][k] == pytest.approx(ref[step][k], rel=1e-6, abs=1e-7), (step, k)
     # Float sums in another order (other shard shapes, collectives): equal to float32 rounding.
     for k in ("train/loss", "train/grad_norm", "train/entropy"):
-      assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (step, k, got[step][k], ref[step][k])
+      assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (
+        step,
+        k,
+        got[step][k],
+        ref[step][k],
+      )
     # Least exact: weights from S ~ 1e-4 (a k3 of nearly equal log-probs), and Adam's update, where
     # near-zero gradients of either sign move a weight by ±lr.
     for k in ("pgpo/max_weight", "train/update_norm"):
-      assert got[step][k] == pytest.approx(ref[step][k], rel=1e-3), (step, k, got[step][k], ref[step][k])
+      assert got[step][k] == pytest.approx(ref[step][k], rel=1e-3), (
+        step,
+        k,
+        got[step][k],
+        ref[step][k],
+      )
     # KL to π_ref: ~0 at step 1 (π_θ = π_ref up to float rounding), then the policy's drift.
-    assert got[step]["train/kl"] == pytest.approx(ref[step]["train/kl"], rel=1e-3, abs=1e-8), (step, got[step])
+    assert got[step]["train/kl"] == pytest.approx(ref[step]["train/kl"], rel=1e-3, abs=1e-8), (
+      step,
+      got[step],
+    )
   assert ref[3]["train/kl"] > 1e-6
   assert ref[1]["dynamic_sampling/kept_share"] < 1  # filler groups were used on some host
   assert got[3]["eval/accuracy"] == ref[3]["eval/accuracy"] and got[3]["eval/num_prompts"] == 4
@@ -246,8 +307,12 @@ def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
   # Adam turns float-rounding differences of near-zero gradients into visible ones for a handful of
   # weights (measured: 60 of 289k differ by > 1e-6, the largest by 1e-4, at lr 1e-3 / 2e-4); the
   # parameters as a whole agree to float32 precision.
-  diff = np.sqrt(sum(((p1[k] - p2[k]) ** 2).sum() for k in p1)) / np.sqrt(sum((p1[k] ** 2).sum() for k in p1))
-  moved = sum(int((np.abs(p1[k] - p2[k]) > 1e-6).sum()) for k in p1) / sum(v.size for v in p1.values())
+  diff = np.sqrt(sum(((p1[k] - p2[k]) ** 2).sum() for k in p1)) / np.sqrt(
+    sum((p1[k] ** 2).sum() for k in p1)
+  )
+  moved = sum(int((np.abs(p1[k] - p2[k]) > 1e-6).sum()) for k in p1) / sum(
+    v.size for v in p1.values()
+  )
   assert diff < 5e-5 and moved < 1e-3, (diff, moved)
 
   # One process cannot take over two hosts' data shards: a clear error, not a silent reshuffle.
@@ -263,20 +328,43 @@ def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
 def test_train_script_on_two_processes(data_dir, tmp_path):
   """What users run: `scripts/train.py` on every process, joined by --coordinator_address."""
   workdir = tmp_path / "script"
-  flags = [f"--config={ROOT}/configs/demo.py", f"--workdir={workdir}", f"--config.data.demo_dir={data_dir}",
-           f"--config.data.train_files={data_dir}/train.parquet", f"--config.data.eval_files={data_dir}/test.parquet",
-           f"--config.data.processor_dir={data_dir}/model", "--config.rollout.prompts_per_step=4",
-           "--config.rollout.group_size=2", "--config.rollout.max_new_tokens=4", "--config.mesh.data=4",
-           "--config.updates.prompts_per_update=4", "--config.updates.micro_batch_prompts=4",
-           "--config.warmup.sft_steps=0", "--config.train.num_steps=1", "--config.train.eval_every=1",
-           "--config.train.eval_prompts=4", "--config.model.tiny.hidden_size=64",
-           "--config.model.tiny.num_hidden_layers=1", "--config.model.tiny.vision_hidden_size=32"]
+  flags = [
+    f"--config={ROOT}/configs/demo.py",
+    f"--workdir={workdir}",
+    f"--config.data.demo_dir={data_dir}",
+    f"--config.data.train_files={data_dir}/train.parquet",
+    f"--config.data.eval_files={data_dir}/test.parquet",
+    f"--config.data.processor_dir={data_dir}/model",
+    "--config.rollout.prompts_per_step=4",
+    "--config.rollout.group_size=2",
+    "--config.rollout.max_new_tokens=4",
+    "--config.mesh.data=4",
+    "--config.updates.prompts_per_update=4",
+    "--config.updates.micro_batch_prompts=4",
+    "--config.warmup.sft_steps=0",
+    "--config.train.num_steps=1",
+    "--config.train.eval_every=1",
+    "--config.train.eval_prompts=4",
+    "--config.model.tiny.hidden_size=64",
+    "--config.model.tiny.num_hidden_layers=1",
+    "--config.model.tiny.vision_hidden_size=32",
+  ]
 
   def argv(i, port):
-    code = ("import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'; "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    return [sys.executable, "-c", code, os.path.join(ROOT, "scripts", "train.py"), *flags,
-            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+    code = (
+      "import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'; "
+      "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return [
+      sys.executable,
+      "-c",
+      code,
+      os.path.join(ROOT, "scripts", "train.py"),
+      *flags,
+      f"--coordinator_address=localhost:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    ]
 
   outs = _run_processes(argv, n=2)
   rows = _metrics(workdir)
@@ -291,8 +379,13 @@ def test_sigterm_on_one_host_stops_all_hosts_after_a_common_checkpoint(data_dir,
   all save that step, and all exit with the preempted status 75 (a host that left alone would hang
   the others; 0 would tell a scheduler that the run finished)."""
   workdir = tmp_path / "preempted"
-  procs, logs = _start_processes(lambda i, port: _driver(workdir, data_dir, 50, 2, i, port) + [
-      "--override=checkpoint.every=1000", "--override=train.eval_every=0"], n=2)
+  procs, logs = _start_processes(
+    lambda i, port: (
+      _driver(workdir, data_dir, 50, 2, i, port)
+      + ["--override=checkpoint.every=1000", "--override=train.eval_every=0"]
+    ),
+    n=2,
+  )
   deadline = time.time() + 300
   while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
     time.sleep(0.2)
@@ -311,8 +404,9 @@ def test_eval_script_on_two_processes_equals_one(data_dir, tmp_path):
   """`scripts/eval.py` on 2 processes (1 device each) gives the table and the samples of 1 process
   (2 devices): each host samples its rows, the records are gathered, host 0 writes. A 5-row benchmark
   leaves host 1 one batch short (it joins the last generation call with an all-invalid batch)."""
-  from tests.test_evaluation import _write_workdir
   from pgpo_jax.data.reader import DatasetReader, DatasetSpec
+  from tests.test_evaluation import _write_workdir
+
   ckpt = _write_workdir(tmp_path / "bigram", data_dir, bigram=True)
   rows = DatasetReader(DatasetSpec(str(data_dir / "test.parquet")))
   os.makedirs(tmp_path / "five" / "img")
@@ -320,19 +414,48 @@ def test_eval_script_on_two_processes_equals_one(data_dir, tmp_path):
     for i in range(5):
       r = rows.load(i)
       r.images[0].save(tmp_path / "five" / "img" / f"{i}.png")
-      f.write(json.dumps({"question": r.question, "answer": r.answer, "image": f"img/{i}.png"}) + "\n")
-  flags = ["--ckpt", str(ckpt), "--data", f"synth={data_dir / 'test.parquet'},{tmp_path / 'five' / 'five.jsonl'}",
-           "--config.k=2", "--config.max_new_tokens=8", "--config.batch_size=4", "--config.max_prompt_length=256",
-           "--dtype", "float32", "--no_progress"]
+      f.write(
+        json.dumps({"question": r.question, "answer": r.answer, "image": f"img/{i}.png"}) + "\n"
+      )
+  flags = [
+    "--ckpt",
+    str(ckpt),
+    "--data",
+    f"synth={data_dir / 'test.parquet'},{tmp_path / 'five' / 'five.jsonl'}",
+    "--config.k=2",
+    "--config.max_new_tokens=8",
+    "--config.batch_size=4",
+    "--config.max_prompt_length=256",
+    "--dtype",
+    "float32",
+    "--no_progress",
+  ]
 
   def argv(devices, out, extra=()):
-    code = (f"import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={devices}'; "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    return [sys.executable, "-c", code, os.path.join(ROOT, "scripts", "eval.py"), *flags, "--out", str(out), *extra]
+    code = (
+      f"import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={devices}'; "
+      "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return [
+      sys.executable,
+      "-c",
+      code,
+      os.path.join(ROOT, "scripts", "eval.py"),
+      *flags,
+      "--out",
+      str(out),
+      *extra,
+    ]
 
   _run_processes(lambda i, port: argv(2, tmp_path / "one"), n=1)
-  outs = _run_processes(lambda i, port: argv(1, tmp_path / "two", [
-      f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]), n=2)
+  outs = _run_processes(
+    lambda i, port: argv(
+      1,
+      tmp_path / "two",
+      [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+    ),
+    n=2,
+  )
   assert "wrote" in outs[0].stdout and "wrote" not in outs[1].stdout  # host 0 writes
   one, two = (json.load(open(tmp_path / d / "results.json")) for d in ("one", "two"))
   timing = ("seconds", "generated_tokens_per_s")

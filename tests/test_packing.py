@@ -1,6 +1,7 @@
 """Packed (padding-free) sequences give the padded layout's numbers: scoring, log-probs, every loss
 aggregation and a micro-batched optimizer step. The padded layout is the reference (it is itself
 checked against teacher-forced HF-parity forwards in test_sequences.py)."""
+
 import jax
 import numpy as np
 import pytest
@@ -24,8 +25,14 @@ def setup(tiny_hf):
   model = qwen.from_pretrained(tiny_hf[1])
   rng = np.random.default_rng(0)
   g0, g1, g2, g3 = PROMPT_GRIDS
-  ids, am = left_pad([make_ids(rng, g0), make_ids(rng, g1, pre=9), make_ids(rng, g2, pre=1, post=2),
-                      make_ids(rng, g3, pre=2)])
+  ids, am = left_pad(
+    [
+      make_ids(rng, g0),
+      make_ids(rng, g1, pre=9),
+      make_ids(rng, g2, pre=1, post=2),
+      make_ids(rng, g3, pre=2),
+    ]
+  )
   grids = np.asarray(g0 + g1 + g2 + g3)
   pixels = random_pixels(rng, g0 + g1 + g2 + g3)
   response = rng.integers(10, 400, (len(LENGTHS), L)).astype(np.int32)
@@ -42,7 +49,9 @@ def test_units_are_balanced_by_length():
   assign = packing._assign_units(np.array([10.0, 1, 9, 8, 1, 1]), 3, balance=True)
   assert sorted(assign.reshape(-1).tolist()) == list(range(6))
   assert sorted(map(sorted, assign.tolist())) == [[0, 5], [1, 3], [2, 4]]  # loads 11, 9, 10
-  np.testing.assert_array_equal(packing._assign_units(np.ones(6), 3, balance=False), [[0, 1], [2, 3], [4, 5]])
+  np.testing.assert_array_equal(
+    packing._assign_units(np.ones(6), 3, balance=False), [[0, 1], [2, 3], [4, 5]]
+  )
 
 
 @pytest.mark.parametrize("units", [1, 2, 4])
@@ -53,17 +62,23 @@ def test_packed_scoring_equals_padded(setup, units, estimator):
   model, batch = setup
   packed, slot = _pack(model, batch, units)
   if units == 2:
-    load = [sum(LENGTHS[p * G:(p + 1) * G]) + 2 * batch.prompt_mask[p].sum() for p in range(4)]
+    load = [sum(LENGTHS[p * G : (p + 1) * G]) + 2 * batch.prompt_mask[p].sum() for p in range(4)]
     assert not (packing._assign_units(np.array(load, float), 2, True) == [[0, 1], [2, 3]]).all()
   assert packed.image.ids.shape[0] == units and packed.image.ids.shape[2] == ROW
   # Several sequences share a row: packing does something.
   assert (packed.image.segment.max(axis=-1) > 1).any()
-  ref = jax.jit(lambda m, b: sequences.score_rollout(m, b, estimator=estimator, chunk_size=4))(model, batch)
-  got = jax.jit(lambda m, b: packing.score_rollout(m, b, estimator=estimator, chunk_size=4))(model, packed)
+  ref = jax.jit(lambda m, b: sequences.score_rollout(m, b, estimator=estimator, chunk_size=4))(
+    model, batch
+  )
+  got = jax.jit(lambda m, b: packing.score_rollout(m, b, estimator=estimator, chunk_size=4))(
+    model, packed
+  )
   rmask = np.asarray(batch.flat_response_mask)
   for name in ("logp_image_BxT", "logp_blind_BxT", "dependency_BxT", "entropy_BxT"):
     g = packing.unpack(getattr(got, name), slot)
-    np.testing.assert_allclose(g, np.where(rmask, np.asarray(getattr(ref, name)), 0), atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(
+      g, np.where(rmask, np.asarray(getattr(ref, name)), 0), atol=2e-5, err_msg=name
+    )
 
 
 def test_packed_image_view_only_equals_padded(setup):
@@ -73,8 +88,12 @@ def test_packed_image_view_only_equals_padded(setup):
   got = jax.jit(lambda m, b: packing.score_rollout(m, b, chunk_size=4, blind=False))(model, packed)
   rmask = np.asarray(batch.flat_response_mask)
   for name in ("logp_image_BxT", "entropy_BxT"):
-    np.testing.assert_allclose(packing.unpack(getattr(got, name), slot),
-                               np.where(rmask, np.asarray(getattr(ref, name)), 0), atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(
+      packing.unpack(getattr(got, name), slot),
+      np.where(rmask, np.asarray(getattr(ref, name)), 0),
+      atol=2e-5,
+      err_msg=name,
+    )
 
 
 def test_segments_do_not_see_each_other(setup):
@@ -101,9 +120,17 @@ def _padded_loss(c_agg, horizon):
     seq = b["seq"]
     logp = sequences.response_logprobs(model, seq, chunk_size=4)
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    return losses.policy_loss(logp, flat(b["old_logp"]), flat(b["adv"]), seq.flat_response_mask, agg=c_agg,
-                              loss_horizon=horizon, token_normalizer=b["token_normalizer"],
-                              seq_normalizer=b["seq_normalizer"])
+    return losses.policy_loss(
+      logp,
+      flat(b["old_logp"]),
+      flat(b["adv"]),
+      seq.flat_response_mask,
+      agg=c_agg,
+      loss_horizon=horizon,
+      token_normalizer=b["token_normalizer"],
+      seq_normalizer=b["seq_normalizer"],
+    )
+
   return loss_fn
 
 
@@ -111,9 +138,18 @@ def _packed_loss(c_agg, horizon):
   def loss_fn(model, b):
     pb = b["packed"]
     logp = packing.response_logprobs(model, pb, chunk_size=4)
-    return losses.policy_loss(logp, b["old_logp"], b["adv"], pb.mask, agg=c_agg, loss_horizon=horizon,
-                              token_normalizer=b["token_normalizer"], seq_normalizer=b["seq_normalizer"],
-                              seq_length_BxT=pb.seq_len)
+    return losses.policy_loss(
+      logp,
+      b["old_logp"],
+      b["adv"],
+      pb.mask,
+      agg=c_agg,
+      loss_horizon=horizon,
+      token_normalizer=b["token_normalizer"],
+      seq_normalizer=b["seq_normalizer"],
+      seq_length_BxT=pb.seq_len,
+    )
+
   return loss_fn
 
 
@@ -126,8 +162,12 @@ def _batches(model, batch, units):
   padded = {"seq": batch, "old_logp": old.reshape(-1, G, L), "adv": adv.reshape(-1, G, L), **norms}
   pb, slot = _pack(model, batch, units, blind=False)
   shape = pb.target.shape
-  packed = {"packed": pb, "old_logp": packing.pack_like(old, slot, shape), "adv": packing.pack_like(adv, slot, shape),
-            **norms}
+  packed = {
+    "packed": pb,
+    "old_logp": packing.pack_like(old, slot, shape),
+    "adv": packing.pack_like(adv, slot, shape),
+    **norms,
+  }
   return padded, packed
 
 
@@ -163,8 +203,13 @@ def test_trainer_loss_with_kl_and_temperature_is_the_same_packed_and_padded(setu
   padded, _ = _batches(model, batch, units=2)
   rng = np.random.default_rng(5)
   padded["ref_logp"] = rng.normal(-3.0, 0.5, padded["old_logp"].shape).astype(np.float32)
-  packed = packed_passes.update_batch(dict(padded), units=2, row_len=ROW, image_token_id=model.cfg.image_token_id,
-                                      agree=lambda *sizes: sizes)
+  packed = packed_passes.update_batch(
+    dict(padded),
+    units=2,
+    row_len=ROW,
+    image_token_id=model.cfg.image_token_id,
+    agree=lambda *sizes: sizes,
+  )
   assert packed["ref_logp"].shape == packed["packed"].target.shape
   graphdef, state = nnx.split(model)
   loss_fn = programs.rl_loss_fn(c)
@@ -188,8 +233,10 @@ def test_micro_batched_update_is_the_same_packed_and_padded(setup, tiny_hf):
   model, batch = setup
   padded, packed = _batches(model, batch, units=2)
   results = []
-  for loss_fn, b in ((_padded_loss("seq-mean-token-mean", float(L)), padded),
-                     (_packed_loss("seq-mean-token-mean", float(L)), packed)):
+  for loss_fn, b in (
+    (_padded_loss("seq-mean-token-mean", float(L)), padded),
+    (_packed_loss("seq-mean-token-mean", float(L)), packed),
+  ):
     fresh = qwen.from_pretrained(tiny_hf[1])
     opt = train_step_lib.make_optimizer(1e-3)
     graphdef, state = train_step_lib.init_train_state(fresh, opt)
@@ -210,7 +257,9 @@ def test_pack_like_and_unpack_are_inverse(setup):
   pb, slot = _pack(model, batch, 2)
   x = np.random.default_rng(0).normal(size=slot.shape).astype(np.float32)
   mask = np.asarray(batch.flat_response_mask)
-  np.testing.assert_array_equal(packing.unpack(packing.pack_like(x, slot, pb.target.shape), slot), np.where(mask, x, 0))
+  np.testing.assert_array_equal(
+    packing.unpack(packing.pack_like(x, slot, pb.target.shape), slot), np.where(mask, x, 0)
+  )
   assert pb.mask.sum() == mask.sum() and (pb.seq_len[pb.mask] > 0).all()
 
 
@@ -221,7 +270,9 @@ def test_pack_errors_name_the_problem(setup):
   holes = np.array(batch.response_mask)
   holes[0, 0, 2] = False
   with pytest.raises(ValueError, match="prefix"):
-    packing.pack_sequences(dataclass_replace(batch, response_mask=holes), model.cfg.image_token_id, 1, ROW)
+    packing.pack_sequences(
+      dataclass_replace(batch, response_mask=holes), model.cfg.image_token_id, 1, ROW
+    )
   with pytest.raises(ValueError, match="packing units"):
     packing.pack_sequences(batch, model.cfg.image_token_id, 3, ROW)
   small = packing.PackedSizes(rows=1, blind_rows=1, tokens=4)
@@ -230,4 +281,13 @@ def test_pack_errors_name_the_problem(setup):
 
 
 def test_size_bucket():
-  assert [packing.size_bucket(n) for n in (0, 1, 7, 8, 9, 11, 17, 100)] == [1, 1, 7, 8, 10, 12, 20, 112]
+  assert [packing.size_bucket(n) for n in (0, 1, 7, 8, 9, 11, 17, 100)] == [
+    1,
+    1,
+    7,
+    8,
+    10,
+    12,
+    20,
+    112,
+  ]

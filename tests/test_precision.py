@@ -6,6 +6,7 @@
   weights are cast where they are used, nothing else changes), and the parameters, gradients and
   AdamW moments stay float32.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,9 @@ def _text_batch(cfg, B=2, T=16, seed=0):
 
 
 def _nll(model, batch):
-  h = qwen.hidden_states(model, batch["ids"][:, :-1], batch["pos"][:, :, :-1], batch["mask"][:, :-1])
+  h = qwen.hidden_states(
+    model, batch["ids"][:, :-1], batch["pos"][:, :, :-1], batch["mask"][:, :-1]
+  )
   logp = jax.nn.log_softmax(qwen.logits_from_hidden(model, h), axis=-1)
   tgt = jnp.take_along_axis(logp, batch["ids"][:, 1:, None], axis=-1)[..., 0]
   return -jnp.mean(tgt), {}
@@ -77,7 +80,11 @@ def test_adamw_at_lr_1e6_moves_float32_masters_but_not_bfloat16_weights():
 def image_inputs():
   rng = np.random.default_rng(11)
   grids = [(1, 8, 12)]
-  return np.array([make_ids(rng, grids, pre=12, post=12)]), random_pixels(rng, grids), np.asarray(grids)
+  return (
+    np.array([make_ids(rng, grids, pre=12, post=12)]),
+    random_pixels(rng, grids),
+    np.asarray(grids),
+  )
 
 
 def test_bfloat16_compute_logits_close_to_hf_float32(tiny_hf, image_inputs):
@@ -91,7 +98,9 @@ def test_bfloat16_compute_logits_close_to_hf_float32(tiny_hf, image_inputs):
   err = np.abs(got - ref).max() / ref.std()
   assert err <= BF16_REL_TOL, f"bf16-compute logits: max |err| / std = {err:.4f}"
   # The comparison can fail: the float32 port is 100x closer, so the bf16 path really computes in bf16.
-  f32 = np.asarray(qwen.forward(qwen.from_pretrained(path, dtype="float32"), ids, None, pixels, grids))
+  f32 = np.asarray(
+    qwen.forward(qwen.from_pretrained(path, dtype="float32"), ids, None, pixels, grids)
+  )
   err32 = np.abs(f32 - ref).max() / ref.std()
   assert err32 < err / 100, (err32, err)
 
@@ -112,6 +121,7 @@ def test_compile_check_peak_follows_the_compute_dtype_and_precision():
   """t@peak's FLOP rate: bf16 matmuls at the MXU peak; float32 ones at 1/1/3/6 bf16 passes
   (JAX's TPU precisions default / bfloat16 / high = bf16_3x / highest = bf16_6x)."""
   from pgpo_jax import compile_check as cc
+
   chip = cc.CHIPS["v5p"]
   assert cc.matmul_peak(chip, jnp.bfloat16, "highest") == chip.peak_flops
   assert cc.matmul_peak(chip, jnp.float32, "default") == chip.peak_flops

@@ -13,6 +13,7 @@ train step) the test asserts that
 Before `programs.py` the check compiled an unsliced score program and a train step with shardings the
 trainer did not use; both show up here as a shape or HLO mismatch.
 """
+
 import pytest
 
 from pgpo_jax import trainer
@@ -115,7 +116,9 @@ def data_dir(tmp_path_factory):
 
 
 def test_compile_check_lowers_the_trainers_programs(data_dir, tmp_path):
-  out = run_on_8_devices(_BODY.format(data=str(data_dir), workdir=str(tmp_path / "w")), timeout=1200)
+  out = run_on_8_devices(
+    _BODY.format(data=str(data_dir), workdir=str(tmp_path / "w")), timeout=1200
+  )
   assert out["static_equal"], "the rollout programs' static config differs"
   for key, (check, trainer_value) in out["config_shapes"].items():
     assert check == trainer_value, (key, check, trainer_value)

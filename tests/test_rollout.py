@@ -4,6 +4,7 @@ independent of batch composition and sharding, one compile per bucket.
 Compiles dominate the run time on CPU, so the prompts are chosen to share buckets: the one- and
 two-image prompts both land in (B=1, T=32, patches=64).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,13 +32,22 @@ def hf_generate(hf, ids, am, pixels, grids, max_new_tokens, eos):
   Columns after HF stopped (every row done) are pad id 0 / log-prob 0.
   """
   import torch
+
   with torch.no_grad():
-    out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(am),
-                      mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
-                      pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(np.asarray(grids)),
-                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(eos),
-                      pad_token_id=0, return_dict_in_generate=True, output_logits=True)
-  new = out.sequences[:, ids.shape[1]:].numpy()
+    out = hf.generate(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(am),
+      mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
+      pixel_values=torch.tensor(pixels),
+      image_grid_thw=torch.tensor(np.asarray(grids)),
+      max_new_tokens=max_new_tokens,
+      do_sample=False,
+      eos_token_id=list(eos),
+      pad_token_id=0,
+      return_dict_in_generate=True,
+      output_logits=True,
+    )
+  new = out.sequences[:, ids.shape[1] :].numpy()
   logp = torch.stack(out.logits, 1).float().log_softmax(-1).numpy()  # [B, n, V]
   logp = np.take_along_axis(logp, new[..., None], -1)[..., 0]
   pad = ((0, 0), (0, max_new_tokens - new.shape[1]))
@@ -65,7 +75,9 @@ def two_image_prompt(rng):
 def ragged_batch(rng):
   """Three left-padded prompts with different image sizes and lengths."""
   gs = [[(1, 6, 8)], [(1, 4, 4)], [(1, 8, 8)]]
-  ids, am = left_pad([make_ids(rng, gs[0]), make_ids(rng, gs[1], pre=11), make_ids(rng, gs[2], pre=1)])
+  ids, am = left_pad(
+    [make_ids(rng, gs[0]), make_ids(rng, gs[1], pre=11), make_ids(rng, gs[2], pre=1)]
+  )
   flat = sum(gs, [])
   return ids, am, random_pixels(rng, flat), np.asarray(flat)
 
@@ -82,7 +94,9 @@ def test_greedy_matches_hf_one_and_two_images_without_retrace(tiny_hf, ours):
     assert out.tokens.shape == (1, N) and out.tokens.dtype == np.int32
   # Both prompts share the (B=1, T=32, patches=64) buckets: one trace/compile of each program.
   graphdef, _ = nnx.split(ours)
-  prog = programs.rollout_programs(graphdef, rollout.RolloutStatic(rollout.SamplingConfig(0.0), N, 1, 0, None, ()))
+  prog = programs.rollout_programs(
+    graphdef, rollout.RolloutStatic(rollout.SamplingConfig(0.0), N, 1, 0, None, ())
+  )
   assert prog.start._cache_size() == 1
   assert prog.decode._cache_size() == 1
 
@@ -95,7 +109,9 @@ def test_greedy_matches_hf_left_padded_ragged_batch_and_stops_at_eos(tiny_hf, ou
 
   # Random tiny models rarely emit EOS: declare a token that greedy decoding of some row emits for
   # the first time at step >= 2 the stop token; that row stops there, the others go on or stop.
-  row, step = next((r, s) for r in range(3) for s in range(2, N) if out.tokens[r, s] not in out.tokens[r, :s])
+  row, step = next(
+    (r, s) for r in range(3) for s in range(2, N) if out.tokens[r, s] not in out.tokens[r, :s]
+  )
   stop = int(out.tokens[row, step])
   got = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=(stop,))
   assert_matches_hf(got, *hf_generate(hf, ids, am, pixels, grids, N, (stop,)))
@@ -123,16 +139,28 @@ SAMPLED_N = 8
 def test_logprobs_equal_teacher_forced_forward(ours):
   ids, am, pixels, grids = one_image_prompt(np.random.default_rng(2))
   G = 2
-  out = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=SAMPLED_N, temperature=1.0,
-                         num_samples=G, eos_token_ids=EOS, seed=5)
+  out = sampler.generate(
+    ours,
+    ids,
+    am,
+    pixels,
+    grids,
+    max_new_tokens=SAMPLED_N,
+    temperature=1.0,
+    num_samples=G,
+    eos_token_ids=EOS,
+    seed=5,
+  )
   assert out.tokens.shape == (G, SAMPLED_N)
   assert (out.tokens[0] != out.tokens[1]).any()  # two different samples
   # Teacher forcing: the prompt + each sample through the full (uncached) forward.
   T = ids.shape[1]
   full_ids = np.concatenate([np.repeat(ids, G, 0), out.tokens], 1)
   full_am = np.concatenate([np.repeat(am, G, 0), out.mask.astype(am.dtype)], 1)
-  logits = np.asarray(qwen.forward(ours, full_ids, full_am, np.concatenate([pixels] * G), np.repeat(grids, G, 0)))
-  logp = jax.nn.log_softmax(logits[:, T - 1:T - 1 + SAMPLED_N], -1)
+  logits = np.asarray(
+    qwen.forward(ours, full_ids, full_am, np.concatenate([pixels] * G), np.repeat(grids, G, 0))
+  )
+  logp = jax.nn.log_softmax(logits[:, T - 1 : T - 1 + SAMPLED_N], -1)
   want = np.take_along_axis(np.asarray(logp), out.tokens[..., None], -1)[..., 0] * out.mask
   np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
   np.testing.assert_allclose(out.raw_logprobs, want, atol=1e-4)  # temperature 1, no filtering
@@ -150,9 +178,9 @@ def test_samples_do_not_depend_on_batch_composition_or_padding_side(ours):
   ids_r = np.zeros((3, T), np.int64)
   am_r = np.zeros((3, T), np.int64)
   for b, r in enumerate([rows[1], rows[0], rows[2]]):
-    ids_r[b, :len(r)], am_r[b, :len(r)] = r, 1
+    ids_r[b, : len(r)], am_r[b, : len(r)] = r, 1
   n0 = int(grids[0].prod())
-  pix = np.concatenate([pixels[:n0], alone[2], pixels[n0:n0 + int(grids[1].prod())]])
+  pix = np.concatenate([pixels[:n0], alone[2], pixels[n0 : n0 + int(grids[1].prod())]])
   grd = np.concatenate([grids[:1], alone[3], grids[1:2]])
   batch = sampler.generate(ours, ids_r, am_r, pix, grd, prompt_ids=[3, 7, 9], **kw)
   np.testing.assert_array_equal(batch.tokens[2:4], solo.tokens)
@@ -161,9 +189,17 @@ def test_samples_do_not_depend_on_batch_composition_or_padding_side(ours):
   # calls draws the same samples; a different stream id draws different ones.
   first = sampler.generate(ours, *alone, **kw)
   assert (first.tokens != solo.tokens).any()
-  ids_b, am_b = left_pad([list(alone[0][0]), list(rows[2]), list(rows[1])])  # same buckets as `batch`
-  batch0 = sampler.generate(ours, ids_b, am_b, np.concatenate([alone[2], pix[-16:], pix[:n0]]),
-                            np.concatenate([alone[3], grd[2:], grd[:1]]), **kw)
+  ids_b, am_b = left_pad(
+    [list(alone[0][0]), list(rows[2]), list(rows[1])]
+  )  # same buckets as `batch`
+  batch0 = sampler.generate(
+    ours,
+    ids_b,
+    am_b,
+    np.concatenate([alone[2], pix[-16:], pix[:n0]]),
+    np.concatenate([alone[3], grd[2:], grd[:1]]),
+    **kw,
+  )
   np.testing.assert_array_equal(batch0.tokens[:2], first.tokens)
 
 
@@ -179,7 +215,10 @@ def random_model(cfg: qwen.Qwen25VLConfig, seed: int, head_scale: float = 1.0) -
     if "norm" in path[-1] or path[-1] == "ln_q":
       return 1 + 0.1 * rng.standard_normal(shape)
     return (head_scale if path[-1] == "lm_head" else 1) * 0.02 * rng.standard_normal(shape)
-  params = {p: jnp.asarray(draw(p, v.shape), v.dtype) for p, v in qwen.flat_params(abstract).items()}
+
+  params = {
+    p: jnp.asarray(draw(p, v.shape), v.dtype) for p, v in qwen.flat_params(abstract).items()
+  }
   return loading.model_from_flat(abstract, params)
 
 
@@ -214,7 +253,9 @@ ROWS = 4000
 
 
 def first_tokens(model, ids, **kw):
-  out = sampler.generate(model, ids, None, max_new_tokens=1, num_samples=ROWS, eos_token_ids=(), seed=1, **kw)
+  out = sampler.generate(
+    model, ids, None, max_new_tokens=1, num_samples=ROWS, eos_token_ids=(), seed=1, **kw
+  )
   assert out.tokens.shape == (ROWS, 1) and out.mask.all()
   return out.tokens[:, 0], out.logprobs[:, 0]
 
@@ -267,8 +308,11 @@ def test_filter_logits_matches_reference():
   """top-k then top-p on random logits vs a direct numpy implementation of HF's warpers."""
   rng = np.random.default_rng(0)
   logits = rng.standard_normal((64, 50)).astype(np.float32) * 3
-  for cfg in (rollout.SamplingConfig(0.8, 0.7, 0), rollout.SamplingConfig(1.0, 0.9, 10),
-              rollout.SamplingConfig(1.3, 1.0, 5)):
+  for cfg in (
+    rollout.SamplingConfig(0.8, 0.7, 0),
+    rollout.SamplingConfig(1.0, 0.9, 10),
+    rollout.SamplingConfig(1.3, 1.0, 5),
+  ):
     got = np.asarray(rollout.filter_logits(jnp.asarray(logits), cfg))
     x = logits.astype(np.float64) / cfg.temperature
     if cfg.top_k:
@@ -311,12 +355,19 @@ def test_one_refilled_row_with_chunked_attention_matches_hf(tiny_hf, ours, tpu_l
   programs.rollout_programs.cache_clear()
   ids, am, pixels, grids = ragged_batch(np.random.default_rng(2))
   free = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=EOS)
-  stops = (int(free.tokens[1, 2]), int(free.tokens[2, 4]))  # rows 1 and 2 stop early (at the latest)
-  static = rollout.RolloutStatic(rollout.SamplingConfig(0.0), N, 1, 0, None, (), decode_rows=1, chunk=4)
+  stops = (
+    int(free.tokens[1, 2]),
+    int(free.tokens[2, 4]),
+  )  # rows 1 and 2 stop early (at the latest)
+  static = rollout.RolloutStatic(
+    rollout.SamplingConfig(0.0), N, 1, 0, None, (), decode_rows=1, chunk=4
+  )
   out = run_programs(ours, ids, am, pixels, grids, static, eos_token_ids=stops)
   hf_tokens, hf_logp = hf_generate(hf, ids, am, pixels, grids, N, stops)
   assert_matches_hf(out, hf_tokens, hf_logp)
-  assert out.lengths[1] <= 3 and out.lengths[2] <= 5 and len(set(out.lengths.tolist())) == 3, out.lengths
+  assert out.lengths[1] <= 3 and out.lengths[2] <= 5 and len(set(out.lengths.tolist())) == 3, (
+    out.lengths
+  )
   # One row: every decode step of every sample ran one after another.
   assert out.decode_steps == (out.lengths - 1).sum()
   programs.rollout_programs.cache_clear()  # no program traced with the patch outlives the test
@@ -326,8 +377,15 @@ def test_refill_keeps_every_sample_identical(ours):
   """Slot refill changes which row decodes a sample and when, never what it samples: each sample
   has its own RNG stream and positions. Skewed lengths (per-prompt limits 8, 2, 5; no stop token)."""
   ids, am, pixels, grids = ragged_batch(np.random.default_rng(4))
-  kw = dict(max_new_tokens=SAMPLED_N, temperature=1.0, top_k=50, num_samples=2, eos_token_ids=(), seed=3,
-            length_limits=[8, 2, 5])
+  kw = dict(
+    max_new_tokens=SAMPLED_N,
+    temperature=1.0,
+    top_k=50,
+    num_samples=2,
+    eos_token_ids=(),
+    seed=3,
+    length_limits=[8, 2, 5],
+  )
   full = sampler.generate(ours, ids, am, pixels, grids, **kw)
   refill = sampler.generate(ours, ids, am, pixels, grids, decode_rows=2, **kw)
   assert full.lengths.tolist() == [8, 8, 2, 2, 5, 5]
@@ -338,7 +396,10 @@ def test_refill_keeps_every_sample_identical(ours):
   np.testing.assert_allclose(refill.raw_logprobs, full.raw_logprobs, atol=1e-5)
   # Row-steps wasted = rows x steps - decode steps that produced a token (sum of lengths - 1 = 24).
   work = int((full.lengths - 1).sum())
-  assert (int(full.decode_steps), 6 * int(full.decode_steps) - work) == (7, 18)  # all wait for the longest
+  assert (int(full.decode_steps), 6 * int(full.decode_steps) - work) == (
+    7,
+    18,
+  )  # all wait for the longest
   # Two rows: (s0, s1) 7 steps, then (s2, s3) 1 step, then (s4, s5) 4 steps: 12 steps, none wasted.
   assert (int(refill.decode_steps), 2 * int(refill.decode_steps) - work) == (12, 0)
 
@@ -353,16 +414,20 @@ def test_bf16_sampling_matches_float32_greedy_except_at_near_ties(ours):
   ids, am, pixels, grids = ragged_batch(np.random.default_rng(2))
   masters = {k: np.array(v) for k, v in qwen.flat_params(ours).items()}
   f32 = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=())
-  b16 = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=(),
-                         compute_dtype="bfloat16")
+  b16 = sampler.generate(
+    ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=(), compute_dtype="bfloat16"
+  )
   after = qwen.flat_params(ours)
-  assert all(after[k].dtype == np.float32 and np.array_equal(after[k], v) for k, v in masters.items())
+  assert all(
+    after[k].dtype == np.float32 and np.array_equal(after[k], v) for k, v in masters.items()
+  )
   assert b16.raw_logprobs.dtype == np.float32 and (b16.logprobs == 0).all()
   # The float32 model's logits along the float32 greedy path (teacher forcing, uncached forward).
   T = ids.shape[1]
   full_ids = np.concatenate([ids, f32.tokens], 1)
-  logits = np.asarray(qwen.forward(ours, full_ids, np.concatenate([am, np.ones_like(f32.tokens)], 1), pixels,
-                                grids))[:, T - 1:T - 1 + N]
+  logits = np.asarray(
+    qwen.forward(ours, full_ids, np.concatenate([am, np.ones_like(f32.tokens)], 1), pixels, grids)
+  )[:, T - 1 : T - 1 + N]
   top2 = -np.sort(-logits, -1)[..., :2]
   margin = top2[..., 0] - top2[..., 1]
   flips = 0
@@ -376,7 +441,9 @@ def test_bf16_sampling_matches_float32_greedy_except_at_near_ties(ours):
   assert flips < 3
   # The programs really run in bf16: KV cache bf16, output buffers float32.
   graphdef, state = nnx.split(ours)
-  static = rollout.RolloutStatic.make(rollout.SamplingConfig(0.0), N, 1, 0, None, {}, compute_dtype="bfloat16")
+  static = rollout.RolloutStatic.make(
+    rollout.SamplingConfig(0.0), N, 1, 0, None, {}, compute_dtype="bfloat16"
+  )
   prog = programs.rollout_programs(graphdef, static)
   inputs = rollout.prepare_inputs(ours.cfg, ids, am, pixels, grids, eos_token_ids=())
   ds = jax.eval_shape(prog.start, prog.cast(state), inputs, jax.random.key(0))
@@ -385,12 +452,16 @@ def test_bf16_sampling_matches_float32_greedy_except_at_near_ties(ours):
 
 
 def test_batch_pads_only_to_a_multiple_of_the_shards(ours):
-  assert [buckets.batch_bucket(n, m) for n, m in ((3, 1), (5, 4), (384, 32), (385, 32), (1, 8))] == [3, 8, 384, 416, 8]
+  assert [
+    buckets.batch_bucket(n, m) for n, m in ((3, 1), (5, 4), (384, 32), (385, 32), (1, 8))
+  ] == [3, 8, 384, 416, 8]
   rng = np.random.default_rng(5)
   ids = rng.integers(10, 400, (3, 7))
   inputs = rollout.prepare_inputs(ours.cfg, ids)
   assert inputs.batch_size == 3 and inputs.valid.all()  # was 4 (next power of two)
-  assert rollout.prepare_inputs(ours.cfg, ids, batch_multiple=2).valid.tolist() == [True] * 3 + [False]
+  assert rollout.prepare_inputs(ours.cfg, ids, batch_multiple=2).valid.tolist() == [True] * 3 + [
+    False
+  ]
   with pytest.raises(ValueError, match="length_limits must be one integer >= 1 per prompt"):
     rollout.prepare_inputs(ours.cfg, ids, length_limits=[3, 0, 2])
 
@@ -399,6 +470,7 @@ def test_trainer_rollout_uses_the_refill_switch(tmp_path, monkeypatch):
   """config.rollout.decode_rows / dtype reach the trainer's rollout calls (one training step)."""
   from pgpo_jax import rewards, trainer
   from tests.tiny_run import length_parity, tiny_config
+
   monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", length_parity)
   c = tiny_config(tmp_path / "data")
   c.rollout.decode_rows, c.rollout.dtype = 2, "bfloat16"
@@ -408,8 +480,16 @@ def test_trainer_rollout_uses_the_refill_switch(tmp_path, monkeypatch):
 
   def spy(*args, **kw):
     out = real(*args, **kw)
-    calls.append((kw["decode_rows"], kw["compute_dtype"], int(out.decode_steps), int(np.asarray(out.lengths).sum())))
+    calls.append(
+      (
+        kw["decode_rows"],
+        kw["compute_dtype"],
+        int(out.decode_steps),
+        int(np.asarray(out.lengths).sum()),
+      )
+    )
     return out
+
   monkeypatch.setattr(trainer.sampler, "rollout", spy)
   metrics = trainer.train(c, str(tmp_path / "run"))
   assert calls and all(rows == 2 and dtype == "bfloat16" for rows, dtype, _, _ in calls), calls

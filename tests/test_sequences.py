@@ -1,9 +1,8 @@
 """Policy passes over [prompt | response]: teacher-forced log-probs and PGPO's two-view scoring."""
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.rl import scoring, sequences
@@ -20,7 +19,9 @@ def setup(tiny_hf):
   model = qwen.from_pretrained(tiny_hf[1])
   rng = np.random.default_rng(0)
   g0, g1, g2 = PROMPT_GRIDS
-  ids, am = left_pad([make_ids(rng, g0), make_ids(rng, g1, pre=9), make_ids(rng, g2, pre=1, post=2)])
+  ids, am = left_pad(
+    [make_ids(rng, g0), make_ids(rng, g1, pre=9), make_ids(rng, g2, pre=1, post=2)]
+  )
   grids = np.asarray(g0 + g1 + g2)
   pixels = random_pixels(rng, g0 + g1 + g2)
   P = len(PROMPT_GRIDS)
@@ -43,19 +44,21 @@ def _teacher_forced(model, ids, am, grids, pixels, response, rmask, key_mask_fn=
     full = np.concatenate([ids[p], response[n]])[None]
     fam = np.concatenate([am[p], rmask[n].astype(am.dtype)])[None]
     first = sum(counts[:p])
-    g = grids[first:first + counts[p]]
+    g = grids[first : first + counts[p]]
     start = sum(sizes[:first])
-    pix = pixels[start:start + sum(sizes[first:first + counts[p]])]
+    pix = pixels[start : start + sum(sizes[first : first + counts[p]])]
     km = key_mask_fn(full, fam) if key_mask_fn else None
     logits = np.asarray(qwen.forward(model, full, fam, pix, g, key_mask=km))[0]
-    logp = jax.nn.log_softmax(logits[Tp - 1:-1], -1)
+    logp = jax.nn.log_softmax(logits[Tp - 1 : -1], -1)
     out[n] = np.take_along_axis(np.asarray(logp), response[n][:, None], -1)[:, 0]
   return out
 
 
 def test_response_logprobs_equal_teacher_forced_forward(setup):
   model, batch, (ids, am, grids, pixels, response, rmask) = setup
-  got = np.asarray(jax.jit(lambda m, b: sequences.response_logprobs(m, b, chunk_size=4))(model, batch))
+  got = np.asarray(
+    jax.jit(lambda m, b: sequences.response_logprobs(m, b, chunk_size=4))(model, batch)
+  )
   ref = _teacher_forced(model, ids, am, grids, pixels, response, rmask)
   np.testing.assert_allclose(got[rmask], ref[rmask], atol=1e-4)
 
@@ -65,15 +68,25 @@ def test_two_view_scoring(setup):
   score = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4))
   s = score(model, batch)
   ref_img = _teacher_forced(model, ids, am, grids, pixels, response, rmask)
-  ref_blind = _teacher_forced(model, ids, am, grids, pixels, response, rmask,
-                              key_mask_fn=lambda f, fam: fam * (f != model.cfg.image_token_id))
+  ref_blind = _teacher_forced(
+    model,
+    ids,
+    am,
+    grids,
+    pixels,
+    response,
+    rmask,
+    key_mask_fn=lambda f, fam: fam * (f != model.cfg.image_token_id),
+  )
   np.testing.assert_allclose(np.asarray(s.logp_image_BxT)[rmask], ref_img[rmask], atol=1e-4)
   np.testing.assert_allclose(np.asarray(s.logp_blind_BxT)[rmask], ref_blind[rmask], atol=1e-4)
   dep = np.asarray(s.dependency_BxT)
   assert (dep >= 0).all() and (dep[~rmask] == 0).all()
   # S = k3 of the two teacher-forced views, written out in float64: e^{-d} - 1 + d, d = log π_I - log π_∅.
   d = ref_img.astype(np.float64) - ref_blind
-  np.testing.assert_allclose(dep[rmask], (np.expm1(-d) + d)[rmask], rtol=1e-3, atol=1e-4 * np.abs(d).max())
+  np.testing.assert_allclose(
+    dep[rmask], (np.expm1(-d) + d)[rmask], rtol=1e-3, atol=1e-4 * np.abs(d).max()
+  )
   # The model's text depends on the image, so the views differ …
   assert np.abs(ref_img - ref_blind)[rmask].max() > 1e-3 and dep[rmask].max() > 0
   # … and the blind view is blind: other pixels change the image view only.
@@ -91,8 +104,14 @@ def _masked_blind_view(model, b: sequences.SequenceBatch, chunk_size=4):
   h_img, _ = model.language_model(x, pos, key_mask, None, **kw)
   h_bl, _ = model.language_model(x, pos, key_mask & ~visual, None, **kw)
   Tp = b.prompt_ids.shape[1]
-  return scoring.k3_dependency(sequences._response_hidden(h_img, Tp), sequences._response_hidden(h_bl, Tp),
-                               model.lm_head_weight(), b.flat_response, b.flat_response_mask, chunk_size=chunk_size)
+  return scoring.k3_dependency(
+    sequences._response_hidden(h_img, Tp),
+    sequences._response_hidden(h_bl, Tp),
+    model.lm_head_weight(),
+    b.flat_response,
+    b.flat_response_mask,
+    chunk_size=chunk_size,
+  )
 
 
 @pytest.mark.parametrize("mask_vision_markers", [False, True])
@@ -102,21 +121,32 @@ def test_blind_view_without_visual_tokens_equals_masked_view(setup, mask_vision_
   model, _, (ids, am, grids, pixels, response, rmask) = setup
   visual = sequences.visual_token_mask(ids, model.cfg, mask_vision_markers)
   tight = int((am.astype(bool) & ~visual).sum(1).max())  # no padding in the longest blind prompt
-  b = sequences.make_sequence_batch(model.cfg, ids, am, pixels, grids, response, rmask,
-                                    mask_vision_markers=mask_vision_markers, blind_prompt_len=tight)
+  b = sequences.make_sequence_batch(
+    model.cfg,
+    ids,
+    am,
+    pixels,
+    grids,
+    response,
+    rmask,
+    mask_vision_markers=mask_vision_markers,
+    blind_prompt_len=tight,
+  )
   assert b.blind_index.shape[1] < b.prompt_ids.shape[1]
   got = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4))(model, b)
   ref = jax.jit(_masked_blind_view)(model, b)
   for name in ("logp_image_BxT", "logp_blind_BxT", "dependency_BxT", "entropy_BxT"):
-    np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), atol=2e-5,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), atol=2e-5, err_msg=name
+    )
 
 
 def test_blind_prompt_index_keeps_text_in_order_left_padded():
   mask = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], bool)
   visual = np.array([[0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0]], bool)
-  np.testing.assert_array_equal(sequences.blind_prompt_index(mask, visual, 5),
-                                [[-1, -1, 2, 5, 6], [-1, 0, 4, 5, 6]])
+  np.testing.assert_array_equal(
+    sequences.blind_prompt_index(mask, visual, 5), [[-1, -1, 2, 5, 6], [-1, 0, 4, 5, 6]]
+  )
   with pytest.raises(ValueError, match="ends with a visual token"):
     sequences.blind_prompt_index(mask, np.array([[0, 0, 0, 0, 0, 0, 1], [0] * 7], bool))
   with pytest.raises(ValueError, match="blind prompt length 2"):
@@ -125,13 +155,17 @@ def test_blind_prompt_index_keeps_text_in_order_left_padded():
 
 def test_full_kl_estimator_is_nonnegative_and_zero_without_images(setup):
   model, batch, _ = setup
-  s = jax.jit(lambda m, b: sequences.score_rollout(m, b, estimator="full_kl", chunk_size=4))(model, batch)
+  s = jax.jit(lambda m, b: sequences.score_rollout(m, b, estimator="full_kl", chunk_size=4))(
+    model, batch
+  )
   dep = np.asarray(s.dependency_BxT)
   assert (dep >= 0).all() and dep.max() > 0
   rng = np.random.default_rng(1)
   ids, am = left_pad([make_ids(rng, [], pre=7), make_ids(rng, [], pre=12)])  # text-only prompts
   response = rng.integers(10, 400, (2 * G, L)).astype(np.int32)
-  text_only = sequences.make_sequence_batch(model.cfg, ids, am, None, None, response, np.ones_like(response, bool))
+  text_only = sequences.make_sequence_batch(
+    model.cfg, ids, am, None, None, response, np.ones_like(response, bool)
+  )
   assert text_only.vision is None and text_only.blind_index.shape == ids.shape
   s0 = sequences.score_rollout(model, text_only, estimator="full_kl", chunk_size=4)
   np.testing.assert_allclose(np.asarray(s0.dependency_BxT), 0, atol=1e-5)
@@ -142,7 +176,9 @@ def test_without_pgpo_the_scoring_pass_runs_the_image_view_only(setup):
   model, batch, _ = setup
   two = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4))(model, batch)
   one = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4, blind=False))(model, batch)
-  np.testing.assert_allclose(np.asarray(one.logp_image_BxT), np.asarray(two.logp_image_BxT), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(one.logp_image_BxT), np.asarray(two.logp_image_BxT), atol=1e-6
+  )
   np.testing.assert_allclose(np.asarray(one.entropy_BxT), np.asarray(two.entropy_BxT), atol=1e-6)
   np.testing.assert_array_equal(np.asarray(one.logp_blind_BxT), np.asarray(one.logp_image_BxT))
   assert not np.asarray(one.dependency_BxT).any()

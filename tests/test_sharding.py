@@ -1,8 +1,10 @@
 """Mesh construction, logical->mesh rules, and sharded == unsharded on an 8-device CPU mesh."""
+
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
 
 from pgpo_jax import sharding as sh
 from pgpo_jax.models import qwen2_5_vl as qwen
@@ -48,8 +50,9 @@ def test_train_and_sample_specs():
 def test_indivisible_dims_fall_back():
   mesh = _mesh(2, 2, 4)
   # kv_heads=2 on tensor=4: replicated; heads=4 still split.
-  assert sh.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), sh.TRAIN_RULES, mesh,
-                            (2, 64, 2, 16)) == P(None, "fsdp")
+  assert sh.logical_to_spec(
+    ("layers", "embed", "kv_heads", "head_dim"), sh.TRAIN_RULES, mesh, (2, 64, 2, 16)
+  ) == P(None, "fsdp")
   # batch 2 over (data=2, fsdp=2): longest dividing prefix = data.
   assert sh.logical_to_spec(("batch", "length"), sh.TRAIN_RULES, mesh, (2, 7)) == P("data")
   assert sh.logical_to_spec(("batch", "length"), sh.TRAIN_RULES, mesh, (3, 7)) == P()
@@ -64,14 +67,19 @@ def test_param_shardings_cover_every_param_of_the_real_7b():
   mesh = _mesh(1, 8, 4)
   shardings = sh.flat_shardings(sh.param_shardings(model, mesh, sh.TRAIN_RULES))
   from pgpo_jax.models.qwen2_5_vl.loading import flat_params
+
   params = flat_params(model)
   assert shardings.keys() == params.keys()
   assert shardings[("language_model", "layers", "w_gate")].spec == P(None, "fsdp", "tensor")
-  assert shardings[("language_model", "layers", "wk")].spec == P(None, "fsdp", "tensor")  # 4 kv heads
+  assert shardings[("language_model", "layers", "wk")].spec == P(
+    None, "fsdp", "tensor"
+  )  # 4 kv heads
   assert shardings[("visual", "patch_embed")].spec == P(None, "fsdp")
   # Per-device bytes: everything but the norms/biases is split 32 ways.
-  per_dev = sum(np.prod(v.shape) * 2 / np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(s.spec))])
-                for v, s in ((params[k], shardings[k]) for k in params))
+  per_dev = sum(
+    np.prod(v.shape) * 2 / np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(s.spec))])
+    for v, s in ((params[k], shardings[k]) for k in params)
+  )
   total = sum(np.prod(v.shape) * 2 for v in params.values())
   assert per_dev < total / 31
   notes = sh.sharding_fallbacks(model, _mesh(1, 8, 8), sh.TRAIN_RULES)
@@ -209,6 +217,7 @@ print(json.dumps(result))
 
 def test_from_pretrained_puts_params_straight_into_their_shardings(tiny_hf, tmp_path):
   from pgpo_jax.convert import hf as convert
+
   convert.hf_to_orbax(tiny_hf[1], tmp_path / "ck", dtype="float32", progress=False)
   out = run_on_8_devices(_LOAD.format(hf=str(tiny_hf[1]), ckpt=str(tmp_path / "ck")))
   for name in ("hf", "orbax"):

@@ -1,4 +1,5 @@
 """The trainer's metric sinks (`train_metrics.py`): rows, non-finite values, truncation on resume, peak FLOP/s."""
+
 import json
 import types
 
@@ -10,7 +11,9 @@ from pgpo_jax.data import reader
 
 
 def _config(tensorboard=False):
-  return ml_collections.ConfigDict({"logging": {"tensorboard": tensorboard, "wandb": False, "wandb_project": "x"}})
+  return ml_collections.ConfigDict(
+    {"logging": {"tensorboard": tensorboard, "wandb": False, "wandb_project": "x"}}
+  )
 
 
 def _rows(path):
@@ -39,7 +42,9 @@ def test_other_hosts_write_nothing(tmp_path):
 
 def test_peak_flops_by_device_kind():
   assert train_metrics.peak_flops(types.SimpleNamespace(device_kind="TPU v5 lite")) == 197e12
-  assert train_metrics.peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
+  assert (
+    train_metrics.peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
+  )
   assert train_metrics.peak_flops(types.SimpleNamespace(device_kind="cpu")) is None
 
 

@@ -1,4 +1,5 @@
 """The trainer end to end on a tiny config: one iteration, resume equivalence, SIGKILL, configs."""
+
 import glob
 import json
 import os
@@ -12,7 +13,8 @@ import pytest
 
 from pgpo_jax import config as config_lib
 from pgpo_jax import rewards, trainer
-from tests.tiny_run import ROOT, length_parity, load_config as _load_config, tiny_config
+from tests.tiny_run import ROOT, length_parity, tiny_config
+from tests.tiny_run import load_config as _load_config
 
 
 @pytest.fixture(autouse=True)
@@ -39,12 +41,25 @@ def test_iteration_checkpoint_and_resume_equal_uninterrupted(data_dir, tmp_path)
   rows = _metrics(straight)
   assert [r["step"] for r in rows] == [1, 2, 3]
   for r in rows:  # a full iteration: rollout, rewards, scoring, advantages, updates
-    for k in ("reward/overall", "reward/accuracy", "reward/format", "train/loss", "train/grad_norm",
-              "dependency/mean", "pgpo/max_weight", "time/rollout", "time/scoring", "time/update",
-              "dynamic_sampling/kept_share", "entropy/scoring"):
+    for k in (
+      "reward/overall",
+      "reward/accuracy",
+      "reward/format",
+      "train/loss",
+      "train/grad_norm",
+      "dependency/mean",
+      "pgpo/max_weight",
+      "time/rollout",
+      "time/scoring",
+      "time/update",
+      "dynamic_sampling/kept_share",
+      "entropy/scoring",
+    ):
       assert k in r, k
   assert any(r["train/update_norm"] > 0 for r in rows)
-  assert sorted(int(os.path.basename(p)) for p in glob.glob(str(straight / "checkpoints" / "[0-9]*"))) == [2, 3]
+  assert sorted(
+    int(os.path.basename(p)) for p in glob.glob(str(straight / "checkpoints" / "[0-9]*"))
+  ) == [2, 3]
   assert glob.glob(str(straight / "tb" / "events.out.tfevents.*"))
   assert last["reward/overall"] == rows[-1]["reward/overall"]
 
@@ -59,14 +74,22 @@ def test_iteration_checkpoint_and_resume_equal_uninterrupted(data_dir, tmp_path)
   m3 = t.train_one_step()
   t.checkpointer.close()
   ref = rows[2]
-  for k in ("reward/overall", "train/loss", "train/grad_norm", "dependency/mean", "response/length_mean"):
+  for k in (
+    "reward/overall",
+    "train/loss",
+    "train/grad_norm",
+    "dependency/mean",
+    "response/length_mean",
+  ):
     np.testing.assert_allclose(m3[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path, caplog):
   """A truncated array file in checkpoints/N/state or checkpoints/N/params: resume from N-1, warn, redo N."""
   import shutil
+
   from tests.test_checkpoint import truncate_largest
+
   c = tiny_config(data_dir)
   c.train.num_steps, c.checkpoint.every, c.warmup.sft_steps = 2, 1, 0
   good = tmp_path / "good"
@@ -79,7 +102,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_
     if item == "state":  # a full restart: resumes at 1, trains step 2 again and saves it afresh
       trainer.train(c, str(workdir))
       assert [r["step"] for r in _metrics(workdir)] == [1, 2]
-      assert 0.0 <= _metrics(workdir)[-1]["pgpo/degenerate_frac"] <= 1.0  # the fallback share is logged
+      assert (
+        0.0 <= _metrics(workdir)[-1]["pgpo/degenerate_frac"] <= 1.0
+      )  # the fallback share is logged
       assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "2.damaged"]
     else:
       t = trainer.Trainer(c, str(workdir))
@@ -92,6 +117,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_
 def test_packed_iteration_equals_padded(data_dir, tmp_path):
   """train.packing=True: the same step (rollout, scores, advantages, updates) on padding-free rows."""
   import jax
+
   out = {}
   for packed in (False, True):
     c = tiny_config(data_dir)
@@ -103,30 +129,62 @@ def test_packed_iteration_equals_padded(data_dir, tmp_path):
     t.checkpointer.close()
     out[packed] = (m, jax.tree.map(np.asarray, t.state.params))
   (m0, p0), (m1, p1) = out[False], out[True]
-  for k in ("reward/overall", "dependency/mean", "dependency/max", "entropy/scoring", "pgpo/max_weight",
-            "train/loss", "train/grad_norm", "train/clip_frac", "train/entropy"):
+  for k in (
+    "reward/overall",
+    "dependency/mean",
+    "dependency/max",
+    "entropy/scoring",
+    "pgpo/max_weight",
+    "train/loss",
+    "train/grad_norm",
+    "train/clip_frac",
+    "train/entropy",
+  ):
     np.testing.assert_allclose(m1[k], m0[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # AdamW moves every weight by about lr·g/(|g|+eps): where a gradient is ~eps, float rounding of g
   # changes that step visibly, so allow rare small differences (a wrong packing moves most weights).
   lr = tiny_config(data_dir).optim.learning_rate
-  diff = np.concatenate([np.abs(a - b).reshape(-1) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0))])
-  assert diff.max() < lr and np.mean(diff > 1e-2 * lr) < 1e-3, (diff.max(), np.mean(diff > 1e-2 * lr))
+  diff = np.concatenate(
+    [np.abs(a - b).reshape(-1) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0))]
+  )
+  assert diff.max() < lr and np.mean(diff > 1e-2 * lr) < 1e-3, (
+    diff.max(),
+    np.mean(diff > 1e-2 * lr),
+  )
 
 
 def test_sigkill_between_checkpoints_loses_nothing_saved(data_dir, tmp_path):
   workdir = tmp_path / "killed"
-  cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={ROOT}/configs/demo.py",
-         f"--workdir={workdir}", f"--config.data.demo_dir={data_dir}",
-         f"--config.data.train_files={data_dir}/train.parquet", f"--config.data.eval_files={data_dir}/test.parquet",
-         f"--config.data.processor_dir={data_dir}/model", "--config.rollout.prompts_per_step=4",
-         "--config.rollout.group_size=2", "--config.rollout.max_new_tokens=8",
-         "--config.updates.prompts_per_update=2", "--config.updates.micro_batch_prompts=1",
-         "--config.warmup.sft_steps=0", "--config.train.eval_every=0", "--config.checkpoint.every=1",
-         "--config.model.tiny.hidden_size=64", "--config.model.tiny.num_hidden_layers=2",
-         "--config.model.tiny.vision_hidden_size=32"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
-  proc = subprocess.Popen(cmd + ["--config.train.num_steps=50"], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "scripts", "train.py"),
+    f"--config={ROOT}/configs/demo.py",
+    f"--workdir={workdir}",
+    f"--config.data.demo_dir={data_dir}",
+    f"--config.data.train_files={data_dir}/train.parquet",
+    f"--config.data.eval_files={data_dir}/test.parquet",
+    f"--config.data.processor_dir={data_dir}/model",
+    "--config.rollout.prompts_per_step=4",
+    "--config.rollout.group_size=2",
+    "--config.rollout.max_new_tokens=8",
+    "--config.updates.prompts_per_update=2",
+    "--config.updates.micro_batch_prompts=1",
+    "--config.warmup.sft_steps=0",
+    "--config.train.eval_every=0",
+    "--config.checkpoint.every=1",
+    "--config.model.tiny.hidden_size=64",
+    "--config.model.tiny.num_hidden_layers=2",
+    "--config.model.tiny.vision_hidden_size=32",
+  ]
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache")
+  )
+  proc = subprocess.Popen(
+    cmd + ["--config.train.num_steps=50"],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   deadline = time.time() + 300
   ckpt = workdir / "checkpoints"
   while time.time() < deadline and proc.poll() is None:
@@ -137,10 +195,19 @@ def test_sigkill_between_checkpoints_loses_nothing_saved(data_dir, tmp_path):
   assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  saved = max(int(os.path.basename(p)) for p in glob.glob(str(ckpt / "[0-9]*")) if os.path.basename(p).isdigit())
+  saved = max(
+    int(os.path.basename(p))
+    for p in glob.glob(str(ckpt / "[0-9]*"))
+    if os.path.basename(p).isdigit()
+  )
   target = saved + 2
-  out = subprocess.run(cmd + [f"--config.train.num_steps={target}"], env=env, capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run(
+    cmd + [f"--config.train.num_steps={target}"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   steps = [r["step"] for r in _metrics(workdir)]
   assert steps == list(range(1, target + 1)), steps  # nothing lost, nothing repeated in the log
@@ -151,16 +218,31 @@ def test_sigint_saves_and_exits_with_the_preempted_status(data_dir, tmp_path):
   """Ctrl-C (SIGINT) during a run: the step finishes, is checkpointed, and the script exits with
   trainer.EXIT_PREEMPTED (75), not 0, without printing `done.`; the rerun resumes after it."""
   workdir = tmp_path / "interrupted"
-  cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={ROOT}/configs/demo.py",
-         f"--workdir={workdir}", f"--config.data.demo_dir={data_dir}",
-         f"--config.data.train_files={data_dir}/train.parquet", f"--config.data.eval_files={data_dir}/test.parquet",
-         f"--config.data.processor_dir={data_dir}/model", "--config.rollout.prompts_per_step=4",
-         "--config.rollout.group_size=2", "--config.rollout.max_new_tokens=8",
-         "--config.updates.prompts_per_update=2", "--config.updates.micro_batch_prompts=1",
-         "--config.warmup.sft_steps=0", "--config.train.eval_every=0", "--config.checkpoint.every=1000",
-         "--config.model.tiny.hidden_size=64", "--config.model.tiny.num_hidden_layers=2",
-         "--config.model.tiny.vision_hidden_size=32", "--config.train.num_steps=50"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "scripts", "train.py"),
+    f"--config={ROOT}/configs/demo.py",
+    f"--workdir={workdir}",
+    f"--config.data.demo_dir={data_dir}",
+    f"--config.data.train_files={data_dir}/train.parquet",
+    f"--config.data.eval_files={data_dir}/test.parquet",
+    f"--config.data.processor_dir={data_dir}/model",
+    "--config.rollout.prompts_per_step=4",
+    "--config.rollout.group_size=2",
+    "--config.rollout.max_new_tokens=8",
+    "--config.updates.prompts_per_update=2",
+    "--config.updates.micro_batch_prompts=1",
+    "--config.warmup.sft_steps=0",
+    "--config.train.eval_every=0",
+    "--config.checkpoint.every=1000",
+    "--config.model.tiny.hidden_size=64",
+    "--config.model.tiny.num_hidden_layers=2",
+    "--config.model.tiny.vision_hidden_size=32",
+    "--config.train.num_steps=50",
+  ]
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache")
+  )
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None and not (workdir / "metrics.jsonl").exists():
@@ -175,8 +257,11 @@ def test_sigint_saves_and_exits_with_the_preempted_status(data_dir, tmp_path):
   assert saved == [steps[-1]] and 1 <= steps[-1] < 50, (saved, steps)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))),
-                         ids=lambda p: os.path.basename(p))
+@pytest.mark.parametrize(
+  "path",
+  sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))),
+  ids=lambda p: os.path.basename(p),
+)
 def test_every_config_builds_and_validates(path):
   c = _load_config(path)
   if not c.model.random_init:  # real-model configs take the checkpoint on the command line
@@ -185,18 +270,21 @@ def test_every_config_builds_and_validates(path):
   sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
   fixed = int(np.prod([s for s in sizes if s > 0]))
   config_lib.validate(c, fixed * (2 if -1 in sizes else 1))
-  doc = (open(path).read().split('"""')[1])
+  doc = open(path).read().split('"""')[1]
   assert "scripts/train.py" in doc or "scripts/compile_check.py" in doc  # the command that runs it
 
 
-@pytest.mark.parametrize("key,value,match", [
+@pytest.mark.parametrize(
+  "key,value,match",
+  [
     ("updates.prompts_per_update", 3, "updates.prompts_per_update"),
     ("updates.micro_batch_prompts", 3, "updates.micro_batch_prompts"),
     ("rollout.group_size", 1, "rollout.group_size"),
     ("pgpo.tau", 1.5, "pgpo.tau"),
     ("pgpo.dependency_estimator", "kl", "pgpo.dependency_estimator"),
     ("reward.name", "nope", "reward.name"),
-])
+  ],
+)
 def test_bad_config_names_the_key(data_dir, key, value, match):
   c = tiny_config(data_dir)
   section, name = key.split(".")
@@ -220,6 +308,7 @@ def test_trained_checkpoint_loads_as_a_model(data_dir, tmp_path):
   """WORKDIR/checkpoints/<step>/params + WORKDIR/config.json + processor = a loadable model."""
   from pgpo_jax.data.hf_processor import load_processor
   from pgpo_jax.models import qwen2_5_vl as qwen
+
   c = tiny_config(data_dir)
   c.train.num_steps, c.train.eval_every = 1, 1
   t = trainer.Trainer(c, str(tmp_path / "w"))
@@ -228,6 +317,7 @@ def test_trained_checkpoint_loads_as_a_model(data_dir, tmp_path):
   assert 0.0 <= last["eval/accuracy"] <= 1.0
   model = qwen.from_pretrained(tmp_path / "w" / "checkpoints" / "1" / "params")
   import jax
+
   got = jax.tree.leaves(jax.tree.map(np.asarray, qwen.loading.flat_params(model)))
   want = jax.tree.leaves(jax.tree.map(np.asarray, t.state.params))
   assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))

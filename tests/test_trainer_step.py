@@ -8,6 +8,7 @@
 - `collect` and the update loop on scripted rollouts (accuracies chosen per prompt, no sampling):
   dynamic-sampling bounds, the round cap, truncation to the batch, padding, short batches.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,10 @@ rewards.BATCH_REWARD_FNS.setdefault("test_length_parity", length_parity)
 
 def alternating(responses, answers):
   """Rewards 1, 0, 1, 0, ...: every group of an even G is non-degenerate whatever was sampled."""
-  return [{"overall": float(i % 2 == 0), "accuracy": float(i % 2 == 0), "format": 0.0} for i in range(len(responses))]
+  return [
+    {"overall": float(i % 2 == 0), "accuracy": float(i % 2 == 0), "format": 0.0}
+    for i in range(len(responses))
+  ]
 
 
 rewards.BATCH_REWARD_FNS.setdefault("test_alternating", alternating)
@@ -73,7 +77,9 @@ def _record(t: trainer.Trainer):
 # ------------------------------------------------------------------------------------------------
 # Independent references
 # ------------------------------------------------------------------------------------------------
-def _forward_logp(model, g: trainer.Group, temperature: float, *, blind: bool = False) -> np.ndarray:
+def _forward_logp(
+  model, g: trainer.Group, temperature: float, *, blind: bool = False
+) -> np.ndarray:
   """[G, L] log softmax(logits / T) of each sampled token, from qwen.forward on [prompt | response]
   (the blind view: visual tokens dropped from attention, positions unchanged)."""
   Tp = len(g.prompt_ids)
@@ -82,9 +88,15 @@ def _forward_logp(model, g: trainer.Group, temperature: float, *, blind: bool = 
     full = np.concatenate([g.prompt_ids, g.tokens[s]])[None]
     am = np.concatenate([np.ones(Tp, np.int32), g.mask[s].astype(np.int32)])[None]
     km = am * (full != model.cfg.image_token_id) if blind else None
-    logits = np.asarray(qwen.forward(model, full, am, g.pixel_values, g.grids, key_mask=km), np.float64)[0]
-    z = logits[Tp - 1:-1] / temperature
-    logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    logits = np.asarray(
+      qwen.forward(model, full, am, g.pixel_values, g.grids, key_mask=km), np.float64
+    )[0]
+    z = logits[Tp - 1 : -1] / temperature
+    logp = (
+      z
+      - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - z.max(-1, keepdims=True)
+    )
     out[s] = np.take_along_axis(logp, g.tokens[s][:, None].astype(np.int64), -1)[:, 0]
   return out
 
@@ -117,7 +129,7 @@ def kl_step(data_dir, tmp_path_factory):
   m = t.train_one_step()
   t.checkpointer.close()
   # The kept groups' rows of the scoring outputs (they come first; filler rows follow).
-  dep = np.concatenate([s.dependency_BxT for s in scores])[:len(kept) * t.G]
+  dep = np.concatenate([s.dependency_BxT for s in scores])[: len(kept) * t.G]
   model = _model(t, init)
   img = [_forward_logp(model, g, T_ROLLOUT) for g in kept]
   blind = [_forward_logp(model, g, T_ROLLOUT, blind=True) for g in kept]
@@ -145,10 +157,12 @@ def test_scoring_and_loss_log_probs_use_the_rollout_temperature(kl_step):
     b = calls[mb]["batch"]
     old, ref_logp, mask = b["old_logp"][row], b["ref_logp"][row], g.mask
     np.testing.assert_allclose(old[mask], img[p][mask], atol=2e-4)
-    np.testing.assert_allclose(ref_logp[mask], img[p][mask], atol=2e-4)  # π_ref = the initial weights
+    np.testing.assert_allclose(
+      ref_logp[mask], img[p][mask], atol=2e-4
+    )  # π_ref = the initial weights
     d = img[p] - blind[p]
     s_ref = np.expm1(-d) + d  # k3 of the two views at T
-    np.testing.assert_allclose(dep[p * G:(p + 1) * G][mask], s_ref[mask], rtol=2e-2, atol=2e-6)
+    np.testing.assert_allclose(dep[p * G : (p + 1) * G][mask], s_ref[mask], rtol=2e-2, atol=2e-6)
     if p == 0:  # T matters: a T = 1 pass would fail the lines above
       assert np.abs(_forward_logp(model, g, 1.0) - img[p])[mask].max() > 1e-2
   assert float(dep.max()) > 1e-5, float(dep.max())  # the views differ: S is not trivially 0
@@ -176,7 +190,9 @@ def test_advantages_are_grpo_times_pgpo_weights(kl_step):
   # are what the loss sees.
   b = calls[0]["batch"]
   bm = b["seq"].response_mask
-  np.testing.assert_allclose(calls[0]["metrics"]["pg_loss"], -b["adv"][bm].sum() / bm.sum(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    calls[0]["metrics"]["pg_loss"], -b["adv"][bm].sum() / bm.sum(), rtol=1e-4, atol=1e-6
+  )
 
 
 def test_logged_losses_equal_single_batch_computations(kl_step):
@@ -188,7 +204,7 @@ def test_logged_losses_equal_single_batch_computations(kl_step):
   for mb, cl in enumerate(calls):
     model = _model(t, cl["params"])
     b = cl["batch"]
-    rows = kept[mb * t.update_local:(mb + 1) * t.update_local]
+    rows = kept[mb * t.update_local : (mb + 1) * t.update_local]
     logp = np.stack([_forward_logp(model, g, T_ROLLOUT) for g in rows])
     mask = b["seq"].response_mask
     ratio = np.exp(logp - b["old_logp"])
@@ -200,7 +216,9 @@ def test_logged_losses_equal_single_batch_computations(kl_step):
   assert kl[1] > 0  # after one update the policy left π_ref
   np.testing.assert_allclose(m["train/pg_loss"], np.mean(pg), rtol=1e-3, atol=1e-6)
   np.testing.assert_allclose(m["train/kl"], np.mean(kl), rtol=1e-3, atol=1e-9)
-  np.testing.assert_allclose(m["train/loss"], np.mean(pg) + KL_COEF * np.mean(kl), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(
+    m["train/loss"], np.mean(pg) + KL_COEF * np.mean(kl), rtol=1e-3, atol=1e-6
+  )
 
 
 def test_no_reference_model_without_kl(data_dir, tmp_path):
@@ -230,10 +248,22 @@ class Script:
       L = t.c.rollout.max_new_tokens
       tokens = np.full((t.G, L), 7 + b, np.int32)
       mask = np.zeros((t.G, L), bool)
-      mask[:, :3 + b % 3] = True
+      mask[:, : 3 + b % 3] = True
       correct = np.arange(t.G) < round(acc * t.G)
-      groups.append(trainer.Group(ids, pix, grids, pb.answers[b], tokens, mask, correct.astype(np.float32),
-                                  correct.astype(np.float32), np.zeros(t.G, np.float32), np.zeros(t.G, bool)))
+      groups.append(
+        trainer.Group(
+          ids,
+          pix,
+          grids,
+          pb.answers[b],
+          tokens,
+          mask,
+          correct.astype(np.float32),
+          correct.astype(np.float32),
+          np.zeros(t.G, np.float32),
+          np.zeros(t.G, bool),
+        )
+      )
     return groups
 
 
@@ -262,7 +292,9 @@ def test_collect_bounds_are_strict_and_order_is_kept(scripted):
   s = Script(t, [0.0, 0.25, 0.5, 0.75])
   kept, stats, seen = t.collect()
   assert s.rounds == 1 and len(seen) == 4
-  assert [float(g.accuracy.mean()) for g in kept] == [0.5]  # 0.25 and 0.75 are on the bounds: dropped
+  assert [float(g.accuracy.mean()) for g in kept] == [
+    0.5
+  ]  # 0.25 and 0.75 are on the bounds: dropped
   assert stats["dynamic_sampling/kept_share"] == 0.25 and stats["dynamic_sampling/filled"] == 0.25
   assert stats["dynamic_sampling/rounds"] == 1
 
@@ -285,7 +317,12 @@ def test_collect_truncates_to_the_batch_in_order(scripted):
   s = Script(t, [0.5, 0.0, 0.5, 0.0] + [0.5, 0.5, 0.5, 0.0])  # 2 kept, then 3 more: 5 > 4 wanted
   kept, stats, seen = t.collect()
   assert s.rounds == 2 and len(seen) == 8 and len(kept) == 4
-  assert [g.tokens[0, 0] for g in kept] == [7, 9, 7, 8]  # rows 0, 2 of round 1, rows 0, 1 of round 2
+  assert [g.tokens[0, 0] for g in kept] == [
+    7,
+    9,
+    7,
+    8,
+  ]  # rows 0, 2 of round 1, rows 0, 1 of round 2
   assert stats["dynamic_sampling/filled"] == 1.0
 
 
@@ -315,10 +352,16 @@ def test_short_batch_trains_without_all_padding_updates(scripted):
   # The blind view hides the vision markers too (pgpo.mask_vision_markers).
   ids = b["seq"].prompt_ids
   cfg = t.cfg
-  want = (ids == cfg.image_token_id) | (ids == cfg.vision_start_token_id) | (ids == cfg.vision_end_token_id)
+  want = (
+    (ids == cfg.image_token_id)
+    | (ids == cfg.vision_start_token_id)
+    | (ids == cfg.vision_end_token_id)
+  )
   assert (ids == cfg.vision_start_token_id).any()
   np.testing.assert_array_equal(b["seq"].prompt_visual, want)
-  assert m["train/grad_norm"] == pytest.approx(calls[0]["metrics"]["grad_norm"])  # no zero averaged in
+  assert m["train/grad_norm"] == pytest.approx(
+    calls[0]["metrics"]["grad_norm"]
+  )  # no zero averaged in
   for k in ("count/data_rows_read", "count/data_skipped_rows"):
     assert k in m
 

@@ -1,4 +1,5 @@
 """The tiny trainer configuration and test reward shared by the trainer tests and their subprocesses."""
+
 import importlib.util
 import os
 import sys
@@ -33,8 +34,15 @@ def tiny_config(data_dir):
   c.data.eval_files = os.path.join(data_dir, "test.parquet")
   c.data.processor_dir = os.path.join(data_dir, "model")
   c.data.demo_train_rows, c.data.demo_eval_rows, c.data.demo_image_size = 48, 8, 56
-  c.model.tiny.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vision_hidden_size=32,
-                           vision_intermediate_size=64))
+  c.model.tiny.update(
+    dict(
+      hidden_size=64,
+      intermediate_size=128,
+      num_hidden_layers=2,
+      vision_hidden_size=32,
+      vision_intermediate_size=64,
+    )
+  )
   c.rollout.prompts_per_step, c.rollout.group_size, c.rollout.max_new_tokens = 4, 2, 8
   c.updates.prompts_per_update, c.updates.micro_batch_prompts = 2, 1
   c.warmup.sft_steps, c.warmup.prompts_per_step = 1, 4

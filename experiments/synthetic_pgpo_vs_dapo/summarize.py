@@ -1,4 +1,5 @@
 """Table + plots of the synthetic PGPO-vs-DAPO-vs-GRPO runs (reads each run's metrics.jsonl)."""
+
 import argparse
 import collections
 import glob
@@ -40,21 +41,41 @@ def main():
       stats["entropy_first10"].append(np.mean(ent[:10]) if ent else float("nan"))
       stats["entropy_last10"].append(np.mean(ent[-10:]) if ent else float("nan"))
       stats["sec_per_step"].append(np.mean([r["time/step"] for r in train if "time/step" in r]))
-    rows.append((method, len(dirs), {k: (float(np.mean(v)), float(np.std(v))) for k, v in stats.items()}))
-  keys = ["eval_start", "eval_end", "eval_best", "reward_first10", "reward_last10", "grad_norm_var",
-          "entropy_first10", "entropy_last10", "sec_per_step"]
+    rows.append(
+      (method, len(dirs), {k: (float(np.mean(v)), float(np.std(v))) for k, v in stats.items()})
+    )
+  keys = [
+    "eval_start",
+    "eval_end",
+    "eval_best",
+    "reward_first10",
+    "reward_last10",
+    "grad_norm_var",
+    "entropy_first10",
+    "entropy_last10",
+    "sec_per_step",
+  ]
   lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
   for method, n, st in rows:
-    lines.append(f"| {method} | {n} | " + " | ".join(f"{st[k][0]:.3f} ± {st[k][1]:.3f}" for k in keys) + " |")
+    lines.append(
+      f"| {method} | {n} | " + " | ".join(f"{st[k][0]:.3f} ± {st[k][1]:.3f}" for k in keys) + " |"
+    )
   table = "\n".join(lines)
   print(table)
   with open(os.path.join(a.out, "results.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(a.out, "results.json"), "w") as f:
-    json.dump({m: {"seeds": n, **{k: {"mean": v[0], "std": v[1]} for k, v in st.items()}} for m, n, st in rows}, f,
-              indent=2)
+    json.dump(
+      {
+        m: {"seeds": n, **{k: {"mean": v[0], "std": v[1]} for k, v in st.items()}}
+        for m, n, st in rows
+      },
+      f,
+      indent=2,
+    )
   try:
     from pgpo_jax.tools import plotting
+
     runs = [(os.path.basename(d), d) for ds in by_method.values() for d in ds]
     plotting.plot_runs(runs, os.path.join(a.out, "plots"))
   except Exception as e:  # plots are a convenience; the table is the result

@@ -4,6 +4,7 @@ Each command defines its flags on a fresh `absl.flags.FlagValues` inside `main(a
 be imported side by side (tests call several `main`s in one process) without clashing over absl's
 global flag table, and `main` can be called with an explicit argv and returns an exit code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,12 @@ from ml_collections import config_dict
 USAGE_ERROR = 2  # exit status of a command-line mistake (as argparse)
 
 
-def parse(prog: str, doc: str, define: Callable[[flags.FlagValues, list[str]], None],
-          argv: Sequence[str] | None) -> tuple[flags.FlagValues, list[str]]:
+def parse(
+  prog: str,
+  doc: str,
+  define: Callable[[flags.FlagValues, list[str]], None],
+  argv: Sequence[str] | None,
+) -> tuple[flags.FlagValues, list[str]]:
   """Defines the command's flags (`define(flag_values, full_argv)`) and parses `argv` into them.
 
   `argv` excludes the program name (default: `sys.argv[1:]`). Returns (flag values, positional
@@ -44,16 +49,25 @@ def parse(prog: str, doc: str, define: Callable[[flags.FlagValues, list[str]], N
 
 def define_policy_flags(fv: flags.FlagValues, *, dtype: str) -> None:
   """Flags of the commands that load a policy (`pgpo-eval`, `pgpo-inspect`): where it and its data are."""
-  flags.DEFINE_string("ckpt", None, "Checkpoint: WORKDIR, WORKDIR/checkpoints/<step>[/params], HF or converted "
-                      "folder.", flag_values=fv)
+  flags.DEFINE_string(
+    "ckpt",
+    None,
+    "Checkpoint: WORKDIR, WORKDIR/checkpoints/<step>[/params], HF or converted folder.",
+    flag_values=fv,
+  )
   flags.mark_flag_as_required("ckpt", flag_values=fv)
   flags.DEFINE_string("dtype", dtype, "bfloat16 | float32.", flag_values=fv)
-  flags.DEFINE_string("mesh", "", "e.g. data=8 or data=2,tensor=4 (default: all devices on data).", flag_values=fv)
-  flags.DEFINE_string("processor", None, "Processor/tokenizer folder (default: next to the config).",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "mesh", "", "e.g. data=8 or data=2,tensor=4 (default: all devices on data).", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "processor", None, "Processor/tokenizer folder (default: next to the config).", flag_values=fv
+  )
   flags.DEFINE_string("question_key", None, "Question column (default: detected).", flag_values=fv)
   flags.DEFINE_string("answer_key", None, "Answer column (default: detected).", flag_values=fv)
-  flags.DEFINE_string("image_key", None, "Image column ('none': text-only; default: detected).", flag_values=fv)
+  flags.DEFINE_string(
+    "image_key", None, "Image column ('none': text-only; default: detected).", flag_values=fv
+  )
   flags.DEFINE_string("image_dir", None, "Base folder of relative image paths.", flag_values=fv)
   flags.DEFINE_bool("greedy", False, "Greedy decoding: k=1 at temperature 0.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
@@ -62,25 +76,45 @@ def define_policy_flags(fv: flags.FlagValues, *, dtype: str) -> None:
 
 def define_distributed_flags(fv: flags.FlagValues) -> None:
   """Flags of the multi-host commands (`pgpo-train`, `pgpo-eval`): how the processes find each other."""
-  flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"], "Call jax.distributed.initialize() (auto: on "
-                    "multi-host TPU environments, or when --coordinator_address is given).", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters that JAX does not "
-                      "detect (GPU hosts, N processes on one CPU machine).", flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).",
-                       flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).", flag_values=fv)
+  flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "yes", "no"],
+    "Call jax.distributed.initialize() (auto: on "
+    "multi-host TPU environments, or when --coordinator_address is given).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for clusters that JAX does not "
+    "detect (GPU hosts, N processes on one CPU machine).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run (with --coordinator_address).", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "process_id", None, "This process's index (with --coordinator_address).", flag_values=fv
+  )
 
 
 def maybe_initialize_distributed(fv: flags.FlagValues) -> None:
   """jax.distributed.initialize() when `--distributed` says so (auto: a coordinator or a multi-host TPU)."""
   import os
+
   from pgpo_jax import multihost
-  if fv.distributed == "yes" or (fv.distributed == "auto" and (
-      bool(fv.coordinator_address) or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))):
+
+  if fv.distributed == "yes" or (
+    fv.distributed == "auto"
+    and (bool(fv.coordinator_address) or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  ):
     multihost.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
 
 
-def setup_logging(level: int = logging.INFO, *, quiet: Sequence[str] = ("absl", "orbax", "grain", "jax")) -> None:
+def setup_logging(
+  level: int = logging.INFO, *, quiet: Sequence[str] = ("absl", "orbax", "grain", "jax")
+) -> None:
   """INFO for our loggers on stderr with timestamps; the chattier libraries at WARNING."""
   logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for name in quiet:

@@ -8,6 +8,7 @@
 and FLOPs; exit code 1 if a step does not fit, 2 on a compile error. Needs libtpu:
 pip install 'jax[tpu]==0.10.2' (no TPU is used). Details: pgpo_jax/tools/compile_check.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,13 +24,23 @@ from pgpo_jax.cli import common
 
 
 def _define(fv: flags.FlagValues, argv: list[str]) -> None:
-  config_flags.DEFINE_config_file("config", None, "Config file in configs/.", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file in configs/.", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   flags.mark_flag_as_required("config", flag_values=fv)
-  flags.DEFINE_string("topology", "v5p-64", "v5p-64 | v5e-256 | v4-128 | v6e-16 | raw 'v5e:2x2'.", flag_values=fv)
-  flags.DEFINE_list("steps", "rollout_start,rollout_decode,score,train", "Steps to compile.", flag_values=fv)
-  flags.DEFINE_integer("score_prompts", None, "What-if: score in calls of this many prompts (default: the "
-                       "trainer's slice, pgpo.scoring_prompts).", flag_values=fv)
+  flags.DEFINE_string(
+    "topology", "v5p-64", "v5p-64 | v5e-256 | v4-128 | v6e-16 | raw 'v5e:2x2'.", flag_values=fv
+  )
+  flags.DEFINE_list(
+    "steps", "rollout_start,rollout_decode,score,train", "Steps to compile.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "score_prompts",
+    None,
+    "What-if: score in calls of this many prompts (default: the "
+    "trainer's slice, pgpo.scoring_prompts).",
+    flag_values=fv,
+  )
   flags.DEFINE_string("json", None, "Also write the reports to this JSON file.", flag_values=fv)
 
 
@@ -40,8 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
   from pgpo_jax.tools import compile_check
-  ctx, reports = compile_check.run(fv.config, fv.topology, fv.steps, log=lambda m: print(m, file=sys.stderr, flush=True),
-                                   score_prompts=fv.score_prompts)
+
+  ctx, reports = compile_check.run(
+    fv.config,
+    fv.topology,
+    fv.steps,
+    log=lambda m: print(m, file=sys.stderr, flush=True),
+    score_prompts=fv.score_prompts,
+  )
   print(compile_check.format_report(ctx, reports))
   for r in reports:
     if getattr(r, "traceback", None):

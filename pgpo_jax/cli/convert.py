@@ -10,6 +10,7 @@ Orbax -> HF (a converted folder, or a trainer checkpoint + its config):
 
 (`python scripts/convert_hf.py ...` is the same command.) Exit status 2 on a bad checkpoint or output.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,14 +36,24 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv
   flags.DEFINE_bool("to_hf", False, "Export an Orbax checkpoint to HF safetensors.", flag_values=fv)
   flags.DEFINE_string("hf_dir", None, "HF folder to convert (HF -> Orbax).", flag_values=fv)
-  flags.DEFINE_string("ckpt", None, "Orbax checkpoint: converted folder or params item dir (--to_hf).",
-                      flag_values=fv)
-  flags.DEFINE_string("model_config", None, "config.json (or its folder) of --ckpt; default: found next to it.",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "ckpt", None, "Orbax checkpoint: converted folder or params item dir (--to_hf).", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "model_config",
+    None,
+    "config.json (or its folder) of --ckpt; default: found next to it.",
+    flag_values=fv,
+  )
   flags.DEFINE_string("out_dir", None, "Output folder.", flag_values=fv)
   flags.mark_flag_as_required("out_dir", flag_values=fv)
-  flags.DEFINE_string("dtype", None, "bfloat16 | float32 | float16 (default: bfloat16 for HF -> Orbax, the "
-                      "stored dtype for --to_hf).", flag_values=fv)
+  flags.DEFINE_string(
+    "dtype",
+    None,
+    "bfloat16 | float32 | float16 (default: bfloat16 for HF -> Orbax, the "
+    "stored dtype for --to_hf).",
+    flag_values=fv,
+  )
   flags.DEFINE_string("max_shard_size", "5GB", "safetensors shard limit (--to_hf).", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "Replace an existing OUT_DIR/params.", flag_values=fv)
   flags.DEFINE_bool("no_progress", False, "No progress bars.", flag_values=fv)
@@ -60,17 +71,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("pgpo-convert: error: --to_hf needs --ckpt", file=sys.stderr)
     return common.USAGE_ERROR
   if not fv.to_hf and not fv.hf_dir:
-    print("pgpo-convert: error: give --hf_dir (HF -> Orbax) or --to_hf --ckpt (Orbax -> HF)", file=sys.stderr)
+    print(
+      "pgpo-convert: error: give --hf_dir (HF -> Orbax) or --to_hf --ckpt (Orbax -> HF)",
+      file=sys.stderr,
+    )
     return common.USAGE_ERROR
 
   from pgpo_jax.convert import hf
+
   try:
     if fv.to_hf:
-      summary = hf.orbax_to_hf(fv.ckpt, fv.out_dir, config=fv.model_config, dtype=fv.dtype,
-                               max_shard_bytes=max_shard_bytes, progress=not fv.no_progress)
+      summary = hf.orbax_to_hf(
+        fv.ckpt,
+        fv.out_dir,
+        config=fv.model_config,
+        dtype=fv.dtype,
+        max_shard_bytes=max_shard_bytes,
+        progress=not fv.no_progress,
+      )
     else:
-      summary = hf.hf_to_orbax(fv.hf_dir, fv.out_dir, dtype=fv.dtype or "bfloat16", overwrite=fv.overwrite,
-                               progress=not fv.no_progress)
+      summary = hf.hf_to_orbax(
+        fv.hf_dir,
+        fv.out_dir,
+        dtype=fv.dtype or "bfloat16",
+        overwrite=fv.overwrite,
+        progress=not fv.no_progress,
+      )
   except (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError) as e:
     print(f"pgpo-convert: error: {e}", file=sys.stderr)
     return 2

@@ -16,6 +16,7 @@ Multi-host (the paper's avg@8 over eight benchmarks): run the same command on ev
 slice the hosts find each other, elsewhere name the coordinator (same result as one host; host 0 writes):
     pgpo-eval --ckpt=... --data=... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,11 +30,21 @@ from pgpo_jax.cli import common
 
 def _define(fv: flags.FlagValues, argv: list[str]) -> None:
   from pgpo_jax import evaluation as ev
-  config_flags.DEFINE_config_dict("config", common.config_from_dataclass(ev.EvalConfig()),
-                                  "The evaluation protocol (evaluation.EvalConfig).", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
-  flags.DEFINE_string("data", None, "Benchmark files: FILE or NAME=FILE, comma-separated (globs allowed).",
-                      flag_values=fv)
+
+  config_flags.DEFINE_config_dict(
+    "config",
+    common.config_from_dataclass(ev.EvalConfig()),
+    "The evaluation protocol (evaluation.EvalConfig).",
+    flag_values=fv,
+    lock_config=True,
+    sys_argv=argv,
+  )
+  flags.DEFINE_string(
+    "data",
+    None,
+    "Benchmark files: FILE or NAME=FILE, comma-separated (globs allowed).",
+    flag_values=fv,
+  )
   flags.mark_flag_as_required("data", flag_values=fv)
   common.define_policy_flags(fv, dtype="bfloat16")
   common.define_distributed_flags(fv)
@@ -43,15 +54,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   fv, _ = common.parse("pgpo-eval", __doc__, _define, argv)
   common.setup_logging()
   import jax
+
   common.maybe_initialize_distributed(fv)
   from pgpo_jax import evaluation as ev
+
   try:
     greedy = dict(k=1, temperature=0.0) if fv.greedy else {}
     cfg = common.dataclass_from_config(ev.EvalConfig, fv.config, **greedy)
-    benches = ev.resolve_benchmarks(fv.data, question_key=fv.question_key, answer_key=fv.answer_key,
-                                    image_key=fv.image_key, image_dir=fv.image_dir)
-    policy = ev.load_policy(fv.ckpt, dtype=fv.dtype, mesh=ev.make_eval_mesh(fv.mesh), processor_dir=fv.processor,
-                            min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    benches = ev.resolve_benchmarks(
+      fv.data,
+      question_key=fv.question_key,
+      answer_key=fv.answer_key,
+      image_key=fv.image_key,
+      image_dir=fv.image_dir,
+    )
+    policy = ev.load_policy(
+      fv.ckpt,
+      dtype=fv.dtype,
+      mesh=ev.make_eval_mesh(fv.mesh),
+      processor_dir=fv.processor,
+      min_pixels=cfg.min_pixels,
+      max_pixels=cfg.max_pixels,
+    )
   except (ValueError, FileNotFoundError, NotImplementedError) as e:
     print(f"pgpo-eval: error: {e}", file=sys.stderr)
     return 2

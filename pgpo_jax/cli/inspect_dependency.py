@@ -11,6 +11,7 @@ tokens.jsonl to --out (default WORKDIR/inspect/step<N>, or inspect/<name>). Sett
 estimator, clamp_log_ratio, mask_vision_markers, chunk_size, thresholds and the evaluator's sampling
 fields). Needs the `plot` extra. (`python scripts/inspect_dependency.py ...` is the same command.)
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,18 @@ from pgpo_jax.cli import common
 
 def _define(fv: flags.FlagValues, argv: list[str]) -> None:
   from pgpo_jax.tools import inspect_dependency as idep
-  config_flags.DEFINE_config_dict("config", common.config_from_dataclass(idep.InspectConfig()),
-                                  "Sampling, scoring and weight settings (InspectConfig).", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
-  flags.DEFINE_string("data", None, "One data file (parquet / JSON lines) with images.", flag_values=fv)
+
+  config_flags.DEFINE_config_dict(
+    "config",
+    common.config_from_dataclass(idep.InspectConfig()),
+    "Sampling, scoring and weight settings (InspectConfig).",
+    flag_values=fv,
+    lock_config=True,
+    sys_argv=argv,
+  )
+  flags.DEFINE_string(
+    "data", None, "One data file (parquet / JSON lines) with images.", flag_values=fv
+  )
   flags.mark_flag_as_required("data", flag_values=fv)
   common.define_policy_flags(fv, dtype="float32")  # float32: exact S
 
@@ -39,24 +48,41 @@ def main(argv: Sequence[str] | None = None) -> int:
   common.setup_logging()
   from pgpo_jax import evaluation as ev
   from pgpo_jax.tools import inspect_dependency as idep
+
   try:
     greedy = dict(temperature=0.0) if fv.greedy else {}
     cfg = common.dataclass_from_config(idep.InspectConfig, fv.config, **greedy)
-    spec = idep.dataset_spec(fv.data, question_key=fv.question_key, answer_key=fv.answer_key,
-                             image_key=fv.image_key, image_dir=fv.image_dir)
-    policy = ev.load_policy(fv.ckpt, dtype=fv.dtype, mesh=ev.make_eval_mesh(fv.mesh), processor_dir=fv.processor,
-                            min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    spec = idep.dataset_spec(
+      fv.data,
+      question_key=fv.question_key,
+      answer_key=fv.answer_key,
+      image_key=fv.image_key,
+      image_dir=fv.image_dir,
+    )
+    policy = ev.load_policy(
+      fv.ckpt,
+      dtype=fv.dtype,
+      mesh=ev.make_eval_mesh(fv.mesh),
+      processor_dir=fv.processor,
+      min_pixels=cfg.min_pixels,
+      max_pixels=cfg.max_pixels,
+    )
   except (ValueError, FileNotFoundError, NotImplementedError) as e:
     print(f"pgpo-inspect: error: {e}", file=sys.stderr)
     return 2
   records = idep.inspect(policy, spec, cfg, progress=not fv.no_progress)
   summary = idep.summarize(records, cfg)
   ref = policy.ref
-  out = fv.out or (os.path.join(ref.workdir, "inspect", f"step{ref.step}") if ref.workdir else
-                   os.path.join("inspect", os.path.basename(os.path.normpath(ref.path))))
+  out = fv.out or (
+    os.path.join(ref.workdir, "inspect", f"step{ref.step}")
+    if ref.workdir
+    else os.path.join("inspect", os.path.basename(os.path.normpath(ref.path)))
+  )
   title = f"{ref.path} on {os.path.basename(fv.data)}"
   paths = idep.write_report(records, summary, out, spec=spec, title=title)
-  print(json.dumps({"dependency": summary["dependency"], "sparsity": summary["sparsity"]}, indent=2))
+  print(
+    json.dumps({"dependency": summary["dependency"], "sparsity": summary["sparsity"]}, indent=2)
+  )
   print("open", paths["index"])
   return 0
 

@@ -7,6 +7,7 @@ byte-identical files. Train and test use disjoint random streams of the same see
 ids (and vocab size) that the model config needs. (`python scripts/make_demo_data.py ...` is the same
 command; `make demo` makes the data on first use without it.)
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,12 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("n_train", 2000, "Training rows.", flag_values=fv)
   flags.DEFINE_integer("n_test", 200, "Test rows.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the rows and of the tokenizer.", flag_values=fv)
-  flags.DEFINE_integer("image_size", 84, "Image side in px (multiples of 28 avoid resizing).", flag_values=fv)
-  flags.DEFINE_integer("vocab_size", 1024, "Tokenizer size incl. the 22 Qwen added tokens.", flag_values=fv)
+  flags.DEFINE_integer(
+    "image_size", 84, "Image side in px (multiples of 28 avoid resizing).", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "vocab_size", 1024, "Tokenizer size incl. the 22 Qwen added tokens.", flag_values=fv
+  )
   flags.DEFINE_integer("min_pixels", 56 * 56, "Image processor lower bound.", flag_values=fv)
   flags.DEFINE_integer("max_pixels", 112 * 112, "Image processor upper bound.", flag_values=fv)
 
@@ -36,13 +41,18 @@ def run(argv: Sequence[str] | None = None) -> dict[str, int]:
   """Writes the data; returns the special token ids and vocab size of the tokenizer."""
   fv, _ = common.parse("pgpo-make-demo-data", __doc__, _define, argv)
   from pgpo_jax.demo_task import synthetic, tiny_tokenizer
+
   os.makedirs(fv.out_dir, exist_ok=True)
   for name, n, stream in (("train", fv.n_train, 0), ("test", fv.n_test, 1)):
     rows = synthetic.make_split(n, fv.seed, fv.image_size, stream=stream)
     synthetic.write_parquet(rows, os.path.join(fv.out_dir, f"{name}.parquet"))
   return tiny_tokenizer.build_tiny_model_folder(
-      os.path.join(fv.out_dir, "model"), vocab_size=fv.vocab_size, min_pixels=fv.min_pixels,
-      max_pixels=fv.max_pixels, seed=fv.seed)
+    os.path.join(fv.out_dir, "model"),
+    vocab_size=fv.vocab_size,
+    min_pixels=fv.min_pixels,
+    max_pixels=fv.max_pixels,
+    seed=fv.seed,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

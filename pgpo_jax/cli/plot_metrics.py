@@ -9,6 +9,7 @@ dependency.png, pgpo_weights.png, response_length.png, dynamic_sampling.png and 
 some run has its metrics (--out default: plots/). Needs the `plot` extra.
 (`python scripts/plot_metrics.py ...` is the same command.) Details: pgpo_jax/tools/plotting.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,10 +30,14 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   fv, runs_args = common.parse("pgpo-plot", __doc__, _define, argv)
   if not runs_args:
-    print("pgpo-plot: error: give at least one run (WORKDIR, metrics.jsonl or LABEL=PATH)", file=sys.stderr)
+    print(
+      "pgpo-plot: error: give at least one run (WORKDIR, metrics.jsonl or LABEL=PATH)",
+      file=sys.stderr,
+    )
     return common.USAGE_ERROR
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   from pgpo_jax.tools import plotting
+
   try:
     runs = plotting.parse_runs(runs_args)
   except FileNotFoundError as e:

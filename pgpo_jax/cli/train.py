@@ -15,6 +15,7 @@ Elsewhere name the coordinator, e.g. two processes on one CPU machine (tests/tes
     XLA_FLAGS=--xla_force_host_platform_device_count=2 pgpo-train --config=... \\
         --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,15 +30,27 @@ from pgpo_jax.cli import common
 
 
 def _define(fv: flags.FlagValues, argv: list[str]) -> None:
-  config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Path to a config file in configs/.",
+    flag_values=fv,
+    lock_config=True,
+    sys_argv=argv,
+  )
   flags.mark_flag_as_required("config", flag_values=fv)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics). Default: config.workdir or "
-                      "runs/<config name>.", flag_values=fv)
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory (checkpoints, metrics). Default: config.workdir or runs/<config name>.",
+    flag_values=fv,
+  )
   common.define_distributed_flags(fv)
+
 
 def _log_to_stderr() -> None:
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/grain INFO chatter
   handler = logging.StreamHandler()
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -51,8 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   fv, _ = common.parse("pgpo-train", __doc__, _define, argv)
   _log_to_stderr()
   import jax
+
   common.maybe_initialize_distributed(fv)
   from pgpo_jax import trainer
+
   c = fv.config
   name = os.path.splitext(os.path.basename(fv["config"].config_filename))[0]
   workdir = fv.workdir or c.workdir or os.path.join("runs", name)
@@ -62,14 +77,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     last, preempted = e.metrics, e
   if jax.process_index() == 0:
     keys = ("reward/overall", "reward/accuracy", "reward/format", "eval/accuracy")
-    print(f"stopped early: {preempted}" if preempted else "done.", "workdir:", os.path.abspath(workdir))
+    print(
+      f"stopped early: {preempted}" if preempted else "done.", "workdir:", os.path.abspath(workdir)
+    )
     print("last step:", {k: round(last[k], 4) for k in keys if k in last})
-    skipped = {k.rsplit("/", 1)[1]: int(v) for k, v in last.items() if k.startswith("count/data_skipped_rows/") and v}
-    print(f"training data: {int(last.get('count/data_rows_read', 0))} rows read, "
-          f"{int(last.get('count/data_skipped_rows', 0))} skipped", skipped or "")
-    print("metrics:", os.path.join(os.path.abspath(workdir), "metrics.jsonl"),
-          "| TensorBoard:", os.path.join(os.path.abspath(workdir), "tb"))
+    skipped = {
+      k.rsplit("/", 1)[1]: int(v)
+      for k, v in last.items()
+      if k.startswith("count/data_skipped_rows/") and v
+    }
+    print(
+      f"training data: {int(last.get('count/data_rows_read', 0))} rows read, "
+      f"{int(last.get('count/data_skipped_rows', 0))} skipped",
+      skipped or "",
+    )
+    print(
+      "metrics:",
+      os.path.join(os.path.abspath(workdir), "metrics.jsonl"),
+      "| TensorBoard:",
+      os.path.join(os.path.abspath(workdir), "tb"),
+    )
   return trainer.EXIT_PREEMPTED if preempted else 0
+
 
 if __name__ == "__main__":
   sys.exit(main())

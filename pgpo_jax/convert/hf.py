@@ -22,6 +22,7 @@ single tensor larger than the limit gets a shard of its own), `config.json` (the
 its dtype entry updated) and every tokenizer/processor file found next to the source config.
 Tied models (3B) have no `lm_head.weight`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,15 +44,25 @@ Path = tuple[str, ...]
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's "5GB"
 # Files copied alongside the weights (whatever of these exists next to the source config.json).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "vocab.json",
+  "merges.txt",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "chat_template.json",
+  "chat_template.jinja",
+  "preprocessor_config.json",
+  "processor_config.json",
+  "video_preprocessor_config.json",
+  "generation_config.json",
 )
 _ST_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
 
 
 def _np_dtype(dtype) -> np.dtype:
   import jax.numpy as jnp
+
   try:
     return np.dtype(jnp.dtype(dtype))
   except TypeError:
@@ -69,6 +80,7 @@ def _st_dtype(dtype: np.dtype) -> str:
 @dataclasses.dataclass
 class ConvertSummary:
   """What a conversion wrote. `num_params` counts scalars, `bytes` the tensor payload."""
+
   direction: str
   out_dir: str
   dtype: str
@@ -79,14 +91,19 @@ class ConvertSummary:
   files: list[str]
 
   def __str__(self) -> str:
-    return (f"{self.direction}: {self.num_params:,} parameters ({self.num_params / 1e9:.2f}B) in "
-            f"{self.num_tensors} tensors, {self.bytes / 2**30:.3f} GiB of {self.dtype}, "
-            f"{len(self.files)} file(s), {self.seconds:.1f} s -> {self.out_dir}")
+    return (
+      f"{self.direction}: {self.num_params:,} parameters ({self.num_params / 1e9:.2f}B) in "
+      f"{self.num_tensors} tensors, {self.bytes / 2**30:.3f} GiB of {self.dtype}, "
+      f"{len(self.files)} file(s), {self.seconds:.1f} s -> {self.out_dir}"
+    )
 
 
 def _progress(total: int, desc: str, enabled: bool):
   from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
+
+  return tqdm(
+    total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled
+  )
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> str:
@@ -101,8 +118,9 @@ def ensure_writable_dir(path: str | os.PathLike) -> str:
   return path
 
 
-def copy_side_files(src_dir: str, out_dir: str, *, dtype: np.dtype | None = None,
-                    config_path: str | None = None) -> list[str]:
+def copy_side_files(
+  src_dir: str, out_dir: str, *, dtype: np.dtype | None = None, config_path: str | None = None
+) -> list[str]:
   """Copies config.json (dtype entry updated) and the tokenizer/processor files present in `src_dir`."""
   written = []
   config_path = config_path or os.path.join(src_dir, "config.json")
@@ -131,8 +149,17 @@ def copy_side_files(src_dir: str, out_dir: str, *, dtype: np.dtype | None = None
 # ------------------------------------------------------------------------------------------------
 # HF -> Orbax
 # ------------------------------------------------------------------------------------------------
-_FROM_ST = {"F32": "float32", "F16": "float16", "F64": "float64", "I64": "int64", "I32": "int32",
-            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_FROM_ST = {
+  "F32": "float32",
+  "F16": "float16",
+  "F64": "float64",
+  "I64": "int64",
+  "I32": "int32",
+  "I16": "int16",
+  "I8": "int8",
+  "U8": "uint8",
+  "BOOL": "bool",
+}
 
 
 def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -143,27 +170,38 @@ def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
   Reading tensor by tensor keeps the host footprint at the output plus one tensor.
   """
   import ml_dtypes
+
   with open(path, "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(n))
     base = 8 + n
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                     key=lambda kv: kv[1]["data_offsets"][0])
+    entries = sorted(
+      ((k, v) for k, v in header.items() if k != "__metadata__"),
+      key=lambda kv: kv[1]["data_offsets"][0],
+    )
     for name, info in entries:
       st = info["dtype"]
       dtype = np.dtype(ml_dtypes.bfloat16) if st == "BF16" else np.dtype(_FROM_ST[st])
       begin, end = info["data_offsets"]
       out = np.empty(info["shape"], dtype)
       if out.nbytes != end - begin:
-        raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']} {st}")
+        raise ValueError(
+          f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']} {st}"
+        )
       f.seek(base + begin)
       if out.nbytes and f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
         raise ValueError(f"{path}: file ends inside tensor {name}")
       yield name, out
 
 
-def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="bfloat16", *,
-                overwrite: bool = False, progress: bool = True) -> ConvertSummary:
+def hf_to_orbax(
+  hf_dir: str | os.PathLike,
+  out_dir: str | os.PathLike,
+  dtype="bfloat16",
+  *,
+  overwrite: bool = False,
+  progress: bool = True,
+) -> ConvertSummary:
   """Converts an HF Qwen2.5-VL folder into `out_dir/params` (Orbax) + config/tokenizer files.
 
   The result loads with `qwen2_5_vl.from_pretrained(out_dir)` (any dtype: cast on restore).
@@ -171,6 +209,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="bf
   FileNotFoundError, PermissionError (output not writable) or FileExistsError.
   """
   import jax
+
   t0 = time.time()
   hf_dir = os.path.abspath(os.fspath(hf_dir))
   dt = _np_dtype(dtype)
@@ -183,7 +222,9 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="bf
       raise FileExistsError(f"{params_dir} already exists (pass overwrite=True / --overwrite)")
     shutil.rmtree(params_dir)
 
-  shapes = {p: (tuple(v.shape), dt) for p, v in loading.flat_params(loading.abstract_model(cfg, dt)).items()}
+  shapes = {
+    p: (tuple(v.shape), dt) for p, v in loading.flat_params(loading.abstract_model(cfg, dt)).items()
+  }
   cpu = jax.local_devices(backend="cpu")[0]
   total = sum(os.path.getsize(f) for f in files)
   bar = _progress(total, "read safetensors", progress)
@@ -203,8 +244,16 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="bf
   ckpt_lib.save_orbax_params(params_dir, params)
   written = copy_side_files(hf_dir, out_dir)
   n = sum(int(np.prod(s)) for s, _ in shapes.values())
-  return ConvertSummary("hf->orbax", out_dir, dt.name, n, len(shapes), n * dt.itemsize, time.time() - t0,
-                        [params_dir] + written)
+  return ConvertSummary(
+    "hf->orbax",
+    out_dir,
+    dt.name,
+    n,
+    len(shapes),
+    n * dt.itemsize,
+    time.time() - t0,
+    [params_dir] + written,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,6 +262,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype="bf
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   """One HF tensor: produced by `rule` (layer `layer` when stacked)."""
+
   name: str
   rule: weights.Rule
   layer: int | None
@@ -220,8 +270,9 @@ class _Entry:
   nbytes: int
 
 
-def plan_hf_tensors(cfg: Qwen25VLConfig, shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]],
-                    dtype: np.dtype) -> list[_Entry]:
+def plan_hf_tensors(
+  cfg: Qwen25VLConfig, shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]], dtype: np.dtype
+) -> list[_Entry]:
   """Every HF tensor of the export, in writing order, with its shape computed from shapes alone.
 
   `to_hf` runs on zero-stride views (`np.broadcast_to`), so planning a 72B model allocates ~nothing.
@@ -233,7 +284,10 @@ def plan_hf_tensors(cfg: Qwen25VLConfig, shapes: Mapping[Path, tuple[tuple[int, 
     missing = [p for p in r.ours if p not in shapes]
     if missing:
       raise KeyError(f"parameter {'/'.join(missing[0])} missing for export")
-    views = [np.broadcast_to(np.zeros((), dtype), shapes[p][0][1:] if r.stacked else shapes[p][0]) for p in r.ours]
+    views = [
+      np.broadcast_to(np.zeros((), dtype), shapes[p][0][1:] if r.stacked else shapes[p][0])
+      for p in r.ours
+    ]
     shape = tuple(r.to_hf(views, cfg).shape)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if r.stacked:
@@ -275,9 +329,16 @@ def _header(entries: Sequence[_Entry], dtype: np.dtype) -> bytes:
 ParamSource = Callable[[Sequence[Path]], list[np.ndarray]]
 
 
-def write_hf(source: ParamSource, cfg: Qwen25VLConfig,
-             shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]], out_dir: str, dtype,
-             *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> tuple[list[str], int, int]:
+def write_hf(
+  source: ParamSource,
+  cfg: Qwen25VLConfig,
+  shapes: Mapping[Path, tuple[tuple[int, ...], np.dtype]],
+  out_dir: str,
+  dtype,
+  *,
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+  progress: bool = True,
+) -> tuple[list[str], int, int]:
   """Streams HF safetensors shards (+ index) into `out_dir`.
 
   Args:
@@ -292,7 +353,11 @@ def write_hf(source: ParamSource, cfg: Qwen25VLConfig,
   entries = plan_hf_tensors(cfg, shapes, dt)
   shards = shard_plan(entries, max_shard_bytes)
   n = len(shards)
-  names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+  names = (
+    ["model.safetensors"]
+    if n == 1
+    else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+  )
   total = sum(e.nbytes for e in entries)
   file_of = {e.name: names[k] for k, shard in enumerate(shards) for e in shard}
   bar = _progress(total, "write safetensors", progress)
@@ -320,7 +385,11 @@ def write_hf(source: ParamSource, cfg: Qwen25VLConfig,
   if n > 1:
     index = os.path.join(out_dir, "model.safetensors.index.json")
     with open(index, "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(file_of.items()))}, f, indent=2)
+      json.dump(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(file_of.items()))},
+        f,
+        indent=2,
+      )
     written.append(index)
   return written, len(entries), total
 
@@ -328,13 +397,21 @@ def write_hf(source: ParamSource, cfg: Qwen25VLConfig,
 def _remove_stale_weights(out_dir: str) -> None:
   """Old shards of a previous export would be picked up by the index-less loader: remove them."""
   for name in os.listdir(out_dir):
-    if name == "model.safetensors.index.json" or (name.startswith("model") and name.endswith(".safetensors")):
+    if name == "model.safetensors.index.json" or (
+      name.startswith("model") and name.endswith(".safetensors")
+    ):
       os.remove(os.path.join(out_dir, name))
 
 
-def orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                dtype=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                progress: bool = True) -> ConvertSummary:
+def orbax_to_hf(
+  ckpt: str | os.PathLike,
+  out_dir: str | os.PathLike,
+  *,
+  config: str | os.PathLike | None = None,
+  dtype=None,
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+  progress: bool = True,
+) -> ConvertSummary:
   """Exports an Orbax params checkpoint to an HF folder that `transformers` loads.
 
   Args:
@@ -350,12 +427,16 @@ def orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, config: 
   ckpt = os.path.abspath(os.fspath(ckpt))
   layout, params_dir = ckpt_lib.checkpoint_layout(ckpt)
   if layout != "orbax":
-    raise ValueError(f"{ckpt} is already an HF folder; pass an Orbax checkpoint (CKPT or CKPT/params)")
+    raise ValueError(
+      f"{ckpt} is already an HF folder; pass an Orbax checkpoint (CKPT or CKPT/params)"
+    )
   config_path = ckpt_lib.find_config(config if config is not None else ckpt)
   cfg = Qwen25VLConfig.from_json(config_path)
   stored = ckpt_lib.orbax_param_metadata(params_dir)
   dt = _np_dtype(dtype) if dtype is not None else next(iter(stored.values()))[1]
-  shapes = {p: (tuple(v.shape), dt) for p, v in loading.flat_params(loading.abstract_model(cfg, dt)).items()}
+  shapes = {
+    p: (tuple(v.shape), dt) for p, v in loading.flat_params(loading.abstract_model(cfg, dt)).items()
+  }
   ckpt_lib.check_orbax_params(params_dir, shapes)  # clear error before anything is written
   out_dir = ensure_writable_dir(out_dir)
   _remove_stale_weights(out_dir)
@@ -364,16 +445,26 @@ def orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, config: 
     got = ckpt_lib.restore_orbax_params(params_dir, shapes, as_numpy=True, paths=list(paths))
     return [got[p] for p in paths]
 
-  files, n_tensors, nbytes = write_hf(source, cfg, shapes, out_dir, dt, max_shard_bytes=max_shard_bytes,
-                                      progress=progress)
+  files, n_tensors, nbytes = write_hf(
+    source, cfg, shapes, out_dir, dt, max_shard_bytes=max_shard_bytes, progress=progress
+  )
   files += copy_side_files(os.path.dirname(config_path), out_dir, dtype=dt, config_path=config_path)
   n = sum(int(np.prod(s)) for s, _ in shapes.values())
-  return ConvertSummary("orbax->hf", out_dir, dt.name, n, n_tensors, nbytes, time.time() - t0, files)
+  return ConvertSummary(
+    "orbax->hf", out_dir, dt.name, n, n_tensors, nbytes, time.time() - t0, files
+  )
 
 
-def params_to_hf(params: Mapping[Path, object], cfg: Qwen25VLConfig, out_dir: str | os.PathLike, dtype=None, *,
-                 config_src: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 progress: bool = True) -> ConvertSummary:
+def params_to_hf(
+  params: Mapping[Path, object],
+  cfg: Qwen25VLConfig,
+  out_dir: str | os.PathLike,
+  dtype=None,
+  *,
+  config_src: str | os.PathLike | None = None,
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+  progress: bool = True,
+) -> ConvertSummary:
   """Exports in-memory params ({path: array}, e.g. `loading.flat_params(model)`) to an HF folder.
 
   `config_src`: a folder or config.json whose config and tokenizer files are copied; default:
@@ -386,14 +477,19 @@ def params_to_hf(params: Mapping[Path, object], cfg: Qwen25VLConfig, out_dir: st
   out_dir = ensure_writable_dir(out_dir)
   _remove_stale_weights(out_dir)
   source = lambda paths: [np.asarray(params[p]) for p in paths]  # noqa: E731
-  files, n_tensors, nbytes = write_hf(source, cfg, shapes, out_dir, dt, max_shard_bytes=max_shard_bytes,
-                                      progress=progress)
+  files, n_tensors, nbytes = write_hf(
+    source, cfg, shapes, out_dir, dt, max_shard_bytes=max_shard_bytes, progress=progress
+  )
   if config_src is not None:
     config_path = ckpt_lib.find_config(config_src)
-    files += copy_side_files(os.path.dirname(config_path), out_dir, dtype=dt, config_path=config_path)
+    files += copy_side_files(
+      os.path.dirname(config_path), out_dir, dtype=dt, config_path=config_path
+    )
   else:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
       json.dump({**cfg.to_hf_dict(), "dtype": dt.name}, f, indent=2)
     files.append(os.path.join(out_dir, "config.json"))
   n = sum(int(np.prod(s)) for s, _ in shapes.values())
-  return ConvertSummary("params->hf", out_dir, dt.name, n, n_tensors, nbytes, time.time() - t0, files)
+  return ConvertSummary(
+    "params->hf", out_dir, dt.name, n, n_tensors, nbytes, time.time() - t0, files
+  )

@@ -20,6 +20,7 @@ counts, a fingerprint of the sharding/shuffle); `set_state` on a fresh iterator 
 next unseen batch. Skips are counted where batches are assembled, so counts are exact for what
 was consumed, independent of read-ahead.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,16 @@ class _EpochShardIndices(grain.MapDataset):
   """Global row ids in the order this shard reads them; element k is row `perm_e[p]` with
   `e = k // L`, `p = shard_index + (k % L) * shard_count`, L = rows per shard and epoch."""
 
-  def __init__(self, num_rows: int, *, seed: int, num_epochs: int | None, shard_index: int,
-               shard_count: int, even_shards: bool):
+  def __init__(
+    self,
+    num_rows: int,
+    *,
+    seed: int,
+    num_epochs: int | None,
+    shard_index: int,
+    shard_count: int,
+    even_shards: bool,
+  ):
     super().__init__()
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count})")
@@ -62,8 +71,10 @@ class _EpochShardIndices(grain.MapDataset):
     return self._length
 
   def __str__(self) -> str:
-    return (f"EpochShardIndices(rows={self._num_rows}, shard={self._shard_index}/"
-            f"{self._shard_count}, per_epoch={self._per_epoch})")
+    return (
+      f"EpochShardIndices(rows={self._num_rows}, shard={self._shard_index}/"
+      f"{self._shard_count}, per_epoch={self._per_epoch})"
+    )
 
   def __getitem__(self, index):
     if isinstance(index, slice):
@@ -75,8 +86,13 @@ class _EpochShardIndices(grain.MapDataset):
 class PromptIterator(grain.DatasetIterator):
   """Iterator of `PromptBatch` with checkpointable state and skip statistics."""
 
-  def __init__(self, parent: grain.DatasetIterator, padding: PaddingSpec, drop_remainder: bool,
-               fingerprint: str):
+  def __init__(
+    self,
+    parent: grain.DatasetIterator,
+    padding: PaddingSpec,
+    drop_remainder: bool,
+    fingerprint: str,
+  ):
     super().__init__(parent)
     self._padding = padding
     self._drop_remainder = drop_remainder
@@ -105,13 +121,18 @@ class PromptIterator(grain.DatasetIterator):
     return collate(examples, self._padding)
 
   def get_state(self) -> dict[str, Any]:
-    return {"rows": self._parent.get_state(), "stats": self._skips.as_dict(),
-            "fingerprint": self._fingerprint}
+    return {
+      "rows": self._parent.get_state(),
+      "stats": self._skips.as_dict(),
+      "fingerprint": self._fingerprint,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state.get("fingerprint") != self._fingerprint:
-      raise ValueError("data iterator state was saved by a different pipeline: "
-                       f"{state.get('fingerprint')!r} != {self._fingerprint!r}")
+      raise ValueError(
+        "data iterator state was saved by a different pipeline: "
+        f"{state.get('fingerprint')!r} != {self._fingerprint!r}"
+      )
     self._parent.set_state(state["rows"])
     self._skips = SkipStats.from_dict(state["stats"])
 
@@ -122,16 +143,18 @@ class PromptIterator(grain.DatasetIterator):
 class _BatchPrompts(grain.IterDataset):
   """Counts `SkippedRow`s and collates `EncodedPrompt`s into `PromptBatch`es."""
 
-  def __init__(self, parent: grain.IterDataset, padding: PaddingSpec, drop_remainder: bool,
-               fingerprint: str):
+  def __init__(
+    self, parent: grain.IterDataset, padding: PaddingSpec, drop_remainder: bool, fingerprint: str
+  ):
     super().__init__(parent)
     self._padding = padding
     self._drop_remainder = drop_remainder
     self._fingerprint = fingerprint
 
   def __iter__(self) -> PromptIterator:
-    return PromptIterator(self._parent.__iter__(), self._padding, self._drop_remainder,
-                          self._fingerprint)
+    return PromptIterator(
+      self._parent.__iter__(), self._padding, self._drop_remainder, self._fingerprint
+    )
 
   def __str__(self) -> str:
     return f"BatchPrompts(batch_size={self._padding.batch_size})"
@@ -144,45 +167,82 @@ def _shuffle_seed(seed: int) -> int:
 
 
 def make_prompt_dataset(
-    spec: DatasetSpec, processor, *, batch_size: int, seed: int, num_epochs: int | None,
-    max_prompt_length: int, shard_index: int | None = None, shard_count: int | None = None,
-    prompt_format: PromptFormat = PromptFormat(), length_buckets: Sequence[int] | None = None,
-    patch_buckets: Sequence[int] | None = None, image_buckets: Sequence[int] | None = None,
-    drop_remainder: bool = False, even_shards: bool = True, num_threads: int | None = None,
-    prefetch_buffer_size: int | None = None) -> grain.IterDataset:
+  spec: DatasetSpec,
+  processor,
+  *,
+  batch_size: int,
+  seed: int,
+  num_epochs: int | None,
+  max_prompt_length: int,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  prompt_format: PromptFormat = PromptFormat(),
+  length_buckets: Sequence[int] | None = None,
+  patch_buckets: Sequence[int] | None = None,
+  image_buckets: Sequence[int] | None = None,
+  drop_remainder: bool = False,
+  even_shards: bool = True,
+  num_threads: int | None = None,
+  prefetch_buffer_size: int | None = None,
+) -> grain.IterDataset:
   """The grain dataset behind `make_prompt_iterator` (same arguments); `iter()` it to read."""
   if shard_index is None or shard_count is None:
     import jax  # Only for the default host sharding.
+
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   reader = DatasetReader(spec)
   encoder = PromptEncoder(processor, prompt_format, max_prompt_length=max_prompt_length)
   length_buckets = tuple(length_buckets or default_length_buckets(max_prompt_length))
   if max(length_buckets) < max_prompt_length:
-    raise ValueError(f"largest length bucket {max(length_buckets)} < max_prompt_length "
-                     f"{max_prompt_length}")
-  padding = PaddingSpec(batch_size=batch_size, length_buckets=length_buckets,
-                        pad_token_id=encoder.pad_token_id,
-                        patch_buckets=None if patch_buckets is None else tuple(patch_buckets),
-                        image_buckets=None if image_buckets is None else tuple(image_buckets))
+    raise ValueError(
+      f"largest length bucket {max(length_buckets)} < max_prompt_length {max_prompt_length}"
+    )
+  padding = PaddingSpec(
+    batch_size=batch_size,
+    length_buckets=length_buckets,
+    pad_token_id=encoder.pad_token_id,
+    patch_buckets=None if patch_buckets is None else tuple(patch_buckets),
+    image_buckets=None if image_buckets is None else tuple(image_buckets),
+  )
   if num_threads is None:
     num_threads = min(8, os.cpu_count() or 1)
   if prefetch_buffer_size is None:
     prefetch_buffer_size = max(2 * num_threads, batch_size)
   # What fixes the row order; num_epochs does not (a run may be resumed with more epochs).
-  fingerprint = f"rows={len(reader)} seed={seed} shard={shard_index}/{shard_count} even={even_shards}"
-  indices = _EpochShardIndices(len(reader), seed=_shuffle_seed(seed), num_epochs=num_epochs,
-                               shard_index=shard_index, shard_count=shard_count,
-                               even_shards=even_shards)
-  rows = indices.map(reader.load).map(encoder).to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+  fingerprint = (
+    f"rows={len(reader)} seed={seed} shard={shard_index}/{shard_count} even={even_shards}"
+  )
+  indices = _EpochShardIndices(
+    len(reader),
+    seed=_shuffle_seed(seed),
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    even_shards=even_shards,
+  )
+  rows = (
+    indices.map(reader.load)
+    .map(encoder)
+    .to_iter_dataset(
+      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+    )
+  )
   return _BatchPrompts(rows, padding, drop_remainder, fingerprint)
 
 
 def make_prompt_iterator(
-    spec: DatasetSpec, processor, *, batch_size: int, seed: int, num_epochs: int | None,
-    max_prompt_length: int, shard_index: int | None = None, shard_count: int | None = None,
-    **kwargs) -> PromptIterator:
+  spec: DatasetSpec,
+  processor,
+  *,
+  batch_size: int,
+  seed: int,
+  num_epochs: int | None,
+  max_prompt_length: int,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  **kwargs,
+) -> PromptIterator:
   """An iterator of `PromptBatch` over this host's shard of `spec`'s rows.
 
   Args:
@@ -204,7 +264,15 @@ def make_prompt_iterator(
     A `PromptIterator`: `next()` gives a `PromptBatch`; `get_state()`/`set_state()` checkpoint
     it; `.stats` reports rows read and skips by reason.
   """
-  ds = make_prompt_dataset(spec, processor, batch_size=batch_size, seed=seed,
-                           num_epochs=num_epochs, max_prompt_length=max_prompt_length,
-                           shard_index=shard_index, shard_count=shard_count, **kwargs)
+  ds = make_prompt_dataset(
+    spec,
+    processor,
+    batch_size=batch_size,
+    seed=seed,
+    num_epochs=num_epochs,
+    max_prompt_length=max_prompt_length,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    **kwargs,
+  )
   return iter(ds)

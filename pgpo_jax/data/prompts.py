@@ -15,6 +15,7 @@ Image placement: if the (templated) question contains EasyR1 `<image>` placehold
 are put there, in order; with no placeholder the images come first (the paper's format); any other
 placeholder count skips the row (`image_placeholder_mismatch`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,9 +33,10 @@ from pgpo_jax.models.qwen2_5_vl.rope import get_rope_index
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # `{question}` is substituted with str.replace (not str.format), so `\boxed{}` needs no escaping.
 DEFAULT_PROMPT_TEMPLATE = (
-    "{question} You FIRST think about the reasoning process as an internal monologue and then "
-    "provide the final answer. The reasoning process MUST BE enclosed within <think> </think> "
-    "tags. The final answer MUST BE put in \\boxed{}.")
+  "{question} You FIRST think about the reasoning process as an internal monologue and then "
+  "provide the final answer. The reasoning process MUST BE enclosed within <think> </think> "
+  "tags. The final answer MUST BE put in \\boxed{}."
+)
 IMAGE_PLACEHOLDER = "<image>"
 PATCH_DIM = 3 * 2 * 14 * 14  # C * temporal_patch_size * patch_size^2 = 1176
 
@@ -49,6 +51,7 @@ class PromptFormat:
     min_pixels / max_pixels: override the processor's resize bounds (smart_resize); None keeps
       the checkpoint's `preprocessor_config.json` values.
   """
+
   system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
   template: str = DEFAULT_PROMPT_TEMPLATE
   min_pixels: int | None = None
@@ -78,8 +81,10 @@ def build_messages(question: str, num_images: int, fmt: PromptFormat) -> list[di
       if piece:
         content.append({"type": "text", "text": piece})
   else:
-    raise RowError(reader_lib.IMAGE_PLACEHOLDER_MISMATCH,
-                   f"{len(pieces) - 1} '{IMAGE_PLACEHOLDER}' placeholders for {num_images} images")
+    raise RowError(
+      reader_lib.IMAGE_PLACEHOLDER_MISMATCH,
+      f"{len(pieces) - 1} '{IMAGE_PLACEHOLDER}' placeholders for {num_images} images",
+    )
   messages = [{"role": "user", "content": content}]
   if fmt.system_prompt is not None:
     messages.insert(0, {"role": "system", "content": fmt.system_prompt})
@@ -89,6 +94,7 @@ def build_messages(question: str, num_images: int, fmt: PromptFormat) -> list[di
 @dataclasses.dataclass(frozen=True)
 class EncodedPrompt:
   """One prompt, unpadded. T = prompt length, P = patches of its images, I = its images."""
+
   input_ids: np.ndarray  # [T] int32
   is_visual: np.ndarray  # [T] bool, True on <|image_pad|>
   position_ids: np.ndarray  # [3, T] int32 (M-RoPE t/h/w)
@@ -125,8 +131,9 @@ class PromptEncoder:
     if fmt.min_pixels is not None or fmt.max_pixels is not None:
       bounds = processor.image_processor.size  # The checkpoint's smart_resize bounds.
       self._call_kwargs["size"] = {
-          "shortest_edge": int(fmt.min_pixels or bounds["shortest_edge"]),
-          "longest_edge": int(fmt.max_pixels or bounds["longest_edge"])}
+        "shortest_edge": int(fmt.min_pixels or bounds["shortest_edge"]),
+        "longest_edge": int(fmt.max_pixels or bounds["longest_edge"]),
+      }
 
   def _thread_processor(self):
     proc = getattr(self._local, "processor", None)
@@ -138,14 +145,16 @@ class PromptEncoder:
     """The chat-templated prompt string (one `<|image_pad|>` per image, before expansion)."""
     messages = build_messages(question, num_images, self.fmt)
     return self._thread_processor().apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True)
+      messages, tokenize=False, add_generation_prompt=True
+    )
 
   def processor_inputs(self, row: RawRow) -> dict[str, np.ndarray]:
     """`processor(text=[prompt], images=row.images)` as numpy, batch of one."""
     text = self.render(row.question, len(row.images))
     images = list(row.images) or None
-    return dict(self._thread_processor()(text=[text], images=images, return_tensors="np",
-                                         **self._call_kwargs))
+    return dict(
+      self._thread_processor()(text=[text], images=images, return_tensors="np", **self._call_kwargs)
+    )
 
   def encode(self, row: RawRow) -> EncodedPrompt:
     """Encodes one row. Raises RowError for prompts over `max_prompt_length` (never truncated)."""
@@ -157,8 +166,10 @@ class PromptEncoder:
       raise RowError(reader_lib.PROCESSOR_ERROR, f"{type(e).__name__}: {e}") from e
     ids_T = np.asarray(out["input_ids"][0], np.int32)
     if ids_T.shape[0] > self.max_prompt_length:
-      raise RowError(reader_lib.PROMPT_TOO_LONG,
-                     f"{ids_T.shape[0]} tokens > max_prompt_length={self.max_prompt_length}")
+      raise RowError(
+        reader_lib.PROMPT_TOO_LONG,
+        f"{ids_T.shape[0]} tokens > max_prompt_length={self.max_prompt_length}",
+      )
     if row.images:
       pixels_PxD = np.asarray(out["pixel_values"], np.float32)
       grid_Ix3 = np.asarray(out["image_grid_thw"], np.int32).reshape(-1, 3)
@@ -166,12 +177,24 @@ class PromptEncoder:
       pixels_PxD = np.zeros((0, PATCH_DIM), np.float32)
       grid_Ix3 = np.zeros((0, 3), np.int32)
     pos_3x1xT, delta_1 = get_rope_index(
-        ids_T[None], np.ones_like(ids_T)[None], grid_Ix3, image_token_id=self.image_token_id,
-        spatial_merge_size=self.spatial_merge_size)
+      ids_T[None],
+      np.ones_like(ids_T)[None],
+      grid_Ix3,
+      image_token_id=self.image_token_id,
+      spatial_merge_size=self.spatial_merge_size,
+    )
     return EncodedPrompt(
-        input_ids=ids_T, is_visual=ids_T == self.image_token_id, position_ids=pos_3x1xT[:, 0],
-        rope_delta=int(delta_1[0]), pixel_values=pixels_PxD, image_grid_thw=grid_Ix3,
-        question=row.question, answer=row.answer, source=row.source, row_index=row.row_index)
+      input_ids=ids_T,
+      is_visual=ids_T == self.image_token_id,
+      position_ids=pos_3x1xT[:, 0],
+      rope_delta=int(delta_1[0]),
+      pixel_values=pixels_PxD,
+      image_grid_thw=grid_Ix3,
+      question=row.question,
+      answer=row.answer,
+      source=row.source,
+      row_index=row.row_index,
+    )
 
   def __call__(self, row: RawRow | SkippedRow) -> EncodedPrompt | SkippedRow:
     """Pipeline stage: passes `SkippedRow`s through, turns row errors into `SkippedRow`s."""
@@ -199,6 +222,7 @@ class PromptBatch:
 
   Not a registered pytree: the strings stay on the host; `model_inputs()` gives the arrays.
   """
+
   input_ids: np.ndarray  # [B, T] int32, pad_token_id on the left
   attention_mask: np.ndarray  # [B, T] int32, 1 on real tokens
   position_ids: np.ndarray  # [3, B, T] int32, 0 on padding (HF 5.24)
@@ -223,9 +247,19 @@ class PromptBatch:
 
   def model_inputs(self) -> dict[str, np.ndarray]:
     """The array fields the model and rollout consume (ready for `jax.device_put`)."""
-    return {k: getattr(self, k) for k in (
-        "input_ids", "attention_mask", "position_ids", "rope_deltas", "is_visual", "pixel_values",
-        "image_grid_thw", "prompt_valid")}
+    return {
+      k: getattr(self, k)
+      for k in (
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "rope_deltas",
+        "is_visual",
+        "pixel_values",
+        "image_grid_thw",
+        "prompt_valid",
+      )
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +273,7 @@ class PaddingSpec:
     image_buckets: allowed I_pad; None: powers of two.
     pad_token_id: id written into the left padding.
   """
+
   batch_size: int
   length_buckets: tuple[int, ...]
   pad_token_id: int
@@ -249,7 +284,9 @@ class PaddingSpec:
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
     if self.patch_buckets is not None and any(b % 4 for b in self.patch_buckets):
-      raise ValueError(f"patch_buckets must be multiples of 4 (2x2 merge units): {self.patch_buckets}")
+      raise ValueError(
+        f"patch_buckets must be multiples of 4 (2x2 merge units): {self.patch_buckets}"
+      )
 
 
 def collate(examples: Sequence[EncodedPrompt], spec: PaddingSpec) -> PromptBatch:
@@ -282,13 +319,20 @@ def collate(examples: Sequence[EncodedPrompt], spec: PaddingSpec) -> PromptBatch
   if I:
     grid_Ix3[:I] = np.concatenate([e.image_grid_thw for e in examples])
   return PromptBatch(
-      input_ids=ids_BxT, attention_mask=mask_BxT, position_ids=pos_3xBxT,
-      rope_deltas=np.array([e.rope_delta for e in examples], np.int32), is_visual=visual_BxT,
-      pixel_values=pixels_NxD, image_grid_thw=grid_Ix3,
-      num_images=np.array([e.image_grid_thw.shape[0] for e in examples], np.int32),
-      prompt_valid=np.array(valid, bool), questions=tuple(e.question for e in examples),
-      answers=tuple(e.answer for e in examples), sources=tuple(e.source for e in examples),
-      row_indices=np.array([e.row_index for e in examples], np.int64))
+    input_ids=ids_BxT,
+    attention_mask=mask_BxT,
+    position_ids=pos_3xBxT,
+    rope_deltas=np.array([e.rope_delta for e in examples], np.int32),
+    is_visual=visual_BxT,
+    pixel_values=pixels_NxD,
+    image_grid_thw=grid_Ix3,
+    num_images=np.array([e.image_grid_thw.shape[0] for e in examples], np.int32),
+    prompt_valid=np.array(valid, bool),
+    questions=tuple(e.question for e in examples),
+    answers=tuple(e.answer for e in examples),
+    sources=tuple(e.source for e in examples),
+    row_indices=np.array([e.row_index for e in examples], np.int64),
+  )
 
 
 def unpad(batch: PromptBatch, *, include_filler: bool = False) -> list[EncodedPrompt]:
@@ -298,15 +342,23 @@ def unpad(batch: PromptBatch, *, include_filler: bool = False) -> list[EncodedPr
   out, img, patch = [], 0, 0
   for b in range(batch.batch_size):
     n_img = int(batch.num_images[b])
-    n_patch = int(patches_I[img:img + n_img].sum())
+    n_patch = int(patches_I[img : img + n_img].sum())
     keep = batch.attention_mask[b].astype(bool)
     if include_filler or batch.prompt_valid[b]:
-      out.append(EncodedPrompt(
-          input_ids=batch.input_ids[b, keep], is_visual=batch.is_visual[b, keep],
-          position_ids=batch.position_ids[:, b, keep], rope_delta=int(batch.rope_deltas[b]),
-          pixel_values=batch.pixel_values[patch:patch + n_patch],
-          image_grid_thw=grids_Ix3[img:img + n_img], question=batch.questions[b],
-          answer=batch.answers[b], source=batch.sources[b], row_index=int(batch.row_indices[b])))
+      out.append(
+        EncodedPrompt(
+          input_ids=batch.input_ids[b, keep],
+          is_visual=batch.is_visual[b, keep],
+          position_ids=batch.position_ids[:, b, keep],
+          rope_delta=int(batch.rope_deltas[b]),
+          pixel_values=batch.pixel_values[patch : patch + n_patch],
+          image_grid_thw=grids_Ix3[img : img + n_img],
+          question=batch.questions[b],
+          answer=batch.answers[b],
+          source=batch.sources[b],
+          row_index=int(batch.row_indices[b]),
+        )
+      )
     img += n_img
     patch += n_patch
   return out

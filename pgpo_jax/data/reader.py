@@ -21,6 +21,7 @@ Supported image encodings, per row, in both formats (a single value or a list of
 Tables are held in memory (only the columns the spec needs); for ViRL39K-sized sets that is a few
 GB of host RAM per process.
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,8 +56,17 @@ IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # `<image>` count != 
 PROMPT_TOO_LONG = "prompt_too_long"
 PROCESSOR_ERROR = "processor_error"
 MALFORMED_ROW = "malformed_row"  # a JSON-lines line that does not parse as one JSON object
-SKIP_REASONS = (EMPTY_QUESTION, MISSING_ANSWER, MISSING_IMAGE, MISSING_IMAGE_FILE, CORRUPT_IMAGE,
-                IMAGE_PLACEHOLDER_MISMATCH, PROMPT_TOO_LONG, PROCESSOR_ERROR, MALFORMED_ROW)
+SKIP_REASONS = (
+  EMPTY_QUESTION,
+  MISSING_ANSWER,
+  MISSING_IMAGE,
+  MISSING_IMAGE_FILE,
+  CORRUPT_IMAGE,
+  IMAGE_PLACEHOLDER_MISMATCH,
+  PROMPT_TOO_LONG,
+  PROCESSOR_ERROR,
+  MALFORMED_ROW,
+)
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -75,6 +85,7 @@ class DatasetSpec:
     image_dir: base folder for relative image paths; default: the folder of the data file.
     require_images: skip rows without any image (`missing_image`); PGPO's blind pass needs one.
   """
+
   paths: Sequence[str] | str
   question_key: str | None = None
   answer_key: str = "answer"
@@ -92,6 +103,7 @@ class DatasetSpec:
 @dataclasses.dataclass(frozen=True)
 class RawRow:
   """One readable row: the question, its answer and the decoded RGB images, in order."""
+
   question: str
   answer: str
   images: tuple[Image.Image, ...]
@@ -102,6 +114,7 @@ class RawRow:
 @dataclasses.dataclass(frozen=True)
 class SkippedRow:
   """A row that cannot be used, and why. Flows through the pipeline in place of an example."""
+
   reason: str  # one of SKIP_REASONS
   source: str
   row_index: int
@@ -127,8 +140,7 @@ class SkipStats:
   # Log the first few skips of each reason at WARNING, the rest at DEBUG.
   _WARN_PER_REASON = 20
 
-  def __init__(self, counts: Mapping[str, int] | None = None, rows_read: int = 0,
-               prompts: int = 0):
+  def __init__(self, counts: Mapping[str, int] | None = None, rows_read: int = 0, prompts: int = 0):
     self.counts: dict[str, int] = {r: 0 for r in SKIP_REASONS}
     self.counts.update(counts or {})
     self.rows_read = rows_read
@@ -139,8 +151,14 @@ class SkipStats:
     n = self.counts.get(row.reason, 0) + 1
     self.counts[row.reason] = n
     level = logging.WARNING if n <= self._WARN_PER_REASON else logging.DEBUG
-    log.log(level, "skipping row %d of %s: %s%s", row.row_index, row.source, row.reason,
-            f" ({row.detail})" if row.detail else "")
+    log.log(
+      level,
+      "skipping row %d of %s: %s%s",
+      row.row_index,
+      row.source,
+      row.reason,
+      f" ({row.detail})" if row.detail else "",
+    )
     if n == self._WARN_PER_REASON:
       log.warning("further %r skips are logged at DEBUG level", row.reason)
 
@@ -210,8 +228,10 @@ def _read_jsonl_skipping_malformed(path: str, read_options) -> tuple[pa.Table, d
     kept.append(line)
     row += 1
   if bad and len(bad) == row:
-    raise ValueError(f"dataset file {path!r}: none of its {row} lines is a JSON object (first: "
-                     f"{bad[0]}); expected one JSON object per line")
+    raise ValueError(
+      f"dataset file {path!r}: none of its {row} lines is a JSON object (first: "
+      f"{bad[0]}); expected one JSON object per line"
+    )
   try:
     table = pa_json.read_json(io.BytesIO(b"\n".join(kept)), read_options=read_options)
   except pa.ArrowException as e:
@@ -225,11 +245,15 @@ def _read_jsonl_skipping_malformed(path: str, read_options) -> tuple[pa.Table, d
       where = f" (row {k} is line {nonblank[k]})" if k < len(nonblank) else ""
     raise ValueError(f"cannot read dataset file {path!r}: {e}{where}") from e
   if table.num_rows != row:
-    raise ValueError(f"cannot read dataset file {path!r}: {row} JSON lines gave {table.num_rows} rows")
+    raise ValueError(
+      f"cannot read dataset file {path!r}: {row} JSON lines gave {table.num_rows} rows"
+    )
   return table, bad
 
 
-def _open_table(path: str) -> tuple[list[str], Callable[[list[str]], pa.Table], dict[int, str]] | None:
+def _open_table(
+  path: str,
+) -> tuple[list[str], Callable[[list[str]], pa.Table], dict[int, str]] | None:
   """(column names, a reader of some columns, {row: why} of malformed rows) of a data file; None for
   an empty JSON-lines file.
 
@@ -253,13 +277,19 @@ def _open_table(path: str) -> tuple[list[str], Callable[[list[str]], pa.Table], 
       except pa.ArrowInvalid:
         table, bad = _read_jsonl_skipping_malformed(path, options)
         if bad:
-          log.warning("dataset file %s: %d malformed line(s) will be skipped (first: row %d, %s)", path,
-                      len(bad), min(bad), bad[min(bad)])
+          log.warning(
+            "dataset file %s: %d malformed line(s) will be skipped (first: row %d, %s)",
+            path,
+            len(bad),
+            min(bad),
+            bad[min(bad)],
+          )
       return table.column_names, table.select, bad
   except (pa.ArrowException, OSError) as e:
     raise ValueError(f"cannot read dataset file {path!r}: {e}") from e
-  raise ValueError(f"dataset file {path!r}: unknown format (expected one of "
-                   f"{_PARQUET_SUFFIXES + _JSONL_SUFFIXES})")
+  raise ValueError(
+    f"dataset file {path!r}: unknown format (expected one of {_PARQUET_SUFFIXES + _JSONL_SUFFIXES})"
+  )
 
 
 def _top(key: str) -> str:
@@ -302,16 +332,20 @@ class DatasetReader:
     if question_key is None:
       question_key = next((k for k in DEFAULT_QUESTION_KEYS if k in names), None)
       if question_key is None:
-        raise ValueError(f"dataset file {path!r} has none of the question columns "
-                         f"{DEFAULT_QUESTION_KEYS}; columns are {sorted(names)}. "
-                         "Set DatasetSpec.question_key.")
+        raise ValueError(
+          f"dataset file {path!r} has none of the question columns "
+          f"{DEFAULT_QUESTION_KEYS}; columns are {sorted(names)}. "
+          "Set DatasetSpec.question_key."
+        )
     wanted = {"question_key": question_key, "answer_key": self.spec.answer_key}
     if self.spec.image_key is not None:
       wanted["image_key"] = self.spec.image_key
     for field, key in wanted.items():
       if _top(key) not in names:
-        raise ValueError(f"dataset file {path!r} has no column {_top(key)!r} "
-                         f"(DatasetSpec.{field}={key!r}); columns are {sorted(names)}")
+        raise ValueError(
+          f"dataset file {path!r} has no column {_top(key)!r} "
+          f"(DatasetSpec.{field}={key!r}); columns are {sorted(names)}"
+        )
     top = list(dict.fromkeys(_top(k) for k in wanted.values()))
     try:
       table = read_columns(top)
@@ -365,8 +399,9 @@ class DatasetReader:
     images: tuple[Image.Image, ...] = ()
     if self.spec.image_key is not None:
       base_dir = self.spec.image_dir or os.path.dirname(os.path.abspath(f.path))
-      images = tuple(decode_image(v, base_dir) for v in
-                     _as_list(self._value(f, self.spec.image_key, row)))
+      images = tuple(
+        decode_image(v, base_dir) for v in _as_list(self._value(f, self.spec.image_key, row))
+      )
     if self.spec.require_images and not images:
       raise RowError(MISSING_IMAGE)
     return RawRow(question, str(answer), images, f.path, row)
@@ -431,7 +466,9 @@ def decode_image(value: Any, base_dir: str) -> Image.Image:
     img.load()  # Decode now: truncated or corrupt data must fail here, not in the processor.
     return img.convert("RGB")
   except Image.UnidentifiedImageError as e:
-    raise RowError(CORRUPT_IMAGE, f"not a recognised image format{f' ({path})' if path else ''}") from e
+    raise RowError(
+      CORRUPT_IMAGE, f"not a recognised image format{f' ({path})' if path else ''}"
+    ) from e
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...).
     raise RowError(CORRUPT_IMAGE, f"cannot decode image{f' ({path})' if path else ''}: {e}") from e
 
@@ -441,4 +478,3 @@ def _b64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
   except (binascii.Error, ValueError) as e:
     raise RowError(CORRUPT_IMAGE, f"invalid base64 image: {e}") from e
-

@@ -27,6 +27,7 @@ rows, on this leading axis; with U a multiple of (micro-batches x batch shards) 
 inside its device and micro-batch. Static shapes: (U, R, Rb, M, T) and the patch bucket; R, Rb, M
 are bucketed (`size_bucket`) so that few programs compile.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,6 +54,7 @@ class PackedView:
   resp_index: [U, M] int32, slot r*T + t (within the unit) of the state that predicts each token
               of the response layout (0 in its padding).
   """
+
   ids: jnp.ndarray
   pos: jnp.ndarray
   segment: jnp.ndarray
@@ -73,6 +75,7 @@ class PackedBatch:
   seq_len: [U, M] float32, valid length L_i of each token's response (0 in padding): the seq-*
            loss aggregations need it (`losses.aggregate(seq_length_BxT=...)`).
   """
+
   image: PackedView
   blind: PackedView | None
   vision: qwen.VisionInputs | None
@@ -85,12 +88,15 @@ class PackedBatch:
 class PackedSizes:
   """Static sizes per unit: image-view rows R, blind-view rows Rb (0 = no blind view), response
   tokens M."""
+
   rows: int
   blind_rows: int
   tokens: int
 
   def max(self, other: "PackedSizes") -> "PackedSizes":
-    return PackedSizes(*(max(a, b) for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+    return PackedSizes(
+      *(max(a, b) for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other)))
+    )
 
 
 def size_bucket(n: int) -> int:
@@ -108,6 +114,7 @@ def size_bucket(n: int) -> int:
 @dataclasses.dataclass
 class _Sequence:
   """One prompt+response, host-side: what its segment holds in each view."""
+
   prompt: int  # index of its prompt in the batch
   n: int  # flat response row (prompt-major)
   resp_len: int
@@ -135,18 +142,28 @@ def _sequences(b: SequenceBatch, image_token_id: int) -> list[_Sequence]:
     for g in range(G):
       lr = int(rmask[p, g].sum())
       if not rmask[p, g, :lr].all():
-        raise ValueError(f"response {p * G + g} (prompt {p}): response_mask must be a prefix (valid tokens "
-                         f"first, then padding) to be packed")
+        raise ValueError(
+          f"response {p * G + g} (prompt {p}): response_mask must be a prefix (valid tokens "
+          f"first, then padding) to be packed"
+        )
       if not lr:
         continue  # filler or empty: contributes nothing anywhere
       r_pos = np.broadcast_to(next_pos[p] + np.arange(lr), (3, lr))
       tokens = response[p, g, :lr]
-      out.append(_Sequence(
-          prompt=p, n=p * G + g, resp_len=lr,
-          ids=np.concatenate([ids[p, valid], tokens]), pos=np.concatenate([ppos[p][:, valid], r_pos], axis=1),
-          feature_rank=np.concatenate([rank, np.full(lr, -1)]), prompt_len=len(valid),
-          blind_ids=np.concatenate([ids[p, kept], tokens]), blind_pos=np.concatenate([ppos[p][:, kept], r_pos], 1),
-          blind_prompt_len=len(kept)))
+      out.append(
+        _Sequence(
+          prompt=p,
+          n=p * G + g,
+          resp_len=lr,
+          ids=np.concatenate([ids[p, valid], tokens]),
+          pos=np.concatenate([ppos[p][:, valid], r_pos], axis=1),
+          feature_rank=np.concatenate([rank, np.full(lr, -1)]),
+          prompt_len=len(valid),
+          blind_ids=np.concatenate([ids[p, kept], tokens]),
+          blind_pos=np.concatenate([ppos[p][:, kept], r_pos], 1),
+          blind_prompt_len=len(kept),
+        )
+      )
   return out
 
 
@@ -179,7 +196,9 @@ def _assign_units(load_P: np.ndarray, units: int, balance: bool) -> np.ndarray:
   return np.array([sorted(m) for m in members], np.int64).reshape(units, Pu)
 
 
-def _plan(b: SequenceBatch, image_token_id: int, units: int, row_len: int, blind: bool, balance: bool):
+def _plan(
+  b: SequenceBatch, image_token_id: int, units: int, row_len: int, blind: bool, balance: bool
+):
   P = b.prompt_ids.shape[0]
   if P % units:
     raise ValueError(f"{P} prompts do not split into {units} packing units")
@@ -188,8 +207,10 @@ def _plan(b: SequenceBatch, image_token_id: int, units: int, row_len: int, blind
   for s in seqs:
     longest = max(len(s.ids), len(s.blind_ids))
     if longest > row_len:
-      raise ValueError(f"sequence {s.n} (prompt {s.prompt}) has {longest} tokens, more than the packed row "
-                       f"length {row_len}; raise train.packed_row_length")
+      raise ValueError(
+        f"sequence {s.n} (prompt {s.prompt}) has {longest} tokens, more than the packed row "
+        f"length {row_len}; raise train.packed_row_length"
+      )
     load[s.prompt] += len(s.ids)
   assign = _assign_units(load, units, balance)
   unit_of = {int(p): u for u, ps in enumerate(assign) for p in ps}
@@ -203,20 +224,36 @@ def _plan(b: SequenceBatch, image_token_id: int, units: int, row_len: int, blind
   return assign, plans, need
 
 
-def packed_sizes(b: SequenceBatch, image_token_id: int, units: int, row_len: int, *,
-                 blind: bool = True, balance: bool = True) -> PackedSizes:
+def packed_sizes(
+  b: SequenceBatch,
+  image_token_id: int,
+  units: int,
+  row_len: int,
+  *,
+  blind: bool = True,
+  balance: bool = True,
+) -> PackedSizes:
   """The bucketed sizes `pack_sequences` needs for this batch (hosts of a multi-host run take the
   maximum over hosts and pass it to `pack_sequences`)."""
   return _bucketed(_plan(b, image_token_id, units, row_len, blind, balance)[2], blind)
 
 
 def _bucketed(need: PackedSizes, blind: bool) -> PackedSizes:
-  return PackedSizes(size_bucket(need.rows), size_bucket(need.blind_rows) if blind else 0, size_bucket(need.tokens))
+  return PackedSizes(
+    size_bucket(need.rows), size_bucket(need.blind_rows) if blind else 0, size_bucket(need.tokens)
+  )
 
 
-def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: int, *,
-                   sizes: PackedSizes | None = None, blind: bool = True,
-                   balance: bool = True) -> tuple[PackedBatch, np.ndarray]:
+def pack_sequences(
+  b: SequenceBatch,
+  image_token_id: int,
+  units: int,
+  row_len: int,
+  *,
+  sizes: PackedSizes | None = None,
+  blind: bool = True,
+  balance: bool = True,
+) -> tuple[PackedBatch, np.ndarray]:
   """Packs a host-side (numpy) SequenceBatch into U = `units` units of rows of `row_len` tokens.
 
   Args:
@@ -233,18 +270,30 @@ def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: i
   """
   assign, plans, need = _plan(b, image_token_id, units, row_len, blind, balance)
   sizes = sizes or _bucketed(need, blind)
-  if need.rows > sizes.rows or need.tokens > sizes.tokens or (blind and need.blind_rows > sizes.blind_rows):
+  if (
+    need.rows > sizes.rows
+    or need.tokens > sizes.tokens
+    or (blind and need.blind_rows > sizes.blind_rows)
+  ):
     raise ValueError(f"this batch needs {need} per unit, more than the given {sizes}")
   U, T, M = units, row_len, sizes.tokens
   u_img = b.vision.unit_order.shape[-1] if b.vision is not None else 0
 
   def empty(R):
-    return dict(ids=np.zeros((U, R, T), np.int32), pos=np.zeros((U, R, 3, T), np.int32),
-                segment=np.zeros((U, R, T), np.int32), feature=np.full((U, R, T), -1, np.int32),
-                resp_index=np.zeros((U, M), np.int32))
+    return dict(
+      ids=np.zeros((U, R, T), np.int32),
+      pos=np.zeros((U, R, 3, T), np.int32),
+      segment=np.zeros((U, R, T), np.int32),
+      feature=np.full((U, R, T), -1, np.int32),
+      resp_index=np.zeros((U, M), np.int32),
+    )
 
   img, bl = empty(sizes.rows), empty(sizes.blind_rows) if blind else None
-  target, mask, seq_len = np.zeros((U, M), np.int32), np.zeros((U, M), bool), np.zeros((U, M), np.float32)
+  target, mask, seq_len = (
+    np.zeros((U, M), np.int32),
+    np.zeros((U, M), bool),
+    np.zeros((U, M), np.float32),
+  )
   N, L = np.prod(b.response.shape[:2]), b.response.shape[-1]
   slot = np.full((N, L), -1, np.int64)
   local = {int(p): i for ps in assign for i, p in enumerate(ps)}  # a prompt's place in its unit
@@ -254,7 +303,7 @@ def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: i
     for i, s in enumerate(ss):
       lr = s.resp_len
       resp = slice(m, m + lr)
-      target[u, resp] = s.ids[s.prompt_len:]
+      target[u, resp] = s.ids[s.prompt_len :]
       mask[u, resp] = True
       seq_len[u, resp] = lr
       slot[s.n, :lr] = u * M + np.arange(m, m + lr)
@@ -270,14 +319,21 @@ def pack_sequences(b: SequenceBatch, image_token_id: int, units: int, row_len: i
         # The state before response token j (the prompt's last token for j = 0) predicts it.
         v["resp_index"][u, resp] = r * T + o + tp - 1 + np.arange(lr)
       feat = s.feature_rank
-      img["feature"][u, img_place[i][0], img_place[i][1]:img_place[i][1] + len(s.ids)] = np.where(
-          feat >= 0, local[s.prompt] * u_img + feat, -1)
+      img["feature"][u, img_place[i][0], img_place[i][1] : img_place[i][1] + len(s.ids)] = np.where(
+        feat >= 0, local[s.prompt] * u_img + feat, -1
+      )
       m += lr
   vision = None
   if b.vision is not None:
     vision = jax.tree.map(lambda x: np.asarray(x)[assign], b.vision)  # [U, Pu, ...]
-  packed = PackedBatch(image=PackedView(**img), blind=PackedView(**bl) if blind else None, vision=vision,
-                       target=target, mask=mask, seq_len=seq_len)
+  packed = PackedBatch(
+    image=PackedView(**img),
+    blind=PackedView(**bl) if blind else None,
+    vision=vision,
+    target=target,
+    mask=mask,
+    seq_len=seq_len,
+  )
   return packed, slot
 
 
@@ -320,7 +376,9 @@ def _embed(model: qwen.Qwen25VL, v: PackedView, feats_UxFxD) -> jnp.ndarray:
   return jnp.where((v.feature >= 0)[..., None], gathered.astype(x.dtype), x)
 
 
-def _response_states(model: qwen.Qwen25VL, views: list[PackedView], xs: list[jnp.ndarray]) -> list[jnp.ndarray]:
+def _response_states(
+  model: qwen.Qwen25VL, views: list[PackedView], xs: list[jnp.ndarray]
+) -> list[jnp.ndarray]:
   """One decoder call over the rows of all `views` (embeddings `xs`); each view's states that
   predict the response layout's tokens, [U, M, D]."""
   U, T = views[0].ids.shape[0], views[0].ids.shape[2]
@@ -333,70 +391,135 @@ def _response_states(model: qwen.Qwen25VL, views: list[PackedView], xs: list[jnp
   h = h.reshape(U, sum(rows), T, -1)
   out, r0 = [], 0
   for v, R in zip(views, rows):
-    hv = h[:, r0:r0 + R].reshape(U, R * T, -1)
+    hv = h[:, r0 : r0 + R].reshape(U, R * T, -1)
     out.append(jnp.take_along_axis(hv, v.resp_index[..., None], axis=1))
     r0 += R
   return out
 
 
-def response_logprobs(model: qwen.Qwen25VL, pb: PackedBatch, *, chunk_size: int = 256, temperature: float = 1.0,
-                      return_entropy: bool = False):
+def response_logprobs(
+  model: qwen.Qwen25VL,
+  pb: PackedBatch,
+  *,
+  chunk_size: int = 256,
+  temperature: float = 1.0,
+  return_entropy: bool = False,
+):
   """log π(x_t | image, prompt, x_<t) of the response layout's tokens, [U, M] float32,
   differentiable (the packed `sequences.response_logprobs`); meaningless where `mask` is False."""
   (h,) = _response_states(model, [pb.image], [_embed(model, pb.image, _unit_features(model, pb))])
-  return scoring.token_logprobs_chunked(h, model.lm_head_weight(), pb.target, chunk_size, temperature=temperature,
-                                        return_entropy=return_entropy)
+  return scoring.token_logprobs_chunked(
+    h,
+    model.lm_head_weight(),
+    pb.target,
+    chunk_size,
+    temperature=temperature,
+    return_entropy=return_entropy,
+  )
 
 
-def score_rollout(model: qwen.Qwen25VL, pb: PackedBatch, *, estimator: str = "k3", chunk_size: int = 256,
-                  clamp_log_ratio: float | None = None, temperature: float = 1.0,
-                  blind: bool = True) -> scoring.DependencyScores:
+def score_rollout(
+  model: qwen.Qwen25VL,
+  pb: PackedBatch,
+  *,
+  estimator: str = "k3",
+  chunk_size: int = 256,
+  clamp_log_ratio: float | None = None,
+  temperature: float = 1.0,
+  blind: bool = True,
+) -> scoring.DependencyScores:
   """PGPO's two-view scoring pass on packed rows (the packed `sequences.score_rollout`): one
   decoder call over the image view's and the blind view's rows; [U, M] arrays (`unpack` them).
   `blind=False`: the image view only (blind log-probs = old log-probs, S = 0)."""
   feats = _unit_features(model, pb)
   if not blind:
     (h_img,) = _response_states(model, [pb.image], [_embed(model, pb.image, feats)])
-    return scoring.image_view_scores(h_img, model.lm_head_weight(), pb.target, pb.mask, chunk_size=chunk_size,
-                                     temperature=temperature)
+    return scoring.image_view_scores(
+      h_img,
+      model.lm_head_weight(),
+      pb.target,
+      pb.mask,
+      chunk_size=chunk_size,
+      temperature=temperature,
+    )
   if pb.blind is None:
-    raise ValueError("score_rollout needs a PackedBatch with its blind view (pack_sequences(blind=True))")
-  h_img, h_blind = _response_states(model, [pb.image, pb.blind],
-                                    [_embed(model, pb.image, feats), _embed(model, pb.blind, None)])
+    raise ValueError(
+      "score_rollout needs a PackedBatch with its blind view (pack_sequences(blind=True))"
+    )
+  h_img, h_blind = _response_states(
+    model, [pb.image, pb.blind], [_embed(model, pb.image, feats), _embed(model, pb.blind, None)]
+  )
   fn = scoring.get_dependency_estimator(estimator)
-  return fn(h_img, h_blind, model.lm_head_weight(), pb.target, pb.mask, chunk_size=chunk_size,
-            clamp_log_ratio=clamp_log_ratio, temperature=temperature)
+  return fn(
+    h_img,
+    h_blind,
+    model.lm_head_weight(),
+    pb.target,
+    pb.mask,
+    chunk_size=chunk_size,
+    clamp_log_ratio=clamp_log_ratio,
+    temperature=temperature,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
 # Static shapes without data (compile checks)
 # ------------------------------------------------------------------------------------------------
-def worst_case_sizes(prompts_per_unit: int, group: int, prompt_len: int, response_len: int,
-                     row_len: int, *, blind: bool = True) -> PackedSizes:
+def worst_case_sizes(
+  prompts_per_unit: int,
+  group: int,
+  prompt_len: int,
+  response_len: int,
+  row_len: int,
+  *,
+  blind: bool = True,
+) -> PackedSizes:
   """Sizes that hold any batch of these bounds: every sequence at its longest (a text-only
   prompt of `prompt_len` tokens keeps them all in the blind view too)."""
   longest = prompt_len + response_len
   if longest > row_len:
-    raise ValueError(f"packed row length {row_len} < longest sequence {longest} (prompt + response)")
+    raise ValueError(
+      f"packed row length {row_len} < longest sequence {longest} (prompt + response)"
+    )
   seqs = prompts_per_unit * group
   rows = size_bucket(-(-seqs // (row_len // longest)))
   return PackedSizes(rows, rows if blind else 0, size_bucket(seqs * response_len))
 
 
-def abstract_batch(cfg: qwen.Qwen25VLConfig, units: int, prompts_per_unit: int, sizes: PackedSizes, row_len: int,
-                   patches: int | None, leaf) -> PackedBatch:
+def abstract_batch(
+  cfg: qwen.Qwen25VLConfig,
+  units: int,
+  prompts_per_unit: int,
+  sizes: PackedSizes,
+  row_len: int,
+  patches: int | None,
+  leaf,
+) -> PackedBatch:
   """A PackedBatch whose leaves are `leaf(shape, dtype)` (e.g. sharded ShapeDtypeStructs)."""
   U, T, M = units, row_len, sizes.tokens
 
   def view(R):
-    return PackedView(ids=leaf((U, R, T), jnp.int32), pos=leaf((U, R, 3, T), jnp.int32),
-                      segment=leaf((U, R, T), jnp.int32), feature=leaf((U, R, T), jnp.int32),
-                      resp_index=leaf((U, M), jnp.int32))
+    return PackedView(
+      ids=leaf((U, R, T), jnp.int32),
+      pos=leaf((U, R, 3, T), jnp.int32),
+      segment=leaf((U, R, T), jnp.int32),
+      feature=leaf((U, R, T), jnp.int32),
+      resp_index=leaf((U, M), jnp.int32),
+    )
 
   vision = None
   if patches:
-    vision = qwen.VisionInputs(**{k: leaf((U, prompts_per_unit) + shape, jnp.dtype(dt))
-                               for k, (shape, dt) in qwen.vision.input_shapes(cfg.vision, patches).items()})
-  return PackedBatch(image=view(sizes.rows), blind=view(sizes.blind_rows) if sizes.blind_rows else None,
-                     vision=vision, target=leaf((U, M), jnp.int32), mask=leaf((U, M), jnp.bool_),
-                     seq_len=leaf((U, M), jnp.float32))
+    vision = qwen.VisionInputs(
+      **{
+        k: leaf((U, prompts_per_unit) + shape, jnp.dtype(dt))
+        for k, (shape, dt) in qwen.vision.input_shapes(cfg.vision, patches).items()
+      }
+    )
+  return PackedBatch(
+    image=view(sizes.rows),
+    blind=view(sizes.blind_rows) if sizes.blind_rows else None,
+    vision=vision,
+    target=leaf((U, M), jnp.int32),
+    mask=leaf((U, M), jnp.bool_),
+    seq_len=leaf((U, M), jnp.float32),
+  )

@@ -15,6 +15,7 @@ Two passes use this layout:
   token with its M-RoPE ids from the full sequence: same numbers as masking, a fraction of the work
   (a 1,024-token image in a ~100-token prompt). The image view encodes the images once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ class SequenceBatch:
   response:      [P, G, L] int32 sampled tokens (pad after EOS).
   response_mask: [P, G, L] bool, valid response tokens (EOS included).
   """
+
   prompt_ids: jnp.ndarray
   prompt_mask: jnp.ndarray
   prompt_pos: jnp.ndarray
@@ -98,9 +100,13 @@ def _blind_embed_and_positions(model: qwen.Qwen25VL, b: SequenceBatch):
   kept = b.blind_index >= 0
   idx = jnp.maximum(b.blind_index, 0)
   ids = jnp.where(kept, jnp.take_along_axis(b.prompt_ids, idx, axis=1), 0)
-  pos = jnp.where(kept[:, None], jnp.take_along_axis(b.prompt_pos, idx[:, None, :], axis=2), 0)  # [P, 3, Tb]
+  pos = jnp.where(
+    kept[:, None], jnp.take_along_axis(b.prompt_pos, idx[:, None, :], axis=2), 0
+  )  # [P, 3, Tb]
   x_prompt = rep(model.language_model.embed(ids))
-  x = jnp.concatenate([x_prompt, model.language_model.embed(b.flat_response).astype(x_prompt.dtype)], axis=1)
+  x = jnp.concatenate(
+    [x_prompt, model.language_model.embed(b.flat_response).astype(x_prompt.dtype)], axis=1
+  )
   pos = jnp.concatenate([rep(pos), rep(_response_positions(b))], axis=2)
   key_mask = jnp.concatenate([rep(kept), b.flat_response_mask], axis=1)
   return x, jnp.swapaxes(pos, 0, 1), key_mask
@@ -108,11 +114,17 @@ def _blind_embed_and_positions(model: qwen.Qwen25VL, b: SequenceBatch):
 
 def _response_hidden(h_NxTxD: jnp.ndarray, prompt_len: int) -> jnp.ndarray:
   """Hidden states that predict the response tokens: positions Tp-1 .. Tp+L-2."""
-  return h_NxTxD[:, prompt_len - 1:-1]
+  return h_NxTxD[:, prompt_len - 1 : -1]
 
 
-def response_logprobs(model: qwen.Qwen25VL, b: SequenceBatch, *, chunk_size: int = 256,
-                      temperature: float = 1.0, return_entropy: bool = False):
+def response_logprobs(
+  model: qwen.Qwen25VL,
+  b: SequenceBatch,
+  *,
+  chunk_size: int = 256,
+  temperature: float = 1.0,
+  return_entropy: bool = False,
+):
   """log π(x_t | image, prompt, x_<t) of every response token [P*G, L] (float32, differentiable).
 
   The lm-head and log-softmax run in sequence chunks; [N, L, V] logits are never materialised.
@@ -120,14 +132,26 @@ def response_logprobs(model: qwen.Qwen25VL, b: SequenceBatch, *, chunk_size: int
   """
   x, pos, key_mask, _ = _embed_and_positions(model, b)
   h, _ = qwen.run_decoder(model, x, pos, key_mask)
-  return scoring.token_logprobs_chunked(_response_hidden(h, b.prompt_ids.shape[1]), model.lm_head_weight(),
-                                        b.flat_response, chunk_size, temperature=temperature,
-                                        return_entropy=return_entropy)
+  return scoring.token_logprobs_chunked(
+    _response_hidden(h, b.prompt_ids.shape[1]),
+    model.lm_head_weight(),
+    b.flat_response,
+    chunk_size,
+    temperature=temperature,
+    return_entropy=return_entropy,
+  )
 
 
-def score_rollout(model: qwen.Qwen25VL, b: SequenceBatch, *, estimator: str = "k3", chunk_size: int = 256,
-                  clamp_log_ratio: float | None = None, temperature: float = 1.0, blind: bool = True
-                  ) -> scoring.DependencyScores:
+def score_rollout(
+  model: qwen.Qwen25VL,
+  b: SequenceBatch,
+  *,
+  estimator: str = "k3",
+  chunk_size: int = 256,
+  clamp_log_ratio: float | None = None,
+  temperature: float = 1.0,
+  blind: bool = True,
+) -> scoring.DependencyScores:
   """PGPO's dual-condition scoring pass (no gradient): old log-probs, blind log-probs and S.
 
   The image view runs on [prompt | response] (P*G rows of Tp+L); the blind view on [prompt without
@@ -140,19 +164,35 @@ def score_rollout(model: qwen.Qwen25VL, b: SequenceBatch, *, estimator: str = "k
   h_image, _ = qwen.run_decoder(model, x, pos, key_mask)
   h_image = _response_hidden(h_image, b.prompt_ids.shape[1])
   if not blind:
-    return scoring.image_view_scores(h_image, model.lm_head_weight(), b.flat_response, b.flat_response_mask,
-                                     chunk_size=chunk_size, temperature=temperature)
+    return scoring.image_view_scores(
+      h_image,
+      model.lm_head_weight(),
+      b.flat_response,
+      b.flat_response_mask,
+      chunk_size=chunk_size,
+      temperature=temperature,
+    )
   x, pos, key_mask = _blind_embed_and_positions(model, b)
   h_blind, _ = qwen.run_decoder(model, x, pos, key_mask)
   fn = scoring.get_dependency_estimator(estimator)
-  return fn(h_image, _response_hidden(h_blind, b.blind_index.shape[1]), model.lm_head_weight(), b.flat_response,
-            b.flat_response_mask, chunk_size=chunk_size, clamp_log_ratio=clamp_log_ratio, temperature=temperature)
+  return fn(
+    h_image,
+    _response_hidden(h_blind, b.blind_index.shape[1]),
+    model.lm_head_weight(),
+    b.flat_response,
+    b.flat_response_mask,
+    chunk_size=chunk_size,
+    clamp_log_ratio=clamp_log_ratio,
+    temperature=temperature,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
 # Host-side construction
 # ------------------------------------------------------------------------------------------------
-def visual_token_mask(prompt_ids: np.ndarray, cfg: qwen.Qwen25VLConfig, mask_vision_markers: bool = False) -> np.ndarray:
+def visual_token_mask(
+  prompt_ids: np.ndarray, cfg: qwen.Qwen25VLConfig, mask_vision_markers: bool = False
+) -> np.ndarray:
   """The tokens the blind view hides: `<|image_pad|>` (+ vision start/end if asked)."""
   ids = np.asarray(prompt_ids)
   m = ids == cfg.image_token_id
@@ -161,8 +201,9 @@ def visual_token_mask(prompt_ids: np.ndarray, cfg: qwen.Qwen25VLConfig, mask_vis
   return m
 
 
-def blind_prompt_index(prompt_mask: np.ndarray, prompt_visual: np.ndarray, length: int | None = None
-                       ) -> np.ndarray:
+def blind_prompt_index(
+  prompt_mask: np.ndarray, prompt_visual: np.ndarray, length: int | None = None
+) -> np.ndarray:
   """[P, Tb] prompt slots of the valid non-visual tokens, left padded with -1 (`SequenceBatch.blind_index`).
 
   `length` is Tb (default: the 32-multiple bucket of the longest, at most Tp). The blind view predicts the first
@@ -179,14 +220,27 @@ def blind_prompt_index(prompt_mask: np.ndarray, prompt_visual: np.ndarray, lengt
     slots = np.nonzero(keep[p])[0]
     valid = np.nonzero(np.asarray(prompt_mask)[p])[0]
     if len(valid) and not keep[p, valid[-1]]:
-      raise ValueError(f"prompt row {p} ends with a visual token; the blind view needs a text token last")
-    out[p, Tb - len(slots):] = slots
+      raise ValueError(
+        f"prompt row {p} ends with a visual token; the blind view needs a text token last"
+      )
+    out[p, Tb - len(slots) :] = slots
   return out
 
 
-def make_sequence_batch(cfg: qwen.Qwen25VLConfig, prompt_ids, prompt_mask, pixel_values, image_grid_thw,
-                        response, response_mask, *, prompt_pos=None, num_patches: int | None = None,
-                        mask_vision_markers: bool = False, blind_prompt_len: int | None = None) -> SequenceBatch:
+def make_sequence_batch(
+  cfg: qwen.Qwen25VLConfig,
+  prompt_ids,
+  prompt_mask,
+  pixel_values,
+  image_grid_thw,
+  response,
+  response_mask,
+  *,
+  prompt_pos=None,
+  num_patches: int | None = None,
+  mask_vision_markers: bool = False,
+  blind_prompt_len: int | None = None,
+) -> SequenceBatch:
   """Builds a SequenceBatch from left-padded prompts (HF processor outputs) and sampled responses.
 
   `response`/`response_mask` are [P*G, L] (prompt-major) or [P, G, L]; `prompt_pos` is [3, P, Tp]
@@ -197,17 +251,34 @@ def make_sequence_batch(cfg: qwen.Qwen25VLConfig, prompt_ids, prompt_mask, pixel
   am = np.asarray(prompt_mask).astype(np.int32)
   P = ids.shape[0]
   if prompt_pos is None:
-    prompt_pos, _ = qwen.get_rope_index(ids, am, image_grid_thw, image_token_id=cfg.image_token_id,
-                                     spatial_merge_size=cfg.vision.spatial_merge_size)
+    prompt_pos, _ = qwen.get_rope_index(
+      ids,
+      am,
+      image_grid_thw,
+      image_token_id=cfg.image_token_id,
+      spatial_merge_size=cfg.vision.spatial_merge_size,
+    )
   prompt_pos = np.asarray(prompt_pos, np.int32)
   next_pos = (np.where(am[None] > 0, prompt_pos, -1).max(axis=(0, 2)) + 1).astype(np.int32)
   has_images = image_grid_thw is not None and len(qwen.rope.valid_grids(image_grid_thw)) > 0
-  vision = (qwen.prepare_vision_rows(pixel_values, image_grid_thw, ids, cfg.vision, cfg.image_token_id, num_patches)
-            if has_images or num_patches else None)
+  vision = (
+    qwen.prepare_vision_rows(
+      pixel_values, image_grid_thw, ids, cfg.vision, cfg.image_token_id, num_patches
+    )
+    if has_images or num_patches
+    else None
+  )
   response = np.asarray(response, np.int32)
   L = response.shape[-1]
   visual = visual_token_mask(ids, cfg, mask_vision_markers)
-  return SequenceBatch(prompt_ids=ids, prompt_mask=am.astype(bool), prompt_pos=prompt_pos.transpose(1, 0, 2),
-                       prompt_visual=visual, blind_index=blind_prompt_index(am, visual, blind_prompt_len),
-                       next_pos=next_pos, vision=vision, response=response.reshape(P, -1, L),
-                       response_mask=np.asarray(response_mask).astype(bool).reshape(P, -1, L))
+  return SequenceBatch(
+    prompt_ids=ids,
+    prompt_mask=am.astype(bool),
+    prompt_pos=prompt_pos.transpose(1, 0, 2),
+    prompt_visual=visual,
+    blind_index=blind_prompt_index(am, visual, blind_prompt_len),
+    next_pos=next_pos,
+    vision=vision,
+    response=response.reshape(P, -1, L),
+    response_mask=np.asarray(response_mask).astype(bool).reshape(P, -1, L),
+  )

@@ -34,6 +34,7 @@ against the minimum. The programs compile at JAX's default matmul precision, und
 computes a float32 matmul as one bfloat16 pass (bf16-rounded inputs, float32 accumulation):
 `model.dtype=float32` moves twice the bytes of bfloat16 but runs its matmuls at the bf16 peak.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,18 +51,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pgpo_jax import buckets, programs, sharding
 from pgpo_jax import config as config_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.keypaths import path_str
-from pgpo_jax.rl import packing, sequences
 from pgpo_jax.models import qwen2_5_vl as qwen
+from pgpo_jax.rl import packing, sequences
 
 GiB = 2**30
-logging.getLogger("jax._src.compilation_cache").setLevel(logging.WARNING)  # reset_cache() logs at INFO
+logging.getLogger("jax._src.compilation_cache").setLevel(
+  logging.WARNING
+)  # reset_cache() logs at INFO
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,6 +74,7 @@ logging.getLogger("jax._src.compilation_cache").setLevel(logging.WARNING)  # res
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """Per-device (= per chip; v4/v5p as megacore) HBM, peak dense bf16 FLOP/s and HBM bandwidth."""
+
   name: str
   prefix: str  # get_topology_desc's chip prefix
   hbm_bytes: int
@@ -81,10 +86,10 @@ class Chip:
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", "v4", 32 * GiB, 275e12, 1.2e12, 2, 3, "megacore"),
-    "v5p": Chip("v5p", "v5", 95 * GiB, 459e12, 2.765e12, 2, 3),
-    "v5e": Chip("v5e", "v5e", 16 * GiB, 197e12, 0.819e12, 1, 2),
-    "v6e": Chip("v6e", "v6e", 32 * GiB, 918e12, 1.64e12, 1, 2),
+  "v4": Chip("v4", "v4", 32 * GiB, 275e12, 1.2e12, 2, 3, "megacore"),
+  "v5p": Chip("v5p", "v5", 95 * GiB, 459e12, 2.765e12, 2, 3),
+  "v5e": Chip("v5e", "v5e", 16 * GiB, 197e12, 0.819e12, 1, 2),
+  "v6e": Chip("v6e", "v6e", 32 * GiB, 918e12, 1.64e12, 1, 2),
 }
 
 
@@ -101,8 +106,16 @@ class Topology:
 # "highest"/"float32" (bf16_6x); bfloat16 inputs are always 1 pass.
 MATMUL_PRECISION = "default"  # the trainer's (JAX's default); the programs compile under it
 
-_F32_PASSES = {"default": 1, "bfloat16": 1, "fastest": 1, "high": 3, "tensorfloat32": 3, "bfloat16_3x": 3,
-               "highest": 6, "float32": 6}
+_F32_PASSES = {
+  "default": 1,
+  "bfloat16": 1,
+  "fastest": 1,
+  "high": 3,
+  "tensorfloat32": 3,
+  "bfloat16_3x": 3,
+  "highest": 6,
+  "float32": 6,
+}
 
 
 def matmul_peak(chip: "Chip", dtype, precision: str | None = "default") -> float:
@@ -139,19 +152,28 @@ def parse_topology(name: str) -> Topology:
   m = re.fullmatch(r"(v4|v5p?|v5e|v6e):(\d+(?:x\d+){1,2})", name.strip().lower())
   if m:
     prefix = m.group(1)
-    chip = {"v4": CHIPS["v4"], "v5": CHIPS["v5p"], "v5p": CHIPS["v5p"], "v5e": CHIPS["v5e"],
-            "v6e": CHIPS["v6e"]}[prefix]
+    chip = {
+      "v4": CHIPS["v4"],
+      "v5": CHIPS["v5p"],
+      "v5p": CHIPS["v5p"],
+      "v5e": CHIPS["v5e"],
+      "v6e": CHIPS["v6e"],
+    }[prefix]
     chips = math.prod(int(x) for x in m.group(2).split("x"))
     return Topology(name, chip, f"{chip.prefix}:{m.group(2)}", chips)
-  raise ValueError(f"unknown topology {name!r}; use e.g. v5p-64, v5e-256, v4-128, v6e-16 or v5e:2x2")
+  raise ValueError(
+    f"unknown topology {name!r}; use e.g. v5p-64, v5e-256, v4-128, v6e-16 or v5e:2x2"
+  )
 
 
 def ensure_libtpu() -> None:
   try:
     import libtpu  # noqa: F401
   except ImportError:
-    raise RuntimeError("compile_check needs libtpu for TPU topologies on this host: "
-                       "pip install 'jax[tpu]==0.10.2' (the `tpu` extra of pgpo-jax)") from None
+    raise RuntimeError(
+      "compile_check needs libtpu for TPU topologies on this host: "
+      "pip install 'jax[tpu]==0.10.2' (the `tpu` extra of pgpo-jax)"
+    ) from None
 
 
 def topology_devices(topo: Topology) -> list:
@@ -160,10 +182,13 @@ def topology_devices(topo: Topology) -> list:
   # Read when libtpu initialises (here, not at import): lets tests and parallel checks share a host.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
   from jax.experimental import topologies
+
   kw = {"chip_config_name": topo.chip.chip_config_name} if topo.chip.chip_config_name else {}
   devices = topologies.get_topology_desc(topo.desc, "tpu", **kw).devices
   if len(devices) != topo.num_chips:
-    raise RuntimeError(f"{topo.desc}: expected {topo.num_chips} devices, libtpu gave {len(devices)}")
+    raise RuntimeError(
+      f"{topo.desc}: expected {topo.num_chips} devices, libtpu gave {len(devices)}"
+    )
   return list(devices)
 
 
@@ -174,8 +199,12 @@ def model_config(c: ml_collections.ConfigDict) -> qwen.Qwen25VLConfig:
   """The architecture: `model.init_from`'s config.json if it exists, else `model.preset`
   (3b/7b/32b/72b or 'tiny' = the trainer's random-init `model.tiny`)."""
   m = c.model
-  compute = dict(remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention_chunk_size=m.attention_chunk_size,
-                 attention_impl=m.attention_impl)
+  compute = dict(
+    remat_policy=m.remat_policy,
+    scan_layers=m.scan_layers,
+    attention_chunk_size=m.attention_chunk_size,
+    attention_impl=m.attention_impl,
+  )
   init = m.get("init_from", "")
   if init and os.path.exists(os.path.join(init, "config.json")):
     return qwen.Qwen25VLConfig.from_json(init).replace(**compute)
@@ -184,19 +213,28 @@ def model_config(c: ml_collections.ConfigDict) -> qwen.Qwen25VLConfig:
     return qwen.PRESETS[preset].replace(**compute)
   if preset == "tiny" or m.get("random_init", False):
     t = dict(m.tiny)
-    vision = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in t.items() if k.startswith("vision_")}
+    vision = {
+      k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+      for k, v in t.items()
+      if k.startswith("vision_")
+    }
     text = {k: v for k, v in t.items() if not k.startswith("vision_")}
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     quarter = head_dim // 2
     section = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)
-    return qwen.tiny_config(head_dim=head_dim, mrope_section=section, **text, **vision).replace(**compute)
-  raise ValueError(f"config.model: set init_from to a folder with config.json or preset to one of "
-                   f"{sorted(qwen.PRESETS) + ['tiny']} (got init_from={init!r}, preset={preset!r})")
+    return qwen.tiny_config(head_dim=head_dim, mrope_section=section, **text, **vision).replace(
+      **compute
+    )
+  raise ValueError(
+    f"config.model: set init_from to a folder with config.json or preset to one of "
+    f"{sorted(qwen.PRESETS) + ['tiny']} (got init_from={init!r}, preset={preset!r})"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
   """The static shapes the trainer compiles for (worst case of every bucket)."""
+
   rollout_prompts: int  # B: the rollout call's prompt batch (bucketed as the trainer does)
   group_size: int  # G
   prompt_len: int  # Tp: largest prompt bucket
@@ -211,7 +249,9 @@ class Shapes:
     return self.update_prompts // self.micro_prompts
 
 
-def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_prompts: int | None = None) -> Shapes:
+def shapes_from_config(
+  c: ml_collections.ConfigDict, batch_shards: int, score_prompts: int | None = None
+) -> Shapes:
   """Shapes of the trainer's programs (worst-case buckets); `score_prompts` (what-if) scores in calls
   of that many prompts instead of the trainer's slice (`pgpo.scoring_prompts`, default the micro-batch)."""
   u = c.updates
@@ -222,34 +262,49 @@ def shapes_from_config(c: ml_collections.ConfigDict, batch_shards: int, score_pr
   patches = max(4, int(max_pixels) // patch_area // 4 * 4)
   prompts = int(c.rollout.prompts_per_step)
   s = Shapes(
-      rollout_prompts=buckets.batch_bucket(prompts, batch_shards),
-      group_size=int(c.rollout.group_size), prompt_len=int(c.data.max_prompt_length),
-      response_len=int(c.rollout.max_new_tokens), patches=patches,
-      score_prompts=int(score_prompts or config_lib.scoring_prompts_per_host(c, 1)),
-      update_prompts=int(u.prompts_per_update), micro_prompts=int(u.micro_batch_prompts))
+    rollout_prompts=buckets.batch_bucket(prompts, batch_shards),
+    group_size=int(c.rollout.group_size),
+    prompt_len=int(c.data.max_prompt_length),
+    response_len=int(c.rollout.max_new_tokens),
+    patches=patches,
+    score_prompts=int(score_prompts or config_lib.scoring_prompts_per_host(c, 1)),
+    update_prompts=int(u.prompts_per_update),
+    micro_prompts=int(u.micro_batch_prompts),
+  )
   checks = [("updates.micro_batch_prompts", s.micro_prompts)]  # also the default scoring slice
   if score_prompts or c.pgpo.scoring_prompts:
     checks.append(("--score_prompts" if score_prompts else "pgpo.scoring_prompts", s.score_prompts))
   for key, n in checks:
     if n % batch_shards:
-      raise ValueError(f"config.{key}={n} does not split over the {batch_shards} shards of the batch axis "
-                       f"(data x fsdp); pick a multiple of {batch_shards} or change config.mesh")
+      raise ValueError(
+        f"config.{key}={n} does not split over the {batch_shards} shards of the batch axis "
+        f"(data x fsdp); pick a multiple of {batch_shards} or change config.mesh"
+      )
   if s.update_prompts % s.micro_prompts:
-    raise ValueError(f"config.updates.micro_batch_prompts={s.micro_prompts} must divide "
-                     f"updates.prompts_per_update={s.update_prompts}")
+    raise ValueError(
+      f"config.updates.micro_batch_prompts={s.micro_prompts} must divide "
+      f"updates.prompts_per_update={s.update_prompts}"
+    )
   return s
 
 
 # ------------------------------------------------------------------------------------------------
 # Analytic FLOPs (as implemented: dense masked attention, float32 logits)
 # ------------------------------------------------------------------------------------------------
-def text_flops(cfg: qwen.Qwen25VLConfig, tokens: float, context: float, logits_tokens: float) -> float:
+def text_flops(
+  cfg: qwen.Qwen25VLConfig, tokens: float, context: float, logits_tokens: float
+) -> float:
   """Decoder forward: `tokens` new tokens attending to `context` keys each; lm head on `logits_tokens`."""
   t = cfg.text
-  per_layer = 2 * t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+  per_layer = (
+    2 * t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+  )
   per_layer += 2 * 3 * t.hidden_size * t.intermediate_size
   attn = 4 * t.num_attention_heads * t.head_dim * context
-  return t.num_hidden_layers * tokens * (per_layer + attn) + 2 * t.hidden_size * t.vocab_size * logits_tokens
+  return (
+    t.num_hidden_layers * tokens * (per_layer + attn)
+    + 2 * t.hidden_size * t.vocab_size * logits_tokens
+  )
 
 
 def vision_flops(cfg: qwen.Qwen25VLConfig, images: float, patches: int) -> float:
@@ -260,8 +315,14 @@ def vision_flops(cfg: qwen.Qwen25VLConfig, images: float, patches: int) -> float
   n_full = len([i for i in v.fullatt_block_indexes if i < v.depth])
   slots = qwen.vision.num_window_blocks(patches, v) * qwen.vision.window_block(v)
   per_patch = 2 * v.patch_dim * D + v.depth * (2 * 4 * D * D + 2 * 3 * D * I)
-  attn = 4 * D * (n_full * patches * patches + (v.depth - n_full) * slots * qwen.vision.window_block(v))
-  merger = (patches // v.merge_unit) * 2 * (v.merge_unit * D * v.merge_unit * D + v.merge_unit * D * v.out_hidden_size)
+  attn = (
+    4 * D * (n_full * patches * patches + (v.depth - n_full) * slots * qwen.vision.window_block(v))
+  )
+  merger = (
+    (patches // v.merge_unit)
+    * 2
+    * (v.merge_unit * D * v.merge_unit * D + v.merge_unit * D * v.out_hidden_size)
+  )
   return images * (patches * per_patch + attn + merger)
 
 
@@ -269,8 +330,11 @@ def vision_flops(cfg: qwen.Qwen25VLConfig, images: float, patches: int) -> float
 # Abstract arguments
 # ------------------------------------------------------------------------------------------------
 def _sds(shape, dtype, mesh, rules, axes) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
-                              sharding=sharding.logical_sharding(axes, mesh, rules, tuple(shape)))
+  return jax.ShapeDtypeStruct(
+    tuple(shape),
+    jnp.dtype(dtype),
+    sharding=sharding.logical_sharding(axes, mesh, rules, tuple(shape)),
+  )
 
 
 def _rows(shape, dtype, mesh, rules) -> jax.ShapeDtypeStruct:
@@ -280,10 +344,15 @@ def _rows(shape, dtype, mesh, rules) -> jax.ShapeDtypeStruct:
 
 def _attach(tree, shardings) -> Any:
   """ShapeDtypeStructs of `tree` with the sharding of the same leaf in `shardings` (a prefix tree)."""
-  flat = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+  flat = {
+    path_str(p): s
+    for p, s in jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+    )[0]
+  }
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[path_str(p)]), tree)
+    lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[path_str(p)]), tree
+  )
 
 
 def per_device_bytes(tree) -> int:
@@ -295,10 +364,16 @@ def per_device_bytes(tree) -> int:
   return total
 
 
-def vision_rows(cfg: qwen.Qwen25VLConfig, rows: int, patches: int, mesh, rules) -> qwen.VisionInputs:
+def vision_rows(
+  cfg: qwen.Qwen25VLConfig, rows: int, patches: int, mesh, rules
+) -> qwen.VisionInputs:
   """Per-row VisionInputs ([rows, N, ...], `prepare_vision_rows`), rows over `batch`."""
-  return qwen.VisionInputs(**{k: _rows((rows,) + shape, jnp.dtype(dt), mesh, rules)
-                           for k, (shape, dt) in qwen.vision.input_shapes(cfg.vision, patches).items()})
+  return qwen.VisionInputs(
+    **{
+      k: _rows((rows,) + shape, jnp.dtype(dt), mesh, rules)
+      for k, (shape, dt) in qwen.vision.input_shapes(cfg.vision, patches).items()
+    }
+  )
 
 
 def sequence_batch(cfg: qwen.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rules):
@@ -306,11 +381,16 @@ def sequence_batch(cfg: qwen.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rule
   G, Tp, L = s.group_size, s.prompt_len, s.response_len
   r = lambda shape, dt: _rows((prompts,) + shape, dt, mesh, rules)  # noqa: E731
   return sequences.SequenceBatch(
-      prompt_ids=r((Tp,), jnp.int32), prompt_mask=r((Tp,), bool), prompt_pos=r((3, Tp), jnp.int32),
-      prompt_visual=r((Tp,), bool), next_pos=r((), jnp.int32),
-      blind_index=r((Tp,), jnp.int32),  # worst case: a prompt without images keeps every token
-      vision=vision_rows(cfg, prompts, s.patches, mesh, rules),
-      response=r((G, L), jnp.int32), response_mask=r((G, L), bool))
+    prompt_ids=r((Tp,), jnp.int32),
+    prompt_mask=r((Tp,), bool),
+    prompt_pos=r((3, Tp), jnp.int32),
+    prompt_visual=r((Tp,), bool),
+    next_pos=r((), jnp.int32),
+    blind_index=r((Tp,), jnp.int32),  # worst case: a prompt without images keeps every token
+    vision=vision_rows(cfg, prompts, s.patches, mesh, rules),
+    response=r((G, L), jnp.int32),
+    response_mask=r((G, L), bool),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +399,7 @@ def sequence_batch(cfg: qwen.Qwen25VLConfig, prompts: int, s: Shapes, mesh, rule
 @dataclasses.dataclass
 class Step:
   """One of the trainer's programs (from `programs.py`) and the abstract arguments it is compiled on."""
+
   name: str
   rules: str
   program: Any  # a jitted function
@@ -326,7 +407,9 @@ class Step:
   resident_bytes: int
   flops: float  # analytic, all devices
   hbm_read_bytes: float = 0.0  # per device, for memory-bound loops (decode)
-  hbm_per_step: dict | None = None  # decode: analytic HBM bytes per step by part (`decode_bytes_per_step`)
+  hbm_per_step: dict | None = (
+    None  # decode: analytic HBM bytes per step by part (`decode_bytes_per_step`)
+  )
   note: str = ""
 
   def lower(self) -> jax.stages.Lowered:
@@ -366,8 +449,15 @@ class Context:
   slice, for the report (None: no HBM verdicts); `model_cfg`: the model (default: `model_config(c)`).
   """
 
-  def __init__(self, c: ml_collections.ConfigDict, devices: Sequence, *, topo: Topology | None = None,
-               score_prompts: int | None = None, model_cfg: qwen.Qwen25VLConfig | None = None):
+  def __init__(
+    self,
+    c: ml_collections.ConfigDict,
+    devices: Sequence,
+    *,
+    topo: Topology | None = None,
+    score_prompts: int | None = None,
+    model_cfg: qwen.Qwen25VLConfig | None = None,
+  ):
     if score_prompts:  # what-if: the trainer with this scoring slice
       c = c.copy_and_resolve_references()
       with c.unlocked():
@@ -389,16 +479,25 @@ class Context:
     updates_per_step = c.rollout.prompts_per_step // c.updates.prompts_per_update * c.updates.passes
     self.optimizer = programs.make_optimizer(c, max(1, c.train.num_steps) * updates_per_step)
     self.train_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
-    state = jax.eval_shape(lambda: train_step_lib.init_train_state(
-        qwen.Qwen25VL(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, rngs=nnx.Rngs(0)), self.optimizer)[1])
+    state = jax.eval_shape(
+      lambda: train_step_lib.init_train_state(
+        qwen.Qwen25VL(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, rngs=nnx.Rngs(0)),
+        self.optimizer,
+      )[1]
+    )
     self.state_sh = programs.train_state_shardings(state, self.train_sh, self.mesh)
     self.train_state = _attach(state, self.state_sh)
     self.param_bytes = per_device_bytes(self.train_params)
     self.state_bytes = per_device_bytes(self.train_state)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    self.programs = programs.trainer_programs(c, model_graphdef=self.model_graphdef,
-                                              train_graphdef=self.train_graphdef, optimizer=self.optimizer,
-                                              mesh=self.mesh, state_sharding=self.state_sh)
+    self.programs = programs.trainer_programs(
+      c,
+      model_graphdef=self.model_graphdef,
+      train_graphdef=self.train_graphdef,
+      optimizer=self.optimizer,
+      mesh=self.mesh,
+      state_sharding=self.state_sh,
+    )
     self.rollout_static = programs.training_rollout_static(c, self.cfg.pad_token_id, self.mesh)
 
 
@@ -407,8 +506,16 @@ def rollout_compute_dtype(static: rollout_lib.RolloutStatic, param_dtype) -> jnp
   return jnp.dtype(static.compute_dtype or param_dtype)
 
 
-def decode_bytes_per_step(cfg: qwen.Qwen25VLConfig, s: Shapes, *, param_bytes: float, kv_itemsize: int,
-                          batch_shards: int, kv_heads_per_device: int, chunk: int) -> dict[str, float]:
+def decode_bytes_per_step(
+  cfg: qwen.Qwen25VLConfig,
+  s: Shapes,
+  *,
+  param_bytes: float,
+  kv_itemsize: int,
+  batch_shards: int,
+  kv_heads_per_device: int,
+  chunk: int,
+) -> dict[str, float]:
   """HBM bytes one device moves per decode step (analytic), averaged over the N steps.
 
   Weights are read once per step. Keys/values: the prompt's T slots once per prompt (its G samples
@@ -417,7 +524,9 @@ def decode_bytes_per_step(cfg: qwen.Qwen25VLConfig, s: Shapes, *, param_bytes: f
   With slot refill the rows stay full, so per generated token the same estimate holds.
   """
   t = cfg.text
-  slot = 2 * t.num_hidden_layers * kv_heads_per_device * t.head_dim * kv_itemsize  # k and v, one token
+  slot = (
+    2 * t.num_hidden_layers * kv_heads_per_device * t.head_dim * kv_itemsize
+  )  # k and v, one token
   B, W = s.rollout_prompts / batch_shards, s.rollout_prompts * s.group_size / batch_shards
   N, T = s.response_len, s.prompt_len
   mean_filled = (N - 1) / 2  # response slots filled, averaged over the steps
@@ -428,8 +537,13 @@ def decode_bytes_per_step(cfg: qwen.Qwen25VLConfig, s: Shapes, *, param_bytes: f
     read = float(np.mean(np.minimum(-(-steps // chunk) * chunk, S)))
   else:
     read = S
-  return {"weights": param_bytes, "prompt_kv": B * T * slot, "row_kv": W * read * slot, "write": W * slot,
-          "minimum": param_bytes + B * T * slot + W * mean_filled * slot}
+  return {
+    "weights": param_bytes,
+    "prompt_kv": B * T * slot,
+    "row_kv": W * read * slot,
+    "write": W * slot,
+    "minimum": param_bytes + B * T * slot + W * mean_filled * slot,
+  }
 
 
 def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
@@ -444,15 +558,23 @@ def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
   prog = programs.rollout_programs(ctx.model_graphdef, static)
   # The parameters as the trainer hands them to start / decode: cast to the compute dtype (the cast
   # program is elementwise), SAMPLE layout.
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
-                                                       else x.dtype, sharding=x.sharding), ctx.sample_params)
+  params = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=x.sharding
+    ),
+    ctx.sample_params,
+  )
   E = len(rollout_lib.default_eos_ids(cfg))
   # The inputs exactly as `rollout.prepare_inputs` builds them (per-row vision, rows over `batch`).
   inputs = rollout_lib.RolloutInputs(
-      input_ids=_rows((B, T), jnp.int32, mesh, rules), attention_mask=_rows((B, T), bool, mesh, rules),
-      position_ids=_sds((3, B, T), jnp.int32, mesh, rules, (None, "batch", "length")),
-      vision=vision_rows(cfg, B, s.patches, mesh, rules), prompt_ids=_rows((B,), jnp.uint32, mesh, rules),
-      valid=_rows((B,), bool, mesh, rules), eos_ids=_rows((B, E), jnp.int32, mesh, rules))
+    input_ids=_rows((B, T), jnp.int32, mesh, rules),
+    attention_mask=_rows((B, T), bool, mesh, rules),
+    position_ids=_sds((3, B, T), jnp.int32, mesh, rules, (None, "batch", "length")),
+    vision=vision_rows(cfg, B, s.patches, mesh, rules),
+    prompt_ids=_rows((B,), jnp.uint32, mesh, rules),
+    valid=_rows((B,), bool, mesh, rules),
+    eos_ids=_rows((B, E), jnp.int32, mesh, rules),
+  )
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
   # The decode state exactly as the start program returns it, in the rollout's layout.
@@ -464,17 +586,38 @@ def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
   t = cfg.text
   kv_spec = sharding.logical_to_spec(("act_kv_heads",), rules, mesh, (t.num_key_value_heads,))
   kv_split = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(kv_spec)) if a is not None]))
-  per_step = decode_bytes_per_step(cfg, s, param_bytes=per_device_bytes(params), kv_itemsize=dtype.itemsize,
-                                   batch_shards=ctx.batch_shards, kv_heads_per_device=t.num_key_value_heads // kv_split,
-                                   chunk=static.chunk)
+  per_step = decode_bytes_per_step(
+    cfg,
+    s,
+    param_bytes=per_device_bytes(params),
+    kv_itemsize=dtype.itemsize,
+    batch_shards=ctx.batch_shards,
+    kv_heads_per_device=t.num_key_value_heads // kv_split,
+    chunk=static.chunk,
+  )
   moved = per_step["weights"] + per_step["prompt_kv"] + per_step["row_kv"] + per_step["write"]
   refill = f", {R} rows refilled" if R < W else ""
   return [
-      Step("rollout_start", "sample", prog.start, (params, inputs, key), ctx.state_bytes,
-           prefill_flops, note=f"B={B} prompts x T={T}, {s.patches} patches per prompt, {dtype.name}"),
-      Step("rollout_decode", "sample", prog.decode, (params, dstate), ctx.state_bytes,
-           decode_flops, hbm_read_bytes=N * moved, hbm_per_step=per_step,
-           note=f"W={W} samples x N={N} steps{refill}, prompt KV T={T} shared by G={G}, {dtype.name}"),
+    Step(
+      "rollout_start",
+      "sample",
+      prog.start,
+      (params, inputs, key),
+      ctx.state_bytes,
+      prefill_flops,
+      note=f"B={B} prompts x T={T}, {s.patches} patches per prompt, {dtype.name}",
+    ),
+    Step(
+      "rollout_decode",
+      "sample",
+      prog.decode,
+      (params, dstate),
+      ctx.state_bytes,
+      decode_flops,
+      hbm_read_bytes=N * moved,
+      hbm_per_step=per_step,
+      note=f"W={W} samples x N={N} steps{refill}, prompt KV T={T} shared by G={G}, {dtype.name}",
+    ),
   ]
 
 
@@ -482,7 +625,9 @@ def packed_batch(ctx: Context, prompts: int, units: int, s: Shapes, blind: bool)
   """train.packing: an abstract PackedBatch of `prompts` prompts in `units` units, at the sizes
   that hold any batch (every response at max_new_tokens: as much work as the padded layout)."""
   row = ctx.c.train.packed_row_length
-  sizes = packing.worst_case_sizes(prompts // units, s.group_size, s.prompt_len, s.response_len, row, blind=blind)
+  sizes = packing.worst_case_sizes(
+    prompts // units, s.group_size, s.prompt_len, s.response_len, row, blind=blind
+  )
   leaf = lambda shape, dt: _rows(shape, dt, ctx.mesh, sharding.TRAIN_RULES)  # noqa: E731
   return packing.abstract_batch(ctx.cfg, units, prompts // units, sizes, row, s.patches, leaf)
 
@@ -494,14 +639,25 @@ def score_step(ctx: Context, shapes: Shapes | None = None) -> Step:
   rules = sharding.TRAIN_RULES
   seq = sequence_batch(cfg, s.score_prompts, s, mesh, rules)
   if ctx.c.train.packing:
-    seq = packed_batch(ctx, s.score_prompts, programs.packing_units(ctx.c, mesh)[0], s, blind=ctx.c.pgpo.enabled)
+    seq = packed_batch(
+      ctx, s.score_prompts, programs.packing_units(ctx.c, mesh)[0], s, blind=ctx.c.pgpo.enabled
+    )
   fn = ctx.programs.score
   rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len
-  flops = 2 * text_flops(cfg, rows * T, T, rows * s.response_len) + vision_flops(cfg, s.score_prompts, s.patches)
+  flops = 2 * text_flops(cfg, rows * T, T, rows * s.response_len) + vision_flops(
+    cfg, s.score_prompts, s.patches
+  )
   # AdamW moments (params are an argument), + π_ref with a KL term (`reference.py`).
   resident = ctx.state_bytes - ctx.param_bytes + (ctx.param_bytes if ctx.c.loss.kl_coef else 0)
-  return Step("score", "train", fn, (ctx.train_params, seq), resident, flops,
-              note=f"{rows} sequences x T={T}, two views")
+  return Step(
+    "score",
+    "train",
+    fn,
+    (ctx.train_params, seq),
+    resident,
+    flops,
+    note=f"{rows} sequences x T={T}, two views",
+  )
 
 
 def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
@@ -511,25 +667,39 @@ def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
   rules = sharding.TRAIN_RULES
   Pu, G, L = s.update_prompts, s.group_size, s.response_len
   rep = NamedSharding(mesh, P())
-  batch = {"seq": sequence_batch(cfg, Pu, s, mesh, rules),
-           "adv": _rows((Pu, G, L), jnp.float32, mesh, rules), "old_logp": _rows((Pu, G, L), jnp.float32, mesh, rules),
-           "token_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-           "seq_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
+  batch = {
+    "seq": sequence_batch(cfg, Pu, s, mesh, rules),
+    "adv": _rows((Pu, G, L), jnp.float32, mesh, rules),
+    "old_logp": _rows((Pu, G, L), jnp.float32, mesh, rules),
+    "token_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+    "seq_normalizer": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+  }
   if ctx.c.loss.kl_coef:  # log π_ref of the KL term
     batch["ref_logp"] = _rows((Pu, G, L), jnp.float32, mesh, rules)
   if ctx.c.train.packing:  # the layout of `packed_passes.update_batch`
     pb = packed_batch(ctx, Pu, programs.packing_units(ctx.c, mesh)[1], s, blind=False)
     per_token = lambda: _rows(pb.target.shape, jnp.float32, mesh, rules)  # noqa: E731
-    batch = {"packed": pb, **{k: per_token() for k in ("adv", "old_logp", "ref_logp") if k in batch},
-             "token_normalizer": batch["token_normalizer"], "seq_normalizer": batch["seq_normalizer"],
-             "loss_horizon": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
+    batch = {
+      "packed": pb,
+      **{k: per_token() for k in ("adv", "old_logp", "ref_logp") if k in batch},
+      "token_normalizer": batch["token_normalizer"],
+      "seq_normalizer": batch["seq_normalizer"],
+      "loss_horizon": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+    }
   step = ctx.programs.train_step
   rows, T = Pu * G, s.prompt_len + L
   fwd = text_flops(cfg, rows * T, T, rows * L) + vision_flops(cfg, Pu, s.patches)
   recompute = 0 if cfg.remat_policy == "none" else 1
   ref_bytes = ctx.param_bytes if ctx.c.loss.kl_coef else 0  # π_ref stays on the devices
-  return Step("train", "train", step, (ctx.train_state, batch), ref_bytes, (3 + recompute) * fwd,
-              note=f"{rows} sequences x T={T} in {s.num_microbatches} micro-batches, remat={cfg.remat_policy}")
+  return Step(
+    "train",
+    "train",
+    step,
+    (ctx.train_state, batch),
+    ref_bytes,
+    (3 + recompute) * fwd,
+    note=f"{rows} sequences x T={T} in {s.num_microbatches} micro-batches, remat={cfg.remat_policy}",
+  )
 
 
 ALL_STEPS = ("rollout_start", "rollout_decode", "score", "train")
@@ -543,8 +713,15 @@ _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds .*memory|Ran out
 
 def compile_step(step: Step, ctx: Context) -> StepReport:
   chip = ctx.topo.chip
-  rep = StepReport(step.name, step.rules, "error", chip.hbm_bytes, resident=step.resident_bytes, note=step.note,
-                   hbm_per_step=step.hbm_per_step)
+  rep = StepReport(
+    step.name,
+    step.rules,
+    "error",
+    chip.hbm_bytes,
+    resident=step.resident_bytes,
+    note=step.note,
+    hbm_per_step=step.hbm_per_step,
+  )
   n = ctx.mesh.size
   rep.flops_per_device = step.flops / n
   peak = matmul_peak(chip, ctx.dtype, MATMUL_PRECISION)
@@ -553,11 +730,15 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
   # The trainer's numerics (not a test suite's "highest" matmul precision), and no persistent
   # compilation cache: a topology executable cannot be reloaded without a TPU client.
   from jax.experimental.compilation_cache import compilation_cache
+
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()  # the "is the cache used" decision is memoised per process
   try:
-    with sharding.use_rules(ctx.mesh, sharding.RULES[step.rules]), jax.default_matmul_precision(MATMUL_PRECISION):
+    with (
+      sharding.use_rules(ctx.mesh, sharding.RULES[step.rules]),
+      jax.default_matmul_precision(MATMUL_PRECISION),
+    ):
       compiled = step.lower().compile()  # traced (and `constrain`ed) here
   except Exception as e:  # noqa: BLE001 - reported, not raised
     rep.compile_s = time.time() - t0
@@ -573,7 +754,11 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
     compilation_cache.reset_cache()
   rep.compile_s = time.time() - t0
   m = compiled.memory_analysis()
-  rep.argument, rep.output, rep.alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
+  rep.argument, rep.output, rep.alias = (
+    m.argument_size_in_bytes,
+    m.output_size_in_bytes,
+    m.alias_size_in_bytes,
+  )
   rep.temp, rep.code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -584,9 +769,14 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
   return rep
 
 
-def run(c: ml_collections.ConfigDict, topology: str, steps: Sequence[str] = ALL_STEPS,
-        log: Callable[[str], None] = print, *, score_prompts: int | None = None
-        ) -> tuple[Context, list[StepReport]]:
+def run(
+  c: ml_collections.ConfigDict,
+  topology: str,
+  steps: Sequence[str] = ALL_STEPS,
+  log: Callable[[str], None] = print,
+  *,
+  score_prompts: int | None = None,
+) -> tuple[Context, list[StepReport]]:
   """Compiles `steps` of config `c` for `topology`; returns the context and one report per step.
 
   `score_prompts`: what-if, score in calls of that many prompts (default: the trainer's slice).
@@ -619,36 +809,43 @@ def _gib(x: float) -> str:
 def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
   chip, mesh, s, cfg = ctx.topo.chip, ctx.mesh, ctx.shapes, ctx.cfg
   lines = [
-      f"topology {ctx.topo.name} ({ctx.topo.desc}, {mesh.size} x TPU {chip.name}, "
-      f"{chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per device)",
-      f"mesh {dict(mesh.shape)}; model {ctx.num_params / 1e9:.2f}B params in {ctx.param_dtype.name}, "
-      f"compute in {ctx.dtype.name} (t@peak at {matmul_peak(chip, ctx.dtype, MATMUL_PRECISION) / 1e12:.0f} "
-      f"TFLOP/s: {MATMUL_PRECISION!r} matmul precision), "
-      f"remat={cfg.remat_policy}, attention_chunk={cfg.attention_chunk_size}",
-      f"shapes: rollout {s.rollout_prompts} prompts x G={s.group_size}, prompt {s.prompt_len} + response "
-      f"{s.response_len} tokens, {s.patches} patches/prompt; update {s.update_prompts} prompts in "
-      f"{s.num_microbatches} micro-batches of {s.micro_prompts}",
-      f"per device: params {ctx.param_bytes / GiB:.2f} GiB, train state (params + AdamW) "
-      f"{ctx.state_bytes / GiB:.2f} GiB",
-      "",
-      f"{'step':<15}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'resid':>8}{'total':>8} / HBM  {'use':>5}"
-      f"  {'TFLOP/dev':>10}{'t@peak s':>9}{'XLA TF*':>9}{'compile':>8}  verdict",
+    f"topology {ctx.topo.name} ({ctx.topo.desc}, {mesh.size} x TPU {chip.name}, "
+    f"{chip.hbm_bytes / GiB:.0f} GiB HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per device)",
+    f"mesh {dict(mesh.shape)}; model {ctx.num_params / 1e9:.2f}B params in {ctx.param_dtype.name}, "
+    f"compute in {ctx.dtype.name} (t@peak at {matmul_peak(chip, ctx.dtype, MATMUL_PRECISION) / 1e12:.0f} "
+    f"TFLOP/s: {MATMUL_PRECISION!r} matmul precision), "
+    f"remat={cfg.remat_policy}, attention_chunk={cfg.attention_chunk_size}",
+    f"shapes: rollout {s.rollout_prompts} prompts x G={s.group_size}, prompt {s.prompt_len} + response "
+    f"{s.response_len} tokens, {s.patches} patches/prompt; update {s.update_prompts} prompts in "
+    f"{s.num_microbatches} micro-batches of {s.micro_prompts}",
+    f"per device: params {ctx.param_bytes / GiB:.2f} GiB, train state (params + AdamW) "
+    f"{ctx.state_bytes / GiB:.2f} GiB",
+    "",
+    f"{'step':<15}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'resid':>8}{'total':>8} / HBM  {'use':>5}"
+    f"  {'TFLOP/dev':>10}{'t@peak s':>9}{'XLA TF*':>9}{'compile':>8}  verdict",
   ]
   for r in reports:
     if r.verdict == "error" or (r.verdict == "does not fit" and not r.argument and not r.temp):
-      lines.append(f"{r.name:<15}{'-':>8}{'-':>8}{'-':>8}{'-':>8}{_gib(r.resident)}{'-':>8}"
-                   f" / {chip.hbm_bytes / GiB:.0f}"
-                   f"  {'-':>5}  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{'-':>9}"
-                   f"{r.compile_s:7.0f}s  {r.verdict.upper()}")
+      lines.append(
+        f"{r.name:<15}{'-':>8}{'-':>8}{'-':>8}{'-':>8}{_gib(r.resident)}{'-':>8}"
+        f" / {chip.hbm_bytes / GiB:.0f}"
+        f"  {'-':>5}  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{'-':>9}"
+        f"{r.compile_s:7.0f}s  {r.verdict.upper()}"
+      )
       lines.append(f"{'':<15}{r.note}")
       continue
-    lines.append(f"{r.name:<15}{_gib(r.argument)} {_gib(r.output)} {_gib(r.alias)} {_gib(r.temp)} {_gib(r.resident)} "
-                 f"{_gib(r.total)} / {chip.hbm_bytes / GiB:.0f}  {100 * r.total / chip.hbm_bytes:4.0f}%"
-                 f"  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{r.xla_flops / 1e12:9.2f}"
-                 f"{r.compile_s:7.0f}s  {r.verdict.upper() if r.verdict != 'fits' else 'fits'}")
-  lines += ["", "GiB per device. total = args + out - alias + temp + generated code + resident (train state held "
-            "on the devices besides the step's own arguments). TFLOP/dev: analytic; XLA TF*: cost_analysis, loop "
-            "bodies counted once."]
+    lines.append(
+      f"{r.name:<15}{_gib(r.argument)} {_gib(r.output)} {_gib(r.alias)} {_gib(r.temp)} {_gib(r.resident)} "
+      f"{_gib(r.total)} / {chip.hbm_bytes / GiB:.0f}  {100 * r.total / chip.hbm_bytes:4.0f}%"
+      f"  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{r.xla_flops / 1e12:9.2f}"
+      f"{r.compile_s:7.0f}s  {r.verdict.upper() if r.verdict != 'fits' else 'fits'}"
+    )
+  lines += [
+    "",
+    "GiB per device. total = args + out - alias + temp + generated code + resident (train state held "
+    "on the devices besides the step's own arguments). TFLOP/dev: analytic; XLA TF*: cost_analysis, loop "
+    "bodies counted once.",
+  ]
   if ctx.fallbacks:
     lines.append("TRAIN_RULES fallbacks (dims the mesh axis does not divide, replicated instead):")
     lines += [f"  {f}" for f in ctx.fallbacks[:12]]
@@ -656,10 +853,12 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
     if r.hbm_per_step:
       h = r.hbm_per_step
       moved = h["weights"] + h["prompt_kv"] + h["row_kv"] + h["write"]
-      lines.append(f"{r.name}: HBM per decode step per device (analytic, mean over the N steps): {moved / GiB:.2f} GiB "
-                   f"= weights {h['weights'] / GiB:.2f} + prompt KV {h['prompt_kv'] / GiB:.2f} + row KV read "
-                   f"{h['row_kv'] / GiB:.2f} + written {h['write'] / GiB:.4f}; minimum (weights once + filled "
-                   f"slots) {h['minimum'] / GiB:.2f} GiB ({moved / h['minimum']:.2f}x)")
+      lines.append(
+        f"{r.name}: HBM per decode step per device (analytic, mean over the N steps): {moved / GiB:.2f} GiB "
+        f"= weights {h['weights'] / GiB:.2f} + prompt KV {h['prompt_kv'] / GiB:.2f} + row KV read "
+        f"{h['row_kv'] / GiB:.2f} + written {h['write'] / GiB:.4f}; minimum (weights once + filled "
+        f"slots) {h['minimum'] / GiB:.2f} GiB ({moved / h['minimum']:.2f}x)"
+      )
   return "\n".join(lines)
 
 

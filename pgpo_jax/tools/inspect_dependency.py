@@ -24,6 +24,7 @@ Outputs (`write_report`):
 - `summary.json` (sparsity at thresholds, S mass concentration, weight statistics, per-category
   statistics, top tokens) and `tokens.jsonl` (every per-token value, one line per response).
 """
+
 from __future__ import annotations
 
 import base64
@@ -42,11 +43,11 @@ import numpy as np
 
 from pgpo_jax import evaluation as ev
 from pgpo_jax import programs
-from pgpo_jax.tools import plotting
 from pgpo_jax import rewards as rewards_lib
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, RawRow
 from pgpo_jax.rl import sequences
+from pgpo_jax.tools import plotting
 
 log = logging.getLogger("pgpo_jax.inspect_dependency")
 
@@ -62,6 +63,7 @@ class InspectConfig(ev.EvalConfig):
   estimator: "k3" (paper) or "full_kl"; clamp_log_ratio / mask_vision_markers: as `pgpo.*`.
   thresholds: S levels of the sparsity statistics.
   """
+
   k: int = 1
   batch_size: int = 8
   n: int = 20
@@ -85,6 +87,7 @@ class InspectConfig(ev.EvalConfig):
 @dataclasses.dataclass
 class ResponseRecord:
   """One scored response. Per-token lists have the response's length L (stop token included)."""
+
   index: int
   source: str
   row_index: int
@@ -142,53 +145,94 @@ def token_category(text: str, special: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------
 # Sampling and scoring
 # ------------------------------------------------------------------------------------------------
-def dataset_spec(path: str, *, question_key: str | None = None, answer_key: str | None = None,
-                 image_key: str | None = None, image_dir: str | None = None) -> DatasetSpec:
+def dataset_spec(
+  path: str,
+  *,
+  question_key: str | None = None,
+  answer_key: str | None = None,
+  image_key: str | None = None,
+  image_dir: str | None = None,
+) -> DatasetSpec:
   """The file's spec with columns detected as in `evaluation.resolve_benchmarks`; rows need an image
   (without one, both views are the same and S is 0)."""
-  bench = ev.resolve_benchmarks([path], question_key=question_key, answer_key=answer_key, image_key=image_key,
-                                image_dir=image_dir)[0]
+  bench = ev.resolve_benchmarks(
+    [path],
+    question_key=question_key,
+    answer_key=answer_key,
+    image_key=image_key,
+    image_dir=image_dir,
+  )[0]
   if bench.spec.image_key is None:
     raise ValueError(f"{path}: no image column; the dependency S needs images (pass --image_key)")
   return dataclasses.replace(bench.spec, require_images=True)
 
 
-def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectConfig(), *,
-            progress: bool = True) -> list[ResponseRecord]:
+def inspect(
+  policy: ev.Policy,
+  spec: DatasetSpec,
+  cfg: InspectConfig = InspectConfig(),
+  *,
+  progress: bool = True,
+) -> list[ResponseRecord]:
   """Samples and scores one response for each of the first `cfg.n` prompts of `spec` (one host: a
   diagnostic of tens of responses; `evaluation.evaluate` is the multi-host job)."""
   if jax.process_count() > 1:
     raise NotImplementedError(f"inspect runs on one host; got {jax.process_count()} processes")
   from tqdm import tqdm
+
   tok = policy.tokenizer
   specials = special_ids(tok)
   reward_fn = rewards_lib.get_batch_reward_fn(cfg.reward)
   # The trainer's scoring program and PGPO's weight function, as `programs.py` builds them.
-  score = programs.make_score_program(policy.graphdef, estimator=cfg.estimator, chunk_size=cfg.chunk_size,
-                                      clamp_log_ratio=cfg.clamp_log_ratio)
+  score = programs.make_score_program(
+    policy.graphdef,
+    estimator=cfg.estimator,
+    chunk_size=cfg.chunk_size,
+    clamp_log_ratio=cfg.clamp_log_ratio,
+  )
   token_weights = programs.make_token_weights_program(threshold_mode=cfg.threshold_mode)
   it = ev.prompt_iterator(spec, policy.processor, cfg, seed=cfg.seed)
   file_index = {p: i for i, p in enumerate(DatasetReader(spec).files)}
   key = jax.random.key(cfg.seed)
   records: list[ResponseRecord] = []
-  with tqdm(total=cfg.n, desc="inspect", unit="response", disable=not progress, dynamic_ncols=True) as bar:
+  with tqdm(
+    total=cfg.n, desc="inspect", unit="response", disable=not progress, dynamic_ncols=True
+  ) as bar:
     for pb in it:
       if len(records) >= cfg.n:
         break
-      gen = ev.generate_batch(policy, pb, key, num_samples=1, max_new_tokens=cfg.max_new_tokens,
-                              sampling=cfg.sampling, stream_ids=ev.stream_ids(pb, file_index))
-      keep = gen.prompts[:cfg.n - len(records)]
+      gen = ev.generate_batch(
+        policy,
+        pb,
+        key,
+        num_samples=1,
+        max_new_tokens=cfg.max_new_tokens,
+        sampling=cfg.sampling,
+        stream_ids=ev.stream_ids(pb, file_index),
+      )
+      keep = gen.prompts[: cfg.n - len(records)]
       B, N = pb.batch_size, gen.tokens.shape[1]
       resp_BxN = np.full((B, N), policy.cfg.pad_token_id, np.int32)
-      mask_BxN = np.zeros((B, N), bool)  # filler rows and rows past n are scored with an empty response
+      mask_BxN = np.zeros(
+        (B, N), bool
+      )  # filler rows and rows past n are scored with an empty response
       for r, b in enumerate(keep):
         resp_BxN[b], mask_BxN[b] = gen.tokens[r], gen.mask[r]
-      seq = sequences.make_sequence_batch(policy.cfg, pb.input_ids, pb.attention_mask, pb.pixel_values,
-                                          pb.image_grid_thw, resp_BxN, mask_BxN, prompt_pos=pb.position_ids,
-                                          mask_vision_markers=cfg.mask_vision_markers)
+      seq = sequences.make_sequence_batch(
+        policy.cfg,
+        pb.input_ids,
+        pb.attention_mask,
+        pb.pixel_values,
+        pb.image_grid_thw,
+        resp_BxN,
+        mask_BxN,
+        prompt_pos=pb.position_ids,
+        mask_vision_markers=cfg.mask_vision_markers,
+      )
       scores = score(policy.state, seq)
-      weights_BxN = token_weights(scores.dependency_BxT, seq.flat_response_mask, np.float32(cfg.tau),
-                                  np.float32(cfg.beta))
+      weights_BxN = token_weights(
+        scores.dependency_BxT, seq.flat_response_mask, np.float32(cfg.tau), np.float32(cfg.beta)
+      )
       scores, weights_BxN = jax.device_get((scores, weights_BxN))
       texts = [tok.decode(resp_BxN[b][mask_BxN[b]], skip_special_tokens=True) for b in keep]
       rewards = reward_fn(texts, [pb.answers[b] for b in keep])
@@ -196,16 +240,27 @@ def inspect(policy: ev.Policy, spec: DatasetSpec, cfg: InspectConfig = InspectCo
         m = mask_BxN[b]
         ids = [int(t) for t in resp_BxN[b][m]]
         pieces = [tok.decode([t], skip_special_tokens=False) for t in ids]
-        records.append(ResponseRecord(
-            index=len(records), source=pb.sources[b], row_index=int(pb.row_indices[b]), question=pb.questions[b],
-            answer=pb.answers[b], response=texts[r], accuracy=float(rewards[r]["accuracy"]),
-            format=float(rewards[r]["format"]), truncated=bool(gen.truncated[r]), token_ids=ids, tokens=pieces,
+        records.append(
+          ResponseRecord(
+            index=len(records),
+            source=pb.sources[b],
+            row_index=int(pb.row_indices[b]),
+            question=pb.questions[b],
+            answer=pb.answers[b],
+            response=texts[r],
+            accuracy=float(rewards[r]["accuracy"]),
+            format=float(rewards[r]["format"]),
+            truncated=bool(gen.truncated[r]),
+            token_ids=ids,
+            tokens=pieces,
             categories=[token_category(p, t in specials) for p, t in zip(pieces, ids)],
             dependency=np.asarray(scores.dependency_BxT[b][m], np.float64),
             logp_image=np.asarray(scores.logp_image_BxT[b][m], np.float64),
             logp_blind=np.asarray(scores.logp_blind_BxT[b][m], np.float64),
             entropy=np.asarray(scores.entropy_BxT[b][m], np.float64),
-            weights=np.asarray(weights_BxN[b][m], np.float64)))
+            weights=np.asarray(weights_BxN[b][m], np.float64),
+          )
+        )
       bar.update(len(keep))
   if len(records) < cfg.n:
     log.warning("inspect: the data gave %d usable prompts, fewer than n=%d", len(records), cfg.n)
@@ -223,12 +278,22 @@ def _flat(records: Sequence[ResponseRecord], field: str) -> np.ndarray:
 def _stats(x: np.ndarray) -> dict[str, float | None]:
   if not x.size:
     return {"mean": None, "median": None, "p90": None, "p99": None, "max": None}
-  return {"mean": float(x.mean()), "median": float(np.median(x)), "p90": float(np.quantile(x, 0.9)),
-          "p99": float(np.quantile(x, 0.99)), "max": float(x.max())}
+  return {
+    "mean": float(x.mean()),
+    "median": float(np.median(x)),
+    "p90": float(np.quantile(x, 0.9)),
+    "p99": float(np.quantile(x, 0.99)),
+    "max": float(x.max()),
+  }
 
 
-def summarize(records: Sequence[ResponseRecord], cfg: InspectConfig = InspectConfig(), *,
-              top_k: int = 25, min_count: int = 3) -> dict[str, Any]:
+def summarize(
+  records: Sequence[ResponseRecord],
+  cfg: InspectConfig = InspectConfig(),
+  *,
+  top_k: int = 25,
+  min_count: int = 3,
+) -> dict[str, Any]:
   """Sparsity and weight statistics over all tokens of all responses (see the module docstring).
 
   sparsity.share_above[t]: share of tokens with S > t, pooled; per_response_share_above[t]: the same,
@@ -246,52 +311,83 @@ def summarize(records: Sequence[ResponseRecord], cfg: InspectConfig = InspectCon
     top = max(1, int(math.ceil(q * order.size))) if order.size else 0
     mass[f"top{q * 100:g}%"] = float(order[:top].sum() / total) if total > 0 else None
   sparsity = {
-      "share_above": {f"{t:g}": float((dep > t).mean()) if dep.size else None for t in cfg.thresholds},
-      "per_response_share_above": {
-          f"{t:g}": float(np.mean([(r.dependency > t).mean() for r in records if len(r.dependency)]))
-          if records else None for t in cfg.thresholds},
-      "share_zero": float((dep < plotting.S_FLOOR).mean()) if dep.size else None,
-      "mass_in_top": mass,
+    "share_above": {
+      f"{t:g}": float((dep > t).mean()) if dep.size else None for t in cfg.thresholds
+    },
+    "per_response_share_above": {
+      f"{t:g}": float(np.mean([(r.dependency > t).mean() for r in records if len(r.dependency)]))
+      if records
+      else None
+      for t in cfg.thresholds
+    },
+    "share_zero": float((dep < plotting.S_FLOOR).mean()) if dep.size else None,
+    "mass_in_top": mass,
   }
   tol = 1e-6
-  weights = {**_stats(w), "min": float(w.min()) if w.size else None,
-             "frac_boosted": float((w > 1 + tol).mean()) if w.size else None,
-             "frac_suppressed": float((w < 1 - tol).mean()) if w.size else None,
-             "frac_zero": float((w <= tol).mean()) if w.size else None,
-             "std": float(w.std()) if w.size else None}
+  weights = {
+    **_stats(w),
+    "min": float(w.min()) if w.size else None,
+    "frac_boosted": float((w > 1 + tol).mean()) if w.size else None,
+    "frac_suppressed": float((w < 1 - tol).mean()) if w.size else None,
+    "frac_zero": float((w <= tol).mean()) if w.size else None,
+    "std": float(w.std()) if w.size else None,
+  }
   by_cat = {}
   for c in CATEGORIES:
     sel = cats == c
     if not sel.any():
       continue
-    by_cat[c] = {"count": int(sel.sum()), "share_of_tokens": float(sel.mean()),
-                 "share_of_S": float(dep[sel].sum() / total) if total > 0 else None,
-                 **{f"S_{k}": v for k, v in _stats(dep[sel]).items()},
-                 **{f"share_S>{t:g}": float((dep[sel] > t).mean()) for t in cfg.thresholds},
-                 "mean_weight": float(w[sel].mean())}
+    by_cat[c] = {
+      "count": int(sel.sum()),
+      "share_of_tokens": float(sel.mean()),
+      "share_of_S": float(dep[sel].sum() / total) if total > 0 else None,
+      **{f"S_{k}": v for k, v in _stats(dep[sel]).items()},
+      **{f"share_S>{t:g}": float((dep[sel] > t).mean()) for t in cfg.thresholds},
+      "mean_weight": float(w[sel].mean()),
+    }
   flat_pos = [(r.index, t) for r in records for t in range(len(r.token_ids))]
   top_tokens = []
   for i in np.argsort(-dep, kind="stable")[:top_k]:
     ri, t = flat_pos[int(i)]
     r = records[ri]
-    top_tokens.append({"text": r.tokens[t], "id": r.token_ids[t], "S": float(r.dependency[t]),
-                       "weight": float(r.weights[t]), "category": r.categories[t], "response": ri, "position": t,
-                       "context": "".join(r.tokens[max(0, t - 6):t]) + "[[" + r.tokens[t] + "]]"
-                                  + "".join(r.tokens[t + 1:t + 4])})
+    top_tokens.append(
+      {
+        "text": r.tokens[t],
+        "id": r.token_ids[t],
+        "S": float(r.dependency[t]),
+        "weight": float(r.weights[t]),
+        "category": r.categories[t],
+        "response": ri,
+        "position": t,
+        "context": "".join(r.tokens[max(0, t - 6) : t])
+        + "[["
+        + r.tokens[t]
+        + "]]"
+        + "".join(r.tokens[t + 1 : t + 4]),
+      }
+    )
   groups: dict[str, list[float]] = {}
   for r in records:
     for text, s in zip(r.tokens, r.dependency):
       groups.setdefault(text, []).append(float(s))
-  strings = [{"text": k, "count": len(v), "mean_S": float(np.mean(v)), "max_S": float(np.max(v))}
-             for k, v in groups.items() if len(v) >= min_count]
+  strings = [
+    {"text": k, "count": len(v), "mean_S": float(np.mean(v)), "max_S": float(np.max(v))}
+    for k, v in groups.items()
+    if len(v) >= min_count
+  ]
   strings.sort(key=lambda x: -x["mean_S"])
   return {
-      "num_responses": len(records), "num_tokens": int(dep.size),
-      "mean_response_tokens": float(dep.size / len(records)) if records else None,
-      "accuracy": float(np.mean([r.accuracy for r in records])) if records else None,
-      "dependency": _stats(dep), "sparsity": sparsity, "weights": weights, "by_category": by_cat,
-      "top_tokens": top_tokens, "top_token_strings": strings[:top_k],
-      "config": dataclasses.asdict(cfg),
+    "num_responses": len(records),
+    "num_tokens": int(dep.size),
+    "mean_response_tokens": float(dep.size / len(records)) if records else None,
+    "accuracy": float(np.mean([r.accuracy for r in records])) if records else None,
+    "dependency": _stats(dep),
+    "sparsity": sparsity,
+    "weights": weights,
+    "by_category": by_cat,
+    "top_tokens": top_tokens,
+    "top_token_strings": strings[:top_k],
+    "config": dataclasses.asdict(cfg),
   }
 
 
@@ -345,34 +441,52 @@ def _legend(s_max: float, w_max: float) -> str:
   box = lambda color, v: f'<span style="background:{color}"></span> {v:.3g} '  # noqa: E731
   s = "".join(box(s_color(v, s_max), v) for v in sorted(set(s_vals)) if v <= s_max)
   w = "".join(box(w_color(v, w_max), v) for v in sorted(set(w_vals)) if v <= w_max)
-  return (f'<p class="legend">text background = S (log scale): {s}<br>strip under each token = PGPO weight ω̃: '
-          f'{w}<br>Hover a token for its values.</p>')
+  return (
+    f'<p class="legend">text background = S (log scale): {s}<br>strip under each token = PGPO weight ω̃: '
+    f'{w}<br>Hover a token for its values.</p>'
+  )
 
 
-def _response_page(r: ResponseRecord, s_max: float, w_max: float, image_uri: str | None, cfg: InspectConfig,
-                   n: int) -> str:
+def _response_page(
+  r: ResponseRecord, s_max: float, w_max: float, image_uri: str | None, cfg: InspectConfig, n: int
+) -> str:
   esc = html.escape
   toks = []
   for t, (text, tid, cat) in enumerate(zip(r.tokens, r.token_ids, r.categories)):
     s, w = float(r.dependency[t]), float(r.weights[t])
     d = float(r.logp_image[t] - r.logp_blind[t])
-    tip = (f"#{t} id={tid} {text!r} [{cat}]\nS={s:.4g}   d=log πI−log π∅={d:.4g}\n"
-           f"log πI={r.logp_image[t]:.4f}   log π∅={r.logp_blind[t]:.4f}\n"
-           f"entropy={r.entropy[t]:.3f}   ω̃={w:.4f}")
+    tip = (
+      f"#{t} id={tid} {text!r} [{cat}]\nS={s:.4g}   d=log πI−log π∅={d:.4g}\n"
+      f"log πI={r.logp_image[t]:.4f}   log π∅={r.logp_blind[t]:.4f}\n"
+      f"entropy={r.entropy[t]:.3f}   ω̃={w:.4f}"
+    )
     shown = text.replace("\n", "↵").replace("\t", "→") if text else "∅"
-    toks.append(f'<span class="tok" title="{esc(tip)}"><span class="s" style="background:{s_color(s, s_max)}">'
-                f'{esc(shown)}</span><span class="w" style="background:{w_color(w, w_max)}"></span></span>')
+    toks.append(
+      f'<span class="tok" title="{esc(tip)}"><span class="s" style="background:{s_color(s, s_max)}">'
+      f'{esc(shown)}</span><span class="w" style="background:{w_color(w, w_max)}"></span></span>'
+    )
     if "\n" in text:
       toks.append("<br>")
   top = np.argsort(-r.dependency, kind="stable")[:15]
-  rows = "".join(f'<tr><td>{t}</td><td class="l">{esc(repr(r.tokens[t]))}</td><td class="l">{r.categories[t]}</td>'
-                 f'<td>{r.dependency[t]:.4g}</td><td>{r.weights[t]:.3f}</td></tr>' for t in top)
+  rows = "".join(
+    f'<tr><td>{t}</td><td class="l">{esc(repr(r.tokens[t]))}</td><td class="l">{r.categories[t]}</td>'
+    f'<td>{r.dependency[t]:.4g}</td><td>{r.weights[t]:.3f}</td></tr>'
+    for t in top
+  )
   L = len(r.token_ids)
-  share = " · ".join(f"S&gt;{t:g}: {100 * float((r.dependency > t).mean()) if L else 0:.1f}%" for t in cfg.thresholds)
-  nav = ('<a href="index.html">index</a>' + (f' · <a href="response_{r.index - 1:03d}.html">previous</a>'
-                                              if r.index > 0 else "")
-         + (f' · <a href="response_{r.index + 1:03d}.html">next</a>' if r.index + 1 < n else ""))
-  img = f'<img src="{image_uri}" style="float:right;max-width:320px;margin-left:12px">' if image_uri else ""
+  share = " · ".join(
+    f"S&gt;{t:g}: {100 * float((r.dependency > t).mean()) if L else 0:.1f}%" for t in cfg.thresholds
+  )
+  nav = (
+    '<a href="index.html">index</a>'
+    + (f' · <a href="response_{r.index - 1:03d}.html">previous</a>' if r.index > 0 else "")
+    + (f' · <a href="response_{r.index + 1:03d}.html">next</a>' if r.index + 1 < n else "")
+  )
+  img = (
+    f'<img src="{image_uri}" style="float:right;max-width:320px;margin-left:12px">'
+    if image_uri
+    else ""
+  )
   return f"""<!doctype html><html><head><meta charset="utf-8"><title>response {r.index}</title>
 <style>{_CSS}</style></head><body>
 <p>{nav}</p>{img}
@@ -391,26 +505,35 @@ max ω̃ {r.weights.max() if L else 0:.3f}</p>
 </body></html>"""
 
 
-def _index_page(records: Sequence[ResponseRecord], summary: dict[str, Any], plots: Sequence[str],
-                title: str) -> str:
+def _index_page(
+  records: Sequence[ResponseRecord], summary: dict[str, Any], plots: Sequence[str], title: str
+) -> str:
   esc = html.escape
   sp = summary["sparsity"]
-  share = " · ".join(f"S&gt;{k}: {100 * v:.2f}%" for k, v in sp["share_above"].items() if v is not None)
+  share = " · ".join(
+    f"S&gt;{k}: {100 * v:.2f}%" for k, v in sp["share_above"].items() if v is not None
+  )
   mass = " · ".join(f"{k}: {100 * v:.1f}%" for k, v in sp["mass_in_top"].items() if v is not None)
   wt = summary["weights"]
   head = "".join(f"<th>S&gt;{t:g}</th>" for t in summary["config"]["thresholds"])
   rows = []
   for r in records:
     L = len(r.token_ids)
-    cells = "".join(f"<td>{100 * float((r.dependency > t).mean()) if L else 0:.1f}%</td>"
-                    for t in summary["config"]["thresholds"])
-    rows.append(f'<tr><td><a href="response_{r.index:03d}.html">{r.index}</a></td><td class="l">'
-                f'{esc(os.path.basename(r.source))}:{r.row_index}</td><td class="l">{esc(r.answer[:30])}</td>'
-                f'<td>{r.accuracy:g}</td><td>{L}</td><td>{r.dependency.mean() if L else 0:.3g}</td>'
-                f'<td>{r.dependency.max() if L else 0:.3g}</td>{cells}<td>{r.weights.max() if L else 0:.2f}</td></tr>')
-  cats = "".join(f'<tr><td class="l">{c}</td><td>{v["count"]}</td><td>{100 * v["share_of_tokens"]:.1f}%</td>'
-                 f'<td>{v["S_mean"]:.4g}</td><td>{v["S_median"]:.3g}</td><td>{v["mean_weight"]:.3f}</td></tr>'
-                 for c, v in summary["by_category"].items())
+    cells = "".join(
+      f"<td>{100 * float((r.dependency > t).mean()) if L else 0:.1f}%</td>"
+      for t in summary["config"]["thresholds"]
+    )
+    rows.append(
+      f'<tr><td><a href="response_{r.index:03d}.html">{r.index}</a></td><td class="l">'
+      f'{esc(os.path.basename(r.source))}:{r.row_index}</td><td class="l">{esc(r.answer[:30])}</td>'
+      f'<td>{r.accuracy:g}</td><td>{L}</td><td>{r.dependency.mean() if L else 0:.3g}</td>'
+      f'<td>{r.dependency.max() if L else 0:.3g}</td>{cells}<td>{r.weights.max() if L else 0:.2f}</td></tr>'
+    )
+  cats = "".join(
+    f'<tr><td class="l">{c}</td><td>{v["count"]}</td><td>{100 * v["share_of_tokens"]:.1f}%</td>'
+    f'<td>{v["S_mean"]:.4g}</td><td>{v["S_median"]:.3g}</td><td>{v["mean_weight"]:.3f}</td></tr>'
+    for c, v in summary["by_category"].items()
+  )
   imgs = "".join(f'<img class="plot" src="{os.path.basename(p)}">' for p in plots)
   return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>{_CSS}</style></head><body>
@@ -431,8 +554,14 @@ max {wt['max'] or 0:.2f}</p>
 </body></html>"""
 
 
-def write_report(records: Sequence[ResponseRecord], summary: dict[str, Any], out_dir: str | os.PathLike, *,
-                 spec: DatasetSpec | None = None, title: str = "") -> dict[str, Any]:
+def write_report(
+  records: Sequence[ResponseRecord],
+  summary: dict[str, Any],
+  out_dir: str | os.PathLike,
+  *,
+  spec: DatasetSpec | None = None,
+  title: str = "",
+) -> dict[str, Any]:
   """Writes the HTML pages, the PNG plots, summary.json and tokens.jsonl; returns their paths.
 
   With `spec`, each page shows the prompt's image (re-read from the data file).
@@ -442,11 +571,22 @@ def write_report(records: Sequence[ResponseRecord], summary: dict[str, Any], out
   cfg = summary["config"]
   dep, w = _flat(records, "dependency"), _flat(records, "weights")
   cats = [c for r in records for c in r.categories]
-  plots = {name: os.path.join(out_dir, name) for name in
-           ("dependency_hist.png", "weights_hist.png", "dependency_by_category.png", "sparsity.png")}
-  plotting.plot_dependency_histogram(dep, plots["dependency_hist.png"], thresholds=cfg["thresholds"])
+  plots = {
+    name: os.path.join(out_dir, name)
+    for name in (
+      "dependency_hist.png",
+      "weights_hist.png",
+      "dependency_by_category.png",
+      "sparsity.png",
+    )
+  }
+  plotting.plot_dependency_histogram(
+    dep, plots["dependency_hist.png"], thresholds=cfg["thresholds"]
+  )
   plotting.plot_weight_histogram(w, plots["weights_hist.png"], tau=cfg["tau"], beta=cfg["beta"])
-  plotting.plot_dependency_by_category(dep, cats, plots["dependency_by_category.png"], order=CATEGORIES)
+  plotting.plot_dependency_by_category(
+    dep, cats, plots["dependency_by_category.png"], order=CATEGORIES
+  )
   plotting.plot_sparsity(dep, plots["sparsity.png"])
   s_max = float(dep.max()) if dep.size else 1.0
   w_max = float(w.max()) if w.size else 1.0
@@ -474,8 +614,13 @@ def write_report(records: Sequence[ResponseRecord], summary: dict[str, Any], out
   with open(tokens_path, "w", encoding="utf-8") as f:
     for r in records:
       f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-  return {"index": index, "pages": pages, "plots": list(plots.values()), "summary": summary_path,
-          "tokens": tokens_path}
+  return {
+    "index": index,
+    "pages": pages,
+    "plots": list(plots.values()),
+    "summary": summary_path,
+    "tokens": tokens_path,
+  }
 
 
 def _cfg_from_dict(d: dict[str, Any]) -> InspectConfig:

@@ -11,6 +11,7 @@ when at least one of its subplots is. Rows logged again after a resume replace t
 
 matplotlib runs with the Agg backend (no display), imported on first use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,10 @@ log = logging.getLogger("pgpo_jax.plotting")
 def pyplot():
   """matplotlib.pyplot on the Agg backend."""
   import matplotlib
+
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt
+
   return plt
 
 
@@ -39,6 +42,7 @@ def pyplot():
 @dataclasses.dataclass(frozen=True)
 class Panel:
   """One PNG: a subplot per metric key; `log_y` uses a log axis where all values are positive."""
+
   filename: str
   title: str
   keys: tuple[str, ...]
@@ -46,22 +50,52 @@ class Panel:
 
 
 PANELS: tuple[Panel, ...] = (
-    Panel("overview.png", "Overview", ("reward/overall", "reward/accuracy", "eval/accuracy", "entropy/scoring",
-                                       "train/grad_norm", "dependency/mean", "response/length_mean",
-                                       "pgpo/max_weight")),
-    Panel("reward.png", "Reward", ("reward/overall", "reward/accuracy", "reward/format")),
-    Panel("eval_accuracy.png", "Held-out accuracy", ("eval/accuracy", "eval/format")),
-    Panel("entropy.png", "Policy entropy", ("entropy/scoring", "train/entropy")),
-    Panel("grad_norm.png", "Gradient norm", ("train/grad_norm", "train/grad_norm_max", "train/update_norm"),
-          log_y=True),
-    Panel("loss.png", "Loss", ("train/loss", "train/clip_frac", "train/approx_kl")),
-    Panel("dependency.png", "Visual dependency S", ("dependency/mean", "dependency/max"), log_y=True),
-    Panel("pgpo_weights.png", "PGPO token weights", ("pgpo/max_weight", "pgpo/frac_boosted", "pgpo/frac_suppressed",
-                                                    "pgpo/frac_zero", "pgpo/std_weight", "pgpo/norm_entropy")),
-    Panel("response_length.png", "Responses", ("response/length_mean", "response/truncated_share")),
-    Panel("dynamic_sampling.png", "Dynamic sampling", ("dynamic_sampling/kept_share", "dynamic_sampling/rounds",
-                                                       "dynamic_sampling/filled")),
-    Panel("time.png", "Seconds per step", ("time/step", "time/rollout", "time/scoring", "time/update")),
+  Panel(
+    "overview.png",
+    "Overview",
+    (
+      "reward/overall",
+      "reward/accuracy",
+      "eval/accuracy",
+      "entropy/scoring",
+      "train/grad_norm",
+      "dependency/mean",
+      "response/length_mean",
+      "pgpo/max_weight",
+    ),
+  ),
+  Panel("reward.png", "Reward", ("reward/overall", "reward/accuracy", "reward/format")),
+  Panel("eval_accuracy.png", "Held-out accuracy", ("eval/accuracy", "eval/format")),
+  Panel("entropy.png", "Policy entropy", ("entropy/scoring", "train/entropy")),
+  Panel(
+    "grad_norm.png",
+    "Gradient norm",
+    ("train/grad_norm", "train/grad_norm_max", "train/update_norm"),
+    log_y=True,
+  ),
+  Panel("loss.png", "Loss", ("train/loss", "train/clip_frac", "train/approx_kl")),
+  Panel("dependency.png", "Visual dependency S", ("dependency/mean", "dependency/max"), log_y=True),
+  Panel(
+    "pgpo_weights.png",
+    "PGPO token weights",
+    (
+      "pgpo/max_weight",
+      "pgpo/frac_boosted",
+      "pgpo/frac_suppressed",
+      "pgpo/frac_zero",
+      "pgpo/std_weight",
+      "pgpo/norm_entropy",
+    ),
+  ),
+  Panel("response_length.png", "Responses", ("response/length_mean", "response/truncated_share")),
+  Panel(
+    "dynamic_sampling.png",
+    "Dynamic sampling",
+    ("dynamic_sampling/kept_share", "dynamic_sampling/rounds", "dynamic_sampling/filled"),
+  ),
+  Panel(
+    "time.png", "Seconds per step", ("time/step", "time/rollout", "time/scoring", "time/update")
+  ),
 )
 
 
@@ -70,7 +104,9 @@ def metrics_path(path: str | os.PathLike) -> str:
   path = os.fspath(path)
   f = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
   if not os.path.isfile(f):
-    raise FileNotFoundError(f"{path}: no metrics file (expected a WORKDIR with metrics.jsonl, or the file)")
+    raise FileNotFoundError(
+      f"{path}: no metrics file (expected a WORKDIR with metrics.jsonl, or the file)"
+    )
   return f
 
 
@@ -137,8 +173,13 @@ def _smooth(v: np.ndarray, window: int) -> np.ndarray:
   return (c[idx] - c[lo]) / (idx - lo)
 
 
-def plot_panel(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], panel: Panel, path: str, *,
-               smooth: int = 1) -> bool:
+def plot_panel(
+  runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+  panel: Panel,
+  path: str,
+  *,
+  smooth: int = 1,
+) -> bool:
   """Draws `panel` for the (label, rows) runs into `path`; False (nothing written) without data."""
   keys = [k for k in panel.keys if any(len(series(rows, k)[0]) for _, rows in runs)]
   if not keys:
@@ -161,17 +202,26 @@ def plot_panel(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], panel: P
         ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(x, _smooth(y, smooth), color=color, label=label, linewidth=1.6)
       else:
-        ax.plot(x, y, "o-" if sparse or len(x) == 1 else "-", color=color, label=label, linewidth=1.4,
-                markersize=3.5)
+        ax.plot(
+          x,
+          y,
+          "o-" if sparse or len(x) == 1 else "-",
+          color=color,
+          label=label,
+          linewidth=1.4,
+          markersize=3.5,
+        )
     if panel.log_y and positive:
       ax.set_yscale("log")
     ax.set_title(key, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(keys):]:
+  for ax in list(axes.flat)[len(keys) :]:
     ax.axis("off")
   handles, labels = axes.flat[0].get_legend_handles_labels()
-  for ax in list(axes.flat)[1:len(keys)]:  # a run may miss the first key: collect every label once
+  for ax in list(axes.flat)[
+    1 : len(keys)
+  ]:  # a run may miss the first key: collect every label once
     for h, l in zip(*ax.get_legend_handles_labels()):
       if l not in labels:
         handles.append(h)
@@ -179,7 +229,9 @@ def plot_panel(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], panel: P
   fig.suptitle(panel.title)
   width = fig.get_size_inches()[0]
   right = 1.0
-  if labels:  # the legend sits in a right margin sized for the longest label (about 0.08 inch a character)
+  if (
+    labels
+  ):  # the legend sits in a right margin sized for the longest label (about 0.08 inch a character)
     right = 1 - (0.6 + 0.08 * max(len(l) for l in labels)) / width
     fig.legend(handles, labels, loc="center right", fontsize=9, framealpha=0.8)
   fig.tight_layout(rect=(0, 0, max(right, 0.6), 0.96 if nrows > 1 else 0.93))
@@ -188,8 +240,13 @@ def plot_panel(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], panel: P
   return True
 
 
-def plot_runs(runs: Sequence[tuple[str, str]], out_dir: str | os.PathLike, *,
-              panels: Sequence[Panel] = PANELS, smooth: int = 1) -> list[str]:
+def plot_runs(
+  runs: Sequence[tuple[str, str]],
+  out_dir: str | os.PathLike,
+  *,
+  panels: Sequence[Panel] = PANELS,
+  smooth: int = 1,
+) -> list[str]:
   """PNG files of `panels` for (label, metrics path) runs, overlaid; returns the paths written."""
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -213,7 +270,9 @@ def plot_runs(runs: Sequence[tuple[str, str]], out_dir: str | os.PathLike, *,
 S_FLOOR = 1e-8  # S below this is drawn in the first bin (k3 of an exact tie is 0)
 
 
-def plot_dependency_histogram(dep: np.ndarray, path: str, *, thresholds: Sequence[float] = ()) -> None:
+def plot_dependency_histogram(
+  dep: np.ndarray, path: str, *, thresholds: Sequence[float] = ()
+) -> None:
   """Histogram of S over all tokens on log-log axes, thresholds marked with their token shares."""
   plt = pyplot()
   dep = np.asarray(dep, np.float64).ravel()
@@ -228,7 +287,14 @@ def plot_dependency_histogram(dep: np.ndarray, path: str, *, thresholds: Sequenc
     for t in thresholds:
       share = float((dep > t).mean())
       ax.axvline(t, color="k", linestyle="--", linewidth=0.8)
-      ax.text(t, ax.get_ylim()[1] * 0.5, f" S>{t:g}: {100 * share:.1f}%", fontsize=8, rotation=90, va="top")
+      ax.text(
+        t,
+        ax.get_ylim()[1] * 0.5,
+        f" S>{t:g}: {100 * share:.1f}%",
+        fontsize=8,
+        rotation=90,
+        va="top",
+      )
   n_floor = int((dep < S_FLOOR).sum())
   ax.set_xlabel(f"visual dependency S (values < {S_FLOOR:g} in the first bin: {n_floor})")
   ax.set_ylabel("tokens")
@@ -239,8 +305,9 @@ def plot_dependency_histogram(dep: np.ndarray, path: str, *, thresholds: Sequenc
   plt.close(fig)
 
 
-def plot_weight_histogram(weights: np.ndarray, path: str, *, tau: float | None = None,
-                          beta: float | None = None) -> None:
+def plot_weight_histogram(
+  weights: np.ndarray, path: str, *, tau: float | None = None, beta: float | None = None
+) -> None:
   """Distribution of the PGPO token weights ω̃ (log count axis), ω̃ = 1 marked."""
   plt = pyplot()
   w = np.asarray(weights, np.float64).ravel()
@@ -252,8 +319,11 @@ def plot_weight_histogram(weights: np.ndarray, path: str, *, tau: float | None =
     ax.axvline(1.0, color="k", linestyle="--", linewidth=0.8)
   params = "" if tau is None else f" (τ={tau:g}, β={beta:g})"
   frac = (lambda c: 100 * float(c.mean())) if w.size else (lambda c: float("nan"))
-  ax.set_title(f"PGPO weights ω̃{params}: {frac(w > 1 + 1e-6):.1f}% boosted, {frac(w < 1 - 1e-6):.1f}% "
-               f"suppressed, max {w.max() if w.size else float('nan'):.2f}", fontsize=10)
+  ax.set_title(
+    f"PGPO weights ω̃{params}: {frac(w > 1 + 1e-6):.1f}% boosted, {frac(w < 1 - 1e-6):.1f}% "
+    f"suppressed, max {w.max() if w.size else float('nan'):.2f}",
+    fontsize=10,
+  )
   ax.set_xlabel("ω̃ (mean 1 per response)")
   ax.set_ylabel("tokens")
   ax.grid(alpha=0.3)
@@ -262,8 +332,9 @@ def plot_weight_histogram(weights: np.ndarray, path: str, *, tau: float | None =
   plt.close(fig)
 
 
-def plot_dependency_by_category(dep: np.ndarray, categories: Sequence[str], path: str, *,
-                                order: Sequence[str] | None = None) -> None:
+def plot_dependency_by_category(
+  dep: np.ndarray, categories: Sequence[str], path: str, *, order: Sequence[str] | None = None
+) -> None:
   """Box plot of log10 S per token category (with counts) and the mean S per category."""
   plt = pyplot()
   dep = np.asarray(dep, np.float64).ravel()
@@ -273,7 +344,9 @@ def plot_dependency_by_category(dep: np.ndarray, categories: Sequence[str], path
   data = [np.log10(np.clip(dep[cats == c], S_FLOOR, None)) for c in names]
   if names:
     ax1.boxplot(data, showfliers=True, flierprops={"markersize": 2, "alpha": 0.4})
-    ax1.set_xticks(range(1, len(names) + 1), [f"{c}\n(n={len(d)})" for c, d in zip(names, data)], fontsize=8)
+    ax1.set_xticks(
+      range(1, len(names) + 1), [f"{c}\n(n={len(d)})" for c, d in zip(names, data)], fontsize=8
+    )
     ax2.bar(range(len(names)), [float(dep[cats == c].mean()) for c in names], color="#d9480f")
     ax2.set_xticks(range(len(names)), names, fontsize=8)
   ax1.set_ylabel("log10 S")

@@ -8,6 +8,7 @@ Mixed precision: parameters live in their own dtype (float32 masters for trainin
 the compute dtype where they are used (`cast`, inside each scanned layer, so only one layer's copy
 exists at a time); RMSNorm statistics, softmax and the logits stay float32.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -20,8 +21,9 @@ from flax import nnx
 INIT_STD = 0.02  # HF `initializer_range`
 
 
-def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtype,
-          init: str = "normal") -> nnx.Param:
+def param(
+  rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtype, init: str = "normal"
+) -> nnx.Param:
   """A parameter with logical axes; `init` is normal(0.02) | zeros | ones."""
   assert len(shape) == len(axes), (shape, axes)
   shape = tuple(int(s) for s in shape)
@@ -38,7 +40,9 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtyp
 
 def cast(tree, dtype):
   """Floating leaves of `tree` cast to `dtype` (the compute dtype); a no-op where they already are."""
-  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+  return jax.tree.map(
+    lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+  )
 
 
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -52,8 +56,13 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
-def masked_softmax_attention(q_BxTxNxGxK: jnp.ndarray, k_BxSxNxK: jnp.ndarray, v_BxSxNxK: jnp.ndarray,
-                             mask_BxTxS: jnp.ndarray, scale: float) -> jnp.ndarray:
+def masked_softmax_attention(
+  q_BxTxNxGxK: jnp.ndarray,
+  k_BxSxNxK: jnp.ndarray,
+  v_BxSxNxK: jnp.ndarray,
+  mask_BxTxS: jnp.ndarray,
+  scale: float,
+) -> jnp.ndarray:
   """Grouped attention: N kv heads, G query heads per kv head. Softmax in float32.
 
   A query row with every key masked attends uniformly (no NaN); callers ignore such rows.
@@ -63,7 +72,9 @@ def masked_softmax_attention(q_BxTxNxGxK: jnp.ndarray, k_BxSxNxK: jnp.ndarray, v
   # Both products as plain [.., T, K] @ [.., K, S] / [.., T, S] @ [.., S, K] batched matmuls: XLA:CPU
   # runs a dot contracting the minor dim of both operands (q·kᵀ as written) about 2x slower.
   q_BxNxGTxK = q_BxTxNxGxK.transpose(0, 2, 3, 1, 4).reshape(B, N, G * T, K)
-  scores = jnp.matmul(q_BxNxGTxK, k_BxSxNxK.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+  scores = jnp.matmul(
+    q_BxNxGTxK, k_BxSxNxK.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32
+  )
   scores = scores.reshape(B, N, G, T, -1) * scale
   big_neg = jnp.finfo(jnp.float32).min
   scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, big_neg)
@@ -101,11 +112,23 @@ def _splash_block(n: int, largest: int) -> int:
       return b
   if n <= 1024:
     return n
-  raise ValueError(f"splash attention: sequence length {n} is not a multiple of 128 (pad it to a bucket that is)")
+  raise ValueError(
+    f"splash attention: sequence length {n} is not a multiple of 128 (pad it to a bucket that is)"
+  )
 
 
-def splash_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale: float, *,
-                     causal: bool, interpret: bool = False, block: int = 512) -> jnp.ndarray:
+def splash_attention(
+  q_BxTxNxGxK,
+  k_BxSxNxK,
+  v_BxSxNxK,
+  q_seg_BxT,
+  kv_seg_BxS,
+  scale: float,
+  *,
+  causal: bool,
+  interpret: bool = False,
+  block: int = 512,
+) -> jnp.ndarray:
   """TPU Pallas splash (flash) attention, GQA as one MQA kernel per KV head. Returns [B, T, N, G, K].
 
   Query t attends key s iff their segment ids match (and s <= t if causal); scores live only as
@@ -114,26 +137,40 @@ def splash_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, s
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
   B, T, N, G, K = q_BxTxNxGxK.shape
   S = k_BxSxNxK.shape[1]
   bq, bkv = _splash_block(T, block), _splash_block(S, block)
   base = sm.CausalMask((T, S)) if causal else sm.FullMask((T, S))
-  sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                        block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([base] * G), block_sizes=sizes, interpret=interpret)
+  sizes = sk.BlockSizes(
+    block_q=bq,
+    block_kv=bkv,
+    block_kv_compute=bkv,
+    block_q_dkv=bq,
+    block_kv_dkv=bkv,
+    block_kv_dkv_compute=bkv,
+    block_q_dq=bq,
+    block_kv_dq=bkv,
+  )
+  kernel = sk.make_splash_mqa_single_device(
+    sm.MultiHeadMask([base] * G), block_sizes=sizes, interpret=interpret
+  )
   q_BxNxGxTxK = (q_BxTxNxGxK * jnp.asarray(scale, q_BxTxNxGxK.dtype)).transpose(0, 2, 3, 1, 4)
   k_BxNxSxK, v_BxNxSxK = k_BxSxNxK.transpose(0, 2, 1, 3), v_BxSxNxK.transpose(0, 2, 1, 3)
 
   def row(q_NxGxTxK, k_NxSxK, v_NxSxK, q_seg_T, kv_seg_S):
     seg = sk.SegmentIds(q=q_seg_T.astype(jnp.int32), kv=kv_seg_S.astype(jnp.int32))
-    return jax.vmap(lambda qn, kn, vn: kernel(qn, kn, vn, segment_ids=seg))(q_NxGxTxK, k_NxSxK, v_NxSxK)
+    return jax.vmap(lambda qn, kn, vn: kernel(qn, kn, vn, segment_ids=seg))(
+      q_NxGxTxK, k_NxSxK, v_NxSxK
+    )
 
   out = jax.vmap(row)(q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_seg_BxT, kv_seg_BxS)
   return out.transpose(0, 3, 1, 2, 4).astype(v_BxSxNxK.dtype)
 
 
-def cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale: float, *,
-                    causal: bool) -> jnp.ndarray:
+def cudnn_attention(
+  q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale: float, *, causal: bool
+) -> jnp.ndarray:
   """`jax.nn.dot_product_attention(implementation="cudnn")` (NVIDIA GPUs), GQA natively.
 
   The mask goes to cuDNN as the [B, 1, T, S] segment mask (cuDNN makes it an additive bias in the
@@ -143,14 +180,31 @@ def cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, sc
   """
   B, T, N, G, K = q_BxTxNxGxK.shape
   mask = segment_mask(q_seg_BxT, kv_seg_BxS, causal)[:, None]
-  out = jax.nn.dot_product_attention(q_BxTxNxGxK.reshape(B, T, N * G, K), k_BxSxNxK, v_BxSxNxK, mask=mask,
-                                     scale=scale, implementation="cudnn")
+  out = jax.nn.dot_product_attention(
+    q_BxTxNxGxK.reshape(B, T, N * G, K),
+    k_BxSxNxK,
+    v_BxSxNxK,
+    mask=mask,
+    scale=scale,
+    implementation="cudnn",
+  )
   return out.reshape(B, T, N, G, K)
 
 
-def chunked_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale: float,
-                      chunk: int, *, impl: str = "xla", causal: bool = False, q_seg_BxT=None,
-                      kv_seg_BxS=None, interpret: bool = False) -> jnp.ndarray:
+def chunked_attention(
+  q_BxTxNxGxK,
+  k_BxSxNxK,
+  v_BxSxNxK,
+  mask_BxTxS,
+  scale: float,
+  chunk: int,
+  *,
+  impl: str = "xla",
+  causal: bool = False,
+  q_seg_BxT=None,
+  kv_seg_BxS=None,
+  interpret: bool = False,
+) -> jnp.ndarray:
   """Grouped attention [B, T, N, G, K] by `impl` (`ATTENTION_IMPLS`); the one attention entry point.
 
   xla: `masked_softmax_attention` over query chunks of `chunk` rows (bounds the score memory), on
@@ -162,9 +216,19 @@ def chunked_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale: floa
   impl = resolve_attention_impl(impl)
   if impl != "xla" and q_seg_BxT is not None and kv_seg_BxS is not None:
     if impl == "splash":
-      return splash_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale, causal=causal,
-                              interpret=interpret)
-    return cudnn_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale, causal=causal)
+      return splash_attention(
+        q_BxTxNxGxK,
+        k_BxSxNxK,
+        v_BxSxNxK,
+        q_seg_BxT,
+        kv_seg_BxS,
+        scale,
+        causal=causal,
+        interpret=interpret,
+      )
+    return cudnn_attention(
+      q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale, causal=causal
+    )
   if mask_BxTxS is None:
     mask_BxTxS = segment_mask(q_seg_BxT, kv_seg_BxS, causal)
   T = q_BxTxNxGxK.shape[1]
@@ -173,14 +237,16 @@ def chunked_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale: floa
   n = T // chunk
   qc = q_BxTxNxGxK.reshape(q_BxTxNxGxK.shape[0], n, chunk, *q_BxTxNxGxK.shape[2:]).swapaxes(0, 1)
   mc = mask_BxTxS.reshape(mask_BxTxS.shape[0], n, chunk, mask_BxTxS.shape[-1]).swapaxes(0, 1)
-  out = jax.lax.map(lambda a: masked_softmax_attention(a[0], k_BxSxNxK, v_BxSxNxK, a[1], scale), (qc, mc))
+  out = jax.lax.map(
+    lambda a: masked_softmax_attention(a[0], k_BxSxNxK, v_BxSxNxK, a[1], scale), (qc, mc)
+  )
   return out.swapaxes(0, 1).reshape(q_BxTxNxGxK.shape[:2] + out.shape[3:])
 
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 

@@ -7,6 +7,7 @@ Two on-disk layouts load with `from_pretrained`:
   `params` item) with the HF `config.json` it belongs to. Which folder is which, where its config
   is and every Orbax call are `pgpo_jax.checkpoint`'s business; this module only builds the model.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,30 +30,42 @@ def _param_dtype(dtype, param_dtype):
   return jnp.dtype(dtype if param_dtype is None or param_dtype == "" else param_dtype)
 
 
-def init_model(cfg: Qwen25VLConfig, dtype="float32", seed: int = 0, *, param_dtype=None) -> Qwen25VL:
+def init_model(
+  cfg: Qwen25VLConfig, dtype="float32", seed: int = 0, *, param_dtype=None
+) -> Qwen25VL:
   """A randomly initialised model (normal(0.02) weights, unit norms, zero biases).
 
   `dtype` is the compute dtype, `param_dtype` the parameters' (default `dtype`; see `Qwen25VL`)."""
-  return Qwen25VL(cfg, dtype=jnp.dtype(dtype), param_dtype=_param_dtype(dtype, param_dtype), rngs=nnx.Rngs(seed))
+  return Qwen25VL(
+    cfg, dtype=jnp.dtype(dtype), param_dtype=_param_dtype(dtype, param_dtype), rngs=nnx.Rngs(seed)
+  )
 
 
 def abstract_model(cfg: Qwen25VLConfig, dtype="float32", *, param_dtype=None) -> Qwen25VL:
   """The model with `jax.ShapeDtypeStruct` leaves: no memory, usable for 72B on a laptop."""
   pdt = _param_dtype(dtype, param_dtype)
-  return nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=jnp.dtype(dtype), param_dtype=pdt, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(
+    lambda: Qwen25VL(cfg, dtype=jnp.dtype(dtype), param_dtype=pdt, rngs=nnx.Rngs(0))
+  )
 
 
 def flat_params(model_or_state) -> dict[Path, object]:
   """{('language_model', 'layers', 'wq'): array, ...} of every nnx.Param."""
-  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+  state = (
+    model_or_state
+    if isinstance(model_or_state, nnx.State)
+    else nnx.state(model_or_state, nnx.Param)
+  )
   pure = nnx.to_pure_dict(state)
   out = {}
+
   def walk(d, prefix):
     for k, v in d.items():
       if isinstance(v, dict):
         walk(v, prefix + (str(k),))
       else:
         out[prefix + (str(k),)] = v
+
   walk(pure, ())
   return out
 
@@ -74,23 +87,32 @@ def model_from_flat(abstract: Qwen25VL, params: dict[Path, object]) -> Qwen25VL:
   return nnx.merge(graphdef, state)
 
 
-def sharded_put(shardings: Mapping[Path, jax.sharding.Sharding]) -> Callable[[Path, np.ndarray], jax.Array]:
+def sharded_put(
+  shardings: Mapping[Path, jax.sharding.Sharding],
+) -> Callable[[Path, np.ndarray], jax.Array]:
   """A `put` for `load_hf_params` that writes each host array straight into its sharding.
 
   `jax.make_array_from_callback` copies to each addressable device only its own slice, so no
   device ever holds a full replicated copy (and it is multi-host safe: each host fills its
   devices from the same file).
   """
+
   def put(path: Path, a: np.ndarray) -> jax.Array:
     sharding = shardings[path]
     return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
   return put
 
 
-def from_pretrained(path: str | os.PathLike, dtype="float32", *, param_dtype=None,
-                    put: Callable[[Path, np.ndarray], object] | None = None,
-                    config: Qwen25VLConfig | None = None,
-                    shardings: Mapping[Path, jax.sharding.Sharding] | None = None) -> Qwen25VL:
+def from_pretrained(
+  path: str | os.PathLike,
+  dtype="float32",
+  *,
+  param_dtype=None,
+  put: Callable[[Path, np.ndarray], object] | None = None,
+  config: Qwen25VLConfig | None = None,
+  shardings: Mapping[Path, jax.sharding.Sharding] | None = None,
+) -> Qwen25VL:
   """Loads a Qwen2.5-VL checkpoint: an HF folder or an Orbax parameter item (`checkpoint.checkpoint_layout`).
 
   Args:

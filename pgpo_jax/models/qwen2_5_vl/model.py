@@ -6,6 +6,7 @@ Two layers of API:
 - `forward(model, input_ids, attention_mask, pixel_values, image_grid_thw)`, which takes the HF
   processor's outputs, buckets/pads them on the host and runs one cached jitted program.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,9 @@ from pgpo_jax.models.qwen2_5_vl.layers import param
 class Qwen25VL(nnx.Module):
   """`visual` (ViT + merger), `language_model` (decoder) and `lm_head` (absent when tied)."""
 
-  def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None,
-               rngs: nnx.Rngs | None = None):
+  def __init__(
+    self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None
+  ):
     """`dtype`: the compute dtype (matmul inputs, activations, KV cache); `param_dtype`: the dtype
     the parameters are stored (and trained) in, default `dtype`. Training keeps float32 masters
     (`param_dtype="float32"`) and computes in bfloat16: each weight is cast where it is used."""
@@ -37,8 +39,9 @@ class Qwen25VL(nnx.Module):
     self.visual = vision.VisionTower(cfg.vision, self.dtype, rngs, self.param_dtype)
     self.language_model = text.TextModel(cfg.text, self.dtype, rngs, self.param_dtype)
     if not cfg.text.tie_word_embeddings:
-      self.lm_head = param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"),
-                           self.param_dtype)
+      self.lm_head = param(
+        rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"), self.param_dtype
+      )
 
   def lm_head_weight(self) -> jnp.ndarray:
     """[D, V] output projection (the transposed embedding when tied), in the compute dtype."""
@@ -49,8 +52,12 @@ class Qwen25VL(nnx.Module):
 
 def _kw(model: Qwen25VL) -> dict[str, Any]:
   c = model.cfg
-  return dict(remat_policy=c.remat_policy, use_scan=c.scan_layers, attention_chunk_size=c.attention_chunk_size,
-              attention_impl=c.attention_impl)
+  return dict(
+    remat_policy=c.remat_policy,
+    use_scan=c.scan_layers,
+    attention_chunk_size=c.attention_chunk_size,
+    attention_impl=c.attention_impl,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,8 +90,14 @@ def embed_inputs(model: Qwen25VL, input_ids_BxT: jnp.ndarray, image_features=Non
   return jnp.where(is_img[..., None], gathered, x)
 
 
-def hidden_states(model: Qwen25VL, input_ids_BxT, position_ids_3xBxT, key_mask_BxT,
-                  vin: vision.VisionInputs | None = None, image_features_UxD=None) -> jnp.ndarray:
+def hidden_states(
+  model: Qwen25VL,
+  input_ids_BxT,
+  position_ids_3xBxT,
+  key_mask_BxT,
+  vin: vision.VisionInputs | None = None,
+  image_features_UxD=None,
+) -> jnp.ndarray:
   """Final-normed hidden states [B, T, D] of a full (uncached) causal pass.
 
   `key_mask_BxT` selects which tokens may be attended to: padding off, and for PGPO's blind view
@@ -97,25 +110,39 @@ def hidden_states(model: Qwen25VL, input_ids_BxT, position_ids_3xBxT, key_mask_B
   return h
 
 
-def run_decoder(model: Qwen25VL, x_BxTxD: jnp.ndarray, position_ids_3xBxT, key_mask_BxT,
-                cache: text.KVCache | None = None, *, segment_ids_BxT: jnp.ndarray | None = None
-                ) -> tuple[jnp.ndarray, text.KVCache | None]:
+def run_decoder(
+  model: Qwen25VL,
+  x_BxTxD: jnp.ndarray,
+  position_ids_3xBxT,
+  key_mask_BxT,
+  cache: text.KVCache | None = None,
+  *,
+  segment_ids_BxT: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, text.KVCache | None]:
   """The decoder on given input embeddings [B, T, D], with the config's remat / scan / attention-chunk
   settings: final-normed hidden states [B, T, D] and the updated cache (None without one). For callers
   that build their own embeddings (e.g. prompt + response sequences in `rl/sequences.py`).
   `segment_ids_BxT` (packed rows, no cache): attention stays inside each segment (`rl/packing.py`)."""
-  return model.language_model(x_BxTxD, position_ids_3xBxT, key_mask_BxT, cache, segment_ids_BxT=segment_ids_BxT,
-                              **_kw(model))
+  return model.language_model(
+    x_BxTxD, position_ids_3xBxT, key_mask_BxT, cache, segment_ids_BxT=segment_ids_BxT, **_kw(model)
+  )
 
 
 def logits_from_hidden(model: Qwen25VL, h_BxTxD: jnp.ndarray) -> jnp.ndarray:
   """float32 logits [B, T, V]."""
-  return jnp.einsum("btd,dv->btv", h_BxTxD, model.lm_head_weight(),
-                    preferred_element_type=jnp.float32).astype(jnp.float32)
+  return jnp.einsum(
+    "btd,dv->btv", h_BxTxD, model.lm_head_weight(), preferred_element_type=jnp.float32
+  ).astype(jnp.float32)
 
 
-def prefill(model: Qwen25VL, input_ids_BxT, position_ids_3xBxT, key_mask_BxT, cache: text.KVCache,
-            vin: vision.VisionInputs | None = None) -> tuple[jnp.ndarray, text.KVCache]:
+def prefill(
+  model: Qwen25VL,
+  input_ids_BxT,
+  position_ids_3xBxT,
+  key_mask_BxT,
+  cache: text.KVCache,
+  vin: vision.VisionInputs | None = None,
+) -> tuple[jnp.ndarray, text.KVCache]:
   """Writes the prompt into an empty cache; returns float32 logits of the LAST slot [B, V]."""
   feats = encode_images(model, vin) if vin is not None else None
   x = embed_inputs(model, input_ids_BxT, feats)
@@ -123,8 +150,13 @@ def prefill(model: Qwen25VL, input_ids_BxT, position_ids_3xBxT, key_mask_BxT, ca
   return logits_from_hidden(model, h[:, -1:])[:, 0], cache
 
 
-def decode_step(model: Qwen25VL, token_B: jnp.ndarray, position_B: jnp.ndarray, cache: text.KVCache,
-                chunk: int = text.DECODE_CHUNK) -> tuple[jnp.ndarray, text.KVCache]:
+def decode_step(
+  model: Qwen25VL,
+  token_B: jnp.ndarray,
+  position_B: jnp.ndarray,
+  cache: text.KVCache,
+  chunk: int = text.DECODE_CHUNK,
+) -> tuple[jnp.ndarray, text.KVCache]:
   """One cached step: token [B] at text position [B] (same on all 3 M-RoPE axes) → logits [B, V].
 
   Writes only slot `cache.index` of each layer (in place when the caller donates the cache) and
@@ -133,9 +165,20 @@ def decode_step(model: Qwen25VL, token_B: jnp.ndarray, position_B: jnp.ndarray, 
   slot = cache.index
   key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((B, 1), bool), (0, slot))
   x = model.language_model.embed(token_B)
-  h, k, v = text.decode(model.language_model, x, position_B, jnp.broadcast_to(slot, (B,)), cache.k, cache.v,
-                        row_mask_RxS=key_mask, filled=slot + 1, chunk=chunk)
-  return logits_from_hidden(model, h[:, None])[:, 0], text.KVCache(k=k, v=v, key_mask=key_mask, index=slot + 1)
+  h, k, v = text.decode(
+    model.language_model,
+    x,
+    position_B,
+    jnp.broadcast_to(slot, (B,)),
+    cache.k,
+    cache.v,
+    row_mask_RxS=key_mask,
+    filled=slot + 1,
+    chunk=chunk,
+  )
+  return logits_from_hidden(model, h[:, None])[:, 0], text.KVCache(
+    k=k, v=v, key_mask=key_mask, index=slot + 1
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,8 +190,10 @@ def check_image_tokens(input_ids_BxT: np.ndarray, image_grid_thw, cfg: Qwen25VLC
   want = int(grids.prod(axis=1).sum()) // cfg.vision.merge_unit if len(grids) else 0
   have = int((np.asarray(input_ids_BxT) == cfg.image_token_id).sum())
   if want != have:
-    raise ValueError(f"image features and image tokens do not match: {have} <|image_pad|> tokens "
-                     f"(id {cfg.image_token_id}) but image_grid_thw {grids.tolist()} gives {want}")
+    raise ValueError(
+      f"image features and image tokens do not match: {have} <|image_pad|> tokens "
+      f"(id {cfg.image_token_id}) but image_grid_thw {grids.tolist()} gives {want}"
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,11 +202,20 @@ def _jitted_forward(graphdef):
     model = nnx.merge(graphdef, state)
     h = hidden_states(model, ids, pos, mask, vin)
     return logits_from_hidden(model, h)
+
   return jax.jit(fn)
 
 
-def forward(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-            *, position_ids=None, key_mask=None) -> jnp.ndarray:
+def forward(
+  model: Qwen25VL,
+  input_ids,
+  attention_mask=None,
+  pixel_values=None,
+  image_grid_thw=None,
+  *,
+  position_ids=None,
+  key_mask=None,
+) -> jnp.ndarray:
   """float32 logits [B, T, V] for inputs exactly as the HF processor returns them.
 
   Args:
@@ -180,8 +234,13 @@ def forward(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, 
   am = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
   check_image_tokens(ids, image_grid_thw, cfg)
   if position_ids is None:
-    position_ids, _ = rope.get_rope_index(ids, am, image_grid_thw, image_token_id=cfg.image_token_id,
-                                          spatial_merge_size=cfg.vision.spatial_merge_size)
+    position_ids, _ = rope.get_rope_index(
+      ids,
+      am,
+      image_grid_thw,
+      image_token_id=cfg.image_token_id,
+      spatial_merge_size=cfg.vision.spatial_merge_size,
+    )
   km = am if key_mask is None else np.asarray(key_mask).astype(np.int32)
   Tp = seq_bucket(T)
   pad = ((0, 0), (0, Tp - T))
@@ -191,8 +250,11 @@ def forward(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, 
   pixels = np.zeros((0, cfg.vision.patch_dim), np.float32) if pixel_values is None else pixel_values
   has_images = len(rope.valid_grids(image_grid_thw)) > 0
   # Per-row patches: attention never spans rows, so B·N² rather than (B·N)² vision scores.
-  vin = (vision.prepare_vision_rows(pixels, image_grid_thw, ids_p, cfg.vision, cfg.image_token_id)
-         if has_images else None)
+  vin = (
+    vision.prepare_vision_rows(pixels, image_grid_thw, ids_p, cfg.vision, cfg.image_token_id)
+    if has_images
+    else None
+  )
   graphdef, state = nnx.split(model)
   logits = _jitted_forward(graphdef)(state, ids_p, pos_p, km_p.astype(bool), vin)
   return logits[:, :T]

@@ -4,6 +4,7 @@ Host-side (numpy): `get_rope_index` builds the 3-D (temporal, height, width) pos
 with images, HF 5.24 semantics (docs/qwen2_5_vl_port.md §2.3). Device-side (jnp): cos/sin tables and
 `apply_rotary` (rotate-half, non-interleaved).
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -27,15 +28,18 @@ def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rotary(x_BxTxHxK: jnp.ndarray, cos_BxTxK: jnp.ndarray, sin_BxTxK: jnp.ndarray) -> jnp.ndarray:
+def apply_rotary(
+  x_BxTxHxK: jnp.ndarray, cos_BxTxK: jnp.ndarray, sin_BxTxK: jnp.ndarray
+) -> jnp.ndarray:
   """`x * cos + rotate_half(x) * sin`, broadcast over heads."""
   cos = cos_BxTxK[..., None, :]
   sin = sin_BxTxK[..., None, :]
   return x_BxTxHxK * cos + rotate_half(x_BxTxHxK) * sin
 
 
-def mrope_cos_sin(position_ids_3xBxT: jnp.ndarray, head_dim: int, theta: float,
-                  mrope_section: tuple[int, int, int]) -> tuple[jnp.ndarray, jnp.ndarray]:
+def mrope_cos_sin(
+  position_ids_3xBxT: jnp.ndarray, head_dim: int, theta: float, mrope_section: tuple[int, int, int]
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """cos/sin [B, T, head_dim] of M-RoPE, float32.
 
   Frequency slots [0, s0) rotate with the temporal ids, [s0, s0+s1) with height, the rest with
@@ -45,12 +49,15 @@ def mrope_cos_sin(position_ids_3xBxT: jnp.ndarray, head_dim: int, theta: float,
   angles = position_ids_3xBxT.astype(jnp.float32)[..., None] * freqs  # [3, B, T, K/2]
   s0, s1, _ = mrope_section
   picked = jnp.concatenate(
-      [angles[0, ..., :s0], angles[1, ..., s0:s0 + s1], angles[2, ..., s0 + s1:]], axis=-1)
+    [angles[0, ..., :s0], angles[1, ..., s0 : s0 + s1], angles[2, ..., s0 + s1 :]], axis=-1
+  )
   emb = jnp.concatenate([picked, picked], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def vision_cos_sin(hw_pos_Nx2: jnp.ndarray, head_dim: int, theta: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+def vision_cos_sin(
+  hw_pos_Nx2: jnp.ndarray, head_dim: int, theta: float
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """cos/sin [N, head_dim] of the ViT's 2-D RoPE: angles `[h(hd/4), w(hd/4)]` duplicated."""
   freqs = jnp.asarray(inv_freq(head_dim // 2, theta))  # [hd/4]
   ang = hw_pos_Nx2.astype(jnp.float32)[:, :, None] * freqs  # [N, 2, hd/4]
@@ -70,8 +77,14 @@ def valid_grids(image_grid_thw: np.ndarray | None) -> np.ndarray:
   return g[g.prod(axis=1) > 0]
 
 
-def get_rope_index(input_ids_BxT, attention_mask_BxT, image_grid_thw_Nx3, *, image_token_id: int,
-                   spatial_merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def get_rope_index(
+  input_ids_BxT,
+  attention_mask_BxT,
+  image_grid_thw_Nx3,
+  *,
+  image_token_id: int,
+  spatial_merge_size: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
   """3-D M-RoPE position ids for a batch of prompts with images (HF 5.24 semantics).
 
   Args:
@@ -106,18 +119,22 @@ def get_rope_index(input_ids_BxT, attention_mask_BxT, image_grid_thw_Nx3, *, ima
         i = j
         continue
       if next_img >= len(grids):
-        raise ValueError(f"row {b}: more image token groups than image_grid_thw rows ({len(grids)})")
+        raise ValueError(
+          f"row {b}: more image token groups than image_grid_thw rows ({len(grids)})"
+        )
       t, h, w = (int(x) for x in grids[next_img])
       next_img += 1
       hm, wm = h // m, w // m
       count = t * hm * wm
-      if i + count > n or not np.all(row[i:i + count] == image_token_id):
-        raise ValueError(f"row {b}: image {next_img - 1} with grid {(t, h, w)} needs {count} "
-                         f"consecutive image tokens at offset {i}")
+      if i + count > n or not np.all(row[i : i + count] == image_token_id):
+        raise ValueError(
+          f"row {b}: image {next_img - 1} with grid {(t, h, w)} needs {count} "
+          f"consecutive image tokens at offset {i}"
+        )
       tt, hh, ww = np.meshgrid(np.arange(t), np.arange(hm), np.arange(wm), indexing="ij")
-      out[0, i:i + count] = cur  # images: constant temporal row
-      out[1, i:i + count] = cur + hh.ravel()
-      out[2, i:i + count] = cur + ww.ravel()
+      out[0, i : i + count] = cur  # images: constant temporal row
+      out[1, i : i + count] = cur + hh.ravel()
+      out[2, i : i + count] = cur + ww.ravel()
       cur += max(hm, wm)
       i += count
     pos[:, b, slots] = out

@@ -3,6 +3,7 @@
 Attention is masked by data: a key mask [B, S] that can drop any token set (padding, or the
 visual tokens for PGPO's blind view) while the position ids stay those of the full sequence.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ class KVCache:
   key_mask: [B, S] bool, which cache slots may be attended to (written and not masked out).
   index:    [] int32, number of slots written so far (all rows advance together).
   """
+
   k: jnp.ndarray
   v: jnp.ndarray
   key_mask: jnp.ndarray
@@ -37,19 +39,41 @@ class KVCache:
 
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
   shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                 key_mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+  return KVCache(
+    k=jnp.zeros(shape, dtype),
+    v=jnp.zeros(shape, dtype),
+    key_mask=jnp.zeros((batch, max_len), bool),
+    index=jnp.zeros((), jnp.int32),
+  )
 
 
 class DecoderLayers(nnx.Module):
   """L decoder layers, parameters stacked on a leading `layers` axis."""
 
-  NAMES = ("input_norm", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "post_norm",
-           "w_gate", "w_up", "w_down")
+  NAMES = (
+    "input_norm",
+    "wq",
+    "bq",
+    "wk",
+    "bk",
+    "wv",
+    "bv",
+    "wo",
+    "post_norm",
+    "w_gate",
+    "w_up",
+    "w_down",
+  )
 
   def __init__(self, cfg: TextConfig, dtype, rngs: nnx.Rngs):
-    L, D, H, N, K, I = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-                        cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size)
+    L, D, H, N, K, I = (
+      cfg.num_hidden_layers,
+      cfg.hidden_size,
+      cfg.num_attention_heads,
+      cfg.num_key_value_heads,
+      cfg.head_dim,
+      cfg.intermediate_size,
+    )
     p = lambda shape, axes, init="normal": layers.param(rngs, shape, axes, dtype, init)
     self.input_norm = p((L, D), ("layers", "embed"), "ones")
     self.wq = p((L, D, H, K), ("layers", "embed", "heads", "head_dim"))
@@ -73,7 +97,9 @@ class TextModel(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype
     pdt = dtype if param_dtype is None else param_dtype
-    self.embed_tokens = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+    self.embed_tokens = layers.param(
+      rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt
+    )
     self.layers = DecoderLayers(cfg, pdt, rngs)
     self.norm = layers.param(rngs, (cfg.hidden_size,), ("embed",), pdt, "ones")
 
@@ -81,10 +107,19 @@ class TextModel(nnx.Module):
     """[B, T, D] embeddings in the compute dtype (rows gathered first, then cast)."""
     return jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0).astype(self.dtype)
 
-  def __call__(self, x_BxTxD: jnp.ndarray, position_ids_3xBxT: jnp.ndarray, key_mask_BxT: jnp.ndarray,
-               cache: KVCache | None = None, *, segment_ids_BxT: jnp.ndarray | None = None,
-               remat_policy: str = "none", use_scan: bool = True,
-               attention_chunk_size: int = 0, attention_impl: str = "xla") -> tuple[jnp.ndarray, KVCache | None]:
+  def __call__(
+    self,
+    x_BxTxD: jnp.ndarray,
+    position_ids_3xBxT: jnp.ndarray,
+    key_mask_BxT: jnp.ndarray,
+    cache: KVCache | None = None,
+    *,
+    segment_ids_BxT: jnp.ndarray | None = None,
+    remat_policy: str = "none",
+    use_scan: bool = True,
+    attention_chunk_size: int = 0,
+    attention_impl: str = "xla",
+  ) -> tuple[jnp.ndarray, KVCache | None]:
     """Runs the decoder on T new tokens. Returns final-normed hidden states [B, T, D] and the cache.
 
     Without a cache, attention is causal over the T tokens and `key_mask_BxT` drops keys. With a
@@ -123,7 +158,7 @@ class TextModel(nnx.Module):
       causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]
       mask = causal[None] & kv_mask[:, None, :]
       seg = None  # cached steps: the dense-mask path
-    scale = K ** -0.5
+    scale = K**-0.5
 
     resid = lambda x: constrain(x, ("batch", "length", "act_embed"))
 
@@ -143,9 +178,18 @@ class TextModel(nnx.Module):
         k_all, v_all = ck.astype(dt), cv.astype(dt)
       else:
         k_all, v_all = k, v
-      att = layers.chunked_attention(q.reshape(B, T, N, G, K), k_all, v_all, mask, scale,
-                                     attention_chunk_size, impl=attention_impl, causal=True,
-                                     q_seg_BxT=seg, kv_seg_BxS=seg).reshape(B, T, H, K)
+      att = layers.chunked_attention(
+        q.reshape(B, T, N, G, K),
+        k_all,
+        v_all,
+        mask,
+        scale,
+        attention_chunk_size,
+        impl=attention_impl,
+        causal=True,
+        q_seg_BxT=seg,
+        kv_seg_BxS=seg,
+      ).reshape(B, T, H, K)
       x = x + jnp.einsum("bthk,hkd->btd", att, p["wo"])
       h = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
       x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
@@ -155,8 +199,9 @@ class TextModel(nnx.Module):
     params = layers.values(self.layers, DecoderLayers.NAMES)
     ks = None if cache is None else cache.k
     vs = None if cache is None else cache.v
-    x, (new_k, new_v) = layers.scan_layers(body, resid(x_BxTxD.astype(dt)), (params, ks, vs),
-                                           cfg.num_hidden_layers, use_scan)
+    x, (new_k, new_v) = layers.scan_layers(
+      body, resid(x_BxTxD.astype(dt)), (params, ks, vs), cfg.num_hidden_layers, use_scan
+    )
     x = layers.rms_norm(x, self.norm[...], cfg.rms_norm_eps)
     if cache is None:
       return x, None
@@ -178,6 +223,7 @@ class PromptKV:
   mask: [P, T] bool, the prompt's real tokens (False on padding).
   A prompt's G samples all read this one copy (`decode` with `row_prompt_R=None`).
   """
+
   k: tuple
   v: tuple
   mask: jnp.ndarray
@@ -217,7 +263,9 @@ def _partial_attention(q_BxQxNxGxK, k, v, valid_BxQxS, heads_first: bool, fold_h
   # bf16 x bf16 -> f32 dot); the chunks' sums are then accumulated in float32.
   pv = p.astype(v.dtype)
   if fold:
-    acc = jnp.einsum("xqs,xsk->xqk", jnp.swapaxes(pv, 1, 2).reshape(B * N, Q * G, S), v.reshape(B * N, S, K))
+    acc = jnp.einsum(
+      "xqs,xsk->xqk", jnp.swapaxes(pv, 1, 2).reshape(B * N, Q * G, S), v.reshape(B * N, S, K)
+    )
     acc = jnp.swapaxes(acc.reshape(B, N, Q, G, K), 1, 2)
   else:
     acc = jnp.einsum(f"bqngs,{kv}->bqngk", pv, v)
@@ -232,9 +280,24 @@ def _merge_partials(a, b):
   return m, a[1] * wa + b[1] * wb, a[2] * wa[..., None] + b[2] * wb[..., None]
 
 
-def decode(model: TextModel, x_RxD, position_R, slot_R, k_rows, v_rows, *, heads_first: bool = False,
-           row_mask_RxS=None, filled=None, prompt: PromptKV | None = None, row_prompt_R=None,
-           shards: int = 1, chunk: int = DECODE_CHUNK, weights=None, fold_heads: bool = False):
+def decode(
+  model: TextModel,
+  x_RxD,
+  position_R,
+  slot_R,
+  k_rows,
+  v_rows,
+  *,
+  heads_first: bool = False,
+  row_mask_RxS=None,
+  filled=None,
+  prompt: PromptKV | None = None,
+  row_prompt_R=None,
+  shards: int = 1,
+  chunk: int = DECODE_CHUNK,
+  weights=None,
+  fold_heads: bool = False,
+):
   """Runs the decoder on ONE new token per row. Returns final-normed hidden states [R, D] and the
   updated row buffers (k_rows, v_rows).
 
@@ -264,7 +327,7 @@ def decode(model: TextModel, x_RxD, position_R, slot_R, k_rows, v_rows, *, heads
   pos = jnp.broadcast_to(position_R[None, :, None], (3, R, 1))
   cos, sin = rope.mrope_cos_sin(pos, K, cfg.rope_theta, cfg.mrope_section)
   cos, sin = cos.astype(dt), sin.astype(dt)
-  scale = K ** -0.5
+  scale = K**-0.5
   slot_R = slot_R.astype(jnp.int32)
   rows = jnp.arange(R)
   resid = lambda x: constrain(x, ("batch", "act_embed"))
@@ -273,7 +336,7 @@ def decode(model: TextModel, x_RxD, position_R, slot_R, k_rows, v_rows, *, heads
   def write(buf, i, new_RxNxK):  # only row r's slot slot_R[r] of layer i changes
     idx = (rows, slice(None), slot_R) if heads_first else (rows, slot_R)
     if isinstance(buf, (tuple, list)):
-      return buf[:i] + (buf[i].at[idx].set(new_RxNxK.astype(buf[i].dtype)),) + buf[i + 1:]
+      return buf[:i] + (buf[i].at[idx].set(new_RxNxK.astype(buf[i].dtype)),) + buf[i + 1 :]
     return buf.at[(i,) + idx].set(new_RxNxK.astype(buf.dtype))
 
   def read(buf, i, start, size):  # slots [start, start + size) of layer i
@@ -296,18 +359,23 @@ def decode(model: TextModel, x_RxD, position_R, slot_R, k_rows, v_rows, *, heads
     pk, pv = prompt.k[i], prompt.v[i]
     P = pk.shape[0]
     if row_prompt_R is None:  # prompt-major groups: q [P, G_samples, ...] against one prompt copy
-      m, l, acc = _partial_attention(q_RxNxGxK.reshape(P, R // P, N, G, K), pk, pv, prompt.mask[:, None, :], True,
-                                     fold_heads)
+      m, l, acc = _partial_attention(
+        q_RxNxGxK.reshape(P, R // P, N, G, K), pk, pv, prompt.mask[:, None, :], True, fold_heads
+      )
       return m.reshape(R, 1, N, G), l.reshape(R, 1, N, G), acc.reshape(R, 1, N, G, K)
     # Each row reads its own prompt: a gather within each of the `shards` blocks.
     n = shards
     local = (row_prompt_R - (rows // (R // n)) * (P // n)).reshape(n, R // n)
-    take = lambda a: jax.vmap(lambda blk, idx: blk[idx])(a.reshape((n, P // n) + a.shape[1:]), local
-                                                         ).reshape((R,) + a.shape[1:])
-    return _partial_attention(q_RxNxGxK[:, None], take(pk), take(pv), take(prompt.mask)[:, None, :], True,
-                              fold_heads)
+    take = lambda a: jax.vmap(lambda blk, idx: blk[idx])(
+      a.reshape((n, P // n) + a.shape[1:]), local
+    ).reshape((R,) + a.shape[1:])
+    return _partial_attention(
+      q_RxNxGxK[:, None], take(pk), take(pv), take(prompt.mask)[:, None, :], True, fold_heads
+    )
 
-  def mm(spec, a, w):  # weight matmuls accumulate and return float32, cast back to the compute dtype
+  def mm(
+    spec, a, w
+  ):  # weight matmuls accumulate and return float32, cast back to the compute dtype
     return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32)  # (XLA:CPU: fast bf16 path)
 
   def layer(i, x, k_rows, v_rows):
@@ -326,10 +394,18 @@ def decode(model: TextModel, x_RxD, position_R, slot_R, k_rows, v_rows, *, heads
     else:
       big = jnp.finfo(jnp.float32).min
       acc = (jnp.full((R, 1, N, G), big), jnp.zeros((R, 1, N, G)), jnp.zeros((R, 1, N, G, K)))
-    attend = lambda start, size: _partial_attention(q, read(k_rows, i, start, size), read(v_rows, i, start, size),
-                                                    row_valid(start, size)[:, None], heads_first, fold_heads)
+    attend = lambda start, size: _partial_attention(
+      q,
+      read(k_rows, i, start, size),
+      read(v_rows, i, start, size),
+      row_valid(start, size)[:, None],
+      heads_first,
+      fold_heads,
+    )
     if chunked:
-      acc = jax.lax.fori_loop(0, n_chunks, lambda c, acc: _merge_partials(acc, attend(c * chunk, chunk)), acc)
+      acc = jax.lax.fori_loop(
+        0, n_chunks, lambda c, acc: _merge_partials(acc, attend(c * chunk, chunk)), acc
+      )
     else:
       acc = _merge_partials(acc, attend(0, S))
     _, l, out = acc

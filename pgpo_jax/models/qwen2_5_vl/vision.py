@@ -8,6 +8,7 @@ attend densely over the row with a per-image segment mask (docs/qwen2_5_vl_port.
 depend on N_pad only, so one compiled program serves every mix of image sizes within a bucket. The
 host computes the index arrays (`VisionInputs`) from `image_grid_thw`; the device does dense math.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ class VisionInputs:
   block_seg:    [Nb*S] int32, window id of each block slot (-1 = empty slot).
   block_slot:   [N_pad] int32, the slot holding each window-order patch (padding patches: 0).
   """
+
   pixel_values: jnp.ndarray
   unit_order: jnp.ndarray
   unit_restore: jnp.ndarray
@@ -68,10 +70,17 @@ def input_shapes(cfg: VisionConfig, num_patches: int) -> dict[str, tuple[tuple[i
   """{field: (shape, dtype)} of one row of `VisionInputs` for a patch budget (abstract inputs)."""
   n, u = int(num_patches), int(num_patches) // cfg.merge_unit
   slots = num_window_blocks(n, cfg) * window_block(cfg)
-  return dict(pixel_values=((n, cfg.patch_dim), "float32"), unit_order=((u,), "int32"),
-              unit_restore=((u,), "int32"), hw_pos=((n, 2), "int32"), window_seg=((n,), "int32"),
-              image_seg=((n,), "int32"), block_index=((slots,), "int32"), block_seg=((slots,), "int32"),
-              block_slot=((n,), "int32"))
+  return dict(
+    pixel_values=((n, cfg.patch_dim), "float32"),
+    unit_order=((u,), "int32"),
+    unit_restore=((u,), "int32"),
+    hw_pos=((n, 2), "int32"),
+    window_seg=((n,), "int32"),
+    image_seg=((n,), "int32"),
+    block_index=((slots,), "int32"),
+    block_seg=((slots,), "int32"),
+    block_slot=((n,), "int32"),
+  )
 
 
 def _pack_windows(window_seg: np.ndarray, block: int, n_blocks: int) -> tuple[np.ndarray, ...]:
@@ -79,7 +88,9 @@ def _pack_windows(window_seg: np.ndarray, block: int, n_blocks: int) -> tuple[np
 
   Returns (block_index, block_seg, block_slot) as documented on `VisionInputs`.
   """
-  sizes = np.bincount(window_seg[window_seg >= 0]) if (window_seg >= 0).any() else np.zeros(0, np.int64)
+  sizes = (
+    np.bincount(window_seg[window_seg >= 0]) if (window_seg >= 0).any() else np.zeros(0, np.int64)
+  )
   block_index = np.zeros(n_blocks * block, np.int32)
   block_seg = np.full(n_blocks * block, -1, np.int32)
   block_slot = np.zeros(len(window_seg), np.int32)
@@ -95,14 +106,15 @@ def _pack_windows(window_seg: np.ndarray, block: int, n_blocks: int) -> tuple[np
     slots = b * block + fill[b] + np.arange(size)
     block_index[slots] = start + np.arange(size)
     block_seg[slots] = w
-    block_slot[start:start + size] = slots
+    block_slot[start : start + size] = slots
     fill[b] += size
     start += size
   return block_index, block_seg, block_slot
 
 
-def prepare_vision(pixel_values, image_grid_thw, cfg: VisionConfig,
-                   num_patches: int | None = None) -> VisionInputs:
+def prepare_vision(
+  pixel_values, image_grid_thw, cfg: VisionConfig, num_patches: int | None = None
+) -> VisionInputs:
   """Host side: pads the patches to `num_patches` (default: a bucket) and builds index arrays.
 
   `image_grid_thw` rows that are all zero are padding; patches beyond sum(t*h*w) are padding.
@@ -151,19 +163,31 @@ def prepare_vision(pixel_values, image_grid_thw, cfg: VisionConfig,
   per_patch = lambda a: np.repeat(np.asarray(a, np.int64), mu)
   window_seg = np.concatenate([per_patch(window_of_unit), -np.ones(len(pad_units) * mu, np.int64)])
   image_seg = np.concatenate([per_patch(image_of_unit), -np.ones(len(pad_units) * mu, np.int64)])
-  hw = np.concatenate([np.asarray(hw_unit, np.int64).reshape(-1, 2),
-                       np.zeros((len(pad_units) * mu, 2), np.int64)])
+  hw = np.concatenate(
+    [np.asarray(hw_unit, np.int64).reshape(-1, 2), np.zeros((len(pad_units) * mu, 2), np.int64)]
+  )
   pix_pad = np.zeros((n_pad, cfg.patch_dim), np.float32)
   pix_pad[:n_real] = pix[:n_real]
   window_seg = window_seg.astype(np.int32)
-  block_index, block_seg, block_slot = _pack_windows(window_seg, window_block(cfg), num_window_blocks(n_pad, cfg))
-  return VisionInputs(pixel_values=pix_pad, unit_order=order, unit_restore=restore,
-                      hw_pos=hw.astype(np.int32), window_seg=window_seg,
-                      image_seg=image_seg.astype(np.int32), block_index=block_index, block_seg=block_seg,
-                      block_slot=block_slot)
+  block_index, block_seg, block_slot = _pack_windows(
+    window_seg, window_block(cfg), num_window_blocks(n_pad, cfg)
+  )
+  return VisionInputs(
+    pixel_values=pix_pad,
+    unit_order=order,
+    unit_restore=restore,
+    hw_pos=hw.astype(np.int32),
+    window_seg=window_seg,
+    image_seg=image_seg.astype(np.int32),
+    block_index=block_index,
+    block_seg=block_seg,
+    block_slot=block_slot,
+  )
 
 
-def images_per_row(input_ids_BxT, image_grid_thw, cfg_merge_unit: int, image_token_id: int) -> list[int]:
+def images_per_row(
+  input_ids_BxT, image_grid_thw, cfg_merge_unit: int, image_token_id: int
+) -> list[int]:
   """How many of the (in-order) images each row holds, from its `<|image_pad|>` count."""
   grids = rope.valid_grids(image_grid_thw)
   tokens = [int(x) for x in (np.asarray(input_ids_BxT) == image_token_id).sum(axis=1)]
@@ -183,8 +207,14 @@ def images_per_row(input_ids_BxT, image_grid_thw, cfg_merge_unit: int, image_tok
   return counts
 
 
-def prepare_vision_rows(pixel_values, image_grid_thw, input_ids_BxT, cfg: VisionConfig, image_token_id: int,
-                        num_patches: int | None = None) -> VisionInputs:
+def prepare_vision_rows(
+  pixel_values,
+  image_grid_thw,
+  input_ids_BxT,
+  cfg: VisionConfig,
+  image_token_id: int,
+  num_patches: int | None = None,
+) -> VisionInputs:
   """Per-row VisionInputs ([B, N_pad, ...] leaves): row b holds only its own images' patches.
 
   `num_patches` is the per-row budget (default: a bucket of the largest row). Rows without
@@ -197,8 +227,10 @@ def prepare_vision_rows(pixel_values, image_grid_thw, input_ids_BxT, cfg: Vision
   starts = np.concatenate([[0], np.cumsum(sizes)])
   row_grids, row_pix, g = [], [], 0
   for k in counts:
-    row_grids.append(grids[g:g + k])
-    row_pix.append(pix[starts[g]:starts[g + k]] if k else np.zeros((0, cfg.patch_dim), np.float32))
+    row_grids.append(grids[g : g + k])
+    row_pix.append(
+      pix[starts[g] : starts[g + k]] if k else np.zeros((0, cfg.patch_dim), np.float32)
+    )
     g += k
   need = max([int(r.prod(axis=1).sum()) if len(r) else 0 for r in row_grids] + [0])
   n_pad = patch_bucket(need) if num_patches is None else int(num_patches)
@@ -209,13 +241,35 @@ def prepare_vision_rows(pixel_values, image_grid_thw, input_ids_BxT, cfg: Vision
 class VisionBlocks(nnx.Module):
   """`depth` pre-norm ViT blocks, parameters stacked on a leading `vision_layers` axis."""
 
-  NAMES = ("norm1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "norm2",
-           "w_gate", "b_gate", "w_up", "b_up", "w_down", "b_down")
+  NAMES = (
+    "norm1",
+    "wq",
+    "bq",
+    "wk",
+    "bk",
+    "wv",
+    "bv",
+    "wo",
+    "bo",
+    "norm2",
+    "w_gate",
+    "b_gate",
+    "w_up",
+    "b_up",
+    "w_down",
+    "b_down",
+  )
 
   def __init__(self, cfg: VisionConfig, dtype, rngs: nnx.Rngs):
     L, D, H, K, I = cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
     p = lambda shape, axes, init="normal": layers.param(rngs, shape, axes, dtype, init)
-    ax_l, ax_d, ax_h, ax_k, ax_i = "vision_layers", "vision_embed", "vision_heads", "vision_head_dim", "vision_mlp"
+    ax_l, ax_d, ax_h, ax_k, ax_i = (
+      "vision_layers",
+      "vision_embed",
+      "vision_heads",
+      "vision_head_dim",
+      "vision_mlp",
+    )
     self.norm1 = p((L, D), (ax_l, ax_d), "ones")
     for n in ("q", "k", "v"):
       setattr(self, f"w{n}", p((L, D, H, K), (ax_l, ax_d, ax_h, ax_k)))
@@ -245,11 +299,20 @@ class VisionTower(nnx.Module):
     self.ln_q = layers.param(rngs, (D,), ("vision_embed",), pdt, "ones")
     self.merger_w0 = layers.param(rngs, (mu * D, mu * D), ("vision_merge", "vision_merge_out"), pdt)
     self.merger_b0 = layers.param(rngs, (mu * D,), ("vision_merge_out",), pdt, "zeros")
-    self.merger_w2 = layers.param(rngs, (mu * D, cfg.out_hidden_size), ("vision_merge_out", "embed"), pdt)
+    self.merger_w2 = layers.param(
+      rngs, (mu * D, cfg.out_hidden_size), ("vision_merge_out", "embed"), pdt
+    )
     self.merger_b2 = layers.param(rngs, (cfg.out_hidden_size,), ("embed",), pdt, "zeros")
 
-  def __call__(self, vin: VisionInputs, *, remat_policy: str = "none", use_scan: bool = True,
-               attention_chunk_size: int = 0, attention_impl: str = "xla") -> jnp.ndarray:
+  def __call__(
+    self,
+    vin: VisionInputs,
+    *,
+    remat_policy: str = "none",
+    use_scan: bool = True,
+    attention_chunk_size: int = 0,
+    attention_impl: str = "xla",
+  ) -> jnp.ndarray:
     """Merged features in processor order, padding units last.
 
     Packed inputs ([N_pad, ...] leaves, from `prepare_vision`) give [U_pad, out_hidden]; per-row
@@ -259,15 +322,22 @@ class VisionTower(nnx.Module):
     """
     if vin.pixel_values.ndim == 2:
       one = jax.tree.map(lambda a: a[None], vin)
-      return self(one, remat_policy=remat_policy, use_scan=use_scan,
-                  attention_chunk_size=attention_chunk_size, attention_impl=attention_impl)[0]
+      return self(
+        one,
+        remat_policy=remat_policy,
+        use_scan=use_scan,
+        attention_chunk_size=attention_chunk_size,
+        attention_impl=attention_impl,
+      )[0]
     cfg, dt = self.cfg, self.dtype
     mu, D = cfg.merge_unit, cfg.hidden_size
     x = vin.pixel_values.astype(dt) @ self.patch_embed[...].astype(dt)  # [P, N, D]
     P, n = x.shape[:2]
     take_rows = lambda a, idx: jnp.take_along_axis(a, idx[:, :, None, None], axis=1)
     x = take_rows(x.reshape(P, n // mu, mu, D), vin.unit_order).reshape(P, n, D)  # window order
-    cos, sin = jax.vmap(lambda hw: rope.vision_cos_sin(hw, cfg.head_dim, cfg.rope_theta))(vin.hw_pos)
+    cos, sin = jax.vmap(lambda hw: rope.vision_cos_sin(hw, cfg.head_dim, cfg.rope_theta))(
+      vin.hw_pos
+    )
     S = window_block(cfg)
     nb = vin.block_seg.shape[1] // S
     block_seg = vin.block_seg.reshape(P, nb, S)
@@ -276,18 +346,31 @@ class VisionTower(nnx.Module):
     full_mask = vin.image_seg[:, :, None] == vin.image_seg[:, None, :]  # [P, N, N]
     is_full = np.zeros(cfg.depth, bool)
     is_full[[i for i in cfg.fullatt_block_indexes if i < cfg.depth]] = True
-    scale = cfg.head_dim ** -0.5
+    scale = cfg.head_dim**-0.5
 
-    def full_attention(q, k, v):  # [P, N, H, K] each; the per-image mask as segment ids for fused kernels
-      return layers.chunked_attention(q[:, :, :, None, :], k, v, full_mask, scale, attention_chunk_size,
-                                      impl=attention_impl, q_seg_BxT=vin.image_seg,
-                                      kv_seg_BxS=vin.image_seg)[:, :, :, 0, :]
+    def full_attention(
+      q, k, v
+    ):  # [P, N, H, K] each; the per-image mask as segment ids for fused kernels
+      return layers.chunked_attention(
+        q[:, :, :, None, :],
+        k,
+        v,
+        full_mask,
+        scale,
+        attention_chunk_size,
+        impl=attention_impl,
+        q_seg_BxT=vin.image_seg,
+        kv_seg_BxS=vin.image_seg,
+      )[:, :, :, 0, :]
 
     def window_attention(q, k, v):
       blocks = lambda a: take_rows(a, vin.block_index).reshape(P * nb, S, *a.shape[2:])
-      att = layers.masked_softmax_attention(blocks(q)[:, :, :, None, :], blocks(k), blocks(v), block_mask,
-                                            scale)[:, :, :, 0, :]
-      return take_rows(att.reshape(P, nb * S, *att.shape[2:]), vin.block_slot)  # back to window order
+      att = layers.masked_softmax_attention(
+        blocks(q)[:, :, :, None, :], blocks(k), blocks(v), block_mask, scale
+      )[:, :, :, 0, :]
+      return take_rows(
+        att.reshape(P, nb * S, *att.shape[2:]), vin.block_slot
+      )  # back to window order
 
     def block(x, xs):
       p, full = xs
@@ -310,12 +393,14 @@ class VisionTower(nnx.Module):
 
     body = layers.maybe_remat(block, remat_policy)
     params = layers.values(self.blocks, VisionBlocks.NAMES)
-    x, _ = layers.scan_layers(body, x, (params, jnp.asarray(is_full) if use_scan else is_full), cfg.depth,
-                              use_scan)
+    x, _ = layers.scan_layers(
+      body, x, (params, jnp.asarray(is_full) if use_scan else is_full), cfg.depth, use_scan
+    )
 
     h = layers.rms_norm(x, self.ln_q[...], cfg.rms_norm_eps).reshape(P, n // mu, mu * D)
-    w0, b0, w2, b2 = layers.cast((self.merger_w0[...], self.merger_b0[...], self.merger_w2[...],
-                                  self.merger_b2[...]), dt)
+    w0, b0, w2, b2 = layers.cast(
+      (self.merger_w0[...], self.merger_b0[...], self.merger_w2[...], self.merger_b2[...]), dt
+    )
     h = jax.nn.gelu(h @ w0 + b0, approximate=False)  # exact GELU
     h = h @ w2 + b2
     return jnp.take_along_axis(h, vin.unit_restore[:, :, None], axis=1)  # processor order
