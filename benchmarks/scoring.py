@@ -250,7 +250,7 @@ def main():
       times[name].append(time.perf_counter() - t)
   med = {k: float(np.median(v)) for k, v in times.items()}
 
-  # The packed scores are the padded ones (tests/test_packing.py); check here too.
+  # The packed scores are the padded ones (tests/rl/test_packing.py); check here too.
   s_pad, s_pk = rows["padded: two views"][0](state, b), rows["packed: two views"][0](state, pk)
   diff = np.abs(
     packing.unpack(s_pk.logp_blind_BxT, slot) - np.where(rmask, np.asarray(s_pad.logp_blind_BxT), 0)

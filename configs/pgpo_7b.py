@@ -23,7 +23,7 @@ def get_config():
   c.model.preset = "7b"
   # float32 master weights (and AdamW moments): at lr 1e-6 an AdamW step moves a weight by ~1e-6, far
   # below bfloat16's resolution (ulp ~1.2e-4 at |w| = 0.02), so bf16 weights would never change
-  # (tests/test_precision.py). Matmuls run in bfloat16 (each layer casts its weights where it uses
+  # (tests/models/test_precision.py). Matmuls run in bfloat16 (each layer casts its weights where it uses
   # them); RMSNorm, softmax, log-softmax and the loss stay float32.
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"

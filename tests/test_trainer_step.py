@@ -17,7 +17,7 @@ from flax import nnx
 
 from pgpo_jax import rewards, trainer
 from pgpo_jax.models import qwen2_5_vl as qwen
-from tests.test_advantages import np_grpo, np_weights
+from tests.rl.test_advantages import np_grpo, np_weights
 from tests.tiny_run import length_parity, tiny_config
 
 T_ROLLOUT = 0.7

@@ -106,7 +106,7 @@ def policy_loss(
   """The trainer's RL loss (`programs.rl_loss_fn`) on a packed update batch; `l` is `config.loss`,
   π_θ's log-probs at `temperature` (`programs.logprob_temperature`). With `l.kl_coef > 0` the batch
   carries "ref_logp" [U, M] (log π_ref in the same layout) and the KL term's value is `kl_loss`.
-  Every aggregation mode gives the padded batch's value (tests/test_packing.py)."""
+  Every aggregation mode gives the padded batch's value (tests/rl/test_packing.py)."""
   pb: packing.PackedBatch = b["packed"]
   logp, entropy = packing.response_logprobs(
     model, pb, chunk_size=l.logprob_chunk, temperature=temperature, return_entropy=True

@@ -8,7 +8,7 @@ import pytest
 
 from pgpo_jax.tools import compile_check as cc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_topology_names():

@@ -18,7 +18,7 @@ from pgpo_jax.data import reader as reader_lib
 from pgpo_jax.data.pipeline import _EpochShardIndices, make_prompt_iterator
 from pgpo_jax.data.reader import DatasetReader, DatasetSpec, RawRow
 from pgpo_jax.demo_task import synthetic
-from tests.test_data_processing import model_dir, noise_image, processor  # noqa: F401 (fixtures)
+from tests.data.test_data_processing import model_dir, noise_image, processor  # noqa: F401 (fixtures)
 
 N_ROWS = 12
 
