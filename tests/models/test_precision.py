@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pgpo_jax import programs
 from pgpo_jax import train_step as ts
 from pgpo_jax.models import qwen2_5_vl as qwen
 from tests.hf_utils import hf_logits, make_ids, random_pixels
@@ -42,7 +43,7 @@ def _one_step(model):
   opt = ts.make_optimizer(1e-6, weight_decay=1e-2, grad_clip_norm=1.0)
   graphdef, state = ts.init_train_state(model, opt)
   before = np.asarray(state.params["language_model"]["layers"]["wq"][...], np.float32)
-  step = ts.make_train_step(graphdef, _nll, opt, donate=False)
+  step = programs.make_train_step(graphdef, _nll, opt, donate=False)
   new, metrics = step(state, _text_batch(model.cfg))
   after = np.asarray(new.params["language_model"]["layers"]["wq"][...], np.float32)
   return state, new, before, after, metrics
@@ -120,7 +121,7 @@ def test_float32_masters_compute_exactly_as_a_bfloat16_model(tiny_hf, image_inpu
 def test_compile_check_peak_follows_the_compute_dtype_and_precision():
   """t@peak's FLOP rate: bf16 matmuls at the MXU peak; float32 ones at 1/1/3/6 bf16 passes
   (JAX's TPU precisions default / bfloat16 / high = bf16_3x / highest = bf16_6x)."""
-  from pgpo_jax import compile_check as cc
+  from pgpo_jax.tools import compile_check as cc
 
   chip = cc.CHIPS["v5p"]
   assert cc.matmul_peak(chip, jnp.bfloat16, "highest") == chip.peak_flops
