@@ -1,9 +1,10 @@
 """A whole demo training step, PGPO vs DAPO (`pgpo.enabled=False`), side by side: the blind view's share.
 
-    .venv/bin/python benchmarks/demo_step.py [--steps 3 --packing]
+    .venv/bin/python benchmarks/demo_step.py [--warmup 2 --steps 3 --packing]
 
 Two trainers on `configs/demo.py` (no SFT warm-up, dynamic sampling off so that every step scores and
-updates), stepped alternately after one compiling step each. DAPO scores the image view only, so
+updates), stepped alternately after `--warmup` steps each (which compile most shapes; a later
+step that meets a new bucket still compiles inside its time). DAPO scores the image view only, so
 the difference of the two steps is what PGPO's blind view (and its token weights) costs. Writes
 benchmarks/results/demo_step.json.
 """
@@ -32,6 +33,7 @@ KEYS = ("time/step", "time/rollout", "time/scoring", "time/advantages", "time/up
 
 def main():
   ap = argparse.ArgumentParser()
+  ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--packing", action="store_true", help="train.packing=True for both")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo_step.json"))
@@ -52,8 +54,9 @@ def main():
     c.train.packed_row_length = c.data.max_prompt_length + c.rollout.max_new_tokens
     c.logging.tensorboard = False
     trainers[name] = trainer.Trainer(c, os.path.join(work, name))
-  for t in trainers.values():
-    t.train_one_step()  # compiles
+  for _ in range(a.warmup):
+    for t in trainers.values():
+      t.train_one_step()  # compiles
   rows = {name: [] for name in trainers}
   for _ in range(a.steps):
     for name, t in trainers.items():
@@ -63,6 +66,7 @@ def main():
   mean = {name: {k: float(np.mean([m[k] for m in ms])) for k in KEYS} for name, ms in rows.items()}
   p, d = mean["pgpo"], mean["dapo"]
   res = dict(
+    warmup=a.warmup,
     steps=a.steps,
     packing=a.packing,
     mean_s=mean,

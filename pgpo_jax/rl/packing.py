@@ -235,12 +235,25 @@ def packed_sizes(
 ) -> PackedSizes:
   """The bucketed sizes `pack_sequences` needs for this batch (hosts of a multi-host run take the
   maximum over hosts and pass it to `pack_sequences`)."""
-  return _bucketed(_plan(b, image_token_id, units, row_len, blind, balance)[2], blind)
+  return _bucketed(
+    _plan(b, image_token_id, units, row_len, blind, balance)[2], blind, _max_tokens(b, units)
+  )
 
 
-def _bucketed(need: PackedSizes, blind: bool) -> PackedSizes:
+def _max_tokens(b: SequenceBatch, units: int) -> int:
+  """Response tokens a unit can hold at most: Pu·G·L."""
+  P, G, L = np.shape(b.response)
+  return P // units * G * L
+
+
+def _bucketed(need: PackedSizes, blind: bool, max_tokens: int) -> PackedSizes:
+  """Rows in `size_bucket`s; response tokens in quarters of their bound `max_tokens` (Pu·G·L): the
+  lm-head runs on them, a small share of the pass, so 4 shapes beat a tight fit that recompiles."""
+  quarter = max(1, -(-max_tokens // 4))
   return PackedSizes(
-    size_bucket(need.rows), size_bucket(need.blind_rows) if blind else 0, size_bucket(need.tokens)
+    size_bucket(need.rows),
+    size_bucket(need.blind_rows) if blind else 0,
+    min(max(1, -(-need.tokens // quarter)) * quarter, max(max_tokens, 1)),
   )
 
 
@@ -269,7 +282,7 @@ def pack_sequences(
     slot[n, j] of the [U*M] response layout, -1 where response_mask is False (`unpack`).
   """
   assign, plans, need = _plan(b, image_token_id, units, row_len, blind, balance)
-  sizes = sizes or _bucketed(need, blind)
+  sizes = sizes or _bucketed(need, blind, _max_tokens(b, units))
   if (
     need.rows > sizes.rows
     or need.tokens > sizes.tokens
@@ -483,7 +496,7 @@ def worst_case_sizes(
     )
   seqs = prompts_per_unit * group
   rows = size_bucket(-(-seqs // (row_len // longest)))
-  return PackedSizes(rows, rows if blind else 0, size_bucket(seqs * response_len))
+  return PackedSizes(rows, rows if blind else 0, seqs * response_len)
 
 
 def abstract_batch(
