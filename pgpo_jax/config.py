@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.demo_train_rows = 2000
   c.data.demo_eval_rows = 200
   c.data.demo_image_size = 84
+  c.data.demo_task = (
+    "answer"  # "answer": synthetic.py (short answers); "chain": chain.py (reasoning)
+  )
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 384  # prompts drawn per rollout round
@@ -161,12 +164,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward = ml_collections.ConfigDict(dict(name="pgpo_math"))
 
   # Supervised cold start on `target_template.format(answer=...)` (the demo; off for real models).
+  # target_key: a column of the training files holding each row's target response instead (the chain
+  # task's worked `solution`). cache_dir: warm up once and reuse — the params are saved there after
+  # the warm-up and read back by any later run given the same folder (arms of one seed share it).
   c.warmup = ml_collections.ConfigDict(
     dict(
       sft_steps=0,
       learning_rate=1e-4,
       prompts_per_step=16,
       target_template="<think>I look at the image.</think> \\boxed{{{answer}}}",
+      target_key="",
+      cache_dir="",
     )
   )
 
@@ -281,6 +289,7 @@ VALUE_RULES: dict[str, Rule] = {
   "data.demo_train_rows": _POS_INT,
   "data.demo_eval_rows": _POS_INT,
   "data.demo_image_size": _POS_INT,
+  "data.demo_task": _one_of("answer", "chain"),  # tiny_tokenizer.TASKS
   "rollout.prompts_per_step": _POS_INT,
   "rollout.group_size": _number(2, integer=True),  # a group std needs two samples
   "rollout.max_new_tokens": _POS_INT,

@@ -1,13 +1,20 @@
 """The supervised warm-up before RL (`warmup.*`, the demo's cold start).
 
 `warmup.sft_steps` optimizer steps (their own AdamW, `warmup.learning_rate`) on the training prompts
-with the response `warmup.target_template.format(answer=...)` + EOS, truncated to
+with the response `warmup.target_template.format(answer=...)` + EOS (or, with `warmup.target_key`,
+the row's own target column, e.g. the chain task's worked solution), truncated to
 `rollout.max_new_tokens`: the loss is the responses' mean NLL (`programs.sft_loss_fn`).
+
+With `warmup.cache_dir`, the warmed-up params are saved there and a later run given the same folder
+reads them back instead of warming up again: the arms of an experiment start from one warm-up per
+seed. The folder must only be shared by runs with the same model, data, seed and warm-up settings
+(the experiment scripts name it after the seed).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 import jax
@@ -15,10 +22,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pgpo_jax import programs, train_setup
+from pgpo_jax import checkpoint, programs, train_setup
 from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.prompts import PromptFormat
+from pgpo_jax.data.reader import DatasetReader, read_column
 from pgpo_jax.groups import Group, split_prompt_batch
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.programs import make_optimizer, sft_loss_fn
@@ -46,6 +54,11 @@ def sft_warmup(
   n = c.warmup.sft_steps
   if n <= 0:
     return params
+  cache = os.path.join(c.warmup.cache_dir, "params") if c.warmup.cache_dir else ""
+  if cache and os.path.isdir(cache):
+    log.info("warm-up: reading the cached warm-up params from %s", cache)
+    return checkpoint.restore_params(cache, params)
+  targets = _target_columns(c)
   opt = make_optimizer(c, n, learning_rate=c.warmup.learning_rate)
   graphdef, st = train_step_lib.init_train_state(nnx.merge(graphdef, params), opt)
   step_fn = programs.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
@@ -65,8 +78,11 @@ def sft_warmup(
   for i in range(n):
     pb = next(it)
     groups = []
-    for (ids, pix, grids), ans in zip(split_prompt_batch(pb), pb.answers):
-      text = c.warmup.target_template.format(answer=ans)
+    for b, ((ids, pix, grids), ans) in enumerate(zip(split_prompt_batch(pb), pb.answers)):
+      if targets is None:
+        text = c.warmup.target_template.format(answer=ans)
+      else:
+        text = targets[os.path.abspath(pb.sources[b])][int(pb.row_indices[b])]
       toks = list(processor.tokenizer(text, add_special_tokens=False)["input_ids"])[: L - 1] + [eos]
       t = np.full((1, L), cfg.pad_token_id, np.int32)
       t[0, : len(toks)] = toks
@@ -78,4 +94,24 @@ def sft_warmup(
     st, mt = step_fn(st, make_batch(groups))
     if i % max(1, n // 5) == 0 or i == n - 1:
       log.info("warm-up %d/%d: nll %.3f", i + 1, n, float(mt["nll"]))
+  if cache and jax.process_index() == 0:
+    checkpoint.save_params(cache, st.params)
+    log.info("warm-up: saved the warm-up params to %s", cache)
   return st.params
+
+
+def _target_columns(c: ml_collections.ConfigDict) -> dict[str, list[str]] | None:
+  """{training file: its `warmup.target_key` column} (None without a target_key)."""
+  key = c.warmup.target_key
+  if not key:
+    return None
+  out = {}
+  for path in DatasetReader(train_setup.dataset_spec(c, c.data.train_files)).files:
+    values = read_column(path, key, what="config.warmup.target_key")
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str) or not v), None)
+    if bad is not None:
+      raise ValueError(
+        f"config.warmup.target_key: row {bad} of {path!r} has no target text in column {key!r}"
+      )
+    out[os.path.abspath(path)] = values
+  return out

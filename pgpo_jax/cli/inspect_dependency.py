@@ -9,7 +9,8 @@ dependency_hist.png, weights_hist.png, dependency_by_category.png, sparsity.png,
 tokens.jsonl to --out (default WORKDIR/inspect/step<N>, or inspect/<name>). Settings are
 `tools.inspect_dependency.InspectConfig`, each a --config.FIELD=VALUE (n, tau, beta, threshold_mode,
 estimator, clamp_log_ratio, mask_vision_markers, chunk_size, thresholds and the evaluator's sampling
-fields). Needs the `plot` extra. (`python scripts/inspect_dependency.py ...` is the same command.)
+fields; `--config.responses=solution` scores the data's worked solutions and
+`--config.labeler=chain` labels sampled ones, for the chain task's ground-truth check). Needs the `plot` extra. (`python scripts/inspect_dependency.py ...` is the same command.)
 """
 
 from __future__ import annotations
@@ -80,9 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   title = f"{ref.path} on {os.path.basename(fv.data)}"
   paths = idep.write_report(records, summary, out, spec=spec, title=title)
-  print(
-    json.dumps({"dependency": summary["dependency"], "sparsity": summary["sparsity"]}, indent=2)
-  )
+  shown = ("dependency", "sparsity", "ground_truth")
+  print(json.dumps({k: summary[k] for k in shown if k in summary}, indent=2))
   print("open", paths["index"])
   return 0
 

@@ -1,6 +1,6 @@
 """Writes the CPU demo data: DIR/train.parquet, DIR/test.parquet and the tiny tokenizer+processor DIR/model/.
 
-    pgpo-make-demo-data --out_dir=/tmp/pgpo_demo [--n_train=2000 --n_test=200 --seed=0 --image_size=84]
+    pgpo-make-demo-data --out_dir=/tmp/pgpo_demo [--task=answer|chain --n_train=2000 --n_test=200 --seed=0]
 
 Idempotent: every output is a pure function of the flags and is rewritten atomically, so a rerun produces
 byte-identical files. Train and test use disjoint random streams of the same seed. Prints the special token
@@ -24,6 +24,13 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv
   flags.DEFINE_string("out_dir", None, "Output folder.", flag_values=fv)
   flags.mark_flag_as_required("out_dir", flag_values=fv)
+  flags.DEFINE_enum(
+    "task",
+    "answer",
+    ["answer", "chain"],
+    "answer: short answers; chain: reasoning chains.",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("n_train", 2000, "Training rows.", flag_values=fv)
   flags.DEFINE_integer("n_test", 200, "Test rows.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the rows and of the tokenizer.", flag_values=fv)
@@ -40,18 +47,22 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 def run(argv: Sequence[str] | None = None) -> dict[str, int]:
   """Writes the data; returns the special token ids and vocab size of the tokenizer."""
   fv, _ = common.parse("pgpo-make-demo-data", __doc__, _define, argv)
-  from pgpo_jax.demo_task import synthetic, tiny_tokenizer
+  from pgpo_jax.demo_task import chain, synthetic, tiny_tokenizer
 
+  task = chain if fv.task == "chain" else synthetic
   os.makedirs(fv.out_dir, exist_ok=True)
   for name, n, stream in (("train", fv.n_train, 0), ("test", fv.n_test, 1)):
-    rows = synthetic.make_split(n, fv.seed, fv.image_size, stream=stream)
-    synthetic.write_parquet(rows, os.path.join(fv.out_dir, f"{name}.parquet"))
+    rows = task.make_split(n, fv.seed, fv.image_size, stream=stream)
+    synthetic.write_parquet(
+      rows, os.path.join(fv.out_dir, f"{name}.parquet"), schema=task.PARQUET_SCHEMA
+    )
   return tiny_tokenizer.build_tiny_model_folder(
     os.path.join(fv.out_dir, "model"),
     vocab_size=fv.vocab_size,
     min_pixels=fv.min_pixels,
     max_pixels=fv.max_pixels,
     seed=fv.seed,
+    task=fv.task,
   )
 
 

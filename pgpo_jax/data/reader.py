@@ -478,3 +478,17 @@ def _b64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
   except (binascii.Error, ValueError) as e:
     raise RowError(CORRUPT_IMAGE, f"invalid base64 image: {e}") from e
+
+
+def read_column(path: str, key: str, *, what: str = "column") -> list[Any]:
+  """Every value of column `key` of one data file, in row order (a side column a pipeline does not
+  carry, e.g. the demo task's worked `solution`). `what` names the setting in the error message."""
+  opened = _open_table(os.fspath(path))
+  if opened is None:
+    return []
+  names, read_columns, _ = opened
+  if key not in names:
+    raise ValueError(
+      f"{what}: dataset file {path!r} has no column {key!r}; columns are {sorted(names)}"
+    )
+  return read_columns([key]).column(key).to_pylist()

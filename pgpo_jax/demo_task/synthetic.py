@@ -13,9 +13,9 @@ answer needs the image:
 | `kind_of_color`  | Which shape is blue?                      | circle/square/triangle    |
 | `relation`       | Is the red circle left of the square?     | yes/no                    |
 
-Questions are only asked when they are well posed: the largest shape is at least `_LARGEST_MARGIN` times larger
+Questions are only asked when they are well posed: the largest shape is at least `LARGEST_MARGIN` times larger
 (in area) than the runner-up, `kind_of_color` needs exactly one shape of that color, and a `relation` needs the
-two centers at least `_RELATION_MARGIN * image_size` apart along the asked axis. Every (color, kind) pair
+two centers at least `RELATION_MARGIN * image_size` apart along the asked axis. Every (color, kind) pair
 occurs at most once per scene, so "the red circle" always names one shape; a bare kind ("the square") is used
 when that kind is unique. Shapes are drawn without anti-aliasing, so every pixel is either background or
 exactly one palette color (tests recompute the answers from the pixels).
@@ -75,10 +75,10 @@ IMAGE_PLACEHOLDER = "<image>"
 
 MIN_SHAPES, MAX_SHAPES = 2, 5
 _MARGIN_PX = 2  # Free border around the image.
-_GAP_PX = 3  # Minimum free gap between two shapes' bounding boxes (keeps components separate).
-_LARGEST_MARGIN = 1.4  # Area ratio largest / runner-up required to ask `largest_color`.
-_RELATION_MARGIN = 0.1  # Center distance (fraction of the image side) required to ask a `relation`.
-_MAX_TRIES = 1000
+GAP_PX = 3  # Minimum free gap between two shapes' bounding boxes (keeps components separate).
+LARGEST_MARGIN = 1.4  # Area ratio largest / runner-up required to ask `largest_color`.
+RELATION_MARGIN = 0.1  # Center distance (fraction of the image side) required to ask a `relation`.
+MAX_TRIES = 1000
 PARQUET_SCHEMA = pa.schema(
   [
     ("problem", pa.string()),
@@ -150,7 +150,7 @@ def _size_range(image_size: int) -> tuple[int, int]:
   return max(6, round(0.15 * image_size)), max(8, round(0.34 * image_size))
 
 
-def _overlaps(a: Shape, b: Shape, gap: int = _GAP_PX) -> bool:
+def _overlaps(a: Shape, b: Shape, gap: int = GAP_PX) -> bool:
   return (
     a.x0 < b.x0 + b.size + gap
     and b.x0 < a.x0 + a.size + gap
@@ -167,7 +167,7 @@ def sample_scene(rng: np.random.Generator, image_size: int = 84) -> Scene:
     )
   lo, hi = _size_range(image_size)
   combos = [(c, k) for c in COLORS for k in KINDS]
-  for _ in range(_MAX_TRIES):
+  for _ in range(MAX_TRIES):
     n = int(rng.integers(MIN_SHAPES, MAX_SHAPES + 1))
     picks = rng.choice(len(combos), size=n, replace=False)
     shapes: list[Shape] = []
@@ -280,7 +280,7 @@ def _ask_count_total(scene: Scene, rng: np.random.Generator) -> tuple[str, str, 
 
 def _ask_largest_color(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | None:
   by_area = sorted(scene.shapes, key=lambda s: s.area, reverse=True)
-  if by_area[0].area < _LARGEST_MARGIN * by_area[1].area:
+  if by_area[0].area < LARGEST_MARGIN * by_area[1].area:
     return None
   big = by_area[0]
   return (
@@ -306,7 +306,7 @@ def _ask_relation(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str
   rel = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
   axis, sign = RELATIONS[rel]
   delta = (a.cx - b.cx) if axis == "x" else (a.cy - b.cy)
-  if abs(delta) < _RELATION_MARGIN * scene.image_size:
+  if abs(delta) < RELATION_MARGIN * scene.image_size:
     return None
   answer = "yes" if np.sign(delta) == sign else "no"
   da, db = describe(scene, a), describe(scene, b)
@@ -337,12 +337,12 @@ def sample_example(
     qtype = QTYPES[int(rng.integers(len(QTYPES)))]
   if qtype not in _ASK:
     raise ValueError(f"synthetic: unknown qtype {qtype!r}; expected one of {QTYPES}")
-  for _ in range(_MAX_TRIES):
+  for _ in range(MAX_TRIES):
     scene = sample_scene(rng, image_size)
     qa = _ASK[qtype](scene, rng)
     if qa is not None:
       return Example(scene, qtype, *qa)
-  raise RuntimeError(f"synthetic: no well-posed {qtype!r} question after {_MAX_TRIES} scenes")
+  raise RuntimeError(f"synthetic: no well-posed {qtype!r} question after {MAX_TRIES} scenes")
 
 
 def render_example(rng: np.random.Generator, image_size: int = 84) -> tuple[Image.Image, str, str]:
@@ -379,16 +379,18 @@ def make_split(n: int, seed: int, image_size: int = 84, stream: int = 0) -> list
   return [example_to_row(sample_example(rng, image_size)) for _ in range(n)]
 
 
-def write_parquet(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-  """Writes rows with `PARQUET_SCHEMA`, atomically (a temp file renamed into place)."""
+def write_parquet(
+  rows: Sequence[dict[str, Any]], path: str | os.PathLike, schema: pa.Schema = PARQUET_SCHEMA
+) -> None:
+  """Writes rows with `schema` (default `PARQUET_SCHEMA`), atomically (a temp file renamed into place)."""
   missing = [
     (i, k) for i, r in enumerate(rows) for k in ("problem", "answer", "images") if k not in r
   ]
   if missing:
     i, k = missing[0]
     raise KeyError(f"write_parquet({path}): row {i} lacks field {k!r}")
-  columns = {name: [r.get(name) for r in rows] for name in PARQUET_SCHEMA.names}
-  table = pa.Table.from_pydict(columns, schema=PARQUET_SCHEMA)
+  columns = {name: [r.get(name) for r in rows] for name in schema.names}
+  table = pa.Table.from_pydict(columns, schema=schema)
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"

@@ -45,6 +45,10 @@ QWEN_SPLIT_PATTERN = (
   r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+TASKS = (
+  "answer",
+  "chain",
+)  # the demo tasks: synthetic.py (short answers), chain.py (reasoning chains)
 
 # The Qwen2.5-VL Instruct chat template (ChatML), rewritten with whitespace control; renders the same string:
 # a default system turn when the first message is not a system one; string content as is; list content item
@@ -125,8 +129,9 @@ what when where which while whole width with would write x y z
 """
 
 
-def corpus_lines(seed: int = 0, n_examples: int = 3000) -> list[str]:
-  """The BPE training text: task templates, `n_examples` seeded task samples, chat words, generic text."""
+def corpus_lines(seed: int = 0, n_examples: int = 3000, task: str = "answer") -> list[str]:
+  """The BPE training text: task templates, `n_examples` seeded task samples, chat words, generic text;
+  `task="chain"` adds questions and worked solutions of the reasoning-chain task (`chain.py`)."""
   rng = synthetic.split_rng(seed, stream=1_000_000)  # A stream no data split uses.
   samples = [synthetic.sample_example(rng, image_size=56) for _ in range(n_examples)]
   lines = synthetic.corpus_lines()
@@ -136,6 +141,12 @@ def corpus_lines(seed: int = 0, n_examples: int = 3000) -> list[str]:
   ]
   lines += [DEFAULT_SYSTEM_PROMPT, FORMAT_INSTRUCTION]
   lines += _GENERIC_TEXT.strip().splitlines() + _WORDS.strip().splitlines()
+  if task == "chain":
+    from pgpo_jax.demo_task import chain
+
+    lines += chain.corpus_lines(seed)
+  elif task != "answer":
+    raise ValueError(f"tiny_tokenizer: unknown task {task!r}; expected one of {TASKS}")
   return lines
 
 
@@ -161,7 +172,7 @@ def train_bpe(lines: list[str], vocab_size: int) -> tuple[dict[str, int], list[t
   return dict(model["vocab"]), [tuple(m) for m in model["merges"]]
 
 
-def build_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Qwen2Tokenizer:
+def build_tokenizer(vocab_size: int = 1024, seed: int = 0, task: str = "answer") -> Qwen2Tokenizer:
   """A `Qwen2Tokenizer` of at most `vocab_size` ids: BPE ids first, then the 22 Qwen added tokens in order."""
   n_added = len(SPECIAL_TOKENS) + len(NONSPECIAL_ADDED_TOKENS)
   if vocab_size < 256 + n_added:
@@ -169,7 +180,7 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Qwen2Tokenizer:
       f"build_tokenizer: vocab_size must be >= {256 + n_added} (256 bytes + {n_added} "
       f"added tokens), got {vocab_size}"
     )
-  vocab, merges = train_bpe(corpus_lines(seed), vocab_size - n_added)
+  vocab, merges = train_bpe(corpus_lines(seed, task=task), vocab_size - n_added)
   # Qwen2Tokenizer registers eos/pad first unless the ids are already in the vocab: pin them in Qwen order.
   for token in SPECIAL_TOKENS + NONSPECIAL_ADDED_TOKENS:
     vocab[token] = len(vocab)
@@ -196,9 +207,11 @@ def build_tiny_model_folder(
   min_pixels: int = 56 * 56,
   max_pixels: int = 112 * 112,
   seed: int = 0,
+  task: str = "answer",
 ) -> dict[str, int]:
   """Writes tokenizer + image processor + processor files into `out_dir` (other files are kept).
 
+  task: the demo task whose text the BPE is trained on ("answer" or "chain", `TASKS`).
   Defaults give 4..16 image tokens per image (56x56 .. 112x112 px after `smart_resize`).
   Returns `hf_processor.special_token_ids` of the result: `image_token_id`, `video_token_id`,
   `vision_start_token_id`, `vision_end_token_id`, `vision_token_id`, `im_start_token_id`,
@@ -209,7 +222,7 @@ def build_tiny_model_folder(
     raise ValueError(
       f"build_tiny_model_folder: need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}"
     )
-  tok = build_tokenizer(vocab_size, seed)
+  tok = build_tokenizer(vocab_size, seed, task)
   image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
   proc = Qwen25VLProcessorNoVideo(
     image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE

@@ -23,6 +23,13 @@ Outputs (`write_report`):
   share of total S held by the top q% of tokens);
 - `summary.json` (sparsity at thresholds, S mass concentration, weight statistics, per-category
   statistics, top tokens) and `tokens.jsonl` (every per-token value, one line per response).
+
+Ground truth (the chain task, `demo_task/chain.py`): with `responses="solution"` each prompt's worked
+solution (the data's `solution` column) is scored instead of a sample, its tokens labelled from the
+`labels` column's character spans; with `labeler="chain"` sampled responses are labelled by
+`chain.label_response`. Labelled records add `summary["ground_truth"]` (`tools/label_metrics.py`: AUC
+and precision of S, ω̃ and baselines for finding perception tokens, S and ω̃ per label) and
+`dependency_by_label.png` / `weights_by_label.png`.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ class InspectConfig(ev.EvalConfig):
   n: responses (one per prompt, the first n prompts of the shuffled file). temperature 0 = greedy.
   estimator: "k3" (paper) or "full_kl"; clamp_log_ratio / mask_vision_markers: as `pgpo.*`.
   thresholds: S levels of the sparsity statistics.
+  responses: "sample" (the policy's own responses) or "solution" (teacher-forced: the data column
+    `solution_key`, labelled from the character spans in `labels_key`; the chain task's columns).
+  labeler: "" (none) or "chain" (label sampled responses with `chain.label_response`).
   """
 
   k: int = 1
@@ -75,9 +85,17 @@ class InspectConfig(ev.EvalConfig):
   mask_vision_markers: bool = False
   chunk_size: int = 256
   thresholds: tuple[float, ...] = (1e-3, 1e-2, 0.1, 1.0)
+  responses: str = "sample"
+  labeler: str = ""
+  solution_key: str = "solution"
+  labels_key: str = "labels"
 
   def __post_init__(self):
     super().__post_init__()
+    if self.responses not in ("sample", "solution"):
+      raise ValueError(f"responses must be 'sample' or 'solution', got {self.responses!r}")
+    if self.labeler not in ("", "chain"):
+      raise ValueError(f"labeler must be '' or 'chain', got {self.labeler!r}")
     if self.k != 1:
       raise ValueError(f"the inspector scores one response per prompt: k must be 1, got {self.k}")
     if self.n < 1:
@@ -105,11 +123,13 @@ class ResponseRecord:
   logp_blind: np.ndarray  # [L] log π_∅(x_t)
   entropy: np.ndarray  # [L] entropy of π_I
   weights: np.ndarray  # [L] PGPO ω̃_t
+  labels: np.ndarray | None = None  # [L] int8 `chain.LABELS` ids, or None (unlabelled)
 
   def to_json(self) -> dict[str, Any]:
     d = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, np.ndarray)}
     for k in ("dependency", "logp_image", "logp_blind", "entropy", "weights"):
       d[k] = [float(x) for x in getattr(self, k)]
+    d["labels"] = None if self.labels is None else [int(x) for x in self.labels]
     return d
 
 
@@ -193,6 +213,7 @@ def inspect(
   token_weights = programs.make_token_weights_program(threshold_mode=cfg.threshold_mode)
   it = ev.prompt_iterator(spec, policy.processor, cfg, seed=cfg.seed)
   file_index = {p: i for i, p in enumerate(DatasetReader(spec).files)}
+  solutions = _solution_columns(spec, cfg) if cfg.responses == "solution" else None
   key = jax.random.key(cfg.seed)
   records: list[ResponseRecord] = []
   with tqdm(
@@ -201,15 +222,19 @@ def inspect(
     for pb in it:
       if len(records) >= cfg.n:
         break
-      gen = ev.generate_batch(
-        policy,
-        pb,
-        key,
-        num_samples=1,
-        max_new_tokens=cfg.max_new_tokens,
-        sampling=cfg.sampling,
-        stream_ids=ev.stream_ids(pb, file_index),
-      )
+      if solutions is None:
+        gen = ev.generate_batch(
+          policy,
+          pb,
+          key,
+          num_samples=1,
+          max_new_tokens=cfg.max_new_tokens,
+          sampling=cfg.sampling,
+          stream_ids=ev.stream_ids(pb, file_index),
+        )
+        gold = None
+      else:
+        gen, gold = _solution_batch(policy, pb, solutions)
       keep = gen.prompts[: cfg.n - len(records)]
       B, N = pb.batch_size, gen.tokens.shape[1]
       resp_BxN = np.full((B, N), policy.cfg.pad_token_id, np.int32)
@@ -240,6 +265,12 @@ def inspect(
         m = mask_BxN[b]
         ids = [int(t) for t in resp_BxN[b][m]]
         pieces = [tok.decode([t], skip_special_tokens=False) for t in ids]
+        if gold is not None:
+          labels = gold[b]
+        elif cfg.labeler == "chain":
+          labels = _label_pieces(pieces, ids, specials)
+        else:
+          labels = None
         records.append(
           ResponseRecord(
             index=len(records),
@@ -259,12 +290,74 @@ def inspect(
             logp_blind=np.asarray(scores.logp_blind_BxT[b][m], np.float64),
             entropy=np.asarray(scores.entropy_BxT[b][m], np.float64),
             weights=np.asarray(weights_BxN[b][m], np.float64),
+            labels=labels,
           )
         )
       bar.update(len(keep))
   if len(records) < cfg.n:
     log.warning("inspect: the data gave %d usable prompts, fewer than n=%d", len(records), cfg.n)
   return records
+
+
+def _solution_columns(spec: DatasetSpec, cfg: InspectConfig) -> dict[str, tuple[list, list]]:
+  """{data file: (worked solutions, their JSON label spans)} for `responses="solution"`."""
+  from pgpo_jax.data.reader import read_column
+
+  out = {}
+  for path in DatasetReader(spec).files:
+    sols = read_column(path, cfg.solution_key, what="inspect responses='solution' solution_key")
+    spans = read_column(path, cfg.labels_key, what="inspect responses='solution' labels_key")
+    out[os.path.abspath(path)] = (sols, spans)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forced:
+  """The fields of `evaluation.generate_batch`'s result that `inspect` reads, for given responses."""
+
+  prompts: list[int]
+  tokens: np.ndarray  # [B, N]
+  mask: np.ndarray  # [B, N]
+  truncated: np.ndarray  # [B]
+
+
+def _solution_batch(
+  policy: ev.Policy, pb, solutions: dict[str, tuple[list, list]]
+) -> tuple[_Forced, dict[int, np.ndarray]]:
+  """Each valid prompt's worked solution + stop token as its response, and the tokens' labels."""
+  from pgpo_jax.demo_task import labels as labels_lib
+
+  rows, gold = [], {}
+  for b in range(pb.batch_size):
+    if not pb.prompt_valid[b]:
+      continue
+    sols, spans = solutions[os.path.abspath(pb.sources[b])]
+    i = int(pb.row_indices[b])
+    ids, lab = labels_lib.tokenize_with_labels(
+      policy.tokenizer, sols[i], [tuple(s) for s in json.loads(spans[i])]
+    )
+    rows.append((b, ids + [policy.cfg.eos_token_id]))
+    gold[b] = np.concatenate([lab, [2]]).astype(np.int8)  # the stop token is format
+  N = max((len(ids) for _, ids in rows), default=1)
+  tokens = np.full((pb.batch_size, N), policy.cfg.pad_token_id, np.int32)
+  mask = np.zeros((pb.batch_size, N), bool)
+  for b, ids in rows:
+    tokens[b, : len(ids)], mask[b, : len(ids)] = ids, True
+  prompts = [b for b, _ in rows]
+  forced = _Forced(prompts, tokens[prompts], mask[prompts], np.zeros(len(prompts), bool))
+  return forced, gold
+
+
+def _label_pieces(pieces: Sequence[str], ids: Sequence[int], specials: set[int]) -> np.ndarray:
+  """Labels of a sampled response's tokens from `chain.label_response` over its decoded text
+  (special tokens, e.g. the stop token, count as format and add no text)."""
+  from pgpo_jax.demo_task import chain
+  from pgpo_jax.demo_task import labels as labels_lib
+
+  text_pieces = ["" if t in specials else p for p, t in zip(pieces, ids)]
+  text = "".join(text_pieces)
+  chars = labels_lib.char_labels(len(text), chain.label_response(text))
+  return labels_lib.token_labels(labels_lib.offsets_from_pieces(text_pieces), chars)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,7 +469,13 @@ def summarize(
     if len(v) >= min_count
   ]
   strings.sort(key=lambda x: -x["mean_S"])
+  ground_truth = {}
+  if any(r.labels is not None for r in records):
+    from pgpo_jax.tools import label_metrics
+
+    ground_truth = {"ground_truth": label_metrics.ground_truth_report(records)}
   return {
+    **ground_truth,
     "num_responses": len(records),
     "num_tokens": int(dep.size),
     "mean_response_tokens": float(dep.size / len(records)) if records else None,
@@ -535,6 +634,19 @@ def _index_page(
     for c, v in summary["by_category"].items()
   )
   imgs = "".join(f'<img class="plot" src="{os.path.basename(p)}">' for p in plots)
+  gt = summary.get("ground_truth", {}).get("scorers")
+  if gt:
+    cells = "".join(
+      f'<tr><td class="l">{esc(k)}</td>'
+      + "".join(f"<td>{v[f]:.3f}</td>" if v[f] is not None else "<td>-</td>" for f in v)
+      + "</tr>"
+      for k, v in gt.items()
+    )
+    heads = "".join(f"<th>{esc(f)}</th>" for f in next(iter(gt.values())))
+    imgs = (
+      f'<h3>Finding perception tokens (labelled responses)</h3><table><tr><th class="l">score</th>'
+      f"{heads}</tr>{cells}</table>" + imgs
+    )
   return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>{_CSS}</style></head><body>
 <h1>Visual dependency: {esc(title)}</h1>
@@ -588,6 +700,24 @@ def write_report(
     dep, cats, plots["dependency_by_category.png"], order=CATEGORIES
   )
   plotting.plot_sparsity(dep, plots["sparsity.png"])
+  labelled = [r for r in records if r.labels is not None]
+  if labelled:
+    from pgpo_jax.demo_task.chain import LABELS
+
+    names = [LABELS[int(x)] for r in labelled for x in r.labels]
+    for name, field, value_name, log_scale in (
+      ("dependency_by_label.png", "dependency", "S", True),
+      ("weights_by_label.png", "weights", "ω̃", False),
+    ):
+      plots[name] = os.path.join(out_dir, name)
+      plotting.plot_dependency_by_category(
+        _flat(labelled, field),
+        names,
+        plots[name],
+        order=LABELS,
+        value_name=value_name,
+        log=log_scale,
+      )
   s_max = float(dep.max()) if dep.size else 1.0
   w_max = float(w.max()) if w.size else 1.0
   readers: dict[str, DatasetReader] = {}

@@ -333,15 +333,23 @@ def plot_weight_histogram(
 
 
 def plot_dependency_by_category(
-  dep: np.ndarray, categories: Sequence[str], path: str, *, order: Sequence[str] | None = None
+  dep: np.ndarray,
+  categories: Sequence[str],
+  path: str,
+  *,
+  order: Sequence[str] | None = None,
+  value_name: str = "S",
+  log: bool = True,
 ) -> None:
-  """Box plot of log10 S per token category (with counts) and the mean S per category."""
+  """Box plot of log10 S (or, `log=False`, of the value itself) per token category (with counts) and
+  the mean per category. `value_name` names the value (e.g. ω̃ for the PGPO weights)."""
   plt = pyplot()
   dep = np.asarray(dep, np.float64).ravel()
   cats = np.asarray(categories)
   names = [c for c in (order or sorted(set(cats.tolist()))) if (cats == c).any()]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-  data = [np.log10(np.clip(dep[cats == c], S_FLOOR, None)) for c in names]
+  shown = (lambda x: np.log10(np.clip(x, S_FLOOR, None))) if log else (lambda x: x)
+  data = [shown(dep[cats == c]) for c in names]
   if names:
     ax1.boxplot(data, showfliers=True, flierprops={"markersize": 2, "alpha": 0.4})
     ax1.set_xticks(
@@ -349,10 +357,10 @@ def plot_dependency_by_category(
     )
     ax2.bar(range(len(names)), [float(dep[cats == c].mean()) for c in names], color="#d9480f")
     ax2.set_xticks(range(len(names)), names, fontsize=8)
-  ax1.set_ylabel("log10 S")
-  ax1.set_title("S by token category")
-  ax2.set_ylabel("mean S")
-  ax2.set_title("mean S by token category")
+  ax1.set_ylabel(f"log10 {value_name}" if log else value_name)
+  ax1.set_title(f"{value_name} by token category")
+  ax2.set_ylabel(f"mean {value_name}")
+  ax2.set_title(f"mean {value_name} by token category")
   for ax in (ax1, ax2):
     ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()

@@ -1,0 +1,115 @@
+"""The reasoning-chain task: worked solutions score 1, facts match the scene, labels survive tokenisation."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pgpo_jax import rewards
+from pgpo_jax.demo_task import chain, labels, synthetic, tiny_tokenizer
+
+SETTINGS = settings(
+  max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tiny_tokenizer.build_tokenizer(task="chain")
+
+
+def _example(seed: int, qtype=None) -> chain.ChainExample:
+  return chain.sample_chain_example(synthetic.split_rng(seed, 7), image_size=84, qtype=qtype)
+
+
+@given(st.integers(0, 10**6), st.sampled_from(chain.QTYPES))
+@settings(max_examples=60, deadline=None)
+def test_worked_solutions_verify_and_wrong_answers_do_not(seed, qtype):
+  ex = _example(seed, qtype)
+  assert int(ex.answer) >= 0
+  assert rewards.score(ex.solution, ex.answer) == {"overall": 1.0, "accuracy": 1.0, "format": 1.0}
+  wrong = ex.solution.replace(f"\\boxed{{{ex.answer}}}", f"\\boxed{{{int(ex.answer) + 1}}}")
+  assert rewards.score(wrong, ex.answer)["accuracy"] == 0.0
+
+
+@given(st.integers(0, 10**6), st.sampled_from(chain.QTYPES))
+@settings(max_examples=60, deadline=None)
+def test_stated_facts_match_the_scene_and_the_answer_follows(seed, qtype):
+  ex = _example(seed, qtype)
+  scene = json.loads(ex.scene.to_json())
+  shapes = scene["shapes"]
+  for m in re.finditer(r"The number drawn is (\d+)\.", ex.solution):
+    assert int(m.group(1)) == scene["digit"]["value"]
+  for m in re.finditer(r"I count (\d+) (\w+) shapes\.", ex.solution):
+    assert int(m.group(1)) == sum(s["color"] == m.group(2) for s in shapes)
+  for m in re.finditer(r"I count (\d+) (circle|square|triangle)s\.", ex.solution):
+    assert int(m.group(1)) == sum(s["kind"] == m.group(2) for s in shapes)
+  for m in re.finditer(r"I count (\d+) shapes in all\.", ex.solution):
+    assert int(m.group(1)) == len(shapes)
+  if qtype.startswith("arith"):  # the question's formula with the stated values gives the answer
+    binds = dict(re.findall(r"(\b[abc]) = (\d+)", ex.solution.split("Now I compute")[0]))
+    formula = re.search(r"Compute (.*)\.$", ex.question).group(1)
+    assert eval(re.sub(r"\b[abc]\b", lambda m: binds[m.group(0)], formula)) == int(ex.answer)
+
+
+def test_the_digit_is_drawn_where_the_scene_says():
+  ex = _example(3)
+  img = np.asarray(chain.draw_chain_scene(ex.scene))
+  cs = ex.scene
+  ink = (img == chain.DIGIT_COLOR).all(-1)
+  ys, xs = np.nonzero(ink)
+  assert ink.any()
+  assert cs.dx0 <= xs.min() and xs.max() < cs.dx0 + cs.dw
+  assert cs.dy0 <= ys.min() and ys.max() < cs.dy0 + cs.dh
+
+
+@given(st.integers(0, 10**6))
+@SETTINGS
+def test_labels_survive_tokenisation(tok, seed):
+  ex = _example(seed)
+  assert chain.label_response(ex.solution) == ex.spans  # the text labeller agrees with the builder
+  ids, lab = labels.tokenize_with_labels(tok, ex.solution, ex.spans)
+  assert 40 <= len(ids) + 1 <= 150  # + the stop token
+  enc = tok(ex.solution, add_special_tokens=False, return_offsets_mapping=True)
+  offsets = enc["offset_mapping"]
+  # Every character of a perception span lies in a perception token, and perception tokens hold
+  # nothing but the stated values (and the spaces BPE joins to them), in order.
+  for s, e, label in ex.spans:
+    covering = [t for t, (a, b) in enumerate(offsets) if a < e and s < b]
+    assert covering and all(
+      lab[t] == (chain.PERCEPTION if label == chain.PERCEPTION else lab[t]) for t in covering
+    )
+  values = [ex.solution[s:e] for s, e, label in ex.spans if label == chain.PERCEPTION]
+  got = [tok.decode([i]).strip() for i, la in zip(ids, lab) if la == chain.PERCEPTION]
+  assert got == values
+  assert 1 <= len(values) <= 3
+  fmt = "".join(tok.decode([i]) for i, la in zip(ids, lab) if la == chain.FORMAT)
+  for piece in ("<think>", "</think>", "\\boxed{", "}"):
+    assert piece in fmt
+
+
+def test_char_and_token_labels_by_hand():
+  P, R, F = chain.PERCEPTION, chain.REASONING, chain.FORMAT
+  # text: "<t>ab 7." ; format [0,3), perception [6,7)
+  chars = labels.char_labels(8, [(0, 3, F), (6, 7, P)])
+  assert chars.tolist() == [F, F, F, R, R, R, P, R]
+  # tokens "<t" "> a" "b" " 7" "." and a stop token with no characters
+  offsets = np.array([[0, 2], [2, 5], [5, 5], [5, 7], [7, 8], [8, 8]])
+  assert labels.token_labels(offsets, chars).tolist() == [F, F, F, P, R, F]
+  assert labels.char_labels(3, [(0, 3, F), (1, 2, P)]).tolist() == [F, P, F]  # priority
+  with pytest.raises(ValueError, match="outside the text"):
+    labels.char_labels(3, [(2, 5, P)])
+
+
+def test_offsets_from_pieces():
+  assert labels.offsets_from_pieces(["ab", "", "c"]).tolist() == [[0, 2], [2, 2], [2, 3]]
+
+
+def test_label_response_on_sampled_text_labels_what_it_recognises():
+  text = "<think>The number drawn is 4. So a = 4. Now I compute. The number drawn is 5.</think> x"
+  spans = chain.label_response(text)
+  assert [text[s:e] for s, e, _ in spans] == ["<think>", "4", "</think>"]
+  assert chain.label_response("no format at all") == ()
