@@ -7,7 +7,8 @@ several arithmetic or logic steps that do not need the image. The worked respons
 first, then computes:
 
     <think>First I read the image. The number drawn is 7. I count 2 red shapes. So a = 7 and b = 2.
-    Now I compute. 7 + 4 = 11. 11 * 3 = 33. 33 - 2 = 31. So the answer is 31.</think> \\boxed{31}
+    Now I compute. 7 + 2 = 9. 9 + 4 = 13. 13 - 3 = 10. 10 + 1 = 11. So the answer is 11.</think>
+    \\boxed{11}
 
 Every response character carries one of three labels, recorded as character spans of the worked
 solution while it is built (never recovered from the text afterwards):
@@ -189,32 +190,28 @@ def _ri(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 # An arithmetic program over the fact values: (question formula, steps) where each step is
-# (left, op, right) over earlier results; values are names ("a", "b", "c") or integers.
+# (left, op, right) over earlier results; values are names ("a", "b", "c") or integers. Additions and
+# subtractions of small constants (1-5, a subtrahend never above what was added before it, so nothing
+# goes negative) keep every intermediate below 25: a tiny model can learn the arithmetic in its
+# warm-up, which leaves reading the image as what decides the reward.
 def _formula(
   rng: np.random.Generator, names: Sequence[str]
 ) -> tuple[str, list[tuple[Any, str, Any]]]:
+  p = _ri(rng, 1, 5)
+  q, r = _ri(rng, 1, p), _ri(rng, 1, 5)  # q <= p
   if len(names) == 1:
     (a,) = names
-    p, q = _ri(rng, 1, 6), _ri(rng, 2, 4)
-    r = _ri(rng, 1, p * q)  # (a + p) * q >= p * q >= r: never negative
-    return f"({a} + {p}) * {q} - {r}", [(a, "+", p), ("_", "*", q), ("_", "-", r)]
+    return f"{a} + {p} - {q} + {r}", [(a, "+", p), ("_", "-", q), ("_", "+", r)]
   if len(names) == 2:
     a, b = names
-    p, q, r = _ri(rng, 3, 6), _ri(rng, 3, 4), _ri(rng, 1, 9)  # p * q >= 9 >= b
-    return f"({a} + {p}) * {q} - {b} + {r}", [
-      (a, "+", p),
-      ("_", "*", q),
-      ("_", "-", b),
+    return f"{a} + {b} + {p} - {q} + {r}", [
+      (a, "+", b),
+      ("_", "+", p),
+      ("_", "-", q),
       ("_", "+", r),
     ]
   a, b, c = names
-  p, q = _ri(rng, 2, 4), _ri(rng, 9, 15)  # q >= 9 >= c
-  return f"({a} + {b}) * {p} + {q} - {c}", [
-    (a, "+", b),
-    ("_", "*", p),
-    ("_", "+", q),
-    ("_", "-", c),
-  ]
+  return f"{a} + {b} + {c} + {p} - {q}", [(a, "+", b), ("_", "+", c), ("_", "+", p), ("_", "-", q)]
 
 
 def _run_steps(b: _Builder, steps: list[tuple[Any, str, Any]], env: dict[str, int]) -> int:
@@ -274,9 +271,10 @@ def _ask_arith(cs: ChainScene, rng: np.random.Generator, k: int):
 
 def _rules(rng: np.random.Generator) -> tuple[str, list, list]:
   """The two branches of a conditional question over `a`: (text, steps if true, steps if false)."""
-  p, q, r, s = _ri(rng, 1, 5), _ri(rng, 2, 4), _ri(rng, 2, 4), _ri(rng, 1, 9)
-  text = f"the answer is (a + {p}) * {q}; otherwise it is a * {r} + {s}"
-  return text, [("a", "+", p), ("_", "*", q)], [("a", "*", r), ("_", "+", s)]
+  p, q = _ri(rng, 1, 5), _ri(rng, 1, 5)
+  r = _ri(rng, 1, q)  # q - r >= 0
+  text = f"the answer is a * 2 + {p}; otherwise it is a + {q} - {r}"
+  return text, [("a", "*", 2), ("_", "+", p)], [("a", "+", q), ("_", "-", r)]
 
 
 def _conditional(
