@@ -47,7 +47,10 @@ def run_stats(rows):
     "entropy_early": window("entropy/scoring", slice(0, LATE)),
     "entropy_late": window("entropy/scoring", slice(-LATE, None)),
     "grad_norm_var": float(np.var(gn)) if gn else float("nan"),
-    "sec_per_step": window("time/step", slice(None)),
+    # median: the first step of a run (and of a resumed run) includes compilation
+    "sec_per_step": float(np.median([r["time/step"] for r in train if "time/step" in r]))
+    if train
+    else float("nan"),
   }
 
 

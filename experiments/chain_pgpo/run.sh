@@ -5,6 +5,8 @@
 # MAIN_ARMS ("grpo dapo pgpo"), ABL_ARMS ("pgpo_tau0 pgpo_tau0.8 pgpo_beta1 pgpo_beta4"),
 # STEPS (200), PROMPTS (rollout prompts per step, 16), DEP_ARMS (arms the dependency check reads,
 # "pgpo dapo"), DEP_SEEDS (its seeds, "0 1 2"), DEP_N (held-out prompts per checkpoint, 128).
+# RUNS (where runs go, default runs/ here) and EXTRA (more --config.* flags for every run) are for
+# smoke tests, e.g. RUNS=/tmp/smoke SEEDS=0 ABL_SEEDS= STEPS=2 EXTRA=--config.warmup.sft_steps=5.
 # A finished run has runs/<arm>_s<seed>/DONE and is skipped; an interrupted one resumes from its last
 # checkpoint. Results: results.md, results.json, plots/ next to this file.
 set -euo pipefail
@@ -13,7 +15,7 @@ root="$(cd "$here/../.." && pwd)"
 cd "$root"
 py=.venv/bin/python
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-runs="$here/runs"
+runs="${RUNS:-$here/runs}"
 mkdir -p "$runs"
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 ABL_SEEDS=${ABL_SEEDS:-"0 1 2"}
@@ -36,7 +38,9 @@ train() {  # arm seed
     "--config.train.num_steps=$STEPS" "--config.checkpoint.every=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))" \
     "--config.train.eval_every=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))" \
     "--config.rollout.prompts_per_step=$PROMPTS" "--config.updates.prompts_per_update=$PROMPTS" \
-    "--config.warmup.cache_dir=$runs/warmup_s$2" --workdir="$out" >> "$out.log" 2>&1 \
+    "--config.data.train_files=$runs/data/train.parquet" "--config.data.eval_files=$runs/data/test.parquet" \
+    "--config.data.processor_dir=$runs/data/model" \
+    "--config.warmup.cache_dir=$runs/warmup_s$2" ${EXTRA:-} --workdir="$out" >> "$out.log" 2>&1 \
     || { echo "run failed, see $out.log"; exit 1; }
   touch "$out/DONE"
 }
