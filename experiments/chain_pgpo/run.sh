@@ -5,8 +5,10 @@
 # MAIN_ARMS ("grpo dapo pgpo"), ABL_ARMS ("pgpo_tau0 pgpo_tau0.8 pgpo_beta1 pgpo_beta4"),
 # STEPS (200), PROMPTS (rollout prompts per step, 16), DEP_ARMS (arms the dependency check reads,
 # "pgpo dapo"), DEP_SEEDS (its seeds, "0 1 2"), DEP_N (held-out prompts per checkpoint, 128).
-# RUNS (where runs go, default runs/ here) and EXTRA (more --config.* flags for every run) are for
-# smoke tests, e.g. RUNS=/tmp/smoke SEEDS=0 ABL_SEEDS= STEPS=2 EXTRA=--config.warmup.sft_steps=5.
+# An empty SEEDS / ABL_SEEDS / *_ARMS skips those runs.
+# RUNS (where runs go, default runs/ here), OUT (where the tables go, default here) and EXTRA
+# (more --config.* flags for every run) are for smoke tests, e.g. RUNS=/tmp/smoke OUT=/tmp/smoke SEEDS=0 ABL_SEEDS= STEPS=2 \
+#   EXTRA=--config.warmup.sft_steps=5.
 # A finished run has runs/<arm>_s<seed>/DONE and is skipped; an interrupted one resumes from its last
 # checkpoint. Results: results.md, results.json, plots/ next to this file.
 set -euo pipefail
@@ -17,10 +19,10 @@ py=.venv/bin/python
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 runs="${RUNS:-$here/runs}"
 mkdir -p "$runs"
-SEEDS=${SEEDS:-"0 1 2 3 4"}
-ABL_SEEDS=${ABL_SEEDS:-"0 1 2"}
-MAIN_ARMS=${MAIN_ARMS:-"grpo dapo pgpo"}
-ABL_ARMS=${ABL_ARMS:-"pgpo_tau0 pgpo_tau0.8 pgpo_beta1 pgpo_beta4"}
+SEEDS=${SEEDS-"0 1 2 3 4"}
+ABL_SEEDS=${ABL_SEEDS-"0 1 2"}
+MAIN_ARMS=${MAIN_ARMS-"grpo dapo pgpo"}
+ABL_ARMS=${ABL_ARMS-"pgpo_tau0 pgpo_tau0.8 pgpo_beta1 pgpo_beta4"}
 STEPS=${STEPS:-200}
 PROMPTS=${PROMPTS:-16}
 
@@ -50,4 +52,4 @@ for seed in $ABL_SEEDS; do for arm in $ABL_ARMS; do train "$arm" "$seed"; done; 
 # shellcheck disable=SC2086
 $py "$here/dependency.py" "$runs" --arms ${DEP_ARMS:-pgpo dapo} --seeds ${DEP_SEEDS:-0 1 2} \
   --n "${DEP_N:-128}"
-$py "$here/aggregate.py" "$runs" --out "$here"
+$py "$here/aggregate.py" "$runs" --out "${OUT:-$here}"
