@@ -304,6 +304,23 @@ def test_top_p_stays_in_nucleus(small_vocab):
   np.testing.assert_allclose(logp, np.log(p[tok] / p[nucleus].sum()), atol=1e-5)
 
 
+def test_first_argmax_and_categorical_equal_jax():
+  """The rollout's two-reduction argmax (ties -> first index, NaN -> first NaN, all -inf -> 0) and
+  its Gumbel-max sampler draw exactly jnp.argmax's and jax.random.categorical's tokens."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 300)).astype(np.float32)
+  x[1, [3, 17]] = x[1].max() + 1
+  x[2, ::2] = -np.inf
+  x[3, [7, 9]] = np.nan
+  x[4] = -np.inf
+  np.testing.assert_array_equal(rollout.first_argmax(jnp.asarray(x)), np.argmax(x, -1))
+  logits = np.where(np.isnan(x), -np.inf, x)
+  keys = jax.random.split(jax.random.key(1), 64)
+  got = np.asarray(jax.jit(rollout.categorical)(keys, jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, jax.vmap(jax.random.categorical)(keys, jnp.asarray(logits)))
+  assert got.dtype == np.int32 and len(set(got.tolist())) > 30  # really sampled, not all argmax
+
+
 def test_filter_logits_matches_reference():
   """top-k then top-p on random logits vs a direct numpy implementation of HF's warpers."""
   rng = np.random.default_rng(0)
