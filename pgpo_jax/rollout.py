@@ -567,8 +567,8 @@ def _decode(
   W, R = state.tokens.shape[0], state.row_sample.shape[0]
   refill = R < W
   # Off TPU: per-layer weights split before the loop (XLA:CPU copies a slice of a stacked weight
-  # inside a loop every step; XLA:TPU reads it in the consumer's fusion) and attention matmuls with
-  # one batch dim (see `text._partial_attention`).
+  # inside a loop every step; XLA:TPU reads it in the consumer's fusion), attention matmuls with
+  # one batch dim (see `text._partial_attention`) and bf16 cache writes as uint16 (`text.decode`).
   off_tpu = _off_tpu(mesh)
   weights = text_lib.layer_weights(model.language_model) if off_tpu else None
 
@@ -594,6 +594,7 @@ def _decode(
       chunk=chunk,
       weights=weights,
       fold_heads=off_tpu,
+      bits_scatter=off_tpu,
     )
     logits = qwen.logits_from_hidden(model, h[:, None])[:, 0]
     keys = jax.vmap(jax.random.fold_in)(s.row_key, s.row_len)  # token index = row_len
