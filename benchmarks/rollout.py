@@ -1,23 +1,35 @@
-"""Generation throughput: `sampler.generate` vs HF `generate` (KV cache, greedy), same small random model, CPU.
+"""Generation throughput, one side-by-side run: `sampler.generate` vs HF `generate` (KV cache, greedy).
 
-    .venv/bin/python benchmarks/rollout.py [--batches 8,32 --new_tokens 64 --torch_threads 1,2 --skewed 64]
+    .venv/bin/python benchmarks/rollout.py [--batches 1,8,32 --new_tokens 64 --torch_threads 1,2]
+
+The same small random model on both sides, on CPU. Settings, all timed in this one run:
+  ours default   the shipping rollout: float32 master weights sampled through a bfloat16 copy cast in
+                 every call, bf16 KV cache, float32 logits (`compute_dtype="bfloat16"`, the config's
+                 `rollout.dtype` default)
+  ours float32   the same float32 model sampled in float32 (`compute_dtype=None`)
+  HF dtype/thr   HF `generate` in float32 and in bfloat16 (the model converted), each at every torch
+                 thread count of `--torch_threads`
+Ours is compared with HF's FASTEST setting (named in the table; on a small shared CPU box two OpenMP
+threads can make HF's decode-sized matmuls slower, and bf16 helps HF's prefill), and like for like:
+ours float32 / HF float32 and ours default (bf16) / HF bfloat16, each at HF's best thread count.
 
 Part 1, for each batch size B (one 112x112 image per prompt, prompts of equal length) and each
-implementation, the best of `--repeats` warm calls (interleaved) of
+setting, the best of `--repeats` warm calls, all settings interleaved in every round, of
   t_1 = generate(max_new_tokens=1)   -> time to first token (TTFT: processing, vision, prefill, 1 token)
   t_N = generate(max_new_tokens=N)   -> end-to-end
-gives decode throughput = B*(N-1) / (t_N - t_1) generated tokens/s (prefill excluded). Stop tokens
-are disabled (HF: min_new_tokens=N), so every row generates exactly N tokens. JAX compile time (the
-first call of each shape minus a warm call) is reported separately. Both run in `--dtype`: float32,
-or bfloat16 (ours: the float32 model sampled with `compute_dtype="bfloat16"`, i.e. a bf16 copy cast
-in every call and a bf16 KV cache; HF: the model converted to bf16). PyTorch is
-timed at every thread count of `--torch_threads` and each row compares against HF's best one (named
-in the table): on a small shared CPU box, two OpenMP threads can make HF's decode-sized matmuls much
-slower (spin-waiting barriers under load from other processes).
+gives decode throughput = B*(N-1) / (t_N - t_1) generated tokens/s (prefill excluded) and end-to-end
+B*N / t_N. Stop tokens are disabled (HF: min_new_tokens=N), so every row generates exactly N tokens.
+One block of rounds per torch thread count (switching counts between calls resizes torch's pool and
+slows HF down); ours runs in every block and keeps its best. JAX compile time (the first call of each
+shape minus a warm call) is reported separately. Greedy token agreement: the fraction of equal
+tokens, ours float32 vs HF float32 (must be 1.0) and between the bf16 runs and float32; bf16 may
+differ on a random tiny model because its top-2 logits are often nearly tied (the table gives the
+float32 top-1 minus top-2 logit margin along the greedy path, and at the first token where the
+ours-bf16 path leaves the float32 one), and a single flip changes the rest of that row.
 
 Part 2 (`--skewed W`, 0 = skip): W text prompts whose response lengths are drawn log-normal
 (median `--median`, sigma 1, capped at 8x the median; enforced with per-prompt `length_limits`, no
-stop token), greedy, through `sampler.generate`:
+stop token), greedy, through `sampler.generate`, ours default and ours float32:
   all rows     W rows at once (every row waits for the longest response)
   R rows       W/R successive calls of R rows (the same memory as refill)
   R refilled   R rows with slot refill (`decode_rows=R`)
@@ -30,6 +42,7 @@ Prints tables and writes benchmarks/results/rollout.json; numbers compare only w
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -47,6 +60,7 @@ from pgpo_jax import sampler  # noqa: E402
 from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
 
 IMAGE, VSTART, VEND = 4000, 4002, 4003
+LOAD_BEFORE = os.getloadavg()  # 1, 5, 15 min: the machine is shared; recorded with the results
 
 
 def hf_config(hidden: int, layers: int):
@@ -117,6 +131,10 @@ def best_times(fns, repeats: int) -> list[float]:
   return best
 
 
+OURS = {"default": dict(compute_dtype="bfloat16"), "float32": {}}  # ours: setting -> generate kw
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batches", default="1,8,32")
@@ -126,7 +144,7 @@ def main():
   )
   ap.add_argument("--hidden", type=int, default=256)
   ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--repeats", type=int, default=4)
+  ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "rollout.json"))
   ap.add_argument("--torch_threads", default="1,2", help="thread counts to try (0 = torch default)")
   ap.add_argument(
@@ -136,113 +154,29 @@ def main():
     "--median", type=int, default=16, help="median response length of the skewed workload"
   )
   ap.add_argument("--rows", type=int, default=16, help="decode rows R of the skewed workload")
-  ap.add_argument(
-    "--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides compute in it"
-  )
   a = ap.parse_args()
   threads = [int(t) for t in a.torch_threads.split(",")]
   from transformers import Qwen2_5_VLForConditionalGeneration
 
   torch.manual_seed(0)
-  hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
+  hf32 = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
   with tempfile.TemporaryDirectory() as d:
-    hf.save_pretrained(d)
-    model = qwen.from_pretrained(d)
-  bf16 = a.dtype == "bfloat16"
-  if bf16:
-    hf = hf.to(torch.bfloat16)
-  compute = dict(compute_dtype="bfloat16") if bf16 else {}
+    hf32.save_pretrained(d)
+    model = qwen.from_pretrained(d)  # float32 masters, as the trainer holds them
+  hf_models = {"float32": hf32, "bfloat16": copy.deepcopy(hf32).to(torch.bfloat16)}
   N = a.new_tokens
   grid = 8  # 112x112 px: 64 patches, 16 image tokens
   rows = []
   for B in (int(b) for b in a.batches.split(",")) if a.batches else ():
-    ids, am, pixels, grids = prompts(B, a.text, grid, np.random.default_rng(B))
-
-    def ours(n):
-      return sampler.generate(
-        model, ids, am, pixels, grids, max_new_tokens=n, eos_token_ids=(), **compute
-      )
-
-    hf_kw = dict(
-      input_ids=torch.tensor(ids),
-      attention_mask=torch.tensor(am),
-      mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
-      pixel_values=torch.tensor(pixels).to(hf.dtype),
-      image_grid_thw=torch.tensor(grids),
-      do_sample=False,
-      pad_token_id=0,
-    )
-
-    def theirs(n):
-      with torch.no_grad():
-        return hf.generate(**hf_kw, max_new_tokens=n, min_new_tokens=n)
-
-    t = time.perf_counter()
-    first = ours(N)  # outputs are host numpy: generate() blocks until the tokens are back
-    cold_N = time.perf_counter() - t
-    t = time.perf_counter()
-    ours(1)
-    cold_1 = time.perf_counter() - t
-    # One block per torch thread count (switching counts between calls resizes torch's pool and
-    # slows HF down), ours interleaved in every block; ours keeps its best over all blocks.
-    ours_1 = ours_N = float("inf")
-    by_thread = {}
-    for th in threads:
-      if th:
-        torch.set_num_threads(th)
-      ref = theirs(N)  # warm-up at this thread count
-      theirs(1)
-      o1, oN, h1, hN = best_times(
-        [lambda: ours(1), lambda: ours(N), lambda: theirs(1), lambda: theirs(N)], a.repeats
-      )
-      ours_1, ours_N = min(ours_1, o1), min(ours_N, oN)
-      by_thread[th] = (h1, hN)
-    best_th = min(by_thread, key=lambda th: by_thread[th][1])  # HF's best end-to-end time
-    hf_1, hf_N = by_thread[best_th]
-    match = float((ref[:, ids.shape[1] :].numpy() == first.tokens).mean())
-    r = dict(
-      batch=B,
-      prompt_len=int(ids.shape[1]),
-      new_tokens=N,
-      torch_threads=best_th,
-      hf_e2e_tok_s_by_threads={str(th): B * N / v[1] for th, v in by_thread.items()},
-      ours_ttft_ms=1e3 * ours_1,
-      hf_ttft_ms=1e3 * hf_1,
-      ours_decode_tok_s=B * (N - 1) / (ours_N - ours_1),
-      hf_decode_tok_s=B * (N - 1) / (hf_N - hf_1),
-      ours_e2e_tok_s=B * N / ours_N,
-      hf_e2e_tok_s=B * N / hf_N,
-      ours_compile_s=(cold_N - ours_N) + (cold_1 - ours_1),
-      greedy_token_agreement=match,
-    )
-    r["decode_speedup"] = r["ours_decode_tok_s"] / r["hf_decode_tok_s"]
-    r["ttft_speedup"] = r["hf_ttft_ms"] / r["ours_ttft_ms"]
-    r["e2e_speedup"] = r["ours_e2e_tok_s"] / r["hf_e2e_tok_s"]
-    rows.append(r)
+    rows.append(compare(model, hf_models, B, N, a.text, grid, threads, a.repeats))
     print(f"B={B}: done", flush=True)
-
-  hdr = (
-    f"{'B':>3} {'decode tok/s ours':>18} {'HF':>9} {'ratio':>6} {'TTFT ms ours':>13} {'HF':>8} "
-    f"{'ratio':>6} {'e2e tok/s ours':>15} {'HF':>9} {'ratio':>6} {'HF thr':>6} {'compile s':>10} {'agree':>6}"
-  )
-  if rows:
-    print(hdr)
-  for r in rows:
-    print(
-      f"{r['batch']:>3} {r['ours_decode_tok_s']:>18.0f} {r['hf_decode_tok_s']:>9.0f} "
-      f"{r['decode_speedup']:>5.2f}x {r['ours_ttft_ms']:>13.1f} {r['hf_ttft_ms']:>8.1f} "
-      f"{r['ttft_speedup']:>5.2f}x {r['ours_e2e_tok_s']:>15.0f} {r['hf_e2e_tok_s']:>9.0f} "
-      f"{r['e2e_speedup']:>5.2f}x {r['torch_threads']:>6} {r['ours_compile_s']:>10.1f} "
-      f"{r['greedy_token_agreement']:>6.2f}"
-    )
-  print(
-    f"({a.dtype}, hidden {a.hidden}, {a.layers} layers, vocab 4096, N={N} new tokens, one 112x112 image per "
-    f"prompt, HF at its best of torch threads {threads} per row ('HF thr'), {jax.devices()[0].device_kind})"
-  )
-  skewed = skewed_workload(model, a, compute) if a.skewed else None
+  print_tables(rows, a, threads)
+  skewed = {s: skewed_workload(model, a, s) for s in OURS} if a.skewed else None
   res = dict(
     config=dict(
-      dtype=a.dtype,
+      ours_settings={k: v.get("compute_dtype", "float32") for k, v in OURS.items()},
+      master_dtype="float32",
+      hf_dtypes=list(HF_DTYPES),
       hidden=a.hidden,
       layers=a.layers,
       vocab=4096,
@@ -252,6 +186,8 @@ def main():
       repeats=a.repeats,
       torch_threads_tried=threads,
       devices=str(jax.devices()),
+      load_average_before=list(LOAD_BEFORE),
+      load_average_after=list(os.getloadavg()),
     ),
     rows=rows,
     skewed=skewed,
@@ -260,8 +196,181 @@ def main():
   pathlib.Path(a.out).write_text(json.dumps(res, indent=2))
 
 
-def skewed_workload(model, a, compute: dict) -> dict:
+def compare(model, hf_models, B, N, text, grid, threads, repeats) -> dict:
+  """Part 1 at batch B: every setting of ours and HF, timed interleaved; agreement and margins."""
+  ids, am, pixels, grids = prompts(B, text, grid, np.random.default_rng(B))
+
+  def ours(setting, n):
+    return sampler.generate(
+      model, ids, am, pixels, grids, max_new_tokens=n, eos_token_ids=(), **OURS[setting]
+    )
+
+  def hf_kw(dtype):
+    return dict(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(am),
+      mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
+      pixel_values=torch.tensor(pixels).to(HF_DTYPES[dtype]),
+      image_grid_thw=torch.tensor(grids),
+      do_sample=False,
+      pad_token_id=0,
+    )
+
+  kws = {dt: hf_kw(dt) for dt in hf_models}
+
+  def theirs(dtype, n, **extra):
+    with torch.no_grad():
+      return hf_models[dtype].generate(**kws[dtype], max_new_tokens=n, min_new_tokens=n, **extra)
+
+  tokens, compile_s = {}, {}
+  for s in OURS:  # cold calls: compile time = cold - warm (below)
+    t = time.perf_counter()
+    tokens[s] = ours(s, N).tokens  # host numpy: generate() blocks until the tokens are back
+    cold_N = time.perf_counter() - t
+    t = time.perf_counter()
+    ours(s, 1)
+    compile_s[s] = (cold_N, time.perf_counter() - t)
+  fns = {}
+  for s in OURS:
+    fns[("ours", s, 1)] = lambda s=s: ours(s, 1)
+    fns[("ours", s, N)] = lambda s=s: ours(s, N)
+  best_ours = {k: float("inf") for k in fns}
+  hf_times = {}
+  for th in threads:
+    if th:
+      torch.set_num_threads(th)
+    block = dict(fns)
+    for dt in hf_models:
+      theirs(dt, N), theirs(dt, 1)  # warm-up at this thread count
+      block[("hf", dt, 1)] = lambda dt=dt: theirs(dt, 1)
+      block[("hf", dt, N)] = lambda dt=dt: theirs(dt, N)
+    times = dict(zip(block, best_times(list(block.values()), repeats)))
+    for k in fns:
+      best_ours[k] = min(best_ours[k], times[k])
+    for dt in hf_models:
+      hf_times[f"{dt}/{th}"] = (times[("hf", dt, 1)], times[("hf", dt, N)])
+
+  def stats(t1, tN):
+    return dict(
+      ttft_ms=1e3 * t1, decode_tok_s=B * (N - 1) / (tN - t1), e2e_tok_s=B * N / tN, e2e_s=tN
+    )
+
+  ours_stats = {s: stats(best_ours[("ours", s, 1)], best_ours[("ours", s, N)]) for s in OURS}
+  for s, (cold_N, cold_1) in compile_s.items():
+    ours_stats[s]["compile_s"] = (cold_N - best_ours[("ours", s, N)]) + (
+      cold_1 - best_ours[("ours", s, 1)]
+    )
+  hf_stats = {k: stats(*v) for k, v in hf_times.items()}
+  fastest = min(hf_stats, key=lambda k: hf_stats[k]["e2e_s"])
+  best_of = lambda dt: min(
+    (k for k in hf_stats if k.startswith(dt + "/")), key=lambda k: hf_stats[k]["e2e_s"]
+  )
+  ratio = lambda o, h, m: h[m] / o[m] if m == "ttft_ms" else o[m] / h[m]  # > 1: ours faster
+
+  # Greedy agreement, and the float32 top-1 minus top-2 logit margins along the float32 path.
+  hf_out = {dt: theirs(dt, N).numpy()[:, ids.shape[1] :] for dt in hf_models}
+  with torch.no_grad():
+    logits = torch.stack(
+      theirs("float32", N, output_logits=True, return_dict_in_generate=True).logits, 1
+    ).numpy()  # [B, N, V]: the logits each float32 greedy token was chosen from
+  top2 = -np.sort(-logits, -1)[..., :2]
+  margin = top2[..., 0] - top2[..., 1]
+  agree = lambda x, y: float((x == y).mean())
+  flips = [
+    float(margin[r, np.nonzero(tokens["default"][r] != tokens["float32"][r])[0][0]])
+    for r in range(B)
+    if (tokens["default"][r] != tokens["float32"][r]).any()
+  ]
+  r = dict(
+    batch=B,
+    prompt_len=int(ids.shape[1]),
+    new_tokens=N,
+    ours=ours_stats,
+    hf=hf_stats,
+    hf_fastest=fastest,
+    hf_best_float32=best_of("float32"),
+    hf_best_bfloat16=best_of("bfloat16"),
+    agreement=dict(
+      ours_float32_vs_hf_float32=agree(tokens["float32"], hf_out["float32"]),
+      ours_default_vs_ours_float32=agree(tokens["default"], tokens["float32"]),
+      hf_bfloat16_vs_hf_float32=agree(hf_out["bfloat16"], hf_out["float32"]),
+      ours_default_vs_hf_bfloat16=agree(tokens["default"], hf_out["bfloat16"]),
+    ),
+    float32_margin=dict(
+      median=float(np.median(margin)),
+      share_below_0_02=float((margin < 0.02).mean()),
+      logit_std=float(logits.std()),
+      at_first_flip_ours_default=flips,
+    ),
+  )
+  h = hf_stats[fastest]
+  for m in ("e2e_tok_s", "decode_tok_s", "ttft_ms"):
+    r[f"speedup_{m}_default_vs_hf_fastest"] = ratio(ours_stats["default"], h, m)
+    r[f"speedup_{m}_float32_vs_hf_fastest"] = ratio(ours_stats["float32"], h, m)
+  r["speedup_e2e_float32_vs_hf_float32"] = ratio(
+    ours_stats["float32"], hf_stats[r["hf_best_float32"]], "e2e_tok_s"
+  )
+  r["speedup_e2e_default_vs_hf_bfloat16"] = ratio(
+    ours_stats["default"], hf_stats[r["hf_best_bfloat16"]], "e2e_tok_s"
+  )
+  return r
+
+
+def print_tables(rows, a, threads):
+  if not rows:
+    return
+  print(
+    "\nend to end through sampler.generate vs HF's fastest setting (dtype/threads); "
+    "ours default = bf16 copy of float32 masters"
+  )
+  print(
+    f"{'B':>3} {'HF fastest':>11} {'HF tok/s':>9} {'default':>8} {'ratio':>6} {'float32':>8} "
+    f"{'ratio':>6} | {'f32/f32':>7} {'bf16/bf16':>9}"
+  )
+  for r in rows:
+    o = r["ours"]
+    print(
+      f"{r['batch']:>3} {r['hf_fastest']:>11} {r['hf'][r['hf_fastest']]['e2e_tok_s']:>9.0f} "
+      f"{o['default']['e2e_tok_s']:>8.0f} {r['speedup_e2e_tok_s_default_vs_hf_fastest']:>5.2f}x "
+      f"{o['float32']['e2e_tok_s']:>8.0f} {r['speedup_e2e_tok_s_float32_vs_hf_fastest']:>5.2f}x | "
+      f"{r['speedup_e2e_float32_vs_hf_float32']:>6.2f}x {r['speedup_e2e_default_vs_hf_bfloat16']:>8.2f}x"
+    )
+  print(
+    f"\n{'B':>3} {'setting':>16} {'TTFT ms':>8} {'decode tok/s':>13} {'e2e tok/s':>10} {'compile s':>10}"
+  )
+  for r in rows:
+    settings = [(f"ours {s}", v) for s, v in r["ours"].items()]
+    settings += [(f"HF {k}", v) for k, v in r["hf"].items()]
+    for name, v in settings:
+      star = "*" if name == f"HF {r['hf_fastest']}" else " "
+      comp = f"{v['compile_s']:>10.1f}" if "compile_s" in v else ""
+      print(
+        f"{r['batch']:>3} {name + star:>16} {v['ttft_ms']:>8.1f} {v['decode_tok_s']:>13.0f} "
+        f"{v['e2e_tok_s']:>10.0f} {comp}"
+      )
+  print(
+    f"\n{'B':>3} {'agree: ours f32/HF f32':>23} {'ours bf16/f32':>14} {'HF bf16/f32':>12} "
+    f"{'ours/HF bf16':>13} | {'f32 margin: median':>19} {'<0.02':>6} {'max at 1st flip':>16}"
+  )
+  for r in rows:
+    g, m = r["agreement"], r["float32_margin"]
+    flip = max(m["at_first_flip_ours_default"], default=float("nan"))
+    print(
+      f"{r['batch']:>3} {g['ours_float32_vs_hf_float32']:>23.3f} "
+      f"{g['ours_default_vs_ours_float32']:>14.3f} {g['hf_bfloat16_vs_hf_float32']:>12.3f} "
+      f"{g['ours_default_vs_hf_bfloat16']:>13.3f} | {m['median']:>19.4f} "
+      f"{m['share_below_0_02']:>6.2f} {flip:>16.4f}"
+    )
+  print(
+    f"(hidden {a.hidden}, {a.layers} layers, vocab 4096, N={a.new_tokens} new tokens, one 112x112 "
+    f"image per prompt, torch threads {threads}, best of {a.repeats}, {jax.devices()[0].device_kind}; "
+    f"load average before {LOAD_BEFORE[0]:.2f}, now {os.getloadavg()[0]:.2f})"
+  )
+
+
+def skewed_workload(model, a, setting: str) -> dict:
   """Part 2: log-normal response lengths, all rows at once vs R rows in turns vs R rows refilled."""
+  compute = OURS[setting]
   W, R, med = a.skewed, a.rows, a.median
   if W % R:
     raise ValueError(f"--skewed {W} must be a multiple of --rows {R}")
@@ -306,7 +415,7 @@ def skewed_workload(model, a, compute: dict) -> dict:
   print(
     f"\nlength-skewed workload: {W} samples, lengths log-normal (median {med}, sigma 1, cap {cap}): "
     f"mean {limits.mean():.1f}, max {limits.max()}, {total} tokens; greedy, text prompts of {a.text} tokens, "
-    f"{a.dtype}"
+    f"ours {setting} ({compute.get('compute_dtype', 'float32')})"
   )
   print(
     f"{'mode':>14} {'rows':>5} {'decode steps':>13} {'row-steps wasted':>17} {'tok/s':>8} {'wall s':>7}"

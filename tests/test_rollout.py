@@ -5,6 +5,8 @@ Compiles dominate the run time on CPU, so the prompts are chosen to share bucket
 two-image prompts both land in (B=1, T=32, patches=64).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,6 +306,23 @@ def test_top_p_stays_in_nucleus(small_vocab):
   np.testing.assert_allclose(logp, np.log(p[tok] / p[nucleus].sum()), atol=1e-5)
 
 
+def test_first_argmax_and_categorical_equal_jax():
+  """The rollout's two-reduction argmax (ties -> first index, NaN -> first NaN, all -inf -> 0) and
+  its Gumbel-max sampler draw exactly jnp.argmax's and jax.random.categorical's tokens."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 300)).astype(np.float32)
+  x[1, [3, 17]] = x[1].max() + 1
+  x[2, ::2] = -np.inf
+  x[3, [7, 9]] = np.nan
+  x[4] = -np.inf
+  np.testing.assert_array_equal(rollout.first_argmax(jnp.asarray(x)), np.argmax(x, -1))
+  logits = np.where(np.isnan(x), -np.inf, x)
+  keys = jax.random.split(jax.random.key(1), 64)
+  got = np.asarray(jax.jit(rollout.categorical)(keys, jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, jax.vmap(jax.random.categorical)(keys, jnp.asarray(logits)))
+  assert got.dtype == np.int32 and len(set(got.tolist())) > 30  # really sampled, not all argmax
+
+
 def test_filter_logits_matches_reference():
   """top-k then top-p on random logits vs a direct numpy implementation of HF's warpers."""
   rng = np.random.default_rng(0)
@@ -404,13 +423,17 @@ def test_refill_keeps_every_sample_identical(ours):
   assert (int(refill.decode_steps), 2 * int(refill.decode_steps) - work) == (12, 0)
 
 
-def test_bf16_sampling_matches_float32_greedy_except_at_near_ties(ours):
+@pytest.mark.parametrize("parity_model", ["tiny_hf", "tiny_hf_tied"])
+def test_bf16_sampling_matches_float32_greedy_except_at_near_ties(parity_model, request):
   """A bfloat16 copy of the weights and a bf16 KV cache; logits, sampling and log-probs float32.
+  On both parity models (untied GQA; tied head, no GQA).
 
   Greedy tokens equal the float32 path's, except where the float32 top-2 logits are within bf16's
   error (tiny random models have near-ties: top-2 margins of 0.0005..0.5 with logits ~0.16 std);
   after a first flip the two paths continue from different prefixes, so only the first flip is
-  checked: it must be at a near-tie."""
+  checked: it must be at a near-tie. The programs compile once (a second call does not retrace)
+  and, on CPU, write the bf16 cache in place (a uint16 scatter, not a float32 round trip)."""
+  ours = qwen.from_pretrained(request.getfixturevalue(parity_model)[1], dtype="float32")
   ids, am, pixels, grids = ragged_batch(np.random.default_rng(2))
   masters = {k: np.array(v) for k, v in qwen.flat_params(ours).items()}
   f32 = sampler.generate(ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=())
@@ -449,6 +472,16 @@ def test_bf16_sampling_matches_float32_greedy_except_at_near_ties(ours):
   ds = jax.eval_shape(prog.start, prog.cast(state), inputs, jax.random.key(0))
   assert ds.k[0].dtype == jnp.bfloat16 and ds.prompt.v[0].dtype == jnp.bfloat16
   assert ds.logprobs.dtype == jnp.float32
+  sampler.generate(
+    ours, ids, am, pixels, grids, max_new_tokens=N, eos_token_ids=(), compute_dtype="bfloat16"
+  )
+  assert (prog.cast._cache_size(), prog.start._cache_size(), prog.decode._cache_size()) == (1, 1, 1)
+  # Every write into a layer's row buffer [R, KV, S, K] is a scatter of uint16 bits: XLA:CPU's bf16
+  # scatter would convert the whole buffer to float32 and back at every token.
+  hlo = prog.decode.lower(prog.cast(state), ds).compile().as_text()
+  buf = ",".join(map(str, ds.k[0].shape))
+  kinds = re.findall(rf"= (\w+)\[{buf}\]\S* scatter\(", hlo)
+  assert sorted(kinds) == ["u16"] * (2 * len(ds.k)), kinds
 
 
 def test_batch_pads_only_to_a_multiple_of_the_shards(ours):
