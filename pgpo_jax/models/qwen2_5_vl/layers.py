@@ -83,6 +83,39 @@ def masked_softmax_attention(
   return out.reshape(B, N, G, T, K).transpose(0, 3, 1, 2, 4)
 
 
+CAUSAL_BLOCK = 128  # query rows per block of `causal_block_attention` when no chunk size is set
+
+
+def causal_block_attention(
+  q_BxTxNxGxK: jnp.ndarray,
+  k_BxTxNxK: jnp.ndarray,
+  v_BxTxNxK: jnp.ndarray,
+  mask_BxTxT: jnp.ndarray,
+  scale: float,
+  block: int,
+) -> jnp.ndarray:
+  """`masked_softmax_attention` for a causal self-attention mask, about half the work.
+
+  Query rows [a, a+block) read only keys [0, a+block): the keys after them are masked anyway, so
+  their scores (half of the [T, T] square) are never computed. The blocks are a static Python
+  loop (T // block + 1 score tiles of [block, <= T], no [T, T] array). Equal to the dense call on
+  every query row that sees at least one key; a row that sees none (callers ignore those) attends
+  uniformly over its block's key prefix instead of over all T keys. Returns [B, T, N, G, K].
+  """
+  T = q_BxTxNxGxK.shape[1]
+  outs = [
+    masked_softmax_attention(
+      q_BxTxNxGxK[:, a : a + block],
+      k_BxTxNxK[:, : a + block],
+      v_BxTxNxK[:, : a + block],
+      mask_BxTxT[:, a : a + block, : a + block],
+      scale,
+    )
+    for a in range(0, T, block)
+  ]
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 
 
@@ -208,10 +241,12 @@ def chunked_attention(
   """Grouped attention [B, T, N, G, K] by `impl` (`ATTENTION_IMPLS`); the one attention entry point.
 
   xla: `masked_softmax_attention` over query chunks of `chunk` rows (bounds the score memory), on
-  `mask_BxTxS` (or, when it is None, the mask the segment ids give). splash / cudnn: fused kernels
-  that never build [T, S] float32 scores; they need the structured form of the mask: `causal` and
-  segment ids (query t sees key s iff q_seg[t] == kv_seg[s]). Callers pass both forms; a caller
-  without segment ids (the KV-cached decode step) gets xla.
+  `mask_BxTxS` (or, when it is None, the mask the segment ids give). With `causal` and T == S
+  (self-attention whose mask never lets query t see a key s > t), query blocks of `chunk` rows
+  (`CAUSAL_BLOCK` if 0) skip the keys after them (`causal_block_attention`). splash / cudnn: fused
+  kernels that never build [T, S] float32 scores; they need the structured form of the mask:
+  `causal` and segment ids (query t sees key s iff q_seg[t] == kv_seg[s]). Callers pass both forms;
+  a caller without segment ids (the KV-cached decode step) gets xla.
   """
   impl = resolve_attention_impl(impl)
   if impl != "xla" and q_seg_BxT is not None and kv_seg_BxS is not None:
@@ -232,6 +267,10 @@ def chunked_attention(
   if mask_BxTxS is None:
     mask_BxTxS = segment_mask(q_seg_BxT, kv_seg_BxS, causal)
   T = q_BxTxNxGxK.shape[1]
+  if causal and T == k_BxSxNxK.shape[1]:
+    return causal_block_attention(
+      q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale, chunk if chunk > 0 else CAUSAL_BLOCK
+    )
   if chunk <= 0 or T <= chunk or T % chunk:
     return masked_softmax_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale)
   n = T // chunk

@@ -186,7 +186,7 @@ class TextModel(nnx.Module):
         scale,
         attention_chunk_size,
         impl=attention_impl,
-        causal=True,
+        causal=cache is None,  # with a cache, queries sit at slots [index, index+T) of S
         q_seg_BxT=seg,
         kv_seg_BxS=seg,
       ).reshape(B, T, H, K)
