@@ -45,6 +45,16 @@ def cast(tree, dtype):
   )
 
 
+def dot(spec: str, a: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """`jnp.einsum(spec, a, w)` accumulated and returned in float32, then cast to `a`'s dtype.
+
+  In float32 this is the plain einsum. In bfloat16 it rounds once, as a bfloat16 torch matmul
+  does, and it is what lets XLA:CPU use its bfloat16 kernels: a bf16 x bf16 -> bf16 dot is
+  rewritten to a float32 dot on upcast inputs (about 2x slower than bf16 x bf16 -> f32).
+  """
+  return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   """HF RMSNorm: normalise in float32, cast back to the input dtype, then scale by `weight`.
 
@@ -79,7 +89,9 @@ def masked_softmax_attention(
   big_neg = jnp.finfo(jnp.float32).min
   scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, big_neg)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxNxK.dtype).reshape(B, N, G * T, -1)
-  out = jnp.matmul(probs, v_BxSxNxK.transpose(0, 2, 1, 3))  # [B, N, G*T, K]
+  out = jnp.matmul(  # [B, N, G*T, K]; float32 accumulation (see `dot`), back to v's dtype
+    probs, v_BxSxNxK.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32
+  ).astype(v_BxSxNxK.dtype)
   return out.reshape(B, N, G, T, K).transpose(0, 3, 1, 2, 4)
 
 

@@ -167,9 +167,9 @@ class TextModel(nnx.Module):
       p = layers.cast(p, dt)  # this layer's weights in the compute dtype (float32 masters stay put)
       x = resid(x)
       h = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-      q = jnp.einsum("btd,dhk->bthk", h, p["wq"]) + p["bq"]
-      k = jnp.einsum("btd,dnk->btnk", h, p["wk"]) + p["bk"]
-      v = jnp.einsum("btd,dnk->btnk", h, p["wv"]) + p["bv"]
+      q = layers.dot("btd,dhk->bthk", h, p["wq"]) + p["bq"]
+      k = layers.dot("btd,dnk->btnk", h, p["wk"]) + p["bk"]
+      v = layers.dot("btd,dnk->btnk", h, p["wv"]) + p["bv"]
       q = rope.apply_rotary(q, cos, sin)
       k = rope.apply_rotary(k, cos, sin)
       if ck is not None:
@@ -190,9 +190,10 @@ class TextModel(nnx.Module):
         q_seg_BxT=seg,
         kv_seg_BxS=seg,
       ).reshape(B, T, H, K)
-      x = x + jnp.einsum("bthk,hkd->btd", att, p["wo"])
+      x = x + layers.dot("bthk,hkd->btd", att, p["wo"])
       h = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-      x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+      gate = jax.nn.silu(layers.dot("btd,di->bti", h, p["w_gate"]))
+      x = x + layers.dot("bti,id->btd", gate * layers.dot("btd,di->bti", h, p["w_up"]), p["w_down"])
       return resid(x), (ck, cv)
 
     body = layers.maybe_remat(layer, remat_policy)
