@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/forward.py [--batch 4 --text 512 --image 448 --repeats 5]
 
-Prints a table and writes benchmarks/results/forward.json. Both run float32; the JAX time excludes
-compilation (reported separately). PyTorch runs at 1 and at 2 threads and the faster one is compared.
-Runs alternate (ours, torch@1, torch@2, ours, ...) so that load from other processes on a shared
-machine falls on all of them alike; times are medians. Numbers are only comparable within one run.
+Prints a table and writes benchmarks/results/forward.json. Two like-for-like comparisons in one
+run: float32 vs float32 (the headline), and bfloat16 compute (ours: float32 parameters cast to
+bfloat16 where used; HF: the model in bfloat16) vs bfloat16. The JAX times exclude compilation
+(reported separately). PyTorch runs at 1 and at 2 threads and the faster one is compared. Runs
+alternate (ours, torch@1, torch@2, ours, ...) so that load from other processes on a shared machine
+falls on all of them alike; times are medians. Numbers are only comparable within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pathlib
@@ -82,7 +85,11 @@ def main():
   hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
-    model = qwen.from_pretrained(d)
+    models = {
+      "f32": qwen.from_pretrained(d),
+      "bf16": qwen.from_pretrained(d, "bfloat16", param_dtype="float32"),
+    }
+  hfs = {"f32": hf, "bf16": copy.deepcopy(hf).to(torch.bfloat16)}
   g = a.image // 14
   grids = np.array([[1, g, g]] * a.batch)
   n_img = g * g // 4
@@ -94,9 +101,11 @@ def main():
   ids = np.array(rows)
   am = np.ones_like(ids)
   pixels = rng.standard_normal((a.batch * g * g, 1176)).astype(np.float32)
-  t0 = time.perf_counter()
-  jax.block_until_ready(qwen.forward(model, ids, am, pixels, grids))
-  compile_s = time.perf_counter() - t0
+  compile_s = {}
+  for dt, model in models.items():
+    t0 = time.perf_counter()
+    jax.block_until_ready(qwen.forward(model, ids, am, pixels, grids))
+    compile_s[dt] = time.perf_counter() - t0
 
   kw = dict(
     input_ids=torch.tensor(ids),
@@ -115,18 +124,21 @@ def main():
     return run
 
   # The vision tower alone, on the same images (ours: per-row inputs, as `forward` builds them).
-  vin = qwen.prepare_vision_rows(pixels, grids, ids, model.cfg.vision, model.cfg.image_token_id)
-  graphdef, state = nnx.split(model)
-  encode = jax.jit(lambda s, v: qwen.encode_images(nnx.merge(graphdef, s), v))
-  hf_visual = lambda: hf.model.visual(kw["pixel_values"], grid_thw=kw["image_grid_thw"])
-  fns = {
-    "jax": lambda: jax.block_until_ready(qwen.forward(model, ids, am, pixels, grids)),
-    "torch1": torch_at(1, lambda: hf(**kw)),
-    "torch2": torch_at(2, lambda: hf(**kw)),
-    "jax_vision": lambda: jax.block_until_ready(encode(state, vin)),
-    "torch1_vision": torch_at(1, hf_visual),
-    "torch2_vision": torch_at(2, hf_visual),
-  }
+  vin = qwen.prepare_vision_rows(pixels, grids, ids, models["f32"].cfg.vision, 4000)
+  fns = {}
+  for dt, model in models.items():  # each dtype: ours, HF at 1 and 2 threads; forward, then vision
+    graphdef, state = nnx.split(model)
+    encode = jax.jit(lambda s, v, g=graphdef: qwen.encode_images(nnx.merge(g, s), v))
+    m, h = model, hfs[dt]
+    hf_visual = lambda h=h: h.model.visual(
+      kw["pixel_values"].to(h.dtype), grid_thw=kw["image_grid_thw"]
+    )
+    fns[f"{dt}/jax"] = lambda m=m: jax.block_until_ready(qwen.forward(m, ids, am, pixels, grids))
+    for n in (1, 2):
+      fns[f"{dt}/torch{n}"] = torch_at(n, lambda h=h: h(**kw))
+    fns[f"{dt}/jax_vision"] = lambda e=encode, s=state: jax.block_until_ready(e(s, vin))
+    for n in (1, 2):
+      fns[f"{dt}/torch{n}_vision"] = torch_at(n, hf_visual)
   for fn in fns.values():
     fn()  # warm-up
   times = {k: [] for k in fns}
@@ -136,39 +148,52 @@ def main():
       fn()
       times[k].append(time.perf_counter() - t)
   med = {k: float(np.median(v)) for k, v in times.items()}
-  best = min((1, 2), key=lambda n: med[f"torch{n}"])
-  jax_s, hf_s = med["jax"], med[f"torch{best}"]
-  best_v = min((1, 2), key=lambda n: med[f"torch{n}_vision"])
+
+  def summary(dt):
+    m = {k.split("/")[1]: v for k, v in med.items() if k.startswith(dt + "/")}
+    best = min((1, 2), key=lambda n: m[f"torch{n}"])
+    best_v = min((1, 2), key=lambda n: m[f"torch{n}_vision"])
+    return dict(
+      jax_ms=1e3 * m["jax"],
+      hf_torch_ms=1e3 * m[f"torch{best}"],
+      speedup_jax_over_hf=m[f"torch{best}"] / m["jax"],
+      jax_compile_s=compile_s[dt],
+      torch_threads=best,
+      hf_torch_ms_by_threads={n: 1e3 * m[f"torch{n}"] for n in (1, 2)},
+      vision_jax_ms=1e3 * m["jax_vision"],
+      vision_hf_torch_ms=1e3 * m[f"torch{best_v}_vision"],
+      vision_hf_torch_ms_by_threads={n: 1e3 * m[f"torch{n}_vision"] for n in (1, 2)},
+      vision_torch_threads=best_v,
+      speedup_vision=m[f"torch{best_v}_vision"] / m["jax_vision"],
+    )
+
+  # The headline is float32 vs float32 (top-level keys); bfloat16 vs bfloat16 sits under "bfloat16".
   res = dict(
     batch=a.batch,
     seq_len=int(ids.shape[1]),
     image=a.image,
     hidden=a.hidden,
     layers=a.layers,
-    jax_ms=1e3 * jax_s,
-    hf_torch_ms=1e3 * hf_s,
-    speedup_jax_over_hf=hf_s / jax_s,
-    jax_compile_s=compile_s,
-    torch_threads=best,
-    hf_torch_ms_by_threads={n: 1e3 * med[f"torch{n}"] for n in (1, 2)},
-    vision_jax_ms=1e3 * med["jax_vision"],
-    vision_hf_torch_ms=1e3 * med[f"torch{best_v}_vision"],
-    vision_torch_threads=best_v,
-    speedup_vision=med[f"torch{best_v}_vision"] / med["jax_vision"],
+    **summary("f32"),
+    bfloat16=summary("bf16"),
     repeats=a.repeats,
     devices=str(jax.devices()),
+    load_avg_1min=os.getloadavg()[0],
   )
-  print(f"{'impl':<24}{'forward ms':>12}{'vision tower ms':>17}")
-  print(f"{'pgpo-jax (jit)':<24}{res['jax_ms']:>12.1f}{res['vision_jax_ms']:>17.1f}")
-  for n in (1, 2):
+  print(f"{'impl':<30}{'forward ms':>12}{'vision tower ms':>17}")
+  for dt, r in (("f32", res), ("bf16", res["bfloat16"])):
+    print(f"{f'pgpo-jax (jit), {dt}':<30}{r['jax_ms']:>12.1f}{r['vision_jax_ms']:>17.1f}")
+    for n in (1, 2):
+      fwd, vis = r["hf_torch_ms_by_threads"][n], r["vision_hf_torch_ms_by_threads"][n]
+      print(f"{f'HF torch eager, {dt}, {n} thr':<30}{fwd:>12.1f}{vis:>17.1f}")
     print(
-      f"{f'HF torch eager, {n} thr':<24}{1e3 * med[f'torch{n}']:>12.1f}{1e3 * med[f'torch{n}_vision']:>17.1f}"
+      f"{dt}: speed-up (HF at {r['torch_threads']} thread(s) / ours) "
+      f"{r['speedup_jax_over_hf']:.2f}x, vision alone (HF at {r['vision_torch_threads']}) "
+      f"{r['speedup_vision']:.2f}x   (JAX compile {r['jax_compile_s']:.1f} s)"
     )
   print(
-    f"speed-up (HF at {best} thread(s) / ours): {res['speedup_jax_over_hf']:.2f}x   (JAX compile {compile_s:.1f} s; "
-    f"B={a.batch}, T={ids.shape[1]}, image {a.image}px)"
+    f"B={a.batch}, T={ids.shape[1]}, image {a.image}px; load average {res['load_avg_1min']:.1f}"
   )
-  print(f"vision tower alone (HF at {best_v} thread(s) / ours): {res['speedup_vision']:.2f}x")
   pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(a.out).write_text(json.dumps(res, indent=2))
 

@@ -11,6 +11,7 @@ exists at a time); RMSNorm statistics, softmax and the logits stay float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -45,6 +46,53 @@ def cast(tree, dtype):
   )
 
 
+def dot(spec: str, a: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """`jnp.einsum(spec, a, w)` of two operands, accumulated in float32 and rounded once to `a`'s dtype.
+
+  In float32 this is the plain einsum. In a lower dtype (bfloat16 compute) it rounds once, as a
+  bfloat16 MXU or torch matmul does, and it is what lets XLA:CPU use its bfloat16 kernels: a
+  bf16 x bf16 -> bf16 dot is rewritten there to a float32 dot on upcast inputs (~2x slower than
+  bf16 x bf16 -> f32). The gradient keeps the same form (`_rounded_dot`'s VJP): the cotangent is
+  rounded to the compute dtype, so the backward matmuls stay bf16 x bf16 with float32 accumulation
+  instead of float32 x float32 (what differentiating the float32 result would give; 3-6x slower on
+  TPU). Every index of `spec` must appear in two of its three terms (no summed-away free index).
+  """
+  if a.dtype == jnp.float32 and w.dtype == jnp.float32:
+    return jnp.einsum(spec, a, w)
+  return _rounded_dot(spec, a, w)
+
+
+def _dot_terms(spec: str) -> tuple[str, str, str]:
+  ins, out = spec.replace(" ", "").split("->")
+  a, w = ins.split(",")
+  for c in set(a + w + out):
+    if (c in a) + (c in w) + (c in out) < 2:
+      raise ValueError(f"layers.dot: index {c!r} of {spec!r} appears in only one term")
+  return a, w, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rounded_dot(spec: str, a: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  _dot_terms(spec)
+  return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _rounded_dot_fwd(spec, a, w):
+  return _rounded_dot(spec, a, w), (a, w)
+
+
+def _rounded_dot_bwd(spec, res, g):
+  a, w = res
+  ta, tw, to = _dot_terms(spec)
+  g = g.astype(a.dtype)
+  da = jnp.einsum(f"{to},{tw}->{ta}", g, w, preferred_element_type=jnp.float32)
+  dw = jnp.einsum(f"{ta},{to}->{tw}", a, g, preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), dw.astype(w.dtype)
+
+
+_rounded_dot.defvjp(_rounded_dot_fwd, _rounded_dot_bwd)
+
+
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
   """HF RMSNorm: normalise in float32, cast back to the input dtype, then scale by `weight`.
 
@@ -75,12 +123,48 @@ def masked_softmax_attention(
   scores = jnp.matmul(
     q_BxNxGTxK, k_BxSxNxK.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32
   )
-  scores = scores.reshape(B, N, G, T, -1) * scale
-  big_neg = jnp.finfo(jnp.float32).min
-  scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, big_neg)
+  # The mask as an additive float32 bias: XLA:CPU fuses the add into the softmax that feeds the P·V
+  # matmul, where a select on the broadcast mask is a pass of its own over the scores (~1.5x
+  # slower attention). A masked score becomes finfo.min (the score is below its resolution).
+  bias_BxTxS = jnp.where(mask_BxTxS, 0.0, jnp.finfo(jnp.float32).min)
+  scores = scores.reshape(B, N, G, T, -1) * scale + bias_BxTxS[:, None, None, :, :]
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxNxK.dtype).reshape(B, N, G * T, -1)
-  out = jnp.matmul(probs, v_BxSxNxK.transpose(0, 2, 1, 3))  # [B, N, G*T, K]
+  # [B, N, G*T, K]: float32 accumulation rounded to v's dtype, also in the gradient (`dot`).
+  out = dot("bnts,bnsk->bntk", probs, v_BxSxNxK.transpose(0, 2, 1, 3))
   return out.reshape(B, N, G, T, K).transpose(0, 3, 1, 2, 4)
+
+
+CAUSAL_BLOCK = 128  # query rows per block of `causal_block_attention` when no chunk size is set
+
+
+def causal_block_attention(
+  q_BxTxNxGxK: jnp.ndarray,
+  k_BxTxNxK: jnp.ndarray,
+  v_BxTxNxK: jnp.ndarray,
+  mask_BxTxT: jnp.ndarray,
+  scale: float,
+  block: int,
+) -> jnp.ndarray:
+  """`masked_softmax_attention` for a causal self-attention mask, about half the work.
+
+  Query rows [a, a+block) read only keys [0, a+block): the keys after them are masked anyway, so
+  their scores (half of the [T, T] square) are never computed. The blocks are a static Python
+  loop (T // block + 1 score tiles of [block, <= T], no [T, T] array). Equal to the dense call on
+  every query row that sees at least one key; a row that sees none (callers ignore those) attends
+  uniformly over its block's key prefix instead of over all T keys. Returns [B, T, N, G, K].
+  """
+  T = q_BxTxNxGxK.shape[1]
+  outs = [
+    masked_softmax_attention(
+      q_BxTxNxGxK[:, a : a + block],
+      k_BxTxNxK[:, : a + block],
+      v_BxTxNxK[:, : a + block],
+      mask_BxTxT[:, a : a + block, : a + block],
+      scale,
+    )
+    for a in range(0, T, block)
+  ]
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
@@ -208,10 +292,12 @@ def chunked_attention(
   """Grouped attention [B, T, N, G, K] by `impl` (`ATTENTION_IMPLS`); the one attention entry point.
 
   xla: `masked_softmax_attention` over query chunks of `chunk` rows (bounds the score memory), on
-  `mask_BxTxS` (or, when it is None, the mask the segment ids give). splash / cudnn: fused kernels
-  that never build [T, S] float32 scores; they need the structured form of the mask: `causal` and
-  segment ids (query t sees key s iff q_seg[t] == kv_seg[s]). Callers pass both forms; a caller
-  without segment ids (the KV-cached decode step) gets xla.
+  `mask_BxTxS` (or, when it is None, the mask the segment ids give). With `causal` and T == S
+  (self-attention whose mask never lets query t see a key s > t), query blocks of `chunk` rows
+  (`CAUSAL_BLOCK` if 0) skip the keys after them (`causal_block_attention`). splash / cudnn: fused
+  kernels that never build [T, S] float32 scores; they need the structured form of the mask:
+  `causal` and segment ids (query t sees key s iff q_seg[t] == kv_seg[s]). Callers pass both forms;
+  a caller without segment ids (the KV-cached decode step) gets xla.
   """
   impl = resolve_attention_impl(impl)
   if impl != "xla" and q_seg_BxT is not None and kv_seg_BxS is not None:
@@ -232,6 +318,10 @@ def chunked_attention(
   if mask_BxTxS is None:
     mask_BxTxS = segment_mask(q_seg_BxT, kv_seg_BxS, causal)
   T = q_BxTxNxGxK.shape[1]
+  if causal and T == k_BxSxNxK.shape[1]:
+    return causal_block_attention(
+      q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale, chunk if chunk > 0 else CAUSAL_BLOCK
+    )
   if chunk <= 0 or T <= chunk or T % chunk:
     return masked_softmax_attention(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale)
   n = T // chunk

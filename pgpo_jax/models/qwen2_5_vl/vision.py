@@ -331,7 +331,7 @@ class VisionTower(nnx.Module):
       )[0]
     cfg, dt = self.cfg, self.dtype
     mu, D = cfg.merge_unit, cfg.hidden_size
-    x = vin.pixel_values.astype(dt) @ self.patch_embed[...].astype(dt)  # [P, N, D]
+    x = layers.dot("pnc,cd->pnd", vin.pixel_values.astype(dt), self.patch_embed[...].astype(dt))
     P, n = x.shape[:2]
     take_rows = lambda a, idx: jnp.take_along_axis(a, idx[:, :, None, None], axis=1)
     x = take_rows(x.reshape(P, n // mu, mu, D), vin.unit_order).reshape(P, n, D)  # window order
@@ -376,7 +376,7 @@ class VisionTower(nnx.Module):
       p, full = xs
       p = layers.cast(p, dt)  # this block's weights in the compute dtype
       h = layers.rms_norm(x, p["norm1"], cfg.rms_norm_eps)
-      proj = lambda w, b: jnp.einsum("pnd,dhk->pnhk", h, w) + b
+      proj = lambda w, b: layers.dot("pnd,dhk->pnhk", h, w) + b
       q, k, v = proj(p["wq"], p["bq"]), proj(p["wk"], p["bk"]), proj(p["wv"], p["bv"])
       # HF applies the vision rotary in float32, then casts back.
       q = rope.apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
@@ -385,10 +385,11 @@ class VisionTower(nnx.Module):
         att = full_attention(q, k, v) if full else window_attention(q, k, v)
       else:  # scanned layers: only the taken branch runs
         att = jax.lax.cond(full, full_attention, window_attention, q, k, v)  # [P, N, H, K]
-      x = x + jnp.einsum("pnhk,hkd->pnd", att, p["wo"]) + p["bo"]
+      x = x + layers.dot("pnhk,hkd->pnd", att, p["wo"]) + p["bo"]
       h = layers.rms_norm(x, p["norm2"], cfg.rms_norm_eps)
-      gate = jax.nn.silu(h @ p["w_gate"] + p["b_gate"])
-      x = x + (gate * (h @ p["w_up"] + p["b_up"])) @ p["w_down"] + p["b_down"]
+      gate = jax.nn.silu(layers.dot("pnd,di->pni", h, p["w_gate"]) + p["b_gate"])
+      up = layers.dot("pnd,di->pni", h, p["w_up"]) + p["b_up"]
+      x = x + layers.dot("pni,id->pnd", gate * up, p["w_down"]) + p["b_down"]
       return x, None
 
     body = layers.maybe_remat(block, remat_policy)
@@ -401,6 +402,6 @@ class VisionTower(nnx.Module):
     w0, b0, w2, b2 = layers.cast(
       (self.merger_w0[...], self.merger_b0[...], self.merger_w2[...], self.merger_b2[...]), dt
     )
-    h = jax.nn.gelu(h @ w0 + b0, approximate=False)  # exact GELU
-    h = h @ w2 + b2
+    h = jax.nn.gelu(layers.dot("pud,de->pue", h, w0) + b0, approximate=False)  # exact GELU
+    h = layers.dot("pue,eo->puo", h, w2) + b2
     return jnp.take_along_axis(h, vin.unit_restore[:, :, None], axis=1)  # processor order
