@@ -46,9 +46,7 @@ def test_bfloat16_value_and_gradient_match_float32(spec, sa, sw):
   got = jax.grad(_loss(spec, g), (0, 1))(a16, w16)
   for r, x in zip(ref, got):
     assert x.dtype == jnp.bfloat16
-    np.testing.assert_allclose(
-      np.asarray(x, np.float32), r, atol=2e-2 * float(jnp.max(jnp.abs(r)))
-    )
+    np.testing.assert_allclose(np.asarray(x, np.float32), r, atol=2e-2 * float(jnp.max(jnp.abs(r))))
 
 
 @pytest.mark.parametrize("spec,sa,sw", SPECS)
