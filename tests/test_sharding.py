@@ -239,11 +239,11 @@ ref = model.language_model.embed(ids)
 mesh = sh.make_mesh(data=1, fsdp=4, tensor=2)
 graphdef, state = nnx.split(model)
 state = jax.device_put(state, sh.param_shardings(model, mesh, sh.TRAIN_RULES))
-ids = jax.device_put(ids, sh.logical_sharding(("batch",), mesh, sh.TRAIN_RULES, ids.shape))
+ids = jax.device_put(ids, sh.logical_sharding(("batch", None, None), mesh, sh.TRAIN_RULES, ids.shape))
 
 def embed(state, ids):
-  with rules_in_effect(mesh, sh.TRAIN_RULES):
-    return nnx.merge(graphdef, state).language_model.embed(ids)
+  with rules_in_effect(mesh, sh.TRAIN_RULES):  # rows on, batch-split, as the decoder lays them
+    return sh.constrain(nnx.merge(graphdef, state).language_model.embed(ids), ("batch", None, None, "act_embed"))
 
 fn = jax.jit(embed)
 hlo = fn.lower(state, ids).compile().as_text()

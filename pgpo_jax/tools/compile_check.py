@@ -781,6 +781,10 @@ def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
     fwd - text_flops(cfg, rows * T, 0, rows * L) - vision_flops(cfg, Pu, s.patches, attention=False)
   )
   recompute = {"full": fwd, "dots_no_batch": attention}.get(cfg.remat_policy, 0.0)
+  chunk = cfg.attention_chunk_size
+  if cfg.attention_impl == "xla" and 0 < chunk < T and T % chunk == 0:
+    # `layers.attention` rematerialises each query chunk: the decoder's scores once more.
+    recompute += text_flops(cfg, rows * T, T, 0) - text_flops(cfg, rows * T, 0, 0)
   fwd_min = model_flops(cfg, tokens=rows * T, logits_tokens=rows * L, images=Pu, patches=s.patches)
   ref_bytes = ctx.param_bytes if ctx.c.loss.kl_coef else 0  # π_ref stays on the devices
   return Step(
