@@ -4,6 +4,11 @@
     python scripts/train.py --config=configs/pgpo_3b.py --config.model.init_from=/ckpt/qwen2_5_vl_3b \
         --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/pgpo_3b
     python scripts/compile_check.py --config=configs/pgpo_3b.py --topology=v5p-32
+On v5e-64 (16 GiB chips, 32 batch shards at tensor=2): micro-batches split over the shards, and the
+`dots_no_batch` activations (pgpo_7b) do not fit, so recompute everything:
+    python scripts/compile_check.py --config=configs/pgpo_3b.py --topology=v5e-64 \
+        --config.updates.micro_batch_prompts=32 --config.model.remat_policy=full
+(all four programs fit: at most 12.6 GiB per device, the rollout start; RL step 43.0 s at peak.)
 """
 
 from pgpo_jax.config import sibling

@@ -7,9 +7,20 @@ Convert the HF checkpoint once, then train (every worker of the slice runs the s
 
 Check that every program compiles and fits before asking for the slice (CPU host, needs libtpu):
     python scripts/compile_check.py --config=configs/pgpo_7b.py --topology=v5p-64
-On v5e-256 (16 GiB per chip), more batch shards: micro-batches must split over them:
+On v5e-256 (16 GiB per chip): 64 batch shards, so micro-batches (and the scoring slice, which
+defaults to one) must split over them, and the saved matmul outputs of `dots_no_batch` (~22 GiB per
+device at one prompt per device) do not fit, so recompute everything:
     python scripts/compile_check.py --config=configs/pgpo_7b.py --topology=v5e-256 \
-        --config.updates.micro_batch_prompts=64
+        --config.updates.micro_batch_prompts=64 --config.model.remat_policy=full
+
+compile_check on this recipe (worst case: every response at max_new_tokens; GiB per device; t@peak
+and the minimum at the bf16 peak; runs per RL step; docs/design.md "Fitting the recipes" has more):
+  program          v5p-64: GiB (HBM)  t@peak  x min  runs   v5e-256: GiB (HBM)  t@peak  x min  runs
+  rollout_start            28.0 (29%)   0.93 s  1.07    1            7.2 (45%)   0.27 s  1.07    1
+  rollout_decode           14.8 (16%)   7.38 s  1.10    1            5.0 (31%)  12.19 s  1.02    1
+  score                     6.6  (7%)   0.34 s  1.12   48            3.8 (24%)   0.80 s  1.12    6
+  train                    36.1 (38%)   8.94 s  1.20    3            9.9 (62%)   3.33 s  1.53    3
+  RL step at peak          51.6 s (minimum 44.7 s)                  27.3 s (minimum 23.0 s)
 """
 
 from pgpo_jax.config import base_config
@@ -27,7 +38,11 @@ def get_config():
   # them); RMSNorm, softmax, log-softmax and the loss stay float32.
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
-  c.model.remat_policy = "full"
+  # Backward-pass recompute: `dots_no_batch` keeps every weight matmul's output (q/k/v/o, gate/up/down:
+  # ~20 GiB per device at one prompt x 5 responses x 4,096 tokens per micro-batch) and recomputes only
+  # the attention scores. On v5p-64 the update then needs 36.1 GiB of 95 (`full`: 25.7) and its
+  # t@peak drops from 11.13 s to 8.94 s (x3 updates per RL step). 16 GiB chips: `full`.
+  c.model.remat_policy = "dots_no_batch"
   c.model.scan_layers = True
   c.model.attention_chunk_size = 1024  # bounds the [rows, heads, T, S] attention scores
 

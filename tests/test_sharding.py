@@ -224,3 +224,44 @@ def test_from_pretrained_puts_params_straight_into_their_shardings(tiny_hf, tmp_
     r = out[name]
     assert r["ok_sharding"] and r["equal"], (name, r)
     assert r["shard_bytes"] == [r["full"] // 4], (name, r)  # fsdp=2 x tensor=2
+
+
+_EMBED = """
+import json, jax, jax.numpy as jnp
+from flax import nnx
+from pgpo_jax import sharding as sh
+from pgpo_jax.logical_axes import rules_in_effect
+from pgpo_jax.models import qwen2_5_vl as qwen
+
+model = qwen.Qwen25VL(qwen.tiny_config(), dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+ids = jax.random.randint(jax.random.key(1), (8, 3, 16), 0, model.cfg.text.vocab_size)  # [U, R, T]
+ref = model.language_model.embed(ids)
+mesh = sh.make_mesh(data=1, fsdp=4, tensor=2)
+graphdef, state = nnx.split(model)
+state = jax.device_put(state, sh.param_shardings(model, mesh, sh.TRAIN_RULES))
+ids = jax.device_put(ids, sh.logical_sharding(("batch", None, None), mesh, sh.TRAIN_RULES, ids.shape))
+
+def embed(state, ids):
+  with rules_in_effect(mesh, sh.TRAIN_RULES):  # rows on, batch-split, as the decoder lays them
+    return sh.constrain(nnx.merge(graphdef, state).language_model.embed(ids), ("batch", None, None, "act_embed"))
+
+fn = jax.jit(embed)
+hlo = fn.lower(state, ids).compile().as_text()
+out = fn(state, ids)
+print(json.dumps(dict(
+  all_to_all="all-to-all" in hlo,
+  equal=bool(jnp.array_equal(out, ref)),
+  spec=str(tuple(out.sharding.spec)),
+)))
+"""
+
+
+def test_train_layout_embedding_lookup_needs_no_all_to_all():
+  """TRAIN layouts split the embedding table's D over fsdp; a lookup straight from it returns rows
+  split over D and the batch-split model re-lays them with an all-to-all (the one that aborted the
+  TPU compiler on v5e-256). `TextModel.embed` gathers the table along D first: no all-to-all, the
+  rows come back split like the ids, and the values are the unsharded lookup's, bit for bit."""
+  out = run_on_8_devices(_EMBED)
+  assert not out["all_to_all"], out
+  assert out["equal"], out
+  assert out["spec"].startswith("('fsdp',"), out

@@ -5,7 +5,8 @@
         --config.mesh.tensor=4 --config.updates.micro_batch_prompts=64 --steps=train
 
 (`python scripts/compile_check.py ...` is the same command.) Prints per-step per-device memory vs HBM
-and FLOPs; exit code 1 if a step does not fit, 2 on a compile error. Needs libtpu:
+and FLOPs; exit code 1 if a step does not fit or its compiler crashes (each program compiles in
+its own child process, `--noisolate` to compile in this one), 2 on another compile error. Needs libtpu:
 pip install 'jax[tpu]==0.10.2' (no TPU is used). Details: pgpo_jax/tools/compile_check.py.
 """
 
@@ -41,6 +42,13 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     "trainer's slice, pgpo.scoring_prompts).",
     flag_values=fv,
   )
+  flags.DEFINE_bool(
+    "isolate",
+    True,
+    "Compile each program in its own child process, so that a compiler crash (abort) is "
+    "reported as that program's failure instead of ending the check.",
+    flag_values=fv,
+  )
   flags.DEFINE_string("json", None, "Also write the reports to this JSON file.", flag_values=fv)
 
 
@@ -58,11 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     fv.steps,
     log=lambda m: print(m, file=sys.stderr, flush=True),
     score_prompts=fv.score_prompts,
+    isolate=fv.isolate,
   )
   print(compile_check.format_report(ctx, reports))
   for r in reports:
-    if getattr(r, "traceback", None):
+    if r.traceback:
       print(f"\n{r.name}: {r.traceback}", file=sys.stderr)
+  bad = compile_check.failures(reports)
+  if bad:
+    print("\nFAILED:\n" + "\n".join(f"  {line}" for line in bad))
   if fv.json:
     with open(fv.json, "w") as f:
       json.dump([dataclasses.asdict(r) | {"total": r.total} for r in reports], f, indent=2)

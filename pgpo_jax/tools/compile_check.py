@@ -33,6 +33,20 @@ once, the prompt's KV once per prompt, the rows' filled slots in whole attention
 against the minimum. The programs compile at JAX's default matmul precision, under which a TPU
 computes a float32 matmul as one bfloat16 pass (bf16-rounded inputs, float32 accumulation):
 `model.dtype=float32` moves twice the bytes of bfloat16 but runs its matmuls at the bf16 peak.
+
+Against the physical minimum. Each step also gets `min s`: its model FLOPs (`model_flops`: 2 per
+weight per token for a forward pass, the lm head only on the tokens whose logits are used, 3x for an
+update = 6·N·tokens; no attention, no recompute) at the bf16 peak, or the HBM bytes each device must
+move (weights once; decode: weights and filled KV slots once per step; update: the train state read
+and written) at bandwidth, whichever is larger; `x min` = t@peak / min s. The RL step line sums
+every step x its runs per step (`calls_per_rl_step`: one rollout, the scoring slices, the optimizer
+updates), at t@peak and at the minimum.
+
+Crashes. The TPU compiler aborts the process on some internal failed checks. `run(isolate=True)`
+(the CLI's default) compiles each step in its own spawned child process, which rebuilds the
+context from (config, topology) and sends its report back; a child that dies is reported as that
+step "crashed (signal N: NAME)", the other steps still compile, and the exit code is 1 with a line
+naming the step and the config keys that size it (`KNOBS`), as for a step that does not fit.
 """
 
 from __future__ import annotations
@@ -307,9 +321,11 @@ def text_flops(
   )
 
 
-def vision_flops(cfg: qwen.Qwen25VLConfig, images: float, patches: int) -> float:
+def vision_flops(
+  cfg: qwen.Qwen25VLConfig, images: float, patches: int, attention: bool = True
+) -> float:
   """Vision tower forward on `images` rows of `patches` patches (full layers: dense N x N masked
-  attention; windowed layers: Nb blocks of S x S)."""
+  attention; windowed layers: Nb blocks of S x S). `attention=False`: the weight matmuls only."""
   v = cfg.vision
   D, I = v.hidden_size, v.intermediate_size
   n_full = len([i for i in v.fullatt_block_indexes if i < v.depth])
@@ -323,7 +339,54 @@ def vision_flops(cfg: qwen.Qwen25VLConfig, images: float, patches: int) -> float
     * 2
     * (v.merge_unit * D * v.merge_unit * D + v.merge_unit * D * v.out_hidden_size)
   )
-  return images * (patches * per_patch + attn + merger)
+  return images * (patches * per_patch + (attn if attention else 0) + merger)
+
+
+def model_flops(
+  cfg: qwen.Qwen25VLConfig,
+  *,
+  tokens: float,
+  logits_tokens: float,
+  images: float = 0,
+  patches: int = 0,
+) -> float:
+  """The physical minimum of one forward pass: 2 FLOPs per weight per token (2·N·tokens: every
+  decoder weight matmul on `tokens`, the lm head on `logits_tokens` only, the vision tower's
+  weights on `images` x `patches`), no attention scores, no recompute, no padding. An update is 3x
+  (forward + backward, 6·N·tokens)."""
+  return text_flops(cfg, tokens, 0, logits_tokens) + vision_flops(
+    cfg, images, patches, attention=False
+  )
+
+
+def minimum_seconds(
+  chip: Chip, devices: int, min_flops: float, min_bytes_per_device: float
+) -> float:
+  """Lower bound on a program's time: its model FLOPs over the slice at the bf16 peak, or the HBM
+  bytes each device must move at its bandwidth, whichever is larger."""
+  return max(min_flops / (devices * chip.peak_flops), min_bytes_per_device / chip.hbm_bandwidth)
+
+
+def calls_per_rl_step(c: ml_collections.ConfigDict, s: Shapes) -> dict[str, int]:
+  """How often the trainer runs each program in one RL step: one rollout (start + decode) of the
+  whole batch, scoring in slices of `s.score_prompts` up to the last prompt an update reads, and
+  prompts_per_step // prompts_per_update x passes optimizer updates (`Trainer`)."""
+  u = c.updates
+  updates = int(c.rollout.prompts_per_step) // int(u.prompts_per_update)
+  used = updates * int(u.prompts_per_update)
+  return {
+    "rollout_start": 1,
+    "rollout_decode": 1,
+    "score": -(-used // s.score_prompts),
+    "train": updates * int(u.passes),
+  }
+
+
+def rl_step_seconds(reports: Sequence["StepReport"]) -> tuple[float, float]:
+  """(estimate, minimum): each program's t@peak and minimum time x its calls per RL step, summed."""
+  est = sum(r.calls * r.seconds_at_peak for r in reports)
+  low = sum(r.calls * r.min_seconds for r in reports)
+  return est, low
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,6 +474,8 @@ class Step:
     None  # decode: analytic HBM bytes per step by part (`decode_bytes_per_step`)
   )
   note: str = ""
+  min_flops: float = 0.0  # the physical minimum, all devices (`model_flops`)
+  min_bytes: float = 0.0  # HBM bytes one device must move at least
 
   def lower(self) -> jax.stages.Lowered:
     return self.program.lower(*self.args)
@@ -435,6 +500,15 @@ class StepReport:
   hbm_per_step: dict | None = None
   seconds_at_peak: float = 0.0
   note: str = ""
+  traceback: str = ""  # a compile error's (not a crash's, not an out-of-memory's)
+  min_seconds: float = 0.0  # `minimum_seconds` of the step's model FLOPs and HBM bytes
+  calls: int = 0  # runs per RL step (`calls_per_rl_step`)
+
+  @property
+  def ratio(self) -> float:
+    """t@peak over the physical minimum: what the implementation (attention, recompute, padding
+    to the worst case, memory traffic) costs beyond the model FLOPs."""
+    return self.seconds_at_peak / self.min_seconds if self.min_seconds else float("nan")
 
   @property
   def total(self) -> int:
@@ -583,6 +657,7 @@ def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
   prefill_flops = text_flops(cfg, B * T, T, B) + vision_flops(cfg, B, s.patches)
   # Decode: at most W * N tokens; a token attends to its prompt and, on average, half its response.
   decode_flops = text_flops(cfg, W * N, T + N / 2, W * N)
+  prefill_min = model_flops(cfg, tokens=B * T, logits_tokens=B, images=B, patches=s.patches)
   t = cfg.text
   kv_spec = sharding.logical_to_spec(("act_kv_heads",), rules, mesh, (t.num_key_value_heads,))
   kv_split = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(kv_spec)) if a is not None]))
@@ -605,6 +680,8 @@ def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
       (params, inputs, key),
       ctx.state_bytes,
       prefill_flops,
+      min_flops=prefill_min,
+      min_bytes=per_device_bytes(params),  # the weights, read once
       note=f"B={B} prompts x T={T}, {s.patches} patches per prompt, {dtype.name}",
     ),
     Step(
@@ -616,6 +693,8 @@ def rollout_steps(ctx: Context, shapes: Shapes | None = None) -> list[Step]:
       decode_flops,
       hbm_read_bytes=N * moved,
       hbm_per_step=per_step,
+      min_flops=model_flops(cfg, tokens=W * N, logits_tokens=W * N),
+      min_bytes=N * per_step["minimum"],
       note=f"W={W} samples x N={N} steps{refill}, prompt KV T={T} shared by G={G}, {dtype.name}",
     ),
   ]
@@ -644,8 +723,13 @@ def score_step(ctx: Context, shapes: Shapes | None = None) -> Step:
     )
   fn = ctx.programs.score
   rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len
-  flops = 2 * text_flops(cfg, rows * T, T, rows * s.response_len) + vision_flops(
+  views = 2 if ctx.c.pgpo.enabled else 1  # image view (+ blind view, worst case as long)
+  flops = views * text_flops(cfg, rows * T, T, rows * s.response_len) + vision_flops(
     cfg, s.score_prompts, s.patches
+  )
+  min_flops = views * model_flops(cfg, tokens=rows * T, logits_tokens=rows * s.response_len)
+  min_flops += model_flops(
+    cfg, tokens=0, logits_tokens=0, images=s.score_prompts, patches=s.patches
   )
   # AdamW moments (params are an argument), + π_ref with a KL term (`reference.py`).
   resident = ctx.state_bytes - ctx.param_bytes + (ctx.param_bytes if ctx.c.loss.kl_coef else 0)
@@ -656,7 +740,9 @@ def score_step(ctx: Context, shapes: Shapes | None = None) -> Step:
     (ctx.train_params, seq),
     resident,
     flops,
-    note=f"{rows} sequences x T={T}, two views",
+    note=f"{rows} sequences x T={T}, {views} view(s)",
+    min_flops=min_flops,
+    min_bytes=ctx.param_bytes,  # the weights, read once
   )
 
 
@@ -689,7 +775,17 @@ def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
   step = ctx.programs.train_step
   rows, T = Pu * G, s.prompt_len + L
   fwd = text_flops(cfg, rows * T, T, rows * L) + vision_flops(cfg, Pu, s.patches)
-  recompute = 0 if cfg.remat_policy == "none" else 1
+  # Recomputed in the backward pass: everything (full), nothing (none; dots saves every matmul
+  # output), or the attention scores (dots_no_batch saves the weight matmuls only).
+  attention = (
+    fwd - text_flops(cfg, rows * T, 0, rows * L) - vision_flops(cfg, Pu, s.patches, attention=False)
+  )
+  recompute = {"full": fwd, "dots_no_batch": attention}.get(cfg.remat_policy, 0.0)
+  chunk = cfg.attention_chunk_size
+  if cfg.attention_impl == "xla" and 0 < chunk < T and T % chunk == 0:
+    # `layers.attention` rematerialises each query chunk: the decoder's scores once more.
+    recompute += text_flops(cfg, rows * T, T, 0) - text_flops(cfg, rows * T, 0, 0)
+  fwd_min = model_flops(cfg, tokens=rows * T, logits_tokens=rows * L, images=Pu, patches=s.patches)
   ref_bytes = ctx.param_bytes if ctx.c.loss.kl_coef else 0  # π_ref stays on the devices
   return Step(
     "train",
@@ -697,8 +793,10 @@ def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
     step,
     (ctx.train_state, batch),
     ref_bytes,
-    (3 + recompute) * fwd,
+    3 * fwd + recompute,
     note=f"{rows} sequences x T={T} in {s.num_microbatches} micro-batches, remat={cfg.remat_policy}",
+    min_flops=3 * fwd_min,  # 6·N·tokens
+    min_bytes=2 * ctx.state_bytes,  # the train state read and written once
   )
 
 
@@ -711,7 +809,8 @@ ALL_STEPS = ("rollout_start", "rollout_decode", "score", "train")
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds .*memory|Ran out of memory")
 
 
-def compile_step(step: Step, ctx: Context) -> StepReport:
+def _base_report(step: Step, ctx: Context) -> StepReport:
+  """The report of `step` before (or without) compiling it: analytic FLOPs and t@peak."""
   chip = ctx.topo.chip
   rep = StepReport(
     step.name,
@@ -722,10 +821,18 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
     note=step.note,
     hbm_per_step=step.hbm_per_step,
   )
-  n = ctx.mesh.size
-  rep.flops_per_device = step.flops / n
+  rep.flops_per_device = step.flops / ctx.mesh.size
   peak = matmul_peak(chip, ctx.dtype, MATMUL_PRECISION)
   rep.seconds_at_peak = max(rep.flops_per_device / peak, step.hbm_read_bytes / chip.hbm_bandwidth)
+  rep.min_seconds = minimum_seconds(chip, ctx.mesh.size, step.min_flops, step.min_bytes)
+  rep.calls = calls_per_rl_step(ctx.c, ctx.shapes)[step.name]
+  return rep
+
+
+def compile_step(step: Step, ctx: Context) -> StepReport:
+  """Compiles `step` in this process; an exception (not a crash) is reported, not raised."""
+  chip = ctx.topo.chip
+  rep = _base_report(step, ctx)
   t0 = time.time()
   # The trainer's numerics (not a test suite's "highest" matmul precision), and no persistent
   # compilation cache: a topology executable cannot be reloaded without a TPU client.
@@ -747,7 +854,7 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
       rep.verdict, rep.note = "does not fit", f"XLA: {msg[:300]}"
     else:
       rep.note = f"{type(e).__name__}: {msg[:300]}"
-      rep.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+      rep.traceback = traceback.format_exc()
     return rep
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
@@ -769,23 +876,8 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
   return rep
 
 
-def run(
-  c: ml_collections.ConfigDict,
-  topology: str,
-  steps: Sequence[str] = ALL_STEPS,
-  log: Callable[[str], None] = print,
-  *,
-  score_prompts: int | None = None,
-) -> tuple[Context, list[StepReport]]:
-  """Compiles `steps` of config `c` for `topology`; returns the context and one report per step.
-
-  `score_prompts`: what-if, score in calls of that many prompts (default: the trainer's slice).
-  """
-  unknown = [s for s in steps if s not in ALL_STEPS]
-  if unknown:
-    raise ValueError(f"unknown steps {unknown}; valid: {list(ALL_STEPS)}")
-  topo = parse_topology(topology)
-  ctx = Context(c, topology_devices(topo), topo=topo, score_prompts=score_prompts)
+def build_steps(ctx: Context, steps: Sequence[str]) -> list[Step]:
+  """The named programs on their abstract arguments, in `ALL_STEPS` order."""
   built: list[Step] = []
   if any(s.startswith("rollout") for s in steps):
     built += [st for st in rollout_steps(ctx) if st.name in steps]
@@ -793,17 +885,118 @@ def run(
     built.append(score_step(ctx))
   if "train" in steps:
     built.append(train_step_step(ctx))
+  return built
+
+
+# Test hook: a child compiling the step named here aborts (SIGABRT) before compiling, as the TPU
+# compiler does on a failed internal check. Lets tests see a crash reported without a TPU compile.
+ABORT_ENV = "PGPO_COMPILE_CHECK_ABORT_IN"
+
+
+def _compile_child(conn, c, topology: str, name: str, score_prompts: int | None) -> None:
+  """Child process: rebuilds the context, compiles one step, sends its StepReport through `conn`."""
+  if os.environ.get(ABORT_ENV) == name:
+    os.abort()
+  try:
+    topo = parse_topology(topology)
+    ctx = Context(c, topology_devices(topo), topo=topo, score_prompts=score_prompts)
+    (step,) = build_steps(ctx, [name])
+    rep = compile_step(step, ctx)
+  except Exception as e:  # noqa: BLE001 - sent back, reported by the parent
+    rep = StepReport(name, "", "error", 0, note=f"{type(e).__name__}: {str(e)[:300]}")
+    rep.traceback = traceback.format_exc()
+  conn.send(rep)
+  conn.close()
+
+
+def compile_isolated(
+  step: Step, ctx: Context, topology: str, score_prompts: int | None = None
+) -> StepReport:
+  """Compiles `step` in a child process (spawned: a fresh interpreter and libtpu), so that a
+  compiler crash (abort, segfault) becomes this step's "crashed" report instead of ending the
+  check. The child rebuilds the context from (config, topology) and sends back its report."""
+  import multiprocessing
+  import signal
+
+  mp = multiprocessing.get_context("spawn")
+  recv, send = mp.Pipe(duplex=False)
+  proc = mp.Process(
+    target=_compile_child,
+    args=(send, ctx.c, topology, step.name, score_prompts),
+    name=f"compile_check:{step.name}",
+  )
+  t0 = time.time()
+  proc.start()
+  send.close()  # the child holds the only writer: EOF as soon as it dies
+  try:
+    rep: StepReport | None = recv.recv()
+  except EOFError:
+    rep = None
+  proc.join()
+  if rep is not None:
+    return rep
+  rep = _base_report(step, ctx)
+  rep.compile_s = time.time() - t0
+  code = proc.exitcode
+  if code is not None and code < 0:
+    rep.note = f"crashed (signal {-code}: {signal.Signals(-code).name})"
+  else:
+    rep.note = f"crashed (exit status {code})"
+  rep.note += "; the compiler's message is in stderr above"
+  rep.verdict = "crashed"
+  return rep
+
+
+def run(
+  c: ml_collections.ConfigDict,
+  topology: str,
+  steps: Sequence[str] = ALL_STEPS,
+  log: Callable[[str], None] = print,
+  *,
+  score_prompts: int | None = None,
+  isolate: bool = False,
+) -> tuple[Context, list[StepReport]]:
+  """Compiles `steps` of config `c` for `topology`; returns the context and one report per step.
+
+  `score_prompts`: what-if, score in calls of that many prompts (default: the trainer's slice).
+  `isolate`: compile each step in its own child process (`compile_isolated`; the CLI's default), so
+  that a compiler crash is reported as that step's failure.
+  """
+  unknown = [s for s in steps if s not in ALL_STEPS]
+  if unknown:
+    raise ValueError(f"unknown steps {unknown}; valid: {list(ALL_STEPS)}")
+  topo = parse_topology(topology)
+  ctx = Context(c, topology_devices(topo), topo=topo, score_prompts=score_prompts)
   reports = []
-  for st in built:
+  for st in build_steps(ctx, steps):
     log(f"compiling {st.name} ({st.note}) ...")
-    reports.append(compile_step(st, ctx))
+    if isolate:
+      reports.append(compile_isolated(st, ctx, topology, score_prompts))
+    else:
+      reports.append(compile_step(st, ctx))
     r = reports[-1]
-    log(f"  {r.verdict} in {r.compile_s:.1f} s" + ("" if r.verdict != "error" else f": {r.note}"))
+    log(f"  {r.verdict} in {r.compile_s:.1f} s" + ("" if r.verdict == "fits" else f": {r.note}"))
   return ctx, reports
 
 
 def _gib(x: float) -> str:
   return f"{x / GiB:7.2f}"
+
+
+def _timing(r: StepReport) -> str:
+  return f"{r.min_seconds:7.2f}{r.ratio:5.2f}x{r.calls:6d}"
+
+
+def rl_step_line(reports: Sequence[StepReport]) -> str:
+  """The whole RL step: every program x its runs per step, at t@peak and at the minimum."""
+  est, low = rl_step_seconds(reports)
+  parts = " + ".join(f"{r.calls} x {r.seconds_at_peak:.2f} {r.name}" for r in reports)
+  missing = [s for s in ALL_STEPS if s not in {r.name for r in reports}]
+  line = (
+    f"RL step at peak: {parts} = {est:.1f} s; minimum {low:.1f} s "
+    f"({est / low if low else float('nan'):.2f}x)"
+  )
+  return line + (f" (without {', '.join(missing)}: not compiled)" if missing else "")
 
 
 def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
@@ -822,14 +1015,17 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
     f"{ctx.state_bytes / GiB:.2f} GiB",
     "",
     f"{'step':<15}{'args':>8}{'out':>8}{'alias':>8}{'temp':>8}{'resid':>8}{'total':>8} / HBM  {'use':>5}"
-    f"  {'TFLOP/dev':>10}{'t@peak s':>9}{'XLA TF*':>9}{'compile':>8}  verdict",
+    f"  {'TFLOP/dev':>10}{'t@peak s':>9}{'min s':>7}{'x min':>6}{'/step':>6}{'XLA TF*':>9}"
+    f"{'compile':>8}  verdict",
   ]
   for r in reports:
-    if r.verdict == "error" or (r.verdict == "does not fit" and not r.argument and not r.temp):
+    if r.verdict in ("error", "crashed") or (
+      r.verdict == "does not fit" and not r.argument and not r.temp
+    ):
       lines.append(
         f"{r.name:<15}{'-':>8}{'-':>8}{'-':>8}{'-':>8}{_gib(r.resident)}{'-':>8}"
         f" / {chip.hbm_bytes / GiB:.0f}"
-        f"  {'-':>5}  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{'-':>9}"
+        f"  {'-':>5}  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{_timing(r)}{'-':>9}"
         f"{r.compile_s:7.0f}s  {r.verdict.upper()}"
       )
       lines.append(f"{'':<15}{r.note}")
@@ -837,14 +1033,18 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
     lines.append(
       f"{r.name:<15}{_gib(r.argument)} {_gib(r.output)} {_gib(r.alias)} {_gib(r.temp)} {_gib(r.resident)} "
       f"{_gib(r.total)} / {chip.hbm_bytes / GiB:.0f}  {100 * r.total / chip.hbm_bytes:4.0f}%"
-      f"  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{r.xla_flops / 1e12:9.2f}"
+      f"  {r.flops_per_device / 1e12:10.1f}{r.seconds_at_peak:9.2f}{_timing(r)}"
+      f"{r.xla_flops / 1e12:9.2f}"
       f"{r.compile_s:7.0f}s  {r.verdict.upper() if r.verdict != 'fits' else 'fits'}"
     )
   lines += [
     "",
     "GiB per device. total = args + out - alias + temp + generated code + resident (train state held "
     "on the devices besides the step's own arguments). TFLOP/dev: analytic; XLA TF*: cost_analysis, loop "
-    "bodies counted once.",
+    "bodies counted once. min s: the physical minimum (model FLOPs, 2·N·tokens per forward and "
+    "6·N·tokens per update, at the bf16 peak; or the HBM bytes that must move, at bandwidth); x min: "
+    "t@peak / min s; /step: runs per RL step.",
+    rl_step_line(reports),
   ]
   if ctx.fallbacks:
     lines.append("TRAIN_RULES fallbacks (dims the mesh axis does not divide, replicated instead):")
@@ -862,8 +1062,36 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
   return "\n".join(lines)
 
 
+# What to turn when a step does not fit (or its compiler crashes): the config keys that size it.
+KNOBS: dict[str, str] = {
+  "rollout_start": "rollout.prompts_per_step, data.max_prompt_length or data.max_pixels",
+  "rollout_decode": "rollout.decode_rows (rows decoded at once, slot refill), "
+  "rollout.prompts_per_step or rollout.max_new_tokens",
+  "score": "pgpo.scoring_prompts (prompts per scoring call; 0 = updates.micro_batch_prompts) "
+  "or model.attention_chunk_size",
+  "train": "updates.micro_batch_prompts (prompts per micro-batch), model.remat_policy or "
+  "model.attention_chunk_size",
+}
+
+
+def failures(reports: Sequence[StepReport]) -> list[str]:
+  """One line per step that does not fit, crashed or failed to compile, naming the knob to turn."""
+  lines = []
+  for r in reports:
+    if r.verdict == "error":
+      lines.append(f"{r.name}: compile error: {r.note[:200]}")
+    elif r.verdict == "crashed":  # the note says how: "crashed (signal 6: SIGABRT); ..."
+      lines.append(f"{r.name} {r.note}. Turn {KNOBS[r.name]}.")
+    elif r.verdict == "does not fit":
+      size = (
+        f" ({r.total / GiB:.1f} of {r.hbm_bytes / GiB:.0f} GiB)" if r.argument or r.temp else ""
+      )
+      lines.append(f"{r.name} does not fit{size}: {r.note[:200]}. Turn {KNOBS[r.name]}.")
+  return lines
+
+
 def exit_code(reports: Sequence[StepReport]) -> int:
-  """0 all fit; 1 something does not fit; 2 a compile error that is not an out-of-memory."""
+  """0 all fit; 1 a step does not fit or its compiler crashed; 2 a compile error that is neither."""
   if any(r.verdict == "error" for r in reports):
     return 2
-  return 1 if any(r.verdict == "does not fit" for r in reports) else 0
+  return 1 if any(r.verdict in ("does not fit", "crashed") for r in reports) else 0

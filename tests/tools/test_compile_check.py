@@ -141,3 +141,97 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_clear_error(libtpu):
       ["train"],
       log=lambda m: None,
     )
+
+
+def test_a_compiler_crash_is_that_steps_failure_not_the_checks(libtpu, monkeypatch):
+  """Each step compiles in its own child process: a child that aborts (as the TPU compiler does on a
+  failed check) is reported as "crashed (signal 6: SIGABRT)" for its step, the other steps still
+  compile, and the exit code is 1 with a line naming the step and the knob to turn."""
+  monkeypatch.setenv(cc.ABORT_ENV, "score")
+  ctx, reports = cc.run(_tiny(), "v5e:2x2", ("score", "train"), log=lambda m: None, isolate=True)
+  by = {r.name: r for r in reports}
+  assert by["score"].verdict == "crashed", by["score"]
+  assert "signal 6: SIGABRT" in by["score"].note
+  assert by["score"].flops_per_device > 0  # the analytic columns are still reported
+  assert by["train"].verdict == "fits" and by["train"].argument > 0, by["train"]
+  assert cc.exit_code(reports) == 1
+  (line,) = cc.failures(reports)
+  assert line.startswith("score crashed (signal 6") and "pgpo.scoring_prompts" in line
+  assert "CRASHED" in cc.format_report(ctx, reports)
+
+
+def _weights(params, pattern: str) -> int:
+  """Elements of the parameters whose dotted path matches `pattern`."""
+  import re
+
+  import jax
+  import numpy as np
+
+  total = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = ".".join(re.findall(r"\['(\w+)'\]", jax.tree_util.keystr(path)))
+    if re.fullmatch(pattern, name):
+      total += int(np.prod(x.shape))
+  return total
+
+
+def test_model_flops_are_two_per_weight_per_token(libtpu):
+  """`model_flops` == 2 x (weight-matrix elements counted from the tiny model's own parameter tree)
+  x the tokens each matrix sees: decoder layers on every token, lm head on the logit tokens, the
+  vision blocks and patch embedding on every patch, the merger on every 4 patches."""
+  from flax import nnx
+
+  from pgpo_jax.models import qwen2_5_vl as qwen
+
+  cfg = cc.model_config(_tiny())
+  _, params = nnx.split(qwen.abstract_model(cfg, "float32"))
+  body = _weights(params, r"language_model\.layers\.w\w+")  # wq wk wv wo w_gate w_up w_down
+  head = _weights(params, r"lm_head")
+  vis = _weights(params, r"visual\.(blocks\.w\w+|patch_embed)")
+  merger = _weights(params, r"visual\.merger_w\d")
+  assert body and head and vis and merger
+  tokens, logits, images, patches = 1000, 300, 3, 64
+  want = 2 * (body * tokens + head * logits + images * (vis * patches + merger * patches // 4))
+  got = cc.model_flops(cfg, tokens=tokens, logits_tokens=logits, images=images, patches=patches)
+  assert got == want
+
+
+def test_minimum_ratio_and_rl_step_sum(libtpu):
+  """Per step: minimum = max(model FLOPs / (devices x bf16 peak), HBM bytes / bandwidth), ratio =
+  t@peak / minimum; the RL step sums each step x its runs per step (1 rollout, scoring slices up
+  to the last prompt an update reads, prompts_per_step // prompts_per_update x passes updates)."""
+  chip = cc.CHIPS["v5e"]
+  assert cc.minimum_seconds(chip, 4, 4 * 197e12, 0) == pytest.approx(1.0)
+  assert cc.minimum_seconds(chip, 4, 4 * 197e12, 3 * 0.819e12) == pytest.approx(3.0)
+
+  c = _tiny(**{"rollout.prompts_per_step": 16, "updates.prompts_per_update": 8})
+  c.updates.passes = 2
+  ctx = cc.Context(
+    c, cc.topology_devices(cc.parse_topology("v5e:2x2")), topo=cc.parse_topology("v5e:2x2")
+  )
+  calls = cc.calls_per_rl_step(c, ctx.shapes)
+  # 16 prompts: 2 updates of 8 x 2 passes; scored in slices of micro_batch_prompts = 4.
+  assert calls == {"rollout_start": 1, "rollout_decode": 1, "score": 4, "train": 4}
+  reports = [cc._base_report(st, ctx) for st in cc.build_steps(ctx, cc.ALL_STEPS)]
+  by = {r.name: r for r in reports}
+  cfg, s = ctx.cfg, ctx.shapes
+  rows, T = s.update_prompts * s.group_size, s.prompt_len + s.response_len
+  train_min = 3 * cc.model_flops(
+    cfg,
+    tokens=rows * T,
+    logits_tokens=rows * s.response_len,
+    images=s.update_prompts,
+    patches=s.patches,
+  )
+  assert by["train"].min_seconds == pytest.approx(
+    max(train_min / (4 * chip.peak_flops), 2 * ctx.state_bytes / chip.hbm_bandwidth)
+  )
+  for r in reports:
+    assert r.min_seconds > 0 and r.ratio == pytest.approx(r.seconds_at_peak / r.min_seconds)
+    assert r.ratio >= 1.0, r  # as implemented can never beat the physical minimum
+  est, low = cc.rl_step_seconds(reports)
+  assert est == pytest.approx(sum(calls[r.name] * r.seconds_at_peak for r in reports))
+  assert low == pytest.approx(sum(calls[r.name] * r.min_seconds for r in reports))
+  line = cc.rl_step_line(reports)
+  assert f"4 x {by['score'].seconds_at_peak:.2f} score" in line and f"= {est:.1f} s" in line
+  assert "without" in cc.rl_step_line(reports[:2])  # a partial check says what it left out
