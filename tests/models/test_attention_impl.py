@@ -136,10 +136,12 @@ def test_cudnn_path_plumbing_matches_dense_xla(monkeypatch):
   assert np.isfinite(np.asarray(got)).all()  # no empty rows, even under left padding
 
 
-def test_query_chunks_are_rematerialised_and_keep_the_gradients():
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_chunks_are_rematerialised_and_keep_the_gradients(causal):
   """xla attention over query chunks: each chunk is a `jax.checkpoint` (its [chunk, S] scores are
   recomputed in the backward pass rather than kept for every chunk at once); values and input
-  gradients equal the unchunked dense path."""
+  gradients equal the unchunked dense path. `causal`: the causal blocks (`causal_block_attention`)
+  are rematerialised the same way."""
   B, T, N, G, K, chunk = 2, 64, 2, 2, 16, 16
   qa, ka, va = _qkv(B, T, N, G, K, seed=3)
   q = jnp.asarray(np.random.default_rng(4).standard_normal((B, T, N, G, K)), jnp.float32)
@@ -148,7 +150,7 @@ def test_query_chunks_are_rematerialised_and_keep_the_gradients():
   del qa
 
   def loss(c, q, k, v):
-    return jnp.sum(layers.chunked_attention(q, k, v, mask, K**-0.5, c) * w)
+    return jnp.sum(layers.chunked_attention(q, k, v, mask, K**-0.5, c, causal=causal) * w)
 
   jaxpr = str(jax.make_jaxpr(jax.grad(functools.partial(loss, chunk)))(q, ka, va))
   assert "checkpoint" in jaxpr or "remat" in jaxpr
