@@ -86,6 +86,8 @@ NO_VALUE_RULE = {
   "data.demo_dir",
   "reward.name",
   "logging.wandb_project",
+  "warmup.target_key",  # a column name, checked against the file when read (warmup.py)
+  "warmup.cache_dir",  # a folder
 }
 
 

@@ -111,6 +111,10 @@ def run_config(data_dir) -> ml_collections.ConfigDict:
   c.data.num_epochs = 1
   c.dynamic_sampling.enabled = False  # one rollout round (4 prompts) per step
   c.loss.kl_coef, c.loss.kl_estimator = 0.05, "k2"
+  # AdamW's decoupled decay moves the policy off π_ref at every update, also at a step whose
+  # sampled groups all got zero advantage (a tiny random policy often scores every sample 0): so
+  # train/kl at step 2 is > 0 whatever the samples, and the test checks the KL wiring, not luck.
+  c.optim.weight_decay = 0.5
   c.pgpo.mask_vision_markers = True
   c.train.num_steps, c.train.eval_every, c.train.eval_prompts, c.train.eval_max_new_tokens = (
     5,
