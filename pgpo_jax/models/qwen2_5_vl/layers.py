@@ -129,10 +129,8 @@ def masked_softmax_attention(
   bias_BxTxS = jnp.where(mask_BxTxS, 0.0, jnp.finfo(jnp.float32).min)
   scores = scores.reshape(B, N, G, T, -1) * scale + bias_BxTxS[:, None, None, :, :]
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxNxK.dtype).reshape(B, N, G * T, -1)
-  # [B, N, G*T, K] in v's dtype. Not `dot`: a custom VJP's residuals (here the [T, S] probabilities)
-  # are saved even inside `jax.checkpoint`, so the query-chunk map of `chunked_attention` kept every
-  # chunk's probabilities for the backward pass (the 7B update on v5e-256: 18.8 of 16 GiB).
-  out = jnp.matmul(probs, v_BxSxNxK.transpose(0, 2, 1, 3))
+  # [B, N, G*T, K]: float32 accumulation rounded to v's dtype, also in the gradient (`dot`).
+  out = dot("bnts,bnsk->bntk", probs, v_BxSxNxK.transpose(0, 2, 1, 3))
   return out.reshape(B, N, G, T, K).transpose(0, 3, 1, 2, 4)
 
 
