@@ -141,8 +141,7 @@ def test_query_chunks_are_rematerialised_and_keep_the_gradients(causal):
   """xla attention over query chunks: each chunk is a `jax.checkpoint` (its [chunk, S] scores are
   recomputed in the backward pass rather than kept for every chunk at once); values and input
   gradients equal the unchunked dense path. `causal`: with a chunk size, causal self-attention
-  takes the same rematerialised map (not the Python loop of causal blocks, whose recomputed scores
-  the scheduler may keep alive together)."""
+  takes the same rematerialised map (not the Python loop of causal blocks)."""
   B, T, N, G, K, chunk = 2, 64, 2, 2, 16, 16
   qa, ka, va = _qkv(B, T, N, G, K, seed=3)
   q = jnp.asarray(np.random.default_rng(4).standard_normal((B, T, N, G, K)), jnp.float32)

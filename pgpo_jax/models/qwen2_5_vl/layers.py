@@ -320,9 +320,9 @@ def chunked_attention(
   T = q_BxTxNxGxK.shape[1]
   if causal and T == k_BxSxNxK.shape[1] and (chunk <= 0 or T <= chunk):
     # No memory bound asked for: causal blocks of `CAUSAL_BLOCK` rows skip the keys after them
-    # (about half the score work). With a chunk size, the sequential map below: a Python loop of
-    # rematerialised blocks lets the scheduler keep every block's recomputed scores alive at once
-    # in the backward pass (the 7B update on v5e-256 then needs 18.0 of 16 GiB again).
+    # (about half the score work). With a chunk size, the sequential map below, whose memory the
+    # compile check has measured (a Python loop of rematerialised blocks leaves the order of the
+    # recomputed blocks to the scheduler; not yet checked on TPU).
     return causal_block_attention(
       q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, mask_BxTxS, scale, CAUSAL_BLOCK
     )
