@@ -26,47 +26,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
+from hf_models import hf_config  # noqa: E402  (benchmarks/, run as a script)
 
 from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
-
-
-def hf_config(hidden: int, layers: int):
-  from transformers import Qwen2_5_VLConfig
-
-  heads = hidden // 64
-  return Qwen2_5_VLConfig(
-    text_config=dict(
-      vocab_size=4096,
-      hidden_size=hidden,
-      intermediate_size=4 * hidden,
-      num_hidden_layers=layers,
-      num_attention_heads=heads,
-      num_key_value_heads=max(1, heads // 4),
-      rms_norm_eps=1e-6,
-      max_position_embeddings=4096,
-      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
-      bos_token_id=0,
-      eos_token_id=1,
-      pad_token_id=0,
-    ),
-    vision_config=dict(
-      depth=4,
-      hidden_size=256,
-      intermediate_size=512,
-      num_heads=4,
-      patch_size=14,
-      temporal_patch_size=2,
-      spatial_merge_size=2,
-      window_size=112,
-      fullatt_block_indexes=[3],
-      out_hidden_size=hidden,
-      tokens_per_second=2,
-    ),
-    image_token_id=4000,
-    video_token_id=4001,
-    vision_start_token_id=4002,
-    vision_end_token_id=4003,
-  )
 
 
 def main():
@@ -82,7 +44,11 @@ def main():
   from transformers import Qwen2_5_VLForConditionalGeneration
 
   torch.manual_seed(0)
-  hf = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
+  hf = Qwen2_5_VLForConditionalGeneration(
+    hf_config(
+      a.hidden, a.layers, kv_groups=4, vision_depth=4, vision_hidden=256, vision_full_layers=(3,)
+    )
+  ).eval()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
     models = {

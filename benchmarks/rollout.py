@@ -55,51 +55,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from hf_models import IMAGE, VEND, VSTART, hf_config  # noqa: E402  (benchmarks/, run as a script)
 
 from pgpo_jax import sampler  # noqa: E402
 from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
 
-IMAGE, VSTART, VEND = 4000, 4002, 4003
 LOAD_BEFORE = os.getloadavg()  # 1, 5, 15 min: the machine is shared; recorded with the results
-
-
-def hf_config(hidden: int, layers: int):
-  from transformers import Qwen2_5_VLConfig
-
-  heads = hidden // 64
-  return Qwen2_5_VLConfig(
-    text_config=dict(
-      vocab_size=4096,
-      hidden_size=hidden,
-      intermediate_size=4 * hidden,
-      num_hidden_layers=layers,
-      num_attention_heads=heads,
-      num_key_value_heads=max(1, heads // 2),
-      rms_norm_eps=1e-6,
-      max_position_embeddings=4096,
-      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
-      bos_token_id=0,
-      eos_token_id=1,
-      pad_token_id=0,
-    ),
-    vision_config=dict(
-      depth=2,
-      hidden_size=128,
-      intermediate_size=256,
-      num_heads=2,
-      patch_size=14,
-      temporal_patch_size=2,
-      spatial_merge_size=2,
-      window_size=112,
-      fullatt_block_indexes=[1],
-      out_hidden_size=hidden,
-      tokens_per_second=2,
-    ),
-    image_token_id=IMAGE,
-    video_token_id=4001,
-    vision_start_token_id=VSTART,
-    vision_end_token_id=VEND,
-  )
 
 
 def prompts(batch: int, text: int, grid: int, rng: np.random.Generator):
@@ -159,7 +120,11 @@ def main():
   from transformers import Qwen2_5_VLForConditionalGeneration
 
   torch.manual_seed(0)
-  hf32 = Qwen2_5_VLForConditionalGeneration(hf_config(a.hidden, a.layers)).eval()
+  hf32 = Qwen2_5_VLForConditionalGeneration(
+    hf_config(
+      a.hidden, a.layers, kv_groups=2, vision_depth=2, vision_hidden=128, vision_full_layers=(1,)
+    )
+  ).eval()
   with tempfile.TemporaryDirectory() as d:
     hf32.save_pretrained(d)
     model = qwen.from_pretrained(d)  # float32 masters, as the trainer holds them

@@ -51,8 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "full"
   c.model.scan_layers = True
   c.model.attention_chunk_size = 0
-  # xla | splash (TPU) | cudnn (NVIDIA GPUs) | auto (splash on TPU, cudnn on GPUs, xla elsewhere). Default
-  # xla until the fused kernels run under shard_map (models/qwen2_5_vl/config.py says why).
+  # xla | splash (TPU) | cudnn (NVIDIA GPUs) | auto (splash on TPU, cudnn on GPUs, xla elsewhere,
+  # by the platform of the mesh a program is built for). The fused kernels run per device under
+  # shard_map. Default xla: the tiny default computes in float32, which cuDNN's kernel does not take.
   c.model.attention_impl = "xla"
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

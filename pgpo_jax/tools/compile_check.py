@@ -74,6 +74,7 @@ from pgpo_jax import rollout as rollout_lib
 from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.keypaths import path_str
 from pgpo_jax.models import qwen2_5_vl as qwen
+from pgpo_jax.models.qwen2_5_vl import layers
 from pgpo_jax.rl import packing, sequences
 
 GiB = 2**30
@@ -782,7 +783,11 @@ def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
   )
   recompute = {"full": fwd, "dots_no_batch": attention}.get(cfg.remat_policy, 0.0)
   chunk = cfg.attention_chunk_size
-  if cfg.attention_impl == "xla" and 0 < chunk < T and T % chunk == 0:
+  if (
+    layers.resolve_attention_impl(cfg.attention_impl, "tpu") == "xla"
+    and 0 < chunk < T
+    and T % chunk == 0
+  ):
     # `layers.attention` rematerialises each query chunk: the decoder's scores once more.
     recompute += text_flops(cfg, rows * T, T, 0) - text_flops(cfg, rows * T, 0, 0)
   fwd_min = model_flops(cfg, tokens=rows * T, logits_tokens=rows * L, images=Pu, patches=s.patches)
@@ -999,6 +1004,13 @@ def rl_step_line(reports: Sequence[StepReport]) -> str:
   return line + (f" (without {', '.join(missing)}: not compiled)" if missing else "")
 
 
+def _attention_desc(cfg: qwen.Qwen25VLConfig) -> str:
+  impl = layers.resolve_attention_impl(cfg.attention_impl, "tpu")
+  if impl == "xla":
+    return f"xla (query chunks of {cfg.attention_chunk_size})"
+  return f"{impl} (Pallas kernel per device under shard_map; cached decode steps: xla)"
+
+
 def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
   chip, mesh, s, cfg = ctx.topo.chip, ctx.mesh, ctx.shapes, ctx.cfg
   lines = [
@@ -1007,7 +1019,7 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
     f"mesh {dict(mesh.shape)}; model {ctx.num_params / 1e9:.2f}B params in {ctx.param_dtype.name}, "
     f"compute in {ctx.dtype.name} (t@peak at {matmul_peak(chip, ctx.dtype, MATMUL_PRECISION) / 1e12:.0f} "
     f"TFLOP/s: {MATMUL_PRECISION!r} matmul precision), "
-    f"remat={cfg.remat_policy}, attention_chunk={cfg.attention_chunk_size}",
+    f"remat={cfg.remat_policy}, attention={_attention_desc(cfg)}",
     f"shapes: rollout {s.rollout_prompts} prompts x G={s.group_size}, prompt {s.prompt_len} + response "
     f"{s.response_len} tokens, {s.patches} patches/prompt; update {s.update_prompts} prompts in "
     f"{s.num_microbatches} micro-batches of {s.micro_prompts}",

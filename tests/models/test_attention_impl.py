@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.models.qwen2_5_vl import layers
@@ -31,16 +32,10 @@ def test_resolve_attention_impl_by_platform():
     layers.resolve_attention_impl("flash")
 
 
-def test_splash_causal_gqa_key_mask_matches_dense_xla():
-  """Text decoder case: causal, GQA (G=2 query heads per KV head), keys dropped mid-sequence
-  (PGPO's blind view) and left padding; compared at the kept query rows."""
-  B, T, N, G, K = 2, 256, 2, 2, 16
-  qa, ka, va = _qkv(B, T, N, G, K)
-  keep = np.ones((B, T), bool)
-  keep[0, :40] = False  # left padding
-  keep[1, 100:150] = False  # visual tokens of the blind view
-  causal = np.tril(np.ones((T, T), bool))
-  dense = jnp.asarray(causal[None] & keep[:, None, :])
+def _splash_vs_dense_causal(qa, ka, va, keep):
+  """(splash in interpret mode, dense xla) causal attention under key mask `keep` [B, T]."""
+  T, K = qa.shape[1], qa.shape[-1]
+  dense = jnp.asarray(np.tril(np.ones((T, T), bool))[None] & keep[:, None, :])
   ref = layers.masked_softmax_attention(qa, ka, va, dense, K**-0.5)
   seg = jnp.asarray(keep.astype(np.int32))
   got = layers.chunked_attention(
@@ -56,7 +51,19 @@ def test_splash_causal_gqa_key_mask_matches_dense_xla():
     kv_seg_BxS=seg,
     interpret=True,
   )
-  np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(ref)[keep], atol=2e-5, rtol=2e-5)
+  assert got.shape == ref.shape
+  return np.asarray(got), np.asarray(ref)
+
+
+def test_splash_causal_gqa_key_mask_matches_dense_xla():
+  """Text decoder case: causal, GQA (G=2 query heads per KV head), keys dropped mid-sequence
+  (PGPO's blind view) and left padding; compared at the kept query rows."""
+  B, T, N, G, K = 2, 256, 2, 2, 16
+  keep = np.ones((B, T), bool)
+  keep[0, :40] = False  # left padding
+  keep[1, 100:150] = False  # visual tokens of the blind view
+  got, ref = _splash_vs_dense_causal(*_qkv(B, T, N, G, K), keep)
+  np.testing.assert_allclose(got[keep], ref[keep], atol=2e-5, rtol=2e-5)
 
 
 def test_splash_segments_and_gradients_match_dense_xla():
@@ -159,3 +166,77 @@ def test_query_chunks_are_rematerialised_and_keep_the_gradients(causal):
   g_got = jax.grad(functools.partial(loss, chunk), argnums=(0, 1, 2))(q, ka, va)
   for a, b in zip(g_got, g_ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_splash_pads_lengths_that_are_not_lane_multiples():
+  """Sequences of 200 and 40 tokens (not multiples of 128) against the dense reference."""
+  for T in (200, 40):
+    keep = np.ones((2, T), bool)
+    keep[0, : T // 5] = False
+    got, ref = _splash_vs_dense_causal(*_qkv(2, T, 2, 2, 16, seed=T), keep)
+    np.testing.assert_allclose(got[keep], ref[keep], atol=2e-5, rtol=2e-5)
+
+
+def test_fused_attention_runs_per_device_under_shard_map():
+  """On an 8-device mesh (fsdp 4 x tensor 2) the fused kernel runs under shard_map: rows split over
+  the batch axes, heads over `tensor` (KV heads when it divides them, else the query groups);
+  values and gradients equal the dense xla path, and `auto` picks by the mesh's platform."""
+  from tests.multidevice import run_on_8_devices
+
+  out = run_on_8_devices(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from pgpo_jax import sharding
+    from pgpo_jax.models.qwen2_5_vl import layers
+
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    rules = sharding.TRAIN_RULES
+    res = {}
+    res["specs_heads"] = [str(s) for s in layers.fused_specs(mesh, rules, 4, 2, 2)]
+    res["specs_groups"] = [str(s) for s in layers.fused_specs(mesh, rules, 4, 1, 4)]
+    res["specs_none"] = [str(s) for s in layers.fused_specs(mesh, rules, 2, 1, 3)]
+    errs = []
+    for N, G in ((2, 2), (1, 4)):
+      B, T, K = 4, 200, 16
+      r = np.random.default_rng(N)
+      q = jnp.asarray(r.standard_normal((B, T, N, G, K)), jnp.float32)
+      k = jnp.asarray(r.standard_normal((B, T, N, K)), jnp.float32)
+      v = jnp.asarray(r.standard_normal((B, T, N, K)), jnp.float32)
+      keep = np.ones((B, T), bool); keep[1, :30] = False; keep[2, 50:90] = False
+      seg = jnp.asarray(keep.astype(np.int32))
+      dense = jnp.asarray(np.tril(np.ones((T, T), bool))[None] & keep[:, None, :])
+      w = jnp.asarray(keep[:, :, None, None, None] * r.standard_normal((B, T, N, G, K)), jnp.float32)
+
+      def loss(impl, q, k, v):
+        o = layers.chunked_attention(q, k, v, dense, K**-0.5, 0, impl=impl, causal=True,
+                                     q_seg_BxT=seg, kv_seg_BxS=seg, interpret=True)
+        return jnp.sum(o * w), o
+
+      with sharding.use_rules(mesh, rules):
+        f = jax.jit(jax.value_and_grad(lambda *a: loss("splash", *a), argnums=(0, 1, 2), has_aux=True))
+        g = jax.jit(jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True))
+        (_, o1), g1 = f(q, k, v)
+        (_, o2), g2 = g(q, k, v)
+        jaxpr = str(jax.make_jaxpr(lambda *a: loss("splash", *a))(q, k, v))
+        res["auto_on_cpu_mesh"] = layers.resolve_attention_impl("auto")
+      errs.append(float(np.abs(np.asarray(o1)[keep] - np.asarray(o2)[keep]).max()))
+      errs.append(max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(g1, g2)))
+      res.setdefault("shard_map", []).append("shard_map" in jaxpr)
+    res["errs"] = errs
+    print(json.dumps(res))
+    """
+  )
+  assert out["specs_heads"] == [
+    str(P("fsdp", None, "tensor", None, None)),
+    str(P("fsdp", None, "tensor", None)),
+    str(P("fsdp", None)),
+  ]
+  assert out["specs_groups"][0] == str(P("fsdp", None, None, "tensor", None))
+  assert out["specs_groups"][1] == str(P("fsdp", None, None, None))
+  # 2 rows do not split over 4 shards, nor 1 KV head x 3 groups over 2: the kernel sees all of it.
+  assert out["specs_none"][0] == str(P(None, None, None, None, None))
+  assert out["shard_map"] == [True, True]
+  assert out["auto_on_cpu_mesh"] == "xla"
+  assert max(out["errs"]) < 1e-4, out["errs"]

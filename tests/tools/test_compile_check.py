@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from pgpo_jax import sharding
 from pgpo_jax.tools import compile_check as cc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -235,3 +236,30 @@ def test_minimum_ratio_and_rl_step_sum(libtpu):
   line = cc.rl_step_line(reports)
   assert f"4 x {by['score'].seconds_at_peak:.2f} score" in line and f"= {est:.1f} s" in line
   assert "without" in cc.rl_step_line(reports[:2])  # a partial check says what it left out
+
+
+def test_auto_attention_compiles_the_splash_kernel_for_tpu(libtpu):
+  """`attention_impl=auto` resolves by the mesh's platform (TPU here, though the host is a CPU): the
+  score and train programs carry the Pallas kernel (a TPU custom call) and compile, with `xla` they
+  do not."""
+  seen = {}
+  for impl in ("auto", "xla"):
+    ctx = cc.Context(
+      _tiny(**{"model.attention_impl": impl}),
+      cc.topology_devices(cc.parse_topology("v5e:2x2")),
+      topo=cc.parse_topology("v5e:2x2"),
+    )
+    for step in cc.build_steps(ctx, ("score", "train")):
+      with sharding.use_rules(ctx.mesh, sharding.RULES[step.rules]):
+        text = step.lower().as_text()
+      seen[impl, step.name] = "tpu_custom_call" in text
+      if impl == "auto":
+        report = cc.compile_step(step, ctx)
+        assert report.verdict == "fits", (step.name, report.note, report.traceback)
+    assert ("splash" in cc.format_report(ctx, [])) == (impl == "auto")
+  assert seen == {
+    ("auto", "score"): True,
+    ("auto", "train"): True,
+    ("xla", "score"): False,
+    ("xla", "train"): False,
+  }

@@ -83,8 +83,7 @@ class Qwen25VLConfig:
   scan_layers: bool = True
   attention_chunk_size: int = 0  # >0: chunk queries of the attention to bound memory (xla only)
   # xla | splash (TPU Pallas) | cudnn (NVIDIA) | auto (by platform: layers.resolve_attention_impl).
-  # Default xla: the fused kernels are not yet wrapped in shard_map, so on a multi-device mesh the
-  # partitioner would gather their operands; use them on one device or where that has been checked.
+  # On a mesh the fused kernels run per device under shard_map (`layers.on_mesh`).
   attention_impl: str = "xla"
 
   def replace(self, **kw) -> "Qwen25VLConfig":

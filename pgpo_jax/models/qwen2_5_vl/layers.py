@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from pgpo_jax.logical_axes import current_rules, logical_to_spec
 
 INIT_STD = 0.02  # HF `initializer_range`
 
@@ -176,7 +179,11 @@ def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
     raise ValueError(f"unknown attention_impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
   if impl != "auto":
     return impl
-  platform = platform or jax.default_backend()
+  if (
+    platform is None
+  ):  # the mesh a program is traced for (a TPU topology on a CPU host), else local
+    ctx = current_rules()
+    platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
   return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
 
 
@@ -189,15 +196,30 @@ def segment_mask(q_seg_BxT: jnp.ndarray, kv_seg_BxS: jnp.ndarray, causal: bool) 
   return mask
 
 
+SPLASH_LANES = 128  # the kernel's sequence tiles are multiples of this
+
+
 def _splash_block(n: int, largest: int) -> int:
-  """The largest tile of (512, 256, 128) ≤ `largest` that divides n; a short sequence is one tile."""
+  """The largest tile of (512, 256, 128) <= `largest` that divides n (a multiple of 128)."""
   for b in (512, 256, 128):
     if b <= largest and n % b == 0:
       return b
-  if n <= 1024:
-    return n
-  raise ValueError(
-    f"splash attention: sequence length {n} is not a multiple of 128 (pad it to a bucket that is)"
+  raise ValueError(f"splash attention: length {n} is not a multiple of {SPLASH_LANES}")
+
+
+def _pad_to_lanes(x, seg, axis: int):
+  """Pads a sequence axis of `x` (and its [B, n] segment ids) up to a multiple of 128. Padded
+  slots get a segment id no real token has: padded queries see only padded keys (never an empty
+  row), real queries never see them."""
+  n = x.shape[axis]
+  pad = -n % SPLASH_LANES
+  if not pad:
+    return x, seg
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  fill = jnp.iinfo(jnp.int32).min
+  return jnp.pad(x, widths), jnp.pad(
+    seg.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=fill
   )
 
 
@@ -216,12 +238,17 @@ def splash_attention(
   """TPU Pallas splash (flash) attention, GQA as one MQA kernel per KV head. Returns [B, T, N, G, K].
 
   Query t attends key s iff their segment ids match (and s <= t if causal); scores live only as
-  [block, block] tiles (`_splash_block`). `interpret` runs the kernel in Pallas interpret mode (CPU
+  [block, block] tiles (`_splash_block`). Lengths that are not a multiple of 128 are padded
+  (`_pad_to_lanes`) and the padding dropped from the output. `interpret` runs the kernel in Pallas interpret mode (CPU
   tests).
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+  T0 = q_BxTxNxGxK.shape[1]
+  q_BxTxNxGxK, q_seg_BxT = _pad_to_lanes(q_BxTxNxGxK, q_seg_BxT, 1)
+  v_BxSxNxK = _pad_to_lanes(v_BxSxNxK, kv_seg_BxS, 1)[0]
+  k_BxSxNxK, kv_seg_BxS = _pad_to_lanes(k_BxSxNxK, kv_seg_BxS, 1)
   B, T, N, G, K = q_BxTxNxGxK.shape
   S = k_BxSxNxK.shape[1]
   bq, bkv = _splash_block(T, block), _splash_block(S, block)
@@ -249,7 +276,53 @@ def splash_attention(
     )
 
   out = jax.vmap(row)(q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_seg_BxT, kv_seg_BxS)
-  return out.transpose(0, 3, 1, 2, 4).astype(v_BxSxNxK.dtype)
+  return out.transpose(0, 3, 1, 2, 4)[:, :T0].astype(v_BxSxNxK.dtype)
+
+
+def fused_specs(mesh: jax.sharding.Mesh, rules, B: int, N: int, G: int) -> tuple[P, P, P]:
+  """shard_map specs (q [B,T,N,G,K], k/v [B,S,N,K], segment ids [B,T]) for a fused kernel.
+
+  Rows split like the activations' `batch`; heads split over the mesh axis of `act_kv_heads` when
+  it divides the KV heads, else over the query groups G when it divides those (K/V then replicated
+  over that axis: each shard attends its query heads to every KV head), else heads stay whole.
+  Sequence dims are never split (the kernels need whole rows).
+  """
+  (b,) = tuple(logical_to_spec(("batch",), rules, mesh, (B,))) or (None,)
+  heads_rule = logical_to_spec(("act_kv_heads",), rules, mesh, (N,))
+  group_rule = logical_to_spec(("act_kv_heads",), rules, mesh, (G,))
+  n = heads_rule[0] if len(heads_rule) else None
+  g = None if n is not None else (group_rule[0] if len(group_rule) else None)
+  if g is not None and b is not None and set(_axes(g)) & set(_axes(b)):
+    g = None
+  if n is not None and b is not None and set(_axes(n)) & set(_axes(b)):
+    n = None
+  return P(b, None, n, g, None), P(b, None, n, None), P(b, None)
+
+
+def _axes(spec_entry) -> tuple[str, ...]:
+  return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+def on_mesh(kernel: Callable, q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS):
+  """Runs a fused attention `kernel(q, k, v, q_seg, kv_seg)` per device under `shard_map`.
+
+  A Pallas/custom-call kernel is opaque to XLA's partitioner, which would otherwise gather its
+  operands onto every device (or fail to partition it). Outside `use_rules` / `rules_in_effect`
+  (one device, no mesh) the kernel runs as it is.
+  """
+  ctx = current_rules()
+  if ctx is None or ctx[0].size == 1:
+    return kernel(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS)
+  mesh, rules = ctx
+  B, _, N, G, _ = q_BxTxNxGxK.shape
+  q_spec, kv_spec, seg_spec = fused_specs(mesh, rules, B, N, G)
+  return jax.shard_map(
+    kernel,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS)
 
 
 def cudnn_attention(
@@ -302,19 +375,10 @@ def chunked_attention(
   impl = resolve_attention_impl(impl)
   if impl != "xla" and q_seg_BxT is not None and kv_seg_BxS is not None:
     if impl == "splash":
-      return splash_attention(
-        q_BxTxNxGxK,
-        k_BxSxNxK,
-        v_BxSxNxK,
-        q_seg_BxT,
-        kv_seg_BxS,
-        scale,
-        causal=causal,
-        interpret=interpret,
-      )
-    return cudnn_attention(
-      q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS, scale, causal=causal
-    )
+      kernel = functools.partial(splash_attention, scale=scale, causal=causal, interpret=interpret)
+    else:
+      kernel = functools.partial(cudnn_attention, scale=scale, causal=causal)
+    return on_mesh(kernel, q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS)
   if mask_BxTxS is None:
     mask_BxTxS = segment_mask(q_seg_BxT, kv_seg_BxS, causal)
   T = q_BxTxNxGxK.shape[1]
