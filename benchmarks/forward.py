@@ -5,7 +5,9 @@
 Prints a table and writes benchmarks/results/forward.json. Two like-for-like comparisons in one
 run: float32 vs float32 (the headline), and bfloat16 compute (ours: float32 parameters cast to
 bfloat16 where used; HF: the model in bfloat16) vs bfloat16. The JAX times exclude compilation
-(reported separately). PyTorch runs at 1 and at 2 threads and the faster one is compared. Runs
+(reported separately). PyTorch runs at 1 and at 2 threads and the faster one is compared. Each
+framework's matmul rate at the decoder MLP's shape turns the forward's matmul FLOPs (counted from the
+config) into a floor: the time with nothing but matmuls, and the speed-up cap it implies. Runs
 alternate (ours, torch@1, torch@2, ours, ...) so that load from other processes on a shared machine
 falls on all of them alike; times are medians. Numbers are only comparable within one run.
 """
@@ -23,12 +25,14 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
-from hf_models import hf_config  # noqa: E402  (benchmarks/, run as a script)
+from hf_models import forward_flops, hf_config  # noqa: E402  (benchmarks/, run as a script)
 
 from pgpo_jax.models import qwen2_5_vl as qwen  # noqa: E402
+from pgpo_jax.models.qwen2_5_vl import layers  # noqa: E402
 
 
 def main():
@@ -91,6 +95,13 @@ def main():
 
   # The vision tower alone, on the same images (ours: per-row inputs, as `forward` builds them).
   vin = qwen.prepare_vision_rows(pixels, grids, ids, models["f32"].cfg.vision, 4000)
+  gemm_np = (
+    rng.standard_normal((ids.size, a.hidden)).astype(np.float32),
+    rng.standard_normal((a.hidden, 4 * a.hidden)).astype(np.float32),
+  )
+  gemm = jax.jit(lambda x, w: layers.dot("td,di->ti", x, w))  # our weight-matmul path
+  flops = forward_flops(hf.config, a.batch, ids.shape[1], tuple(grids[0]))
+  gemm_flops = 2 * gemm_np[0].shape[0] * a.hidden * 4 * a.hidden
   fns = {}
   for dt, model in models.items():  # each dtype: ours, HF at 1 and 2 threads; forward, then vision
     graphdef, state = nnx.split(model)
@@ -105,6 +116,13 @@ def main():
     fns[f"{dt}/jax_vision"] = lambda e=encode, s=state: jax.block_until_ready(e(s, vin))
     for n in (1, 2):
       fns[f"{dt}/torch{n}_vision"] = torch_at(n, hf_visual)
+    # Matmul throughput at the decoder MLP's shape, for the floor (the forward's FLOPs at this rate).
+    jdt = jnp.bfloat16 if dt == "bf16" else jnp.float32
+    ga, gb = (jnp.asarray(x, jdt) for x in gemm_np)
+    fns[f"{dt}/jax_gemm"] = lambda a=ga, b=gb: jax.block_until_ready(gemm(a, b))
+    ta, tb = (torch.tensor(x).to(h.dtype) for x in gemm_np)
+    for n in (1, 2):
+      fns[f"{dt}/torch{n}_gemm"] = torch_at(n, lambda a=ta, b=tb: torch.mm(a, b))
   for fn in fns.values():
     fn()  # warm-up
   times = {k: [] for k in fns}
@@ -119,7 +137,17 @@ def main():
     m = {k.split("/")[1]: v for k, v in med.items() if k.startswith(dt + "/")}
     best = min((1, 2), key=lambda n: m[f"torch{n}"])
     best_v = min((1, 2), key=lambda n: m[f"torch{n}_vision"])
+    best_g = min((1, 2), key=lambda n: m[f"torch{n}_gemm"])
+    jax_rate, torch_rate = gemm_flops / m["jax_gemm"], gemm_flops / m[f"torch{best_g}_gemm"]
     return dict(
+      gemm_gflops_jax=jax_rate / 1e9,
+      gemm_gflops_torch=torch_rate / 1e9,
+      gemm_torch_threads=best_g,
+      # The forward's matmul FLOPs at each framework's GEMM rate: its time with nothing else.
+      floor_jax_ms=1e3 * flops["total"] / jax_rate,
+      floor_hf_torch_ms=1e3 * flops["total"] / torch_rate,
+      # The speed-up ours would have over HF's measured time if it did nothing but matmuls.
+      speedup_cap=m[f"torch{best}"] / (flops["total"] / jax_rate),
       jax_ms=1e3 * m["jax"],
       hf_torch_ms=1e3 * m[f"torch{best}"],
       speedup_jax_over_hf=m[f"torch{best}"] / m["jax"],
@@ -135,6 +163,8 @@ def main():
 
   # The headline is float32 vs float32 (top-level keys); bfloat16 vs bfloat16 sits under "bfloat16".
   res = dict(
+    forward_gflop=flops["total"] / 1e9,
+    vision_gflop=flops["vision"] / 1e9,
     batch=a.batch,
     seq_len=int(ids.shape[1]),
     image=a.image,
@@ -156,6 +186,12 @@ def main():
       f"{dt}: speed-up (HF at {r['torch_threads']} thread(s) / ours) "
       f"{r['speedup_jax_over_hf']:.2f}x, vision alone (HF at {r['vision_torch_threads']}) "
       f"{r['speedup_vision']:.2f}x   (JAX compile {r['jax_compile_s']:.1f} s)"
+    )
+    print(
+      f"{dt}: GEMM GFLOP/s ours {r['gemm_gflops_jax']:.0f}, torch {r['gemm_gflops_torch']:.0f} "
+      f"({r['gemm_torch_threads']} thr); {res['forward_gflop']:.0f} GFLOP of matmuls = floor ours "
+      f"{r['floor_jax_ms']:.0f} ms, HF {r['floor_hf_torch_ms']:.0f} ms; speed-up cap "
+      f"(HF / our floor) {r['speedup_cap']:.2f}x"
     )
   print(
     f"B={a.batch}, T={ids.shape[1]}, image {a.image}px; load average {res['load_avg_1min']:.1f}"

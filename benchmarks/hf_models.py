@@ -56,3 +56,33 @@ def hf_config(
     vision_start_token_id=VSTART,
     vision_end_token_id=VEND,
   )
+
+
+def forward_flops(cfg, batch: int, seq_len: int, grid_thw: tuple[int, int, int]) -> dict:
+  """Matmul FLOPs of one forward of `batch` rows of `seq_len` tokens, one image of `grid_thw`
+  patches each: {"text", "vision", "total"}. Causal attention counts the keys at or before each
+  query (T/2 on average); window attention the patches of each 112-px window.
+  """
+  t, v = cfg.text_config, cfg.vision_config
+  D, H, N, I, V = (
+    t.hidden_size,
+    t.num_attention_heads,
+    t.num_key_value_heads,
+    t.intermediate_size,
+    t.vocab_size,
+  )
+  K = D // H
+  per_token = 2 * (D * H * K + 2 * D * N * K + H * K * D + 3 * D * I)
+  attention = 2 * 2 * (seq_len + 1) / 2 * H * K  # q·k and p·v over (T+1)/2 keys on average
+  text = batch * seq_len * (t.num_hidden_layers * (per_token + attention) + 2 * D * V)
+  Dv, Iv = v.hidden_size, v.intermediate_size
+  patches = grid_thw[0] * grid_thw[1] * grid_thw[2]
+  window = (v.window_size // v.patch_size) ** 2
+  per_patch = 2 * (4 * Dv * Dv + 3 * Dv * Iv)
+  full = set(v.fullatt_block_indexes)
+  att = sum(4 * (patches if i in full else window) * Dv for i in range(v.depth))
+  embed = 2 * v.in_channels * v.temporal_patch_size * v.patch_size**2 * Dv
+  mu = v.spatial_merge_size**2
+  merger = patches // mu * 2 * (mu * Dv * mu * Dv + mu * Dv * v.out_hidden_size)
+  vision = batch * (patches * (v.depth * per_patch + att + embed) + merger)
+  return {"text": float(text), "vision": float(vision), "total": float(text + vision)}
