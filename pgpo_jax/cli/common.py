@@ -74,6 +74,31 @@ def define_policy_flags(fv: flags.FlagValues, *, dtype: str) -> None:
   flags.DEFINE_bool("no_progress", False, "No progress bars.", flag_values=fv)
 
 
+def data_columns(fv: flags.FlagValues) -> dict[str, Any]:
+  """The data-column flags of `define_policy_flags`, as keyword arguments of the data readers."""
+  return dict(
+    question_key=fv.question_key,
+    answer_key=fv.answer_key,
+    image_key=fv.image_key,
+    image_dir=fv.image_dir,
+  )
+
+
+def load_policy(fv: flags.FlagValues, cfg: Any) -> Any:
+  """The policy the flags of `define_policy_flags` name (`evaluation.load_policy`), with the pixel
+  bounds of `cfg` (an `EvalConfig` or `InspectConfig`)."""
+  from pgpo_jax import evaluation as ev
+
+  return ev.load_policy(
+    fv.ckpt,
+    dtype=fv.dtype,
+    mesh=ev.make_eval_mesh(fv.mesh),
+    processor_dir=fv.processor,
+    min_pixels=cfg.min_pixels,
+    max_pixels=cfg.max_pixels,
+  )
+
+
 def define_distributed_flags(fv: flags.FlagValues) -> None:
   """Flags of the multi-host commands (`pgpo-train`, `pgpo-eval`): how the processes find each other."""
   flags.DEFINE_enum(

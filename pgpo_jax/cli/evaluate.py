@@ -61,21 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     greedy = dict(k=1, temperature=0.0) if fv.greedy else {}
     cfg = common.dataclass_from_config(ev.EvalConfig, fv.config, **greedy)
-    benches = ev.resolve_benchmarks(
-      fv.data,
-      question_key=fv.question_key,
-      answer_key=fv.answer_key,
-      image_key=fv.image_key,
-      image_dir=fv.image_dir,
-    )
-    policy = ev.load_policy(
-      fv.ckpt,
-      dtype=fv.dtype,
-      mesh=ev.make_eval_mesh(fv.mesh),
-      processor_dir=fv.processor,
-      min_pixels=cfg.min_pixels,
-      max_pixels=cfg.max_pixels,
-    )
+    benches = ev.resolve_benchmarks(fv.data, **common.data_columns(fv))
+    policy = common.load_policy(fv, cfg)
   except (ValueError, FileNotFoundError, NotImplementedError) as e:
     print(f"pgpo-eval: error: {e}", file=sys.stderr)
     return 2

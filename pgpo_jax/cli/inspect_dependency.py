@@ -47,27 +47,13 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   fv, _ = common.parse("pgpo-inspect", __doc__, _define, argv)
   common.setup_logging()
-  from pgpo_jax import evaluation as ev
   from pgpo_jax.tools import inspect_dependency as idep
 
   try:
     greedy = dict(temperature=0.0) if fv.greedy else {}
     cfg = common.dataclass_from_config(idep.InspectConfig, fv.config, **greedy)
-    spec = idep.dataset_spec(
-      fv.data,
-      question_key=fv.question_key,
-      answer_key=fv.answer_key,
-      image_key=fv.image_key,
-      image_dir=fv.image_dir,
-    )
-    policy = ev.load_policy(
-      fv.ckpt,
-      dtype=fv.dtype,
-      mesh=ev.make_eval_mesh(fv.mesh),
-      processor_dir=fv.processor,
-      min_pixels=cfg.min_pixels,
-      max_pixels=cfg.max_pixels,
-    )
+    spec = idep.dataset_spec(fv.data, **common.data_columns(fv))
+    policy = common.load_policy(fv, cfg)
   except (ValueError, FileNotFoundError, NotImplementedError) as e:
     print(f"pgpo-inspect: error: {e}", file=sys.stderr)
     return 2
