@@ -240,3 +240,56 @@ def test_fused_attention_runs_per_device_under_shard_map():
   assert out["shard_map"] == [True, True]
   assert out["auto_on_cpu_mesh"] == "xla"
   assert max(out["errs"]) < 1e-4, out["errs"]
+
+
+def test_model_with_splash_on_a_mesh_matches_xla():
+  """The whole model (vision tower with a full-attention layer, decoder, left padding, the blind
+  view's key mask) traced under an 8-device mesh's rules: splash (interpret mode) per device under
+  shard_map gives the xla model's logits."""
+  from tests.multidevice import run_on_8_devices
+
+  out = run_on_8_devices(
+    """
+    import json
+    import numpy as np
+    from pgpo_jax import sharding
+    from pgpo_jax.models import qwen2_5_vl as qwen
+    from pgpo_jax.models.qwen2_5_vl import layers
+    from tests.hf_utils import IMAGE, left_pad, make_ids, random_pixels
+
+    kernel, calls = layers.splash_attention, []
+
+    def interpreted(*a, **kw):
+      calls.append(bool(kw["causal"]))
+      return kernel(*a, **{**kw, "interpret": True})
+
+    layers.splash_attention = interpreted
+    cfg = qwen.tiny_config()
+    model = qwen.init_model(cfg, "float32", seed=0)
+    rng = np.random.default_rng(0)
+    grids = [[(1, 4, 8)], [(1, 8, 8)], [(1, 4, 4)], [(1, 6, 4)]]
+    ids, am = left_pad([make_ids(rng, g, pre=3 + 5 * i) for i, g in enumerate(grids)])
+    flat = np.asarray([g for row in grids for g in row])
+    pixels = random_pixels(rng, flat)
+    blind = am * (ids != IMAGE)
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    res = {}
+    with sharding.use_rules(mesh, sharding.TRAIN_RULES):
+      for impl in ("xla", "splash"):
+        model.cfg = cfg.replace(attention_impl=impl)
+        res[impl] = [
+          np.asarray(qwen.forward(model, ids, am, pixels, flat)),
+          np.asarray(qwen.forward(model, ids, am, pixels, flat, key_mask=blind)),
+        ]
+    # Compared where a view's outputs are used: kept tokens (in the blind view, the text tokens;
+    # a dropped token's own row is never read, and the two backends fill it differently).
+    keeps = (am.astype(bool), blind.astype(bool))
+    errs = [
+      float(np.abs(a[k] - b[k]).max()) for a, b, k in zip(res["xla"], res["splash"], keeps)
+    ]
+    scale = float(np.abs(res["xla"][0][keeps[0]]).max())
+    print(json.dumps(dict(errs=errs, scale=scale, calls=sorted(set(calls)))))
+    """
+  )
+  assert out["calls"] == [False, True]  # the vision tower's full layer and the decoder
+  assert max(out["errs"]) < 1e-4 * max(1.0, out["scale"]), out
