@@ -197,6 +197,8 @@ def test_fused_attention_runs_per_device_under_shard_map():
     res["specs_heads"] = [str(s) for s in layers.fused_specs(mesh, rules, 4, 2, 2)]
     res["specs_groups"] = [str(s) for s in layers.fused_specs(mesh, rules, 4, 1, 4)]
     res["specs_none"] = [str(s) for s in layers.fused_specs(mesh, rules, 2, 1, 3)]
+    mesh3 = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    res["specs_data_fsdp"] = [str(s) for s in layers.fused_specs(mesh3, rules, 4, 2, 2)]
     errs = []
     for N, G in ((2, 2), (1, 4)):
       B, T, K = 4, 200, 16
@@ -237,6 +239,8 @@ def test_fused_attention_runs_per_device_under_shard_map():
   assert out["specs_groups"][1] == str(P("fsdp", None, None, None))
   # 2 rows do not split over 4 shards, nor 1 KV head x 3 groups over 2: the kernel sees all of it.
   assert out["specs_none"][0] == str(P(None, None, None, None, None))
+  # data x fsdp both > 1: rows split over the two together.
+  assert out["specs_data_fsdp"][0] == str(P(("data", "fsdp"), None, "tensor", None, None))
   assert out["shard_map"] == [True, True]
   assert out["auto_on_cpu_mesh"] == "xla"
   assert max(out["errs"]) < 1e-4, out["errs"]
