@@ -90,10 +90,15 @@ def row_patches(pb: PromptBatch) -> np.ndarray:
 
 
 def prompt_stream_ids(pb: PromptBatch) -> np.ndarray:
-  """[B] RNG stream id of each prompt, from its data file and row: a prompt's samples then depend on
-  the key and the prompt only, not on its batch position or host."""
+  """[B] RNG stream id of each prompt, from its data file's name and row: a prompt's samples then
+  depend on the key and the prompt only, not on its batch position, host, or the folder the data
+  sits in (a copy of the data elsewhere, or under a fresh temporary folder, samples the same)."""
   return np.array(
-    [zlib.crc32(f"{src}\0{row}".encode()) for src, row in zip(pb.sources, pb.row_indices)], np.int64
+    [
+      zlib.crc32(f"{os.path.basename(str(src))}\0{row}".encode())
+      for src, row in zip(pb.sources, pb.row_indices)
+    ],
+    np.int64,
   )
 
 

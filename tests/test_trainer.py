@@ -323,3 +323,18 @@ def test_trained_checkpoint_loads_as_a_model(data_dir, tmp_path):
   assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
   proc = load_processor(str(tmp_path / "w"))
   assert proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.cfg.image_token_id
+
+
+def test_prompt_streams_follow_the_file_name_and_row_not_its_folder():
+  """The same data under two folders samples the same streams (tests put data in fresh temporary
+  folders; a run on a copy of the data reproduces); other rows and files get other streams."""
+  import types
+
+  def ids(sources, rows):
+    return trainer.prompt_stream_ids(types.SimpleNamespace(sources=sources, row_indices=rows))
+
+  a = ids(["/tmp/x1/train.parquet", "/tmp/x1/train.parquet"], [0, 1])
+  b = ids(["/data/copy/train.parquet", "gs://bucket/train.parquet"], [0, 1])
+  np.testing.assert_array_equal(a, b)
+  assert a[0] != a[1]
+  assert ids(["/tmp/x1/other.parquet"], [0])[0] != a[0]
