@@ -179,9 +179,8 @@ def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
     raise ValueError(f"unknown attention_impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
   if impl != "auto":
     return impl
-  if (
-    platform is None
-  ):  # the mesh a program is traced for (a TPU topology on a CPU host), else local
+  if platform is None:
+    # The platform of the mesh a program is traced for (a TPU topology on a CPU host), else local.
     ctx = current_rules()
     platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
   return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
@@ -239,8 +238,8 @@ def splash_attention(
 
   Query t attends key s iff their segment ids match (and s <= t if causal); scores live only as
   [block, block] tiles (`_splash_block`). Lengths that are not a multiple of 128 are padded
-  (`_pad_to_lanes`) and the padding dropped from the output. `interpret` runs the kernel in Pallas interpret mode (CPU
-  tests).
+  (`_pad_to_lanes`) and the padding dropped from the output. `interpret` runs the kernel in Pallas
+  interpret mode (CPU tests).
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -287,20 +286,12 @@ def fused_specs(mesh: jax.sharding.Mesh, rules, B: int, N: int, G: int) -> tuple
   over that axis: each shard attends its query heads to every KV head), else heads stay whole.
   Sequence dims are never split (the kernels need whole rows).
   """
-  (b,) = tuple(logical_to_spec(("batch",), rules, mesh, (B,))) or (None,)
-  heads_rule = logical_to_spec(("act_kv_heads",), rules, mesh, (N,))
-  group_rule = logical_to_spec(("act_kv_heads",), rules, mesh, (G,))
-  n = heads_rule[0] if len(heads_rule) else None
-  g = None if n is not None else (group_rule[0] if len(group_rule) else None)
-  if g is not None and b is not None and set(_axes(g)) & set(_axes(b)):
-    g = None
-  if n is not None and b is not None and set(_axes(n)) & set(_axes(b)):
-    n = None
-  return P(b, None, n, g, None), P(b, None, n, None), P(b, None)
-
-
-def _axes(spec_entry) -> tuple[str, ...]:
-  return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+  shape = (B, 1, N, G, 1)
+  q = logical_to_spec(("batch", None, "act_kv_heads", None, None), rules, mesh, shape)
+  if len(q) < 3 or q[2] is None:  # the KV heads do not split: try the query groups
+    q = logical_to_spec(("batch", None, None, "act_kv_heads", None), rules, mesh, shape)
+  q = tuple(q) + (None,) * (5 - len(q))
+  return P(*q), P(q[0], None, q[2], None), P(q[0], None)
 
 
 def on_mesh(kernel: Callable, q_BxTxNxGxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxT, kv_seg_BxS):
