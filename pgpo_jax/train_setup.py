@@ -36,21 +36,19 @@ def ensure_demo_data(c: ml_collections.ConfigDict) -> None:
     os.path.join(d, "model", "tokenizer.json")
   )
   if not done and jax.process_index() == 0:
-    from pgpo_jax.demo_task import chain, synthetic, tiny_tokenizer
+    from pgpo_jax.demo_task import tasks, tiny_tokenizer
 
     task = c.data.demo_task
-    make_split = {"answer": synthetic.make_split, "chain": chain.make_split}[task]
-    schema = {"answer": synthetic.PARQUET_SCHEMA, "chain": chain.PARQUET_SCHEMA}[task]
     log.info("making the synthetic demo data (%s task) in %s", task, d)
-    os.makedirs(d, exist_ok=True)
     tiny_tokenizer.build_tiny_model_folder(os.path.join(d, "model"), task=task)
-    size = c.data.demo_image_size
-    for name, n, stream in (
-      ("train", c.data.demo_train_rows, 0),
-      ("test", c.data.demo_eval_rows, 1),
-    ):
-      rows = make_split(n, seed=c.seed, image_size=size, stream=stream)
-      synthetic.write_parquet(rows, os.path.join(d, f"{name}.parquet"), schema=schema)
+    tasks.write_splits(
+      d,
+      task,
+      n_train=c.data.demo_train_rows,
+      n_test=c.data.demo_eval_rows,
+      seed=c.seed,
+      image_size=c.data.demo_image_size,
+    )
   multihost.barrier("pgpo_demo_data")
 
 

@@ -47,15 +47,16 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 def run(argv: Sequence[str] | None = None) -> dict[str, int]:
   """Writes the data; returns the special token ids and vocab size of the tokenizer."""
   fv, _ = common.parse("pgpo-make-demo-data", __doc__, _define, argv)
-  from pgpo_jax.demo_task import chain, synthetic, tiny_tokenizer
+  from pgpo_jax.demo_task import tasks, tiny_tokenizer
 
-  task = chain if fv.task == "chain" else synthetic
-  os.makedirs(fv.out_dir, exist_ok=True)
-  for name, n, stream in (("train", fv.n_train, 0), ("test", fv.n_test, 1)):
-    rows = task.make_split(n, fv.seed, fv.image_size, stream=stream)
-    synthetic.write_parquet(
-      rows, os.path.join(fv.out_dir, f"{name}.parquet"), schema=task.PARQUET_SCHEMA
-    )
+  tasks.write_splits(
+    fv.out_dir,
+    fv.task,
+    n_train=fv.n_train,
+    n_test=fv.n_test,
+    seed=fv.seed,
+    image_size=fv.image_size,
+  )
   return tiny_tokenizer.build_tiny_model_folder(
     os.path.join(fv.out_dir, "model"),
     vocab_size=fv.vocab_size,
