@@ -168,6 +168,8 @@ def base_config() -> ml_collections.ConfigDict:
   # target_key: a column of the training files holding each row's target response instead (the chain
   # task's worked `solution`). cache_dir: warm up once and reuse — the params are saved there after
   # the warm-up and read back by any later run given the same folder (arms of one seed share it).
+  # blind_fraction: the share of each warm-up batch trained under PGPO's blind view (visual tokens
+  # removed, positions kept, same targets), so the blind view is in distribution (a language prior).
   c.warmup = ml_collections.ConfigDict(
     dict(
       sft_steps=0,
@@ -176,6 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
       target_template="<think>I look at the image.</think> \\boxed{{{answer}}}",
       target_key="",
       cache_dir="",
+      blind_fraction=0.0,
     )
   )
 
@@ -348,6 +351,7 @@ WARMUP_RULES: dict[str, Rule] = {
   "warmup.learning_rate": _POSITIVE,
   "warmup.prompts_per_step": _POS_INT,
   "warmup.target_template": (_answer_template, "a str.format template with an {answer} field"),
+  "warmup.blind_fraction": _PROBABILITY,
 }
 EVAL_RULES: dict[str, Rule] = {"train.eval_prompts": _POS_INT}
 

@@ -329,14 +329,33 @@ def make_logprob_program(graphdef, *, temperature: float, chunk_size: int) -> Ca
 
 
 def sft_loss_fn(c: ml_collections.ConfigDict):
-  """Token-mean negative log-likelihood of target responses (the demo's supervised warm-up)."""
+  """Token-mean negative log-likelihood of target responses (the demo's supervised warm-up).
+
+  The batch holds `seq` (rows seen with their images) and/or `seq_blind` (rows trained under the
+  blind view, `sequences.blind_response_logprobs`: `warmup.blind_fraction`); `token_normalizer`
+  counts the target tokens of both. Metrics: `nll` over all target tokens, `nll_image` / `nll_blind`
+  over each part's (0 for a part the batch lacks).
+  """
 
   def loss_fn(model, b):
-    seq = b["seq"]
-    logp = sequences.response_logprobs(model, seq, chunk_size=c.loss.logprob_chunk)
-    m = seq.flat_response_mask
-    loss = -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(b["token_normalizer"], 1.0)
-    return loss, {"nll": -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.maximum(m.sum(), 1)}
+    sums, counts = {}, {}
+    for key, view in (("seq", "image"), ("seq_blind", "blind")):
+      if key not in b:
+        sums[view], counts[view] = jnp.float32(0.0), jnp.float32(0.0)
+        continue
+      seq = b[key]
+      fn = sequences.response_logprobs if view == "image" else sequences.blind_response_logprobs
+      logp = fn(model, seq, chunk_size=c.loss.logprob_chunk)
+      m = seq.flat_response_mask
+      sums[view] = -jnp.sum(jnp.where(m, logp, 0.0))
+      counts[view] = m.sum().astype(jnp.float32)
+    total = sums["image"] + sums["blind"]
+    loss = total / jnp.maximum(b["token_normalizer"], 1.0)
+    return loss, {
+      "nll": total / jnp.maximum(counts["image"] + counts["blind"], 1.0),
+      "nll_image": sums["image"] / jnp.maximum(counts["image"], 1.0),
+      "nll_blind": sums["blind"] / jnp.maximum(counts["blind"], 1.0),
+    }
 
   return loss_fn
 

@@ -91,13 +91,48 @@ def sft_warmup(
       groups.append(
         Group(ids, pix, grids, ans, t, mk, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, bool))
       )
-    st, mt = step_fn(st, make_batch(groups))
+    st, mt = step_fn(
+      st, _batch(groups, blind_rows(len(groups), c.warmup.blind_fraction, c.seed, i), make_batch)
+    )
     if i % max(1, n // 5) == 0 or i == n - 1:
-      log.info("warm-up %d/%d: nll %.3f", i + 1, n, float(mt["nll"]))
+      log.info(
+        "warm-up %d/%d: nll %.3f (image rows %.3f, blind rows %.3f)",
+        i + 1,
+        n,
+        float(mt["nll"]),
+        float(mt["nll_image"]),
+        float(mt["nll_blind"]),
+      )
   if cache and jax.process_index() == 0:
     checkpoint.save_params(cache, st.params)
     log.info("warm-up: saved the warm-up params to %s", cache)
   return st.params
+
+
+def blind_rows(n: int, fraction: float, seed: int, step: int) -> np.ndarray:
+  """[n] bool: which of a warm-up step's `n` examples train under the blind view — exactly
+  round(fraction * n) of them, a pure function of (seed, step) so every host and a rerun pick alike."""
+  k = int(round(fraction * n))
+  out = np.zeros(n, bool)
+  out[np.random.default_rng([seed, step, 0x5EED]).permutation(n)[:k]] = True
+  return out
+
+
+def _batch(groups: list[Group], blind_N: np.ndarray, make_batch: Callable[[list[Group]], dict]):
+  """The SFT batch: `seq` for the image-view rows, `seq_blind` for the blind rows (a part with no row
+  is left out), `token_normalizer` the target tokens of both (`programs.sft_loss_fn`)."""
+  parts = {
+    "seq": [g for g, b in zip(groups, blind_N) if not b],
+    "seq_blind": [g for g, b in zip(groups, blind_N) if b],
+  }
+  out, tokens = {}, 0.0
+  for key, gs in parts.items():
+    if gs:
+      b = make_batch(gs)
+      out[key] = b["seq"]
+      tokens = tokens + b["token_normalizer"]
+  out["token_normalizer"] = tokens
+  return out
 
 
 def _target_columns(c: ml_collections.ConfigDict) -> dict[str, list[str]] | None:

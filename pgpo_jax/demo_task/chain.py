@@ -401,6 +401,36 @@ def label_response(text: str) -> tuple[Span, ...]:
   return tuple(sorted(spans))
 
 
+def perception_facts(text: str) -> dict[str, str]:
+  """{fact statement with its value blanked: the stated value} of the image facts a chain-format text
+  states before `Now I compute` (the first statement of each fact counts).
+
+  E.g. `The number drawn is 7.` -> {"The number drawn is _.": "7"}. Keys are the statements of
+  `_PERCEPTION_RE` with the value replaced by `_`, so a response and the worked solution of the same
+  question give the same keys when they read the same facts.
+  """
+  facts: dict[str, str] = {}
+  stop = text.find("Now I compute")
+  for m in _PERCEPTION_RE.finditer(text, 0, len(text) if stop < 0 else stop):
+    g = next(i for i in range(1, 5) if m.group(i) is not None)
+    key = text[m.start() : m.start(g)] + "_" + text[m.end(g) : m.end()]
+    facts.setdefault(key, m.group(g))
+  return facts
+
+
+def perception_accuracy(response: str, solution: str) -> tuple[int, int]:
+  """(facts the response states correctly, facts the worked solution states).
+
+  A fact of the solution is right when the response states the same fact (same statement) with the
+  same value; a fact the response omits, misreads or states in another form is wrong. The solution's
+  values are the true image facts (it is built from the scene), so correct / total is the
+  perception-token accuracy of the response.
+  """
+  truth = perception_facts(solution)
+  said = perception_facts(response)
+  return sum(said.get(k) == v for k, v in truth.items()), len(truth)
+
+
 # ------------------------------------------------------------------------------------------- splits
 
 

@@ -142,6 +142,27 @@ def response_logprobs(
   )
 
 
+def blind_response_logprobs(
+  model: qwen.Qwen25VL,
+  b: SequenceBatch,
+  *,
+  chunk_size: int = 256,
+  temperature: float = 1.0,
+) -> jnp.ndarray:
+  """log π_∅(x_t | prompt without its visual tokens, x_<t) of every response token [P*G, L]
+  (float32, differentiable): the blind view exactly as `score_rollout` builds it (same inputs, same
+  M-RoPE ids), for training on it (`warmup.blind_fraction`). Masked positions are meaningless."""
+  x, pos, key_mask = _blind_embed_and_positions(model, b)
+  h, _ = qwen.run_decoder(model, x, pos, key_mask)
+  return scoring.token_logprobs_chunked(
+    _response_hidden(h, b.blind_index.shape[1]),
+    model.lm_head_weight(),
+    b.flat_response,
+    chunk_size,
+    temperature=temperature,
+  )
+
+
 def score_rollout(
   model: qwen.Qwen25VL,
   b: SequenceBatch,

@@ -113,3 +113,35 @@ def test_label_response_on_sampled_text_labels_what_it_recognises():
   spans = chain.label_response(text)
   assert [text[s:e] for s, e, _ in spans] == ["<think>", "4", "</think>"]
   assert chain.label_response("no format at all") == ()
+
+
+def test_perception_accuracy_on_hand_made_responses():
+  sol = (
+    "<think>First I read the image. The number drawn is 7. I count 2 red shapes. "
+    "Is the red circle left of the blue square? yes. So a = 7 and b = 2. Now I compute. "
+    "7 + 2 = 9. So the answer is 9.</think> \\boxed{9}"
+  )
+  assert chain.perception_facts(sol) == {
+    "The number drawn is _.": "7",
+    "I count _ red shapes.": "2",
+    "Is the red circle left of the blue square? _.": "yes",
+  }
+  assert chain.perception_accuracy(sol, sol) == (3, 3)
+  # One misread value, one fact about another colour (the question asked red), one right.
+  wrong = sol.replace("drawn is 7", "drawn is 1").replace("2 red", "2 blue")
+  assert chain.perception_accuracy(wrong, sol) == (1, 3)
+  # A restatement after `Now I compute` does not count; nothing read at all is 0 of 3.
+  late = "<think>So a = 7. Now I compute. The number drawn is 7.</think> \\boxed{9}"
+  assert chain.perception_accuracy(late, sol) == (0, 3)
+  assert chain.perception_accuracy("", sol) == (0, 3)
+  # The first statement of a fact counts, not a later correction.
+  twice = sol.replace("drawn is 7.", "drawn is 3. The number drawn is 7.")
+  assert chain.perception_accuracy(twice, sol) == (2, 3)
+
+
+def test_perception_accuracy_of_every_worked_solution_is_complete():
+  rng = np.random.default_rng(3)
+  for qtype in chain.QTYPES:
+    ex = chain.sample_chain_example(rng, qtype=qtype)
+    n_perception = sum(label == chain.PERCEPTION for _, _, label in ex.spans)
+    assert chain.perception_accuracy(ex.solution, ex.solution) == (n_perception, n_perception)

@@ -182,3 +182,25 @@ def test_without_pgpo_the_scoring_pass_runs_the_image_view_only(setup):
   np.testing.assert_allclose(np.asarray(one.entropy_BxT), np.asarray(two.entropy_BxT), atol=1e-6)
   np.testing.assert_array_equal(np.asarray(one.logp_blind_BxT), np.asarray(one.logp_image_BxT))
   assert not np.asarray(one.dependency_BxT).any()
+
+
+def test_blind_response_logprobs_are_the_scoring_pass_blind_view(setup):
+  """What the warm-up trains under `warmup.blind_fraction` is what scoring calls the blind view."""
+  model, batch, (ids, am, grids, pixels, response, rmask) = setup
+  got = np.asarray(
+    jax.jit(lambda m, b: sequences.blind_response_logprobs(m, b, chunk_size=4))(model, batch)
+  )
+  s = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4))(model, batch)
+  np.testing.assert_allclose(got[rmask], np.asarray(s.logp_blind_BxT)[rmask], atol=1e-5)
+  image = np.asarray(s.logp_image_BxT)[rmask]
+  assert np.abs(got[rmask] - image).max() > 1e-3  # the image matters in this model: views differ
+  # Differentiable, and the images get no gradient through it (the blind view never sees them).
+  grads = jax.grad(
+    lambda m: sequences.blind_response_logprobs(m, batch, chunk_size=4)[rmask].sum()
+  )(model)
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  vis = [np.abs(np.asarray(g)).max() for p, g in leaves if "visual" in jax.tree_util.keystr(p)]
+  txt = [
+    np.abs(np.asarray(g)).max() for p, g in leaves if "language_model" in jax.tree_util.keystr(p)
+  ]
+  assert vis and max(vis) == 0.0 and max(txt) > 0
