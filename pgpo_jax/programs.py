@@ -152,6 +152,22 @@ def make_score_program(
   return jax.jit(fn, in_shardings=(params_sharding, rows), out_shardings=rows)
 
 
+def make_partial_view_program(
+  graphdef, *, chunk_size: int = 256, temperature: float = 1.0
+) -> Callable:
+  """jit `logp(params, seq, hidden_PxTp) -> [P*G, L]`: `sequences.partial_view_logprobs`, the
+  response log-probs when the prompt tokens in `hidden_PxTp` are hidden (a partial blind view; the
+  inspector's diagnostic, one host)."""
+
+  def logp(params, seq, hidden_PxTp):
+    model = nnx.merge(graphdef, params)
+    return sequences.partial_view_logprobs(
+      model, seq, hidden_PxTp, chunk_size=chunk_size, temperature=temperature
+    )
+
+  return jax.jit(logp)
+
+
 def estimator_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """The `pgpo.*` options of the advantage estimator (none for GRPO/DAPO)."""
   p = c.pgpo

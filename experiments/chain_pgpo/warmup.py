@@ -30,6 +30,7 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     "config", None, "experiment config", flag_values=fv, sys_argv=argv
   )
   flags.DEFINE_integer("n", 256, "held-out prompts", flag_values=fv)
+  flags.DEFINE_bool("signals", False, "also score the candidate signals", flag_values=fv)
   flags.DEFINE_string("out", "", "JSON path (default <cache_dir>/probe.json)", flag_values=fv)
 
 
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   t.sft_warmup()
   seconds = time.time() - t0
   shutil.copy(os.path.join(cache, "run", "config.json"), os.path.join(cache, "config.json"))
-  out = measure.measure(cache, c, n=fv.n)
+  out = measure.measure(cache, c, n=fv.n, signals=fv.signals)
   out["warmup"] = {k: v for k, v in c.warmup.to_dict().items()}
   out["warmup_seconds"] = None if cached else seconds
   path = fv.out or os.path.join(cache, "probe.json")

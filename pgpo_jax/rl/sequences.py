@@ -163,6 +163,31 @@ def blind_response_logprobs(
   )
 
 
+def partial_view_logprobs(
+  model: qwen.Qwen25VL,
+  b: SequenceBatch,
+  hidden_PxTp: jnp.ndarray,
+  *,
+  chunk_size: int = 256,
+  temperature: float = 1.0,
+) -> jnp.ndarray:
+  """log π(x_t) [P*G, L] when no token may attend to the prompt tokens in `hidden_PxTp` (bool [P, Tp],
+  e.g. a random half of the visual tokens: a partial blind view, as VPPO masks image patches). The
+  full sequence with a key mask, so any subset can be hidden; hiding every visual token gives the
+  blind view's numbers (`score_rollout`), hiding none the image view's."""
+  x, pos, key_mask, _ = _embed_and_positions(model, b)
+  hidden = jnp.repeat(jnp.asarray(hidden_PxTp, bool), b.group_size, axis=0)
+  hidden = jnp.concatenate([hidden, jnp.zeros((hidden.shape[0], b.response.shape[-1]), bool)], 1)
+  h, _ = qwen.run_decoder(model, x, pos, key_mask & ~hidden)
+  return scoring.token_logprobs_chunked(
+    _response_hidden(h, b.prompt_ids.shape[1]),
+    model.lm_head_weight(),
+    b.flat_response,
+    chunk_size,
+    temperature=temperature,
+  )
+
+
 def score_rollout(
   model: qwen.Qwen25VL,
   b: SequenceBatch,

@@ -72,6 +72,10 @@ class InspectConfig(ev.EvalConfig):
   responses: "sample" (the policy's own responses) or "solution" (teacher-forced: the data column
     `solution_key`, labelled from the character spans in `labels_key`; the chain task's columns).
   labeler: "" (none) or "chain" (label sampled responses with `chain.label_response`).
+  partial_views: also score each response under this many partial blind views, each hiding a
+    random `partial_hide` share of the visual tokens (`ResponseRecord.logp_partial`; VPPO masks
+    patches at p = 0.5). The hidden tokens are a pure function of (seed, response index, view).
+  full_kl_too: with the k3 estimator, also record the full-vocabulary KL (`ResponseRecord.full_kl`).
   """
 
   k: int = 1
@@ -89,6 +93,9 @@ class InspectConfig(ev.EvalConfig):
   labeler: str = ""
   solution_key: str = "solution"
   labels_key: str = "labels"
+  partial_views: int = 0
+  partial_hide: float = 0.5
+  full_kl_too: bool = False
 
   def __post_init__(self):
     super().__post_init__()
@@ -100,6 +107,11 @@ class InspectConfig(ev.EvalConfig):
       raise ValueError(f"the inspector scores one response per prompt: k must be 1, got {self.k}")
     if self.n < 1:
       raise ValueError(f"n must be >= 1, got {self.n}")
+    if self.partial_views < 0 or not 0.0 < self.partial_hide < 1.0:
+      raise ValueError(
+        f"partial_views must be >= 0 and partial_hide in (0, 1), got {self.partial_views}, "
+        f"{self.partial_hide}"
+      )
 
 
 @dataclasses.dataclass
@@ -124,12 +136,18 @@ class ResponseRecord:
   entropy: np.ndarray  # [L] entropy of π_I
   weights: np.ndarray  # [L] PGPO ω̃_t
   labels: np.ndarray | None = None  # [L] int8 `chain.LABELS` ids, or None (unlabelled)
+  logp_partial: np.ndarray | None = None  # [K, L] log π(x_t) under K partial blind views
+  full_kl: np.ndarray | None = None  # [L] full-vocabulary KL (InspectConfig.full_kl_too)
 
   def to_json(self) -> dict[str, Any]:
     d = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, np.ndarray)}
     for k in ("dependency", "logp_image", "logp_blind", "entropy", "weights"):
       d[k] = [float(x) for x in getattr(self, k)]
     d["labels"] = None if self.labels is None else [int(x) for x in self.labels]
+    if self.full_kl is not None:
+      d["full_kl"] = [float(x) for x in self.full_kl]
+    if self.logp_partial is not None:
+      d["logp_partial"] = [[float(x) for x in row] for row in self.logp_partial]
     return d
 
 
@@ -211,6 +229,12 @@ def inspect(
     clamp_log_ratio=cfg.clamp_log_ratio,
   )
   token_weights = programs.make_token_weights_program(threshold_mode=cfg.threshold_mode)
+  partial = programs.make_partial_view_program(policy.graphdef, chunk_size=cfg.chunk_size)
+  full_kl = None
+  if cfg.full_kl_too and cfg.estimator != "full_kl":
+    full_kl = programs.make_score_program(
+      policy.graphdef, estimator="full_kl", chunk_size=cfg.chunk_size
+    )
   it = ev.prompt_iterator(spec, policy.processor, cfg, seed=cfg.seed)
   file_index = {p: i for i, p in enumerate(DatasetReader(spec).files)}
   solutions = _solution_columns(spec, cfg) if cfg.responses == "solution" else None
@@ -259,6 +283,15 @@ def inspect(
         scores.dependency_BxT, seq.flat_response_mask, np.float32(cfg.tau), np.float32(cfg.beta)
       )
       scores, weights_BxN = jax.device_get((scores, weights_BxN))
+      kl_BxN = None if full_kl is None else np.asarray(full_kl(policy.state, seq).dependency_BxT)
+      partial_KxBxN = []
+      for k in range(cfg.partial_views):
+        hide = np.zeros(seq.prompt_visual.shape, bool)
+        for r, b in enumerate(keep):
+          rng = np.random.default_rng([cfg.seed, len(records) + r, k])
+          vis = np.asarray(seq.prompt_visual[b])
+          hide[b] = vis & (rng.random(vis.shape) < cfg.partial_hide)
+        partial_KxBxN.append(np.asarray(partial(policy.state, seq, hide)))
       texts = [tok.decode(resp_BxN[b][mask_BxN[b]], skip_special_tokens=True) for b in keep]
       rewards = reward_fn(texts, [pb.answers[b] for b in keep])
       for r, b in enumerate(keep):
@@ -291,6 +324,10 @@ def inspect(
             entropy=np.asarray(scores.entropy_BxT[b][m], np.float64),
             weights=np.asarray(weights_BxN[b][m], np.float64),
             labels=labels,
+            logp_partial=np.stack([p[b][m] for p in partial_KxBxN]).astype(np.float64)
+            if partial_KxBxN
+            else None,
+            full_kl=None if kl_BxN is None else np.asarray(kl_BxN[b][m], np.float64),
           )
         )
       bar.update(len(keep))

@@ -204,3 +204,28 @@ def test_blind_response_logprobs_are_the_scoring_pass_blind_view(setup):
     np.abs(np.asarray(g)).max() for p, g in leaves if "language_model" in jax.tree_util.keystr(p)
   ]
   assert vis and max(vis) == 0.0 and max(txt) > 0
+
+
+def test_partial_view_hides_exactly_the_given_prompt_tokens(setup):
+  """A random half of the visual tokens hidden equals a forward whose key mask drops them; all
+  hidden is the scoring pass's blind view, none hidden its image view."""
+  model, batch, (ids, am, grids, pixels, response, rmask) = setup
+  rng = np.random.default_rng(5)
+  visual = ids == model.cfg.image_token_id
+  half = visual & (rng.random(ids.shape) < 0.5)
+  fn = jax.jit(lambda m, b, h: sequences.partial_view_logprobs(m, b, h, chunk_size=4))
+  got = np.asarray(fn(model, batch, half))
+  Tp = ids.shape[1]
+
+  def drop_half(full, fam):
+    p = next(p for p in range(ids.shape[0]) if np.array_equal(full[0, :Tp], ids[p]))
+    return fam * np.concatenate([~half[p], np.ones(full.shape[1] - Tp, bool)])[None]
+
+  ref = _teacher_forced(model, ids, am, grids, pixels, response, rmask, key_mask_fn=drop_half)
+  np.testing.assert_allclose(got[rmask], ref[rmask], atol=1e-4)
+  s = jax.jit(lambda m, b: sequences.score_rollout(m, b, chunk_size=4))(model, batch)
+  blind = np.asarray(fn(model, batch, visual))
+  np.testing.assert_allclose(blind[rmask], np.asarray(s.logp_blind_BxT)[rmask], atol=1e-4)
+  none = np.asarray(fn(model, batch, np.zeros_like(visual)))
+  np.testing.assert_allclose(none[rmask], np.asarray(s.logp_image_BxT)[rmask], atol=1e-5)
+  assert np.abs(got[rmask] - blind[rmask]).max() > 1e-3  # half the image is not none of it
