@@ -611,17 +611,24 @@ class Trainer:
       m[f"time/{k}"] = v
     m["time/step"] = time.perf_counter() - t0
     m["throughput/generated_tokens_per_s"] = gen_tokens / max(times["rollout"], 1e-9)
-    scored_rows = (
-      min(P, -(-used // sp) * sp) * self.G
-    )  # whole scoring slices up to the last used row
-    m["throughput/mfu"] = self._mfu(
-      gen_tokens, int(valid.sum()), scored_rows * (seq.prompt_ids.shape[1] + L), m["time/step"]
-    )
+    m["throughput/mfu"] = train_metrics.mfu(self._step_flops(all_groups, kept), m["time/step"])
     return multihost.reduce_metrics(m)
 
-  def _mfu(self, gen_tokens: int, train_tokens: int, scored_tokens: int, seconds: float) -> float:
-    return train_metrics.mfu(
-      self.num_params, self.c.updates.passes, gen_tokens, train_tokens, scored_tokens, seconds
+  def _step_flops(self, sampled: list[Group], trained: list[Group]) -> float:
+    """This host's model FLOPs of a step that sampled `sampled` and trained on `trained`
+    (`train_metrics.step_model_flops`: real tokens, the blind view with PGPO, π_ref with a KL term)."""
+    c = self.c
+    tokens = train_metrics.step_tokens(
+      sampled,
+      trained,
+      lambda ids: sequences.visual_token_mask(ids, self.cfg, c.pgpo.mask_vision_markers),
+    )
+    return train_metrics.step_model_flops(
+      self.num_params,
+      tokens,
+      passes=c.updates.passes,
+      blind_view=c.pgpo.enabled,
+      reference=self.reference is not None,
     )
 
   @functools.cached_property
