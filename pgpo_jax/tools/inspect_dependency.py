@@ -11,7 +11,9 @@
 For n prompts, one response each is sampled (temperature 1 by default, or greedy) and scored with the
 trainer's dual-condition pass `sequences.score_rollout` (same ids and M-RoPE positions, visual tokens
 masked in the blind view; docs/method.md §2), giving per token: log π_I(x_t), log π_∅(x_t), S_t and the
-entropy of π_I. The PGPO weights ω̃_t of each response come from `advantages.pgpo_token_weights` with
+entropy of π_I. As in training, scores are taken at the sampling temperature (logits / T;
+`programs.scoring_temperature`): greedy sampling (temperature 0) and worked solutions at temperature 0
+are scored at T = 1. The PGPO weights ω̃_t of each response come from `advantages.pgpo_token_weights` with
 the given τ, β (docs/method.md §3). Nothing is re-implemented here: the numbers are the trainer's.
 
 Outputs (`write_report`):
@@ -66,7 +68,10 @@ class InspectConfig(ev.EvalConfig):
   """The evaluator's sampling settings (one sample per prompt, 8 prompts per call) plus scoring and
   PGPO-weight settings (defaults: the paper's rollout at top-p 1, τ=0.4, β=2).
 
-  n: responses (one per prompt, the first n prompts of the shuffled file). temperature 0 = greedy.
+  n: responses (one per prompt, the first n prompts of the shuffled file).
+  temperature: the sampling temperature, also the scoring one (every log-prob, S and entropy are of
+    softmax(logits / T), as the trainer scores at the rollout temperature); 0 = greedy sampling,
+    scored at T = 1. `responses="solution"` scores the solutions at it too.
   estimator: "k3" (paper) or "full_kl"; clamp_log_ratio / mask_vision_markers: as `pgpo.*`.
   thresholds: S levels of the sparsity statistics.
   responses: "sample" (the policy's own responses) or "solution" (teacher-forced: the data column
@@ -209,6 +214,7 @@ def inspect(
     estimator=cfg.estimator,
     chunk_size=cfg.chunk_size,
     clamp_log_ratio=cfg.clamp_log_ratio,
+    temperature=programs.scoring_temperature(cfg.temperature),
   )
   token_weights = programs.make_token_weights_program(threshold_mode=cfg.threshold_mode)
   it = ev.prompt_iterator(spec, policy.processor, cfg, seed=cfg.seed)
@@ -652,7 +658,8 @@ def _index_page(
 <h1>Visual dependency: {esc(title)}</h1>
 <p>{summary['num_responses']} responses, {summary['num_tokens']} tokens, accuracy {summary['accuracy'] or 0:.3f};
 estimator {summary['config']['estimator']}, τ={summary['config']['tau']:g}, β={summary['config']['beta']:g},
-temperature {summary['config']['temperature']:g}.</p>
+sampled at temperature {summary['config']['temperature']:g}, scored at
+{programs.scoring_temperature(summary['config']['temperature']):g}.</p>
 <p><b>Sparsity</b> (share of tokens): {share}<br><b>Share of total S</b> held by the top tokens: {mass}<br>
 <b>Weights</b>: {100 * (wt['frac_boosted'] or 0):.1f}% boosted, {100 * (wt['frac_suppressed'] or 0):.1f}% suppressed,
 max {wt['max'] or 0:.2f}</p>
