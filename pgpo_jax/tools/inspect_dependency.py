@@ -218,7 +218,6 @@ def inspect(
   )
   token_weights = programs.make_token_weights_program(threshold_mode=cfg.threshold_mode)
   it = ev.prompt_iterator(spec, policy.processor, cfg, seed=cfg.seed)
-  file_index = {p: i for i, p in enumerate(DatasetReader(spec).files)}
   solutions = _solution_columns(spec, cfg) if cfg.responses == "solution" else None
   key = jax.random.key(cfg.seed)
   records: list[ResponseRecord] = []
@@ -236,7 +235,6 @@ def inspect(
           num_samples=1,
           max_new_tokens=cfg.max_new_tokens,
           sampling=cfg.sampling,
-          stream_ids=ev.stream_ids(pb, file_index),
         )
         gold = None
       else:
