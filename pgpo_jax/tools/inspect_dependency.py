@@ -608,6 +608,33 @@ max ω̃ {r.weights.max() if L else 0:.3f}</p>
 </body></html>"""
 
 
+def _ground_truth_html(gt: dict[str, Any]) -> str:
+  """The index page's "finding perception tokens" section: how many responses the numbers rest on
+  and why the others add nothing (`label_metrics.coverage_text`), then the scorers' table, or, when
+  no score can be ranked, the reason instead of a table ("-": not computable, e.g. no response with
+  both perception and other tokens)."""
+  from pgpo_jax.tools import label_metrics
+
+  esc = html.escape
+  head = "<h3>Finding perception tokens (labelled responses)</h3>"
+  scorers = gt.get("scorers")
+  if not scorers:
+    return f"{head}<p>No scores: {esc(gt['unscored_reason'])}.</p>"
+  cells = "".join(
+    f'<tr><td class="l">{esc(k)}</td>'
+    + "".join(f"<td>{v[f]:.3f}</td>" if v[f] is not None else "<td>-</td>" for f in v)
+    + "</tr>"
+    for k, v in scorers.items()
+  )
+  heads = "".join(f"<th>{esc(f)}</th>" for f in next(iter(scorers.values())))
+  coverage = label_metrics.coverage_text(gt["coverage"])
+  return (
+    f"{head}<p>{esc(coverage)}; pooled over {gt['num_tokens']} tokens of {gt['num_responses']} "
+    f'labelled responses, {gt["num_perception"]} of them perception.</p><table><tr><th class="l">'
+    f"score</th>{heads}</tr>{cells}</table>"
+  )
+
+
 def _index_page(
   records: Sequence[ResponseRecord], summary: dict[str, Any], plots: Sequence[str], title: str
 ) -> str:
@@ -638,19 +665,8 @@ def _index_page(
     for c, v in summary["by_category"].items()
   )
   imgs = "".join(f'<img class="plot" src="{os.path.basename(p)}">' for p in plots)
-  gt = summary.get("ground_truth", {}).get("scorers")
-  if gt:
-    cells = "".join(
-      f'<tr><td class="l">{esc(k)}</td>'
-      + "".join(f"<td>{v[f]:.3f}</td>" if v[f] is not None else "<td>-</td>" for f in v)
-      + "</tr>"
-      for k, v in gt.items()
-    )
-    heads = "".join(f"<th>{esc(f)}</th>" for f in next(iter(gt.values())))
-    imgs = (
-      f'<h3>Finding perception tokens (labelled responses)</h3><table><tr><th class="l">score</th>'
-      f"{heads}</tr>{cells}</table>" + imgs
-    )
+  if "ground_truth" in summary:
+    imgs = _ground_truth_html(summary["ground_truth"]) + imgs
   return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>{_CSS}</style></head><body>
 <h1>Visual dependency: {esc(title)}</h1>
