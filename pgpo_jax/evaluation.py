@@ -449,8 +449,9 @@ def generate_batch(
   """Samples `num_samples` responses for every valid prompt of `pb`; rows of filler prompts are dropped.
 
   stream_ids [B]: RNG stream of each prompt (default: `reader.row_stream_ids` of its data file and
-  row, as in training), so a prompt's samples do not depend on its batch. The batch is padded to a multiple of the mesh's batch shards. Multi-host: every
-  host calls this with its own batch of equally many prompts (a collective) and gets its own rows.
+  row, as in training), so a prompt's samples do not depend on its batch. The batch is padded to a
+  multiple of the mesh's batch shards. Multi-host: every host calls this with its own batch of
+  equally many prompts (a collective) and gets its own rows.
   """
   n = jax.process_count()
   shards = max(policy.batch_shards // n, 1)  # this host's share of the batch shards
