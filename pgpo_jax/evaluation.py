@@ -16,9 +16,10 @@ share of prompts with at least one correct sample. `--greedy` is avg@1 at temper
 `average` row is the unweighted mean over benchmarks, as in the paper's tables.
 
 Reproducibility. Sample s of the prompt in row r of the benchmark's file f uses the stream
-fold_in(fold_in(key_b, f * 2^24 + r), s), key_b = fold_in(key(seed), crc32(benchmark name)) (`rollout.py`):
-results do not depend on the batch size, the order rows are read in, the device count or the other
-benchmarks of the call.
+fold_in(fold_in(key_b, id(f, r)), s), key_b = fold_in(key(seed), crc32(benchmark name)) (`rollout.py`),
+id(f, r) = `reader.row_stream_ids`, the training run's scheme (a hash of f's content fingerprint and r):
+results do not depend on the batch size, the order rows are read in, the device count, the other
+benchmarks of the call, or the file's name or folder.
 
 Multi-host. Run the same command on every host (`scripts/eval.py --coordinator_address ...`, or a TPU
 pod's workers): the mesh spans every host's devices, each host reads every `process_count`-th row of each
@@ -60,7 +61,7 @@ from pgpo_jax.buckets import batch_bucket, default_length_buckets, patch_bucket,
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
-from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths
+from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths, row_stream_ids
 from pgpo_jax.models import qwen2_5_vl as qwen
 
 log = logging.getLogger("pgpo_jax.evaluation")
@@ -447,13 +448,16 @@ def generate_batch(
 ) -> Generations:
   """Samples `num_samples` responses for every valid prompt of `pb`; rows of filler prompts are dropped.
 
-  stream_ids [B]: RNG stream of each prompt (default: the file row index), so a prompt's samples do not
-  depend on its batch. The batch is padded to a multiple of the mesh's batch shards. Multi-host: every
-  host calls this with its own batch of equally many prompts (a collective) and gets its own rows.
+  stream_ids [B]: RNG stream of each prompt (default: `reader.row_stream_ids` of its data file and
+  row, as in training), so a prompt's samples do not depend on its batch. The batch is padded to a
+  multiple of the mesh's batch shards. Multi-host: every host calls this with its own batch of
+  equally many prompts (a collective) and gets its own rows.
   """
   n = jax.process_count()
   shards = max(policy.batch_shards // n, 1)  # this host's share of the batch shards
-  ids = np.asarray(pb.row_indices if stream_ids is None else stream_ids, np.int64)
+  ids = np.asarray(
+    row_stream_ids(pb.sources, pb.row_indices) if stream_ids is None else stream_ids, np.int64
+  )
   extent = {}
   if (
     n > 1
@@ -527,14 +531,6 @@ def host_batches(it) -> Iterable[PromptBatch]:
       pb = dataclasses.replace(last, prompt_valid=np.zeros_like(last.prompt_valid))
     last = pb
     yield pb
-
-
-def stream_ids(pb: PromptBatch, file_index: Mapping[str, int]) -> np.ndarray:
-  """[B] RNG stream of each prompt: file index * 2^24 + row index (unique within a benchmark)."""
-  return np.array(
-    [file_index.get(s, 0) * (1 << 24) + int(r) for s, r in zip(pb.sources, pb.row_indices)],
-    np.int64,
-  )
 
 
 def benchmark_key(seed: int, name: str) -> jax.Array:
@@ -657,7 +653,6 @@ def evaluate(
     t0 = time.perf_counter()
     reader = DatasetReader(bench.spec)
     total = len(range(host, len(reader), hosts))  # this host's rows
-    file_index = {path: i for i, path in enumerate(reader.files)}
     del reader  # the iterator reads the files again; do not hold two copies of the image column
     it = prompt_iterator(
       bench.spec,
@@ -684,7 +679,6 @@ def evaluate(
           num_samples=cfg.k,
           max_new_tokens=cfg.max_new_tokens,
           sampling=cfg.sampling,
-          stream_ids=stream_ids(pb, file_index),
         )
         texts = [tok.decode(t[m], skip_special_tokens=True) for t, m in zip(gen.tokens, gen.mask)]
         answers = [pb.answers[b] for b in gen.prompts for _ in range(cfg.k)]

@@ -264,15 +264,21 @@ def make_optimizer(
   )
 
 
-def logprob_temperature(c: ml_collections.ConfigDict) -> float:
-  """The temperature of every log-prob of the update: old (scoring), blind, π_θ (loss) and π_ref.
+def scoring_temperature(sampling_temperature: float) -> float:
+  """The temperature at which responses sampled at `sampling_temperature` are scored.
 
-  Tokens are sampled from softmax(logits / T), so the importance ratio, the dependency S and the KL
-  are taken under that same distribution (as verl and EasyR1 divide logits by the rollout temperature).
-  T = 0 (greedy rollouts) has no sampling distribution; the log-probs then use T = 1.
+  Tokens are sampled from softmax(logits / T), so their log-probs, the dependency S and any KL are
+  taken under that same distribution (as verl and EasyR1 divide logits by the rollout temperature).
+  T = 0 (greedy sampling) has no sampling distribution; its responses are scored at T = 1.
   """
-  t = float(c.rollout.temperature)
+  t = float(sampling_temperature)
   return t if t > 0 else 1.0
+
+
+def logprob_temperature(c: ml_collections.ConfigDict) -> float:
+  """The temperature of every log-prob of the update: old (scoring), blind, π_θ (loss) and π_ref:
+  `scoring_temperature(rollout.temperature)`."""
+  return scoring_temperature(c.rollout.temperature)
 
 
 # Micro-batch values of these loss metrics are partial sums over the mini-batch's normaliser: summed.

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -92,23 +93,76 @@ def data_counts(stats) -> dict[str, float]:
   return out
 
 
-def mfu(
-  num_params: int,
-  passes: int,
-  gen_tokens: int,
-  train_tokens: int,
-  scored_tokens: int,
-  seconds: float,
+class StepTokens(NamedTuple):
+  """The real (non-padding) tokens one RL step's passes compute, host-local; the same whether the
+  passes run on padded or packed rows (padding is cost, not model FLOPs).
+
+  prefill:   prompt tokens of every sampled prompt, every round (the rollout prefills each prompt once
+             for its G samples).
+  generated: sampled response tokens, every round.
+  sequences: Σ over the trained responses (kept groups) of prompt + response tokens: the tokens of
+             one view of the scoring pass, of π_ref's pass and of one update pass (each response is
+             its own sequence, its prompt repeated).
+  blind:     the same without the visual tokens the blind view drops (PGPO's second view).
+  """
+
+  prefill: int
+  generated: int
+  sequences: int
+  blind: int
+
+
+def step_tokens(
+  sampled: Sequence, trained: Sequence, visual_mask: Callable[[np.ndarray], np.ndarray]
+) -> StepTokens:
+  """`StepTokens` from host-side groups (`groups.Group`: `prompt_ids` [t], `mask` [G, L]).
+
+  Args:
+    sampled: every group the rollout rounds sampled (kept or not).
+    trained: the groups the update trains on.
+    visual_mask: prompt ids [t] -> [t] bool, the tokens the blind view drops
+      (`sequences.visual_token_mask`).
+  """
+  prefill = sum(len(g.prompt_ids) for g in sampled)
+  generated = sum(int(np.asarray(g.mask).sum()) for g in sampled)
+  seqs = blind = 0
+  for g in trained:
+    n_samples, response = len(g.mask), int(np.asarray(g.mask).sum())
+    visual = int(np.asarray(visual_mask(np.asarray(g.prompt_ids))).sum())
+    seqs += n_samples * len(g.prompt_ids) + response
+    blind += n_samples * (len(g.prompt_ids) - visual) + response
+  return StepTokens(prefill, generated, seqs, blind)
+
+
+def step_model_flops(
+  num_params: int, tokens: StepTokens, *, passes: int, blind_view: bool, reference: bool
 ) -> float:
-  """Model FLOPs utilisation estimate: 2N per generated, 2·2N per scored (two views) and 6N·passes
-  per trained token, over the chips' peak bf16 FLOP/s (NaN where the peak is unknown, e.g. CPU).
-  Host-local tokens over this host's chips (the mean over hosts is the run's MFU)."""
-  peak = peak_flops(jax.devices()[0])
+  """Model FLOPs of one RL step (2N per token of a forward pass, 6N of a forward + backward):
+
+  rollout  2N · (prefill + generated)
+  scoring  2N · sequences (image view) + 2N · blind (blind view, when `blind_view`: pgpo.enabled)
+  π_ref    2N · sequences (when `reference`: the KL term is on)
+  updates  6N · sequences · passes (updates.passes)
+  """
+  n = float(num_params)
+  flops = 2 * n * (tokens.prefill + tokens.generated) + 2 * n * tokens.sequences
+  if blind_view:
+    flops += 2 * n * tokens.blind
+  if reference:
+    flops += 2 * n * tokens.sequences
+  return flops + 6 * n * tokens.sequences * passes
+
+
+def mfu(flops: float, seconds: float, peak: float | None = None, chips: int | None = None) -> float:
+  """Model FLOPs utilisation: `flops` (`step_model_flops`) over `seconds` at `chips` chips' peak
+  bf16 FLOP/s `peak` (defaults: this host's chips, `peak_flops` of their kind); NaN where the peak
+  is unknown, e.g. CPU. Host-local FLOPs over this host's chips (the mean over hosts is the run's
+  MFU)."""
+  peak = peak_flops(jax.devices()[0]) if peak is None else peak
   if not peak:
     return float("nan")
-  n = num_params
-  flops = 2 * n * gen_tokens + 4 * n * scored_tokens + 6 * n * scored_tokens * passes
-  return flops / (seconds * peak * jax.local_device_count())
+  chips = jax.local_device_count() if chips is None else chips
+  return flops / (seconds * peak * chips)
 
 
 _PEAK_BF16 = {

@@ -26,7 +26,6 @@ import functools
 import logging
 import os
 import time
-import zlib
 
 import jax
 import ml_collections
@@ -57,6 +56,7 @@ from pgpo_jax.buckets import (
   seq_bucket,
 )
 from pgpo_jax.data import hf_processor as processor_lib
+from pgpo_jax.data import reader
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.groups import Group, split_prompt_batch  # noqa: F401  (re-exported: the tests build groups)
@@ -87,19 +87,6 @@ def row_patches(pb: PromptBatch) -> np.ndarray:
   csum = np.concatenate([[0], np.cumsum(sizes)])
   ends = np.cumsum(pb.num_images)
   return (csum[ends] - csum[ends - pb.num_images]).astype(np.int64)
-
-
-def prompt_stream_ids(pb: PromptBatch) -> np.ndarray:
-  """[B] RNG stream id of each prompt, from its data file's name and row: a prompt's samples then
-  depend on the key and the prompt only, not on its batch position, host, or the folder the data
-  sits in (a copy of the data elsewhere, or under a fresh temporary folder, samples the same)."""
-  return np.array(
-    [
-      zlib.crc32(f"{os.path.basename(str(src))}\0{row}".encode())
-      for src, row in zip(pb.sources, pb.row_indices)
-    ],
-    np.int64,
-  )
 
 
 def collate_groups(
@@ -363,7 +350,7 @@ class Trainer:
       batch_size=batch_bucket(pb.batch_size, self.rollout_multiple),
       prompt_length=seq_bucket(longest),
       num_patches=patch_bucket(patches) if patches else None,
-      prompt_ids=prompt_stream_ids(pb),
+      prompt_ids=reader.row_stream_ids(pb.sources, pb.row_indices),
     )
     mesh = self.mesh if self.mesh.size > 1 else None
     out = sampler.rollout(
@@ -611,17 +598,24 @@ class Trainer:
       m[f"time/{k}"] = v
     m["time/step"] = time.perf_counter() - t0
     m["throughput/generated_tokens_per_s"] = gen_tokens / max(times["rollout"], 1e-9)
-    scored_rows = (
-      min(P, -(-used // sp) * sp) * self.G
-    )  # whole scoring slices up to the last used row
-    m["throughput/mfu"] = self._mfu(
-      gen_tokens, int(valid.sum()), scored_rows * (seq.prompt_ids.shape[1] + L), m["time/step"]
-    )
+    m["throughput/mfu"] = train_metrics.mfu(self._step_flops(all_groups, kept), m["time/step"])
     return multihost.reduce_metrics(m)
 
-  def _mfu(self, gen_tokens: int, train_tokens: int, scored_tokens: int, seconds: float) -> float:
-    return train_metrics.mfu(
-      self.num_params, self.c.updates.passes, gen_tokens, train_tokens, scored_tokens, seconds
+  def _step_flops(self, sampled: list[Group], trained: list[Group]) -> float:
+    """This host's model FLOPs of a step that sampled `sampled` and trained on `trained`
+    (`train_metrics.step_model_flops`: real tokens, the blind view with PGPO, π_ref with a KL term)."""
+    c = self.c
+    tokens = train_metrics.step_tokens(
+      sampled,
+      trained,
+      lambda ids: sequences.visual_token_mask(ids, self.cfg, c.pgpo.mask_vision_markers),
+    )
+    return train_metrics.step_model_flops(
+      self.num_params,
+      tokens,
+      passes=c.updates.passes,
+      blind_view=c.pgpo.enabled,
+      reference=self.reference is not None,
     )
 
   @functools.cached_property

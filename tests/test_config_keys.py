@@ -30,7 +30,7 @@ import pytest
 
 from pgpo_jax import config as config_lib
 from pgpo_jax import reference as reference_lib
-from pgpo_jax import rewards, trainer
+from pgpo_jax import rewards, trainer, warmup
 from tests.tiny_run import ROOT, length_parity, load_config, tiny_config
 
 rewards.BATCH_REWARD_FNS.setdefault("test_length_parity", length_parity)
@@ -141,10 +141,21 @@ def recorded_run(tmp_path_factory):
   c = run_config(data_dir)
   trainer.ensure_demo_data(Recorder(c, seen))
   workdir = str(tmp_path_factory.mktemp("keys_run"))
-  t = trainer.Trainer(Recorder(c, seen), workdir)
-  initial = jax.tree.map(np.asarray, t.state.params)
-  last = t.run()
-  return seen, t, last, workdir, initial, data_dir
+  # The warm-up's result, copied as it is returned (the train step later donates those buffers).
+  warmed = []
+  sft_warmup = warmup.sft_warmup
+
+  def recording_warmup(*args, **kwargs):
+    params = sft_warmup(*args, **kwargs)
+    warmed.append(jax.tree.map(np.array, params))
+    return params
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(warmup, "sft_warmup", recording_warmup)
+    t = trainer.Trainer(Recorder(c, seen), workdir)
+    initial = jax.tree.map(np.asarray, t.state.params)
+    last = t.run()
+  return seen, t, last, workdir, initial, data_dir, warmed
 
 
 def test_recorder_records_reads_not_dumps():
@@ -170,7 +181,7 @@ def test_every_config_key_is_read(recorded_run):
 
 
 def test_the_end_of_the_data_ends_the_run(recorded_run):
-  _, t, last, workdir, _, _ = recorded_run
+  _, t, last, workdir, _, _, _ = recorded_run
   assert t.stop_reason == "end of data" and t.step == 2
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(l) for l in f if l.strip()]
@@ -188,13 +199,20 @@ def test_profile_trace_of_one_step(recorded_run):
 
 
 def test_reference_is_the_warmed_up_policy_and_survives_a_restart(recorded_run):
-  seen, t, last, workdir, initial, data_dir = recorded_run
+  """π_ref after two RL steps is exactly the warm-up's result (recorded as `warmup.sft_warmup`
+  returned it), which differs from the initial weights, and a restart restores the same."""
+  seen, t, last, workdir, initial, data_dir, warmed = recorded_run
   assert last["train/kl"] > 0
   saved = os.path.join(workdir, reference_lib.DIRNAME)
   assert os.path.isdir(saved)
   ref = jax.tree.map(np.asarray, t.reference.params)
+  assert len(warmed) == 1  # one warm-up, before RL
+  jax.tree.map(np.testing.assert_array_equal, ref, warmed[0])
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref, initial))
-  assert max(moved) > 0  # the warm-up moved the weights; π_ref is after it
+  assert max(moved) > 0  # the warm-up moved the weights, so equal to them is not equal to initial
+  policy = jax.tree.map(np.asarray, t.state.params)
+  drift = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref, policy))
+  assert max(drift) > 0  # RL moved the policy on; π_ref stayed at the warm-up
   again = trainer.Trainer(run_config(data_dir), workdir)
   assert again.maybe_restore()
   reference_lib.start_rl(again.reference, again.state.params, workdir, resumed=True, warmed_up=True)
@@ -219,7 +237,7 @@ def _tensorboard_tags(workdir) -> set[str]:
 
 
 def test_skipped_row_counts_are_logged(recorded_run):
-  _, _, last, workdir, _, _ = recorded_run
+  _, _, last, workdir, _, _, _ = recorded_run
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(l) for l in f if l.strip()]
   keys = {

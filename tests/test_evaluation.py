@@ -267,6 +267,57 @@ def _check_png(path, size):
     assert np.asarray(im.convert("L")).std() > 5  # not a blank canvas
 
 
+def _direct_logprobs(policy, prompt, response, temperature):
+  """log π_I and log π_∅ of `response` after `prompt` (an encoded prompt) at `temperature`, straight
+  from the model's logits over the whole sequence (`qwen.forward`, positions from `get_rope_index`):
+  the blind view masks the `<|image_pad|>` keys. [L] float64 each."""
+  from flax import nnx
+
+  model = nnx.merge(policy.graphdef, policy.state)
+  ids = np.concatenate([prompt.input_ids, response]).astype(np.int32)[None]
+  out = []
+  for key_mask in (None, ids != policy.cfg.image_token_id):
+    logits = (
+      np.asarray(
+        qwen.forward(
+          model, ids, None, prompt.pixel_values, prompt.image_grid_thw, key_mask=key_mask
+        ),
+        np.float64,
+      )[0]
+      / temperature
+    )
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    t = len(prompt.input_ids) - 1 + np.arange(len(response))
+    out.append(logp[t, np.asarray(response)])
+  return out
+
+
+@pytest.mark.parametrize("temperature, scored_at, other", [(0.5, 0.5, 1.0), (0.0, 1.0, 0.5)])
+def test_inspector_scores_at_the_sampling_temperature(
+  random_workdir, data_dir, temperature, scored_at, other
+):
+  """Sampled at T, scored at T (greedy, T = 0: at 1), as the trainer scores at the rollout
+  temperature; the values equal the model's logits / T and differ from those at another T."""
+  policy = ev.load_policy(random_workdir, dtype="float32")
+  spec = idep.dataset_spec(str(data_dir / "test.parquet"))
+  cfg = idep.InspectConfig(
+    n=2, batch_size=2, temperature=temperature, max_new_tokens=6, max_prompt_length=256
+  )
+  records = idep.inspect(policy, spec, cfg, progress=False)
+  enc = PromptEncoder(policy.processor, PromptFormat(), max_prompt_length=256)
+  reader = DatasetReader(spec)
+  for r in records:
+    prompt = enc.encode(reader.load(r.row_index))
+    lp_i, lp_b = _direct_logprobs(policy, prompt, r.token_ids, scored_at)
+    np.testing.assert_allclose(r.logp_image, lp_i, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(r.logp_blind, lp_b, rtol=1e-4, atol=1e-5)
+    d = lp_i - lp_b
+    np.testing.assert_allclose(r.dependency, np.expm1(-d) + d, rtol=1e-3, atol=1e-6)
+    lp_other, _ = _direct_logprobs(policy, prompt, r.token_ids, other)
+    assert np.abs(r.logp_image - lp_other).max() > 1e-2
+
+
 def test_inspector_values_equal_score_rollout(random_workdir, data_dir, tmp_path):
   out = tmp_path / "insp"
   rc = _script("inspect_dependency").main(

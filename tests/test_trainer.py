@@ -325,16 +325,48 @@ def test_trained_checkpoint_loads_as_a_model(data_dir, tmp_path):
   assert proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.cfg.image_token_id
 
 
-def test_prompt_streams_follow_the_file_name_and_row_not_its_folder():
-  """The same data under two folders samples the same streams (tests put data in fresh temporary
-  folders; a run on a copy of the data reproduces); other rows and files get other streams."""
-  import types
+def test_prompt_streams_follow_the_file_content_and_row_not_its_name_or_folder(tmp_path):
+  """RNG streams (`reader.row_stream_ids`, the trainer's and the evaluator's): the same data under
+  another folder or name samples the same streams (tests put data in fresh temporary folders; a run
+  on a copy of the data reproduces); two data sets whose shards share a name (the usual
+  `train-00000-of-00010.parquet`) do not, nor do other rows of a file."""
+  import shutil
 
-  def ids(sources, rows):
-    return trainer.prompt_stream_ids(types.SimpleNamespace(sources=sources, row_indices=rows))
+  import pyarrow as pa
+  import pyarrow.parquet as pq
 
-  a = ids(["/tmp/x1/train.parquet", "/tmp/x1/train.parquet"], [0, 1])
-  b = ids(["/data/copy/train.parquet", "gs://bucket/train.parquet"], [0, 1])
-  np.testing.assert_array_equal(a, b)
-  assert a[0] != a[1]
-  assert ids(["/tmp/x1/other.parquet"], [0])[0] != a[0]
+  from pgpo_jax.data import reader
+
+  name = "train-00000-of-00010.parquet"
+  for folder, answers in (("set_a", ["1", "2"]), ("set_b", ["3", "4"])):
+    os.makedirs(tmp_path / folder)
+    table = pa.table({"problem": ["How many?", "Which colour?"], "answer": answers})
+    pq.write_table(table, tmp_path / folder / name)
+  os.makedirs(tmp_path / "moved")
+  shutil.copy(tmp_path / "set_a" / name, tmp_path / "moved" / name)
+  shutil.copy(tmp_path / "set_a" / name, tmp_path / "moved" / "renamed.parquet")
+
+  def ids(path):
+    return reader.row_stream_ids([str(path)] * 3, [0, 1, 2])
+
+  a, b = ids(tmp_path / "set_a" / name), ids(tmp_path / "set_b" / name)
+  assert len(set(a.tolist())) == 3  # rows of a file: their own streams
+  assert not set(a.tolist()) & set(b.tolist())  # same base name, another data set
+  np.testing.assert_array_equal(ids(tmp_path / "moved" / name), a)
+  np.testing.assert_array_equal(ids(tmp_path / "moved" / "renamed.parquet"), a)
+  assert all(0 <= x < 2**32 for x in a.tolist())  # `rollout.row_keys` folds in a uint32
+
+
+def test_large_data_files_differing_only_at_their_end_get_other_streams(tmp_path):
+  """Past 1 MiB a file is fingerprinted by its size, first and last MiB: two files that share the
+  first MiB (a parquet header, the first JSON lines) but not the footer are told apart."""
+  from pgpo_jax.data import reader
+
+  head = b"x" * (3 << 20)
+  (tmp_path / "one.jsonl").write_bytes(head + b"end one\n")
+  (tmp_path / "two.jsonl").write_bytes(head + b"end two\n")
+  one = reader.row_stream_ids([str(tmp_path / "one.jsonl")], [5])
+  two = reader.row_stream_ids([str(tmp_path / "two.jsonl")], [5])
+  assert one[0] != two[0]
+  with pytest.raises(FileNotFoundError, match="missing.parquet"):
+    reader.row_stream_ids([str(tmp_path / "missing.parquet")], [0])

@@ -4,9 +4,10 @@
     pgpo-inspect --ckpt=runs/demo --data=demo_data/test.parquet --greedy --config.tau=0.4 --config.beta=2.0
 
 Samples one response per prompt, scores it with the trainer's two-view scoring program (image / visual
-tokens masked), computes ω̃ (docs/method.md §3) and writes index.html, response_NNN.html,
-dependency_hist.png, weights_hist.png, dependency_by_category.png, sparsity.png, summary.json and
-tokens.jsonl to --out (default WORKDIR/inspect/step<N>, or inspect/<name>). Settings are
+tokens masked) at the sampling temperature `--config.temperature`, as training scores at the rollout
+temperature (`--greedy` / temperature 0: scored at T = 1), computes ω̃ (docs/method.md §3) and writes
+index.html, response_NNN.html, dependency_hist.png, weights_hist.png, dependency_by_category.png,
+sparsity.png, summary.json and tokens.jsonl to --out (default WORKDIR/inspect/step<N>, or inspect/<name>). Settings are
 `tools.inspect_dependency.InspectConfig`, each a --config.FIELD=VALUE (n, tau, beta, threshold_mode,
 estimator, clamp_log_ratio, mask_vision_markers, chunk_size, thresholds and the evaluator's sampling
 fields; `--config.responses=solution` scores the data's worked solutions and

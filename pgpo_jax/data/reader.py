@@ -27,7 +27,9 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -198,6 +200,51 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
       raise FileNotFoundError(f"dataset file {p!r} does not exist")
     else:
       out.append(p)
+  return out
+
+
+# Bytes read from each end of a data file for its fingerprint: a parquet file's footer (schema, row
+# group offsets and statistics) sits in its last bytes, so files that differ anywhere almost surely
+# differ there; a JSON-lines file's first and last rows.
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def file_fingerprint(path: str) -> bytes:
+  """16-byte identity of a data file's content, not of its name or folder: BLAKE2b of its size and
+  its first and last MiB. A copy of the file anywhere has the same fingerprint; another file with
+  the same name (e.g. shard `train-00000-of-00010.parquet` of another data set) has another one.
+  Computed once per process per file (while its size and mtime stay the same)."""
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    raise FileNotFoundError(f"data file {path!r}: cannot fingerprint it ({e})") from e
+  return _fingerprint(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> bytes:
+  del mtime_ns  # part of the cache key only: a rewritten file is read again
+  h = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
+  with open(path, "rb") as f:
+    h.update(f.read(_FINGERPRINT_BYTES))
+    if size > _FINGERPRINT_BYTES:
+      f.seek(max(size - _FINGERPRINT_BYTES, _FINGERPRINT_BYTES))
+      h.update(f.read())
+  return h.digest()
+
+
+def row_stream_ids(sources: Sequence[str], rows: Sequence[int]) -> np.ndarray:
+  """[B] int64 RNG stream id in [0, 2^32) of each data row (file `sources[b]`, row `rows[b]`): a
+  32-bit BLAKE2b of the file's `file_fingerprint` and the row. The one scheme of the trainer, the
+  evaluator and the inspector (`rollout.row_keys` folds it into the call's key): a prompt's samples
+  depend on the key and its data only, not on its batch position, host, the folder the data sits in
+  or the file's name. Distinct rows share a stream only by a 32-bit hash collision (about n²/2³³
+  pairs among n rows)."""
+  out = np.empty(len(sources), np.int64)
+  for b, (src, row) in enumerate(zip(sources, rows)):
+    h = hashlib.blake2b(file_fingerprint(str(src)), digest_size=4)
+    h.update(int(row).to_bytes(8, "little", signed=True))
+    out[b] = int.from_bytes(h.digest(), "little")
   return out
 
 

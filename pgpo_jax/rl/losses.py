@@ -20,7 +20,10 @@ normaliser. Pass the FULL mini-batch's `token_normalizer` (N_tok) / `seq_normali
 (and gradients) equals the full mini-batch loss (and gradient) exactly.
 
 Numerics follow verl: log-ratios are clamped to ±20 before exp; the k3 KL estimator
-clamps its log-ratio to ±20 and its value to [-10, 10]. Masked positions are sanitised
+clamps its log-ratio to ±20 and its value to [-10, 10]. Every k3-type value (the KL term's k3,
+the approx_kl metric) is computed from the log-ratio as a difference of log-probs by
+`scoring.k3_from_log_ratio`, which does not cancel for small log-ratios as r - log r - 1 does in
+float32 (exactly 0, or ±3e-8 of noise, for |log r| up to ~3e-4). Masked positions are sanitised
 before any arithmetic, so padding may hold garbage (inf/NaN) without poisoning gradients.
 """
 
@@ -30,6 +33,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from pgpo_jax.rl.scoring import k3_from_log_ratio
 
 Array = jax.Array
 
@@ -159,9 +164,10 @@ def _kl_k2(logp_BxT: Array, ref_logp_BxT: Array) -> Array:
 
 def _kl_k3(logp_BxT: Array, ref_logp_BxT: Array) -> Array:
   # Schulman's low-variance estimator of KL(π_θ‖π_ref) from x ~ π_θ: r - log r - 1,
-  # r = π_ref/π_θ; clamps as verl's "low_var_kl".
+  # r = π_ref/π_θ; clamps as verl's "low_var_kl". r - log r - 1 = k3_from_log_ratio(-log r), with
+  # the same gradient 1 - r in log π_θ (0 where a clamp is active).
   log_r = jnp.clip(ref_logp_BxT - logp_BxT, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-  return jnp.clip(jnp.exp(log_r) - log_r - 1.0, -10.0, 10.0)
+  return jnp.clip(k3_from_log_ratio(-log_r), -10.0, 10.0)
 
 
 KL_ESTIMATORS: dict[str, Callable[[Array, Array], Array]] = {
@@ -231,7 +237,8 @@ def policy_loss(
       clip_frac_high (Ã>0, ρ>1+ε_high), clip_frac_low (Ã<0, ρ<1-ε_low), dual_clip_frac;
       ratio_mean/max/min; ppo_kl = mean(log π_old - log π_θ) (verl's k1);
       approx_kl = mean(ρ - 1 - log ρ) (k3 of KL(π_old‖π_θ), >= 0, unbiased since
-      tokens are sampled from π_old); kl_loss / entropy when those terms are given.
+      tokens are sampled from π_old; computed from log ρ without cancellation, see
+      `scoring.k3_from_log_ratio`); kl_loss / entropy when those terms are given.
   """
   if dual_clip is not None and isinstance(dual_clip, (int, float)) and dual_clip <= 1.0:
     raise ValueError(f"policy_loss: dual_clip must be > 1 (verl's clip_ratio_c), got {dual_clip}")
@@ -277,7 +284,7 @@ def policy_loss(
     "ratio_max": sg(jnp.max(jnp.where(mask_BxT, ratio_BxT, 1.0))),
     "ratio_min": sg(jnp.min(jnp.where(mask_BxT, ratio_BxT, 1.0))),
     "ppo_kl": sg(_masked_mean(-log_ratio_BxT, mask_BxT)),
-    "approx_kl": sg(_masked_mean(ratio_BxT - 1.0 - log_ratio_BxT, mask_BxT)),
+    "approx_kl": sg(_masked_mean(k3_from_log_ratio(-log_ratio_BxT), mask_BxT)),
   }
   if dual_clip is not None:
     metrics["dual_clip_frac"] = _masked_mean(is_dual_BxT, mask_BxT)

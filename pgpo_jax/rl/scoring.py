@@ -27,8 +27,14 @@ Array = jax.Array
 # ----------------------------------------------------------------------------- 1. k3
 
 
-def _k3_from_log_ratio(d: Array) -> Array:
-  """exp(-d) - 1 + d >= 0, accurate for small |d| (where the direct form cancels)."""
+def k3_from_log_ratio(d: Array) -> Array:
+  """e^{-d} - 1 + d >= 0 elementwise, d any shape; relatively accurate for every |d|.
+
+  The direct form cancels for small |d| (in float32 it is 0 or rounding noise of either sign for
+  |d| below ~3e-4), so |d| < 0.1 uses the Taylor series. Within 1e-5 relative of the exact value
+  of the float32 d (tests/rl/test_scoring_pure.py). Also the k3 of `losses` (approx_kl, the KL
+  term), whose ρ - 1 - log ρ is this at d = -log ρ.
+  """
   # Taylor: d²/2 (1 - d/3 + d²/12 - d³/60 + d⁴/360); truncation < 5e-9 relative at |d| < 0.1.
   series = 0.5 * d * d * (1.0 + d * (-1.0 / 3 + d * (1.0 / 12 + d * (-1.0 / 60 + d / 360))))
   direct = jnp.expm1(-d) + d
@@ -57,7 +63,7 @@ def k3(
     d_BxT = jnp.where(jnp.asarray(mask_BxT).astype(bool), d_BxT, 0.0)
   if clamp_log_ratio is not None:
     d_BxT = jnp.clip(d_BxT, -clamp_log_ratio, clamp_log_ratio)
-  return jax.lax.stop_gradient(_k3_from_log_ratio(d_BxT))
+  return jax.lax.stop_gradient(k3_from_log_ratio(d_BxT))
 
 
 # ----------------------------------------------------------------------------- 2. chunked reductions

@@ -11,7 +11,9 @@
 For n prompts, one response each is sampled (temperature 1 by default, or greedy) and scored with the
 trainer's dual-condition pass `sequences.score_rollout` (same ids and M-RoPE positions, visual tokens
 masked in the blind view; docs/method.md §2), giving per token: log π_I(x_t), log π_∅(x_t), S_t and the
-entropy of π_I. The PGPO weights ω̃_t of each response come from `advantages.pgpo_token_weights` with
+entropy of π_I. As in training, scores are taken at the sampling temperature (logits / T;
+`programs.scoring_temperature`): greedy sampling (temperature 0) and worked solutions at temperature 0
+are scored at T = 1. The PGPO weights ω̃_t of each response come from `advantages.pgpo_token_weights` with
 the given τ, β (docs/method.md §3). Nothing is re-implemented here: the numbers are the trainer's.
 
 Outputs (`write_report`):
@@ -66,7 +68,10 @@ class InspectConfig(ev.EvalConfig):
   """The evaluator's sampling settings (one sample per prompt, 8 prompts per call) plus scoring and
   PGPO-weight settings (defaults: the paper's rollout at top-p 1, τ=0.4, β=2).
 
-  n: responses (one per prompt, the first n prompts of the shuffled file). temperature 0 = greedy.
+  n: responses (one per prompt, the first n prompts of the shuffled file).
+  temperature: the sampling temperature, also the scoring one (every log-prob, S and entropy are of
+    softmax(logits / T), as the trainer scores at the rollout temperature); 0 = greedy sampling,
+    scored at T = 1. `responses="solution"` scores the solutions at it too.
   estimator: "k3" (paper) or "full_kl"; clamp_log_ratio / mask_vision_markers: as `pgpo.*`.
   thresholds: S levels of the sparsity statistics.
   responses: "sample" (the policy's own responses) or "solution" (teacher-forced: the data column
@@ -227,6 +232,7 @@ def inspect(
     estimator=cfg.estimator,
     chunk_size=cfg.chunk_size,
     clamp_log_ratio=cfg.clamp_log_ratio,
+    temperature=programs.scoring_temperature(cfg.temperature),
   )
   token_weights = programs.make_token_weights_program(threshold_mode=cfg.threshold_mode)
   partial = programs.make_partial_view_program(policy.graphdef, chunk_size=cfg.chunk_size)
@@ -236,7 +242,6 @@ def inspect(
       policy.graphdef, estimator="full_kl", chunk_size=cfg.chunk_size
     )
   it = ev.prompt_iterator(spec, policy.processor, cfg, seed=cfg.seed)
-  file_index = {p: i for i, p in enumerate(DatasetReader(spec).files)}
   solutions = _solution_columns(spec, cfg) if cfg.responses == "solution" else None
   key = jax.random.key(cfg.seed)
   records: list[ResponseRecord] = []
@@ -254,7 +259,6 @@ def inspect(
           num_samples=1,
           max_new_tokens=cfg.max_new_tokens,
           sampling=cfg.sampling,
-          stream_ids=ev.stream_ids(pb, file_index),
         )
         gold = None
       else:
@@ -641,6 +645,33 @@ max ω̃ {r.weights.max() if L else 0:.3f}</p>
 </body></html>"""
 
 
+def _ground_truth_html(gt: dict[str, Any]) -> str:
+  """The index page's "finding perception tokens" section: how many responses the numbers rest on
+  and why the others add nothing (`label_metrics.coverage_text`), then the scorers' table, or, when
+  no score can be ranked, the reason instead of a table ("-": not computable, e.g. no response with
+  both perception and other tokens)."""
+  from pgpo_jax.tools import label_metrics
+
+  esc = html.escape
+  head = "<h3>Finding perception tokens (labelled responses)</h3>"
+  scorers = gt.get("scorers")
+  if not scorers:
+    return f"{head}<p>No scores: {esc(gt['unscored_reason'])}.</p>"
+  cells = "".join(
+    f'<tr><td class="l">{esc(k)}</td>'
+    + "".join(f"<td>{v[f]:.3f}</td>" if v[f] is not None else "<td>-</td>" for f in v)
+    + "</tr>"
+    for k, v in scorers.items()
+  )
+  heads = "".join(f"<th>{esc(f)}</th>" for f in next(iter(scorers.values())))
+  coverage = label_metrics.coverage_text(gt["coverage"])
+  return (
+    f"{head}<p>{esc(coverage)}; pooled over {gt['num_tokens']} tokens of {gt['num_responses']} "
+    f'labelled responses, {gt["num_perception"]} of them perception.</p><table><tr><th class="l">'
+    f"score</th>{heads}</tr>{cells}</table>"
+  )
+
+
 def _index_page(
   records: Sequence[ResponseRecord], summary: dict[str, Any], plots: Sequence[str], title: str
 ) -> str:
@@ -671,25 +702,15 @@ def _index_page(
     for c, v in summary["by_category"].items()
   )
   imgs = "".join(f'<img class="plot" src="{os.path.basename(p)}">' for p in plots)
-  gt = summary.get("ground_truth", {}).get("scorers")
-  if gt:
-    cells = "".join(
-      f'<tr><td class="l">{esc(k)}</td>'
-      + "".join(f"<td>{v[f]:.3f}</td>" if v[f] is not None else "<td>-</td>" for f in v)
-      + "</tr>"
-      for k, v in gt.items()
-    )
-    heads = "".join(f"<th>{esc(f)}</th>" for f in next(iter(gt.values())))
-    imgs = (
-      f'<h3>Finding perception tokens (labelled responses)</h3><table><tr><th class="l">score</th>'
-      f"{heads}</tr>{cells}</table>" + imgs
-    )
+  if "ground_truth" in summary:
+    imgs = _ground_truth_html(summary["ground_truth"]) + imgs
   return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>{_CSS}</style></head><body>
 <h1>Visual dependency: {esc(title)}</h1>
 <p>{summary['num_responses']} responses, {summary['num_tokens']} tokens, accuracy {summary['accuracy'] or 0:.3f};
 estimator {summary['config']['estimator']}, τ={summary['config']['tau']:g}, β={summary['config']['beta']:g},
-temperature {summary['config']['temperature']:g}.</p>
+sampled at temperature {summary['config']['temperature']:g}, scored at
+{programs.scoring_temperature(summary['config']['temperature']):g}.</p>
 <p><b>Sparsity</b> (share of tokens): {share}<br><b>Share of total S</b> held by the top tokens: {mass}<br>
 <b>Weights</b>: {100 * (wt['frac_boosted'] or 0):.1f}% boosted, {100 * (wt['frac_suppressed'] or 0):.1f}% suppressed,
 max {wt['max'] or 0:.2f}</p>

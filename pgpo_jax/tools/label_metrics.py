@@ -87,22 +87,76 @@ def _nanmean(x: Sequence[float]) -> float | None:
   return float(np.mean(x)) if x else None
 
 
+# Why a response adds nothing to the per-response AUC (`label_coverage`), and what each means.
+UNSCORED_REASONS: dict[str, str] = {
+  "unlabelled": "no labels (no labeler)",
+  "empty": "no tokens",
+  "no_perception_token": "no perception token (the labeler recognised no image-fact statement)",
+  "only_perception_tokens": "only perception tokens (nothing to rank them against)",
+}
+
+
+def label_coverage(records: Sequence[Any]) -> dict[str, Any]:
+  """How many responses the ground-truth numbers rest on, and why the others add nothing.
+
+  Returns {"num_records", "num_scored" (labelled, with perception and other tokens: the responses
+  of `auc_per_response`), "unscored": {reason: count} over `UNSCORED_REASONS`, every reason listed}.
+  """
+  unscored = dict.fromkeys(UNSCORED_REASONS, 0)
+  for r in records:
+    labels = getattr(r, "labels", None)
+    if labels is None:
+      reason = "unlabelled"
+    else:
+      pos = np.asarray(labels) == PERCEPTION
+      reason = (
+        "empty"
+        if pos.size == 0
+        else "no_perception_token"
+        if not pos.any()
+        else "only_perception_tokens"
+        if pos.all()
+        else None
+      )
+    if reason is not None:
+      unscored[reason] += 1
+  return {
+    "num_records": len(records),
+    "num_scored": len(records) - sum(unscored.values()),
+    "unscored": unscored,
+  }
+
+
+def coverage_text(coverage: dict[str, Any]) -> str:
+  """One sentence for the report: the responses the scores rest on, then each reason with a count,
+  e.g. "1 of 3 responses scored; not scored: 2 with no perception token (...)"."""
+  n, k = coverage["num_records"], coverage["num_scored"]
+  why = [f"{c} with {UNSCORED_REASONS[r]}" for r, c in coverage["unscored"].items() if c]
+  return f"{k} of {n} responses scored" + ("; not scored: " + ", ".join(why) if why else "")
+
+
 def ground_truth_report(records: Sequence[Any]) -> dict[str, Any]:
   """AUC and precision of every scorer for perception tokens, and S / ω̃ per label.
 
   records: inspector records with `labels` (per-token label ids, `chain.LABELS`); records without
-  labels (None) are left out and counted. Returns {"num_responses", "num_unlabelled", "num_tokens",
-  "scorers": {name: {"auc_pooled", "auc_per_response", "precision_at_r", "precision_at_r_pooled"}},
-  "by_label": {label: {"count", "share_of_tokens", "mean_S", "mean_omega", "share_of_S",
-  "share_of_omega"}}}. `precision_at_r` is the mean over responses of p@k with k = that response's
-  perception tokens; `precision_at_r_pooled` uses all tokens and k = all perception tokens.
+  labels (None) are left out and counted. Returns {"num_responses", "num_unlabelled", "coverage"
+  (`label_coverage`), "num_tokens", "num_perception", "scorers": {name: {"auc_pooled",
+  "auc_per_response", "precision_at_r", "precision_at_r_pooled"}}, "by_label": {label: {"count",
+  "share_of_tokens", "mean_S", "mean_omega", "share_of_S", "share_of_omega"}}}.
+  `precision_at_r` is the mean over responses of p@k with k = that response's perception tokens;
+  `precision_at_r_pooled` uses all tokens and k = all perception tokens. Values that cannot be
+  computed are None, never NaN. When no labelled token is perception (or every one is), no score
+  can be ranked: "scorers" is left out and "unscored_reason" says why.
   """
   labelled = [r for r in records if getattr(r, "labels", None) is not None]
+  coverage = label_coverage(records)
   out: dict[str, Any] = {
     "num_responses": len(labelled),
     "num_unlabelled": len(records) - len(labelled),
+    "coverage": coverage,
   }
   if not labelled:
+    out["unscored_reason"] = f"no response is labelled: {coverage_text(coverage)}"
     return out
   per = [(_scores(r), np.asarray(r.labels, np.int64)) for r in labelled]
   for s, lab in per:
@@ -112,6 +166,14 @@ def ground_truth_report(records: Sequence[Any]) -> dict[str, Any]:
   pos_all = lab_all == PERCEPTION
   out["num_tokens"] = int(lab_all.size)
   out["num_perception"] = int(pos_all.sum())
+  out["by_label"] = _by_label(per, lab_all)
+  if pos_all.all() or not pos_all.any():
+    what = "every" if pos_all.any() else "no"
+    out["unscored_reason"] = (
+      f"{what} labelled token is a perception token, so no score can rank them: "
+      + coverage_text(coverage)
+    )
+    return out
   scorers = {}
   for name in SCORERS:
     x_all = np.concatenate([s[name] for s, _ in per])
@@ -126,9 +188,13 @@ def ground_truth_report(records: Sequence[Any]) -> dict[str, Any]:
       "auc_pooled": roc_auc(x_all, pos_all),
       "auc_per_response": _nanmean(aucs),
       "precision_at_r": _nanmean(precs),
-      "precision_at_r_pooled": precision_at_k(x_all, pos_all, n_pos) if n_pos else None,
+      "precision_at_r_pooled": precision_at_k(x_all, pos_all, n_pos),
     }
   out["scorers"] = scorers
+  return out
+
+
+def _by_label(per: list[tuple[dict[str, np.ndarray], np.ndarray]], lab_all: np.ndarray) -> dict:
   dep = np.concatenate([s["S"] for s, _ in per])
   w = np.concatenate([s["omega"] for s, _ in per])
   by_label = {}
@@ -136,11 +202,10 @@ def ground_truth_report(records: Sequence[Any]) -> dict[str, Any]:
     sel = lab_all == i
     by_label[name] = {
       "count": int(sel.sum()),
-      "share_of_tokens": float(sel.mean()),
+      "share_of_tokens": float(sel.mean()) if lab_all.size else None,
       "mean_S": float(dep[sel].mean()) if sel.any() else None,
       "mean_omega": float(w[sel].mean()) if sel.any() else None,
       "share_of_S": float(dep[sel].sum() / dep.sum()) if dep.sum() > 0 else None,
       "share_of_omega": float(w[sel].sum() / w.sum()) if w.sum() > 0 else None,
     }
-  out["by_label"] = by_label
-  return out
+  return by_label

@@ -75,13 +75,20 @@ def test_labels_survive_tokenisation(tok, seed):
   assert 40 <= len(ids) + 1 <= 150  # + the stop token
   enc = tok(ex.solution, add_special_tokens=False, return_offsets_mapping=True)
   offsets = enc["offset_mapping"]
-  # Every character of a perception span lies in a perception token, and perception tokens hold
-  # nothing but the stated values (and the spaces BPE joins to them), in order.
-  for s, e, label in ex.spans:
-    covering = [t for t, (a, b) in enumerate(offsets) if a < e and s < b]
-    assert covering and all(
-      lab[t] == (chain.PERCEPTION if label == chain.PERCEPTION else lab[t]) for t in covering
-    )
+  P, R, F = chain.PERCEPTION, chain.REASONING, chain.FORMAT
+
+  def overlaps(t, kind):
+    a, b = offsets[t]
+    return any(a < e and s < b for s, e, label in ex.spans if label == kind)
+
+  # Each token's label from the spans its characters overlap (interval arithmetic on the tokenizer's
+  # offsets, not `char_labels`): perception over format over reasoning; every span is covered.
+  want = [P if overlaps(t, P) else F if overlaps(t, F) else R for t in range(len(ids))]
+  assert lab.tolist() == want
+  assert {P, R, F} <= set(want)
+  for s, e, _ in ex.spans:
+    assert any(a < e and s < b for a, b in offsets)
+  # Perception tokens hold nothing but the stated values (and the spaces BPE joins to them), in order.
   values = [ex.solution[s:e] for s, e, label in ex.spans if label == chain.PERCEPTION]
   got = [tok.decode([i]).strip() for i, la in zip(ids, lab) if la == chain.PERCEPTION]
   assert got == values

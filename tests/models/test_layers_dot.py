@@ -39,14 +39,62 @@ def test_bfloat16_value_and_gradient_match_float32(spec, sa, sw):
   a16, w16 = a.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   val = layers.dot(spec, a16, w16)
   assert val.dtype == jnp.bfloat16
-  # One rounding of a float32-accumulated product: within a few bf16 ulps of the float32 result
-  # (inputs rounded to bf16 too), far tighter than a bf16-accumulated sum would be.
+  # Close to the float32 result in value and gradient (at this short contraction any bf16 dot is;
+  # float32 accumulation and a single rounding: `test_bfloat16_accumulates_in_float32_rounds_once`).
   scale = float(jnp.max(jnp.abs(ref_val)))
   np.testing.assert_allclose(np.asarray(val, np.float32), ref_val, atol=2e-2 * scale)
   got = jax.grad(_loss(spec, g), (0, 1))(a16, w16)
   for r, x in zip(ref, got):
     assert x.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(x, np.float32), r, atol=2e-2 * float(jnp.max(jnp.abs(r))))
+
+
+def _ulps(x, exact):
+  """|x - exact| in bf16 ulps of `exact` (spacing 2^(e-7) for |exact| in [2^e, 2^(e+1)))."""
+  exact = np.asarray(exact, np.float64)
+  return np.abs(np.asarray(x, np.float64) - exact) / 2.0 ** (np.floor(np.log2(np.abs(exact))) - 7)
+
+
+def _bf16_sums(products_TxKxI):
+  """Sums over K accumulated in bfloat16, in sequence and pairwise: what a dot that accumulates in
+  its bf16 output type computes."""
+  step = lambda c, x: ((c + x).astype(jnp.bfloat16), None)  # noqa: E731
+  zero = jnp.zeros(products_TxKxI.shape[2:], jnp.bfloat16)
+  sequential = jax.vmap(lambda p: jax.lax.scan(step, zero, p)[0])(products_TxKxI)
+  p = products_TxKxI
+  while p.shape[1] > 1:
+    p = (p[:, 0::2] + p[:, 1::2]).astype(jnp.bfloat16)
+  return sequential, p[:, 0]
+
+
+def test_bfloat16_accumulates_in_float32_rounds_once():
+  """Over a 4,096-long contraction (value: the shared index; gradient: the rows, for ∂w) each bf16
+  result is the exact product of the bf16 inputs rounded once (≤ 0.5 ulp, + float32 noise), and the
+  dot is float32-typed in the program. A bf16-accumulating dot misses the bound by 1-200 ulps (checked
+  here on the same inputs), and a plain bf16 einsum has a bf16 dot (bf16 on CPU is upcast, so its
+  values alone cannot tell)."""
+  rng = np.random.default_rng(0)
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+  f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+  a, w = bf(rng.uniform(0.5, 1.5, (4, 4096))), bf(rng.uniform(0.5, 1.5, (4096, 8)))
+  exact = f64(a) @ f64(w)
+  assert _ulps(layers.dot("td,di->ti", a, w), exact).max() <= 0.55
+  for bf16_sum in _bf16_sums(a[:, :, None] * w[None]):
+    assert _ulps(bf16_sum, exact).max() > 1.0  # the bound does catch bf16 accumulation
+  hlo = jax.jit(lambda a, w: layers.dot("td,di->ti", a, w)).lower(a, w).as_text()
+  dots = re.findall(r"dot_general[^\n]*-> tensor<([^>]*)>", hlo)
+  assert dots == ["4x8xf32"], dots
+
+  # ∂w = aᵀ g over 4,096 rows, with the cotangent g rounded to bf16 first; ∂a = g wᵀ.
+  a, w = bf(rng.uniform(0.5, 1.5, (4096, 4))), bf(rng.uniform(0.5, 1.5, (4, 8)))
+  g = jnp.asarray(rng.uniform(0.5, 1.5, (4096, 8)), jnp.float32)
+  da, dw = jax.grad(_loss("td,di->ti", g), (0, 1))(a, w)
+  assert da.dtype == dw.dtype == jnp.bfloat16
+  g16 = f64(bf(g))
+  assert _ulps(dw, f64(a).T @ g16).max() <= 0.55
+  assert _ulps(da, g16 @ f64(w).T).max() <= 0.55
+  for bf16_sum in _bf16_sums(jnp.swapaxes(a, 0, 1)[:, :, None] * bf(g)[None]):
+    assert _ulps(bf16_sum, f64(a).T @ g16).max() > 1.0
 
 
 @pytest.mark.parametrize("spec,sa,sw", SPECS)

@@ -256,6 +256,61 @@ def test_kl_term_gradient_by_hand(estimator):
     assert want[0, 0] == 0.0 and mask[0, 0]
 
 
+# ----------------------------------------------------------------------------- k3 numerics
+
+
+def float32_log_prob_pairs():
+  """(logp, base) float32 log-prob pairs [N] whose differences d = logp - base span ±1e-8 … ±10,
+  at bases from -1e-3 to -20 (the further from 0, the coarser the float32 grid of d), and d as
+  float64: the exact difference of the float32 inputs (Sterbenz), what float32 arithmetic sees."""
+  magnitudes = np.logspace(-8, 1, 46)
+  d = np.concatenate([magnitudes, -magnitudes])
+  bases = np.array([-1e-3, -1.0, -5.0, -20.0])
+  base = np.repeat(bases, d.size).astype(np.float32)
+  logp = (base.astype(np.float64) + np.tile(d, bases.size)).astype(np.float32)
+  return logp, base, logp.astype(np.float64) - base.astype(np.float64)
+
+
+def test_approx_kl_is_relatively_accurate_and_nonnegative():
+  """approx_kl = ρ - 1 - log ρ per token against float64 (rel. error < 1e-5, >= 0). The direct form
+  in float32 is 0 for |log ρ| up to ~3e-4 at |log p| >= 1, and ±3e-8 of noise nearer 0."""
+  logp, old, d = float32_log_prob_pairs()
+
+  def one_token(lp, o):
+    one = jnp.ones((1, 1))
+    return policy_loss(lp[None, None], o[None, None], one, one.astype(bool))[1]["approx_kl"]
+
+  got = np.asarray(jax.jit(jax.vmap(one_token))(jnp.asarray(logp), jnp.asarray(old)), np.float64)
+  want = np.expm1(d) - d
+  assert np.all(got >= 0.0)
+  assert np.all(got[d == 0.0] == 0.0)
+  nz = d != 0.0
+  assert nz.sum() > 0.8 * d.size and np.abs(d[nz]).min() < 2e-8  # small nonzero ratios are tested
+  np.testing.assert_allclose(got[nz], want[nz], rtol=1e-5, atol=0)
+
+
+def test_kl_k3_is_relatively_accurate_with_verl_clamps_and_gradient_1_minus_r():
+  """The k3 KL term r - log r - 1 (r = π_ref/π_θ) against float64: rel. error < 1e-5 below the value
+  clamp (10), exactly 10 above it; its gradient in log π_θ is 1 - r where unclamped, 0 where the
+  value or log r (±20) is clamped."""
+  logp, ref, d = float32_log_prob_pairs()
+  logp = np.concatenate([logp, np.float32([-1.0, -30.0])])
+  ref = np.concatenate([ref, np.float32([-30.0, -1.0])])  # log r = -29 and 29: clamped to ±20
+  d = logp.astype(np.float64) - ref
+  value, grad = jax.vmap(jax.value_and_grad(lambda lp, r: kl_penalty(lp, r, "k3")))(
+    jnp.asarray(logp), jnp.asarray(ref)
+  )
+  value, grad = np.asarray(value, np.float64), np.asarray(grad, np.float64)
+  exact = np.expm1(-np.clip(d, -20, 20)) + np.clip(d, -20, 20)
+  clamped = exact > 10.0
+  assert clamped.sum() >= 10 and (~clamped).sum() > 300
+  np.testing.assert_array_equal(value[clamped], 10.0)
+  assert np.all(value >= 0.0)
+  np.testing.assert_allclose(value[~clamped], exact[~clamped], rtol=1e-5, atol=0)
+  np.testing.assert_array_equal(grad[clamped], 0.0)
+  np.testing.assert_allclose(grad[~clamped], -np.expm1(-d[~clamped]), rtol=1e-5, atol=2e-7)
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_and_entropy_terms(estimator):
   logp, old, adv, mask = random_batch(5)

@@ -71,6 +71,23 @@ def test_k3_small_ratio_is_relatively_accurate():
   np.testing.assert_allclose(s, np.expm1(-d32) + d32, rtol=1e-5)
 
 
+def test_k3_matches_float64_for_log_ratios_from_1e_8_to_10():
+  """S = e^{-d} - 1 + d from float32 log-prob pairs (d = log π_I - log π_∅ as a difference of
+  log-probs, at |log p| from 1e-3 to 20) against float64 on the same inputs: within 1e-5 relative,
+  >= 0, for |d| from 1e-8 to 10 of either sign (the Taylor branch and the direct one)."""
+  mag = np.logspace(-8, 1, 91)
+  d = np.concatenate([mag, -mag])
+  lp_b = np.repeat(np.array([-1e-3, -1.0, -5.0, -20.0]), d.size).astype(np.float32)
+  lp_i = (lp_b.astype(np.float64) + np.tile(d, 4)).astype(np.float32)
+  exact_d = lp_i.astype(np.float64) - lp_b.astype(np.float64)
+  s = np.asarray(k3(jnp.asarray(lp_i[None]), jnp.asarray(lp_b[None]))[0], np.float64)
+  assert np.all(s >= 0.0) and np.all(s[exact_d == 0.0] == 0.0)
+  nz = exact_d != 0.0
+  assert np.abs(exact_d[nz]).min() < 2e-8 and np.abs(exact_d).max() > 9.0
+  want = np.expm1(-exact_d[nz]) + exact_d[nz]
+  np.testing.assert_allclose(s[nz], want, rtol=1e-5, atol=0)
+
+
 def test_k3_mask_and_clamp():
   lp_i = jnp.array([[-0.1, -5.0, -30.0, -1.0]])
   lp_b = jnp.array([[-0.2, -0.1, -0.1, jnp.nan]])
