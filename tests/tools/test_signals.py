@@ -29,7 +29,9 @@ def test_minmax_omega_equals_the_trainers_weights(L, tau, beta, seed):
 
 
 def test_rank_importance_and_rank_omega_by_hand():
-  np.testing.assert_allclose(signals.rank_importance([5.0, 0.1, 9.0, 0.1]), [2 / 3, 1 / 6, 1, 1 / 6])
+  np.testing.assert_allclose(
+    signals.rank_importance([5.0, 0.1, 9.0, 0.1]), [2 / 3, 1 / 6, 1, 1 / 6]
+  )
   np.testing.assert_allclose(signals.rank_importance([3.0]), [0.0])
   # I = [0, .25, .5, .75, 1] whatever the spacing of x (one huge outlier does not squash the rest).
   x = np.array([0.0, 0.01, 0.02, 0.03, 500.0])
