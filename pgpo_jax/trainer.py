@@ -64,6 +64,7 @@ from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.programs import logprob_temperature, make_optimizer
 from pgpo_jax.rl import packed_passes, sequences
 from pgpo_jax.train_setup import build_model, ensure_demo_data  # noqa: F401  (re-exported)
+from pgpo_jax.workdir_lock import WorkdirBusy, WorkdirLock
 
 log = logging.getLogger("pgpo_jax.trainer")
 
@@ -200,6 +201,25 @@ class Preempted(Exception):
     self.metrics = metrics
 
 
+def lock_workdir(workdir: str) -> WorkdirLock:
+  """This process's `WorkdirLock` of `workdir`, agreed over hosts (a collective): when any host finds
+  its lock held, every host releases its own and raises `WorkdirBusy`, so that a second run refuses
+  on every process instead of leaving some of them waiting in a collective."""
+  try:
+    lock, busy = WorkdirLock(workdir, jax.process_index()), ""
+  except WorkdirBusy as e:
+    lock, busy = None, str(e)
+  if int(multihost.max_over_hosts(np.int64(bool(busy)))):
+    if lock is not None:
+      lock.release()
+    raise WorkdirBusy(
+      busy
+      or f"workdir {os.path.abspath(workdir)} is in use by another training run (the lock "
+      "of another host's process is held)"
+    )
+  return lock
+
+
 # ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +237,16 @@ class Trainer:
     config_lib.validate(c, jax.device_count(), jax.process_count())
     self.c = c
     self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    # One run per workdir (`workdir_lock`): held until `run()` ends or `close()`.
+    self._lock = lock_workdir(self.workdir)
+    try:
+      self._build()
+    except BaseException:
+      self._lock.release()
+      raise
+
+  def _build(self) -> None:
+    c = self.c
     ensure_demo_data(c)
     self.is_host0 = jax.process_index() == 0
 
@@ -706,6 +735,13 @@ class Trainer:
   def log_metrics(self, m: dict[str, float]) -> None:
     self.metrics.log(self.step, m)
 
+  def close(self) -> None:
+    """Waits for the pending checkpoint, closes the metric sinks and frees the workdir (`run()` calls
+    it at its end); idempotent."""
+    self.checkpointer.close()
+    self.metrics.close()
+    self._lock.release()
+
   # -- main loop ----------------------------------------------------------------------------------
   def _profile(self, first_step: int):
     """A jax.profiler trace of one step into WORKDIR/profile when `train.profile`: the second step
@@ -794,8 +830,7 @@ class Trainer:
           break
         self.save(force=self.step == c.train.num_steps)
     bar.close()
-    self.checkpointer.close()
-    self.metrics.close()
+    self.close()
     counts = multihost.reduce_metrics(self._data_counts())
     log.info(
       "training data: %d rows read, %d skipped %s",
@@ -813,10 +848,14 @@ class Trainer:
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Entry point used by `scripts/train.py` and the tests: the last step's metrics (+ data counts).
 
-  Raises `Preempted` (after the checkpoint is saved) when SIGTERM/SIGINT stopped the run.
+  Raises `Preempted` (after the checkpoint is saved) when SIGTERM/SIGINT stopped the run, and
+  `WorkdirBusy` (before anything is read or written) when another run holds `workdir`.
   """
   t = Trainer(c, workdir)
-  last = t.run()
+  try:
+    last = t.run()
+  finally:
+    t._lock.release()  # also when the run failed: the workdir is free for a rerun in this process
   if t.stop_reason == "preempted":
     raise Preempted(t.step, last)
   return last

@@ -6,7 +6,8 @@
 Resumes automatically from the workdir's latest checkpoint. Exit status: 0 when the run finished
 (`train.num_steps`, or the end of the data after `data.num_epochs` passes); 75 (EX_TEMPFAIL) when
 SIGTERM or SIGINT stopped it early after saving a checkpoint (rerun the same command to resume; it
-prints no `done.`); 1 on an error.
+prints no `done.`); 1 on an error, e.g. when another run is using the workdir (one run per
+workdir: a flock on WORKDIR/.train-process<i>.lock, freed by the OS however that run ends).
 
 On multi-host TPU, run the same command on every worker (see tpu/README.md); `--distributed` (default:
 auto) calls jax.distributed.initialize().
@@ -75,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     last, preempted = trainer.train(c, workdir), None
   except trainer.Preempted as e:
     last, preempted = e.metrics, e
+  except trainer.WorkdirBusy as e:
+    print(f"pgpo-train: error: {e}", file=sys.stderr)
+    return 1
   if jax.process_index() == 0:
     keys = ("reward/overall", "reward/accuracy", "reward/format", "eval/accuracy")
     print(
