@@ -234,7 +234,7 @@ class Trainer:
   """
 
   def __init__(self, c: ml_collections.ConfigDict, workdir: str):
-    config_lib.validate(c, jax.device_count(), jax.process_count())
+    config_lib.validate(c, jax.device_count(), jax.process_count(), platform=jax.default_backend())
     self.c = c
     self.workdir = os.path.abspath(workdir)
     # One run per workdir (`workdir_lock`): held until `run()` ends or `close()`.
