@@ -5,7 +5,8 @@
   1. normalized string match (case and whitespace insensitive; strips `$`, `\\text{}`-style wrappers, LaTeX
      spacing and trailing periods);
   2. multiple choice: when the gold is a letter (`A`, `(A)`, `A.`), the prediction's leading letter decides;
-  3. plain decimal numbers compare exactly as fractions (`0.5` == `0.50`);
+  3. decimal numbers, in scientific notation too, compare exactly as numbers (`0.5` == `0.50`,
+     `1e300` == `1e+300`);
   4. words never reach math_verify (it reads "no" as the product n*o, so "no" would equal "on");
   5. otherwise math_verify `parse` + `verify` (fractions, LaTeX, sets, ...).
 - format: the response is `<think>...</think>` (exactly one block, at the start) followed by text with a
@@ -26,7 +27,7 @@ batch, up to `max_workers`.
 from __future__ import annotations
 
 import atexit
-import fractions
+import decimal
 import json
 import math
 import os
@@ -115,7 +116,9 @@ def choice_letter(s: str, gold: bool = False) -> str | None:
   return m.group(1).upper() if m else None
 
 
-_NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)$")
+# A decimal number, optionally in scientific notation (`1e+300`, `2.5E-3`: a float answer column
+# holding a large or small number reads as such text).
+_NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?$")
 _WORDS_RE = re.compile(
   r"^[a-z][a-z'\-]*[a-z]$"
 )  # After normalize_answer: letters only, >= 2 of them.
@@ -134,7 +137,12 @@ def _fast_accuracy(pred: str | None, gold: str) -> float | None:
   if gold_letter is not None:
     return float(choice_letter(pred) == gold_letter)
   if _NUMBER_RE.match(p) and _NUMBER_RE.match(g):
-    return float(fractions.Fraction(p) == fractions.Fraction(g))
+    # Exact decimal arithmetic: `Decimal` holds the exponent as a number, so 1e300 costs no more
+    # than 3 (a `Fraction` of `1e999999` would build a million-digit integer).
+    try:
+      return float(decimal.Decimal(p) == decimal.Decimal(g))
+    except decimal.InvalidOperation:  # an exponent beyond Decimal's range: equal text only
+      return 0.0
   if _WORDS_RE.match(p) or _WORDS_RE.match(g):
     return 0.0
   return None
