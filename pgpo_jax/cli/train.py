@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   common.maybe_initialize_distributed(fv)
   from pgpo_jax import trainer
+  from pgpo_jax.checkpoint import CheckpointError
 
   c = fv.config
   name = os.path.splitext(os.path.basename(fv["config"].config_filename))[0]
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     last, preempted = trainer.train(c, workdir), None
   except trainer.Preempted as e:
     last, preempted = e.metrics, e
-  except trainer.WorkdirBusy as e:
+  except (trainer.WorkdirBusy, CheckpointError) as e:  # the message says it all: no traceback
     print(f"pgpo-train: error: {e}", file=sys.stderr)
     return 1
   if jax.process_index() == 0:
