@@ -326,7 +326,12 @@ class PreemptionGuard:
 
   def _handle(self, signum, frame):
     name = signal.Signals(signum).name
-    log.warning("%s received: will checkpoint and stop after the current step", name)
+    log.warning(
+      "%s received: stopping after the current step (the run says what it saved); "
+      "a second %s stops at once, saving nothing",
+      name,
+      name,
+    )
     self.received = self.received or name
     self._flag.set()
     self._restore(signum)

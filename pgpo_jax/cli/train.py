@@ -5,8 +5,9 @@
 
 Resumes automatically from the workdir's latest checkpoint. Exit status: 0 when the run finished
 (`train.num_steps`, or the end of the data after `data.num_epochs` passes); 75 (EX_TEMPFAIL) when
-SIGTERM or SIGINT stopped it early after saving a checkpoint (rerun the same command to resume; it
-prints no `done.`); 1 on an error, e.g. when another run is using the workdir (one run per
+SIGTERM or SIGINT stopped it early (rerun the same command to resume; it prints no `done.` but what
+was saved: the last step, or nothing when the signal came during the warm-up, which the rerun
+starts again); 1 on an error, e.g. when another run is using the workdir (one run per
 workdir: a flock on WORKDIR/.train-process<i>.lock, freed by the OS however that run ends).
 
 On multi-host TPU, run the same command on every worker (see tpu/README.md); `--distributed` (default:
