@@ -1,7 +1,8 @@
 """Host-side rewards, registered by name (docs/method.md §5): overall = 0.9 * accuracy + 0.1 * format, each 0/1.
 
 - accuracy: the LAST complete `\\boxed{...}` (or `\\fbox{...}`) of the response, with nested braces, against
-  the ground truth, in this order:
+  the ground truth, both with Unicode math symbols in LaTeX spelling (`½` is `\\frac{1}{2}`, `∞` and a
+  whole answer `inf` are `\\infty`: `canonical_symbols`), in this order:
   1. normalized string match (case and whitespace insensitive; strips `$`, `\\text{}`-style wrappers, LaTeX
      spacing and trailing periods);
   2. multiple choice: when the gold is a letter (`A`, `(A)`, `A.`), the prediction's leading letter decides;
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 
 ACCURACY_WEIGHT = 0.9
@@ -104,6 +106,34 @@ def normalize_answer(s: str) -> str:
   s = _LATEX_SPACE_RE.sub("", _SIZING_RE.sub("", _unwrap(s)))
   s = re.sub(r"\s+", "", s).lower()
   return s.rstrip(".")
+
+
+# Unicode vulgar fractions (¼ ½ ¾, ⅐ … ⅞, ↉), optionally after a whole number (`1½`, a mixed number).
+_VULGAR_RE = re.compile(r"(\d+)?\s*([\u00bc-\u00be\u2150-\u215e\u2189])")
+# The whole answer is infinity, however written (`inf`, `+Infinity`, `∞`, `-\infty`).
+_INFINITY_RE = re.compile(r"^([+-]?)\s*(?:inf|infinity|infty|\\infty|\u221e)$", re.IGNORECASE)
+
+
+def _vulgar_fraction(m: re.Match) -> str:
+  # NFKC spells each as "<num>⁄<den>" (U+2044 FRACTION SLASH), e.g. "½" -> "1⁄2".
+  num, den = (int(x) for x in unicodedata.normalize("NFKC", m.group(2)).split("\u2044"))
+  whole = int(m.group(1)) if m.group(1) else 0
+  return f"\\frac{{{whole * den + num}}}{{{den}}}"
+
+
+def canonical_symbols(s: str) -> str:
+  """Unicode math symbols in their LaTeX spelling, so that both ways of writing an answer compare
+  (the string match, the number match and math_verify all see this form): `½` -> `\\frac{1}{2}`
+  (`1½` -> `\\frac{3}{2}`), `⁄` -> `/`, `∞` -> `\\infty`; a whole answer that is infinity in
+  words (`inf`, `Infinity`, `+\\infty`) -> `\\infty` (`-\\infty` with a minus). Longer than
+  `MAX_ANSWER_CHARS`: unchanged (it scores 0 anyway)."""
+  if len(s) > MAX_ANSWER_CHARS:
+    return s
+  s = _VULGAR_RE.sub(_vulgar_fraction, s).replace("\u2044", "/").replace("\u221e", "\\infty")
+  m = _INFINITY_RE.match(_unwrap(s))
+  if m:
+    return ("-" if m.group(1) == "-" else "") + "\\infty"
+  return s
 
 
 _MC_GOLD_RE = re.compile(r"^\(?([A-H])\)?[.:)]?$")
@@ -404,6 +434,8 @@ def score_batch(
       )
     pred = extract_boxed(strip_stop_tokens(resp))
     gold = extract_boxed(gold) or gold  # Tolerates golds stored as "\\boxed{..}".
+    pred = None if pred is None else canonical_symbols(pred)
+    gold = canonical_symbols(gold)
     preds.append(pred)
     golds.append(gold)
     accs.append(_fast_accuracy(pred, gold))
