@@ -126,6 +126,10 @@ class SkippedRow:
   detail: str = ""
 
 
+class EmptyDatasetError(ValueError):
+  """Every file of a dataset has no rows (the message names them)."""
+
+
 class RowError(Exception):
   """Raised inside row processing; turned into a `SkippedRow` with `reason`."""
 
@@ -334,7 +338,7 @@ class DatasetReader:
     sizes = np.array([f.num_rows for f in self._files], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(sizes)])
     if self._starts[-1] == 0:
-      raise ValueError(f"dataset {list(spec.paths)} has no rows")
+      raise EmptyDatasetError(f"dataset {list(spec.paths)} has no rows")
 
   def _open(self, path: str) -> _File:
     opened = _open_table(path)
