@@ -102,6 +102,34 @@ def _collect_failed_reads() -> None:
     sys.unraisablehook = previous
 
 
+def _is_abandoned_read(u: Any) -> bool:
+  """A TensorStore read that a failed Orbax restore stopped awaiting, completing later: its callback
+  finds Orbax's event loop closed and reports `RuntimeError('Event loop is closed')` as unraisable,
+  with no object (one traceback per array still in flight: ~160 for a damaged checkpoint of the
+  demo model)."""
+  return (
+    u.object is None
+    and isinstance(u.exc_value, RuntimeError)
+    and str(u.exc_value) == "Event loop is closed"
+  )
+
+
+def _drop_abandoned_reads() -> None:
+  """Installs, once and for the rest of the process, a `sys.unraisablehook` that drops the reports of
+  `_is_abandoned_read` (they arrive from TensorStore's threads at any time after the failure, even
+  after `CheckpointError` was raised) and passes everything else to the hook it replaces."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_pgpo_drops_abandoned_reads", False):
+    return
+
+  def hook(u):
+    if not _is_abandoned_read(u):
+      previous(u)
+
+  hook._pgpo_drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
 def _abstract(tree: Any) -> Any:
   """Restore targets: ShapeDtypeStructs with the shardings of jax Array leaves; numpy leaves as is."""
 
@@ -192,6 +220,7 @@ class Checkpointer:
       CheckpointError: checkpoints exist but none reads back.
     """
     damaged: list[tuple[int, str]] = []
+    _drop_abandoned_reads()  # a damaged step fails one read while the others are in flight
     for step in sorted(self.all_steps(), reverse=True):
       error = ""
       try:
@@ -297,7 +326,12 @@ class PreemptionGuard:
 
   def _handle(self, signum, frame):
     name = signal.Signals(signum).name
-    log.warning("%s received: will checkpoint and stop after the current step", name)
+    log.warning(
+      "%s received: stopping after the current step (the run says what it saved); "
+      "a second %s stops at once, saving nothing",
+      name,
+      name,
+    )
     self.received = self.received or name
     self._flag.set()
     self._restore(signum)

@@ -397,14 +397,46 @@ def _check_init_from(c: ml_collections.ConfigDict) -> None:
     )
 
 
+# The platforms (`jax.default_backend()`) each fused attention kernel runs on.
+ATTENTION_PLATFORMS = {"splash": ("tpu",), "cudnn": ("gpu",)}
+
+
+def _check_attention(c: ml_collections.ConfigDict, platform: str) -> None:
+  """`model.attention_impl` against the platform the run computes on (`auto` resolved for it)."""
+  from pgpo_jax.models.qwen2_5_vl import layers
+
+  impl = c.model.attention_impl
+  runs_on = ATTENTION_PLATFORMS.get(impl)
+  _require(
+    runs_on is None or platform in runs_on,
+    "model.attention_impl",
+    f"{impl!r} needs a {'/'.join(p.upper() for p in runs_on or ())} backend, but this run's JAX "
+    f"backend is {platform!r}; use 'xla' (any platform) or 'auto' (splash on TPU, cudnn on GPU, "
+    "xla elsewhere)",
+  )
+  resolved = layers.resolve_attention_impl(impl, platform)
+  _require(
+    resolved != "cudnn" or c.model.dtype in ("bfloat16", "float16"),
+    "model.attention_impl",
+    f"{impl!r} runs cuDNN flash attention here ({platform!r}), which takes bfloat16/float16 inputs "
+    f"only, but model.dtype is {c.model.dtype!r}; set model.dtype=bfloat16 or "
+    "model.attention_impl=xla",
+  )
+
+
 def validate(
-  c: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1
+  c: ml_collections.ConfigDict,
+  num_devices: int | None = None,
+  num_processes: int = 1,
+  platform: str | None = None,
 ) -> None:
   """Fails fast with the key at fault. Called before any model is built or data is read.
 
   Batch sizes are global; with `num_processes` hosts each must split evenly (one share per host).
   Every numeric or enumerated key is checked against its rule in `VALUE_RULES` (the warm-up and
-  evaluation keys only when that feature is on).
+  evaluation keys only when that feature is on). `platform`: the JAX backend the run computes on
+  (the trainer passes `jax.default_backend()`); given, `model.attention_impl` must run there.
+  `compile_check`, which builds TPU programs on a CPU host, passes none.
   """
   _require(
     c.model.random_init or bool(c.model.init_from),
@@ -484,6 +516,8 @@ def validate(
       f"the default slice (updates.micro_batch_prompts = {u.micro_batch_prompts} over {num_processes} hosts) "
       f"does not divide the {local} prompts per host; set pgpo.scoring_prompts",
     )
+  if platform is not None:
+    _check_attention(c, platform)
   if num_devices is not None:
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     fixed = 1

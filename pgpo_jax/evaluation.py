@@ -34,7 +34,9 @@ the folder holding the config. A benchmark is a parquet or JSON-lines file read 
 when a column name is not given, the first present of `QUESTION_KEYS`, `ANSWER_KEYS` and `IMAGE_KEYS` is
 used (a file without an image column is evaluated text-only). Rows the pipeline cannot use (empty
 question, missing answer, undecodable image, prompt over `max_prompt_length`) are counted per reason,
-reported as `num_skipped`, and are not part of the accuracy.
+reported as `num_skipped`, and are not part of the accuracy. A benchmark whose files hold no row at
+all is skipped with a warning (its row of the table says so in `note`; the other benchmarks of the
+call run as usual), and left out of the `average` row.
 """
 
 from __future__ import annotations
@@ -61,7 +63,13 @@ from pgpo_jax.buckets import batch_bucket, default_length_buckets, patch_bucket,
 from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
-from pgpo_jax.data.reader import DatasetReader, DatasetSpec, expand_paths, row_stream_ids
+from pgpo_jax.data.reader import (
+  DatasetReader,
+  DatasetSpec,
+  EmptyDatasetError,
+  expand_paths,
+  row_stream_ids,
+)
 from pgpo_jax.models import qwen2_5_vl as qwen
 
 log = logging.getLogger("pgpo_jax.evaluation")
@@ -386,7 +394,10 @@ def resolve_benchmarks(
       raise ValueError(f"two benchmarks are named {name!r}; name them explicitly as NAME=FILE")
     seen.add(name)
     files = expand_paths([pattern])
-    cols = file_columns(files[0])
+    cols = next((c for c in map(file_columns, files) if c), [])  # empty JSON lines have none
+    if not cols:  # no rows to detect columns from: `evaluate` reports the benchmark as empty
+      out.append(Benchmark(name, DatasetSpec(tuple(files), question_key, answer_key or "answer")))
+      continue
     q_key = question_key or _pick(cols, QUESTION_KEYS)
     a_key = answer_key or _pick(cols, ANSWER_KEYS)
     if q_key is None or a_key is None:
@@ -578,6 +589,8 @@ class EvalResult:
   info: dict[str, Any]
 
 
+EMPTY_NOTE = "skipped: no rows"  # the `note` of a benchmark whose files hold no row
+
 TABLE_COLUMNS = (
   "benchmark",
   "accuracy",
@@ -590,6 +603,7 @@ TABLE_COLUMNS = (
   "truncated",
   "accuracy_std_over_k",
   "seconds",
+  "note",  # why a benchmark has no accuracy (`EMPTY_NOTE`); empty otherwise
 )
 
 
@@ -651,7 +665,21 @@ def evaluate(
   host, hosts = jax.process_index(), jax.process_count()
   for bench in benchmarks:
     t0 = time.perf_counter()
-    reader = DatasetReader(bench.spec)
+    try:
+      reader = DatasetReader(bench.spec)
+    except EmptyDatasetError as e:  # the same on every host: they all skip it
+      log.warning("benchmark %s: skipped: %s", bench.name, e)
+      skips[bench.name] = {"rows_read": 0, "prompts": 0, "skipped": {}}
+      table.append(
+        {
+          "benchmark": bench.name,
+          **summarize([], cfg.k),
+          "num_skipped": 0,
+          "seconds": time.perf_counter() - t0,
+          "note": EMPTY_NOTE,
+        }
+      )
+      continue
     total = len(range(host, len(reader), hosts))  # this host's rows
     del reader  # the iterator reads the files again; do not hold two copies of the image column
     it = prompt_iterator(
@@ -807,6 +835,9 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     "tokens",
     "trunc %",
   )
+  notes = any(r.get("note") for r in rows)
+  if notes:
+    heads += ("note",)
   lines = []
   for r in rows:
     pct = lambda v: (
@@ -824,10 +855,11 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "-" if math.isnan(r["mean_response_tokens"]) else f"{r['mean_response_tokens']:.0f}",
         pct(r["truncated"]),
       )
+      + ((str(r.get("note") or ""),) if notes else ())
     )
   widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(heads)]
   fmt = lambda cells: "  ".join(
-    c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+    c.ljust(w) if i == 0 or heads[i] == "note" else c.rjust(w)  # noqa: E731
     for i, (c, w) in enumerate(zip(cells, widths))
   )
   sep = "  ".join("-" * w for w in widths)

@@ -1,11 +1,13 @@
 """Host-side rewards, registered by name (docs/method.md §5): overall = 0.9 * accuracy + 0.1 * format, each 0/1.
 
 - accuracy: the LAST complete `\\boxed{...}` (or `\\fbox{...}`) of the response, with nested braces, against
-  the ground truth, in this order:
+  the ground truth, both with Unicode math symbols in LaTeX spelling (`½` is `\\frac{1}{2}`, `∞` and a
+  whole answer `inf` are `\\infty`: `canonical_symbols`), in this order:
   1. normalized string match (case and whitespace insensitive; strips `$`, `\\text{}`-style wrappers, LaTeX
      spacing and trailing periods);
   2. multiple choice: when the gold is a letter (`A`, `(A)`, `A.`), the prediction's leading letter decides;
-  3. plain decimal numbers compare exactly as fractions (`0.5` == `0.50`);
+  3. decimal numbers, in scientific notation too, compare exactly as numbers (`0.5` == `0.50`,
+     `1e300` == `1e+300`);
   4. words never reach math_verify (it reads "no" as the product n*o, so "no" would equal "on");
   5. otherwise math_verify `parse` + `verify` (fractions, LaTeX, sets, ...).
 - format: the response is `<think>...</think>` (exactly one block, at the start) followed by text with a
@@ -26,7 +28,7 @@ batch, up to `max_workers`.
 from __future__ import annotations
 
 import atexit
-import fractions
+import decimal
 import json
 import math
 import os
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 
 ACCURACY_WEIGHT = 0.9
@@ -105,6 +108,34 @@ def normalize_answer(s: str) -> str:
   return s.rstrip(".")
 
 
+# Unicode vulgar fractions (¼ ½ ¾, ⅐ … ⅞, ↉), optionally after a whole number (`1½`, a mixed number).
+_VULGAR_RE = re.compile(r"(\d+)?\s*([\u00bc-\u00be\u2150-\u215e\u2189])")
+# The whole answer is infinity, however written (`inf`, `+Infinity`, `∞`, `-\infty`).
+_INFINITY_RE = re.compile(r"^([+-]?)\s*(?:inf|infinity|infty|\\infty|\u221e)$", re.IGNORECASE)
+
+
+def _vulgar_fraction(m: re.Match) -> str:
+  # NFKC spells each as "<num>⁄<den>" (U+2044 FRACTION SLASH), e.g. "½" -> "1⁄2".
+  num, den = (int(x) for x in unicodedata.normalize("NFKC", m.group(2)).split("\u2044"))
+  whole = int(m.group(1)) if m.group(1) else 0
+  return f"\\frac{{{whole * den + num}}}{{{den}}}"
+
+
+def canonical_symbols(s: str) -> str:
+  """Unicode math symbols in their LaTeX spelling, so that both ways of writing an answer compare
+  (the string match, the number match and math_verify all see this form): `½` -> `\\frac{1}{2}`
+  (`1½` -> `\\frac{3}{2}`), `⁄` -> `/`, `∞` -> `\\infty`; a whole answer that is infinity in
+  words (`inf`, `Infinity`, `+\\infty`) -> `\\infty` (`-\\infty` with a minus). Longer than
+  `MAX_ANSWER_CHARS`: unchanged (it scores 0 anyway)."""
+  if len(s) > MAX_ANSWER_CHARS:
+    return s
+  s = _VULGAR_RE.sub(_vulgar_fraction, s).replace("\u2044", "/").replace("\u221e", "\\infty")
+  m = _INFINITY_RE.match(_unwrap(s))
+  if m:
+    return ("-" if m.group(1) == "-" else "") + "\\infty"
+  return s
+
+
 _MC_GOLD_RE = re.compile(r"^\(?([A-H])\)?[.:)]?$")
 _MC_PRED_RE = re.compile(r"^\(?([A-Ha-h])\)?(?:[.:)]|\s|$)")
 
@@ -115,7 +146,9 @@ def choice_letter(s: str, gold: bool = False) -> str | None:
   return m.group(1).upper() if m else None
 
 
-_NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)$")
+# A decimal number, optionally in scientific notation (`1e+300`, `2.5E-3`: a float answer column
+# holding a large or small number reads as such text).
+_NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?$")
 _WORDS_RE = re.compile(
   r"^[a-z][a-z'\-]*[a-z]$"
 )  # After normalize_answer: letters only, >= 2 of them.
@@ -134,7 +167,12 @@ def _fast_accuracy(pred: str | None, gold: str) -> float | None:
   if gold_letter is not None:
     return float(choice_letter(pred) == gold_letter)
   if _NUMBER_RE.match(p) and _NUMBER_RE.match(g):
-    return float(fractions.Fraction(p) == fractions.Fraction(g))
+    # Exact decimal arithmetic: `Decimal` holds the exponent as a number, so 1e300 costs no more
+    # than 3 (a `Fraction` of `1e999999` would build a million-digit integer).
+    try:
+      return float(decimal.Decimal(p) == decimal.Decimal(g))
+    except decimal.InvalidOperation:  # an exponent beyond Decimal's range: equal text only
+      return 0.0
   if _WORDS_RE.match(p) or _WORDS_RE.match(g):
     return 0.0
   return None
@@ -396,6 +434,8 @@ def score_batch(
       )
     pred = extract_boxed(strip_stop_tokens(resp))
     gold = extract_boxed(gold) or gold  # Tolerates golds stored as "\\boxed{..}".
+    pred = None if pred is None else canonical_symbols(pred)
+    gold = canonical_symbols(gold)
     preds.append(pred)
     golds.append(gold)
     accs.append(_fast_accuracy(pred, gold))

@@ -257,6 +257,22 @@ def _learning_rate(opt_state: Any) -> Array:
   return jnp.asarray(found[0], jnp.float32) if found else jnp.asarray(jnp.nan, jnp.float32)
 
 
+def scaled_global_norm(tree: Any) -> Array:
+  """sqrt(sum of x²) over every leaf, in float32, scaled by the largest |x| first.
+
+  `optax.global_norm` squares the values as they are: its float32 sum overflows to inf once the norm
+  passes ~1.8e19 (and underflows to 0 below ~1e-19) although the norm itself fits. Scaled, the result
+  is finite whenever every value is finite and the norm is below float32's largest (~3.4e38); a
+  non-finite value gives a non-finite norm.
+  """
+  leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
+  safe = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
+  return safe * jnp.sqrt(sum(jnp.sum(jnp.square(x / safe)) for x in leaves))
+
+
 def _where_tree(pred: Array, on_true: Any, on_false: Any) -> Any:
   return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
@@ -377,7 +393,7 @@ def train_step_fn(
       "loss": loss,
       "grad_norm": grad_norm,
       "update_norm": jnp.where(finite, optax.global_norm(updates), 0.0),
-      "param_norm": optax.global_norm(new_state.params),
+      "param_norm": scaled_global_norm(new_state.params),  # finite for large finite weights
       "learning_rate": _learning_rate(new_opt_state),
       "skipped": skipped,
       "num_skipped": new_state.num_skipped,

@@ -10,7 +10,8 @@ One training step (= one rollout batch):
 
 Resuming from WORKDIR restores params, optimizer state, RNG, the data iterator and counters, so the
 next batch is the one after the last saved step. SIGTERM or SIGINT (preemption, Ctrl-C) triggers a
-checkpoint after the current step, then `train` raises `Preempted` (`scripts/train.py` exits with
+checkpoint after the current step (during the warm-up: a stop before the next warm-up step, nothing
+saved; `Trainer.run`), then `train` raises `Preempted` (`scripts/train.py` exits with
 `EXIT_PREEMPTED` = 75: not finished, rerun the same command to resume).
 
 What the loop calls lives beside it: `train_setup` (demo data, model, WORKDIR model folder),
@@ -64,6 +65,7 @@ from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.programs import logprob_temperature, make_optimizer
 from pgpo_jax.rl import packed_passes, sequences
 from pgpo_jax.train_setup import build_model, ensure_demo_data  # noqa: F401  (re-exported)
+from pgpo_jax.workdir_lock import WorkdirBusy, WorkdirLock
 
 log = logging.getLogger("pgpo_jax.trainer")
 
@@ -176,15 +178,36 @@ EXIT_PREEMPTED = (
 
 
 class Preempted(Exception):
-  """Raised by `train` when SIGTERM or SIGINT stopped the run; a checkpoint of `step` was saved."""
+  """Raised by `train` when SIGTERM or SIGINT stopped the run; `str()` says what was saved (a
+  checkpoint of `step`, or, during the warm-up, nothing: `Trainer.run`) and what a rerun does."""
 
-  def __init__(self, step: int, metrics: dict[str, float]):
+  def __init__(self, step: int, metrics: dict[str, float], message: str = ""):
     super().__init__(
-      f"stopped by a signal after step {step}, which is checkpointed; rerun the same command "
+      message
+      or f"stopped by a signal after step {step}, which is checkpointed; rerun the same command "
       "to resume"
     )
     self.step = step
     self.metrics = metrics
+
+
+def lock_workdir(workdir: str) -> WorkdirLock:
+  """This process's `WorkdirLock` of `workdir`, agreed over hosts (a collective): when any host finds
+  its lock held, every host releases its own and raises `WorkdirBusy`, so that a second run refuses
+  on every process instead of leaving some of them waiting in a collective."""
+  try:
+    lock, busy = WorkdirLock(workdir, jax.process_index()), ""
+  except WorkdirBusy as e:
+    lock, busy = None, str(e)
+  if int(multihost.max_over_hosts(np.int64(bool(busy)))):
+    if lock is not None:
+      lock.release()
+    raise WorkdirBusy(
+      busy
+      or f"workdir {os.path.abspath(workdir)} is in use by another training run (the lock "
+      "of another host's process is held)"
+    )
+  return lock
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,10 +224,19 @@ class Trainer:
   """
 
   def __init__(self, c: ml_collections.ConfigDict, workdir: str):
-    config_lib.validate(c, jax.device_count(), jax.process_count())
+    config_lib.validate(c, jax.device_count(), jax.process_count(), platform=jax.default_backend())
     self.c = c
     self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    # One run per workdir (`workdir_lock`): held until `run()` ends or `close()`.
+    self._lock = lock_workdir(self.workdir)
+    try:
+      self._build()
+    except BaseException:
+      self._lock.release()
+      raise
+
+  def _build(self) -> None:
+    c = self.c
     ensure_demo_data(c)
     self.is_host0 = jax.process_index() == 0
 
@@ -278,6 +310,7 @@ class Trainer:
     self.key = jax.random.key(c.seed)
     self.step = 0
     self.stop_reason = ""  # set by run(): "finished" | "preempted" | "end of data"
+    self.stop_message = ""  # with "preempted": what was saved and what a rerun does
     self.data_iter = self._train_iterator()
     self.checkpointer = ckpt_lib.Checkpointer(
       os.path.join(self.workdir, "checkpoints"),
@@ -623,7 +656,9 @@ class Trainer:
     return int(sum(x.size for x in jax.tree.leaves(self.state.params)))
 
   # -- warm-up and evaluation (warmup.py, train_eval.py) --------------------------------------------
-  def sft_warmup(self) -> None:
+  def sft_warmup(self, should_stop=lambda: False) -> None:
+    """`warmup.sft_warmup` of the current params; `should_stop` (checked before each warm-up step)
+    True raises `warmup.Interrupted`."""
     params = warmup.sft_warmup(
       self.c,
       self.graphdef,
@@ -632,6 +667,7 @@ class Trainer:
       cfg=self.cfg,
       length_buckets=self.length_buckets,
       make_batch=self._sft_batch,
+      should_stop=should_stop,
     )
     self.state = dataclasses.replace(self.state, params=params)
 
@@ -700,6 +736,13 @@ class Trainer:
   def log_metrics(self, m: dict[str, float]) -> None:
     self.metrics.log(self.step, m)
 
+  def close(self) -> None:
+    """Waits for the pending checkpoint, closes the metric sinks and frees the workdir (`run()` calls
+    it at its end); idempotent."""
+    self.checkpointer.close()
+    self.metrics.close()
+    self._lock.release()
+
   # -- main loop ----------------------------------------------------------------------------------
   def _profile(self, first_step: int):
     """A jax.profiler trace of one step into WORKDIR/profile when `train.profile`: the second step
@@ -714,11 +757,52 @@ class Trainer:
 
   def run(self) -> dict[str, float]:
     """Trains to `train.num_steps` (or the end of the data); returns the last step's metrics plus the
-    run's data counts. `stop_reason` says why it stopped."""
+    run's data counts. `stop_reason` says why it stopped.
+
+    SIGTERM / SIGINT (`PreemptionGuard`, from the start of the run) stop it with `stop_reason`
+    "preempted", at the first of these points that follows the signal: before a warm-up step (the
+    warm-up so far is dropped and nothing is saved: the rerun starts it again), after the warm-up
+    and the eval before RL (the weights RL starts from are saved as checkpoint 0, from which the
+    rerun resumes), after an RL step (that step is saved).
+    """
+    with ckpt_lib.PreemptionGuard() as guard:
+      last = self._run(guard)
+    self.close()
+    counts = multihost.reduce_metrics(self._data_counts())
+    log.info(
+      "training data: %d rows read, %d skipped %s",
+      counts["count/data_rows_read"],
+      counts["count/data_skipped_rows"],
+      {
+        k.rsplit("/", 1)[1]: int(v)
+        for k, v in counts.items()
+        if k.startswith("count/data_skipped_rows/") and v
+      },
+    )
+    return {**last, **counts}
+
+  @staticmethod
+  def _signalled(guard: ckpt_lib.PreemptionGuard) -> bool:
+    """Whether any host got SIGTERM/SIGINT (a collective: a signal may reach the hosts at different
+    steps; they stop together)."""
+    return bool(int(multihost.max_over_hosts(np.int64(guard.triggered))))
+
+  def _preempted(self, message: str) -> dict[str, float]:
+    self.stop_reason, self.stop_message = "preempted", message
+    log.warning("%s; exiting with status %d", message, EXIT_PREEMPTED)
+    return {}
+
+  def _run(self, guard: ckpt_lib.PreemptionGuard) -> dict[str, float]:
     c = self.c
     resumed = self.maybe_restore()
     if not resumed:
-      self.sft_warmup()
+      try:
+        self.sft_warmup(should_stop=lambda: self._signalled(guard))
+      except warmup.Interrupted as e:
+        return self._preempted(
+          f"stopped by {guard.received or 'a signal'} during the warm-up, {e}: no RL step had run "
+          "and nothing is saved; rerun the same command to start again (the warm-up restarts)"
+        )
       if c.train.eval_every:
         ev = self.evaluate()
         self.log_metrics(ev)
@@ -730,6 +814,12 @@ class Trainer:
       resumed=resumed,
       warmed_up=c.warmup.sft_steps > 0,
     )
+    if self._signalled(guard):  # during the warm-up's last step, the eval before RL or the restore
+      self.save(force=True)  # a fresh run: the weights RL starts from, as step 0
+      return self._preempted(
+        f"stopped by {guard.received or 'a signal'} before the first RL step of this run: step "
+        f"{self.step} is checkpointed; rerun the same command to resume from it"
+      )
     from tqdm import tqdm
 
     last: dict[str, float] = {}
@@ -747,7 +837,7 @@ class Trainer:
     )
     first_step = self.step
     self.stop_reason = "finished"
-    with ckpt_lib.PreemptionGuard() as guard, rules:
+    with rules:
       while self.step < c.train.num_steps:
         try:
           with self._profile(first_step):
@@ -778,39 +868,29 @@ class Trainer:
           acc=f"{m.get('reward/accuracy', float('nan')):.2f}",
           s_per_step=f"{m.get('time/step', 0):.1f}",
         )
-        # A signal may reach the hosts at different steps: stop when any host got one (all save together).
-        if int(multihost.max_over_hosts(np.int64(guard.triggered))):
+        if self._signalled(guard):
           self.save(force=True)
-          self.stop_reason = "preempted"
-          log.warning(
-            "stopped by a signal: saved step %d, exiting with status %d", self.step, EXIT_PREEMPTED
+          self._preempted(
+            f"stopped by {guard.received or 'a signal'} after step {self.step}, which is "
+            "checkpointed; rerun the same command to resume"
           )
           break
         self.save(force=self.step == c.train.num_steps)
     bar.close()
-    self.checkpointer.close()
-    self.metrics.close()
-    counts = multihost.reduce_metrics(self._data_counts())
-    log.info(
-      "training data: %d rows read, %d skipped %s",
-      counts["count/data_rows_read"],
-      counts["count/data_skipped_rows"],
-      {
-        k.rsplit("/", 1)[1]: int(v)
-        for k, v in counts.items()
-        if k.startswith("count/data_skipped_rows/") and v
-      },
-    )
-    return {**last, **counts}
+    return last
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Entry point used by `scripts/train.py` and the tests: the last step's metrics (+ data counts).
 
-  Raises `Preempted` (after the checkpoint is saved) when SIGTERM/SIGINT stopped the run.
+  Raises `Preempted` (after the checkpoint is saved) when SIGTERM/SIGINT stopped the run, and
+  `WorkdirBusy` (before anything is read or written) when another run holds `workdir`.
   """
   t = Trainer(c, workdir)
-  last = t.run()
+  try:
+    last = t.run()
+  finally:
+    t._lock.release()  # also when the run failed: the workdir is free for a rerun in this process
   if t.stop_reason == "preempted":
-    raise Preempted(t.step, last)
+    raise Preempted(t.step, last, t.stop_message)
   return last

@@ -34,6 +34,14 @@ from pgpo_jax.programs import make_optimizer, sft_loss_fn
 log = logging.getLogger(__name__)
 
 
+class Interrupted(Exception):
+  """`sft_warmup`'s `should_stop` said stop (a signal): raised before warm-up step `step` + 1."""
+
+  def __init__(self, step: int, total: int):
+    super().__init__(f"before warm-up step {step + 1} of {total}")
+    self.step, self.total = step, total
+
+
 def sft_warmup(
   c: ml_collections.ConfigDict,
   graphdef,
@@ -43,13 +51,15 @@ def sft_warmup(
   cfg: qwen.Qwen25VLConfig,
   length_buckets,
   make_batch: Callable[[list[Group]], dict],
+  should_stop: Callable[[], bool] = lambda: False,
 ):
   """Supervised steps on `warmup.target_template` responses; returns the new params (`params` when
   `warmup.sft_steps` is 0).
 
   graphdef: the train state's graph (`train_step.init_train_state`); make_batch: one response per
   group → the device batch `{"seq", "token_normalizer", "seq_normalizer"}` (the trainer's collation,
-  padded to the maximum over hosts).
+  padded to the maximum over hosts). should_stop: called before each step (on every host: the
+  trainer's is a collective); True raises `Interrupted`, and the warm-up so far is dropped.
   """
   n = c.warmup.sft_steps
   if n <= 0:
@@ -76,6 +86,8 @@ def sft_warmup(
   L = c.rollout.max_new_tokens
   eos = cfg.eos_token_id
   for i in range(n):
+    if should_stop():
+      raise Interrupted(i, n)
     pb = next(it)
     groups = []
     for b, ((ids, pix, grids), ans) in enumerate(zip(split_prompt_batch(pb), pb.answers)):

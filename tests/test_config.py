@@ -163,6 +163,56 @@ def test_feature_keys_are_only_checked_when_on(tmp_path):
   config_lib.validate(c, 1)
 
 
+@pytest.mark.parametrize(
+  "impl,dtype,platform,match",
+  [
+    (
+      "splash",
+      "bfloat16",
+      "cpu",
+      "'splash' needs a TPU backend, but this run's JAX backend is 'cpu'",
+    ),
+    (
+      "cudnn",
+      "bfloat16",
+      "cpu",
+      "'cudnn' needs a GPU backend, but this run's JAX backend is 'cpu'",
+    ),
+    ("splash", "bfloat16", "gpu", "'splash' needs a TPU backend, but .* 'gpu'"),
+    ("cudnn", "bfloat16", "tpu", "'cudnn' needs a GPU backend, but .* 'tpu'"),
+    ("cudnn", "float32", "gpu", "bfloat16/float16 inputs only, but model.dtype is 'float32'"),
+    ("auto", "float32", "gpu", "'auto' runs cuDNN .* model.dtype is 'float32'"),
+    ("auto", "float32", "cpu", None),  # resolves to xla
+    ("auto", "bfloat16", "tpu", None),
+    ("splash", "float32", "tpu", None),
+    ("cudnn", "bfloat16", "gpu", None),
+    ("xla", "float32", "gpu", None),
+    ("splash", "float32", None, None),  # no platform: compile_check builds TPU programs on a CPU
+  ],
+)
+def test_attention_impl_must_run_on_the_platform(tmp_path, impl, dtype, platform, match):
+  """Was: splash / cudnn on a CPU failed after the warm-up compile started, in a 548-line traceback."""
+  c = _config(tmp_path)
+  c.model.attention_impl, c.model.dtype = impl, dtype
+  if match is None:
+    config_lib.validate(c, 1, platform=platform)
+  else:
+    with pytest.raises(config_lib.ConfigError, match="config.model.attention_impl: .*" + match):
+      config_lib.validate(c, 1, platform=platform)
+
+
+def test_the_trainer_checks_attention_impl_on_its_own_platform(tmp_path):
+  import jax
+
+  from pgpo_jax import trainer
+
+  c = _config(tmp_path / "data")
+  c.model.attention_impl = {"cpu": "splash"}.get(jax.default_backend(), "cudnn")
+  with pytest.raises(config_lib.ConfigError, match="config.model.attention_impl"):
+    trainer.Trainer(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists() and not (tmp_path / "data" / "train.parquet").exists()
+
+
 def test_init_from_a_random_file_names_key_and_path(tmp_path):
   junk = tmp_path / "weights.bin"
   junk.write_bytes(os.urandom(3000))

@@ -233,6 +233,36 @@ def test_greedy_eval(bigram_workdir, data_dir):
   assert result.table[0]["accuracy"] == golds.count("1") / len(golds) > 0
 
 
+def test_an_empty_benchmark_file_is_skipped_and_the_others_run(bigram_workdir, data_dir, tmp_path):
+  """One empty file (JSON lines with no line, or a parquet of 0 rows) aborted every benchmark of the
+  call; now it is skipped, with a warning and a note in its table row, and left out of the average."""
+  (tmp_path / "empty.jsonl").write_text("\n")
+  table = pq.read_table(data_dir / "test.parquet")
+  pq.write_table(table.slice(0, 0), tmp_path / "none.parquet")
+  benches = ev.resolve_benchmarks(
+    [str(tmp_path / "empty.jsonl"), str(data_dir / "test.parquet"), str(tmp_path / "none.parquet")]
+  )
+  policy = ev.load_policy(bigram_workdir / "checkpoints" / "1", dtype="float32")
+  cfg = ev.EvalConfig.greedy(max_new_tokens=8, batch_size=4, max_prompt_length=256)
+  result = ev.evaluate(policy, benches, cfg, progress=False)
+  rows = {r["benchmark"]: r for r in result.table}
+  assert list(rows) == ["empty", "test", "none", "average"]
+  golds = table.column("answer").to_pylist()
+  assert rows["test"]["accuracy"] == golds.count("1") / len(golds) > 0
+  assert rows["test"]["num_prompts"] == len(golds) and not rows["test"].get("note")
+  for name in ("empty", "none"):
+    assert rows[name]["note"] == ev.EMPTY_NOTE and rows[name]["num_prompts"] == 0
+    assert np.isnan(rows[name]["accuracy"])
+  assert rows["average"]["accuracy"] == rows["test"]["accuracy"]  # over the benchmarks that ran
+  text = ev.format_table(result.table)
+  assert [line.split()[0] for line in text.splitlines() if "skipped: no rows" in line] == [
+    "empty",
+    "none",
+  ]
+  paths = ev.write_results(result, tmp_path / "out")
+  assert json.load(open(paths["json"]))["table"][0]["note"] == ev.EMPTY_NOTE
+
+
 def test_benchmark_columns_and_names(data_dir, tmp_path):
   b = ev.resolve_benchmarks(f"{data_dir / 'test.parquet'},named={data_dir / 'jl' / 'bench.jsonl'}")
   assert [x.name for x in b] == ["test", "named"]

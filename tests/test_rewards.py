@@ -1,11 +1,14 @@
 """Rewards: boxed extraction, answer equivalence, format, the combined score and the math_verify timeouts."""
 
+import decimal
+import fractions
 import re
 import threading
 import time
+import unicodedata
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pgpo_jax import rewards
@@ -43,6 +46,24 @@ EQUIVALENT = [
   ("\\text{(D)}", "D"),
   ("\\left( 1, 2 \\right)", "(1,2)"),
   ("3", "\\boxed{3}"),  # Gold stored boxed.
+  ("1e300", "1e+300"),  # A float answer cell of 1e300 reads as '1e+300'; this scored 0.
+  ("1E+300", "1e300"),
+  ("1000000000000000000000", "1e+21"),
+  ("0.0025", "2.5e-3"),
+  ("½", "\\frac{1}{2}"),  # Unicode fractions scored 0.
+  ("½", "0.5"),
+  ("0.5", "½"),
+  ("1½", "3/2"),  # a mixed number
+  ("-2 ¾", "-2.75"),
+  ("1⁄2", "0.5"),  # U+2044 FRACTION SLASH
+  ("\\infty", "inf"),  # infinity spelled as a word scored 0 (words never reach math_verify).
+  ("inf", "\\infty"),
+  ("∞", "\\infty"),
+  ("Infinity", "∞"),
+  ("-\\infty", "-inf"),
+  ("+\\infty", "infinity"),
+  ("$\\infty$", "\\text{inf}"),
+  ("(0, ∞)", "(0,\\infty)"),
 ]
 NOT_EQUIVALENT = [
   ("0.5", "\\frac{1}{3}"),
@@ -59,6 +80,14 @@ NOT_EQUIVALENT = [
   ("B", "3"),
   ("", "3"),
   ("   ", "yes"),
+  ("1e300", "1e+301"),
+  ("1e300", "1.0000000000000001e300"),
+  ("\\infty", "-\\infty"),
+  ("-inf", "inf"),
+  ("½", "⅓"),
+  ("1½", "1/2"),  # not one times a half
+  ("info", "inf"),
+  ("(0, ∞)", "(0,1)"),
 ]
 
 
@@ -83,6 +112,49 @@ def test_equivalent_answers_score_one(pred, gold, patient_pool):
 @pytest.mark.parametrize("pred,gold", NOT_EQUIVALENT)
 def test_non_equivalent_answers_score_zero(pred, gold):
   assert rewards.score(_resp(pred), gold)["accuracy"] == 0.0, (pred, gold)
+
+
+_VULGAR = [chr(c) for c in [*range(0xBC, 0xBF), *range(0x2150, 0x215F), 0x2189]]
+
+
+@pytest.mark.parametrize("ch", _VULGAR)
+def test_every_unicode_fraction_equals_its_value(ch, patient_pool):
+  """Each of the Unicode vulgar fractions against its value as a plain fraction (from the Unicode
+  database's numeric value, not from the code under test), and with a whole part before it."""
+  value = fractions.Fraction(unicodedata.numeric(ch)).limit_denominator(10)
+  for pred, gold in ((ch, f"{value.numerator}/{value.denominator}"), (f"3{ch}", str(3 + value))):
+    got = rewards.score_batch([_resp(pred)], [gold], pool=patient_pool)[0]["accuracy"]
+    assert got == 1.0, (pred, gold)
+
+
+class _NoMathVerify:
+  """A pool that fails the test when an answer reaches math_verify."""
+
+  def verify_many(self, pairs):
+    raise AssertionError(f"math_verify was asked about {pairs}; numbers must be decided before")
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+@settings(max_examples=200, deadline=None)
+def test_a_float_answer_equals_its_number_in_any_decimal_notation(x):
+  """A float answer cell reads as `str(x)` ('1e+300', '5e-324', '0.1'); the same number written
+  in scientific or positional notation scores 1, decided as exact decimal numbers."""
+  gold = str(x)
+  d = decimal.Decimal(gold)
+  for pred in (f"{d:e}", f"{d:f}", f"{d:E}", repr(x)):
+    got = rewards.score_batch([_resp(pred)], [gold], pool=_NoMathVerify())[0]["accuracy"]
+    assert got == 1.0, (pred, gold)
+
+
+@given(
+  st.floats(allow_nan=False, allow_infinity=False), st.floats(allow_nan=False, allow_infinity=False)
+)
+@settings(max_examples=200, deadline=None)
+def test_different_float_answers_never_match(x, y):
+  assume(x != y)
+  for pred in (repr(x), f"{decimal.Decimal(repr(x)):e}"):
+    got = rewards.score_batch([_resp(pred)], [str(y)], pool=_NoMathVerify())[0]["accuracy"]
+    assert got == 0.0, (pred, y)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The generic NNX train step on a tiny model with a `visual` submodule and the PGPO loss."""
 
+import dataclasses
 import os
 
 import jax
@@ -8,6 +9,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgpo_jax.keypaths import path_str
 from pgpo_jax.programs import make_train_step
@@ -17,6 +20,7 @@ from pgpo_jax.train_step import (
   make_optimizer,
   make_schedule,
   reduce_microbatch_metrics,
+  scaled_global_norm,
   split_microbatches,
 )
 from tests.multidevice import run_on_8_devices
@@ -377,3 +381,63 @@ def test_data_parallel_on_8_devices_matches_single_device():
   assert out["moved"] > 1e-4  # the step did something
   assert out["diff"] < 1e-5, out
   assert out["loss_multi"] == pytest.approx(out["loss_single"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- param_norm
+
+
+def _norm64(tree):
+  return float(np.sqrt(sum((np.asarray(x, np.float64) ** 2).sum() for x in jax.tree.leaves(tree))))
+
+
+@given(
+  st.lists(
+    st.tuples(st.integers(1, 40), st.floats(-37, 36), st.integers(0, 2**31)), min_size=1, max_size=4
+  )
+)
+@settings(max_examples=60, deadline=None)
+def test_scaled_global_norm_is_the_float64_norm_at_any_magnitude(leaves):
+  """Values of 1e-37 .. 1e37 (float32's normal range; XLA flushes subnormals to zero): the norm
+  neither overflows nor underflows."""
+
+  def leaf(n, e, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(1, 10, n) * rng.choice([-1.0, 1.0], n) * 10.0**e).astype(np.float32)
+
+  tree = {f"l{i}": leaf(*x) for i, x in enumerate(leaves)}
+  want = _norm64(tree)
+  got = float(scaled_global_norm(tree))
+  assert np.isfinite(got) and got == pytest.approx(want, rel=1e-5), (got, want)
+
+
+def test_scaled_global_norm_keeps_non_finite_values_non_finite():
+  assert np.isinf(float(scaled_global_norm({"a": np.array([1.0, np.inf], np.float32)})))
+  assert np.isnan(float(scaled_global_norm({"a": np.array([1.0, np.nan], np.float32)})))
+  assert float(scaled_global_norm({"a": np.zeros(3, np.float32)})) == 0.0
+
+
+def test_param_norm_of_large_weights_is_logged_as_a_number(setup, tmp_path):
+  """Weights of 1e20 (a diverged run): `optax.global_norm` overflowed to inf, which metrics.jsonl
+  logged as null; the scaled norm gives the value."""
+  import json
+
+  import ml_collections
+
+  from pgpo_jax import train_metrics
+
+  model, batch = setup
+  opt = make_optimizer(1e-2)
+  graphdef, state = init_train_state(model, opt)
+  state = dataclasses.replace(state, params=jax.tree.map(lambda p: p * 1e20, state.params))
+  state, metrics = make_train_step(graphdef, pg_loss_fn, opt)(state, batch)
+  assert not np.isfinite(float(optax.global_norm(state.params)))  # what was logged before
+  want = _norm64(state.params)
+  assert float(metrics["param_norm"]) == pytest.approx(want, rel=1e-5) and want > 1e20
+  log = train_metrics.MetricsLog(
+    ml_collections.ConfigDict({"logging": {"tensorboard": False, "wandb": False}}),
+    str(tmp_path),
+    is_host0=True,
+  )
+  log.log(1, {"train/param_norm": float(metrics["param_norm"])})
+  row = json.loads((tmp_path / "metrics.jsonl").read_text())
+  assert row["train/param_norm"] == pytest.approx(want, rel=1e-5)

@@ -257,6 +257,79 @@ def test_sigint_saves_and_exits_with_the_preempted_status(data_dir, tmp_path):
   assert saved == [steps[-1]] and 1 <= steps[-1] < 50, (saved, steps)
 
 
+@pytest.fixture
+def sigterm_on_warmup_batch(monkeypatch):
+  """SIGTERM to this process when the warm-up builds batch k (`arm(k)`), deterministically inside a
+  warm-up step. A handler of the test's own catches any signal the trainer does not (so that a
+  broken guard fails the test instead of killing pytest); it records them in `stray`."""
+  stray = []
+
+  def ours(*_):
+    stray.append("SIGTERM")
+
+  previous = signal.signal(signal.SIGTERM, ours)
+  calls = []
+  original = trainer.Trainer._sft_batch
+
+  def arm(k):
+    def batch(self, groups):
+      calls.append(len(groups))
+      if len(calls) == k:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return original(self, groups)
+
+    monkeypatch.setattr(trainer.Trainer, "_sft_batch", batch)
+    return calls
+
+  yield arm, stray, ours
+  signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_during_the_warmup_stops_before_the_next_warmup_step(
+  data_dir, tmp_path, sigterm_on_warmup_batch
+):
+  """Was: exit 143, no message, nothing saved. Now `Preempted` (exit 75) before the next warm-up
+  step, saying that nothing is saved and that the rerun restarts the warm-up; the workdir holds no
+  checkpoint and no metrics, and is free."""
+  from pgpo_jax.workdir_lock import WorkdirLock
+
+  arm, stray, ours = sigterm_on_warmup_batch
+  calls = arm(2)
+  c = tiny_config(data_dir)
+  c.warmup.sft_steps, c.train.eval_every = 5, 1
+  workdir = tmp_path / "w"
+  with pytest.raises(trainer.Preempted) as e:
+    trainer.train(c, str(workdir))
+  assert str(e.value) == (
+    "stopped by SIGTERM during the warm-up, before warm-up step 3 of 5: no RL step had run and "
+    "nothing is saved; rerun the same command to start again (the warm-up restarts)"
+  )
+  assert len(calls) == 2 and not stray  # the trainer's guard caught it; no step after the signal
+  assert os.listdir(workdir / "checkpoints") == [] and not (workdir / "metrics.jsonl").exists()
+  assert "count/data_rows_read" in e.value.metrics
+  WorkdirLock(str(workdir)).release()
+  assert signal.getsignal(signal.SIGTERM) is ours  # the guard put the previous handler back
+
+
+def test_sigterm_after_the_warmup_saves_step_0_and_the_rerun_resumes_there(
+  data_dir, tmp_path, sigterm_on_warmup_batch
+):
+  """A signal during the warm-up's last step (or the eval before RL): the warmed-up weights are
+  checkpoint 0; the rerun resumes from it without warming up again and trains step 1."""
+  arm, stray, _ = sigterm_on_warmup_batch
+  calls = arm(2)
+  c = tiny_config(data_dir)
+  c.warmup.sft_steps, c.train.num_steps = 2, 1
+  workdir = tmp_path / "w"
+  with pytest.raises(trainer.Preempted, match="before the first RL step of this run: step 0 is"):
+    trainer.train(c, str(workdir))
+  assert len(calls) == 2 and not stray
+  assert os.listdir(workdir / "checkpoints") == ["0"]
+  trainer.train(c, str(workdir))
+  assert len(calls) == 2  # no warm-up batch in the rerun
+  assert [r["step"] for r in _metrics(workdir)] == [1]
+
+
 @pytest.mark.parametrize(
   "path",
   sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))),

@@ -6,8 +6,9 @@
 
 (`python scripts/compile_check.py ...` is the same command.) Prints per-step per-device memory vs HBM
 and FLOPs; exit code 1 if a step does not fit or its compiler crashes (each program compiles in
-its own child process, `--noisolate` to compile in this one), 2 on another compile error. Needs libtpu:
-pip install 'jax[tpu]==0.10.2' (no TPU is used). Details: pgpo_jax/tools/compile_check.py.
+its own child process, `--noisolate` to compile in this one), 3 on another compile error, 2 on a
+usage error (a bad flag, a --topology that names no TPU slice, an unknown --steps name). Needs
+libtpu: pip install 'jax[tpu]==0.10.2' (no TPU is used). Details: pgpo_jax/tools/compile_check.py.
 """
 
 from __future__ import annotations
@@ -60,14 +61,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
   from pgpo_jax.tools import compile_check
 
-  ctx, reports = compile_check.run(
-    fv.config,
-    fv.topology,
-    fv.steps,
-    log=lambda m: print(m, file=sys.stderr, flush=True),
-    score_prompts=fv.score_prompts,
-    isolate=fv.isolate,
-  )
+  unknown = [s for s in fv.steps if s not in compile_check.ALL_STEPS]
+  if unknown:
+    print(
+      f"pgpo-compile-check: error: --steps: unknown {unknown}; valid: "
+      f"{','.join(compile_check.ALL_STEPS)}",
+      file=sys.stderr,
+    )
+    return common.USAGE_ERROR
+  try:
+    compile_check.parse_topology(fv.topology)
+    ctx, reports = compile_check.run(
+      fv.config,
+      fv.topology,
+      fv.steps,
+      log=lambda m: print(m, file=sys.stderr, flush=True),
+      score_prompts=fv.score_prompts,
+      isolate=fv.isolate,
+    )
+  except compile_check.TopologyError as e:  # raised before anything compiles
+    print(f"pgpo-compile-check: error: --topology={fv.topology}: {e}", file=sys.stderr)
+    return common.USAGE_ERROR
   print(compile_check.format_report(ctx, reports))
   for r in reports:
     if r.traceback:

@@ -5,8 +5,10 @@
 
 Resumes automatically from the workdir's latest checkpoint. Exit status: 0 when the run finished
 (`train.num_steps`, or the end of the data after `data.num_epochs` passes); 75 (EX_TEMPFAIL) when
-SIGTERM or SIGINT stopped it early after saving a checkpoint (rerun the same command to resume; it
-prints no `done.`); 1 on an error.
+SIGTERM or SIGINT stopped it early (rerun the same command to resume; it prints no `done.` but what
+was saved: the last step, or nothing when the signal came during the warm-up, which the rerun
+starts again); 1 on an error, e.g. when another run is using the workdir (one run per
+workdir: a flock on WORKDIR/.train-process<i>.lock, freed by the OS however that run ends).
 
 On multi-host TPU, run the same command on every worker (see tpu/README.md); `--distributed` (default:
 auto) calls jax.distributed.initialize().
@@ -67,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   common.maybe_initialize_distributed(fv)
   from pgpo_jax import trainer
+  from pgpo_jax.checkpoint import CheckpointError
 
   c = fv.config
   name = os.path.splitext(os.path.basename(fv["config"].config_filename))[0]
@@ -75,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     last, preempted = trainer.train(c, workdir), None
   except trainer.Preempted as e:
     last, preempted = e.metrics, e
+  except (trainer.WorkdirBusy, CheckpointError) as e:  # the message says it all: no traceback
+    print(f"pgpo-train: error: {e}", file=sys.stderr)
+    return 1
   if jax.process_index() == 0:
     keys = ("reward/overall", "reward/accuracy", "reward/format", "eval/accuracy")
     print(

@@ -339,7 +339,8 @@ def write_hf(
   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
   progress: bool = True,
 ) -> tuple[list[str], int, int]:
-  """Streams HF safetensors shards (+ index) into `out_dir`.
+  """Streams HF safetensors shards (+ index) into `out_dir`: each to a `.partial` file, renamed when
+  all are written (a failure leaves no partial weights, and a previous export in `out_dir` whole).
 
   Args:
     source: `source(paths) -> arrays` fetches our parameters (full stacked arrays) by path; it is
@@ -360,13 +361,15 @@ def write_hf(
   )
   total = sum(e.nbytes for e in entries)
   file_of = {e.name: names[k] for k, shard in enumerate(shards) for e in shard}
+  _remove_partial_files(out_dir)  # of an export that was killed
   bar = _progress(total, "write safetensors", progress)
-  written = []
+  written = []  # final names; every file is written as `name + PARTIAL_SUFFIX` first
   cache: tuple[weights.Rule | None, list[np.ndarray]] = (None, [])
   try:
     for fname, shard in zip(names, shards):
       path = os.path.join(out_dir, fname)
-      with open(path, "wb") as f:
+      written.append(path)
+      with open(path + PARTIAL_SUFFIX, "wb") as f:
         f.write(_header(shard, dt))
         for e in shard:
           if cache[0] is not e.rule:
@@ -379,19 +382,36 @@ def write_hf(
             raise AssertionError(f"{e.name}: planned {e.shape}, produced {t.shape}")
           f.write(memoryview(t.reshape(-1).view(np.uint8)))
           bar.update(e.nbytes)
-      written.append(path)
+    if n > 1:
+      index = os.path.join(out_dir, "model.safetensors.index.json")
+      written.append(index)  # last: renamed after the shards it names
+      with open(index + PARTIAL_SUFFIX, "w") as f:
+        json.dump(
+          {"metadata": {"total_size": total}, "weight_map": dict(sorted(file_of.items()))},
+          f,
+          indent=2,
+        )
+  except BaseException:  # a source that fails to read (a damaged checkpoint), Ctrl-C, a full disk
+    _remove_partial_files(out_dir)
+    raise
   finally:
     bar.close()
-  if n > 1:
-    index = os.path.join(out_dir, "model.safetensors.index.json")
-    with open(index, "w") as f:
-      json.dump(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(file_of.items()))},
-        f,
-        indent=2,
-      )
-    written.append(index)
+  # Complete: only now replace a previous export's weights with these.
+  _remove_stale_weights(out_dir)
+  for path in written:
+    os.replace(path + PARTIAL_SUFFIX, path)
   return written, len(entries), total
+
+
+# A weights file being written; renamed to its name once every file of the export is complete, so a
+# failed export leaves no partial `model*.safetensors` (and the previous export, if any, untouched).
+PARTIAL_SUFFIX = ".partial"
+
+
+def _remove_partial_files(out_dir: str) -> None:
+  for name in os.listdir(out_dir):
+    if name.startswith("model") and name.endswith(PARTIAL_SUFFIX):
+      os.remove(os.path.join(out_dir, name))
 
 
 def _remove_stale_weights(out_dir: str) -> None:
@@ -439,7 +459,6 @@ def orbax_to_hf(
   }
   ckpt_lib.check_orbax_params(params_dir, shapes)  # clear error before anything is written
   out_dir = ensure_writable_dir(out_dir)
-  _remove_stale_weights(out_dir)
 
   def source(paths: Sequence[Path]) -> list[np.ndarray]:
     got = ckpt_lib.restore_orbax_params(params_dir, shapes, as_numpy=True, paths=list(paths))
@@ -475,7 +494,6 @@ def params_to_hf(
   dt = _np_dtype(dtype) if dtype is not None else np.dtype(first.dtype)
   shapes = {p: (tuple(v.shape), dt) for p, v in params.items()}
   out_dir = ensure_writable_dir(out_dir)
-  _remove_stale_weights(out_dir)
   source = lambda paths: [np.asarray(params[p]) for p in paths]  # noqa: E731
   files, n_tensors, nbytes = write_hf(
     source, cfg, shapes, out_dir, dt, max_shard_bytes=max_shard_bytes, progress=progress

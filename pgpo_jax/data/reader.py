@@ -3,10 +3,10 @@
 A dataset is one or more files holding a question column, an answer column and (optionally) an
 image column. The files are read with pyarrow when the reader is built, so every file-level
 problem (missing file, unreadable file, missing column) raises before training starts, with the
-file and the column in the message. Row-level problems (empty question, null answer, missing or
-corrupt image, a JSON-lines line that is not a JSON object, ...) never raise: `DatasetReader.load`
-returns a `SkippedRow` naming the reason, and the pipeline counts it in a `SkipStats` and logs file
-and row.
+file and the column in the message. Row-level problems (empty question, null answer, a NaN or
+infinite number as the answer, missing or corrupt image, a JSON-lines line that is not a JSON
+object, ...) never raise: `DatasetReader.load` returns a `SkippedRow` naming the reason, and the
+pipeline counts it in a `SkipStats` and logs file and row.
 
 Rows are numbered from 0 within each file, in both formats: in JSON lines, row k is the k-th
 non-blank line (blank lines are not rows); skip messages of JSON lines also give the 1-based line.
@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -58,9 +59,13 @@ IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # `<image>` count != 
 PROMPT_TOO_LONG = "prompt_too_long"
 PROCESSOR_ERROR = "processor_error"
 MALFORMED_ROW = "malformed_row"  # a JSON-lines line that does not parse as one JSON object
+# A numeric answer cell holding NaN or ±inf (a float column's missing-value marker, an overflow):
+# as text ('nan', 'inf') it would be a gold answer that `\boxed{nan}` matches.
+NONFINITE_ANSWER = "nonfinite_answer"
 SKIP_REASONS = (
   EMPTY_QUESTION,
   MISSING_ANSWER,
+  NONFINITE_ANSWER,
   MISSING_IMAGE,
   MISSING_IMAGE_FILE,
   CORRUPT_IMAGE,
@@ -121,6 +126,10 @@ class SkippedRow:
   source: str
   row_index: int
   detail: str = ""
+
+
+class EmptyDatasetError(ValueError):
+  """Every file of a dataset has no rows (the message names them)."""
 
 
 class RowError(Exception):
@@ -252,6 +261,15 @@ def _reject_constant(name: str) -> None:
   raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+  """A JSON number as a float; one beyond the float range (`1e999`, which pyarrow cannot store and
+  Python would read as inf) makes its line malformed."""
+  value = float(text)
+  if not math.isfinite(value):
+    raise ValueError(f"the number {text[:40]} does not fit a 64-bit float")
+  return value
+
+
 def _read_jsonl_skipping_malformed(path: str, read_options) -> tuple[pa.Table, dict[int, str]]:
   """A JSON-lines table whose malformed lines are empty rows, and {row: why} for those rows.
 
@@ -266,7 +284,7 @@ def _read_jsonl_skipping_malformed(path: str, read_options) -> tuple[pa.Table, d
     if not line.strip():
       continue  # blank lines are not rows (as in pyarrow)
     try:
-      obj = json.loads(line, parse_constant=_reject_constant)
+      obj = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
       if not isinstance(obj, dict):
         raise ValueError(f"a JSON {type(obj).__name__}, not an object")
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -367,7 +385,7 @@ class DatasetReader:
     sizes = np.array([f.num_rows for f in self._files], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(sizes)])
     if self._starts[-1] == 0:
-      raise ValueError(f"dataset {list(spec.paths)} has no rows")
+      raise EmptyDatasetError(f"dataset {list(spec.paths)} has no rows")
 
   def _open(self, path: str) -> _File:
     opened = _open_table(path)
@@ -443,6 +461,10 @@ class DatasetReader:
     answer = self._value(f, self.spec.answer_key, row)
     if answer is None or (isinstance(answer, str) and not answer.strip()):
       raise RowError(MISSING_ANSWER)
+    if isinstance(answer, float) and not math.isfinite(answer):
+      raise RowError(
+        NONFINITE_ANSWER, f"column {self.spec.answer_key!r} holds {answer!r}, not a finite number"
+      )
     images: tuple[Image.Image, ...] = ()
     if self.spec.image_key is not None:
       base_dir = self.spec.image_dir or os.path.dirname(os.path.abspath(f.path))

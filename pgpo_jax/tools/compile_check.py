@@ -153,18 +153,33 @@ def _torus(chips: int, dims: int) -> str:
   return "x".join(map(str, shape))
 
 
+class TopologyError(ValueError):
+  """The topology names no TPU slice this check can build; the message says why (a usage error:
+  `pgpo-compile-check` exits `common.USAGE_ERROR`, not the 1 of a program that does not fit)."""
+
+
 def parse_topology(name: str) -> Topology:
   """'v5p-64' | 'v5e-256' | 'v4-128' | 'v6e-16' (cores for v4/v5p, chips for v5e/v6e), or a raw
-  topology string 'v5e:2x2' / 'v5:2x4x4' / 'v4:2x2x1'."""
+  topology string 'v5e:2x2' / 'v5:2x4x4' / 'v4:2x2x1'. Raises `TopologyError`."""
   m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower())
   if m:
     chip = CHIPS[m.group(1)]
     n = int(m.group(2))
     if n % chip.cores_per_chip:
-      raise ValueError(f"{name}: {chip.name}-N counts TensorCores ({chip.cores_per_chip} per chip)")
+      raise TopologyError(
+        f"{name}: {chip.name}-N counts TensorCores ({chip.cores_per_chip} per chip)"
+      )
     chips = n // chip.cores_per_chip
-    return Topology(name, chip, f"{chip.prefix}:{_torus(chips, chip.dims)}", chips)
+    if chips < 1:
+      raise TopologyError(f"{name}: a slice has at least one chip")
+    try:
+      torus = _torus(chips, chip.dims)
+    except ValueError as e:
+      raise TopologyError(f"{name}: {e}") from None
+    return Topology(name, chip, f"{chip.prefix}:{torus}", chips)
   m = re.fullmatch(r"(v4|v5p?|v5e|v6e):(\d+(?:x\d+){1,2})", name.strip().lower())
+  if m and any(int(x) < 1 for x in m.group(2).split("x")):
+    raise TopologyError(f"{name}: every dimension of a slice is at least 1")
   if m:
     prefix = m.group(1)
     chip = {
@@ -176,7 +191,7 @@ def parse_topology(name: str) -> Topology:
     }[prefix]
     chips = math.prod(int(x) for x in m.group(2).split("x"))
     return Topology(name, chip, f"{chip.prefix}:{m.group(2)}", chips)
-  raise ValueError(
+  raise TopologyError(
     f"unknown topology {name!r}; use e.g. v5p-64, v5e-256, v4-128, v6e-16 or v5e:2x2"
   )
 
@@ -199,7 +214,16 @@ def topology_devices(topo: Topology) -> list:
   from jax.experimental import topologies
 
   kw = {"chip_config_name": topo.chip.chip_config_name} if topo.chip.chip_config_name else {}
-  devices = topologies.get_topology_desc(topo.desc, "tpu", **kw).devices
+  try:
+    devices = topologies.get_topology_desc(topo.desc, "tpu", **kw).devices
+  except (
+    Exception
+  ) as e:  # jax raises JaxRuntimeError (INVALID_ARGUMENT) for a slice it cannot lay out
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise TopologyError(
+      f"{topo.name} ({topo.desc}): libtpu cannot build this slice: {first}. Use a slice that "
+      "exists, e.g. v5p-8 or larger, v5e-4 / v5e:2x2 or larger, v4-8, v6e-4"
+    ) from None
   if len(devices) != topo.num_chips:
     raise RuntimeError(
       f"{topo.desc}: expected {topo.num_chips} devices, libtpu gave {len(devices)}"
@@ -1102,8 +1126,15 @@ def failures(reports: Sequence[StepReport]) -> list[str]:
   return lines
 
 
+EXIT_DOES_NOT_FIT = 1  # a step does not fit, or its compiler crashed
+EXIT_COMPILE_ERROR = (
+  3  # another compile error (2 is the commands' usage error: `common.USAGE_ERROR`)
+)
+
+
 def exit_code(reports: Sequence[StepReport]) -> int:
-  """0 all fit; 1 a step does not fit or its compiler crashed; 2 a compile error that is neither."""
+  """0 all fit; `EXIT_DOES_NOT_FIT` (1) a step does not fit or its compiler crashed;
+  `EXIT_COMPILE_ERROR` (3) a compile error that is neither."""
   if any(r.verdict == "error" for r in reports):
-    return 2
-  return 1 if any(r.verdict in ("does not fit", "crashed") for r in reports) else 0
+    return EXIT_COMPILE_ERROR
+  return EXIT_DOES_NOT_FIT if any(r.verdict in ("does not fit", "crashed") for r in reports) else 0

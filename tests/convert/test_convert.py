@@ -208,6 +208,35 @@ def test_trainer_state_item_gets_a_clear_error_and_the_step_folder_exports(
     ckpt_lib.orbax_param_metadata(tmp_path / "opt")
 
 
+@pytest.mark.parametrize("shard_bytes", ["5GB", "200KB"])  # one file; shards + index
+def test_a_failed_export_leaves_no_partial_weights_and_the_previous_export_whole(
+  converted, tmp_path, capsys, shard_bytes
+):
+  """`--to_hf` of truncated params failed half-way and left a partial model.safetensors (after
+  deleting the previous export's). Now files are written under a temporary name and renamed at the
+  end: the failure leaves the folder as it was."""
+  from tests.test_checkpoint import truncate_largest
+
+  out = tmp_path / "out"
+  args = ["--out_dir", str(out), "--max_shard_size", shard_bytes, "--no_progress"]
+  assert cli.main(["--to_hf", "--ckpt", str(converted), *args]) == 0
+  before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+  shards = [f for f in before if f.endswith(".safetensors")]
+  assert len(shards) == 1 if shard_bytes == "5GB" else len(shards) > 1
+  damaged = tmp_path / "damaged"
+  shutil.copytree(converted, damaged)
+  truncate_largest(damaged / "params")
+  capsys.readouterr()
+  assert cli.main(["--to_hf", "--ckpt", str(damaged), *args]) == 2
+  assert "pgpo-convert: error:" in capsys.readouterr().err
+  assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing added or changed
+  fresh = tmp_path / "fresh"
+  assert (
+    cli.main(["--to_hf", "--ckpt", str(damaged), "--out_dir", str(fresh), "--no_progress"]) == 2
+  )
+  assert os.listdir(fresh) == []
+
+
 def test_params_to_hf_from_memory(tiny_hf, tmp_path):
   model = qwen.from_pretrained(tiny_hf[1])
   convert.params_to_hf(

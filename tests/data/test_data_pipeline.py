@@ -254,6 +254,7 @@ def test_bad_rows_are_skipped_counted_and_logged(processor, bad_rows_files, capl
     reader_lib.PROMPT_TOO_LONG: 0,
     reader_lib.PROCESSOR_ERROR: 0,
     reader_lib.MALFORMED_ROW: 0,
+    reader_lib.NONFINITE_ANSWER: 0,
   }
   assert (it.stats.rows_read, it.stats.prompts, it.stats.skipped) == (10, 3, 7)
   # One log line per skip, naming file, row and reason.
@@ -325,6 +326,72 @@ def test_malformed_jsonl_lines_are_skipped_and_counted_like_bad_parquet_rows(
   assert (
     DatasetReader(DatasetSpec(str(jl))).load(3).question == "jl 3"
   )  # rows keep the file's numbering
+
+
+def test_nonfinite_numeric_answers_are_skipped_and_counted(processor, tmp_path, caplog):
+  """A float answer column holding NaN / ±inf was read as the text 'nan' / 'inf' (which `\\boxed{nan}`
+  then matched), with no row skipped. Large finite numbers stay answers (`1e+300`)."""
+  answers = [1.5, float("nan"), float("inf"), -float("inf"), 1e300, 3.0]
+  pq_path = write_table(
+    tmp_path / "floats.parquet",
+    {
+      "problem": [f"q {i}" for i in range(len(answers))],
+      "answer": pa.array(answers, pa.float64()),
+      "images": pa.array([[png(noise_image(56, 56, i))] for i in range(len(answers))]),
+    },
+  )
+  jl_path = (
+    tmp_path / "overflow.jsonl"
+  )  # JSON has no inf, but a number too large for a float is one
+  image = {"bytes": base64.b64encode(png(noise_image(56, 56, 9))).decode()}
+  jl_path.write_text(
+    "\n".join(
+      json.dumps({"problem": f"j {i}", "answer": a, "images": [image]}).replace('"@"', "1e999")
+      for i, a in enumerate([2.0, "@"])
+    )
+  )
+  reader = DatasetReader(DatasetSpec([pq_path, str(jl_path)]))
+  loaded = [reader.load(i) for i in range(len(reader))]
+  assert [getattr(r, "answer", None) for r in loaded] == [
+    "1.5",
+    None,
+    None,
+    None,
+    "1e+300",
+    "3.0",
+    "2.0",
+    None,
+  ]
+  skipped = [r for r in loaded if isinstance(r, reader_lib.SkippedRow)]
+  assert [(r.reason, r.row_index) for r in skipped] == [
+    (reader_lib.NONFINITE_ANSWER, 1),
+    (reader_lib.NONFINITE_ANSWER, 2),
+    (reader_lib.NONFINITE_ANSWER, 3),
+    (reader_lib.MALFORMED_ROW, 1),  # pyarrow cannot store the line; it no longer fails the file
+  ]
+  assert "line 2: the number 1e999 does not fit a 64-bit float" in skipped[-1].detail
+  assert "'answer' holds nan, not a finite number" in skipped[0].detail
+  with caplog.at_level(logging.WARNING, logger=reader_lib.__name__):
+    it = make_prompt_iterator(
+      DatasetSpec([pq_path, str(jl_path)]),
+      processor,
+      batch_size=2,
+      seed=0,
+      num_epochs=1,
+      max_prompt_length=512,
+      shard_index=0,
+      shard_count=1,
+    )
+    batches = collect(it)
+  assert sorted(a for b in batches for a, v in zip(b.answers, b.prompt_valid) if v) == [
+    "1.5",
+    "1e+300",
+    "2.0",
+    "3.0",
+  ]
+  assert it.stats.counts[reader_lib.NONFINITE_ANSWER] == 3
+  assert it.stats.counts[reader_lib.MALFORMED_ROW] == 1 and it.stats.skipped == 4
+  assert f"skipping row 2 of {pq_path}: nonfinite_answer (column 'answer' holds inf" in caplog.text
 
 
 def test_jsonl_file_level_errors_give_the_line(tmp_path):

@@ -26,6 +26,56 @@ def test_topology_names():
     cc.parse_topology("tpu-9000")
 
 
+@pytest.mark.parametrize(
+  "name,match",
+  [
+    ("v5p-0", "v5p-0: a slice has at least one chip"),  # was: an unexplained JAX error
+    ("v5e-0", "v5e-0: a slice has at least one chip"),
+    ("v5e-3", "v5e-3: 3 chips: only power-of-two slices"),
+    ("v5e:0x2", "v5e:0x2: every dimension of a slice is at least 1"),
+    ("v9-8", "unknown topology 'v9-8'"),
+  ],
+)
+def test_a_topology_that_names_no_slice_is_a_usage_error(name, match, capsys):
+  """A clear message and the commands' usage-error status (2), not 1, which means 'does not fit'."""
+  from pgpo_jax.cli import common
+  from pgpo_jax.cli import compile_check as cli
+
+  with pytest.raises(cc.TopologyError, match=match):
+    cc.parse_topology(name)
+  code = cli.main([f"--config={ROOT}/configs/demo.py", f"--topology={name}"])
+  assert code == common.USAGE_ERROR != cc.EXIT_DOES_NOT_FIT
+  err = capsys.readouterr().err
+  assert f"pgpo-compile-check: error: --topology={name}: " in err and "Traceback" not in err
+
+
+def test_a_slice_libtpu_cannot_lay_out_is_a_usage_error(libtpu, capsys):
+  """v5p-2 parses (one chip) but libtpu has no such slice: its reason, as a usage error."""
+  from pgpo_jax.cli import common
+  from pgpo_jax.cli import compile_check as cli
+
+  with pytest.raises(cc.TopologyError, match=r"v5p-2 \(v5:1x1x1\): libtpu cannot build this slice"):
+    cc.topology_devices(cc.parse_topology("v5p-2"))
+  assert cli.main([f"--config={ROOT}/configs/demo.py", "--topology=v5p-2"]) == common.USAGE_ERROR
+  assert "libtpu cannot build this slice" in capsys.readouterr().err
+
+
+def test_unknown_steps_and_compile_errors_have_their_own_exit_status(capsys):
+  import types
+
+  from pgpo_jax.cli import common
+  from pgpo_jax.cli import compile_check as cli
+
+  assert cli.main([f"--config={ROOT}/configs/demo.py", "--steps=score,trian"]) == 2
+  assert "--steps: unknown ['trian']" in capsys.readouterr().err
+  codes = {
+    v: cc.exit_code([types.SimpleNamespace(verdict=v)])
+    for v in ("fits", "does not fit", "crashed", "error")
+  }
+  assert codes == {"fits": 0, "does not fit": 1, "crashed": 1, "error": 3}
+  assert common.USAGE_ERROR not in codes.values()
+
+
 def _tiny(**overrides):
   """configs/pgpo_7b.py shrunk to the tiny model and a few prompts (all trainer code paths)."""
   sys.path.insert(0, ROOT)
