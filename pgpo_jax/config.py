@@ -170,6 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
   # the warm-up and read back by any later run given the same folder (arms of one seed share it).
   # blind_fraction: the share of each warm-up batch trained under PGPO's blind view (visual tokens
   # removed, positions kept, same targets), so the blind view is in distribution (a language prior).
+  # save_every: with cache_dir, save the warm-up's progress there every N steps (and when a signal
+  # stops it); a rerun resumes from it (0: a stopped warm-up starts again).
   c.warmup = ml_collections.ConfigDict(
     dict(
       sft_steps=0,
@@ -179,6 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
       target_key="",
       cache_dir="",
       blind_fraction=0.0,
+      save_every=0,
     )
   )
 
@@ -352,6 +355,7 @@ WARMUP_RULES: dict[str, Rule] = {
   "warmup.prompts_per_step": _POS_INT,
   "warmup.target_template": (_answer_template, "a str.format template with an {answer} field"),
   "warmup.blind_fraction": _PROBABILITY,
+  "warmup.save_every": _NONNEG_INT,
 }
 EVAL_RULES: dict[str, Rule] = {"train.eval_prompts": _POS_INT}
 
@@ -448,6 +452,17 @@ def validate(
   _check_values(c, VALUE_RULES)
   if c.warmup.sft_steps > 0:
     _check_values(c, WARMUP_RULES)
+  if c.optim.schedule == "warmup_cosine":  # the cosine needs steps left after its linear warm-up
+    for what, steps in (
+      ("train.num_steps", c.train.num_steps),
+      ("warmup.sft_steps", c.warmup.sft_steps),
+    ):
+      _require(
+        steps <= 0 or c.optim.warmup_steps < steps,
+        "optim.warmup_steps",
+        f"must be < {what} ({steps}) with optim.schedule='warmup_cosine' (the warm-up uses the "
+        f"schedule too), got {c.optim.warmup_steps}",
+      )
   if c.train.eval_every > 0:
     _check_values(c, EVAL_RULES)
   _require(

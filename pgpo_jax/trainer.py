@@ -761,7 +761,8 @@ class Trainer:
 
     SIGTERM / SIGINT (`PreemptionGuard`, from the start of the run) stop it with `stop_reason`
     "preempted", at the first of these points that follows the signal: before a warm-up step (the
-    warm-up so far is dropped and nothing is saved: the rerun starts it again), after the warm-up
+    warm-up so far is dropped and the rerun starts it again, unless `warmup.cache_dir` and
+    `warmup.save_every` keep its progress, from which the rerun resumes), after the warm-up
     and the eval before RL (the weights RL starts from are saved as checkpoint 0, from which the
     rerun resumes), after an RL step (that step is saved).
     """
@@ -799,9 +800,16 @@ class Trainer:
       try:
         self.sft_warmup(should_stop=lambda: self._signalled(guard))
       except warmup.Interrupted as e:
+        kept = bool(c.warmup.cache_dir and c.warmup.save_every)
         return self._preempted(
-          f"stopped by {guard.received or 'a signal'} during the warm-up, {e}: no RL step had run "
-          "and nothing is saved; rerun the same command to start again (the warm-up restarts)"
+          f"stopped by {guard.received or 'a signal'} during the warm-up, {e}: no RL step had run; "
+          + (
+            f"the warm-up's progress is in {c.warmup.cache_dir}, and rerunning the same command "
+            "resumes it"
+            if kept
+            else "nothing is saved; rerun the same command to start again (the warm-up restarts; "
+            "warmup.cache_dir with warmup.save_every keeps its progress)"
+          )
         )
       if c.train.eval_every:
         ev = self.evaluate()

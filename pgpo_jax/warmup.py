@@ -13,8 +13,10 @@ seed. The folder must only be shared by runs with the same model, data, seed and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from typing import Callable
 
 import jax
@@ -22,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pgpo_jax import checkpoint, programs, train_setup
+from pgpo_jax import checkpoint, multihost, programs, train_setup
 from pgpo_jax import train_step as train_step_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.prompts import PromptFormat
@@ -59,7 +61,9 @@ def sft_warmup(
   graphdef: the train state's graph (`train_step.init_train_state`); make_batch: one response per
   group → the device batch `{"seq", "token_normalizer", "seq_normalizer"}` (the trainer's collation,
   padded to the maximum over hosts). should_stop: called before each step (on every host: the
-  trainer's is a collective); True raises `Interrupted`, and the warm-up so far is dropped.
+  trainer's is a collective); True raises `Interrupted`. With `warmup.cache_dir` and
+  `warmup.save_every` > 0 the warm-up's progress (train state and data position) is saved there every
+  `save_every` steps and when stopped, and a rerun resumes from it; otherwise a stop drops it.
   """
   n = c.warmup.sft_steps
   if n <= 0:
@@ -71,6 +75,8 @@ def sft_warmup(
   targets = _target_columns(c)
   opt = make_optimizer(c, n, learning_rate=c.warmup.learning_rate)
   graphdef, st = train_step_lib.init_train_state(nnx.merge(graphdef, params), opt)
+  progress = os.path.join(c.warmup.cache_dir, "progress") if c.warmup.cache_dir else ""
+  save_every = c.warmup.save_every if progress else 0
   step_fn = programs.make_train_step(graphdef, sft_loss_fn(c), opt, 1)
   it = make_prompt_iterator(
     train_setup.dataset_spec(c, c.data.train_files),
@@ -85,9 +91,17 @@ def sft_warmup(
   )
   L = c.rollout.max_new_tokens
   eos = cfg.eos_token_id
-  for i in range(n):
+  start = 0
+  if save_every and os.path.isdir(progress):
+    start, st = _restore_progress(progress, st, it)
+    log.info("warm-up: resuming at step %d of %d from %s", start + 1, n, progress)
+  for i in range(start, n):
     if should_stop():
+      if save_every and i > start:
+        _save_progress(progress, i, st, it)
       raise Interrupted(i, n)
+    if save_every and i > start and i % save_every == 0:
+      _save_progress(progress, i, st, it)
     pb = next(it)
     groups = []
     for b, ((ids, pix, grids), ans) in enumerate(zip(split_prompt_batch(pb), pb.answers)):
@@ -118,7 +132,41 @@ def sft_warmup(
   if cache and jax.process_index() == 0:
     checkpoint.save_params(cache, st.params)
     log.info("warm-up: saved the warm-up params to %s", cache)
+    if save_every and os.path.isdir(progress):
+      shutil.rmtree(progress)  # the finished params supersede it
   return st.params
+
+
+def _save_progress(path: str, step: int, st, it) -> None:
+  """The warm-up after `step` steps: train state (params + AdamW moments) and each host's data
+  position, written beside the old progress and swapped in, so an interrupted save keeps the old."""
+  states = multihost.allgather_json(checkpoint.to_jsonable(it.get_state()))
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  if os.path.isdir(tmp):
+    shutil.rmtree(tmp)
+  checkpoint.save_params(os.path.join(tmp, "state"), st)
+  with open(os.path.join(tmp, "data.json"), "w") as f:
+    json.dump({"step": step, "iterators": states}, f)
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+  log.info("warm-up: saved the progress after step %d to %s", step, path)
+
+
+def _restore_progress(path: str, st, it) -> tuple[int, object]:
+  """(steps done, train state) of `_save_progress`'s folder; sets this host's data position."""
+  with open(os.path.join(path, "data.json")) as f:
+    data = json.load(f)
+  states = data["iterators"]
+  if len(states) != jax.process_count():
+    raise ValueError(
+      f"{path}: warm-up progress saved by {len(states)} host(s); resuming with "
+      f"{jax.process_count()} would change every host's data shard"
+    )
+  it.set_state(states[jax.process_index()])
+  return int(data["step"]), checkpoint.restore_params(os.path.join(path, "state"), st)
 
 
 def blind_rows(n: int, fraction: float, seed: int, step: int) -> np.ndarray:

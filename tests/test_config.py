@@ -258,3 +258,17 @@ def test_paper_recipes_follow_vppo_easyr1_or_say_why(name):
   assert (
     c.data.max_prompt_length == 4096 or "VPPO allows 4,096 prompt tokens; we keep 2,048" in source
   )
+
+
+def test_a_cosine_schedule_needs_steps_after_its_warmup(tmp_path):
+  """Was: optax's 'requires positive decay_steps' from inside the warm-up, naming no key."""
+  c = _config(tmp_path)
+  c.optim.schedule, c.optim.warmup_steps = "warmup_cosine", 0
+  c.train.num_steps, c.warmup.sft_steps = 10, 3
+  config_lib.validate(c, 1)
+  c.optim.warmup_steps = 3
+  with pytest.raises(config_lib.ConfigError, match=r"config.optim.warmup_steps: must be < warmup"):
+    config_lib.validate(c, 1)
+  c.warmup.sft_steps, c.optim.warmup_steps = 0, 10
+  with pytest.raises(config_lib.ConfigError, match=r"must be < train.num_steps \(10\)"):
+    config_lib.validate(c, 1)

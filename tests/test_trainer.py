@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -301,14 +302,52 @@ def test_sigterm_during_the_warmup_stops_before_the_next_warmup_step(
   with pytest.raises(trainer.Preempted) as e:
     trainer.train(c, str(workdir))
   assert str(e.value) == (
-    "stopped by SIGTERM during the warm-up, before warm-up step 3 of 5: no RL step had run and "
-    "nothing is saved; rerun the same command to start again (the warm-up restarts)"
+    "stopped by SIGTERM during the warm-up, before warm-up step 3 of 5: no RL step had run; "
+    "nothing is saved; rerun the same command to start again (the warm-up restarts; "
+    "warmup.cache_dir with warmup.save_every keeps its progress)"
   )
   assert len(calls) == 2 and not stray  # the trainer's guard caught it; no step after the signal
   assert os.listdir(workdir / "checkpoints") == [] and not (workdir / "metrics.jsonl").exists()
   assert "count/data_rows_read" in e.value.metrics
   WorkdirLock(str(workdir)).release()
   assert signal.getsignal(signal.SIGTERM) is ours  # the guard put the previous handler back
+
+
+def test_a_stopped_warmup_with_save_every_resumes_to_the_same_weights(
+  data_dir, tmp_path, sigterm_on_warmup_batch
+):
+  """warmup.save_every: SIGTERM in warm-up step 3 of 4 saves the progress after step 2 (state and
+  data position); the rerun resumes at step 3 and ends with the weights of an uninterrupted warm-up."""
+  from pgpo_jax import checkpoint as ckpt_lib
+  from pgpo_jax.workdir_lock import WorkdirLock
+
+  def config(cache):
+    c = tiny_config(data_dir)
+    c.warmup.sft_steps, c.warmup.save_every, c.warmup.cache_dir = 4, 3, str(cache)
+    c.warmup.blind_fraction = 0.5
+    c.train.num_steps, c.train.eval_every = 1, 0
+    return c
+
+  trainer.train(config(tmp_path / "whole"), str(tmp_path / "a"))
+  arm, stray, _ = sigterm_on_warmup_batch
+  arm(3)
+  with pytest.raises(trainer.Preempted, match="progress is in .*resumes it"):
+    trainer.train(config(tmp_path / "split"), str(tmp_path / "b"))
+  WorkdirLock(str(tmp_path / "b")).release()
+  assert (tmp_path / "split" / "progress").is_dir() and not (tmp_path / "split" / "params").exists()
+  arm(10**9)  # no more signals
+  trainer.train(config(tmp_path / "split"), str(tmp_path / "b"))
+  assert not stray and not (tmp_path / "split" / "progress").exists()
+  like = trainer.Trainer(config(tmp_path / "whole"), str(tmp_path / "c"))
+  try:
+    whole = ckpt_lib.restore_params(tmp_path / "whole" / "params", like.state.params)
+    split = ckpt_lib.restore_params(tmp_path / "split" / "params", like.state.params)
+  finally:
+    like.close()
+  leaves = zip(jax.tree.leaves(whole), jax.tree.leaves(split))
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in leaves)
+  init = jax.tree.leaves(like.state.params)[0]
+  assert not np.array_equal(np.asarray(init), np.asarray(jax.tree.leaves(whole)[0]))
 
 
 def test_sigterm_after_the_warmup_saves_step_0_and_the_rerun_resumes_there(

@@ -47,6 +47,10 @@ def run_stats(rows):
     "entropy_early": window("entropy/scoring", slice(0, LATE)),
     "entropy_late": window("entropy/scoring", slice(-LATE, None)),
     "grad_norm_var": float(np.var(gn)) if gn else float("nan"),
+    "sum_omega_sq_late": window("pgpo/mean_sq_weight", slice(-LATE, None)),
+    **{
+      f"eval_q{i}": v for i, (_, v) in enumerate(ev)
+    },  # greedy accuracy at each quarter (q0: start)
     # median: the first step of a run (and of a resumed run) includes compilation
     "sec_per_step": float(np.median([r["time/step"] for r in train if "time/step" in r]))
     if train
@@ -65,8 +69,20 @@ KEYS = [
   "entropy_early",
   "entropy_late",
   "grad_norm_var",
+  "sum_omega_sq_late",
   "sec_per_step",
 ]
+QUARTERS = ["eval_q0", "eval_q1", "eval_q2", "eval_q3", "eval_q4"]
+PAIRS = (
+  ("pgpo", "dapo"),
+  ("pgpo_dev", "dapo"),
+  ("pgpo", "pgpo_dev"),
+  ("dapo", "grpo"),
+  ("pgpo", "grpo"),
+  ("pgpo_tau0", "dapo"),
+  ("pgpo_tau1", "dapo"),
+  ("pgpo_norenorm", "dapo"),
+)
 
 
 def fmt(ci):
@@ -91,15 +107,18 @@ def main():
   results = {"arms": {}, "paired": {}, "dependency": {}}
   lines = ["| arm | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
   for arm, seeds in sorted(per_arm.items()):
-    cis = {k: seed_stats.mean_ci([s[k] for s in seeds.values()]) for k in KEYS}
+    cis = {k: seed_stats.mean_ci([s[k] for s in seeds.values() if k in s]) for k in KEYS + QUARTERS}
     results["arms"][arm] = {"seeds": sorted(seeds), **cis}
     lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(fmt(cis[k]) for k in KEYS) + " |")
+  lines += ["", "| arm | " + " | ".join(QUARTERS) + " |", "|---|" + "---|" * len(QUARTERS)]
+  for arm in sorted(results["arms"]):
+    lines.append(f"| {arm} | " + " | ".join(fmt(results["arms"][arm][k]) for k in QUARTERS) + " |")
   lines += [
     "",
     "| paired difference (eval_end) | seeds | mean ± 95% CI | per seed |",
     "|---|---|---|---|",
   ]
-  for x, y in (("pgpo", "dapo"), ("pgpo", "grpo"), ("dapo", "grpo")):
+  for x, y in PAIRS:
     if x in per_arm and y in per_arm:
       d = seed_stats.paired_diff(
         {s: v["eval_end"] for s, v in per_arm[x].items()},
@@ -123,10 +142,20 @@ def main():
         continue
       with open(path) as f:
         dep = json.load(f)
-      for mode, steps in dep.items():
-        for step, gt in steps.items():
+      for step, res in dep.items():
+        for mode in ("sample", "solution"):
+          gt = res.get(mode, {})
           if "scorers" not in gt:
             continue
+          if mode == "sample":
+            acc[(mode, int(step))]["perception_accuracy"].append(gt.get("perception_accuracy"))
+          for name, sig in gt.get("signals", {}).items():
+            if isinstance(sig, dict):
+              acc[(mode, int(step))][f"signal {name} auc"].append(sig["auc"])
+              acc[(mode, int(step))][f"signal {name} p@R"].append(sig["precision_at_r"])
+              acc[(mode, int(step))][f"signal {name} omega share perception"].append(
+                sig["share_of_omega"]["perception"]
+              )
           sc, bl = gt["scorers"], gt["by_label"]
           acc[(mode, int(step))]["S"].append(sc["S"]["auc_pooled"])
           acc[(mode, int(step))]["omega"].append(sc["omega"]["auc_pooled"])
@@ -160,7 +189,11 @@ def main():
   try:
     from pgpo_jax.tools import plotting
 
-    main_arms = [(f"{arm}_s{s}", d) for (arm, s), d in sorted(dirs.items()) if "_" not in arm]
+    main_arms = [
+      (f"{arm}_s{s}", d)
+      for (arm, s), d in sorted(dirs.items())
+      if arm in ("dapo", "pgpo", "pgpo_dev")
+    ]
     plotting.plot_runs(main_arms, os.path.join(a.out, "plots"))
   except ImportError as e:  # the `plot` extra
     print(f"no plots ({e})")

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# GRPO vs DAPO vs PGPO on the reasoning-chain task, with the ground-truth dependency check.
-#   bash experiments/chain_pgpo/run.sh            # everything; rerun to resume
-# Knobs (environment): SEEDS (main arms, default "0 1 2 3 4"), ABL_SEEDS (ablations, "0 1 2"),
-# MAIN_ARMS ("grpo dapo pgpo"), ABL_ARMS ("pgpo_tau0 pgpo_tau0.8 pgpo_beta1 pgpo_beta4"),
-# STEPS (200), PROMPTS (rollout prompts per step, 16), DEP_ARMS (arms the dependency check reads,
-# "pgpo dapo"), DEP_SEEDS (its seeds, "0 1 2"), DEP_N (held-out prompts per checkpoint, 128).
-# An empty SEEDS / ABL_SEEDS / *_ARMS skips those runs.
-# RUNS (where runs go, default runs/ here), OUT (where the tables go, default here) and EXTRA
-# (more --config.* flags for every run) are for smoke tests, e.g. RUNS=/tmp/smoke OUT=/tmp/smoke SEEDS=0 ABL_SEEDS= STEPS=2 \
-#   EXTRA=--config.warmup.sft_steps=5.
+# DAPO vs PGPO (paper / dev rule) vs GRPO and ablations on the reasoning-chain task, with the
+# ground-truth check of the dependency signal. Rerun to resume.
+#   bash experiments/chain_pgpo/run.sh
+# Knobs (environment): SEEDS (main arms, default "0 1 2 3 4"), ABL_SEEDS (3-seed arms, "0 1 2"),
+# MAIN_ARMS ("dapo pgpo pgpo_dev"), ABL_ARMS ("grpo pgpo_tau0 pgpo_tau1 pgpo_norenorm"), STEPS (200),
+# PROMPTS (rollout prompts per step, 16), BLIND (warm-up blind_fraction, 0.25), DEP_ARMS (arms the
+# dependency check reads, "pgpo dapo"), DEP_SEEDS ("0 1 2"), DEP_N (held-out prompts per checkpoint, 256),
+# PARALLEL (runs side by side, each pinned to one core; 2: measured 1.47x the throughput of one run on
+# both cores). An empty SEEDS / ABL_SEEDS / *_ARMS skips those runs.
+# RUNS (where runs go, default runs/ here), OUT (where the tables go, default here) and EXTRA (more
+# --config.* flags for every run) are for smoke tests, e.g.
+#   RUNS=/tmp/smoke OUT=/tmp/smoke SEEDS=0 ABL_SEEDS= STEPS=2 W1=3 W2=3 DEP_N=4 N_TRAIN=64 N_TEST=16 \
+#     EXTRA=--config.train.eval_prompts=8 bash experiments/chain_pgpo/run.sh
 # A finished run has runs/<arm>_s<seed>/DONE and is skipped; an interrupted one resumes from its last
-# checkpoint. Results: results.md, results.json, plots/ next to this file.
+# checkpoint. Results: results.md, results.json, plots/ next to this file (committed; runs/ is not).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -21,35 +24,68 @@ runs="${RUNS:-$here/runs}"
 mkdir -p "$runs"
 SEEDS=${SEEDS-"0 1 2 3 4"}
 ABL_SEEDS=${ABL_SEEDS-"0 1 2"}
-MAIN_ARMS=${MAIN_ARMS-"grpo dapo pgpo"}
-ABL_ARMS=${ABL_ARMS-"pgpo_tau0 pgpo_tau0.8 pgpo_beta1 pgpo_beta4"}
+MAIN_ARMS=${MAIN_ARMS-"dapo pgpo pgpo_dev"}
+ABL_ARMS=${ABL_ARMS-"grpo pgpo_tau0 pgpo_tau1 pgpo_norenorm"}
 STEPS=${STEPS:-200}
 PROMPTS=${PROMPTS:-16}
+BLIND=${BLIND:-0.25}
+W1=${W1:-2000}  # warm-up stage 1: constant lr 1e-3, images only
+W2=${W2:-3500}  # stage 2 from stage 1: cosine to 0, BLIND of the rows under the blind view
+PARALLEL=${PARALLEL:-2}
+data=(--config.data.train_files="$runs/data/train.parquet" --config.data.eval_files="$runs/data/test.parquet"
+  --config.data.processor_dir="$runs/data/model")
 
-# One data set for every run (seed 0): 2000 training rows, 512 held-out rows, the chain tokenizer.
+# One data set for every run (seed 0): 30,000 training rows, 1,024 held-out rows, the chain tokenizer.
 if [ ! -f "$runs/data/model/tokenizer.json" ]; then
-  $py scripts/make_demo_data.py --task=chain --out_dir="$runs/data" --n_train=2000 --n_test=512
+  $py scripts/make_demo_data.py --task=chain --out_dir="$runs/data" --n_train="${N_TRAIN:-30000}" \
+    --n_test="${N_TEST:-1024}"
 fi
 
-train() {  # arm seed
+# One warm-up for every arm and seed, in two stages (README "Set-up"); each writes probe.json and saves
+# its progress every 250 steps (an interrupted warm-up resumes).
+if [ ! -d "$runs/warmup_stage1/params" ]; then
+  $py "$here/warmup.py" "--config=$here/config.py:pgpo" "${data[@]}" --config.warmup.sft_steps="$W1" \
+    --config.warmup.cache_dir="$runs/warmup_stage1" --config.warmup.save_every=250 --n="${DEP_N:-256}" ${EXTRA:-} \
+    > "$runs/warmup_stage1.log" 2>&1
+fi
+if [ ! -d "$runs/warmup/params" ]; then
+  $py "$here/warmup.py" "--config=$here/config.py:pgpo" "${data[@]}" --config.model.random_init=False \
+    --config.model.init_from="$runs/warmup_stage1" --config.seed=1 --config.warmup.sft_steps="$W2" \
+    --config.optim.schedule=warmup_cosine --config.optim.warmup_steps=$(( W2 / 10 < 100 ? W2 / 10 : 100 )) \
+    --config.warmup.blind_fraction="$BLIND" --config.warmup.cache_dir="$runs/warmup" \
+    --config.warmup.save_every=250 \
+    --n="${DEP_N:-256}" --signals ${EXTRA:-} > "$runs/warmup.log" 2>&1
+fi
+
+train() {  # arm seed core
   local out="$runs/$1_s$2"
   [ -f "$out/DONE" ] && return 0
-  echo "== $1 seed $2 ($(date +%H:%M:%S))"
+  echo "== $1 seed $2 on core $3 ($(date +%H:%M:%S))"
   mkdir -p "$out"
-  $py scripts/train.py "--config=$here/config.py:$1" "--config.seed=$2" \
+  taskset -c "$3" $py scripts/train.py "--config=$here/config.py:$1" "--config.seed=$2" \
     "--config.train.num_steps=$STEPS" "--config.checkpoint.every=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))" \
     "--config.train.eval_every=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))" \
     "--config.rollout.prompts_per_step=$PROMPTS" "--config.updates.prompts_per_update=$PROMPTS" \
-    "--config.data.train_files=$runs/data/train.parquet" "--config.data.eval_files=$runs/data/test.parquet" \
-    "--config.data.processor_dir=$runs/data/model" \
-    "--config.warmup.cache_dir=$runs/warmup_s$2" ${EXTRA:-} --workdir="$out" >> "$out.log" 2>&1 \
-    || { echo "run failed, see $out.log"; exit 1; }
+    "${data[@]}" "--config.warmup.cache_dir=$runs/warmup" ${EXTRA:-} --workdir="$out" >> "$out.log" 2>&1 \
+    || { echo "run failed, see $out.log"; return 1; }
   touch "$out/DONE"
 }
 
-for seed in $SEEDS; do for arm in $MAIN_ARMS; do train "$arm" "$seed"; done; done
-for seed in $ABL_SEEDS; do for arm in $ABL_ARMS; do train "$arm" "$seed"; done; done
+# The queue: main arms seed by seed, then the 3-seed arms; PARALLEL workers, one core each.
+queue=()
+for seed in $SEEDS; do for arm in $MAIN_ARMS; do queue+=("$arm $seed"); done; done
+for seed in $ABL_SEEDS; do for arm in $ABL_ARMS; do queue+=("$arm $seed"); done; done
+worker() {  # index
+  local i
+  for ((i = $1; i < ${#queue[@]}; i += PARALLEL)); do
+    # shellcheck disable=SC2086
+    train ${queue[$i]} "$(( $1 % $(nproc) ))" || true
+  done
+}
+for ((w = 0; w < PARALLEL; w++)); do worker "$w" & done
+wait
+
 # shellcheck disable=SC2086
 $py "$here/dependency.py" "$runs" --arms ${DEP_ARMS:-pgpo dapo} --seeds ${DEP_SEEDS:-0 1 2} \
-  --n "${DEP_N:-128}"
+  --n "${DEP_N:-256}"
 $py "$here/aggregate.py" "$runs" --out "${OUT:-$here}"

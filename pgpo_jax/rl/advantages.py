@@ -301,7 +301,10 @@ def pgpo_diagnostics(
     frac_zero: ω̃ <= tol (tokens whose gradient is switched off);
     max_weight / min_weight / mean_weight / std_weight over valid tokens;
     norm_entropy: mean over responses with L >= 2 of H(ω̃/Σω̃) / log L, in [0, 1]
-      (1 = uniform, i.e. plain GRPO; low = credit concentrated on few tokens).
+      (1 = uniform, i.e. plain GRPO; low = credit concentrated on few tokens);
+    mean_sq_weight: mean over responses of Σ_t ω̃_t² / L: the factor by which the weights scale a
+      response's squared gradient contribution when token gradients are alike (1 for uniform weights;
+      mass conservation fixes Σω̃, not Σω̃²).
   """
   mask_BxT = jnp.asarray(mask_BxT).astype(bool)
   w_BxT = jnp.where(mask_BxT, jnp.asarray(weights_BxT, jnp.float32), 0.0)
@@ -322,9 +325,12 @@ def pgpo_diagnostics(
     multi_B.any(), jnp.sum(jnp.where(multi_B, h_B, 0.0)) / jnp.maximum(multi_B.sum(), 1), 1.0
   )
   n_resp = jnp.maximum(mask_BxT.any(-1).sum(), 1).astype(jnp.float32)
+  sq_B = jnp.sum(w_BxT**2, -1) / jnp.maximum(length_B, 1.0)
+  mean_sq_weight = jnp.where(any_valid, jnp.sum(jnp.where(length_B > 0, sq_B, 0.0)) / n_resp, 1.0)
   degenerate_frac = 0.0 if fallback_B is None else jnp.sum(jnp.asarray(fallback_B, bool)) / n_resp
   return {
     "degenerate_frac": jnp.asarray(degenerate_frac, jnp.float32),
+    "mean_sq_weight": mean_sq_weight,
     "frac_boosted": frac(w_BxT > 1.0 + tol),
     "frac_suppressed": frac(w_BxT < 1.0 - tol),
     "frac_zero": frac(w_BxT <= tol),

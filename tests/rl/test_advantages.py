@@ -99,6 +99,17 @@ def test_worked_example_pgpo_md_section_7():
     "mean_weight"
   ] == pytest.approx(1.0)
   assert 0.0 < diag["norm_entropy"] < 1.0
+  want = (0.045**2 + 0.090**2 + 0.222**2 + 1.196**2 + 6.01**2 + 0.435**2) / 8  # by hand
+  assert diag["mean_sq_weight"] == pytest.approx(want, rel=2e-3)
+
+
+def test_mean_sq_weight_averages_per_response_and_is_one_for_uniform_weights():
+  w = jnp.array([[2.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+  mask = jnp.array([[True, True, False, False], [True, True, True, False]])
+  # response 0: (4 + 0) / 2 = 2; response 1: 3 / 3 = 1; mean over the two responses.
+  assert float(pgpo_diagnostics(w, mask)["mean_sq_weight"]) == pytest.approx(1.5)
+  ones = jnp.ones((3, 5))
+  assert float(pgpo_diagnostics(ones, ones.astype(bool))["mean_sq_weight"]) == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------- GRPO
