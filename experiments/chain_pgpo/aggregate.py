@@ -104,8 +104,15 @@ def main():
       continue
     per_arm[arm][int(seed)] = run_stats(load(run))
     dirs[(arm, int(seed))] = run
-  results = {"arms": {}, "paired": {}, "dependency": {}}
-  lines = ["| arm | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
+  commits_file = os.path.join(a.runs, "COMMITS")
+  commits = sorted(set(open(commits_file).read().split())) if os.path.exists(commits_file) else []
+  results = {"commits": commits, "arms": {}, "paired": {}, "dependency": {}}
+  lines = [
+    f"Runs made at commit(s) {', '.join(c[:10] for c in commits) or 'unknown'}.",
+    "",
+    "| arm | seeds | " + " | ".join(KEYS) + " |",
+    "|---|---|" + "---|" * len(KEYS),
+  ]
   for arm, seeds in sorted(per_arm.items()):
     cis = {k: seed_stats.mean_ci([s[k] for s in seeds.values() if k in s]) for k in KEYS + QUARTERS}
     results["arms"][arm] = {"seeds": sorted(seeds), **cis}

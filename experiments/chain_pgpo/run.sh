@@ -22,6 +22,8 @@ py=.venv/bin/python
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 runs="${RUNS:-$here/runs}"
 mkdir -p "$runs"
+# The commit the runs use (README: run from a worktree pinned at a commit); aggregate.py reports it.
+git -C "$root" rev-parse HEAD >> "$runs/COMMITS" 2>/dev/null || true
 SEEDS=${SEEDS-"0 1 2 3 4"}
 ABL_SEEDS=${ABL_SEEDS-"0 1 2"}
 MAIN_ARMS=${MAIN_ARMS-"dapo pgpo pgpo_dev"}
