@@ -148,6 +148,55 @@ def test_splash_in_bfloat16_has_no_rounding_the_xla_path_lacks():
     assert err(a, b) < 2e-2 * np.abs(f32(ref)).mean(), name
 
 
+def test_packed_rows_through_splash_match_xla_and_each_sequence_alone(monkeypatch):
+  """train.packing + splash: three sequences packed back to back into one row (segment ids 1, 2, 3,
+  empty slots 0 at the end, each sequence's positions from 0), through the decoder. The splash
+  path (interpret mode) gives the xla path's hidden states, and each sequence's equal those of the
+  sequence run alone (unpacked, xla). The row without segment ids differs: the check can fail."""
+  kernel, calls = layers.splash_attention, []
+
+  def interpreted(*a, **kw):
+    calls.append(kw["causal"])
+    return kernel(*a, **{**kw, "interpret": True})
+
+  monkeypatch.setattr(layers, "splash_attention", interpreted)
+  cfg = qwen.tiny_config()
+  model = qwen.init_model(cfg, "float32", seed=0)
+  lengths, T = (37, 50, 29), 128
+  seg_np = np.zeros((1, T), np.int32)
+  pos_np = np.zeros((1, T), np.int32)
+  starts = np.cumsum((0,) + lengths)
+  spans = list(zip(starts[:-1], starts[1:]))
+  for i, (a, b) in enumerate(spans):
+    seg_np[0, a:b] = i + 1
+    pos_np[0, a:b] = np.arange(b - a)
+  ids = np.random.default_rng(8).integers(10, 400, (1, T)).astype(np.int32)
+  x = model.language_model.embed(jnp.asarray(ids))
+  pos = jnp.asarray(np.broadcast_to(pos_np[None], (3, 1, T)))
+  keep = jnp.asarray(seg_np > 0)
+
+  def decode(impl, x, pos, keep, seg):
+    model.cfg = cfg.replace(attention_impl=impl)
+    return np.asarray(qwen.run_decoder(model, x, pos, keep, segment_ids_BxT=seg)[0])
+
+  xla = decode("xla", x, pos, keep, jnp.asarray(seg_np))
+  spl = decode("splash", x, pos, keep, jnp.asarray(seg_np))
+  assert calls == [True]
+  real = seg_np[0] > 0
+  np.testing.assert_allclose(spl[0, real], xla[0, real], atol=2e-5, rtol=2e-5)
+  # The sequences alone: one batch, right-padded (a causal token never sees the keys after it).
+  L = max(lengths)
+  x_alone = jnp.stack([jnp.pad(x[0, a:b], ((0, L - (b - a)), (0, 0))) for a, b in spans])
+  pos_alone = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (3, len(lengths), L))
+  keep_alone = jnp.asarray(np.arange(L)[None] < np.asarray(lengths)[:, None])
+  alone = decode("xla", x_alone, pos_alone, keep_alone, None)
+  leaky = decode("xla", x, pos, keep, None)
+  for i, (a, b) in enumerate(spans):
+    np.testing.assert_allclose(spl[0, a:b], alone[i, : b - a], atol=2e-5, rtol=2e-5)
+    if a > 0:  # a later sequence would see the earlier ones without its segment id
+      assert np.abs(leaky[0, a:b] - alone[i, : b - a]).max() > 1e-3
+
+
 def test_model_with_splash_attention_matches_xla(monkeypatch):
   """The whole decoder (text + a key mask) with attention_impl='splash' equals the xla model."""
   kernel, calls = layers.splash_attention, []
