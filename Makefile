@@ -26,10 +26,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Two workers, whole files each (module fixtures are built once): the suite's slow tests are
-# compile-bound and single-threaded, so this halves the wall time on a 2-core machine.
 test: $(STAMP)
-	$(PY) -m pytest -n $${PYTEST_WORKERS:-2} --dist loadfile tests
+	$(PY) -m pytest tests
 
 # The embedded default: synthetic data + tiny model + warm-up + PGPO, on this machine's CPU.
 demo: $(STAMP)
