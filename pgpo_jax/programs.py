@@ -355,12 +355,15 @@ def sft_loss_fn(c: ml_collections.ConfigDict):
 
   The batch holds `seq` (rows seen with their images) and/or `seq_blind` (rows trained under the
   blind view, `sequences.blind_response_logprobs`: `warmup.blind_fraction`); `token_normalizer`
-  counts the target tokens of both. Metrics: `nll` over all target tokens, `nll_image` / `nll_blind`
-  over each part's (0 for a part the batch lacks).
+  counts the target tokens of both. With `seq_weight` / `seq_blind_weight` ([P, G, L] token weights,
+  `warmup.perception_weight`) the loss is the weighted sum over the normaliser (then the weights'
+  sum). Metrics, unweighted: `nll` over all target tokens, `nll_image` / `nll_blind` over each part's
+  (0 for a part the batch lacks), `nll_upweighted` over the tokens whose weight is not 1 (0: none).
   """
 
   def loss_fn(model, b):
-    sums, counts = {}, {}
+    sums, counts, weighted = {}, {}, jnp.float32(0.0)
+    up_sum, up_count = jnp.float32(0.0), jnp.float32(0.0)
     for key, view in (("seq", "image"), ("seq_blind", "blind")):
       if key not in b:
         sums[view], counts[view] = jnp.float32(0.0), jnp.float32(0.0)
@@ -369,14 +372,24 @@ def sft_loss_fn(c: ml_collections.ConfigDict):
       fn = sequences.response_logprobs if view == "image" else sequences.blind_response_logprobs
       logp = fn(model, seq, chunk_size=c.loss.logprob_chunk)
       m = seq.flat_response_mask
-      sums[view] = -jnp.sum(jnp.where(m, logp, 0.0))
+      nll = jnp.where(m, -logp, 0.0)
+      sums[view] = jnp.sum(nll)
       counts[view] = m.sum().astype(jnp.float32)
+      if key + "_weight" in b:
+        w = b[key + "_weight"].reshape(m.shape).astype(jnp.float32)
+        weighted = weighted + jnp.sum(w * nll)
+        up = m & (w != 1.0)
+        up_sum = up_sum + jnp.sum(jnp.where(up, nll, 0.0))
+        up_count = up_count + up.sum().astype(jnp.float32)
+      else:
+        weighted = weighted + sums[view]
     total = sums["image"] + sums["blind"]
-    loss = total / jnp.maximum(b["token_normalizer"], 1.0)
+    loss = weighted / jnp.maximum(b["token_normalizer"], 1e-6)
     return loss, {
       "nll": total / jnp.maximum(counts["image"] + counts["blind"], 1.0),
       "nll_image": sums["image"] / jnp.maximum(counts["image"], 1.0),
       "nll_blind": sums["blind"] / jnp.maximum(counts["blind"], 1.0),
+      "nll_upweighted": up_sum / jnp.maximum(up_count, 1.0),
     }
 
   return loss_fn

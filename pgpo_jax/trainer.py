@@ -671,7 +671,9 @@ class Trainer:
     )
     self.state = dataclasses.replace(self.state, params=params)
 
-  def _sft_batch(self, groups: list[Group]):
+  def _sft_batch(self, groups: list[Group], weight: np.ndarray | None = None):
+    """The warm-up's device batch; `weight` [n, 1, L] token weights make the token normaliser their
+    sum over hosts (a weighted mean NLL)."""
     seq, _ = collate_groups(
       groups,
       self.cfg,
@@ -679,7 +681,12 @@ class Trainer:
       self.cfg.pad_token_id,
       extent=self._extent(*group_extent(groups)),
     )
-    return self._put_batch({"seq": seq, **_normalizers(seq.response_mask)})
+    batch = {"seq": seq, **_normalizers(seq.response_mask)}
+    if weight is not None:
+      weight = np.where(np.asarray(seq.response_mask), weight, np.float32(0.0)).astype(np.float32)
+      batch["weight"] = weight
+      batch["token_normalizer"] = np.float32(multihost.sum_over_hosts(weight.sum(dtype=np.float64)))
+    return self._put_batch(batch)
 
   def evaluate(self) -> dict[str, float]:
     return train_eval.evaluate(
