@@ -12,10 +12,10 @@
   token weights   `advantages.pgpo_token_weights`          unsharded (the inspector)    -        `make_token_weights_program`
   train step      `train_step.train_step_fn(loss)`         TRAIN, in/out shardings      state    `make_train_step`
 
-`trainer_programs(c, ...)` builds the trainer's score, π_ref (`loss.kl_coef > 0`), advantage and update
-programs from its config and `training_rollout_static(c, ...)` names its rollout programs; the trainer runs them and
-`tools/compile_check.py` compiles them, so the check predicts what the trainer runs
-(`tests/test_programs.py` compares the two lowerings). The sampler (hence the trainer's rollouts and
+`trainer_programs(c, ...)` builds the trainer's score, π_ref (`loss.kl_coef > 0`), advantage and
+update programs from its config and `training_rollout_static(c, ...)` names its rollout programs; the
+trainer runs them and `tools/compile_check.py` compiles them, so the check predicts what the trainer
+runs (`tests/test_programs.py` compares the two lowerings). The sampler (hence the trainer's rollouts and
 the evaluator) takes its programs from `rollout_programs`, the inspector its score and weight programs
 from here. The model's own host convenience `qwen2_5_vl.forward` keeps its jit: the model package
 depends on nothing above it.

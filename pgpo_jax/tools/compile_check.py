@@ -399,18 +399,19 @@ def calls_per_rl_step(c: ml_collections.ConfigDict, s: Shapes) -> dict[str, int]
   """How often the trainer runs each program in one RL step: one rollout (start + decode) of the
   whole batch, scoring in slices of `s.score_prompts` up to the last prompt an update reads (π_ref
   on each of them with a KL term), and prompts_per_step // prompts_per_update x passes optimizer
-  updates (`Trainer`)."""
+  updates (`Trainer`); the steps of `config_steps(c)`."""
   u = c.updates
   updates = int(c.rollout.prompts_per_step) // int(u.prompts_per_update)
   used = updates * int(u.prompts_per_update)
   slices = -(-used // s.score_prompts)
-  return {
+  calls = {
     "rollout_start": 1,
     "rollout_decode": 1,
     "score": slices,
-    "reference": slices if c.loss.kl_coef else 0,
+    "reference": slices,
     "train": updates * int(u.passes),
   }
+  return {st: calls[st] for st in config_steps(c)}
 
 
 def rl_step_seconds(reports: Sequence["StepReport"]) -> tuple[float, float]:
