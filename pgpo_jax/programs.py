@@ -7,14 +7,15 @@
   rollout decode  `rollout.program_bodies(...).decode`     SAMPLE, pinned inside        state    `rollout_programs`
   rollout finish  `rollout.program_bodies(...).finish`     SAMPLE, pinned inside        -        `rollout_programs`
   score           `sequences.score_rollout`, no grad       TRAIN, in/out shardings      -        `make_score_program`
+  reference       `sequences.response_logprobs`, no grad   TRAIN, in/out shardings      -        `make_reference_program`
   advantages      `advantages.get_estimator(...)`          host-local rows, one device  -        `make_advantage_program`
   token weights   `advantages.pgpo_token_weights`          unsharded (the inspector)    -        `make_token_weights_program`
   train step      `train_step.train_step_fn(loss)`         TRAIN, in/out shardings      state    `make_train_step`
 
-`trainer_programs(c, ...)` builds the trainer's score, advantage and update programs from its config
-and `training_rollout_static(c, ...)` names its rollout programs; the trainer runs them and
-`tools/compile_check.py` compiles them, so the check predicts what the trainer runs
-(`tests/test_programs.py` compares the two lowerings). The sampler (hence the trainer's rollouts and
+`trainer_programs(c, ...)` builds the trainer's score, π_ref (`loss.kl_coef > 0`), advantage and
+update programs from its config and `training_rollout_static(c, ...)` names its rollout programs; the
+trainer runs them and `tools/compile_check.py` compiles them, so the check predicts what the trainer
+runs (`tests/test_programs.py` compares the two lowerings). The sampler (hence the trainer's rollouts and
 the evaluator) takes its programs from `rollout_programs`, the inspector its score and weight programs
 from here. The model's own host convenience `qwen2_5_vl.forward` keeps its jit: the model package
 depends on nothing above it.
@@ -146,6 +147,39 @@ def make_score_program(
     )
 
   fn = _with_rules(score, mesh, rules)
+  if mesh is None:
+    return jax.jit(fn)
+  rows = rows_sharding(mesh, rules, num_rows)
+  return jax.jit(fn, in_shardings=(params_sharding, rows), out_shardings=rows)
+
+
+def make_reference_program(
+  graphdef,
+  *,
+  temperature: float,
+  chunk_size: int,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.TRAIN_RULES,
+  params_sharding: Any = None,
+  num_rows: int | None = None,
+) -> Callable:
+  """jit `logprobs(params, seq) -> log π_ref(x_t)`, float32 at `temperature`, no gradient: the KL
+  term's reference log-probs (`reference.py`) of one scoring slice. A SequenceBatch gives [P*G, L]
+  (`sequences.response_logprobs`); a PackedBatch (train.packing: the scoring pass's own packed
+  slice, its blind view unused) gives [U, M] (`packing.response_logprobs`; `packing.unpack` them).
+
+  With a mesh, as `make_score_program`: `params_sharding` is π_ref's layout (the policy's), `seq` has
+  `num_rows` leading rows laid out by `rows_sharding`, and the log-probs come back the same way.
+  """
+
+  def logprobs(params, seq) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    lib = packing if isinstance(seq, packing.PackedBatch) else sequences
+    return jax.lax.stop_gradient(
+      lib.response_logprobs(model, seq, chunk_size=chunk_size, temperature=temperature)
+    )
+
+  fn = _with_rules(logprobs, mesh, rules)
   if mesh is None:
     return jax.jit(fn)
   rows = rows_sharding(mesh, rules, num_rows)
@@ -337,19 +371,6 @@ def rl_loss_fn(c: ml_collections.ConfigDict):
   return loss_fn
 
 
-def make_logprob_program(graphdef, *, temperature: float, chunk_size: int) -> Callable:
-  """jit `logprobs(params, seq) -> [P*G, L]` float32 log p(x_t) of the sampled tokens at `temperature`,
-  without gradient (π_ref of the KL term, `reference.py`)."""
-
-  def logprobs(params, seq: sequences.SequenceBatch) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    return jax.lax.stop_gradient(
-      sequences.response_logprobs(model, seq, chunk_size=chunk_size, temperature=temperature)
-    )
-
-  return jax.jit(logprobs)
-
-
 def sft_loss_fn(c: ml_collections.ConfigDict):
   """Token-mean negative log-likelihood of target responses (the demo's supervised warm-up).
 
@@ -445,10 +466,13 @@ class TrainerPrograms:
   """The programs of one training run besides its rollouts (`training_rollout_static`).
 
   score:      (params, SequenceBatch of `score_rows` prompts) -> DependencyScores [score_rows*G, L]
+  reference:  (π_ref params, the same slice as score) -> log π_ref [score_rows*G, L]; None when
+              loss.kl_coef == 0 (no KL term: no program, no copy of the weights)
   advantages: (rewards_B, dependency_BxT, mask_BxT) -> (adv_BxT, diagnostics), host-local rows
   train_step: (TrainState, update batch of `update_rows` prompts) -> (TrainState, metrics); state donated
-  With train.packing, score and train_step take packed batches and `score_rows`/`update_rows` count
-  packing units (`packing_units`), the scores come back as [score_rows, M] (`packing.unpack` them).
+  With train.packing, score, reference and train_step take packed batches and `score_rows`/`update_rows`
+  count packing units (`packing_units`), the scores and log π_ref come back as [score_rows, M]
+  (`packing.unpack` them).
   """
 
   score: Callable
@@ -456,6 +480,7 @@ class TrainerPrograms:
   train_step: Callable
   score_rows: int
   update_rows: int
+  reference: Callable | None = None
 
 
 def trainer_programs(
@@ -495,6 +520,17 @@ def trainer_programs(
     params_sharding=state_sharding.params,
     num_rows=score_rows,
   )
+  reference = None
+  if c.loss.kl_coef:  # π_ref scores each scoring slice, packed as the score program gets it
+    reference = make_reference_program(
+      model_graphdef,
+      temperature=logprob_temperature(c),
+      chunk_size=c.loss.logprob_chunk,
+      mesh=mesh,
+      rules=rules,
+      params_sharding=state_sharding.params,
+      num_rows=score_rows,
+    )
   advantages = make_advantage_program(
     "pgpo" if p.enabled else "grpo", c.rollout.group_size, **estimator_options(c)
   )
@@ -512,4 +548,4 @@ def trainer_programs(
     mesh=mesh,
     rules=rules,
   )
-  return TrainerPrograms(score, advantages, step, score_rows, update_rows)
+  return TrainerPrograms(score, advantages, step, score_rows, update_rows, reference)
