@@ -241,6 +241,16 @@ def _metrics(workdir):
     return {r["step"]: r for r in map(json.loads, filter(str.strip, f))}
 
 
+def _complete_steps(workdir) -> list[int]:
+  """Steps of the metrics lines written so far (a line still being written is left out)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split("\n")[:-1]  # after the last newline: unfinished
+  return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
 def _params(workdir, step):
   from flax import nnx
 
@@ -257,18 +267,34 @@ def data_dir(tmp_path_factory):
   return d
 
 
-def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
+def test_two_hosts_stop_together_on_sigterm_and_resume_like_one(data_dir, tmp_path):
+  """Preemption notices reach hosts at different times: SIGTERM to host 1 alone; the hosts agree to
+  stop after the same step s, all save it and exit with the preempted status 75 (a host that left
+  alone would hang the others; 0 would tell a scheduler that the run finished). The rerun on two
+  hosts resumes there (each host restores its own iterator state) and ends at step s + 1 with the
+  metrics and weights of one uninterrupted process on the same 4 devices."""
   one, two = tmp_path / "one", tmp_path / "two"
-  _run_processes(lambda i, port: _driver(one, data_dir, 3, 1), n=1)
-  # Two hosts: 2 steps, stop, then resume to step 3 (each host restores its own iterator state).
-  _run_processes(lambda i, port: _driver(two, data_dir, 2, 2, i, port), n=2)
-  assert sorted(_metrics(two)) == [0, 1, 2]  # host 0 logs each step once
-  _run_processes(lambda i, port: _driver(two, data_dir, 3, 2, i, port), n=2)
-  ref, got = _metrics(one), _metrics(two)
-  assert sorted(got) == [0, 1, 2, 3]
-  with open(os.path.join(two, "checkpoints", "2", "data", "metadata")) as f:
+  every = ["--override=checkpoint.every=1000", "--override=train.eval_every=1"]
+  procs, logs = _start_processes(
+    lambda i, port: _driver(two, data_dir, 50, 2, i, port) + every, n=2
+  )
+  deadline = time.time() + 600  # SIGTERM once step 1 is logged (step 0 is the eval before RL)
+  while time.time() < deadline and max(_complete_steps(two), default=0) < 1:
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # host 1 only (without the agreement host 0 waits forever)
+  _wait_processes(procs, logs, timeout=600, returncode=trainer.EXIT_PREEMPTED)
+  stopped = sorted(_metrics(two))  # host 0 logs each step once
+  s = stopped[-1]
+  saved = [int(p) for p in os.listdir(two / "checkpoints") if p.isdigit()]
+  assert saved == [s] and 1 <= s < 50 and stopped == list(range(s + 1)), (saved, stopped)
+  with open(os.path.join(two, "checkpoints", str(s), "data", "metadata")) as f:
     assert len(json.load(f)["iterators"]) == 2
-  for step in (1, 2, 3):
+  n = s + 1
+  _run_processes(lambda i, port: _driver(one, data_dir, n, 1) + every, n=1)
+  _run_processes(lambda i, port: _driver(two, data_dir, n, 2, i, port) + every, n=2)
+  ref, got = _metrics(one), _metrics(two)
+  assert sorted(got) == list(range(n + 1))
+  for step in range(1, n + 1):
     # Same prompts and samples: rewards and lengths are identical.
     for k in (
       "reward/overall",
@@ -299,10 +325,12 @@ def test_two_hosts_train_and_resume_like_one(data_dir, tmp_path):
       step,
       got[step],
     )
-  assert ref[3]["train/kl"] > 1e-6
+  assert ref[n]["train/kl"] > 1e-6
   assert ref[1]["dynamic_sampling/kept_share"] < 1  # filler groups were used on some host
-  assert got[3]["eval/accuracy"] == ref[3]["eval/accuracy"] and got[3]["eval/num_prompts"] == 4
-  p1, p2 = _params(one, 3), _params(two, 3)
+  for step in range(n + 1):
+    assert got[step]["eval/accuracy"] == ref[step]["eval/accuracy"], step
+    assert got[step]["eval/num_prompts"] == 4
+  p1, p2 = _params(one, n), _params(two, n)
   assert p1.keys() == p2.keys()
   # Adam turns float-rounding differences of near-zero gradients into visible ones for a handful of
   # weights (measured: 60 of 289k differ by > 1e-6, the largest by 1e-4, at lr 1e-3 / 2e-4); the
@@ -372,29 +400,6 @@ def test_train_script_on_two_processes(data_dir, tmp_path):
   assert rows[1]["eval/num_prompts"] == 4 and "reward/overall" in rows[1]
   assert os.path.isdir(workdir / "checkpoints" / "1" / "state")
   assert "done. workdir:" in outs[0].stdout and "done." not in outs[1].stdout
-
-
-def test_sigterm_on_one_host_stops_all_hosts_after_a_common_checkpoint(data_dir, tmp_path):
-  """Preemption notices reach hosts at different times: the hosts agree to stop at the same step,
-  all save that step, and all exit with the preempted status 75 (a host that left alone would hang
-  the others; 0 would tell a scheduler that the run finished)."""
-  workdir = tmp_path / "preempted"
-  procs, logs = _start_processes(
-    lambda i, port: (
-      _driver(workdir, data_dir, 50, 2, i, port)
-      + ["--override=checkpoint.every=1000", "--override=train.eval_every=0"]
-    ),
-    n=2,
-  )
-  deadline = time.time() + 300
-  while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
-    time.sleep(0.2)
-  procs[1].send_signal(signal.SIGTERM)  # host 1 only
-  # (without the agreement host 0 waits forever)
-  _wait_processes(procs, logs, timeout=300, returncode=trainer.EXIT_PREEMPTED)
-  steps = sorted(_metrics(workdir))
-  saved = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
-  assert saved == [steps[-1]] and 1 <= steps[-1] < 50, (saved, steps)
 
 
 # ------------------------------------------------------------------------------------------------
