@@ -180,14 +180,21 @@ def write_mmmu_pro(root: str) -> Fixture:
 # assistant answer, image count, {boxed prediction: accuracy}). PAPO-Eval's entry names are verified
 # (xhguo7/PAPO-Eval `data/dataset_info.json`); ASSUMED: VPPO-Eval's names for the benchmarks PAPO-Eval
 # lacks (MMK12, MathVision, DynaMath), and each benchmark's answer style (letters for multiple choice,
-# as the benchmarks' own files have them).
+# as the benchmarks' own files have them). Every row scores the prediction "1" (what the greedy bigram
+# model of tests/test_evaluation.py answers): right only for DynaMath's second row and MMMU-Pro's
+# option A, so that run's table is DynaMath 50 %, MMMU-Pro 100 %, the rest 0.
 _SHAREGPT = {
   "hiyouga_geometry3k": (
     "Geo3k",
     "data",
     [
-      ("<image>Find x. Round to the nearest tenth.", "12.5", 1, {"12.5": 1, "12.50": 1, "13": 0}),
-      ("<image>Find the area of the figure.", "2\\sqrt{3}", 1, {"\\sqrt{12}": 1, "3.46": 0}),
+      ("<image>Find x. Round to the nearest tenth.", "12.5", 1, {"12.5": 1, "12.50": 1, "1": 0}),
+      (
+        "<image>Find the area of the figure.",
+        "2\\sqrt{3}",
+        1,
+        {"\\sqrt{12}": 1, "3.46": 0, "1": 0},
+      ),
     ],
   ),
   "We-Math_We-Math": (
@@ -198,14 +205,16 @@ _SHAREGPT = {
         "<image>Which is longer?\nA. the red line\nB. the blue line\nC. equal",
         "B",
         1,
-        {"B": 1, "the blue line": 1, "A": 0, "equal": 0},
+        {"B": 1, "the blue line": 1, "A": 0, "equal": 0, "1": 0},
       ),
     ],
   ),
   "PAPO_MMK12": (
     "MMK12",
     "data",
-    [("<image>Solve for $t$.", "\\frac{3}{4}", 1, {"0.75": 1, "3/4": 1, "\\frac{4}{3}": 0})],
+    [
+      ("<image>Solve for $t$.", "\\frac{3}{4}", 1, {"0.75": 1, "3/4": 1, "\\frac{4}{3}": 0, "1": 0})
+    ],
   ),
   "AI4Math_MathVerse": (
     "MathVerse",
@@ -215,37 +224,40 @@ _SHAREGPT = {
         "<image>As shown in the figure, find the angle.\nChoices:\nA:20°\nB:40°\nC:50°\nD:60°",
         "C",
         1,
-        {"C": 1, "50°": 1, "50^\\circ": 1, "B": 0, "40": 0},
+        {"C": 1, "50°": 1, "50^\\circ": 1, "B": 0, "40": 0, "1": 0},
       ),
     ],
   ),
   "AI4Math_MathVerse_vision_dependent": (
     "MathVerse-V",
     "data",
-    [("<image>What is the slope of the line?", "-2", 1, {"-2": 1, "2": 0})],
+    [("<image>What is the slope of the line?", "-2", 1, {"-2": 1, "2": 0, "1": 0})],
   ),
   "MathLLMs_MathVision": (
     "MathVision",
     "data",
     [
-      ("<image>How many triangles are there?", "7", 1, {"7": 1, "7.0": 1, "8": 0}),
+      ("<image>How many triangles are there?", "7", 1, {"7": 1, "7.0": 1, "8": 0, "1": 0}),
       (
         "<image>Which shape comes next?\n(A) circle\n(B) square\n(C) star",
         "A",
         1,
-        {"A": 1, "circle": 1, "star": 0},
+        {"A": 1, "circle": 1, "star": 0, "1": 0},
       ),
     ],
   ),
   "DynaMath_DynaMath_Sample": (
     "DynaMath",
     "data",
-    [("<image>What is f(2)?", "0.5", 1, {"0.5": 1, "\\frac{1}{2}": 1, "0.49": 0})],
+    [
+      ("<image>What is f(2)?", "0.5", 1, {"0.5": 1, "\\frac{1}{2}": 1, "0.49": 0, "1": 0}),
+      ("<image>What is g(0)?", "1", 1, {"1": 1, "1.0": 1, "2": 0}),
+    ],
   ),
   "lscpku_LogicVista": (
     "LogicVista",
     "root",
-    [("<image>Which figure completes the pattern?", "D", 1, {"D": 1, "(D)": 1, "C": 0})],
+    [("<image>Which figure completes the pattern?", "D", 1, {"D": 1, "(D)": 1, "C": 0, "1": 0})],
   ),
   "MMMU_MMMU_Pro": (
     "MMMU-Pro",
