@@ -362,24 +362,8 @@ def load_policy(
 # Benchmarks
 # ------------------------------------------------------------------------------------------------
 def file_columns(path: str) -> list[str]:
-  """Top-level column names of a data file (JSON lines: the first row's keys; a JSON array: the keys
-  of its objects)."""
-  lower = path.lower()
-  if lower.endswith((".parquet", ".pq")):
-    import pyarrow.parquet as pq
-
-    return list(pq.read_schema(path).names)
-  if lower.endswith(".json") and reader_lib._starts_with_array(path):
-    table, _ = reader_lib._read_json_array(path)
-    return list(table.column_names)
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        if not isinstance(row, dict):
-          raise ValueError(f"{path}: the first row is not a JSON object")
-        return list(row)
-  return []
+  """Top-level column names of a parquet, JSON-lines or JSON-array file (`reader.column_names`)."""
+  return reader_lib.column_names(path)
 
 
 def _split_named(item: str) -> tuple[str | None, str]:

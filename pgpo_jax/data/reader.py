@@ -640,6 +640,12 @@ def _b64(text: str) -> bytes:
     raise RowError(CORRUPT_IMAGE, f"invalid base64 image: {e}") from e
 
 
+def column_names(path: str) -> list[str]:
+  """Top-level column names of one data file ([] for an empty JSON-lines file); errors name the file."""
+  opened = _open_table(os.fspath(path))
+  return [] if opened is None else list(opened[0])
+
+
 def read_column(path: str, key: str, *, what: str = "column") -> list[Any]:
   """Every value of column `key` of one data file, in row order (a side column a pipeline does not
   carry, e.g. the demo task's worked `solution`). `what` names the setting in the error message."""
