@@ -8,7 +8,7 @@ Four layouts are known by their columns (`detect_columns`); every other file nam
 | `easyr1` | `problem` (`<image>` placeholders), `answer`, `images` (list of {bytes, path}) | ViRL39K as VPPO trains on it (`chamber111/VPPO_ViRL39K_train`), `hiyouga/geometry3k` |
 | `mmmu_pro` | `question` (`<image k>` placeholders), `options` (a list, or a string holding one), `answer` (a letter), `image_1` ... `image_7` | `MMMU/MMMU_Pro` (standard) |
 | `sharegpt` | `messages` (user turn = question, assistant turn = answer), `images` (paths) | VPPO-Eval / PAPO-Eval (LLaMA-Factory `dataset_info.json` folders) |
-| `generic` | a question column of `QUESTION_KEYS`, an answer column of `ANSWER_KEYS`, an image column of `IMAGE_KEYS`, optionally `options` | MathVision (`question`, `options`, `decoded_image`) |
+| `generic` | a question column of `QUESTION_KEYS`, an answer column of `ANSWER_KEYS`, an image column of `IMAGE_KEYS`, optionally `options` | MathVision (`question`, `options`, `decoded_image`: its HF `eval.yaml`) |
 
 Row conventions (pure functions, used by `reader.DatasetReader`):
 - options: a list of strings, or a string holding a Python/JSON list (`"['3', '4']"`, MMMU's
@@ -34,7 +34,8 @@ IMAGE_REF_RE = re.compile(r"<image\s*(\d+)>")  # MMMU's numbered placeholder `<i
 OPTION_LETTERS = "ABCDEFGHIJ"  # MMMU-Pro has up to 10 options
 
 # Known format instructions a question may already end with: VPPO's `math_format_perception.jinja`
-# (also in PAPO-Eval's user turns) and EasyR1's `math.jinja` (this repository's own instruction).
+# (which PAPO-Eval's user turns seem to end with: a third-party reading, not verified) and EasyR1's
+# `math.jinja` (this repository's own instruction).
 _INSTRUCTION_RES = (
   re.compile(
     r"\s*You first think through the reasoning process as an internal monologue, enclosed within "

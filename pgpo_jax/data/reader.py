@@ -3,9 +3,9 @@
 A dataset is one or more files holding a question column, an answer column, (optionally) image
 columns and (optionally) an options column; `data/layouts.py` lists the layouts of the paper's data
 (EasyR1 / ViRL39K, MMMU-Pro, sharegpt / VPPO-Eval) and the row conventions they need (`<image k>`
-placeholders, option lines, chat-message answers). The files are read with pyarrow when the reader is built, so every file-level
-problem (missing file, unreadable file, missing column) raises before training starts, with the
-file and the column in the message. Row-level problems (empty question, null answer, a NaN or
+placeholders, option lines, chat-message answers). The files are read with pyarrow when the reader
+is built, so every file-level problem (missing file, unreadable file, missing column) raises before
+training starts, with the file and the column in the message. Row-level problems (empty question, null answer, a NaN or
 infinite number as the answer, missing or corrupt image, a JSON-lines line that is not a JSON
 object, ...) never raise: `DatasetReader.load` returns a `SkippedRow` naming the reason, and the
 pipeline counts it in a `SkipStats` and logs file and row.
@@ -15,7 +15,7 @@ non-blank line (blank lines are not rows); skip messages of JSON lines also give
 `.json` file whose first character is `[` is one JSON array of row objects (LLaMA-Factory's format,
 VPPO-Eval); an element that is not an object is a malformed row.
 
-Supported image encodings, per row, in both formats (a single value or a list of them):
+Supported image encodings, per row, in every format (a single value or a list of them):
 - raw bytes (parquet `binary`);
 - `{"bytes": ..., "path": ...}` dicts (HF `datasets.Image` layout; `bytes` wins when both are set;
   in JSON, `bytes` is base64 text);
