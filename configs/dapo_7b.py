@@ -2,7 +2,7 @@
 
 Same data, rollout, dynamic sampling, asymmetric clip and token-mean loss as configs/pgpo_7b.py:
     python scripts/train.py --config=configs/dapo_7b.py --config.model.init_from=/ckpt/qwen2_5_vl_7b \
-        --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/dapo_7b
+        --config.data.train_files='/data/virl39k/data/*.parquet' --workdir=gs://BUCKET/runs/dapo_7b
 """
 
 from pgpo_jax.config import sibling

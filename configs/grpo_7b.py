@@ -7,7 +7,7 @@ policy (`use_kl_loss`, `kl_penalty: low_var_kl` = our k3, `kl_coef: 1.0e-2`), to
 π_ref is one more copy of the weights on the devices (`pgpo_jax/reference.py`), scored once per
 rollout batch:
     python scripts/train.py --config=configs/grpo_7b.py --config.model.init_from=/ckpt/qwen2_5_vl_7b \
-        --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/grpo_7b
+        --config.data.train_files='/data/virl39k/data/*.parquet' --workdir=gs://BUCKET/runs/grpo_7b
 """
 
 from pgpo_jax.config import sibling

@@ -1,8 +1,11 @@
 """PGPO on Qwen2.5-VL-3B-Instruct: the paper's setup (docs/method.md §5), for a TPU v5p-32 slice.
 
+Data and evaluation as configs/pgpo_7b.py (ViRL39K from `chamber111/VPPO_ViRL39K_train`, no column
+flags; the paper's benchmarks from `chamber111/VPPO-Eval`):
     python scripts/convert_hf.py --hf_dir /data/Qwen2.5-VL-3B-Instruct --out_dir /ckpt/qwen2_5_vl_3b
     python scripts/train.py --config=configs/pgpo_3b.py --config.model.init_from=/ckpt/qwen2_5_vl_3b \
-        --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/pgpo_3b
+        --config.data.train_files='/data/virl39k/data/*.parquet' --workdir=gs://BUCKET/runs/pgpo_3b
+    pgpo-eval --ckpt=gs://BUCKET/runs/pgpo_3b --benchmarks=/data/VPPO-Eval
     python scripts/compile_check.py --config=configs/pgpo_3b.py --topology=v5p-32
 On v5e-64 (16 GiB chips, 32 batch shards at tensor=2): micro-batches split over the shards, and the
 `dots_no_batch` activations (pgpo_7b) do not fit, so recompute everything:

@@ -1,9 +1,17 @@
 """PGPO on Qwen2.5-VL-7B-Instruct: the paper's setup (docs/method.md §5), for a TPU v5p-64 slice.
 
+Data: ViRL39K as VPPO trains on it (HF `chamber111/VPPO_ViRL39K_train`; README "Reproduce the
+paper"): parquet shards with `problem` (one `<image>` per image), `answer` and `images` (a list of
+{bytes, path}), the `data.question_key / answer_key / image_key` defaults, so `data.train_files` is all
+it needs; rows without a usable image are skipped and counted (docs/method.md §5).
+
 Convert the HF checkpoint once, then train (every worker of the slice runs the same command):
+    huggingface-cli download chamber111/VPPO_ViRL39K_train --repo-type dataset --local-dir /data/virl39k
     python scripts/convert_hf.py --hf_dir /data/Qwen2.5-VL-7B-Instruct --out_dir /ckpt/qwen2_5_vl_7b
     python scripts/train.py --config=configs/pgpo_7b.py --config.model.init_from=/ckpt/qwen2_5_vl_7b \
-        --config.data.train_files='/data/virl39k/*.parquet' --workdir=gs://BUCKET/runs/pgpo_7b
+        --config.data.train_files='/data/virl39k/data/*.parquet' --workdir=gs://BUCKET/runs/pgpo_7b
+Evaluate on the paper's benchmarks (HF `chamber111/VPPO-Eval`, avg@8 at temperature 1.0):
+    pgpo-eval --ckpt=gs://BUCKET/runs/pgpo_7b --benchmarks=/data/VPPO-Eval
 
 Check that every program compiles and fits before asking for the slice (CPU host, needs libtpu):
     python scripts/compile_check.py --config=configs/pgpo_7b.py --topology=v5p-64

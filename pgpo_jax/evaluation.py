@@ -2,15 +2,18 @@
 
     from pgpo_jax import evaluation as ev
     policy = ev.load_policy("runs/pgpo_7b")                     # WORKDIR -> its latest checkpoint
-    benches = ev.resolve_benchmarks(["mathverse=data/mathverse.parquet", "data/wemath.jsonl"])
+    benches = ev.paper_benchmarks("data/VPPO-Eval")            # the paper's benchmarks by name
+    # or any files: ev.resolve_benchmarks(["mathverse=data/mathverse.parquet", "data/wemath.jsonl"])
     result = ev.evaluate(policy, benches, ev.EvalConfig())      # paper: k=8, T=1.0, top-p 1.0, 2048
     ev.write_results(result, "eval_out")                       # results.json / .csv / generations.jsonl
-    print(ev.format_table(result.table))
+    print(ev.format_table(result.table)); print(ev.format_paper_row(result.table))
 
 Protocol. Every prompt is rendered exactly as in training (system prompt, `<think>`/`\\boxed{}` format
 instruction, images first or at `<image>` placeholders; `data/prompts.py`) and sampled k times; each
 response is scored by the training reward (`rewards.score_batch`: the last `\\boxed{}` against the gold,
-multiple-choice letters, numbers and math_verify). avg@k = mean over prompts of the mean accuracy of
+multiple-choice letters, numbers and math_verify), plus one evaluation convention: when the prompt lists
+options (`A. ...` lines, from an options column or in the question), an option's letter and its text are
+the same answer (`EvalConfig.match_option_text`; docs/method.md §5). avg@k = mean over prompts of the mean accuracy of
 its k samples (every prompt has exactly k samples, so it is also the mean over all samples); pass@k =
 share of prompts with at least one correct sample. `--greedy` is avg@1 at temperature 0. The table's
 `average` row is the unweighted mean over benchmarks, as in the paper's tables.
@@ -30,11 +33,17 @@ one generation call over all hosts.
 
 Layouts. A checkpoint is a trainer WORKDIR (latest finished step), `WORKDIR/checkpoints/<step>`, its
 `params` item, an HF folder or a converted folder (`scripts/convert_hf.py`); the processor comes from
-the folder holding the config. A benchmark is a parquet or JSON-lines file read by `data/reader.py`;
-when a column name is not given, the first present of `QUESTION_KEYS`, `ANSWER_KEYS` and `IMAGE_KEYS` is
-used (a file without an image column is evaluated text-only). Rows the pipeline cannot use (empty
-question, missing answer, undecodable image, prompt over `max_prompt_length`) are counted per reason,
-reported as `num_skipped`, and are not part of the accuracy. A benchmark whose files hold no row at
+the folder holding the config. A benchmark is a parquet, JSON-lines or JSON-array file read by
+`data/reader.py`; when a column name is not given, the layout is detected from the columns
+(`data/layouts.py`: EasyR1, MMMU-Pro's numbered image columns, sharegpt `messages`, or the first present
+of `QUESTION_KEYS`, `ANSWER_KEYS` and `IMAGE_KEYS`). A file with no image column is refused unless the
+image column is given as `none` (text-only on purpose), and so is a file whose image-like columns the
+layout would not read: a benchmark is never scored without its images. The paper's benchmarks by name:
+`paper_benchmarks(DIR)` reads a VPPO-Eval / PAPO-Eval folder (`dataset_info.json`) or `NAME=PATH`
+items, and orders them as the paper's table (`PAPER_BENCHMARKS`). Rows the pipeline cannot use (empty
+question, missing answer, a missing or undecodable image, an image placeholder without its image,
+prompt over `max_prompt_length`) are counted per reason, reported as `num_skipped`, and are not part of
+the accuracy. A benchmark whose files hold no row at
 all is skipped with a warning (its row of the table says so in `note`; the other benchmarks of the
 call run as usual), and left out of the `average` row.
 """
@@ -47,6 +56,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import zlib
 from typing import Any, Iterable, Mapping, Sequence
@@ -61,6 +71,8 @@ from pgpo_jax import rewards as rewards_lib
 from pgpo_jax import rollout as rollout_lib
 from pgpo_jax.buckets import batch_bucket, default_length_buckets, patch_bucket, seq_bucket
 from pgpo_jax.data import hf_processor as processor_lib
+from pgpo_jax.data import layouts
+from pgpo_jax.data import reader as reader_lib
 from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.data.reader import (
@@ -76,9 +88,24 @@ log = logging.getLogger("pgpo_jax.evaluation")
 
 # Column names tried, in order, when a key is not given (common local benchmark layouts: EasyR1/verl
 # parquet, MathVista's `query` (question + choices), HF `datasets.Image` columns, path columns).
-QUESTION_KEYS = ("problem", "prompt", "query", "question")
-ANSWER_KEYS = ("answer", "ground_truth", "gt_answer", "reward_model.ground_truth", "label")
-IMAGE_KEYS = ("images", "image", "decoded_image", "image_path", "img")
+QUESTION_KEYS = layouts.QUESTION_KEYS
+ANSWER_KEYS = layouts.ANSWER_KEYS
+IMAGE_KEYS = layouts.IMAGE_KEYS
+
+# The paper's benchmarks, in its table's order (VPPO's README order, which PGPO follows; MathVerse-V,
+# the vision-dependent subset, after MathVerse). Which MathVerse variant the paper's 8-column average
+# holds is not stated in a form we could check: both are evaluated when given (docs/method.md §6).
+PAPER_BENCHMARKS = (
+  "Geo3k",
+  "We-Math",
+  "MMK12",
+  "MathVerse",
+  "MathVerse-V",
+  "MathVision",
+  "DynaMath",
+  "LogicVista",
+  "MMMU-Pro",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,6 +133,9 @@ class EvalConfig:
   max_pixels: int | None = None
   seed: int = 0
   reward: str = "pgpo_math"
+  # An option's letter and its text are the same answer when the prompt lists options (`A. 12`):
+  # `\boxed{12}` is right for gold `A`, `\boxed{A}` for gold `12`. False: VPPO's strict grading.
+  match_option_text: bool = True
 
   def __post_init__(self):
     if self.k < 1:
@@ -332,24 +362,8 @@ def load_policy(
 # Benchmarks
 # ------------------------------------------------------------------------------------------------
 def file_columns(path: str) -> list[str]:
-  """Top-level column names of a parquet or JSON-lines file (JSON lines: the first row's keys)."""
-  lower = path.lower()
-  if lower.endswith((".parquet", ".pq")):
-    import pyarrow.parquet as pq
-
-    return list(pq.read_schema(path).names)
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        if not isinstance(row, dict):
-          raise ValueError(f"{path}: the first row is not a JSON object")
-        return list(row)
-  return []
-
-
-def _pick(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
-  return next((k for k in candidates if k.split(".", 1)[0] in columns), None)
+  """Top-level column names of a parquet, JSON-lines or JSON-array file (`reader.column_names`)."""
+  return reader_lib.column_names(path)
 
 
 def _split_named(item: str) -> tuple[str | None, str]:
@@ -371,6 +385,68 @@ def _default_names(paths: Sequence[str]) -> list[str]:
   return out
 
 
+_DATA_SUFFIXES = (".parquet", ".pq", ".jsonl", ".json", ".ndjson")
+
+
+def _data_files(pattern: str) -> list[str]:
+  """The files of a benchmark item: a file, a glob, or a folder (its data files, recursively: an HF
+  download such as `MMMU_Pro/standard (10 options)/test-*.parquet`)."""
+  if os.path.isdir(pattern):
+    files = sorted(
+      os.path.join(d, f)
+      for d, _, names in os.walk(pattern)
+      for f in names
+      if f.lower().endswith(_DATA_SUFFIXES) and not f.startswith(".")
+    )
+    if not files:
+      raise FileNotFoundError(f"benchmark folder {pattern!r} holds no {_DATA_SUFFIXES} file")
+    return files
+  return expand_paths([pattern])
+
+
+def benchmark_spec(
+  files: Sequence[str],
+  *,
+  question_key: str | None = None,
+  answer_key: str | None = None,
+  image_key: str | Sequence[str] | None = None,
+  image_dir: str | Sequence[str] | None = None,
+  options_key: str | None = None,
+  name: str = "benchmark",
+) -> DatasetSpec:
+  """The `DatasetSpec` of a benchmark's files: given columns, the rest detected from the first file
+  with rows (`layouts.detect_columns`). `image_key="none"` evaluates text-only on purpose; otherwise
+  a file without images is refused, and every row must have its image(s) (else `missing_image`)."""
+  cols = next((c for c in map(file_columns, files) if c), [])  # empty JSON lines have none
+  if not cols:  # no rows to detect columns from: `evaluate` reports the benchmark as empty
+    return DatasetSpec(tuple(files), question_key, answer_key or "answer")
+  text_only = isinstance(image_key, str) and image_key.lower() in ("", "none")
+  if isinstance(image_key, str) and "," in image_key:
+    image_key = tuple(k.strip() for k in image_key.split(","))
+  found = layouts.detect_columns(
+    cols,
+    where=f"benchmark {name} ({files[0]})",
+    question_key=question_key,
+    answer_key=answer_key,
+    image_key=None if text_only else image_key,
+  )
+  if found.image_key is None and not text_only:
+    raise ValueError(
+      f"benchmark {name} ({files[0]}): no image column among {list(IMAGE_KEYS)} or image_1 ...; "
+      f"columns are {sorted(cols)}. Pass --image_key=COLUMN, or --image_key=none to evaluate it "
+      "text-only on purpose."
+    )
+  return DatasetSpec(
+    tuple(files),
+    question_key=found.question_key,
+    answer_key=found.answer_key,
+    image_key=None if text_only else found.image_key,
+    image_dir=image_dir,
+    require_images=not text_only,
+    options_key=options_key or found.options_key,
+  )
+
+
 def resolve_benchmarks(
   data: str | Sequence[str],
   *,
@@ -380,7 +456,8 @@ def resolve_benchmarks(
   image_dir: str | None = None,
 ) -> list[Benchmark]:
   """Benchmarks from 'FILE[,FILE...]' or a list; entries may be 'name=FILE' (globs allowed: one
-  benchmark per pattern). Columns are detected per benchmark unless given; errors name the file."""
+  benchmark per pattern; a folder: its data files). Columns are detected per benchmark unless given
+  (`benchmark_spec`); errors name the file."""
   items = [s.strip() for s in data.split(",")] if isinstance(data, str) else [str(s) for s in data]
   items = [s for s in items if s]
   if not items:
@@ -393,40 +470,146 @@ def resolve_benchmarks(
     if name in seen:
       raise ValueError(f"two benchmarks are named {name!r}; name them explicitly as NAME=FILE")
     seen.add(name)
-    files = expand_paths([pattern])
-    cols = next((c for c in map(file_columns, files) if c), [])  # empty JSON lines have none
-    if not cols:  # no rows to detect columns from: `evaluate` reports the benchmark as empty
-      out.append(Benchmark(name, DatasetSpec(tuple(files), question_key, answer_key or "answer")))
-      continue
-    q_key = question_key or _pick(cols, QUESTION_KEYS)
-    a_key = answer_key or _pick(cols, ANSWER_KEYS)
-    if q_key is None or a_key is None:
-      missing = "question" if q_key is None else "answer"
-      tried = QUESTION_KEYS if q_key is None else ANSWER_KEYS
-      raise ValueError(
-        f"{files[0]}: no {missing} column among {list(tried)}; columns are {sorted(cols)}. "
-        f"Pass --{missing}_key."
-      )
-    i_key = image_key if image_key is not None else _pick(cols, IMAGE_KEYS)
-    if i_key in ("", "none", "None"):
-      i_key = None
-    if i_key is None:
-      log.warning(
-        "benchmark %s (%s): no image column among %s; evaluating text-only",
-        name,
-        files[0],
-        IMAGE_KEYS,
-      )
-    spec = DatasetSpec(
-      tuple(files),
-      question_key=q_key,
-      answer_key=a_key,
-      image_key=i_key,
+    spec = benchmark_spec(
+      _data_files(pattern),
+      question_key=question_key,
+      answer_key=answer_key,
+      image_key=image_key,
       image_dir=image_dir,
-      require_images=False,
+      name=name,
     )
     out.append(Benchmark(name, spec))
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's benchmarks by name
+# ------------------------------------------------------------------------------------------------
+def paper_name(name: str) -> str | None:
+  """The `PAPER_BENCHMARKS` entry a benchmark or file name stands for (`hiyouga_geometry3k` ->
+  Geo3k, `AI4Math_MathVerse_vision_dependent` -> MathVerse-V, `MMMU_MMMU_Pro` -> MMMU-Pro, ...), or
+  None for another benchmark (MathVista, CLEVR counting, ...)."""
+  n = re.sub(r"[^a-z0-9]", "", name.lower())
+  if "geometry3k" in n or "geo3k" in n:
+    return "Geo3k"
+  if "wemath" in n:
+    return "We-Math"
+  if "mmk12" in n:
+    return "MMK12"
+  if "mathverse" in n:
+    vision = "visiondependent" in n or "mathversevision" in n or n.endswith("mathversev")
+    return "MathVerse-V" if vision else "MathVerse"
+  for key, canon in (
+    ("mathvision", "MathVision"),
+    ("dynamath", "DynaMath"),
+    ("logicvista", "LogicVista"),
+    ("mmmupro", "MMMU-Pro"),
+  ):
+    if key in n:
+      return canon
+  return None
+
+
+def find_dataset_info(root: str) -> str | None:
+  """`root/dataset_info.json` or `root/data/dataset_info.json` (VPPO-Eval's `data` folder, or the
+  PAPO-Eval checkout it goes into); None when neither exists."""
+  for path in (
+    os.path.join(root, "dataset_info.json"),
+    os.path.join(root, "data", "dataset_info.json"),
+  ):
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def sharegpt_benchmarks(info_path: str) -> list[Benchmark]:
+  """The paper's benchmarks listed in a LLaMA-Factory `dataset_info.json` (VPPO-Eval, PAPO-Eval).
+
+  Each entry `{"file_name": ..., "formatting": "sharegpt", "columns": {"messages": ..., "images":
+  ...}}` is a JSON file of chat rows (user turn: question with `<image>` placeholders; assistant turn:
+  the answer) whose relative image paths are resolved against the file's folder, the
+  `dataset_info.json` folder and its parent, in that order (LLaMA-Factory's `data/` folder and the
+  checkout around it). Entries that are not among `PAPER_BENCHMARKS` are skipped (logged), as are
+  entries without a local `file_name`. Two entries for one paper benchmark raise ValueError.
+  """
+  with open(info_path, encoding="utf-8") as f:
+    try:
+      info = json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{info_path}: not valid JSON ({e})") from None
+  if not isinstance(info, dict):
+    raise ValueError(f"{info_path}: expected a JSON object of datasets, got {type(info).__name__}")
+  base = os.path.dirname(os.path.abspath(info_path))
+  found: dict[str, tuple[str, Benchmark]] = {}
+  others = []
+  for entry, desc in info.items():
+    canon = paper_name(entry)
+    if canon is None or not isinstance(desc, dict) or "file_name" not in desc:
+      others.append(entry)
+      continue
+    if desc.get("formatting", "alpaca") != "sharegpt":
+      raise ValueError(
+        f"{info_path}: entry {entry!r} has formatting {desc.get('formatting', 'alpaca')!r}; the "
+        "benchmarks are read in the sharegpt format"
+      )
+    if canon in found:
+      raise ValueError(
+        f"{info_path}: entries {found[canon][0]!r} and {entry!r} are both {canon}; evaluate them "
+        "with --benchmarks=NAME=FILE,..."
+      )
+    path = os.path.join(base, desc["file_name"])
+    columns = desc.get("columns") or {}
+    spec = benchmark_spec(
+      _data_files(path),
+      question_key=columns.get("messages"),
+      answer_key=columns.get("messages"),
+      image_key=columns.get("images"),
+      image_dir=(os.path.dirname(os.path.abspath(path)), base, os.path.dirname(base)),
+      name=canon,
+    )
+    found[canon] = (entry, Benchmark(canon, spec))
+  if others:
+    log.info("%s: not among the paper's benchmarks, not evaluated: %s", info_path, others)
+  return [b for _, b in found.values()]
+
+
+def paper_benchmarks(
+  source: str | Sequence[str], *, image_dir: str | None = None
+) -> list[Benchmark]:
+  """The paper's benchmarks (`PAPER_BENCHMARKS`) named by the paper, in its table's order.
+
+  source: a folder holding `dataset_info.json` (VPPO-Eval's `data` folder, or the folder above it),
+  or `NAME=PATH` items (comma-separated, or a list) whose NAME stands for a paper benchmark
+  (`paper_name`: `mmmu_pro=MMMU_Pro/standard (10 options)` is MMMU-Pro) and PATH is a file, glob or
+  folder of any layout `layouts.detect_columns` knows. Raises ValueError for an unknown NAME, a
+  benchmark named twice, or a folder without `dataset_info.json`.
+  """
+  if isinstance(source, str) and os.path.isdir(source):
+    info = find_dataset_info(source)
+    if info is None:
+      raise ValueError(
+        f"{source}: no dataset_info.json in it or in {os.path.join(source, 'data')}; pass a "
+        "VPPO-Eval data folder or NAME=PATH items"
+      )
+    benches = sharegpt_benchmarks(info)
+  else:
+    items = [s.strip() for s in source.split(",")] if isinstance(source, str) else list(source)
+    benches, seen = [], {}
+    for item in (s for s in items if s):
+      name, sep, path = item.partition("=")
+      canon = paper_name(name) if sep else None
+      if canon is None:
+        raise ValueError(
+          f"--benchmarks item {item!r}: expected NAME=PATH with NAME one of {list(PAPER_BENCHMARKS)}"
+        )
+      if canon in seen:
+        raise ValueError(f"--benchmarks: {canon} is given twice ({seen[canon]!r} and {item!r})")
+      seen[canon] = item
+      spec = benchmark_spec(_data_files(path), image_dir=image_dir, name=canon)
+      benches.append(Benchmark(canon, spec))
+  if not benches:
+    raise ValueError(f"{source}: none of the paper's benchmarks {list(PAPER_BENCHMARKS)} found")
+  return sorted(benches, key=lambda b: PAPER_BENCHMARKS.index(b.name))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -710,7 +893,9 @@ def evaluate(
         )
         texts = [tok.decode(t[m], skip_special_tokens=True) for t, m in zip(gen.tokens, gen.mask)]
         answers = [pb.answers[b] for b in gen.prompts for _ in range(cfg.k)]
-        scores = reward_fn(texts, answers)
+        scores = score_samples(
+          reward_fn, texts, answers, prompt_choices(pb, gen.prompts, cfg), cfg.k
+        )
         for r, (text, sc) in enumerate(zip(texts, scores)):
           b, s = gen.prompts[r // cfg.k], r % cfg.k
           n_tok = int(gen.mask[r].sum())
@@ -774,6 +959,7 @@ def evaluate(
         "question_key": b.spec.question_key,
         "answer_key": b.spec.answer_key,
         "image_key": b.spec.image_key,
+        "options_key": b.spec.options_key,
       }
       for b in benchmarks
     },
@@ -783,6 +969,30 @@ def evaluate(
     "seconds": time.perf_counter() - t_all,
   }
   return EvalResult(table, all_samples, info)
+
+
+def prompt_choices(
+  pb: PromptBatch, prompts: Sequence[int], cfg: EvalConfig
+) -> list[tuple[str, ...]] | None:
+  """The option texts each of `prompts` lists (`layouts.options_from_text` of the question the model
+  saw); None when `cfg.match_option_text` is off."""
+  if not cfg.match_option_text:
+    return None
+  return [layouts.options_from_text(pb.questions[b]) for b in prompts]
+
+
+def score_samples(
+  reward_fn,
+  texts: Sequence[str],
+  answers: Sequence[str],
+  choices: Sequence[tuple[str, ...]] | None,
+  k: int,
+) -> list[dict[str, float]]:
+  """Scores of prompt-major samples (k per prompt) against their golds; `choices` has one entry per
+  prompt (`prompt_choices`), or is None."""
+  if choices is None:
+    return reward_fn(texts, answers)
+  return reward_fn(texts, answers, choices=[c for c in choices for _ in range(k)])
 
 
 def _sum_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -867,6 +1077,18 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   if len(body) > 1:
     body.insert(len(body) - 1, sep)  # above the average row
   return "\n".join([fmt(heads), sep, *body])
+
+
+def format_paper_row(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The accuracies as the paper's table has them: one column per benchmark (in the order of the
+  rows: `paper_benchmarks` gives `PAPER_BENCHMARKS` order), then `Avg`, in percent."""
+  cells = [(str(r["benchmark"]), r["accuracy"]) for r in rows if r["benchmark"] != "average"]
+  avg = next((r["accuracy"] for r in rows if r["benchmark"] == "average"), float("nan"))
+  cells.append(("Avg", avg))
+  pct = lambda v: "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
+  widths = [max(len(n), len(pct(v))) for n, v in cells]
+  head = "  ".join(n.rjust(w) for (n, _), w in zip(cells, widths))
+  return head + "\n" + "  ".join(pct(v).rjust(w) for (_, v), w in zip(cells, widths))
 
 
 def json_safe(x):

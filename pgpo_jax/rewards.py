@@ -5,7 +5,10 @@
   whole answer `inf` are `\\infty`: `canonical_symbols`), in this order:
   1. normalized string match (case and whitespace insensitive; strips `$`, `\\text{}`-style wrappers, LaTeX
      spacing and trailing periods);
-  2. multiple choice: when the gold is a letter (`A`, `(A)`, `A.`), the prediction's leading letter decides;
+  2. multiple choice: when the gold is a letter (`A`, `(A)`, `A.`; A to J), the prediction's leading
+     letter decides. When the question's options are known (`score_batch(..., choices=)`, benchmarks
+     with an options column or option lines), a prediction without a letter is compared with the
+     gold option's text, and a letter against a gold option text stands for its option's text;
   3. decimal numbers, in scientific notation too, compare exactly as numbers (`0.5` == `0.50`,
      `1e300` == `1e+300`);
   4. words never reach math_verify (it reads "no" as the product n*o, so "no" would equal "on");
@@ -130,20 +133,43 @@ def canonical_symbols(s: str) -> str:
   if len(s) > MAX_ANSWER_CHARS:
     return s
   s = _VULGAR_RE.sub(_vulgar_fraction, s).replace("\u2044", "/").replace("\u221e", "\\infty")
+  s = s.replace("\u00b0", "^\\circ")  # 30° is 30^\circ (math_verify reads the LaTeX degree only)
   m = _INFINITY_RE.match(_unwrap(s))
   if m:
     return ("-" if m.group(1) == "-" else "") + "\\infty"
   return s
 
 
-_MC_GOLD_RE = re.compile(r"^\(?([A-H])\)?[.:)]?$")
-_MC_PRED_RE = re.compile(r"^\(?([A-Ha-h])\)?(?:[.:)]|\s|$)")
+# Option letters A to J (MMMU-Pro has up to ten options).
+_MC_GOLD_RE = re.compile(r"^\(?([A-J])\)?[.:)]?$")
+_MC_PRED_RE = re.compile(r"^\(?([A-Ja-j])\)?(?:[.:)]|\s|$)")
+OPTION_LETTERS = "ABCDEFGHIJ"
 
 
 def choice_letter(s: str, gold: bool = False) -> str | None:
   """The option letter of `A`, `(A)`, `A.`, `A)`, `A: text`, `(A) text` (gold: the letter alone), upper-case."""
   m = (_MC_GOLD_RE if gold else _MC_PRED_RE).match(_unwrap(s))
   return m.group(1).upper() if m else None
+
+
+def resolve_choice(
+  pred: str | None, gold: str, choices: Sequence[str] | None
+) -> tuple[str | None, str]:
+  """(prediction, gold) to compare once the question's option texts are known (choices[k] is the
+  text of letter k): a gold letter against a prediction without a letter becomes the gold option's
+  text; a prediction's letter against a gold that is not a letter becomes that option's text.
+  Anything else (no choices, a letter outside them, letters on both sides) is returned unchanged."""
+  if not choices or pred is None:
+    return pred, gold
+  gold_letter, pred_letter = choice_letter(gold, gold=True), choice_letter(pred)
+  if gold_letter is not None:
+    k = OPTION_LETTERS.index(gold_letter)
+    if pred_letter is None and k < len(choices):
+      return pred, choices[k]
+    return pred, gold
+  if pred_letter is not None and OPTION_LETTERS.index(pred_letter) < len(choices):
+    return choices[OPTION_LETTERS.index(pred_letter)], gold
+  return pred, gold
 
 
 # A decimal number, optionally in scientific notation (`1e+300`, `2.5E-3`: a float answer column
@@ -417,11 +443,19 @@ def _combine(acc: float, fmt: float) -> dict[str, float]:
 
 
 def score_batch(
-  responses: Sequence[str], answers: Sequence[str], pool: MathVerifyPool | None = None
+  responses: Sequence[str],
+  answers: Sequence[str],
+  pool: MathVerifyPool | None = None,
+  choices: Sequence[Sequence[str] | None] | None = None,
 ) -> list[dict[str, float]]:
-  """[score(r, a) for r, a in zip(responses, answers)], sending only the math cases to the workers."""
+  """[score(r, a) for r, a in zip(responses, answers)], sending only the math cases to the workers.
+
+  choices[i]: the option texts of item i's question (A, B, ...), or None / () when it has none
+  (`resolve_choice`); None: no item has options (training)."""
   if len(responses) != len(answers):
     raise ValueError(f"score_batch: {len(responses)} responses but {len(answers)} answers")
+  if choices is not None and len(choices) != len(answers):
+    raise ValueError(f"score_batch: {len(choices)} choice lists for {len(answers)} answers")
   accs: list[float | None] = []
   math_items: list[int] = []
   preds: list[str | None] = []
@@ -434,6 +468,8 @@ def score_batch(
       )
     pred = extract_boxed(strip_stop_tokens(resp))
     gold = extract_boxed(gold) or gold  # Tolerates golds stored as "\\boxed{..}".
+    if choices is not None:
+      pred, gold = resolve_choice(pred, gold, choices[i])
     pred = None if pred is None else canonical_symbols(pred)
     gold = canonical_symbols(gold)
     preds.append(pred)

@@ -32,6 +32,7 @@ from pgpo_jax.models import qwen2_5_vl as qwen
 from pgpo_jax.rl import advantages
 from pgpo_jax.tools import inspect_dependency as idep
 from pgpo_jax.tools import plotting
+from tests.data import benchmark_fixtures
 from tests.test_trainer import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -231,6 +232,37 @@ def test_greedy_eval(bigram_workdir, data_dir):
   golds = [r["answer"] for r in pq.read_table(data_dir / "test.parquet").to_pylist()]
   assert all(s["response"] == "\\boxed{1}" for s in result.samples)  # ties go to the lower token id
   assert result.table[0]["accuracy"] == golds.count("1") / len(golds) > 0
+
+
+def test_papers_benchmarks_by_name_from_a_vppo_eval_folder(bigram_workdir, tmp_path, capsys):
+  """`pgpo-eval --benchmarks=DIR` on VPPO-Eval's layout: the paper's benchmarks in its order, each row
+  with its images, refused rows counted, golds scored by their conventions. The greedy bigram model
+  answers `\\boxed{1}` everywhere: right for DynaMath's gold 1 and for MMMU-Pro's gold A whose option
+  A is `1` (option text = letter), wrong elsewhere (the fixture's hand-checked "1" scores)."""
+  data, fixtures = benchmark_fixtures.write_vppo_eval(str(tmp_path / "vppo"))
+  out = tmp_path / "out"
+  args = ["--ckpt", str(bigram_workdir), "--benchmarks", data, "--greedy", "--dtype", "float32"]
+  args += ["--config.max_new_tokens=8", "--config.batch_size=4", "--config.max_prompt_length=512"]
+  assert _script("eval").main(args + ["--out", str(out), "--no_progress"]) == 0
+  table = {r["benchmark"]: r for r in json.load(open(out / "results.json"))["table"]}
+  assert list(table) == [*ev.PAPER_BENCHMARKS, "average"]
+  for name, fixture in fixtures.items():
+    want = np.mean([row.responses["1"] for row in fixture.rows.values()])
+    assert table[name]["accuracy"] == pytest.approx(want, abs=1e-12), name
+    assert table[name]["num_prompts"] == len(fixture.rows), name
+    assert table[name]["num_skipped"] == sum(fixture.skips.values()), name
+  assert (table["DynaMath"]["accuracy"], table["MMMU-Pro"]["accuracy"]) == (0.5, 1.0)
+  assert table["average"]["accuracy"] == pytest.approx(1.5 / len(ev.PAPER_BENCHMARKS))
+  gens = ev.read_generations(out / "generations.jsonl")
+  assert {g["response"] for g in gens} == {"\\boxed{1}"}
+  lines = capsys.readouterr().out.splitlines()
+  head = lines.index(next(l for l in lines if l.split() == [*ev.PAPER_BENCHMARKS, "Avg"]))
+  values = dict(zip([*ev.PAPER_BENCHMARKS, "Avg"], lines[head + 1].split()))  # the paper-style row
+  assert (values["DynaMath"], values["MMMU-Pro"], values["Geo3k"]) == ("50.00", "100.00", "0.00")
+  assert values["Avg"] == f"{100 * 1.5 / 9:.2f}"
+  # --data and --benchmarks are exclusive, one is required.
+  with pytest.raises(SystemExit):
+    _script("eval").main(["--ckpt", str(bigram_workdir)])
 
 
 def test_an_empty_benchmark_file_is_skipped_and_the_others_run(bigram_workdir, data_dir, tmp_path):

@@ -66,7 +66,10 @@ def define_policy_flags(fv: flags.FlagValues, *, dtype: str) -> None:
   flags.DEFINE_string("question_key", None, "Question column (default: detected).", flag_values=fv)
   flags.DEFINE_string("answer_key", None, "Answer column (default: detected).", flag_values=fv)
   flags.DEFINE_string(
-    "image_key", None, "Image column ('none': text-only; default: detected).", flag_values=fv
+    "image_key",
+    None,
+    "Image column(s), comma-separated for one image per column ('none': text-only on purpose; default: detected).",
+    flag_values=fv,
   )
   flags.DEFINE_string("image_dir", None, "Base folder of relative image paths.", flag_values=fv)
   flags.DEFINE_bool("greedy", False, "Greedy decoding: k=1 at temperature 0.", flag_values=fv)

@@ -1,5 +1,7 @@
 """Benchmark accuracy of a checkpoint: avg@k (paper: k=8, temperature 1.0, top-p 1.0, 2048 tokens) or greedy.
 
+    pgpo-eval --ckpt=runs/pgpo_7b --benchmarks=data/VPPO-Eval      # the paper's benchmarks, by name
+    pgpo-eval --ckpt=runs/pgpo_7b --benchmarks='mmmu_pro=data/MMMU_Pro/standard (10 options)'
     pgpo-eval --ckpt=runs/pgpo_7b --data=mathverse=data/mathverse.parquet,data/wemath.jsonl
     pgpo-eval --ckpt=runs/pgpo_7b/checkpoints/300 --data=data/mathvista.parquet --greedy
     pgpo-eval --ckpt=Qwen2.5-VL-7B-Instruct --data='bench/*.parquet' --mesh=data=4,tensor=2 --config.k=4
@@ -7,7 +9,16 @@
 CKPT: a trainer WORKDIR (latest finished step), WORKDIR/checkpoints/<step>[/params], an HF folder or a
 converted folder. The protocol is `evaluation.EvalConfig`, every field settable as --config.FIELD=VALUE
 (k, temperature, top_p, top_k, max_new_tokens, batch_size, max_prompt_length, min_pixels, max_pixels,
-seed, reward); --greedy is k=1 at temperature 0. Prints the per-benchmark table and writes results.json,
+seed, reward, match_option_text); --greedy is k=1 at temperature 0.
+
+--benchmarks=DIR reads a VPPO-Eval / PAPO-Eval folder (its `dataset_info.json`, in DIR or DIR/data) and
+evaluates the paper's benchmarks in it (Geo3k, We-Math, MMK12, MathVerse, MathVerse-V, MathVision,
+DynaMath, LogicVista, MMMU-Pro; others are skipped); --benchmarks=NAME=PATH,... takes them from files or
+folders of any known layout (EasyR1, MMMU-Pro, sharegpt, ...). The table comes in the paper's order, with
+the paper-style row of accuracies and their average. --data takes any files under their own names.
+A benchmark without an image column is refused (--image_key=none evaluates a file text-only on purpose).
+
+Prints the per-benchmark table and writes results.json,
 results.csv and generations.jsonl to --out (default WORKDIR/eval/step<N>_<protocol>, or
 eval/<name>_<protocol>). (`python scripts/eval.py ...` is the same command.) Protocol and layouts:
 pgpo_jax/evaluation.py.
@@ -45,7 +56,18 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     "Benchmark files: FILE or NAME=FILE, comma-separated (globs allowed).",
     flag_values=fv,
   )
-  flags.mark_flag_as_required("data", flag_values=fv)
+  flags.DEFINE_string(
+    "benchmarks",
+    None,
+    "The paper's benchmarks: a VPPO-Eval folder (dataset_info.json), or NAME=PATH items.",
+    flag_values=fv,
+  )
+  flags.register_multi_flags_validator(
+    ["data", "benchmarks"],
+    lambda d: (d["data"] is None) != (d["benchmarks"] is None),
+    message="give exactly one of --data and --benchmarks",
+    flag_values=fv,
+  )
   common.define_policy_flags(fv, dtype="bfloat16")
   common.define_distributed_flags(fv)
 
@@ -61,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     greedy = dict(k=1, temperature=0.0) if fv.greedy else {}
     cfg = common.dataclass_from_config(ev.EvalConfig, fv.config, **greedy)
-    benches = ev.resolve_benchmarks(fv.data, **common.data_columns(fv))
+    if fv.benchmarks is not None:
+      benches = ev.paper_benchmarks(fv.benchmarks, image_dir=fv.image_dir)
+    else:
+      benches = ev.resolve_benchmarks(fv.data, **common.data_columns(fv))
     policy = common.load_policy(fv, cfg)
   except (ValueError, FileNotFoundError, NotImplementedError) as e:
     print(f"pgpo-eval: error: {e}", file=sys.stderr)
@@ -73,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   paths = ev.write_results(result, out)
   print(f"\n{policy.ref.path} ({cfg.tag})")
   print(ev.format_table(result.table))
+  print("\n" + ev.format_paper_row(result.table))
   print("\nwrote", ", ".join(paths.values()))
   return 0
 

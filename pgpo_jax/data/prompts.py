@@ -27,6 +27,7 @@ import numpy as np
 
 from pgpo_jax.buckets import bucket_size
 from pgpo_jax.data import reader as reader_lib
+from pgpo_jax.data.layouts import IMAGE_PLACEHOLDER
 from pgpo_jax.data.reader import RawRow, RowError, SkippedRow
 from pgpo_jax.models.qwen2_5_vl.rope import get_rope_index
 
@@ -37,7 +38,6 @@ DEFAULT_PROMPT_TEMPLATE = (
   "provide the final answer. The reasoning process MUST BE enclosed within <think> </think> "
   "tags. The final answer MUST BE put in \\boxed{}."
 )
-IMAGE_PLACEHOLDER = "<image>"
 PATCH_DIM = 3 * 2 * 14 * 14  # C * temporal_patch_size * patch_size^2 = 1176
 
 

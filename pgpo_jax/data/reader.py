@@ -1,21 +1,26 @@
-"""Random-access reader for local EasyR1/verl-style parquet and JSON-lines datasets.
+"""Random-access reader for local parquet, JSON-lines and JSON-array datasets.
 
-A dataset is one or more files holding a question column, an answer column and (optionally) an
-image column. The files are read with pyarrow when the reader is built, so every file-level
-problem (missing file, unreadable file, missing column) raises before training starts, with the
-file and the column in the message. Row-level problems (empty question, null answer, a NaN or
+A dataset is one or more files holding a question column, an answer column, (optionally) image
+columns and (optionally) an options column; `data/layouts.py` lists the layouts of the paper's data
+(EasyR1 / ViRL39K, MMMU-Pro, sharegpt / VPPO-Eval) and the row conventions they need (`<image k>`
+placeholders, option lines, chat-message answers). The files are read with pyarrow when the reader
+is built, so every file-level problem (missing file, unreadable file, missing column) raises before
+training starts, with the file and the column in the message. Row-level problems (empty question, null answer, a NaN or
 infinite number as the answer, missing or corrupt image, a JSON-lines line that is not a JSON
 object, ...) never raise: `DatasetReader.load` returns a `SkippedRow` naming the reason, and the
 pipeline counts it in a `SkipStats` and logs file and row.
 
-Rows are numbered from 0 within each file, in both formats: in JSON lines, row k is the k-th
-non-blank line (blank lines are not rows); skip messages of JSON lines also give the 1-based line.
+Rows are numbered from 0 within each file, in every format: in JSON lines, row k is the k-th
+non-blank line (blank lines are not rows); skip messages of JSON lines also give the 1-based line. A
+`.json` file whose first character is `[` is one JSON array of row objects (LLaMA-Factory's format,
+VPPO-Eval); an element that is not an object is a malformed row.
 
-Supported image encodings, per row, in both formats (a single value or a list of them):
+Supported image encodings, per row, in every format (a single value or a list of them):
 - raw bytes (parquet `binary`);
 - `{"bytes": ..., "path": ...}` dicts (HF `datasets.Image` layout; `bytes` wins when both are set;
   in JSON, `bytes` is base64 text);
-- a path string, absolute or relative to `DatasetSpec.image_dir` (default: the data file's folder);
+- a path string, absolute or relative (`./` allowed) to the first of the `DatasetSpec.image_dir`
+  folders holding it (default: the data file's folder);
 - a `data:image/...;base64,` URI.
 
 Tables are held in memory (only the columns the spec needs); for ViRL39K-sized sets that is a few
@@ -43,6 +48,8 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from PIL import Image
+
+from pgpo_jax.data import layouts
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +94,43 @@ class DatasetSpec:
     paths: data files (`.parquet`, `.jsonl`/`.json`/`.ndjson`) or glob patterns; read in order.
     question_key: question column; None picks the first of `DEFAULT_QUESTION_KEYS` present in each
       file. A verl-style `prompt` column holding chat messages is accepted (its user turns are used).
-    answer_key: answer column; a dotted key (`reward_model.ground_truth`) reaches into a struct.
-    image_key: image column; None for a text-only dataset.
-    image_dir: base folder for relative image paths; default: the folder of the data file.
+    answer_key: answer column; a dotted key (`reward_model.ground_truth`) reaches into a struct. A
+      chat-message column (sharegpt `messages`) gives its last assistant turn.
+    image_key: image column; a tuple of columns for one image per column (MMMU's `image_1` ...
+      `image_7`: image k of a row is column k, for `<image k>` placeholders); None: text-only.
+    image_dir: base folder(s) for relative image paths, tried in order (the first holding the file
+      wins); default: the folder of the data file.
+    options_key: answer options column (a list, or a string holding one); its options are appended
+      to the question as `A. ...` lines (`layouts.with_options`). None: no options.
     require_images: skip rows without any image (`missing_image`); PGPO's blind pass needs one.
   """
 
   paths: Sequence[str] | str
   question_key: str | None = None
   answer_key: str = "answer"
-  image_key: str | None = "images"
-  image_dir: str | None = None
+  image_key: str | tuple[str, ...] | None = "images"
+  image_dir: str | tuple[str, ...] | None = None
   require_images: bool = True
+  options_key: str | None = None
 
   def __post_init__(self):
     paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
     object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
     if not self.paths:
       raise ValueError("DatasetSpec.paths is empty")
+    if isinstance(self.image_key, (list, tuple)):
+      if not self.image_key:
+        raise ValueError("DatasetSpec.image_key is an empty tuple; use None for text-only data")
+      object.__setattr__(self, "image_key", tuple(self.image_key))
+    if isinstance(self.image_dir, (list, tuple)):
+      object.__setattr__(self, "image_dir", tuple(os.fspath(d) for d in self.image_dir))
+
+  @property
+  def image_keys(self) -> tuple[str, ...]:
+    """The image columns, as a tuple (empty for text-only data)."""
+    if self.image_key is None:
+      return ()
+    return (self.image_key,) if isinstance(self.image_key, str) else self.image_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +342,36 @@ def _read_jsonl_skipping_malformed(path: str, read_options) -> tuple[pa.Table, d
   return table, bad
 
 
+def _read_json_array(path: str) -> tuple[pa.Table, dict[int, str]]:
+  """A `.json` file holding one JSON array of row objects (LLaMA-Factory / VPPO-Eval) as a table, and
+  {row: why} of its elements that are not objects (they become rows of nulls)."""
+  try:
+    with open(path, encoding="utf-8") as fh:
+      items = json.load(fh, parse_constant=_reject_constant, parse_float=_finite_float)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise ValueError(f"cannot read dataset file {path!r} as a JSON array: {e}") from e
+  if not isinstance(items, list):
+    raise ValueError(f"dataset file {path!r}: a JSON {type(items).__name__}, not an array of rows")
+  bad = {
+    k: f"element {k} is a JSON {type(x).__name__}, not an object"
+    for k, x in enumerate(items)
+    if not isinstance(x, dict)
+  }
+  if bad and len(bad) == len(items):
+    raise ValueError(f"dataset file {path!r}: no element of its array is a JSON object")
+  try:
+    table = pa.Table.from_pylist([x if isinstance(x, dict) else {} for x in items])
+  except pa.ArrowException as e:  # a column whose type differs between rows
+    raise ValueError(f"cannot read dataset file {path!r}: {e}") from e
+  return table, bad
+
+
+def _starts_with_array(path: str) -> bool:
+  with open(path, "rb") as fh:
+    head = fh.read(4096).lstrip()
+  return head.startswith(b"\xef\xbb\xbf[") or head.startswith(b"[")
+
+
 def _open_table(
   path: str,
 ) -> tuple[list[str], Callable[[list[str]], pa.Table], dict[int, str]] | None:
@@ -335,6 +391,11 @@ def _open_table(
       with open(path, "rb") as fh:
         if not fh.read(4096).strip():
           return None
+      if lower.endswith(".json") and _starts_with_array(path):
+        table, bad = _read_json_array(path)
+        if bad:
+          log.warning("dataset file %s: %d array element(s) will be skipped", path, len(bad))
+        return table.column_names, table.select, bad
       # Larger blocks than the 1 MiB default: rows with base64 images can exceed it.
       options = pa_json.ReadOptions(block_size=64 << 20)
       try:
@@ -403,8 +464,10 @@ class DatasetReader:
           "Set DatasetSpec.question_key."
         )
     wanted = {"question_key": question_key, "answer_key": self.spec.answer_key}
-    if self.spec.image_key is not None:
-      wanted["image_key"] = self.spec.image_key
+    for k, key in enumerate(self.spec.image_keys):
+      wanted["image_key" if isinstance(self.spec.image_key, str) else f"image_key[{k}]"] = key
+    if self.spec.options_key is not None:
+      wanted["options_key"] = self.spec.options_key
     for field, key in wanted.items():
       if _top(key) not in names:
         raise ValueError(
@@ -455,25 +518,44 @@ class DatasetReader:
     return value
 
   def _load(self, f: _File, row: int) -> RawRow:
-    question = _question_text(self._value(f, f.question_key, row))
+    question = layouts.strip_format_instruction(_question_text(self._value(f, f.question_key, row)))
     if not question.strip():
       raise RowError(EMPTY_QUESTION)
     answer = self._value(f, self.spec.answer_key, row)
+    if layouts.is_chat(answer):
+      answer = layouts.chat_answer(answer)
     if answer is None or (isinstance(answer, str) and not answer.strip()):
       raise RowError(MISSING_ANSWER)
     if isinstance(answer, float) and not math.isfinite(answer):
       raise RowError(
         NONFINITE_ANSWER, f"column {self.spec.answer_key!r} holds {answer!r}, not a finite number"
       )
-    images: tuple[Image.Image, ...] = ()
-    if self.spec.image_key is not None:
-      base_dir = self.spec.image_dir or os.path.dirname(os.path.abspath(f.path))
-      images = tuple(
-        decode_image(v, base_dir) for v in _as_list(self._value(f, self.spec.image_key, row))
-      )
+    try:
+      if self.spec.options_key is not None:
+        options = layouts.parse_options(
+          self._value(f, self.spec.options_key, row), self.spec.options_key
+        )
+        question = layouts.with_options(question, options)
+      cells, names = self._image_cells(f, row)
+      question, cells = layouts.place_images(question, cells, names)
+    except layouts.LayoutError as e:
+      raise RowError(e.reason, e.detail) from None
+    base_dirs = self.spec.image_dir or os.path.dirname(os.path.abspath(f.path))
+    images = tuple(decode_image(v, base_dirs) for v in cells)
     if self.spec.require_images and not images:
       raise RowError(MISSING_IMAGE)
     return RawRow(question, str(answer), images, f.path, row)
+
+  def _image_cells(self, f: _File, row: int) -> tuple[list[Any], list[str]]:
+    """The row's image cells in image-number order (None where empty) and their names."""
+    if isinstance(self.spec.image_key, str):
+      value = self._value(f, self.spec.image_key, row)
+      cells = list(value) if isinstance(value, (list, tuple)) else [value]
+      if value is None:
+        cells = []
+      return cells, [f"{self.spec.image_key}[{k}]" for k in range(len(cells))]
+    keys = self.spec.image_keys
+    return [self._value(f, k, row) for k in keys], list(keys)
 
 
 def _question_text(value: Any) -> str:
@@ -488,16 +570,20 @@ def _question_text(value: Any) -> str:
   return str(value)
 
 
-def _as_list(value: Any) -> list[Any]:
-  if value is None:
-    return []
-  if isinstance(value, (list, tuple)):
-    return [v for v in value if v is not None]
-  return [value]
+def resolve_path(path: str, base_dirs: str | Sequence[str]) -> str:
+  """An image path as a file to open: absolute as is; relative (a leading `./` allowed) joined to the
+  first of `base_dirs` where the file exists (to the first one when none has it)."""
+  if os.path.isabs(path):
+    return path
+  dirs = (base_dirs,) if isinstance(base_dirs, (str, os.PathLike)) else tuple(base_dirs)
+  rel = path[2:] if path.startswith("./") else path
+  candidates = [os.path.join(d, rel) for d in dirs]
+  return next((c for c in candidates if os.path.isfile(c)), candidates[0])
 
 
-def decode_image(value: Any, base_dir: str) -> Image.Image:
-  """One image cell (bytes, {"bytes","path"} dict, path, data URI) as a loaded RGB PIL image.
+def decode_image(value: Any, base_dir: str | Sequence[str]) -> Image.Image:
+  """One image cell (bytes, {"bytes","path"} dict, path, data URI) as a loaded RGB PIL image;
+  relative paths are resolved against `base_dir` (one folder, or several tried in order).
 
   Raises:
     RowError(MISSING_IMAGE_FILE) for a path that does not exist, RowError(CORRUPT_IMAGE) for
@@ -524,12 +610,17 @@ def decode_image(value: Any, base_dir: str) -> Image.Image:
     raise RowError(CORRUPT_IMAGE, f"unsupported image cell of type {type(value).__name__}")
 
   if path is not None:
-    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    full = resolve_path(path, base_dir)
     try:
       with open(full, "rb") as fh:
         data = fh.read()
     except OSError as e:
-      raise RowError(MISSING_IMAGE_FILE, f"{full}: {e.strerror or e}") from e
+      tried = (
+        ""
+        if isinstance(base_dir, (str, os.PathLike)) or len(base_dir) < 2
+        else (f" (looked in {list(base_dir)})")
+      )
+      raise RowError(MISSING_IMAGE_FILE, f"{full}: {e.strerror or e}{tried}") from e
   try:
     img = Image.open(io.BytesIO(data))
     img.load()  # Decode now: truncated or corrupt data must fail here, not in the processor.
@@ -547,6 +638,12 @@ def _b64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
   except (binascii.Error, ValueError) as e:
     raise RowError(CORRUPT_IMAGE, f"invalid base64 image: {e}") from e
+
+
+def column_names(path: str) -> list[str]:
+  """Top-level column names of one data file ([] for an empty JSON-lines file); errors name the file."""
+  opened = _open_table(os.fspath(path))
+  return [] if opened is None else list(opened[0])
 
 
 def read_column(path: str, key: str, *, what: str = "column") -> list[Any]:
