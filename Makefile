@@ -26,8 +26,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Two workers, whole files each (module fixtures are built once): most of the suite is compile-bound
+# and single-threaded. Then the `serial` tests alone (multi-process runs, wall-clock bounds).
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $${PYTEST_WORKERS:-2} --dist loadfile -m "not serial" tests
+	$(PY) -m pytest -m serial tests
 
 # The embedded default: synthetic data + tiny model + warm-up + PGPO, on this machine's CPU.
 demo: $(STAMP)

@@ -23,6 +23,8 @@ from pgpo_jax import config as config_lib
 from pgpo_jax import multihost, trainer
 from tests.tiny_run import ROOT, tiny_config
 
+pytestmark = pytest.mark.serial  # jax.distributed processes: not beside another worker's compiles
+
 
 def _free_port() -> int:
   with socket.socket() as s:

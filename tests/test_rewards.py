@@ -248,6 +248,7 @@ PATHOLOGICAL = {
 }
 
 
+@pytest.mark.serial  # a wall-clock bound
 @pytest.mark.parametrize("name", list(PATHOLOGICAL))
 def test_pathological_responses_are_scored_fast(name):
   text, boxed = PATHOLOGICAL[name]
@@ -317,6 +318,7 @@ def test_score_batch_equals_map_score():
     rewards.score_batch(["a", "b"], ["a"])
 
 
+@pytest.mark.serial  # a wall-clock bound
 def test_pathological_expression_returns_within_timeout():
   rewards.score(
     _resp("1/2"), "0.5"
@@ -328,6 +330,7 @@ def test_pathological_expression_returns_within_timeout():
   assert out["accuracy"] == 0.0 and out["format"] == 1.0
 
 
+@pytest.mark.serial  # a wall-clock bound
 def test_hard_timeout_kills_worker_and_pool_recovers():
   """math_verify's own alarm (5 s) is longer than the hard budget (1 s): the worker must be killed."""
   pool = rewards.MathVerifyPool(max_workers=1, timeout_s=1.0, inner_timeout_s=5)
