@@ -139,14 +139,15 @@ def sft_warmup(
     blind = blind_rows(len(groups), c.warmup.blind_fraction, c.seed, i)
     st, mt = step_fn(st, _batch(groups, blind, make_batch, weights if weighted else None))
     if i % max(1, n // 5) == 0 or i == n - 1:
+      up = f"; up-weighted tokens {float(mt['nll_upweighted']):.3f}" if weighted else ""
       log.info(
-        "warm-up %d/%d: nll %.3f (image rows %.3f, blind rows %.3f; up-weighted tokens %.3f)",
+        "warm-up %d/%d: nll %.3f (image rows %.3f, blind rows %.3f%s)",
         i + 1,
         n,
         float(mt["nll"]),
         float(mt["nll_image"]),
         float(mt["nll_blind"]),
-        float(mt["nll_upweighted"]),
+        up,
       )
   if cache and jax.process_index() == 0:
     checkpoint.save_params(cache, st.params)

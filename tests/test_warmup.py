@@ -138,7 +138,7 @@ def test_target_weights_up_weight_exactly_the_perception_tokens():
       warmup.target_weights(tok, row["solution"], bad, 4.0, ("f.parquet", 5))
 
 
-def test_warmup_with_perception_weight_feeds_the_weights(tmp_path, monkeypatch):
+def test_warmup_with_perception_weight_feeds_the_weights(tmp_path, monkeypatch, caplog):
   from pgpo_jax import config as config_lib
 
   monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", length_parity)
@@ -164,7 +164,9 @@ def test_warmup_with_perception_weight_feeds_the_weights(tmp_path, monkeypatch):
 
   monkeypatch.setattr(warmup, "_batch", spy)
   t = trainer.Trainer(c, str(tmp_path / "run"))
-  t.sft_warmup()
+  with caplog.at_level(logging.INFO, logger="pgpo_jax"):
+    t.sft_warmup()
+  assert any("up-weighted tokens" in r.getMessage() for r in caplog.records)
   ((groups, weights, out),) = seen
   assert len(weights) == 4
   total = 0.0
@@ -197,4 +199,5 @@ def test_warmup_with_blind_fraction_trains_both_views(tmp_path, monkeypatch, cap
   assert seen == [{"seq": 2, "seq_blind": 2}] * 2
   lines = [r.getMessage() for r in caplog.records if "warm-up 2/2" in r.getMessage()]
   assert lines and "blind rows 0.000" not in lines[0]
+  assert "up-weighted" not in lines[0]  # only said when warmup.perception_weight is on
   jax.clear_caches()
