@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -99,7 +99,7 @@ def sft_warmup(
   )
   L = c.rollout.max_new_tokens
   eos = cfg.eos_token_id
-  start = 0
+  start = truncated = seen = 0
   if save_every and os.path.isdir(progress):
     start, st = _restore_progress(progress, st, it)
     log.info("warm-up: resuming at step %d of %d from %s", start + 1, n, progress)
@@ -125,13 +125,19 @@ def sft_warmup(
         toks, w = target_weights(
           processor.tokenizer, text, spans[where[0]][where[1]], c.warmup.perception_weight, where
         )
-      toks, w = list(toks)[: L - 1] + [eos], np.append(w[: L - 1], np.float32(1.0))
-      t = np.full((1, L), cfg.pad_token_id, np.int32)
-      t[0, : len(toks)] = toks
-      mk = np.zeros((1, L), bool)
-      mk[0, : len(toks)] = True
-      wt = np.zeros((1, L), np.float32)
-      wt[0, : len(toks)] = w
+      t, mk, wt = target_row(toks, w, L, eos, cfg.pad_token_id)
+      if len(toks) > L - 1:
+        truncated += 1
+        if truncated == 1:
+          log.warning(
+            "warm-up: a target of %d tokens (row %d of %s) is longer than rollout.max_new_tokens "
+            "- 1 = %d: it is cut there before its EOS; the count is logged at the end",
+            len(toks),
+            int(pb.row_indices[b]),
+            pb.sources[b],
+            L - 1,
+          )
+      seen += 1
       groups.append(
         Group(ids, pix, grids, ans, t, mk, np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, bool))
       )
@@ -149,6 +155,14 @@ def sft_warmup(
         float(mt["nll_blind"]),
         up,
       )
+  if truncated:
+    log.warning(
+      "warm-up: %d of the %d targets this run trained on were truncated to "
+      "rollout.max_new_tokens = %d tokens (raise it to train on whole targets)",
+      truncated,
+      seen,
+      L,
+    )
   if cache and jax.process_index() == 0:
     checkpoint.save_params(cache, st.params)
     log.info("warm-up: saved the warm-up params to %s", cache)
@@ -196,6 +210,22 @@ def blind_rows(n: int, fraction: float, seed: int, step: int) -> np.ndarray:
   out = np.zeros(n, bool)
   out[np.random.default_rng([seed, step, 0x5EED]).permutation(n)[:k]] = True
   return out
+
+
+def target_row(
+  toks: Sequence[int], weights: np.ndarray, L: int, eos: int, pad: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One SFT target row: ([1, L] int32 tokens, [1, L] bool mask, [1, L] float32 weights) of `toks`
+  cut to L - 1 tokens, then EOS (weight 1), padded with `pad` (mask False, weight 0)."""
+  toks = list(toks)[: L - 1] + [eos]
+  w = np.append(np.asarray(weights, np.float32)[: L - 1], np.float32(1.0))
+  t = np.full((1, L), pad, np.int32)
+  t[0, : len(toks)] = toks
+  mk = np.zeros((1, L), bool)
+  mk[0, : len(toks)] = True
+  wt = np.zeros((1, L), np.float32)
+  wt[0, : len(toks)] = w
+  return t, mk, wt
 
 
 def target_weights(

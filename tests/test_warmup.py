@@ -138,13 +138,26 @@ def test_target_weights_up_weight_exactly_the_perception_tokens():
       warmup.target_weights(tok, row["solution"], bad, 4.0, ("f.parquet", 5))
 
 
+def test_target_row_cuts_long_targets_before_eos_and_pads_short_ones():
+  w = np.array([1.0, 5.0, 1.0], np.float32)
+  t, mk, wt = warmup.target_row([7, 8, 9], w, 6, eos=2, pad=0)
+  np.testing.assert_array_equal(t, [[7, 8, 9, 2, 0, 0]])
+  np.testing.assert_array_equal(mk, [[1, 1, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(wt, [[1, 5, 1, 1, 0, 0]])
+  assert t.dtype == np.int32 and mk.dtype == bool and wt.dtype == np.float32
+  t, mk, wt = warmup.target_row([7, 8, 9], w, 3, eos=2, pad=0)  # 2 tokens fit before the EOS
+  np.testing.assert_array_equal(t, [[7, 8, 2]])
+  np.testing.assert_array_equal(mk, [[1, 1, 1]])
+  np.testing.assert_array_equal(wt, [[1, 5, 1]])
+
+
 def test_warmup_with_perception_weight_feeds_the_weights(tmp_path, monkeypatch, caplog):
   from pgpo_jax import config as config_lib
 
   monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", length_parity)
   c = tiny_config(tmp_path / "data")
   c.data.demo_task, c.data.demo_image_size = "chain", 84
-  c.rollout.max_new_tokens = 96
+  c.rollout.max_new_tokens = 64  # every worked solution (65-108 tokens) is cut: counted, logged
   c.warmup.sft_steps, c.warmup.prompts_per_step, c.warmup.blind_fraction = 1, 4, 0.5
   c.warmup.target_key, c.warmup.perception_weight = "solution", 6.0
   with pytest.raises(config_lib.ConfigError, match="warmup.perception_weight: needs"):
@@ -167,10 +180,16 @@ def test_warmup_with_perception_weight_feeds_the_weights(tmp_path, monkeypatch, 
   with caplog.at_level(logging.INFO, logger="pgpo_jax"):
     t.sft_warmup()
   assert any("up-weighted tokens" in r.getMessage() for r in caplog.records)
+  said = [r.getMessage() for r in caplog.records if "targets this run trained on" in r.getMessage()]
+  assert said == [
+    "warm-up: 4 of the 4 targets this run trained on were truncated to rollout.max_new_tokens = 64 "
+    "tokens (raise it to train on whole targets)"
+  ]
   ((groups, weights, out),) = seen
   assert len(weights) == 4
   total = 0.0
   for g, w in zip(groups, weights):
+    assert g.mask.all() and g.tokens[0, -1] == t.cfg.eos_token_id  # cut, then EOS
     assert w.shape == g.mask.shape and (w[~g.mask] == 0).all()
     assert (w[g.mask] == 6.0).sum() >= 1 and set(np.unique(w[g.mask])) == {1.0, 6.0}
     total += float(w.sum())

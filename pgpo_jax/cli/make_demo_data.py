@@ -1,6 +1,7 @@
 """Writes the CPU demo data: DIR/train.parquet, DIR/test.parquet and the tiny tokenizer+processor DIR/model/.
 
-    pgpo-make-demo-data --out_dir=/tmp/pgpo_demo [--task=answer|chain --n_train=2000 --n_test=200 --seed=0]
+    pgpo-make-demo-data --out_dir=/tmp/pgpo_demo [--task=answer|chain --n_train=2000 --n_test=200 --seed=0
+        --describe_fraction=0]
 
 Idempotent: every output is a pure function of the flags and is rewritten atomically, so a rerun produces
 byte-identical files. Train and test use disjoint random streams of the same seed. Prints the special token
@@ -40,6 +41,13 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer(
     "vocab_size", 1024, "Tokenizer size incl. the 22 Qwen added tokens.", flag_values=fv
   )
+  flags.DEFINE_float(
+    "describe_fraction",
+    0.0,
+    "chain only: the share of training rows whose worked solution first describes every image "
+    "fact (dense perception supervision for a warm-up); test rows never do.",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("min_pixels", 56 * 56, "Image processor lower bound.", flag_values=fv)
   flags.DEFINE_integer("max_pixels", 112 * 112, "Image processor upper bound.", flag_values=fv)
 
@@ -56,6 +64,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, int]:
     n_test=fv.n_test,
     seed=fv.seed,
     image_size=fv.image_size,
+    describe_fraction=fv.describe_fraction,
   )
   return tiny_tokenizer.build_tiny_model_folder(
     os.path.join(fv.out_dir, "model"),

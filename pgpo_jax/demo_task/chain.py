@@ -88,6 +88,7 @@ class ChainExample:
   answer: str
   solution: str
   spans: tuple[Span, ...]  # perception and format spans of `solution`, in order
+  describe: bool = False  # the solution states every fact of the image (`sample_chain_example`)
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -239,6 +240,26 @@ def _bind(b: _Builder, names: Sequence[str], values: Sequence[int]) -> None:
   b.add(".")
 
 
+def _largest_color(cs: ChainScene) -> str | None:
+  """The largest shape's colour when it is clearly the largest (`synthetic.LARGEST_MARGIN`), else None."""
+  by_area = sorted(cs.scene.shapes, key=lambda s: s.area, reverse=True)
+  if len(by_area) > 1 and by_area[0].area < synthetic.LARGEST_MARGIN * by_area[1].area:
+    return None
+  return by_area[0].color
+
+
+def _describe(b: _Builder, cs: ChainScene) -> None:
+  """Every fact of the image, each value a perception span: the digit, the counts (all shapes, by
+  colour, by kind; zeros included) and the largest shape's colour when it is clearly the largest."""
+  for fact in _numeric_facts(cs):
+    _read_numeric(b, fact)
+  color = _largest_color(cs)
+  if color is not None:
+    b.add(" The largest shape is ")
+    b.add(color, PERCEPTION)
+    b.add(".")
+
+
 def _open(b: _Builder) -> None:
   b.add("<think>", FORMAT)
   b.add("First I read the image.")
@@ -251,7 +272,7 @@ def _close(b: _Builder, answer: int) -> None:
   b.add("}", FORMAT)
 
 
-def _ask_arith(cs: ChainScene, rng: np.random.Generator, k: int):
+def _ask_arith(cs: ChainScene, rng: np.random.Generator, k: int, describe: bool):
   facts = _pick(rng, _numeric_facts(cs), k)
   names = ["a", "b", "c"][:k]
   formula, steps = _formula(rng, names)
@@ -260,8 +281,11 @@ def _ask_arith(cs: ChainScene, rng: np.random.Generator, k: int):
   question = f"Let {lets_text}. Compute {formula}."
   b = _Builder()
   _open(b)
-  for f in facts:
-    _read_numeric(b, f)
+  if describe:
+    _describe(b, cs)
+  else:
+    for f in facts:
+      _read_numeric(b, f)
   _bind(b, names, [f[3] for f in facts])
   b.add(" Now I compute.")
   answer = _run_steps(b, steps, {n: f[3] for n, f in zip(names, facts)})
@@ -284,17 +308,24 @@ def _conditional(
   read: tuple[str, str, str],
   holds: bool,
   why: str,
+  describe: bool,
 ):
-  """A conditional question: `read` = (statement before, value, after) of the categorical fact."""
+  """A conditional question: `read` = (statement before, value, after) of the categorical fact.
+  Described (`describe`), the description states the largest shape's colour and the numeric fact,
+  so only a relation is read after it."""
   fact = _pick(rng, _numeric_facts(cs), 1)[0]
   rules, if_true, if_false = _rules(rng)
   question = f"Let a be {fact[0]}. If {condition}, {rules}."
   b = _Builder()
   _open(b)
-  b.add(" " + read[0])
-  b.add(read[1], PERCEPTION)
-  b.add(read[2])
-  _read_numeric(b, fact)
+  if describe:
+    _describe(b, cs)
+  if not describe or not read[0].startswith("The largest"):
+    b.add(" " + read[0])
+    b.add(read[1], PERCEPTION)
+    b.add(read[2])
+  if not describe:
+    _read_numeric(b, fact)
   _bind(b, ["a"], [fact[3]])
   which = "first" if holds else "second"
   b.add(f" {why}, so the {which} rule applies. Now I compute.")
@@ -303,19 +334,19 @@ def _conditional(
   return question, answer, b
 
 
-def _ask_cond_largest(cs: ChainScene, rng: np.random.Generator):
-  by_area = sorted(cs.scene.shapes, key=lambda s: s.area, reverse=True)
-  if by_area[0].area < synthetic.LARGEST_MARGIN * by_area[1].area:
+def _ask_cond_largest(cs: ChainScene, rng: np.random.Generator, describe: bool):
+  color = _largest_color(cs)
+  if color is None:
     return None
-  color = by_area[0].color
   pair = sorted(_pick(rng, list(synthetic.COLORS), 2), key=list(synthetic.COLORS).index)
   holds = color in pair
   condition = f"the largest shape is {pair[0]} or {pair[1]}"
   why = f"{color.capitalize()} is {'' if holds else 'not '}{pair[0]} or {pair[1]}"
-  return _conditional(cs, rng, condition, ("The largest shape is ", color, "."), holds, why)
+  read = ("The largest shape is ", color, ".")
+  return _conditional(cs, rng, condition, read, holds, why, describe)
 
 
-def _ask_cond_relation(cs: ChainScene, rng: np.random.Generator):
+def _ask_cond_relation(cs: ChainScene, rng: np.random.Generator, describe: bool):
   shapes = cs.scene.shapes
   i, j = (int(k) for k in rng.choice(len(shapes), size=2, replace=False))
   a, b = shapes[i], shapes[j]
@@ -329,33 +360,44 @@ def _ask_cond_relation(cs: ChainScene, rng: np.random.Generator):
   condition = f"{da} is {rel} {db}"
   why = "The condition holds" if holds else "The condition does not hold"
   read = (f"Is {da} {rel} {db}? ", "yes" if holds else "no", ".")
-  return _conditional(cs, rng, condition, read, holds, why)
+  return _conditional(cs, rng, condition, read, holds, why, describe)
 
 
 _ASK = {
-  "arith1": lambda cs, rng: _ask_arith(cs, rng, 1),
-  "arith2": lambda cs, rng: _ask_arith(cs, rng, 2),
-  "arith3": lambda cs, rng: _ask_arith(cs, rng, 3),
+  "arith1": lambda cs, rng, describe: _ask_arith(cs, rng, 1, describe),
+  "arith2": lambda cs, rng, describe: _ask_arith(cs, rng, 2, describe),
+  "arith3": lambda cs, rng, describe: _ask_arith(cs, rng, 3, describe),
   "cond_largest": _ask_cond_largest,
   "cond_relation": _ask_cond_relation,
 }
 assert tuple(_ASK) == QTYPES
 
 
+DESCRIBE_PREFIX = "Describe the image, then answer. "
+
+
 def sample_chain_example(
-  rng: np.random.Generator, image_size: int = 84, qtype: str | None = None
+  rng: np.random.Generator, image_size: int = 84, qtype: str | None = None, describe: bool = False
 ) -> ChainExample:
-  """Draws a question type (uniform unless given), then scenes until that question is well posed."""
+  """Draws a question type (uniform unless given), then scenes until that question is well posed.
+
+  `describe`: the question starts with `DESCRIBE_PREFIX` and the worked solution states every fact
+  of the image (`_describe`: ~10 perception spans instead of 1-3) before it computes, in the same
+  statements; the scene, question and answer are those `describe=False` draws from the same `rng`
+  state (the description draws nothing). Dense perception supervision for the warm-up.
+  """
   if qtype is None:
     qtype = QTYPES[int(rng.integers(len(QTYPES)))]
   if qtype not in _ASK:
     raise ValueError(f"chain: unknown qtype {qtype!r}; expected one of {QTYPES}")
   for _ in range(synthetic.MAX_TRIES):
     cs = sample_chain_scene(rng, image_size)
-    qa = _ASK[qtype](cs, rng)
+    qa = _ASK[qtype](cs, rng, describe)
     if qa is not None:
       question, answer, b = qa
-      return ChainExample(cs, qtype, question, str(answer), b.text(), tuple(b.spans))
+      if describe:
+        question = DESCRIBE_PREFIX + question
+      return ChainExample(cs, qtype, question, str(answer), b.text(), tuple(b.spans), describe)
   raise RuntimeError(f"chain: no well-posed {qtype!r} question after {synthetic.MAX_TRIES} scenes")
 
 
@@ -447,12 +489,25 @@ def example_to_row(ex: ChainExample) -> dict[str, Any]:
   }
 
 
-def make_split(n: int, seed: int, image_size: int = 84, stream: int = 0) -> list[dict[str, Any]]:
-  """`n` rows, a pure function of (n, seed, image_size, stream); row i does not depend on n."""
+def make_split(
+  n: int, seed: int, image_size: int = 84, stream: int = 0, describe_fraction: float = 0.0
+) -> list[dict[str, Any]]:
+  """`n` rows, a pure function of the arguments; row i does not depend on n.
+
+  `describe_fraction`: each row is described (`sample_chain_example(describe=True)`) with this
+  probability, by a coin of its own stream, so row i has the same scene, question and answer at
+  every fraction and only its solution (and question prefix) differs.
+  """
   if n < 0:
     raise ValueError(f"chain: n must be >= 0, got {n}")
+  if not 0.0 <= describe_fraction <= 1.0:
+    raise ValueError(f"chain: describe_fraction must be in [0, 1], got {describe_fraction}")
   rng = synthetic.split_rng(seed, stream)
-  return [example_to_row(sample_chain_example(rng, image_size)) for _ in range(n)]
+  coins = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, 1))).random(n)
+  return [
+    example_to_row(sample_chain_example(rng, image_size, describe=bool(c < describe_fraction)))
+    for c in coins
+  ]
 
 
 def corpus_lines(seed: int = 0, n_examples: int = 2000) -> list[str]:

@@ -4,6 +4,7 @@ import json
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,24 +22,25 @@ def tok():
   return tiny_tokenizer.build_tokenizer(task="chain")
 
 
-def _example(seed: int, qtype=None) -> chain.ChainExample:
-  return chain.sample_chain_example(synthetic.split_rng(seed, 7), image_size=84, qtype=qtype)
+def _example(seed: int, qtype=None, describe=False) -> chain.ChainExample:
+  rng = synthetic.split_rng(seed, 7)
+  return chain.sample_chain_example(rng, image_size=84, qtype=qtype, describe=describe)
 
 
-@given(st.integers(0, 10**6), st.sampled_from(chain.QTYPES))
+@given(st.integers(0, 10**6), st.sampled_from(chain.QTYPES), st.booleans())
 @settings(max_examples=60, deadline=None)
-def test_worked_solutions_verify_and_wrong_answers_do_not(seed, qtype):
-  ex = _example(seed, qtype)
+def test_worked_solutions_verify_and_wrong_answers_do_not(seed, qtype, describe):
+  ex = _example(seed, qtype, describe)
   assert int(ex.answer) >= 0
   assert rewards.score(ex.solution, ex.answer) == {"overall": 1.0, "accuracy": 1.0, "format": 1.0}
   wrong = ex.solution.replace(f"\\boxed{{{ex.answer}}}", f"\\boxed{{{int(ex.answer) + 1}}}")
   assert rewards.score(wrong, ex.answer)["accuracy"] == 0.0
 
 
-@given(st.integers(0, 10**6), st.sampled_from(chain.QTYPES))
+@given(st.integers(0, 10**6), st.sampled_from(chain.QTYPES), st.booleans())
 @settings(max_examples=60, deadline=None)
-def test_stated_facts_match_the_scene_and_the_answer_follows(seed, qtype):
-  ex = _example(seed, qtype)
+def test_stated_facts_match_the_scene_and_the_answer_follows(seed, qtype, describe):
+  ex = _example(seed, qtype, describe)
   scene = json.loads(ex.scene.to_json())
   shapes = scene["shapes"]
   for m in re.finditer(r"The number drawn is (\d+)\.", ex.solution):
@@ -53,6 +55,78 @@ def test_stated_facts_match_the_scene_and_the_answer_follows(seed, qtype):
     binds = dict(re.findall(r"(\b[abc]) = (\d+)", ex.solution.split("Now I compute")[0]))
     formula = re.search(r"Compute (.*)\.$", ex.question).group(1)
     assert eval(re.sub(r"\b[abc]\b", lambda m: binds[m.group(0)], formula)) == int(ex.answer)
+
+
+@given(st.integers(0, 10**6), st.sampled_from(chain.QTYPES))
+@settings(max_examples=40, deadline=None)
+def test_a_described_example_states_every_fact_of_the_same_question(seed, qtype):
+  plain, dense = _example(seed, qtype), _example(seed, qtype, describe=True)
+  assert (dense.scene, dense.answer, dense.qtype) == (plain.scene, plain.answer, plain.qtype)
+  assert dense.question == chain.DESCRIBE_PREFIX + plain.question and dense.describe
+  assert not plain.describe and not plain.question.startswith(chain.DESCRIBE_PREFIX)
+  # The tail after the reading (binding, computing, answer) is the plain solution's.
+  assert (
+    dense.solution[dense.solution.index(" So a = ") :]
+    == (plain.solution[plain.solution.index(" So a = ") :])
+  )
+  # Every fact, in statements the perception parser reads, labelled where first stated.
+  shapes = dense.scene.scene.shapes
+  facts = chain.perception_facts(dense.solution)
+  want = {
+    "The number drawn is _.": str(dense.scene.digit),
+    "I count _ shapes in all.": str(len(shapes)),
+    **{f"I count _ {c} shapes.": str(sum(s.color == c for s in shapes)) for c in synthetic.COLORS},
+    **{f"I count _ {k}s.": str(sum(s.kind == k for s in shapes)) for k in synthetic.KINDS},
+  }
+  areas = sorted((s.area for s in shapes), reverse=True)
+  if areas[0] >= synthetic.LARGEST_MARGIN * areas[1]:
+    want["The largest shape is _."] = max(shapes, key=lambda s: s.area).color
+  relation = {k: v for k, v in facts.items() if k.startswith("Is ")}
+  assert len(relation) == (qtype == "cond_relation")
+  assert facts == {**want, **relation}
+  # The plain solution's facts are a subset, with the same values.
+  assert chain.perception_facts(plain.solution).items() <= facts.items()
+  assert chain.label_response(dense.solution) == dense.spans
+  n = sum(lab == chain.PERCEPTION for _, _, lab in dense.spans)
+  assert n == len(facts) and chain.perception_accuracy(dense.solution, dense.solution) == (n, n)
+
+
+def test_describe_fraction_changes_only_the_solutions_of_its_share_of_rows():
+  plain = chain.make_split(40, seed=3)
+  half = chain.make_split(40, seed=3, describe_fraction=0.5)
+  every = chain.make_split(40, seed=3, describe_fraction=1.0)
+  assert chain.make_split(40, seed=3, describe_fraction=0.0) == plain
+  dense = [r["problem"].count(chain.DESCRIBE_PREFIX) == 1 for r in half]
+  assert 10 <= sum(dense) <= 30 and all(r["problem"].count(chain.DESCRIBE_PREFIX) for r in every)
+  for p, h, e, d in zip(plain, half, every, dense):
+    assert (p["images"], p["answer"], p["scene"], p["qtype"]) == (
+      h["images"],
+      h["answer"],
+      h["scene"],
+      h["qtype"],
+    )
+    assert h == (e if d else p)
+  assert half[:20] == chain.make_split(
+    20, seed=3, describe_fraction=0.5
+  )  # row i does not depend on n
+  with pytest.raises(ValueError, match="describe_fraction"):
+    chain.make_split(2, seed=3, describe_fraction=1.5)
+
+
+def test_write_splits_describes_training_rows_only(tmp_path):
+  from pgpo_jax.demo_task import tasks
+
+  tasks.write_splits(
+    str(tmp_path), "chain", n_train=6, n_test=6, seed=0, image_size=84, describe_fraction=1.0
+  )
+  train = pq.read_table(tmp_path / "train.parquet").to_pylist()
+  test = pq.read_table(tmp_path / "test.parquet").to_pylist()
+  assert all(r["problem"].count(chain.DESCRIBE_PREFIX) for r in train)
+  assert not any(chain.DESCRIBE_PREFIX in r["problem"] for r in test)
+  with pytest.raises(ValueError, match="chain-task option"):
+    tasks.write_splits(
+      str(tmp_path), "answer", n_train=2, n_test=2, seed=0, image_size=84, describe_fraction=0.5
+    )
 
 
 def test_the_digit_is_drawn_where_the_scene_says():
