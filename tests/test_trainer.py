@@ -14,13 +14,14 @@ import pytest
 
 from pgpo_jax import config as config_lib
 from pgpo_jax import rewards, trainer
-from tests.tiny_run import ROOT, length_parity, tiny_config
+from tests.tiny_run import ROOT, every_other_group, length_parity, tiny_config
 from tests.tiny_run import load_config as _load_config
 
 
 @pytest.fixture(autouse=True)
 def _test_reward(monkeypatch):
   monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", length_parity)
+  monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_every_other_group", every_other_group(2))
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,7 @@ def test_packed_iteration_equals_padded(data_dir, tmp_path):
     c.logging.tensorboard = False
     c.loss.kl_coef = 0.05
     c.dynamic_sampling.enabled = False  # all 4 groups kept: 2 update batches
+    c.reward.name = "test_every_other_group"  # groups 0 and 2 have advantages, whatever is sampled
     t = trainer.Trainer(c, str(tmp_path / f"packed{packed}"))
     seen, refs = _spy_reference(t)
     m = t.train_one_step()

@@ -7,12 +7,12 @@ import os
 import pytest
 
 from pgpo_jax import rewards, trainer
-from tests.tiny_run import length_parity, tiny_config
+from tests.tiny_run import every_other_group, tiny_config
 
 
 @pytest.fixture(autouse=True)
 def _test_reward(monkeypatch):
-  monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_length_parity", length_parity)
+  monkeypatch.setitem(rewards.BATCH_REWARD_FNS, "test_every_other_group", every_other_group(2))
 
 
 def _chain_config(data_dir, cache_dir):
@@ -21,6 +21,7 @@ def _chain_config(data_dir, cache_dir):
   c.data.demo_image_size = 84  # room for the shapes and the digit
   c.warmup.target_key = "solution"
   c.warmup.cache_dir = str(cache_dir)
+  c.reward.name = "test_every_other_group"  # RL steps with updates, whatever the policy samples
   c.train.num_steps = 2
   c.checkpoint.every = 100
   return c

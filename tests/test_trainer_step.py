@@ -18,21 +18,13 @@ from flax import nnx
 from pgpo_jax import rewards, trainer
 from pgpo_jax.models import qwen2_5_vl as qwen
 from tests.rl.test_advantages import np_grpo, np_weights
-from tests.tiny_run import length_parity, tiny_config
+from tests.tiny_run import alternating, length_parity, tiny_config
 
 T_ROLLOUT = 0.7
 KL_COEF = 0.05
 
 
 rewards.BATCH_REWARD_FNS.setdefault("test_length_parity", length_parity)
-
-
-def alternating(responses, answers):
-  """Rewards 1, 0, 1, 0, ...: every group of an even G is non-degenerate whatever was sampled."""
-  return [
-    {"overall": float(i % 2 == 0), "accuracy": float(i % 2 == 0), "format": 0.0}
-    for i in range(len(responses))
-  ]
 
 
 rewards.BATCH_REWARD_FNS.setdefault("test_alternating", alternating)

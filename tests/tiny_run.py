@@ -16,6 +16,35 @@ def length_parity(responses, answers):
   return out
 
 
+def alternating(responses, answers):
+  """Rewards 1, 0, 1, 0, ...: every group of an even G is non-degenerate whatever was sampled."""
+  return [
+    {"overall": float(i % 2 == 0), "accuracy": float(i % 2 == 0), "format": 0.0}
+    for i in range(len(responses))
+  ]
+
+
+def every_other_group(group_size: int):
+  """A test reward that forces the groups a test needs, whatever the policy samples.
+
+  In a call with several responses (one rollout round, group-major), the first response of groups 0,
+  2, 4, ... scores 1 and every other response 0: those groups have a reward spread (non-zero
+  advantages) and groups 1, 3, ... have none (dynamic sampling drops them, fillers replace them). A
+  call with one response (the trainer's evaluation) is scored by `length_parity`, so evaluations still
+  compare what was generated.
+  """
+
+  def reward(responses, answers):
+    if len(responses) == 1:
+      return length_parity(responses, answers)
+    return [
+      {"overall": v, "accuracy": v, "format": 0.0}
+      for v in (float(i % (2 * group_size) == 0) for i in range(len(responses)))
+    ]
+
+  return reward
+
+
 def load_config(path):
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # tests import configs as a package (`from configs import pgpo_7b`)
