@@ -175,6 +175,11 @@ def base_config() -> ml_collections.ConfigDict:
   # removed, positions kept, same targets), so the blind view is in distribution (a language prior).
   # save_every: with cache_dir, save the warm-up's progress there every N steps (and when a signal
   # stops it); a rerun resumes from it (0: a stopped warm-up starts again).
+  # labels_key + perception_weight: with target_key, a column of character-span labels of each
+  # target (the chain task's `labels`: JSON [[start, end, label], ...]); tokens labelled perception
+  # weigh `perception_weight` in the warm-up's weighted-mean NLL, all others 1 (1.0: unweighted, the
+  # column is not read). The facts are a few % of a worked solution's tokens; this points the loss
+  # at them.
   c.warmup = ml_collections.ConfigDict(
     dict(
       sft_steps=0,
@@ -185,6 +190,8 @@ def base_config() -> ml_collections.ConfigDict:
       cache_dir="",
       blind_fraction=0.0,
       save_every=0,
+      labels_key="",
+      perception_weight=1.0,
     )
   )
 
@@ -359,6 +366,7 @@ WARMUP_RULES: dict[str, Rule] = {
   "warmup.target_template": (_answer_template, "a str.format template with an {answer} field"),
   "warmup.blind_fraction": _PROBABILITY,
   "warmup.save_every": _NONNEG_INT,
+  "warmup.perception_weight": _POSITIVE,
 }
 EVAL_RULES: dict[str, Rule] = {"train.eval_prompts": _POS_INT}
 
@@ -455,6 +463,16 @@ def validate(
   _check_values(c, VALUE_RULES)
   if c.warmup.sft_steps > 0:
     _check_values(c, WARMUP_RULES)
+    _require(
+      not c.warmup.labels_key or bool(c.warmup.target_key),
+      "warmup.labels_key",
+      "labels a target column: set warmup.target_key too",
+    )
+    _require(
+      c.warmup.perception_weight == 1.0 or bool(c.warmup.labels_key),
+      "warmup.perception_weight",
+      "needs warmup.labels_key (the targets' span labels) to know the perception tokens",
+    )
   if c.optim.schedule == "warmup_cosine":  # the cosine needs steps left after its linear warm-up
     for what, steps in (
       ("train.num_steps", c.train.num_steps),

@@ -7,14 +7,15 @@
   rollout decode  `rollout.program_bodies(...).decode`     SAMPLE, pinned inside        state    `rollout_programs`
   rollout finish  `rollout.program_bodies(...).finish`     SAMPLE, pinned inside        -        `rollout_programs`
   score           `sequences.score_rollout`, no grad       TRAIN, in/out shardings      -        `make_score_program`
+  reference       `sequences.response_logprobs`, no grad   TRAIN, in/out shardings      -        `make_reference_program`
   advantages      `advantages.get_estimator(...)`          host-local rows, one device  -        `make_advantage_program`
   token weights   `advantages.pgpo_token_weights`          unsharded (the inspector)    -        `make_token_weights_program`
   train step      `train_step.train_step_fn(loss)`         TRAIN, in/out shardings      state    `make_train_step`
 
-`trainer_programs(c, ...)` builds the trainer's score, advantage and update programs from its config
-and `training_rollout_static(c, ...)` names its rollout programs; the trainer runs them and
-`tools/compile_check.py` compiles them, so the check predicts what the trainer runs
-(`tests/test_programs.py` compares the two lowerings). The sampler (hence the trainer's rollouts and
+`trainer_programs(c, ...)` builds the trainer's score, π_ref (`loss.kl_coef > 0`), advantage and
+update programs from its config and `training_rollout_static(c, ...)` names its rollout programs; the
+trainer runs them and `tools/compile_check.py` compiles them, so the check predicts what the trainer
+runs (`tests/test_programs.py` compares the two lowerings). The sampler (hence the trainer's rollouts and
 the evaluator) takes its programs from `rollout_programs`, the inspector its score and weight programs
 from here. The model's own host convenience `qwen2_5_vl.forward` keeps its jit: the model package
 depends on nothing above it.
@@ -146,6 +147,39 @@ def make_score_program(
     )
 
   fn = _with_rules(score, mesh, rules)
+  if mesh is None:
+    return jax.jit(fn)
+  rows = rows_sharding(mesh, rules, num_rows)
+  return jax.jit(fn, in_shardings=(params_sharding, rows), out_shardings=rows)
+
+
+def make_reference_program(
+  graphdef,
+  *,
+  temperature: float,
+  chunk_size: int,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.TRAIN_RULES,
+  params_sharding: Any = None,
+  num_rows: int | None = None,
+) -> Callable:
+  """jit `logprobs(params, seq) -> log π_ref(x_t)`, float32 at `temperature`, no gradient: the KL
+  term's reference log-probs (`reference.py`) of one scoring slice. A SequenceBatch gives [P*G, L]
+  (`sequences.response_logprobs`); a PackedBatch (train.packing: the scoring pass's own packed
+  slice, its blind view unused) gives [U, M] (`packing.response_logprobs`; `packing.unpack` them).
+
+  With a mesh, as `make_score_program`: `params_sharding` is π_ref's layout (the policy's), `seq` has
+  `num_rows` leading rows laid out by `rows_sharding`, and the log-probs come back the same way.
+  """
+
+  def logprobs(params, seq) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    lib = packing if isinstance(seq, packing.PackedBatch) else sequences
+    return jax.lax.stop_gradient(
+      lib.response_logprobs(model, seq, chunk_size=chunk_size, temperature=temperature)
+    )
+
+  fn = _with_rules(logprobs, mesh, rules)
   if mesh is None:
     return jax.jit(fn)
   rows = rows_sharding(mesh, rules, num_rows)
@@ -337,30 +371,20 @@ def rl_loss_fn(c: ml_collections.ConfigDict):
   return loss_fn
 
 
-def make_logprob_program(graphdef, *, temperature: float, chunk_size: int) -> Callable:
-  """jit `logprobs(params, seq) -> [P*G, L]` float32 log p(x_t) of the sampled tokens at `temperature`,
-  without gradient (π_ref of the KL term, `reference.py`)."""
-
-  def logprobs(params, seq: sequences.SequenceBatch) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    return jax.lax.stop_gradient(
-      sequences.response_logprobs(model, seq, chunk_size=chunk_size, temperature=temperature)
-    )
-
-  return jax.jit(logprobs)
-
-
 def sft_loss_fn(c: ml_collections.ConfigDict):
   """Token-mean negative log-likelihood of target responses (the demo's supervised warm-up).
 
   The batch holds `seq` (rows seen with their images) and/or `seq_blind` (rows trained under the
   blind view, `sequences.blind_response_logprobs`: `warmup.blind_fraction`); `token_normalizer`
-  counts the target tokens of both. Metrics: `nll` over all target tokens, `nll_image` / `nll_blind`
-  over each part's (0 for a part the batch lacks).
+  counts the target tokens of both. With `seq_weight` / `seq_blind_weight` ([P, G, L] token weights,
+  `warmup.perception_weight`) the loss is the weighted sum over the normaliser (then the weights'
+  sum). Metrics, unweighted: `nll` over all target tokens, `nll_image` / `nll_blind` over each part's
+  (0 for a part the batch lacks), `nll_upweighted` over the tokens whose weight is not 1 (0: none).
   """
 
   def loss_fn(model, b):
-    sums, counts = {}, {}
+    sums, counts, weighted = {}, {}, jnp.float32(0.0)
+    up_sum, up_count = jnp.float32(0.0), jnp.float32(0.0)
     for key, view in (("seq", "image"), ("seq_blind", "blind")):
       if key not in b:
         sums[view], counts[view] = jnp.float32(0.0), jnp.float32(0.0)
@@ -369,14 +393,24 @@ def sft_loss_fn(c: ml_collections.ConfigDict):
       fn = sequences.response_logprobs if view == "image" else sequences.blind_response_logprobs
       logp = fn(model, seq, chunk_size=c.loss.logprob_chunk)
       m = seq.flat_response_mask
-      sums[view] = -jnp.sum(jnp.where(m, logp, 0.0))
+      nll = jnp.where(m, -logp, 0.0)
+      sums[view] = jnp.sum(nll)
       counts[view] = m.sum().astype(jnp.float32)
+      if key + "_weight" in b:
+        w = b[key + "_weight"].reshape(m.shape).astype(jnp.float32)
+        weighted = weighted + jnp.sum(w * nll)
+        up = m & (w != 1.0)
+        up_sum = up_sum + jnp.sum(jnp.where(up, nll, 0.0))
+        up_count = up_count + up.sum().astype(jnp.float32)
+      else:
+        weighted = weighted + sums[view]
     total = sums["image"] + sums["blind"]
-    loss = total / jnp.maximum(b["token_normalizer"], 1.0)
+    loss = weighted / jnp.maximum(b["token_normalizer"], 1e-6)
     return loss, {
       "nll": total / jnp.maximum(counts["image"] + counts["blind"], 1.0),
       "nll_image": sums["image"] / jnp.maximum(counts["image"], 1.0),
       "nll_blind": sums["blind"] / jnp.maximum(counts["blind"], 1.0),
+      "nll_upweighted": up_sum / jnp.maximum(up_count, 1.0),
     }
 
   return loss_fn
@@ -432,10 +466,13 @@ class TrainerPrograms:
   """The programs of one training run besides its rollouts (`training_rollout_static`).
 
   score:      (params, SequenceBatch of `score_rows` prompts) -> DependencyScores [score_rows*G, L]
+  reference:  (π_ref params, the same slice as score) -> log π_ref [score_rows*G, L]; None when
+              loss.kl_coef == 0 (no KL term: no program, no copy of the weights)
   advantages: (rewards_B, dependency_BxT, mask_BxT) -> (adv_BxT, diagnostics), host-local rows
   train_step: (TrainState, update batch of `update_rows` prompts) -> (TrainState, metrics); state donated
-  With train.packing, score and train_step take packed batches and `score_rows`/`update_rows` count
-  packing units (`packing_units`), the scores come back as [score_rows, M] (`packing.unpack` them).
+  With train.packing, score, reference and train_step take packed batches and `score_rows`/`update_rows`
+  count packing units (`packing_units`), the scores and log π_ref come back as [score_rows, M]
+  (`packing.unpack` them).
   """
 
   score: Callable
@@ -443,6 +480,7 @@ class TrainerPrograms:
   train_step: Callable
   score_rows: int
   update_rows: int
+  reference: Callable | None = None
 
 
 def trainer_programs(
@@ -482,6 +520,17 @@ def trainer_programs(
     params_sharding=state_sharding.params,
     num_rows=score_rows,
   )
+  reference = None
+  if c.loss.kl_coef:  # π_ref scores each scoring slice, packed as the score program gets it
+    reference = make_reference_program(
+      model_graphdef,
+      temperature=logprob_temperature(c),
+      chunk_size=c.loss.logprob_chunk,
+      mesh=mesh,
+      rules=rules,
+      params_sharding=state_sharding.params,
+      num_rows=score_rows,
+    )
   advantages = make_advantage_program(
     "pgpo" if p.enabled else "grpo", c.rollout.group_size, **estimator_options(c)
   )
@@ -499,4 +548,4 @@ def trainer_programs(
     mesh=mesh,
     rules=rules,
   )
-  return TrainerPrograms(score, advantages, step, score_rows, update_rows)
+  return TrainerPrograms(score, advantages, step, score_rows, update_rows, reference)

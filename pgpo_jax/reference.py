@@ -1,10 +1,13 @@
 """The frozen reference policy π_ref of the KL loss term (`loss.kl_coef > 0`, verl's "ref" worker).
 
 π_ref is a copy of the policy's weights at the start of RL, on the policy's own parameter shardings
-and in its dtype, never updated. `logprobs(seq)` gives log π_ref(x_t) of the sampled
-tokens at the rollout temperature (the same tempered log-softmax as the old log-probs and the loss);
-the trainer calls it on each slice of its scoring pass and hands the result to
-`losses.policy_loss(ref_logp_BxT=..., kl_coef=..., kl_estimator=...)`.
+and in its dtype, never updated. `logprobs(seq)` runs the trainer's π_ref program
+(`programs.make_reference_program`, built by `programs.trainer_programs` with the score program's
+shardings and rows, and compiled by `compile_check` as its "reference" step) on one scoring slice:
+log π_ref(x_t) of the sampled tokens at the rollout temperature (the same tempered log-softmax as the
+old log-probs and the loss). The trainer hands it the very slice the score program gets: the padded
+SequenceBatch, or with `train.packing` the packed one (`packed_passes.score(reference=...)`); the
+result goes to `losses.policy_loss(ref_logp_BxT=..., kl_coef=..., kl_estimator=...)`.
 
 Which weights: the initial ones (`model.init_from`, or the seeded random init), which every start of
 the trainer rebuilds. A supervised warm-up (`warmup.sft_steps > 0`, the demo) moves the weights before
@@ -16,15 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 from flax import nnx
 
 from pgpo_jax import checkpoint as ckpt_lib
-from pgpo_jax import programs
-from pgpo_jax.rl import sequences
 
 log = logging.getLogger("pgpo_jax.reference")
 
@@ -32,16 +33,12 @@ DIRNAME = "reference"  # WORKDIR/reference: π_ref after a warm-up
 
 
 class ReferencePolicy:
-  """A frozen copy of some parameters and the jitted log-prob program over them."""
+  """A frozen copy of some parameters and the jitted π_ref program that runs on them."""
 
-  def __init__(
-    self, graphdef, params: nnx.State, shardings: Any, *, temperature: float, chunk_size: int
-  ):
+  def __init__(self, params: nnx.State, shardings: Any, program: Callable):
     self._shardings = shardings
     self.params = self._copy(params)
-    self._program = programs.make_logprob_program(
-      graphdef, temperature=float(temperature), chunk_size=int(chunk_size)
-    )
+    self.program = program  # (params, slice) -> log π_ref: `programs.make_reference_program`
 
   def _copy(self, params: nnx.State) -> nnx.State:
     # A real copy: the policy's buffers are donated to (and freed by) every optimizer step.
@@ -51,9 +48,10 @@ class ReferencePolicy:
     """π_ref := a copy of `params` (e.g. the weights after the warm-up)."""
     self.params = self._copy(params)
 
-  def logprobs(self, seq: sequences.SequenceBatch) -> jax.Array:
-    """log π_ref(x_t) [P*G, L] of a SequenceBatch already placed on the devices."""
-    return self._program(self.params, seq)
+  def logprobs(self, seq: Any) -> jax.Array:
+    """log π_ref(x_t) of a scoring slice already placed on the devices: [P*G, L] of a SequenceBatch,
+    [U, M] of a PackedBatch."""
+    return self.program(self.params, seq)
 
   def save(self, path: str) -> None:
     ckpt_lib.save_params(path, self.params)
@@ -63,17 +61,20 @@ class ReferencePolicy:
 
 
 def build(
-  c: ml_collections.ConfigDict, graphdef, params: nnx.State, shardings: Any, *, temperature: float
+  c: ml_collections.ConfigDict, program: Callable | None, params: nnx.State, shardings: Any
 ) -> ReferencePolicy | None:
-  """π_ref as a copy of `params` (the initial weights) when `loss.kl_coef > 0`; else None."""
+  """π_ref as a copy of `params` (the initial weights) on `shardings`, run by `program` (the
+  trainer's `programs.trainer_programs(c).reference`), when `loss.kl_coef > 0`; else None."""
   if not c.loss.kl_coef:
     return None
+  if program is None:
+    raise ValueError(
+      "loss.kl_coef > 0 needs the π_ref program (programs.trainer_programs(c).reference)"
+    )
   log.info(
     "KL to a frozen reference policy: kl_coef %g, estimator %s", c.loss.kl_coef, c.loss.kl_estimator
   )
-  return ReferencePolicy(
-    graphdef, params, shardings, temperature=temperature, chunk_size=c.loss.logprob_chunk
-  )
+  return ReferencePolicy(params, shardings, program)
 
 
 def start_rl(

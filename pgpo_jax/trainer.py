@@ -62,7 +62,7 @@ from pgpo_jax.data.pipeline import make_prompt_iterator
 from pgpo_jax.data.prompts import PromptBatch, PromptFormat
 from pgpo_jax.groups import Group, split_prompt_batch  # noqa: F401  (re-exported: the tests build groups)
 from pgpo_jax.models import qwen2_5_vl as qwen
-from pgpo_jax.programs import logprob_temperature, make_optimizer
+from pgpo_jax.programs import make_optimizer
 from pgpo_jax.rl import packed_passes, sequences
 from pgpo_jax.train_setup import build_model, ensure_demo_data  # noqa: F401  (re-exported)
 from pgpo_jax.workdir_lock import WorkdirBusy, WorkdirLock
@@ -299,13 +299,10 @@ class Trainer:
     self.advantage_fn = self.programs.advantages
     # train.packing: this host's packing units per scoring slice and per update batch.
     self.packing_units = programs.packing_units(c, self.mesh, n)
-    # π_ref for the KL term: a copy of the initial weights, or None (and no memory) when kl_coef == 0.
+    # π_ref for the KL term: a copy of the initial weights run by the π_ref program, or None (and no
+    # memory) when kl_coef == 0.
     self.reference = reference_lib.build(
-      c,
-      self.model_graphdef,
-      self.state.params,
-      self.train_shardings,
-      temperature=logprob_temperature(c),
+      c, self.programs.reference, self.state.params, self.train_shardings
     )
     self.key = jax.random.key(c.seed)
     self.step = 0
@@ -542,9 +539,10 @@ class Trainer:
     # batch needs hundreds of GiB of activations per device at 7B (compile_check).
     sp = self.scoring_local
     scored = min(P, -(-used // sp) * sp)  # whole scoring slices up to the last used row
-    ref_parts = []
+    # π_ref (KL term) scores every scoring slice as the score program gets it, padded or packed.
+    ref = self.reference
     if c.train.packing:  # padding-free rows, one packing unit per batch shard (rl/packed_passes.py)
-      scores = packed_passes.score(
+      scores, ref_logp = packed_passes.score(
         self.score_fn,
         self.state.params,
         jax.tree.map(lambda x: x[:scored], seq),
@@ -556,28 +554,21 @@ class Trainer:
         get=self._get_rows,
         agree=self._extent,
         blind=c.pgpo.enabled,
+        reference=None if ref is None else ref.logprobs,
       )
       scores = type(scores)(*[_pad_rows(x, P * self.G) for x in scores])
     else:
-      parts = []
+      parts, ref_parts = [], []
       for s0 in range(0, used, sp):
-        parts.append(
-          self.score_fn(
-            self.state.params, self._put_batch(jax.tree.map(lambda x: x[s0 : s0 + sp], seq))
-          )
-        )
+        sub = self._put_batch(jax.tree.map(lambda x: x[s0 : s0 + sp], seq))
+        parts.append(self.score_fn(self.state.params, sub))
+        if ref is not None:
+          ref_parts.append(ref.logprobs(sub))
       parts = [self._get_rows(x) for x in parts]
       scores = type(parts[0])(*[_pad_rows(np.concatenate(x), P * self.G) for x in zip(*parts)])
-    if (
-      self.reference is not None
-    ):  # π_ref on the padded rows (packed or not, the update packs them alike)
-      for s0 in range(0, used, sp):
-        ref_parts.append(
-          self.reference.logprobs(self._put_batch(jax.tree.map(lambda x: x[s0 : s0 + sp], seq)))
-        )
-      ref_logp = _pad_rows(
-        np.concatenate([self._get_rows(x) for x in ref_parts]), P * self.G
-      ).reshape(P, self.G, L)
+      ref_logp = np.concatenate([self._get_rows(x) for x in ref_parts]) if ref_parts else None
+    if ref is not None:
+      ref_logp = _pad_rows(ref_logp, P * self.G).reshape(P, self.G, L)
     times["scoring"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     mask = seq.flat_response_mask
@@ -671,7 +662,9 @@ class Trainer:
     )
     self.state = dataclasses.replace(self.state, params=params)
 
-  def _sft_batch(self, groups: list[Group]):
+  def _sft_batch(self, groups: list[Group], weight: np.ndarray | None = None):
+    """The warm-up's device batch; `weight` [n, 1, L] token weights make the token normaliser their
+    sum over hosts (a weighted mean NLL)."""
     seq, _ = collate_groups(
       groups,
       self.cfg,
@@ -679,7 +672,12 @@ class Trainer:
       self.cfg.pad_token_id,
       extent=self._extent(*group_extent(groups)),
     )
-    return self._put_batch({"seq": seq, **_normalizers(seq.response_mask)})
+    batch = {"seq": seq, **_normalizers(seq.response_mask)}
+    if weight is not None:
+      weight = np.where(np.asarray(seq.response_mask), weight, np.float32(0.0)).astype(np.float32)
+      batch["weight"] = weight
+      batch["token_normalizer"] = np.float32(multihost.sum_over_hosts(weight.sum(dtype=np.float64)))
+    return self._put_batch(batch)
 
   def evaluate(self) -> dict[str, float]:
     return train_eval.evaluate(

@@ -88,6 +88,7 @@ NO_VALUE_RULE = {
   "logging.wandb_project",
   "warmup.target_key",  # a column name, checked against the file when read (warmup.py)
   "warmup.cache_dir",  # a folder
+  "warmup.labels_key",  # a column name, checked against the file when read (warmup.py)
 }
 
 

@@ -1,9 +1,9 @@
 """The compile check predicts the trainer: it lowers the trainer's programs with the trainer's shardings.
 
-A tiny training step runs on an 8-device CPU mesh (data=2, fsdp=2, tensor=2) with every program call
-recorded (arguments as shape / dtype / sharding); `compile_check.Context` is built for the same config
-on the same devices. For each program the compile check compiles (rollout start, rollout decode, score,
-train step) the test asserts that
+A tiny training step with a KL term runs on an 8-device CPU mesh (data=2, fsdp=2, tensor=2) with every
+program call recorded (arguments as shape / dtype / sharding); `compile_check.Context` is built for the
+same config on the same devices. For each program the compile check compiles (rollout start, rollout
+decode, score, π_ref, train step) the test asserts that
 - the compile check's abstract arguments, at the trainer's bucket shapes, have the trainer's tree
   structure, shapes, dtypes and shardings;
 - lowering the compile check's program on them gives the same StableHLO text as lowering the trainer's
@@ -36,6 +36,7 @@ c.updates.prompts_per_update, c.updates.micro_batch_prompts = 4, 4
 c.warmup.sft_steps, c.train.num_steps, c.train.eval_every = 0, 1, 0
 c.data.max_pixels = 112 * 112
 c.dynamic_sampling.enabled = False  # a full batch whatever the rewards
+c.loss.kl_coef = 1e-2  # the π_ref program runs too
 
 def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
@@ -59,6 +60,7 @@ programs.rollout_programs = spy_rollout_programs
 t = trainer.Trainer(c, {workdir!r})
 t.score_fn = spy("score", t.score_fn)
 t.train_step = spy("train", t.train_step)
+t.reference.program = spy("reference", t.reference.program)
 with sharding.use_rules(t.mesh, sharding.TRAIN_RULES):  # as Trainer.run
   t.train_one_step()
 programs.rollout_programs = real_rollout_programs
@@ -82,6 +84,8 @@ rollout_steps = cc.rollout_steps(ctx, shape(B, T, start_args[1].vision.pixel_val
 steps = {{"rollout_start": rollout_steps[0], "rollout_decode": rollout_steps[1],
          "score": cc.score_step(ctx, shape(seq_s.prompt_ids.shape[0], seq_s.prompt_ids.shape[1],
                                            seq_s.vision.pixel_values.shape[1])),
+         "reference": cc.reference_step(ctx, shape(seq_s.prompt_ids.shape[0], seq_s.prompt_ids.shape[1],
+                                                   seq_s.vision.pixel_values.shape[1])),
          "train": cc.train_step_step(ctx, shape(seq_t.prompt_ids.shape[0], seq_t.prompt_ids.shape[1],
                                                 seq_t.vision.pixel_values.shape[1]))}}
 
@@ -123,9 +127,69 @@ def test_compile_check_lowers_the_trainers_programs(data_dir, tmp_path):
   for key, (check, trainer_value) in out["config_shapes"].items():
     assert check == trainer_value, (key, check, trainer_value)
   assert all(out["bounds"]), out["bounds"]
-  for name in ("rollout_start", "rollout_decode", "score", "train"):
+  for name in ("rollout_start", "rollout_decode", "score", "reference", "train"):
     r = out[name]
     assert r["tree"] and r["leaves"] and not r["mismatch"], (name, r)
     assert r["hlo"], f"{name}: the compile check lowers another program than the trainer runs"
     assert r["sharded_io"], name
   assert out["rollout_decode"]["donated"] and out["train"]["donated"]
+
+
+_REFERENCE = """
+import json
+import jax
+import numpy as np
+from flax import nnx
+from pgpo_jax import programs
+from pgpo_jax import sharding as sh
+from pgpo_jax.models import qwen2_5_vl as qwen
+from pgpo_jax.rl import packing, sequences
+from tests.hf_utils import left_pad, make_ids, random_pixels
+
+cfg = qwen.tiny_config()
+model = qwen.init_model(cfg, seed=3)
+rng = np.random.default_rng(0)
+grids = [(1, 4, 8), (1, 8, 4), (1, 4, 4), (1, 8, 8)]
+ids, am = left_pad([make_ids(rng, [g], pre=3 + i) for i, g in enumerate(grids)])
+P, G, L = len(grids), 2, 6
+response = rng.integers(10, 400, (P * G, L)).astype(np.int32)
+rmask = np.arange(L)[None] < rng.integers(1, L + 1, (P * G, 1))
+batch = sequences.make_sequence_batch(cfg, ids, am, random_pixels(rng, grids), np.asarray(grids),
+                                      response, rmask)
+m = np.asarray(batch.flat_response_mask)
+graphdef, state = nnx.split(model)
+kw = dict(temperature=0.7, chunk_size=4)
+want = np.asarray(programs.make_reference_program(graphdef, **kw)(state, batch))  # one device
+
+mesh = sh.make_mesh(data=1, fsdp=4, tensor=2)
+rules = sh.TRAIN_RULES
+params_sh = sh.param_shardings(state, mesh, rules)
+sstate = jax.device_put(state, params_sh)
+rows = programs.rows_sharding(mesh, rules, P)
+prog = programs.make_reference_program(graphdef, mesh=mesh, rules=rules, params_sharding=params_sh,
+                                       num_rows=P, **kw)
+got = prog(sstate, jax.device_put(batch, rows))
+# train.packing: one packing unit per batch shard (4 = fsdp), as the trainer packs a scoring slice.
+host = jax.tree.map(np.asarray, batch)
+pb, slot = packing.pack_sequences(host, cfg.image_token_id, 4, ids.shape[1] + L)
+got_packed = prog(sstate, jax.device_put(pb, rows))
+print(json.dumps(dict(
+  spread=float(np.ptp(want[m])),
+  padded=float(np.abs(np.asarray(got) - want)[m].max()),
+  packed=float(np.abs(packing.unpack(got_packed, slot) - want)[m].max()),
+  spec=str(tuple(got.sharding.spec)),
+  packed_spec=str(tuple(got_packed.sharding.spec)),
+  weight_spec=str(tuple(sstate["language_model"]["layers"]["wq"][...].sharding.spec)),
+)))
+"""
+
+
+def test_reference_program_on_a_mesh_equals_one_device():
+  """π_ref's program on an fsdp=4 x tensor=2 mesh (TRAIN layout of its weights, the slice's rows over
+  `batch`), on the padded slice and on its packing (one unit per batch shard), gives the one-device
+  padded log π_ref, and returns it laid out like its rows."""
+  out = run_on_8_devices(_REFERENCE, timeout=1800)
+  assert out["spread"] > 1e-3, out  # the numbers differ from token to token: the check can fail
+  assert out["padded"] < 1e-5 and out["packed"] < 1e-5, out
+  assert out["spec"] == out["packed_spec"] == "('fsdp',)", out  # rows over `batch` (data=1)
+  assert out["weight_spec"] == "(None, 'fsdp', 'tensor')", out

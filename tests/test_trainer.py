@@ -115,8 +115,28 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_
     assert f"moved to {workdir}/checkpoints/2.damaged" in caplog.text, item
 
 
+def _spy_reference(t: trainer.Trainer):
+  """Records the batch type π_ref's program gets and, per update batch, the sorted valid log π_ref."""
+  seen, refs = [], []
+  program, step = t.reference.program, t.train_step
+
+  def reference(params, seq):
+    seen.append(type(seq).__name__)
+    return program(params, seq)
+
+  def train_step(state, batch):
+    ref = np.asarray(batch["ref_logp"])
+    mask = np.asarray(batch["packed"].mask if "packed" in batch else batch["seq"].response_mask)
+    refs.append(np.sort(ref[mask.reshape(ref.shape)]))
+    return step(state, batch)
+
+  t.reference.program, t.train_step = reference, train_step
+  return seen, refs
+
+
 def test_packed_iteration_equals_padded(data_dir, tmp_path):
-  """train.packing=True: the same step (rollout, scores, advantages, updates) on padding-free rows."""
+  """train.packing=True: the same step (rollout, scores, π_ref of the KL term, advantages, updates)
+  on padding-free rows; π_ref's program scores the packed slices, as the score program does."""
   import jax
 
   out = {}
@@ -125,12 +145,24 @@ def test_packed_iteration_equals_padded(data_dir, tmp_path):
     c.train.packing = packed
     c.train.packed_row_length = c.data.max_prompt_length + c.rollout.max_new_tokens
     c.logging.tensorboard = False
+    c.loss.kl_coef = 0.05
+    c.dynamic_sampling.enabled = False  # all 4 groups kept: 2 update batches
     t = trainer.Trainer(c, str(tmp_path / f"packed{packed}"))
+    seen, refs = _spy_reference(t)
     m = t.train_one_step()
     t.checkpointer.close()
     out[packed] = (m, jax.tree.map(np.asarray, t.state.params))
+    assert seen and set(seen) == {"PackedBatch" if packed else "SequenceBatch"}, seen
+    out[packed, "ref"] = refs
+  # The same log π_ref reaches every update batch (token order aside: packing reorders them).
+  assert len(out[True, "ref"]) == len(out[False, "ref"]) == 2
+  for a, b in zip(out[True, "ref"], out[False, "ref"]):
+    assert a.shape == b.shape and a.size > 0
+    np.testing.assert_allclose(a, b, atol=1e-5)
   (m0, p0), (m1, p1) = out[False], out[True]
+  assert m0["train/kl"] > 0  # the second update's policy has moved off π_ref
   for k in (
+    "train/kl",
     "reward/overall",
     "dependency/mean",
     "dependency/max",

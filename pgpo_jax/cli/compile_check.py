@@ -34,7 +34,10 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     "topology", "v5p-64", "v5p-64 | v5e-256 | v4-128 | v6e-16 | raw 'v5e:2x2'.", flag_values=fv
   )
   flags.DEFINE_list(
-    "steps", "rollout_start,rollout_decode,score,train", "Steps to compile.", flag_values=fv
+    "steps",
+    "rollout_start,rollout_decode,score,reference,train",
+    "Steps to compile (reference: π_ref's program, only with loss.kl_coef > 0).",
+    flag_values=fv,
   )
   flags.DEFINE_integer(
     "score_prompts",

@@ -4,7 +4,7 @@ The trainer builds its padded `SequenceBatch` as always; these functions turn it
 `PackedBatch`es (sizes agreed over hosts), run the device programs, and hand back per-sequence
 results in the padded [P*G, L] layout, so advantages, metrics and checkpoints do not change.
 
-    scores = score(score_fn, params, seq, ...)                       # DependencyScores, [P*G, L] numpy
+    scores, ref_logp = score(score_fn, params, seq, ..., reference=...)  # [P*G, L] numpy
     batch = update_batch(padded_batch, ...)                          # the train step's packed batch
     loss, metrics = policy_loss(model, batch, loss_cfg)              # inside the train step
 """
@@ -57,25 +57,34 @@ def score(
   get: Callable[[Any], Any],
   agree: Callable[..., tuple[int, ...]],
   blind: bool = True,
-) -> scoring.DependencyScores:
+  reference: Callable[[Any], Any] | None = None,
+) -> tuple[scoring.DependencyScores, np.ndarray | None]:
   """Two-view scores of a host-local padded batch, computed on packed rows in slices of
-  `slice_prompts` prompts; returns [P*G, L] numpy arrays (zero where `response_mask` is False).
+  `slice_prompts` prompts; returns them as [P*G, L] numpy arrays (zero where `response_mask` is
+  False), with log π_ref [P*G, L] in the same layout when `reference` is given (else None).
 
   `score_fn(params, packed_batch)` is the jitted scoring program (`programs.make_score_program`,
-  built with the same `blind`);
-  `put`/`get` move row-aligned trees to global arrays and back; `agree` takes the maximum of some
-  ints over hosts. `blind=False` packs and scores the image view only (GRPO/DAPO).
+  built with the same `blind`); `reference(packed_batch) -> [U, M]` runs π_ref's program
+  (`reference.ReferencePolicy.logprobs`) on the same placed slice, so π_ref sees exactly the packing
+  the scores do. `put`/`get` move row-aligned trees to global arrays and back; `agree` takes the
+  maximum of some ints over hosts. `blind=False` packs and scores the image view only (GRPO/DAPO).
   """
   P = seq.prompt_ids.shape[0]
   units = _units(slice_prompts, units, "pgpo.scoring_prompts")
-  parts = []
+  parts, ref_parts = [], []
   for s0 in range(0, P, slice_prompts):
     sub = jax.tree.map(lambda x: np.asarray(x)[s0 : s0 + slice_prompts], seq)
     sizes = _sizes(sub, image_token_id, units, row_len, blind, agree)
     pb, slot = packing.pack_sequences(sub, image_token_id, units, row_len, sizes=sizes, blind=blind)
-    out = get(score_fn(params, put(pb)))
+    pb = put(pb)
+    out = score_fn(params, pb)
+    ref = reference(pb) if reference is not None else None  # dispatched before the first read
+    out = get(out)
     parts.append(type(out)(*[packing.unpack(x, slot) for x in out]))
-  return type(parts[0])(*[np.concatenate(x) for x in zip(*parts)])
+    if ref is not None:
+      ref_parts.append(packing.unpack(get(ref), slot))
+  scores = type(parts[0])(*[np.concatenate(x) for x in zip(*parts)])
+  return scores, (np.concatenate(ref_parts) if reference is not None else None)
 
 
 def update_batch(

@@ -15,8 +15,11 @@ with the trainer's shardings and compiled:
                   in `rollout.dtype`
   rollout_decode  rollout `decode`: the while loop over the      SAMPLE_RULES  train state
                   samples (state donated)
-  score           `score`: image + blind views of one scoring    TRAIN_RULES   AdamW moments
+  score           `score`: image + blind views of one scoring    TRAIN_RULES   AdamW moments (+ π_ref)
                   slice (`pgpo.scoring_prompts`), no grad
+  reference       `reference` (`loss.kl_coef > 0` only): log     TRAIN_RULES   train state
+                  π_ref of the same slice (packed as score's
+                  with `train.packing`), no grad
   train           `train_step`: one optimizer update (state      TRAIN_RULES   -
                   donated)
 
@@ -452,17 +455,21 @@ def minimum_seconds(
 
 def calls_per_rl_step(c: ml_collections.ConfigDict, s: Shapes) -> dict[str, int]:
   """How often the trainer runs each program in one RL step: one rollout (start + decode) of the
-  whole batch, scoring in slices of `s.score_prompts` up to the last prompt an update reads, and
-  prompts_per_step // prompts_per_update x passes optimizer updates (`Trainer`)."""
+  whole batch, scoring in slices of `s.score_prompts` up to the last prompt an update reads (π_ref
+  on each of them with a KL term), and prompts_per_step // prompts_per_update x passes optimizer
+  updates (`Trainer`); the steps of `config_steps(c)`."""
   u = c.updates
   updates = int(c.rollout.prompts_per_step) // int(u.prompts_per_update)
   used = updates * int(u.prompts_per_update)
-  return {
+  slices = -(-used // s.score_prompts)
+  calls = {
     "rollout_start": 1,
     "rollout_decode": 1,
-    "score": -(-used // s.score_prompts),
+    "score": slices,
+    "reference": slices,
     "train": updates * int(u.passes),
   }
+  return {st: calls[st] for st in config_steps(c)}
 
 
 def rl_step_seconds(reports: Sequence["StepReport"]) -> tuple[float, float]:
@@ -794,16 +801,21 @@ def packed_batch(ctx: Context, prompts: int, units: int, s: Shapes, blind: bool)
   return packing.abstract_batch(ctx.cfg, units, prompts // units, sizes, row, s.patches, leaf)
 
 
+def scoring_slice(ctx: Context, s: Shapes):
+  """The abstract scoring slice of `s.score_prompts` prompts the trainer hands the score and π_ref
+  programs: a SequenceBatch, or with train.packing one PackedBatch (one unit per batch shard, the
+  blind view with PGPO)."""
+  if ctx.c.train.packing:
+    units = programs.packing_units(ctx.c, ctx.mesh)[0]
+    return packed_batch(ctx, s.score_prompts, units, s, blind=ctx.c.pgpo.enabled)
+  return sequence_batch(ctx.cfg, s.score_prompts, s, ctx.mesh, sharding.TRAIN_RULES)
+
+
 def score_step(ctx: Context, shapes: Shapes | None = None) -> Step:
   """The trainer's scoring program on one abstract slice of `shapes.score_prompts` prompts (with
   train.packing: packed into one unit per batch shard, as the trainer)."""
-  cfg, s, mesh = ctx.cfg, shapes or ctx.shapes, ctx.mesh
-  rules = sharding.TRAIN_RULES
-  seq = sequence_batch(cfg, s.score_prompts, s, mesh, rules)
-  if ctx.c.train.packing:
-    seq = packed_batch(
-      ctx, s.score_prompts, programs.packing_units(ctx.c, mesh)[0], s, blind=ctx.c.pgpo.enabled
-    )
+  cfg, s = ctx.cfg, shapes or ctx.shapes
+  seq = scoring_slice(ctx, s)
   fn = ctx.programs.score
   rows, T = s.score_prompts * s.group_size, s.prompt_len + s.response_len
   views = 2 if ctx.c.pgpo.enabled else 1  # image view (+ blind view, worst case as long)
@@ -826,6 +838,28 @@ def score_step(ctx: Context, shapes: Shapes | None = None) -> Step:
     note=f"{rows} sequences x T={T}, {views} view(s)",
     min_flops=min_flops,
     min_bytes=ctx.param_bytes,  # the weights, read once
+  )
+
+
+def reference_step(ctx: Context, shapes: Shapes | None = None) -> Step:
+  """The trainer's π_ref program (`loss.kl_coef > 0`) on the abstract scoring slice the score
+  program gets (packed alike with train.packing): π_ref's weights (the policy's layout) are its
+  argument, the whole train state stays resident."""
+  if ctx.programs.reference is None:
+    raise ValueError("no π_ref program: loss.kl_coef is 0")
+  cfg, s = ctx.cfg, shapes or ctx.shapes
+  rows, T, L = s.score_prompts * s.group_size, s.prompt_len + s.response_len, s.response_len
+  images = dict(images=s.score_prompts, patches=s.patches)
+  return Step(
+    "reference",
+    "train",
+    ctx.programs.reference,
+    (ctx.train_params, scoring_slice(ctx, s)),
+    ctx.state_bytes,
+    text_flops(cfg, rows * T, T, rows * L) + vision_flops(cfg, s.score_prompts, s.patches),
+    note=f"{rows} sequences x T={T}, the image view",
+    min_flops=model_flops(cfg, tokens=rows * T, logits_tokens=rows * L, **images),
+    min_bytes=ctx.param_bytes,  # π_ref's weights, read once
   )
 
 
@@ -874,7 +908,13 @@ def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
   )
 
 
-ALL_STEPS = ("rollout_start", "rollout_decode", "score", "train")
+ALL_STEPS = ("rollout_start", "rollout_decode", "score", "reference", "train")
+
+
+def config_steps(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The steps the trainer of config `c` runs: `ALL_STEPS`, without "reference" when
+  loss.kl_coef == 0 (no KL term: no π_ref program)."""
+  return tuple(st for st in ALL_STEPS if st != "reference" or c.loss.kl_coef)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -951,12 +991,15 @@ def compile_step(step: Step, ctx: Context) -> StepReport:
 
 
 def build_steps(ctx: Context, steps: Sequence[str]) -> list[Step]:
-  """The named programs on their abstract arguments, in `ALL_STEPS` order."""
+  """The named programs on their abstract arguments, in `ALL_STEPS` order ("reference" only where
+  the config has a π_ref program: `config_steps`)."""
   built: list[Step] = []
   if any(s.startswith("rollout") for s in steps):
     built += [st for st in rollout_steps(ctx) if st.name in steps]
   if "score" in steps:
     built.append(score_step(ctx))
+  if "reference" in steps and "reference" in config_steps(ctx.c):
+    built.append(reference_step(ctx))
   if "train" in steps:
     built.append(train_step_step(ctx))
   return built
@@ -1041,6 +1084,8 @@ def run(
     raise ValueError(f"unknown steps {unknown}; valid: {list(ALL_STEPS)}")
   topo = parse_topology(topology)
   ctx = Context(c, topology_devices(topo), topo=topo, score_prompts=score_prompts)
+  if "reference" in steps and "reference" not in config_steps(c):
+    log("reference: not compiled, loss.kl_coef = 0 (no KL term, no π_ref program)")
   reports = []
   for st in build_steps(ctx, steps):
     log(f"compiling {st.name} ({st.note}) ...")
@@ -1061,11 +1106,12 @@ def _timing(r: StepReport) -> str:
   return f"{r.min_seconds:7.2f}{r.ratio:5.2f}x{r.calls:6d}"
 
 
-def rl_step_line(reports: Sequence[StepReport]) -> str:
-  """The whole RL step: every program x its runs per step, at t@peak and at the minimum."""
+def rl_step_line(reports: Sequence[StepReport], expected: Sequence[str] = ALL_STEPS) -> str:
+  """The whole RL step: every program x its runs per step, at t@peak and at the minimum; names the
+  `expected` steps (the config's: `config_steps`) that were not compiled."""
   est, low = rl_step_seconds(reports)
   parts = " + ".join(f"{r.calls} x {r.seconds_at_peak:.2f} {r.name}" for r in reports)
-  missing = [s for s in ALL_STEPS if s not in {r.name for r in reports}]
+  missing = [s for s in expected if s not in {r.name for r in reports}]
   line = (
     f"RL step at peak: {parts} = {est:.1f} s; minimum {low:.1f} s "
     f"({est / low if low else float('nan'):.2f}x)"
@@ -1125,7 +1171,7 @@ def format_report(ctx: Context, reports: Sequence[StepReport]) -> str:
     "bodies counted once. min s: the physical minimum (model FLOPs, 2·N·tokens per forward and "
     "6·N·tokens per update, at the bf16 peak; or the HBM bytes that must move, at bandwidth); x min: "
     "t@peak / min s; /step: runs per RL step.",
-    rl_step_line(reports),
+    rl_step_line(reports, config_steps(ctx.c)),
   ]
   if ctx.fallbacks:
     lines.append("TRAIN_RULES fallbacks (dims the mesh axis does not divide, replicated instead):")
@@ -1150,6 +1196,8 @@ KNOBS: dict[str, str] = {
   "rollout.prompts_per_step or rollout.max_new_tokens",
   "score": "pgpo.scoring_prompts (prompts per scoring call; 0 = updates.micro_batch_prompts) "
   "or model.attention_chunk_size",
+  "reference": "pgpo.scoring_prompts (π_ref scores each scoring slice), loss.logprob_chunk or "
+  "model.attention_chunk_size",
   "train": "updates.micro_batch_prompts (prompts per micro-batch), model.remat_policy or "
   "model.attention_chunk_size",
 }

@@ -92,6 +92,111 @@ def test_splash_segments_and_gradients_match_dense_xla():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=5e-5)
 
 
+def _bf16_qkv(B, T, N, G, K, sd, seed):
+  r = np.random.default_rng(seed)
+  f = lambda sd, *s: jnp.asarray(sd * r.standard_normal(s), jnp.bfloat16)
+  return f(sd, B, T, N, G, K), f(sd, B, T, N, K), f(1.0, B, T, N, K)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_splash_operands_give_the_xla_paths_float32_scores(dtype):
+  """The kernel takes no scale; its logits are q'·k' accumulated in float32. They equal the xla
+  path's (q·k)·scale to float32 rounding, at K = 128 (scale 128^-0.5 is not a power of two). The
+  old operands, q·scale rounded to bfloat16, were off by ~1e-3 of the largest score."""
+  B, T, N, G, K = 1, 32, 2, 2, 128
+  q, k, _ = _bf16_qkv(B, T, N, G, K, 3.0, seed=6)
+  q, k = q.astype(dtype), k.astype(dtype)
+  scale = K**-0.5
+  q_op, k_op = layers.splash_operands(q, k, scale)
+  assert q_op.dtype == dtype and k_op.dtype == dtype
+  assert q_op.shape[-1] == k_op.shape[-1] == (K if dtype == jnp.float32 else 2 * K)
+  scores = lambda a, b: jnp.einsum("btngq,bsnq->bngts", a, b, preferred_element_type=jnp.float32)
+  ref = np.asarray(scores(q, k)) * scale
+  got = np.asarray(scores(q_op, k_op))
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_splash_in_bfloat16_has_no_rounding_the_xla_path_lacks():
+  """bfloat16 q/k/v, K = 128, scores of standard deviation ~9 (peaked rows). Splash rounded
+  q·scale to bfloat16 before its kernel, a rounding the xla path (float32 scores times the scale)
+  does not have: mean |splash - xla| was 2.0e-3, and splash twice as far as xla from the exact
+  attention of the same inputs. Now it is 7e-4 (what is left: xla rounds the probabilities to
+  bfloat16 before P·V, splash does not; both round the output) and splash is no further from
+  exact than xla. Gradients: the kernel's backward pass rounds dS to bfloat16 (the xla path's stays float32),
+  so they are compared loosely, enough to catch a misplaced scale or a doubled term."""
+  B, T, N, G, K = 1, 128, 1, 2, 128
+  q, k, v = _bf16_qkv(B, T, N, G, K, 3.0, seed=0)
+  seg = jnp.ones((B, T), jnp.int32)
+  mask = jnp.tril(jnp.ones((T, T), bool))[None]
+  kw = dict(mask_BxTxS=mask, scale=K**-0.5, chunk=0, causal=True, q_seg_BxT=seg, kv_seg_BxS=seg)
+  attend = lambda impl: functools.partial(layers.chunked_attention, impl=impl, interpret=True, **kw)
+  w = jnp.asarray(np.random.default_rng(7).standard_normal((B, T, N, G, K)), jnp.bfloat16)
+  (xla, g_xla), (spl, g_spl), (exact, g_exact) = [
+    (lambda o, vjp: (o, vjp(w.astype(o.dtype))))(*jax.vjp(attend(impl), *args))
+    for impl, args in (
+      ("xla", (q, k, v)),
+      ("splash", (q, k, v)),
+      ("xla", tuple(a.astype(jnp.float32) for a in (q, k, v))),
+    )
+  ]
+  f32 = lambda a: np.asarray(a.astype(jnp.float32))
+  err = lambda a, b: float(np.abs(f32(a) - f32(b)).mean())
+  assert spl.dtype == jnp.bfloat16
+  assert err(spl, xla) < 1e-3, err(spl, xla)
+  assert err(spl, exact) <= err(xla, exact), (err(spl, exact), err(xla, exact))
+  for name, a, b, ref in zip("qkv", g_spl, g_xla, g_exact):
+    assert err(a, b) < 2e-2 * np.abs(f32(ref)).mean(), name
+
+
+def test_packed_rows_through_splash_match_xla_and_each_sequence_alone(monkeypatch):
+  """train.packing + splash: three sequences packed back to back into one row (segment ids 1, 2, 3,
+  empty slots 0 at the end, each sequence's positions from 0), through the decoder. The splash
+  path (interpret mode) gives the xla path's hidden states, and each sequence's equal those of the
+  sequence run alone (unpacked, xla). The row without segment ids differs: the check can fail."""
+  kernel, calls = layers.splash_attention, []
+
+  def interpreted(*a, **kw):
+    calls.append(kw["causal"])
+    return kernel(*a, **{**kw, "interpret": True})
+
+  monkeypatch.setattr(layers, "splash_attention", interpreted)
+  cfg = qwen.tiny_config()
+  model = qwen.init_model(cfg, "float32", seed=0)
+  lengths, T = (37, 50, 29), 128
+  seg_np = np.zeros((1, T), np.int32)
+  pos_np = np.zeros((1, T), np.int32)
+  starts = np.cumsum((0,) + lengths)
+  spans = list(zip(starts[:-1], starts[1:]))
+  for i, (a, b) in enumerate(spans):
+    seg_np[0, a:b] = i + 1
+    pos_np[0, a:b] = np.arange(b - a)
+  ids = np.random.default_rng(8).integers(10, 400, (1, T)).astype(np.int32)
+  x = model.language_model.embed(jnp.asarray(ids))
+  pos = jnp.asarray(np.broadcast_to(pos_np[None], (3, 1, T)))
+  keep = jnp.asarray(seg_np > 0)
+
+  def decode(impl, x, pos, keep, seg):
+    model.cfg = cfg.replace(attention_impl=impl)
+    return np.asarray(qwen.run_decoder(model, x, pos, keep, segment_ids_BxT=seg)[0])
+
+  xla = decode("xla", x, pos, keep, jnp.asarray(seg_np))
+  spl = decode("splash", x, pos, keep, jnp.asarray(seg_np))
+  assert calls == [True]
+  real = seg_np[0] > 0
+  np.testing.assert_allclose(spl[0, real], xla[0, real], atol=2e-5, rtol=2e-5)
+  # The sequences alone: one batch, right-padded (a causal token never sees the keys after it).
+  L = max(lengths)
+  x_alone = jnp.stack([jnp.pad(x[0, a:b], ((0, L - (b - a)), (0, 0))) for a, b in spans])
+  pos_alone = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (3, len(lengths), L))
+  keep_alone = jnp.asarray(np.arange(L)[None] < np.asarray(lengths)[:, None])
+  alone = decode("xla", x_alone, pos_alone, keep_alone, None)
+  leaky = decode("xla", x, pos, keep, None)
+  for i, (a, b) in enumerate(spans):
+    np.testing.assert_allclose(spl[0, a:b], alone[i, : b - a], atol=2e-5, rtol=2e-5)
+    if a > 0:  # a later sequence would see the earlier ones without its segment id
+      assert np.abs(leaky[0, a:b] - alone[i, : b - a]).max() > 1e-3
+
+
 def test_model_with_splash_attention_matches_xla(monkeypatch):
   """The whole decoder (text + a key mask) with attention_impl='splash' equals the xla model."""
   kernel, calls = layers.splash_attention, []

@@ -296,3 +296,46 @@ def test_size_bucket():
     20,
     112,
   ]
+
+
+def test_reference_program_on_the_packed_slice_equals_padded(setup):
+  """π_ref's program (`programs.make_reference_program`, the KL term's log π_ref at the rollout
+  temperature) on the scoring pass's packed slice (both views packed, as the score program gets it)
+  gives the padded rows' numbers; `packed_passes.score(reference=...)` runs it on each packed slice
+  and returns them unpacked, equal to the image view's old log-probs (same weights)."""
+  model, batch = setup
+  graphdef, state = nnx.split(model)
+  program = programs.make_reference_program(graphdef, temperature=0.7, chunk_size=4)
+  rmask = np.asarray(batch.flat_response_mask)
+  want = np.where(rmask, np.asarray(program(state, batch)), 0)
+  packed, slot = _pack(model, batch, 2)
+  assert packed.blind is not None and (packed.image.segment.max(axis=-1) > 1).any()
+  got = program(state, packed)
+  assert got.shape == packed.target.shape  # [U, M]: the response-token layout
+  np.testing.assert_allclose(packing.unpack(got, slot), want, atol=2e-5)
+
+  score_fn = jax.jit(
+    lambda s, b: packing.score_rollout(nnx.merge(graphdef, s), b, chunk_size=4, temperature=0.7)
+  )
+  seen = []
+
+  def reference(pb):
+    seen.append(type(pb))
+    return program(state, pb)
+
+  scores, ref_logp = packed_passes.score(
+    score_fn,
+    state,
+    batch,
+    slice_prompts=2,
+    units=1,
+    row_len=ROW,
+    image_token_id=model.cfg.image_token_id,
+    put=lambda x: x,
+    get=lambda x: jax.tree.map(np.asarray, x),
+    agree=lambda *sizes: sizes,
+    reference=reference,
+  )
+  assert seen == [packing.PackedBatch] * 2  # one call per scoring slice, on its packed rows
+  np.testing.assert_allclose(ref_logp, want, atol=2e-5)
+  np.testing.assert_allclose(scores.logp_image_BxT, want, atol=2e-5)

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from pgpo_jax import sharding
+from pgpo_jax.rl import packing
 from pgpo_jax.tools import compile_check as cc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,12 +80,13 @@ def test_unknown_steps_and_compile_errors_have_their_own_exit_status(capsys):
   assert common.USAGE_ERROR not in codes.values()
 
 
-def _tiny(**overrides):
-  """configs/pgpo_7b.py shrunk to the tiny model and a few prompts (all trainer code paths)."""
-  sys.path.insert(0, ROOT)
-  from configs import pgpo_7b
+def _tiny(recipe="pgpo_7b", **overrides):
+  """configs/<recipe>.py (default pgpo_7b) shrunk to the tiny model and a few prompts (all trainer
+  code paths)."""
+  import importlib
 
-  c = pgpo_7b.get_config()
+  sys.path.insert(0, ROOT)
+  c = importlib.import_module(f"configs.{recipe}").get_config()
   c.model.preset = "tiny"
   c.model.attention_chunk_size = 0
   c.mesh.tensor = 2
@@ -131,19 +134,37 @@ def test_tiny_config_compiles_and_fits_on_v5e_2x2(libtpu, packing):
   assert "rollout_decode" in table and "/ 16" in table
 
 
-def test_kl_term_compiles_with_the_reference_resident(libtpu):
-  """configs/grpo_7b.py's KL loss: the train step takes log π_ref, and π_ref's copy of the weights is
-  counted as resident in the scoring and train steps."""
-  ctx, reports = cc.run(
-    _tiny(**{"loss.kl_coef": 1e-2, "rollout.temperature": 0.7}),
-    "v5e:2x2",
-    ("score", "train"),
-    log=lambda m: None,
-  )
+def test_kl_term_compiles_the_reference_program_on_the_packed_slice(libtpu):
+  """configs/grpo_7b.py (KL 1e-2 to π_ref, train.packing on) shrunk: π_ref's own program compiles
+  as the "reference" step, on the packed scoring slice the score program gets, with its memory in the
+  report; π_ref's copy of the weights counts as resident in the scoring and train steps, the train
+  state in π_ref's. Without a KL term there is no such step."""
+  c = _tiny("grpo_7b", **{"rollout.temperature": 0.7})
+  assert c.loss.kl_coef == 1e-2 and c.train.packing and not c.pgpo.enabled
+  ctx, reports = cc.run(c, "v5e:2x2", ("score", "reference", "train"), log=lambda m: None)
   by = {r.name: r for r in reports}
+  assert list(by) == ["score", "reference", "train"]
   assert all(r.verdict == "fits" for r in reports), [(r.name, r.note) for r in reports]
+  ref = by["reference"]
+  assert ref.argument > ctx.param_bytes and ref.temp > 0 and ref.output > 0, ref
+  assert ref.resident == ctx.state_bytes and ref.total > ctx.state_bytes + ctx.param_bytes
+  assert 0 < ref.flops_per_device < by["score"].flops_per_device * 1.01
+  assert ref.calls == by["score"].calls > 0
   assert by["train"].resident == ctx.param_bytes
   assert by["score"].resident == ctx.state_bytes
+  # π_ref runs on the very slice the score program gets: the packed batch, same abstract leaves.
+  score, reference = cc.build_steps(ctx, ("score", "reference"))
+  assert isinstance(reference.args[1], packing.PackedBatch)
+  assert jax.tree.structure(reference.args) == jax.tree.structure(score.args)
+  assert jax.tree.leaves(reference.args) == jax.tree.leaves(score.args)
+  table = cc.format_report(ctx, reports)
+  assert "\nreference " in table
+  assert table.splitlines()[-1].endswith("(without rollout_start, rollout_decode: not compiled)")
+  # No KL term: no π_ref program, and the RL step misses nothing without it.
+  plain = cc.Context(_tiny(), cc.topology_devices(cc.parse_topology("v5e:2x2")))
+  assert plain.programs.reference is None and "reference" not in cc.config_steps(plain.c)
+  assert [st.name for st in cc.build_steps(plain, ("score", "reference"))] == ["score"]
+  assert "without" not in cc.rl_step_line([by["score"]], ("score",))
 
 
 def test_oversized_config_does_not_fit_and_exits_1(libtpu, tmp_path):

@@ -235,6 +235,30 @@ def _pad_to_lanes(x, seg, axis: int):
   )
 
 
+def splash_operands(q_BxTxNxGxK, k_BxSxNxK, scale: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The splash kernel's q and k operands [.., Q], chosen so its logits are the xla path's scores.
+
+  The kernel takes no scale: its logits are q'·k' accumulated in float32. The xla path
+  (`masked_softmax_attention`) multiplies float32 scores q·k by the scale, so its scores carry only
+  float32 rounding. In float32, q' = q·scale does the same (Q = K). In bfloat16, q·scale rounded to
+  bfloat16 (as it was; rounding the scale first or not makes little difference, it is each scaled
+  element's ~2^-9 relative rounding that counts) moves every logit by ~1e-3 of its size, a rounding
+  the xla path does not have. So q·scale, in float32, goes in as two bfloat16 terms side by side
+  along the head dim, hi = round(q·scale) and lo = round(q·scale - hi), against two copies of k
+  (Q = 2K): hi·k + lo·k = (q·scale)·k to ~2^-17 relative, the xla path's scores up to float32
+  rounding. The operands stay bfloat16 (the kernel's one-pass MXU path; float32 operands would
+  take several). Cost: the kernel's q·k products (forward; recomputed, and dq, dk, in the backward
+  pass) are over 2K, and q, k twice the size; P·V and the softmax are unchanged. `lo` is a rounding
+  remainder and carries no gradient: dq = scale · (hi's half of dq'); dk = the sum of its halves.
+  """
+  scaled = q_BxTxNxGxK.astype(jnp.float32) * scale
+  if q_BxTxNxGxK.dtype == jnp.float32:
+    return scaled, k_BxSxNxK
+  hi = scaled.astype(q_BxTxNxGxK.dtype)
+  lo = jax.lax.stop_gradient(scaled - hi.astype(jnp.float32)).astype(hi.dtype)
+  return jnp.concatenate([hi, lo], axis=-1), jnp.concatenate([k_BxSxNxK, k_BxSxNxK], axis=-1)
+
+
 def splash_attention(
   q_BxTxNxGxK,
   k_BxSxNxK,
@@ -251,7 +275,8 @@ def splash_attention(
 
   Query t attends key s iff their segment ids match (and s <= t if causal); scores live only as
   [block, block] tiles (`_splash_block`). Lengths that are not a multiple of 128 are padded
-  (`_pad_to_lanes`) and the padding dropped from the output. `interpret` runs the kernel in Pallas
+  (`_pad_to_lanes`) and the padding dropped from the output. The scale is applied as the xla path
+  applies it, to float32 scores (`splash_operands`). `interpret` runs the kernel in Pallas
   interpret mode (CPU tests).
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -278,16 +303,17 @@ def splash_attention(
   kernel = sk.make_splash_mqa_single_device(
     sm.MultiHeadMask([base] * G), block_sizes=sizes, interpret=interpret
   )
-  q_BxNxGxTxK = (q_BxTxNxGxK * jnp.asarray(scale, q_BxTxNxGxK.dtype)).transpose(0, 2, 3, 1, 4)
-  k_BxNxSxK, v_BxNxSxK = k_BxSxNxK.transpose(0, 2, 1, 3), v_BxSxNxK.transpose(0, 2, 1, 3)
+  q_BxTxNxGxQ, k_BxSxNxQ = splash_operands(q_BxTxNxGxK, k_BxSxNxK, scale)
+  q_BxNxGxTxQ = q_BxTxNxGxQ.transpose(0, 2, 3, 1, 4)
+  k_BxNxSxQ, v_BxNxSxK = k_BxSxNxQ.transpose(0, 2, 1, 3), v_BxSxNxK.transpose(0, 2, 1, 3)
 
-  def row(q_NxGxTxK, k_NxSxK, v_NxSxK, q_seg_T, kv_seg_S):
+  def row(q_NxGxTxQ, k_NxSxQ, v_NxSxK, q_seg_T, kv_seg_S):
     seg = sk.SegmentIds(q=q_seg_T.astype(jnp.int32), kv=kv_seg_S.astype(jnp.int32))
     return jax.vmap(lambda qn, kn, vn: kernel(qn, kn, vn, segment_ids=seg))(
-      q_NxGxTxK, k_NxSxK, v_NxSxK
+      q_NxGxTxQ, k_NxSxQ, v_NxSxK
     )
 
-  out = jax.vmap(row)(q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_seg_BxT, kv_seg_BxS)
+  out = jax.vmap(row)(q_BxNxGxTxQ, k_BxNxSxQ, v_BxNxSxK, q_seg_BxT, kv_seg_BxS)
   return out.transpose(0, 3, 1, 2, 4)[:, :T0].astype(v_BxSxNxK.dtype)
 
 
