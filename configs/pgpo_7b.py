@@ -27,9 +27,10 @@ and the minimum at the bf16 peak; runs per RL step; docs/design.md "Fitting the 
   rollout_start            26.4 (28%)   0.93 s  1.07    1            6.5 (41%)   0.27 s  1.07    1
   rollout_decode           14.8 (16%)   7.38 s  1.10    1            5.0 (31%)  12.19 s  1.02    1
   score                     8.1  (9%)   0.34 s  1.12   48            3.8 (24%)   0.80 s  1.12    6
-  train                    17.8 (19%)   8.65 s  1.16    3            9.3 (58%)   3.24 s  1.49    3
-  RL step at peak          50.8 s (minimum 44.7 s)                  27.0 s (minimum 23.0 s)
-(splash attention: `model.attention_impl = "auto"`.)
+  train                    35.4 (37%)   8.65 s  1.16    3            9.4 (59%)   3.01 s  1.39    3
+  RL step at peak          50.8 s (minimum 44.7 s)                  26.3 s (minimum 23.0 s)
+(splash attention: `model.attention_impl = "auto"`; named remat policies, issue 23:
+`benchmarks/results/compile_check_pgpo_7b_*_named_remat.json`.)
 """
 
 from pgpo_jax.config import base_config

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Parameter (and AdamW moment) dtype; "" = model.dtype. "float32" keeps float32 master weights that
   # small updates can move, cast to model.dtype where each layer uses them.
   c.model.param_dtype = ""
+  # What the backward pass of each scanned layer keeps (`layers.maybe_remat`): none (everything),
+  # full (nothing: the layer runs again), dots_no_batch (the weight matmuls' outputs: attention runs
+  # again), dots (also xla attention's scores and context).
   c.model.remat_policy = "full"
   c.model.scan_layers = True
   c.model.attention_chunk_size = 0

@@ -349,6 +349,22 @@ def text_flops(
   )
 
 
+def vision_attention_flops(
+  cfg: qwen.Qwen25VLConfig, images: float, patches: int
+) -> tuple[float, float]:
+  """The vision blocks' attention (q·kᵀ and P·V) on `images` rows of `patches` patches: (the
+  full-attention layers, dense N x N; the windowed layers, Nb blocks of S x S)."""
+  v = cfg.vision
+  n_full = len([i for i in v.fullatt_block_indexes if i < v.depth])
+  S = qwen.vision.window_block(v)
+  slots = qwen.vision.num_window_blocks(patches, v) * S
+  per_pair = 4 * v.hidden_size
+  return (
+    images * per_pair * n_full * patches * patches,
+    images * per_pair * (v.depth - n_full) * slots * S,
+  )
+
+
 def vision_flops(
   cfg: qwen.Qwen25VLConfig, images: float, patches: int, attention: bool = True
 ) -> float:
@@ -356,18 +372,60 @@ def vision_flops(
   attention; windowed layers: Nb blocks of S x S). `attention=False`: the weight matmuls only."""
   v = cfg.vision
   D, I = v.hidden_size, v.intermediate_size
-  n_full = len([i for i in v.fullatt_block_indexes if i < v.depth])
-  slots = qwen.vision.num_window_blocks(patches, v) * qwen.vision.window_block(v)
   per_patch = 2 * v.patch_dim * D + v.depth * (2 * 4 * D * D + 2 * 3 * D * I)
-  attn = (
-    4 * D * (n_full * patches * patches + (v.depth - n_full) * slots * qwen.vision.window_block(v))
-  )
+  attn = sum(vision_attention_flops(cfg, 1, patches))
   merger = (
     (patches // v.merge_unit)
     * 2
     * (v.merge_unit * D * v.merge_unit * D + v.merge_unit * D * v.out_hidden_size)
   )
   return images * (patches * per_patch + (attn if attention else 0) + merger)
+
+
+def remat_recompute_flops(
+  cfg: qwen.Qwen25VLConfig, tokens: float, context: float, images: float = 0, patches: int = 0
+) -> float:
+  """FLOPs an update's backward pass runs again (beyond the backward's own 2x the forward), for
+  `tokens` decoder tokens attending to `context` keys each and `images` x `patches` vision
+  patches, by `cfg.remat_policy` (`layers.maybe_remat`; what each saves: `layers.REMAT_SAVED`):
+
+  none: nothing.
+  full: every decoder layer's and vision block's forward but its last matmul (mlp_down: the layer's
+    own backward never reads its output); never what lies outside the layers (embedding, patch
+    embedding, merger, lm head).
+  dots_no_batch: the attention of every layer (q·kᵀ and P·V, or the fused kernel's forward).
+  dots: nothing under xla attention; a fused kernel's forward (the decoder's, and the vision
+    tower's full-attention layers'; windowed attention is always xla) as under dots_no_batch.
+
+  Plus, under any policy, the scores (q·kᵀ, half the attention) once more where xla attention runs
+  in query chunks: each chunk is its own checkpoint, whose backward needs its probabilities.
+  Attention is dense, as `text_flops` counts it. tests/tools/test_compile_check.py checks this
+  against the matmuls in the gradient's program on the tiny decoder.
+  """
+  t, v = cfg.text, cfg.vision
+  text_attention = text_flops(cfg, tokens, context, 0) - text_flops(cfg, tokens, 0, 0)
+  vision_full, vision_window = vision_attention_flops(cfg, images, patches)
+  fused = layers.resolve_attention_impl(cfg.attention_impl, "tpu") != "xla"
+  policy = cfg.remat_policy
+  if policy == "full":
+    D, I = t.hidden_size, t.intermediate_size
+    text_layers = text_flops(cfg, tokens, context, 0) - 2 * D * I * t.num_hidden_layers * tokens
+    Dv, Iv = v.hidden_size, v.intermediate_size  # q/k/v/o and gate/up, per patch and block:
+    vision_blocks = images * patches * v.depth * (2 * 4 * Dv * Dv + 2 * 2 * Dv * Iv)
+    again = text_layers + vision_blocks + vision_full + vision_window
+  elif policy == "dots_no_batch":
+    again = text_attention + vision_full + vision_window
+  elif policy == "dots":
+    again = text_attention + vision_full if fused else 0.0
+  else:
+    again = 0.0
+  chunk = cfg.attention_chunk_size
+  chunked = lambda n: not fused and 0 < chunk < n and n % chunk == 0  # noqa: E731
+  if chunked(context):
+    again += text_attention / 2
+  if patches and chunked(patches):
+    again += vision_full / 2
+  return again
 
 
 def model_flops(
@@ -834,20 +892,7 @@ def train_step_step(ctx: Context, shapes: Shapes | None = None) -> Step:
   step = ctx.programs.train_step
   rows, T = Pu * G, s.prompt_len + L
   fwd = text_flops(cfg, rows * T, T, rows * L) + vision_flops(cfg, Pu, s.patches)
-  # Recomputed in the backward pass: everything (full), nothing (none; dots saves every matmul
-  # output), or the attention scores (dots_no_batch saves the weight matmuls only).
-  attention = (
-    fwd - text_flops(cfg, rows * T, 0, rows * L) - vision_flops(cfg, Pu, s.patches, attention=False)
-  )
-  recompute = {"full": fwd, "dots_no_batch": attention}.get(cfg.remat_policy, 0.0)
-  chunk = cfg.attention_chunk_size
-  if (
-    layers.resolve_attention_impl(cfg.attention_impl, "tpu") == "xla"
-    and 0 < chunk < T
-    and T % chunk == 0
-  ):
-    # `layers.attention` rematerialises each query chunk: the decoder's scores once more.
-    recompute += text_flops(cfg, rows * T, T, 0) - text_flops(cfg, rows * T, 0, 0)
+  recompute = remat_recompute_flops(cfg, rows * T, T, Pu, s.patches)
   fwd_min = model_flops(cfg, tokens=rows * T, logits_tokens=rows * L, images=Pu, patches=s.patches)
   ref_bytes = ctx.param_bytes if ctx.c.loss.kl_coef else 0  # π_ref stays on the devices
   return Step(

@@ -1,10 +1,12 @@
 """Ahead-of-time compilation of the trainer's programs for a TPU topology on this CPU host."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from pgpo_jax import sharding
@@ -266,6 +268,82 @@ def test_model_flops_are_two_per_weight_per_token(libtpu):
   want = 2 * (body * tokens + head * logits + images * (vis * patches + merger * patches // 4))
   got = cc.model_flops(cfg, tokens=tokens, logits_tokens=logits, images=images, patches=patches)
   assert got == want
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 x the multiply-adds of every dot_general in `jaxpr`, into calls and checkpoints, scan bodies
+  x their length; a cond counts its costliest branch."""
+  from jax.extend import core as jcore
+
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += (
+        2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i] for i in contract]))
+      )
+    elif eqn.primitive.name == "scan":
+      total += eqn.params["length"] * _dot_flops(eqn.params["jaxpr"].jaxpr)
+    elif eqn.primitive.name == "cond":
+      total += max(_dot_flops(b.jaxpr) for b in eqn.params["branches"])
+    else:
+      for v in eqn.params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+          if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+            total += _dot_flops(getattr(x, "jaxpr", x))
+  return total
+
+
+def _recomputed_in_program(loss, *args) -> int:
+  """The matmul FLOPs the gradient program of `loss` runs beyond forward + 2x forward."""
+  import jax
+
+  fwd = _dot_flops(jax.make_jaxpr(loss)(*args).jaxpr)
+  grad = jax.grad(loss, argnums=tuple(range(len(args))))
+  return _dot_flops(jax.make_jaxpr(grad)(*args).jaxpr) - 3 * fwd
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_no_batch"])
+def test_remat_recompute_is_what_the_gradient_program_runs_again(policy, chunk):
+  """`remat_recompute_flops` against the matmuls counted in the gradient's program, on the tiny
+  decoder (bfloat16 compute, float32 masters; 16 tokens, query chunks of 4 or none) and the tiny
+  vision tower (every block full attention, so the cond's costliest branch is the one taken)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from pgpo_jax.models import qwen2_5_vl as qwen
+
+  cfg = qwen.tiny_config(
+    remat_policy=policy,
+    attention_impl="xla",
+    attention_chunk_size=chunk,
+    vision_fullatt_block_indexes=(0, 1),
+  )
+  kw = dict(remat_policy=policy, attention_chunk_size=chunk, attention_impl="xla")
+  model = qwen.Qwen25VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  graphdef, state = nnx.split(model)
+  B, T = 2, 16
+  x = jnp.ones((B, T, cfg.text.hidden_size), jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.arange(T), (3, B, T))
+
+  def text_loss(state, x):
+    h, _ = nnx.merge(graphdef, state).language_model(x, pos, jnp.ones((B, T), bool), None, **kw)
+    return jnp.sum(h.astype(jnp.float32))
+
+  grids = np.asarray([(1, 8, 8)])
+  vin = qwen.prepare_vision(np.ones((64, cfg.vision.patch_dim), np.float32), grids, cfg.vision)
+  patches = vin.pixel_values.shape[0]
+
+  def vision_loss(state, pixels):
+    tower = nnx.merge(graphdef, state).visual
+    return jnp.sum(tower(dataclasses.replace(vin, pixel_values=pixels), **kw).astype(jnp.float32))
+
+  got = _recomputed_in_program(text_loss, state, x)
+  got += _recomputed_in_program(vision_loss, state, jnp.asarray(vin.pixel_values))
+  assert got == cc.remat_recompute_flops(cfg, B * T, T, images=1, patches=patches)
+  assert (got == 0) == (policy in ("none", "dots") and not chunk)
 
 
 def test_minimum_ratio_and_rl_step_sum(libtpu):

@@ -79,7 +79,7 @@ class Qwen25VLConfig:
   eos_token_id: int = 151645
   pad_token_id: int = 151643
   # Compute settings (not part of the HF config).
-  remat_policy: str = "none"  # none | full | dots | dots_no_batch (see model.py)
+  remat_policy: str = "none"  # none | full | dots | dots_no_batch (layers.maybe_remat)
   scan_layers: bool = True
   attention_chunk_size: int = 0  # >0: chunk queries of the attention to bound memory (xla only)
   # xla | splash (TPU Pallas) | cudnn (NVIDIA) | auto (by platform: layers.resolve_attention_impl).

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from pgpo_jax.logical_axes import current_rules, logical_to_spec
@@ -49,7 +50,7 @@ def cast(tree, dtype):
   )
 
 
-def dot(spec: str, a: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+def dot(spec: str, a: jnp.ndarray, w: jnp.ndarray, name: str | None = None) -> jnp.ndarray:
   """`jnp.einsum(spec, a, w)` of two operands, accumulated in float32 and rounded once to `a`'s dtype.
 
   In float32 this is the plain einsum. In a lower dtype (bfloat16 compute) it rounds once, as a
@@ -59,10 +60,16 @@ def dot(spec: str, a: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   rounded to the compute dtype, so the backward matmuls stay bf16 x bf16 with float32 accumulation
   instead of float32 x float32 (what differentiating the float32 result would give; 3-6x slower on
   TPU). Every index of `spec` must appear in two of its three terms (no summed-away free index).
+
+  `name` (one of `REMAT_NAMES`) tags the result with `checkpoint_name`, outside the custom VJP: a
+  remat policy sees the name where it cannot see the dot inside `_rounded_dot` (JAX's dot-based
+  policies save nothing of it). Outside `jax.checkpoint` the name is the identity.
   """
   if a.dtype == jnp.float32 and w.dtype == jnp.float32:
-    return jnp.einsum(spec, a, w)
-  return _rounded_dot(spec, a, w)
+    out = jnp.einsum(spec, a, w)
+  else:
+    out = _rounded_dot(spec, a, w)
+  return out if name is None else checkpoint_name(out, name)
 
 
 def _dot_terms(spec: str) -> tuple[str, str, str]:
@@ -113,18 +120,24 @@ def masked_softmax_attention(
   v_BxSxNxK: jnp.ndarray,
   mask_BxTxS: jnp.ndarray,
   scale: float,
+  *,
+  named: bool = True,
 ) -> jnp.ndarray:
   """Grouped attention: N kv heads, G query heads per kv head. Softmax in float32.
 
   A query row with every key masked attends uniformly (no NaN); callers ignore such rows.
-  Returns [B, T, N, G, K] in the dtype of `v`.
+  `named`: tag the scores and the context (`ATTENTION_MATMULS`) for the remat policies (`dots`
+  saves them); the query-chunked map turns it off, or `dots` would keep every chunk's float32
+  scores, the whole [T, S] the chunks are there to avoid. Returns [B, T, N, G, K] in the dtype of `v`.
   """
+  tag = (lambda x, name: checkpoint_name(x, name)) if named else (lambda x, name: x)
   B, T, N, G, K = q_BxTxNxGxK.shape
   # Both products as plain [.., T, K] @ [.., K, S] / [.., T, S] @ [.., S, K] batched matmuls: XLA:CPU
   # runs a dot contracting the minor dim of both operands (q·kᵀ as written) about 2x slower.
   q_BxNxGTxK = q_BxTxNxGxK.transpose(0, 2, 3, 1, 4).reshape(B, N, G * T, K)
-  scores = jnp.matmul(
-    q_BxNxGTxK, k_BxSxNxK.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32
+  scores = tag(
+    jnp.matmul(q_BxNxGTxK, k_BxSxNxK.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32),
+    "attn_scores",
   )
   # The mask as an additive float32 bias: XLA:CPU fuses the add into the softmax that feeds the P·V
   # matmul, where a select on the broadcast mask is a pass of its own over the scores (~1.5x
@@ -133,7 +146,7 @@ def masked_softmax_attention(
   scores = scores.reshape(B, N, G, T, -1) * scale + bias_BxTxS[:, None, None, :, :]
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxNxK.dtype).reshape(B, N, G * T, -1)
   # [B, N, G*T, K]: float32 accumulation rounded to v's dtype, also in the gradient (`dot`).
-  out = dot("bnts,bnsk->bntk", probs, v_BxSxNxK.transpose(0, 2, 1, 3))
+  out = tag(dot("bnts,bnsk->bntk", probs, v_BxSxNxK.transpose(0, 2, 1, 3)), "attn_context")
   return out.reshape(B, N, G, T, K).transpose(0, 3, 1, 2, 4)
 
 
@@ -416,22 +429,56 @@ def chunked_attention(
   # every chunk's [chunk, S] float32 probabilities at once, i.e. the whole [T, S] the chunking is
   # meant to avoid (2.2 GiB per layer at 5 x 4,096 tokens and 7 heads per device: the 7B update on
   # v5e-256 did not fit without this). Cost: the scores once more per chunk in the backward pass.
+  # The chunks' scores carry no checkpoint name (an enclosing remat policy sees into this
+  # checkpoint and would keep them all); the context, as a whole, does.
   one_chunk = jax.checkpoint(
-    lambda a: masked_softmax_attention(a[0], k_BxSxNxK, v_BxSxNxK, a[1], scale)
+    lambda a: masked_softmax_attention(a[0], k_BxSxNxK, v_BxSxNxK, a[1], scale, named=False)
   )
-  out = jax.lax.map(one_chunk, (qc, mc))
+  out = checkpoint_name(jax.lax.map(one_chunk, (qc, mc)), "attn_context")
   return out.swapaxes(0, 1).reshape(q_BxTxNxGxK.shape[:2] + out.shape[3:])
 
 
-_REMAT_POLICIES: dict[str, Callable | None] = {
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.checkpoint_dots,
-  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+# The values a remat policy chooses among, by `checkpoint_name` (set in the decoder and vision
+# blocks, on what `dot` returns): the weight matmuls' outputs (before any bias), and attention's own
+# two matmuls where attention runs as XLA ops (`masked_softmax_attention`: the float32 scores q·kᵀ
+# and the context P·V; a fused kernel's insides carry no names).
+WEIGHT_MATMULS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down")
+ATTENTION_MATMULS = ("attn_scores", "attn_context")
+REMAT_NAMES = WEIGHT_MATMULS + ATTENTION_MATMULS
+
+# `model.remat_policy` -> the names its backward pass keeps (everything else in a layer is recomputed
+# there from the layer's input); `none` (no `jax.checkpoint` at all) keeps every intermediate.
+REMAT_SAVED: dict[str, tuple[str, ...]] = {
+  "full": (),
+  "dots": REMAT_NAMES,
+  "dots_no_batch": WEIGHT_MATMULS,
+}
+_REMAT_POLICIES: dict[str, Callable] = {
+  policy: jax.checkpoint_policies.save_only_these_names(*names)
+  for policy, names in REMAT_SAVED.items()
 }
 
 
 def maybe_remat(fn: Callable, policy: str) -> Callable:
-  """Wraps a scan body in `jax.checkpoint` with a named policy ('none' disables remat)."""
+  """Wraps a scan body (one decoder layer or vision block) in `jax.checkpoint` with a named policy.
+
+  none: no remat; the backward pass keeps every intermediate of every layer.
+  full: keeps only each layer's input; the layer's forward runs again in the backward pass (all
+    but its last matmul, mlp_down, whose output the layer's own backward never reads).
+  dots_no_batch: also keeps the weight matmuls' outputs (`WEIGHT_MATMULS`: q/k/v/o projections,
+    MLP gate/up/down); recomputed: norms, RoPE, elementwise ops and attention (the scores and P·V,
+    or a fused kernel's forward).
+  dots: `dots_no_batch` plus xla attention's scores and context (`ATTENTION_MATMULS`): no matmul
+    runs again, except a fused kernel's forward (splash/cudnn: its insides carry no names) and each
+    chunk's scores in query-chunked xla attention (each chunk is its own checkpoint). The scores are
+    float32 [T, S] per head and layer (in the vision tower, under `lax.cond`, those of both the
+    windowed and the full-attention branch): for short sequences.
+
+  The policies go by name (`REMAT_SAVED`), not by primitive: `dot`'s custom VJP hides its dot from
+  `jax.checkpoint_policies.dots_*`, under which bfloat16 `dots*` kept no more than `full` (until
+  issue 23; float32 has no custom VJP and they worked there). `compile_check.remat_recompute_flops`
+  counts what each policy recomputes.
+  """
   if policy == "none":
     return fn
   if policy not in _REMAT_POLICIES:

@@ -175,9 +175,10 @@ class TextModel(nnx.Module):
       p = layers.cast(p, dt)  # this layer's weights in the compute dtype (float32 masters stay put)
       x = resid(x)
       h = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-      q = layers.dot("btd,dhk->bthk", h, p["wq"]) + p["bq"]
-      k = layers.dot("btd,dnk->btnk", h, p["wk"]) + p["bk"]
-      v = layers.dot("btd,dnk->btnk", h, p["wv"]) + p["bv"]
+      # Matmul outputs carry the names the remat policies save by (`layers.REMAT_SAVED`).
+      q = layers.dot("btd,dhk->bthk", h, p["wq"], "q_proj") + p["bq"]
+      k = layers.dot("btd,dnk->btnk", h, p["wk"], "k_proj") + p["bk"]
+      v = layers.dot("btd,dnk->btnk", h, p["wv"], "v_proj") + p["bv"]
       q = rope.apply_rotary(q, cos, sin)
       k = rope.apply_rotary(k, cos, sin)
       if ck is not None:
@@ -198,10 +199,11 @@ class TextModel(nnx.Module):
         q_seg_BxT=seg,
         kv_seg_BxS=seg,
       ).reshape(B, T, H, K)
-      x = x + layers.dot("bthk,hkd->btd", att, p["wo"])
+      x = x + layers.dot("bthk,hkd->btd", att, p["wo"], "o_proj")
       h = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-      gate = jax.nn.silu(layers.dot("btd,di->bti", h, p["w_gate"]))
-      x = x + layers.dot("bti,id->btd", gate * layers.dot("btd,di->bti", h, p["w_up"]), p["w_down"])
+      gate = jax.nn.silu(layers.dot("btd,di->bti", h, p["w_gate"], "mlp_gate"))
+      up = layers.dot("btd,di->bti", h, p["w_up"], "mlp_up")
+      x = x + layers.dot("bti,id->btd", gate * up, p["w_down"], "mlp_down")
       return resid(x), (ck, cv)
 
     body = layers.maybe_remat(layer, remat_policy)

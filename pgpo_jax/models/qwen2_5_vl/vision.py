@@ -376,8 +376,9 @@ class VisionTower(nnx.Module):
       p, full = xs
       p = layers.cast(p, dt)  # this block's weights in the compute dtype
       h = layers.rms_norm(x, p["norm1"], cfg.rms_norm_eps)
-      proj = lambda w, b: layers.dot("pnd,dhk->pnhk", h, w) + b
-      q, k, v = proj(p["wq"], p["bq"]), proj(p["wk"], p["bk"]), proj(p["wv"], p["bv"])
+      # Matmul outputs carry the names the remat policies save by (`layers.REMAT_SAVED`).
+      proj = lambda n: layers.dot("pnd,dhk->pnhk", h, p[f"w{n}"], f"{n}_proj") + p[f"b{n}"]
+      q, k, v = proj("q"), proj("k"), proj("v")
       # HF applies the vision rotary in float32, then casts back.
       q = rope.apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
       k = rope.apply_rotary(k.astype(jnp.float32), cos, sin).astype(dt)
@@ -385,11 +386,11 @@ class VisionTower(nnx.Module):
         att = full_attention(q, k, v) if full else window_attention(q, k, v)
       else:  # scanned layers: only the taken branch runs
         att = jax.lax.cond(full, full_attention, window_attention, q, k, v)  # [P, N, H, K]
-      x = x + layers.dot("pnhk,hkd->pnd", att, p["wo"]) + p["bo"]
+      x = x + layers.dot("pnhk,hkd->pnd", att, p["wo"], "o_proj") + p["bo"]
       h = layers.rms_norm(x, p["norm2"], cfg.rms_norm_eps)
-      gate = jax.nn.silu(layers.dot("pnd,di->pni", h, p["w_gate"]) + p["b_gate"])
-      up = layers.dot("pnd,di->pni", h, p["w_up"]) + p["b_up"]
-      x = x + layers.dot("pni,id->pnd", gate * up, p["w_down"]) + p["b_down"]
+      gate = jax.nn.silu(layers.dot("pnd,di->pni", h, p["w_gate"], "mlp_gate") + p["b_gate"])
+      up = layers.dot("pnd,di->pni", h, p["w_up"], "mlp_up") + p["b_up"]
+      x = x + layers.dot("pni,id->pnd", gate * up, p["w_down"], "mlp_down") + p["b_down"]
       return x, None
 
     body = layers.maybe_remat(block, remat_policy)
