@@ -172,8 +172,8 @@ def _batches(model, batch, units):
   return padded, packed
 
 
-@pytest.mark.parametrize("agg", sorted(losses.LOSS_AGGREGATIONS))
-def test_every_loss_aggregation_is_the_same_packed_and_padded(setup, agg):
+def test_one_loss_aggregation_and_its_parameter_gradient_are_the_same_packed_and_padded(setup):
+  """The whole loss through the model, packed vs padded: value, metrics and parameter gradient."""
   model, batch = setup
   padded, packed = _batches(model, batch, units=2)
   graphdef, state = nnx.split(model)
@@ -182,14 +182,81 @@ def test_every_loss_aggregation_is_the_same_packed_and_padded(setup, agg):
     f = lambda s: loss_fn(nnx.merge(graphdef, s), b)  # noqa: E731
     return jax.jit(jax.value_and_grad(f, has_aux=True))(state)
 
+  agg = "seq-mean-token-mean"
   (l_pad, m_pad), g_pad = value_and_grad(_padded_loss(agg, float(L)), padded)
   (l_pk, m_pk), g_pk = value_and_grad(_packed_loss(agg, float(L)), packed)
   assert abs(float(l_pad)) > 1e-4
   np.testing.assert_allclose(float(l_pk), float(l_pad), rtol=1e-5, atol=1e-7)
   for k in ("clip_frac", "ratio_mean", "approx_kl"):
     np.testing.assert_allclose(float(m_pk[k]), float(m_pad[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+  assert max(float(np.abs(np.asarray(a)).max()) for a in jax.tree.leaves(g_pad)) > 1e-6
   for a, b in zip(jax.tree.leaves(g_pk), jax.tree.leaves(g_pad)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def response_logps(setup):
+  """(padded [N, L], packed [units, ROW], slot) response log-probs of one batch, both layouts."""
+  model, batch = setup
+  padded, packed = _batches(model, batch, units=2)
+  _, slot = _pack(model, batch, 2, blind=False)
+  lp_pad = jax.jit(lambda m, s: sequences.response_logprobs(m, s, chunk_size=4))(
+    model, padded["seq"]
+  )
+  lp_pk = jax.jit(lambda m, b: packing.response_logprobs(m, b, chunk_size=4))(
+    model, packed["packed"]
+  )
+  return padded, packed, np.asarray(lp_pad), np.asarray(lp_pk), slot
+
+
+@pytest.mark.parametrize("agg", sorted(losses.LOSS_AGGREGATIONS))
+def test_every_loss_aggregation_is_the_same_packed_and_padded(response_logps, agg):
+  """Per aggregation: the loss, its metrics and its gradient with respect to the response log-probs.
+  The parameter gradient is that gradient through the log-probs' VJP, which the test above checks
+  through the whole model for one aggregation and which no aggregation changes, so the parameter
+  gradients agree for every aggregation (without compiling the model's backward pass for each)."""
+  padded, packed, lp_pad, lp_pk, slot = response_logps
+  rmask = np.asarray(padded["seq"].flat_response_mask)
+  np.testing.assert_allclose(packing.unpack(lp_pk, slot), np.where(rmask, lp_pad, 0), atol=2e-5)
+  flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+
+  def loss_pad(lp):
+    return losses.policy_loss(
+      lp,
+      flat(padded["old_logp"]),
+      flat(padded["adv"]),
+      padded["seq"].flat_response_mask,
+      agg=agg,
+      loss_horizon=float(L),
+      token_normalizer=padded["token_normalizer"],
+      seq_normalizer=padded["seq_normalizer"],
+    )
+
+  def loss_pk(lp):
+    pb = packed["packed"]
+    return losses.policy_loss(
+      lp,
+      packed["old_logp"],
+      packed["adv"],
+      pb.mask,
+      agg=agg,
+      loss_horizon=float(L),
+      token_normalizer=packed["token_normalizer"],
+      seq_normalizer=packed["seq_normalizer"],
+      seq_length_BxT=pb.seq_len,
+    )
+
+  (l_pad, m_pad), g_pad = jax.jit(jax.value_and_grad(loss_pad, has_aux=True))(lp_pad)
+  (l_pk, m_pk), g_pk = jax.jit(jax.value_and_grad(loss_pk, has_aux=True))(lp_pk)
+  assert abs(float(l_pad)) > 1e-4
+  np.testing.assert_allclose(float(l_pk), float(l_pad), rtol=1e-5, atol=1e-7)
+  for k in ("clip_frac", "ratio_mean", "approx_kl"):
+    np.testing.assert_allclose(float(m_pk[k]), float(m_pad[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+  g_pad = np.asarray(g_pad)
+  assert np.abs(g_pad).max() > 1e-6 and (g_pad[~rmask] == 0).all()
+  np.testing.assert_allclose(packing.unpack(np.asarray(g_pk), slot), g_pad, rtol=1e-5, atol=1e-8)
+  pk_mask = np.asarray(packed["packed"].mask)
+  assert (np.asarray(g_pk)[~pk_mask] == 0).all()  # no gradient reaches padding or prompt slots
 
 
 @pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
