@@ -13,9 +13,11 @@ import subprocess
 import sys
 import textwrap
 
-_PRELUDE = """
+from tests.xla_flags import with_devices
+
+_PRELUDE = f"""
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = {with_devices(8)!r}
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")

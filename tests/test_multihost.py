@@ -22,6 +22,7 @@ import pytest
 from pgpo_jax import config as config_lib
 from pgpo_jax import multihost, trainer
 from tests.tiny_run import ROOT, tiny_config
+from tests.xla_flags import with_devices
 
 pytestmark = pytest.mark.serial  # jax.distributed processes: not beside another worker's compiles
 
@@ -84,7 +85,7 @@ def _run_processes(argv_of, n: int, timeout: float = 600) -> list[subprocess.Com
 
 _HELPERS = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = {xla_flags!r}
 sys.path.insert(0, {root!r})
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -135,7 +136,7 @@ print(json.dumps(out))
 
 
 def test_multihost_helpers_on_two_processes():
-  code = _HELPERS.format(root=ROOT)
+  code = _HELPERS.format(root=ROOT, xla_flags=with_devices(2))
   outs = _run_processes(
     lambda i, port: [sys.executable, "-c", code, str(i), str(port)], n=2, timeout=300
   )
@@ -386,7 +387,7 @@ def test_train_script_on_two_processes(data_dir, tmp_path):
 
   def argv(i, port):
     code = (
-      "import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'; "
+      f"import os, sys, runpy; os.environ['XLA_FLAGS'] = {with_devices(2)!r}; "
       "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     return [
@@ -444,7 +445,7 @@ def test_eval_script_on_two_processes_equals_one(data_dir, tmp_path):
 
   def argv(devices, out, extra=()):
     code = (
-      f"import os, sys, runpy; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={devices}'; "
+      f"import os, sys, runpy; os.environ['XLA_FLAGS'] = {with_devices(devices)!r}; "
       "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     return [
