@@ -221,7 +221,6 @@ _OVERRIDES = [
   "train.eval_every=3",
   "checkpoint.every=2",
   "loss.kl_coef=0.05",
-  "reward.name='test_every_other_group'",  # half the groups kept on every host, whatever is sampled
 ]
 
 
@@ -330,10 +329,7 @@ def test_two_hosts_stop_together_on_sigterm_and_resume_like_one(data_dir, tmp_pa
       got[step],
     )
   assert ref[n]["train/kl"] > 1e-6
-  for step in range(
-    1, n + 1
-  ):  # groups 1 and 3 of each host's 4 were dropped, fillers took their place
-    assert ref[step]["dynamic_sampling/kept_share"] == 0.5, step
+  assert ref[1]["dynamic_sampling/kept_share"] < 1  # filler groups were used on some host
   for step in range(n + 1):
     assert got[step]["eval/accuracy"] == ref[step]["eval/accuracy"], step
     assert got[step]["eval/num_prompts"] == 4
