@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scoring.py [--prompts 2 --group 4 --hidden 64 --layers 2 --repeats 2]
 
-Workload (PGPO.md §5 proportions, real token counts, a scaled-down model): each prompt holds one
+Workload (docs/method.md §5 proportions, real token counts, a scaled-down model): each prompt holds one
 image of 1,024 visual tokens and ~100 text tokens; responses are log-normal with mean ~600 tokens,
 capped at 2,048. The padded layout is what the trainer builds (responses padded to the rollout's
 `max_new_tokens` = 2,048); the packed one lays the sequences into rows of `--row` tokens.

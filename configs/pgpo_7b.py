@@ -99,7 +99,7 @@ def get_config():
   c.loss.agg = "token-mean"
   # Dual-clip PPO (Ye et al. 2020) as EasyR1/VPPO run it by default (clip_ratio_dual = 3.0): for Ã < 0 the
   # per-token loss is capped at -3·Ã, so a token whose ratio ran far above 1 cannot dominate the step.
-  # PGPO.md's loss has no such term; it only acts on ρ > 3 with Ã < 0.
+  # The paper's loss (docs/method.md §4) has no such term; it only acts on ρ > 3 with Ã < 0.
   c.loss.dual_clip = 3.0
 
   c.pgpo.enabled = True

@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   # degenerate_rtol: a response whose spread of log(1 + S) is at most this share of its largest value
-  # gets uniform weights (0: only an exactly constant S, as PGPO.md; why 1e-2: rl/advantages.py).
+  # gets uniform weights (0: only an exactly constant S, as docs/method.md §3; why 1e-2: rl/advantages.py).
   c.pgpo = ml_collections.ConfigDict(
     dict(
       enabled=True,

@@ -112,7 +112,7 @@ def kl_step(data_dir, tmp_path_factory):
   c.reward.name = "test_alternating"
   c.loss.kl_coef, c.loss.kl_estimator = KL_COEF, "k3"
   c.dynamic_sampling.enabled = False  # all 4 groups kept: 2 update mini-batches of 2 micro-batches
-  c.pgpo.max_weight = None  # PGPO.md §3 as written (the NumPy reference has no cap)
+  c.pgpo.max_weight = None  # docs/method.md §3 as written (the NumPy reference has no cap)
   c.warmup.sft_steps = 0
   c.train.num_steps = 1
   t = trainer.Trainer(c, str(tmp_path_factory.mktemp("kl_step")))
@@ -165,7 +165,7 @@ def test_scoring_and_loss_log_probs_use_the_rollout_temperature(kl_step):
 
 
 def test_advantages_are_grpo_times_pgpo_weights(kl_step):
-  """A·ω̃ (NumPy GRPO × PGPO.md §3 weights of the scoring's S; S itself is checked above) is the
+  """A·ω̃ (NumPy GRPO × docs/method.md §3 weights of the scoring's S; S itself is checked above) is the
   advantage of every update batch, and reaches the loss."""
   t, _, calls, kept, _, dep, _, _ = kl_step
   c = t.c
