@@ -1,0 +1,212 @@
+"""Can the chain model's vision tower *learn* the image facts when taught them directly?
+
+The frozen-feature probes (`vision_probe.py`) say what the warm-up's tower holds; this asks what the
+architecture can hold. The tower of a checkpoint (or the same architecture freshly initialised,
+`random:CKPT`) is trained end to end, with one linear head per fact on its merged output (the visual
+tokens the language model reads, concatenated), by Adam on the summed cross-entropies of every fact
+of `vision_probe.targets` (digit, counts, largest colour). Test accuracy per fact is printed and
+written every `--eval_every` steps. If the digit reaches high accuracy here but not through the
+language model, the warm-up's gradient path is what fails the tower, and a supervised pre-training
+of the tower (as a real LVLM's tower is pre-trained before it meets the language model) is the fix.
+
+  JAX_PLATFORMS=cpu python experiments/chain_pgpo/vision_supervised.py --ckpt random:runs/warmup
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments.chain_pgpo import vision_probe as vp
+from pgpo_jax import checkpoint
+from pgpo_jax.models.qwen2_5_vl import loading
+from pgpo_jax.models.qwen2_5_vl import model as qmodel
+from pgpo_jax.models.qwen2_5_vl import vision
+
+
+def class_counts(ys: dict[str, np.ndarray]) -> dict[str, int]:
+  return {k: int(v.max()) + 1 for k, v in ys.items()}
+
+
+def patch_mlp(key, patch_dim: int, n_patches: int, width: int = 256, out: int = 64):
+  """A control without attention or the tower: a 2-layer MLP on each patch, outputs concatenated.
+
+  (init params, apply(params, pix [B, P, patch_dim]) -> [B, P*out])."""
+  k1, k2 = jax.random.split(key)
+  params = {
+    "w1": jax.random.normal(k1, (patch_dim, width)) / np.sqrt(patch_dim),
+    "b1": jnp.zeros(width),
+    "w2": jax.random.normal(k2, (width, out)) / np.sqrt(width),
+    "b2": jnp.zeros(out),
+  }
+
+  def apply(p, pix):
+    h = jax.nn.gelu(pix @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    return h.reshape(h.shape[0], -1)
+
+  return params, apply
+
+
+def make_step(model, grid, ks: dict[str, int], lr: float, train_tower: bool, arch: str = "tower"):
+  """(params, opt_state, step, predict): the tower's params plus linear heads, trained jointly."""
+  cfg = model.cfg.vision
+  one = vision.prepare_vision(
+    np.zeros((int(np.prod(grid)), cfg.patch_dim)), np.asarray([grid]), cfg
+  )
+  n_units = int(np.prod(grid)) // cfg.merge_unit
+  n_pad = one.pixel_values.shape[0]
+  gdef, tower = nnx.split(model.visual)
+  d = n_units * model.cfg.vision.out_hidden_size
+  key = jax.random.PRNGKey(0)
+  if arch == "patch_mlp":
+    tower, control = patch_mlp(jax.random.fold_in(key, 99), cfg.patch_dim, int(np.prod(grid)))
+    d = int(np.prod(grid)) * 64
+  heads = {
+    t: {"w": jax.random.normal(jax.random.fold_in(key, i), (d, k)) * 0.01, "b": jnp.zeros((k,))}
+    for i, (t, k) in enumerate(sorted(ks.items()))
+  }
+  params = {"tower": tower, "heads": heads}
+  opt = optax.adam(lr)
+  opt_state = opt.init(params)
+
+  def feats(tower_state, pix):
+    if arch == "patch_mlp":
+      x = control(tower_state, pix)
+      return (x - x.mean(0)) / (x.std(0) + 1e-3)
+    B, P = pix.shape[:2]
+    pix = jnp.pad(pix, ((0, 0), (0, n_pad - P), (0, 0)))
+    index = {k: jnp.broadcast_to(v, (B, *v.shape)) for k, v in vars(one).items()}
+    vin = vision.VisionInputs(**{**index, "pixel_values": pix})
+    merged = nnx.merge(gdef, tower_state)(vin, **qmodel._kw(model))
+    x = merged[:, :n_units].reshape(B, -1).astype(jnp.float32)
+    # standardise per feature over the batch's rows (the tower's scale is ~100s; heads see O(1))
+    return (x - x.mean(0)) / (x.std(0) + 1e-3)
+
+  def logits(p, pix):
+    x = feats(p["tower"], pix)
+    return {t: x @ h["w"] + h["b"] for t, h in p["heads"].items()}
+
+  def loss_fn(p, pix, ys):
+    out = logits(p, pix)
+    total = 0.0
+    for t, z in out.items():
+      y = ys[t]
+      ok = y >= 0
+      ce = optax.softmax_cross_entropy_with_integer_labels(z, jnp.where(ok, y, 0))
+      total = total + jnp.sum(jnp.where(ok, ce, 0.0)) / jnp.maximum(ok.sum(), 1)
+    return total
+
+  @jax.jit
+  def step(p, s, pix, ys):
+    loss, g = jax.value_and_grad(loss_fn)(p, pix, ys)
+    if not train_tower:
+      g = {**g, "tower": jax.tree.map(jnp.zeros_like, g["tower"])}
+    upd, s = opt.update(g, s, p)
+    return optax.apply_updates(p, upd), s, loss
+
+  @jax.jit
+  def predict(p, pix):
+    return {t: jnp.argmax(z, -1) for t, z in logits(p, pix).items()}
+
+  return params, opt_state, step, predict
+
+
+def save_model(model, tower_state, config_from: str, out: str) -> None:
+  """`model` with its tower replaced by the trained one, as a checkpoint folder `model.init_from` reads
+  (the language model is left as loaded: random for `random:` checkpoints)."""
+  os.makedirs(out, exist_ok=True)
+  nnx.update(model.visual, tower_state)
+  shutil.copy(checkpoint.find_config(config_from), os.path.join(out, "config.json"))
+  tmp = os.path.join(out, "params.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  checkpoint.save_orbax_params(tmp, loading.flat_params(model))
+  shutil.rmtree(os.path.join(out, "params"), ignore_errors=True)
+  os.replace(tmp, os.path.join(out, "params"))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--data", default=f"{vp.RUNS}/data")
+  ap.add_argument("--ckpt", default=f"random:{vp.RUNS}/warmup_stage1")
+  ap.add_argument("--n_train", type=int, default=8000)
+  ap.add_argument("--n_test", type=int, default=1024)
+  ap.add_argument("--steps", type=int, default=1500)
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--lr", type=float, default=1e-3)
+  ap.add_argument("--eval_every", type=int, default=250)
+  ap.add_argument(
+    "--arch", default="tower", choices=("tower", "patch_mlp"), help="patch_mlp: a control network"
+  )
+  ap.add_argument("--heads_only", action="store_true", help="freeze the tower (a trained probe)")
+  ap.add_argument("--out", default=None)
+  ap.add_argument(
+    "--save",
+    default=None,
+    help="write the model with the trained tower here (config.json + params/), for model.init_from",
+  )
+  args = ap.parse_args(argv)
+
+  t0 = time.time()
+  model, processor = vp.load_model(args.ckpt, f"{args.data}/model")
+  tr_img, tr_sc = vp.read_rows(f"{args.data}/train.parquet", args.n_train)
+  te_img, te_sc = vp.read_rows(f"{args.data}/test.parquet", args.n_test)
+  tr_pix, grid = vp.pixel_patches(processor, tr_img)
+  te_pix, _ = vp.pixel_patches(processor, te_img)
+  ytr, yte = vp.targets(tr_sc), vp.targets(te_sc)
+  ks = {t: max(class_counts(ytr)[t], class_counts(yte)[t]) for t in ytr}
+  print(f"data {time.time() - t0:.0f}s grid {grid} classes {ks}", flush=True)
+
+  params, opt_state, step, predict = make_step(
+    model, grid, ks, args.lr, not args.heads_only, args.arch
+  )
+  rng = np.random.default_rng(0)
+  history = []
+
+  def evaluate(p):
+    preds = {t: [] for t in ks}
+    eb = 256
+    for i in range(0, len(te_pix), eb):
+      chunk = te_pix[i : i + eb]
+      pad = eb - len(chunk)
+      out = predict(p, np.pad(chunk, ((0, pad), (0, 0), (0, 0))))
+      for t in ks:
+        preds[t].append(np.asarray(out[t])[: len(chunk)])
+    acc = {}
+    for t in ks:
+      pr, y = np.concatenate(preds[t]), yte[t]
+      ok = y >= 0
+      acc[t] = float((pr[ok] == y[ok]).mean())
+    return acc
+
+  for s in range(1, args.steps + 1):
+    idx = rng.choice(len(tr_pix), args.batch, replace=False)
+    params, opt_state, loss = step(
+      params, opt_state, tr_pix[idx], {t: ytr[t][idx] for t in ks}
+    )
+    if s % args.eval_every == 0 or s == args.steps:
+      acc = evaluate(params)
+      history.append({"step": s, "loss": float(loss), "test_acc": acc, "s": time.time() - t0})
+      if args.save:  # every evaluation: an interrupted run keeps its latest tower
+        save_model(model, params["tower"], args.ckpt.removeprefix("random:"), args.save)
+      print(
+        f"step {s} loss {float(loss):.3f} {time.time() - t0:.0f}s "
+        + " ".join(f"{t}={a:.2f}" for t, a in acc.items()),
+        flush=True,
+      )
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"args": vars(args), "classes": ks, "history": history}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
