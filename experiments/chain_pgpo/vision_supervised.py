@@ -9,7 +9,9 @@ written every `--eval_every` steps. If the digit reaches high accuracy here but 
 language model, the warm-up's gradient path is what fails the tower, and a supervised pre-training
 of the tower (as a real LVLM's tower is pre-trained before it meets the language model) is the fix.
 
-  JAX_PLATFORMS=cpu python experiments/chain_pgpo/vision_supervised.py --ckpt random:runs/warmup
+  JAX_PLATFORMS=cpu PYTHONPATH=. python experiments/chain_pgpo/vision_supervised.py \
+    --data runs/data --save runs/vision_pretrained   # a fresh model's tower; warm up from it with
+    # --config.model.random_init=False --config.model.init_from=runs/vision_pretrained
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import optax
 from flax import nnx
 
 from experiments.chain_pgpo import vision_probe as vp
-from pgpo_jax import checkpoint
+from experiments.chain_pgpo import config as experiment_config
+from pgpo_jax import checkpoint, train_setup
+from pgpo_jax.data import hf_processor as processor_lib
 from pgpo_jax.models.qwen2_5_vl import loading
 from pgpo_jax.models.qwen2_5_vl import model as qmodel
 from pgpo_jax.models.qwen2_5_vl import vision
@@ -120,12 +124,25 @@ def make_step(model, grid, ks: dict[str, int], lr: float, train_tower: bool, arc
   return params, opt_state, step, predict
 
 
-def save_model(model, tower_state, config_from: str, out: str) -> None:
+def load_model(spec: str, data: str):
+  """(model, processor): `config:ARM` builds the model a warm-up from scratch starts from (the
+  experiment config's tiny architecture, `train_setup.build_model`, seed `config.seed`); otherwise
+  `vision_probe.load_model` (a checkpoint, or `random:CKPT`)."""
+  if not spec.startswith("config:"):
+    return vp.load_model(spec, f"{data}/model")
+  c = experiment_config.get_config(spec.removeprefix("config:"))
+  c.model.random_init, c.model.init_from = True, ""
+  processor = processor_lib.load_processor(f"{data}/model")
+  return train_setup.build_model(c, processor.tokenizer), processor
+
+
+def save_model(model, tower_state, out: str) -> None:
   """`model` with its tower replaced by the trained one, as a checkpoint folder `model.init_from` reads
-  (the language model is left as loaded: random for `random:` checkpoints)."""
+  (config.json + params/; the language model is left as loaded: random for a fresh model)."""
   os.makedirs(out, exist_ok=True)
   nnx.update(model.visual, tower_state)
-  shutil.copy(checkpoint.find_config(config_from), os.path.join(out, "config.json"))
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(model.cfg.to_hf_dict(), f, indent=2)
   tmp = os.path.join(out, "params.tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   checkpoint.save_orbax_params(tmp, loading.flat_params(model))
@@ -136,7 +153,11 @@ def save_model(model, tower_state, config_from: str, out: str) -> None:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--data", default=f"{vp.RUNS}/data")
-  ap.add_argument("--ckpt", default=f"random:{vp.RUNS}/warmup_stage1")
+  ap.add_argument(
+    "--ckpt",
+    default="config:pgpo",
+    help="config:ARM (a fresh model of the experiment config), CKPT or random:CKPT",
+  )
   ap.add_argument("--n_train", type=int, default=8000)
   ap.add_argument("--n_test", type=int, default=1024)
   ap.add_argument("--steps", type=int, default=1500)
@@ -156,7 +177,7 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
 
   t0 = time.time()
-  model, processor = vp.load_model(args.ckpt, f"{args.data}/model")
+  model, processor = load_model(args.ckpt, args.data)
   tr_img, tr_sc = vp.read_rows(f"{args.data}/train.parquet", args.n_train)
   te_img, te_sc = vp.read_rows(f"{args.data}/test.parquet", args.n_test)
   tr_pix, grid = vp.pixel_patches(processor, tr_img)
@@ -196,7 +217,7 @@ def main(argv=None) -> int:
       acc = evaluate(params)
       history.append({"step": s, "loss": float(loss), "test_acc": acc, "s": time.time() - t0})
       if args.save:  # every evaluation: an interrupted run keeps its latest tower
-        save_model(model, params["tower"], args.ckpt.removeprefix("random:"), args.save)
+        save_model(model, params["tower"], args.save)
       print(
         f"step {s} loss {float(loss):.3f} {time.time() - t0:.0f}s "
         + " ".join(f"{t}={a:.2f}" for t, a in acc.items()),
