@@ -28,13 +28,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.chain_pgpo import vision_probe as vp
 from experiments.chain_pgpo import config as experiment_config
+from experiments.chain_pgpo import vision_probe as vp
 from pgpo_jax import checkpoint, train_setup
 from pgpo_jax.data import hf_processor as processor_lib
-from pgpo_jax.models.qwen2_5_vl import loading
+from pgpo_jax.models.qwen2_5_vl import loading, vision
 from pgpo_jax.models.qwen2_5_vl import model as qmodel
-from pgpo_jax.models.qwen2_5_vl import vision
 
 
 def class_counts(ys: dict[str, np.ndarray]) -> dict[str, int]:
@@ -68,7 +67,8 @@ def make_step(model, grid, ks: dict[str, int], lr: float, train_tower: bool, arc
   )
   n_units = int(np.prod(grid)) // cfg.merge_unit
   n_pad = one.pixel_values.shape[0]
-  gdef, tower = nnx.split(model.visual)
+  is_tower = lambda path, _: path[0] == "visual"
+  gdef, tower, rest = nnx.split(model, is_tower, ...)
   d = n_units * model.cfg.vision.out_hidden_size
   key = jax.random.PRNGKey(0)
   if arch == "patch_mlp":
@@ -90,7 +90,7 @@ def make_step(model, grid, ks: dict[str, int], lr: float, train_tower: bool, arc
     pix = jnp.pad(pix, ((0, 0), (0, n_pad - P), (0, 0)))
     index = {k: jnp.broadcast_to(v, (B, *v.shape)) for k, v in vars(one).items()}
     vin = vision.VisionInputs(**{**index, "pixel_values": pix})
-    merged = nnx.merge(gdef, tower_state)(vin, **qmodel._kw(model))
+    merged = qmodel.encode_images(nnx.merge(gdef, tower_state, rest), vin)
     x = merged[:, :n_units].reshape(B, -1).astype(jnp.float32)
     # standardise per feature over the batch's rows (the tower's scale is ~100s; heads see O(1))
     return (x - x.mean(0)) / (x.std(0) + 1e-3)
@@ -140,7 +140,7 @@ def save_model(model, tower_state, out: str) -> None:
   """`model` with its tower replaced by the trained one, as a checkpoint folder `model.init_from` reads
   (config.json + params/; the language model is left as loaded: random for a fresh model)."""
   os.makedirs(out, exist_ok=True)
-  nnx.update(model.visual, tower_state)
+  nnx.update(model, tower_state)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(model.cfg.to_hf_dict(), f, indent=2)
   tmp = os.path.join(out, "params.tmp")
@@ -193,26 +193,18 @@ def main(argv=None) -> int:
   history = []
 
   def evaluate(p):
-    preds = {t: [] for t in ks}
-    eb = 256
-    for i in range(0, len(te_pix), eb):
-      chunk = te_pix[i : i + eb]
-      pad = eb - len(chunk)
-      out = predict(p, np.pad(chunk, ((0, pad), (0, 0), (0, 0))))
-      for t in ks:
-        preds[t].append(np.asarray(out[t])[: len(chunk)])
+    # One batch: the heads standardise the features with the batch's own statistics.
+    out = predict(p, te_pix)
     acc = {}
     for t in ks:
-      pr, y = np.concatenate(preds[t]), yte[t]
+      pr, y = np.asarray(out[t]), yte[t]
       ok = y >= 0
       acc[t] = float((pr[ok] == y[ok]).mean())
     return acc
 
   for s in range(1, args.steps + 1):
     idx = rng.choice(len(tr_pix), args.batch, replace=False)
-    params, opt_state, loss = step(
-      params, opt_state, tr_pix[idx], {t: ytr[t][idx] for t in ks}
-    )
+    params, opt_state, loss = step(params, opt_state, tr_pix[idx], {t: ytr[t][idx] for t in ks})
     if s % args.eval_every == 0 or s == args.steps:
       acc = evaluate(params)
       history.append({"step": s, "loss": float(loss), "test_acc": acc, "s": time.time() - t0})
