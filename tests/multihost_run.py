@@ -38,7 +38,7 @@ def main():
   jax.config.update("jax_default_matmul_precision", "highest")
   jax.config.update("jax_compilation_cache_dir", os.path.join(ROOT, ".jax_cache"))
   from pgpo_jax import multihost, rewards, trainer
-  from tests.tiny_run import every_other_group, length_parity, tiny_config
+  from tests.tiny_run import answer_selected_groups, length_parity, tiny_config
 
   if a.coordinator:
     multihost.initialize(a.coordinator, a.num_processes, a.process_id)
@@ -53,7 +53,7 @@ def main():
     for p in path:
       node = node[p]
     node[leaf] = ast.literal_eval(value)
-  rewards.BATCH_REWARD_FNS["test_every_other_group"] = every_other_group(c.rollout.group_size)
+  rewards.BATCH_REWARD_FNS["test_answer_groups"] = answer_selected_groups(c.rollout.group_size)
   try:
     last = trainer.train(c, a.workdir)
   except trainer.Preempted:

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import sys
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +25,11 @@ def alternating(responses, answers):
   ]
 
 
+def fingerprint(text: str) -> float:
+  """A number in [0, 1) that changes with any change of `text` (CRC-32 / 2^32)."""
+  return zlib.crc32(text.encode()) / 2**32
+
+
 def every_other_group(group_size: int):
   """A test reward that forces the groups a test needs, whatever the policy samples.
 
@@ -32,15 +38,41 @@ def every_other_group(group_size: int):
   advantages) and groups 1, 3, ... have none (dynamic sampling drops them, fillers replace them). A
   call with one response (the trainer's evaluation) is scored by `length_parity`, so evaluations still
   compare what was generated.
+
+  The rewards say nothing of what was sampled, so the `format` field carries a fingerprint of each
+  response (`fingerprint`): two runs whose logged `reward/format` agree sampled the same text.
+  One process only: which prompt is "group 0 of this call" depends on the host split
+  (`answer_selected_groups` does not).
   """
 
   def reward(responses, answers):
     if len(responses) == 1:
       return length_parity(responses, answers)
     return [
-      {"overall": v, "accuracy": v, "format": 0.0}
-      for v in (float(i % (2 * group_size) == 0) for i in range(len(responses)))
+      {"overall": v, "accuracy": v, "format": fingerprint(r)}
+      for r, v in zip(responses, (float(i % (2 * group_size) == 0) for i in range(len(responses))))
     ]
+
+  return reward
+
+
+def answer_selected_groups(group_size: int):
+  """`every_other_group`, with the groups chosen by their prompt's answer instead of their position.
+
+  The first response of a group scores 1 when the CRC-32 of its answer is even, every other response
+  0: which groups have a reward spread depends on the data alone, not on the samples nor on how the
+  prompts are split over hosts (a host reads every other row, so "group 0 of this call" is another
+  prompt on two hosts than on one). `format` carries the `fingerprint` of each response.
+  """
+
+  def reward(responses, answers):
+    if len(responses) == 1:
+      return length_parity(responses, answers)
+    out = []
+    for i, (r, a) in enumerate(zip(responses, answers)):
+      v = float(i % group_size == 0 and zlib.crc32(str(a).encode()) % 2 == 0)
+      out.append({"overall": v, "accuracy": v, "format": fingerprint(r)})
+    return out
 
   return reward
 
