@@ -48,10 +48,10 @@ from pgpo_jax.models.qwen2_5_vl import layers, vision
 
 RUNS = "/work/chain_run/experiments/chain_pgpo/runs"
 DEFAULT_CKPTS = (
-  f"warmup_stage1={RUNS}/warmup_stage1",
-  f"warmup={RUNS}/warmup",
+  f"warmup_stage1={RUNS}/warmup_old_stage1",
+  f"warmup={RUNS}/warmup_old",
   f"warmup_desc50={RUNS}/warmup_desc50",
-  f"random=random:{RUNS}/warmup_stage1",
+  f"random=random:{RUNS}/warmup_old_stage1",
 )
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 MLP_WD_GRID = (1e-4, 1e-2, 1e-1)  # AdamW weight decay of the MLP probe

@@ -59,7 +59,15 @@ def patch_mlp(key, patch_dim: int, n_patches: int, width: int = 256, out: int = 
   return params, apply
 
 
-def make_step(model, grid, ks: dict[str, int], lr: float, train_tower: bool, arch: str = "tower"):
+def make_step(
+  model,
+  grid,
+  ks: dict[str, int],
+  lr: float,
+  train_tower: bool,
+  arch: str = "tower",
+  pool: str = "concat",
+):
   """(params, opt_state, step, predict): the tower's params plus linear heads, trained jointly."""
   cfg = model.cfg.vision
   one = vision.prepare_vision(
@@ -69,7 +77,7 @@ def make_step(model, grid, ks: dict[str, int], lr: float, train_tower: bool, arc
   n_pad = one.pixel_values.shape[0]
   is_tower = lambda path, _: path[0] == "visual"
   gdef, tower, rest = nnx.split(model, is_tower, ...)
-  d = n_units * model.cfg.vision.out_hidden_size
+  d = (n_units if pool == "concat" else 1) * model.cfg.vision.out_hidden_size
   key = jax.random.PRNGKey(0)
   if arch == "patch_mlp":
     tower, control = patch_mlp(jax.random.fold_in(key, 99), cfg.patch_dim, int(np.prod(grid)))
@@ -91,7 +99,10 @@ def make_step(model, grid, ks: dict[str, int], lr: float, train_tower: bool, arc
     index = {k: jnp.broadcast_to(v, (B, *v.shape)) for k, v in vars(one).items()}
     vin = vision.VisionInputs(**{**index, "pixel_values": pix})
     merged = qmodel.encode_images(nnx.merge(gdef, tower_state, rest), vin)
-    x = merged[:, :n_units].reshape(B, -1).astype(jnp.float32)
+    merged = merged[:, :n_units].astype(jnp.float32)
+    # concat: a weight per token position; mean: one readout shared by every token, as the language
+    # model's attention reads them (a fact must then look the same wherever in the image it is)
+    x = merged.reshape(B, -1) if pool == "concat" else merged.mean(1)
     # standardise per feature over the batch's rows (the tower's scale is ~100s; heads see O(1))
     return (x - x.mean(0)) / (x.std(0) + 1e-3)
 
@@ -167,6 +178,12 @@ def main(argv=None) -> int:
   ap.add_argument(
     "--arch", default="tower", choices=("tower", "patch_mlp"), help="patch_mlp: a control network"
   )
+  ap.add_argument(
+    "--pool",
+    default="concat",
+    choices=("concat", "mean"),
+    help="the heads read the visual tokens concatenated, or their mean",
+  )
   ap.add_argument("--heads_only", action="store_true", help="freeze the tower (a trained probe)")
   ap.add_argument("--out", default=None)
   ap.add_argument(
@@ -187,7 +204,7 @@ def main(argv=None) -> int:
   print(f"data {time.time() - t0:.0f}s grid {grid} classes {ks}", flush=True)
 
   params, opt_state, step, predict = make_step(
-    model, grid, ks, args.lr, not args.heads_only, args.arch
+    model, grid, ks, args.lr, not args.heads_only, args.arch, args.pool
   )
   rng = np.random.default_rng(0)
   history = []
