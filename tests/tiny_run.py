@@ -30,39 +30,16 @@ def fingerprint(text: str) -> float:
   return zlib.crc32(text.encode()) / 2**32
 
 
-def every_other_group(group_size: int):
+def forced_groups(first_scores):
   """A test reward that forces the groups a test needs, whatever the policy samples.
 
-  In a call with several responses (one rollout round, group-major), the first response of groups 0,
-  2, 4, ... scores 1 and every other response 0: those groups have a reward spread (non-zero
-  advantages) and groups 1, 3, ... have none (dynamic sampling drops them, fillers replace them). A
-  call with one response (the trainer's evaluation) is scored by `length_parity`, so evaluations still
-  compare what was generated.
-
-  The rewards say nothing of what was sampled, so the `format` field carries a fingerprint of each
-  response (`fingerprint`): two runs whose logged `reward/format` agree sampled the same text.
-  One process only: which prompt is "group 0 of this call" depends on the host split
-  (`answer_selected_groups` does not).
-  """
-
-  def reward(responses, answers):
-    if len(responses) == 1:
-      return length_parity(responses, answers)
-    return [
-      {"overall": v, "accuracy": v, "format": fingerprint(r)}
-      for r, v in zip(responses, (float(i % (2 * group_size) == 0) for i in range(len(responses))))
-    ]
-
-  return reward
-
-
-def answer_selected_groups(group_size: int):
-  """`every_other_group`, with the groups chosen by their prompt's answer instead of their position.
-
-  The first response of a group scores 1 when the CRC-32 of its answer is even, every other response
-  0: which groups have a reward spread depends on the data alone, not on the samples nor on how the
-  prompts are split over hosts (a host reads every other row, so "group 0 of this call" is another
-  prompt on two hosts than on one). `format` carries the `fingerprint` of each response.
+  In a call with several responses (one rollout round, group-major), response i scores 1 when
+  `first_scores(i, answer)` (true at most for the first response of a group, so a group has a reward
+  spread or none) and 0 otherwise: dynamic sampling drops the groups without a spread and fillers
+  replace them. A call with one response (the trainer's evaluation) is scored by `length_parity`, so
+  evaluations still compare what was generated. The rewards say nothing of what was sampled, so the
+  `format` field carries a fingerprint of each response (`fingerprint`): two runs whose logged
+  `reward/format` agree sampled the same text.
   """
 
   def reward(responses, answers):
@@ -70,11 +47,32 @@ def answer_selected_groups(group_size: int):
       return length_parity(responses, answers)
     out = []
     for i, (r, a) in enumerate(zip(responses, answers)):
-      v = float(i % group_size == 0 and zlib.crc32(str(a).encode()) % 2 == 0)
+      v = float(first_scores(i, a))
       out.append({"overall": v, "accuracy": v, "format": fingerprint(r)})
     return out
 
   return reward
+
+
+def every_other_group(group_size: int):
+  """`forced_groups`: the first response of groups 0, 2, 4, ... of each call scores 1.
+
+  One process only: which prompt is "group 0 of this call" depends on the host split
+  (`answer_selected_groups` does not).
+  """
+  return forced_groups(lambda i, answer: i % (2 * group_size) == 0)
+
+
+def answer_selected_groups(group_size: int):
+  """`forced_groups`, with the groups chosen by their prompt's answer instead of their position: the
+  first response of a group scores 1 when the CRC-32 of its answer is even. Which groups have a
+  reward spread depends on the data alone, not on the samples nor on how the prompts are split over
+  hosts (a host reads every other row, so "group 0 of this call" is another prompt on two hosts than
+  on one).
+  """
+  return forced_groups(
+    lambda i, answer: i % group_size == 0 and zlib.crc32(str(answer).encode()) % 2 == 0
+  )
 
 
 def load_config(path):

@@ -130,22 +130,32 @@ def capture_merger_input(store: dict[str, jnp.ndarray]):
     yield
 
 
-def make_encoder(model, grid: tuple[int, ...]):
-  """A jitted fn: patches [B, P, patch_dim] -> (merged [B, U, D_out], pre_merger [B, U, mu*D])."""
-  cfg = model.cfg.vision
+def batched_vision_inputs(cfg, grid: tuple[int, ...]):
+  """(to_inputs, n_units) for images that share one grid: `to_inputs(pix [B, P, patch_dim])` is the
+  per-row `VisionInputs` of the B images (patches padded as `prepare_vision` pads one), `n_units`
+  the merged tokens per image."""
   one = vision.prepare_vision(
     np.zeros((int(np.prod(grid)), cfg.patch_dim)), np.asarray([grid]), cfg
   )
-  n_units = int(np.prod(grid)) // cfg.merge_unit
   n_pad = one.pixel_values.shape[0]
+
+  def to_inputs(pix):
+    B, P = pix.shape[:2]
+    pix = jnp.pad(pix, ((0, 0), (0, n_pad - P), (0, 0)))
+    index = {k: jnp.broadcast_to(v, (B, *v.shape)) for k, v in vars(one).items()}
+    return vision.VisionInputs(**{**index, "pixel_values": pix})
+
+  return to_inputs, int(np.prod(grid)) // cfg.merge_unit
+
+
+def make_encoder(model, grid: tuple[int, ...]):
+  """A jitted fn: patches [B, P, patch_dim] -> (merged [B, U, D_out], pre_merger [B, U, mu*D])."""
+  to_inputs, n_units = batched_vision_inputs(model.cfg.vision, grid)
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def encode(state, pix):
-    B, P = pix.shape[:2]
-    pix = jnp.pad(pix, ((0, 0), (0, n_pad - P), (0, 0)))
-    index = {k: jnp.broadcast_to(v, (B, *v.shape)) for k, v in vars(one).items()}
-    vin = vision.VisionInputs(**{**index, "pixel_values": pix})
+    vin = to_inputs(pix)
     store: dict[str, jnp.ndarray] = {}
     with capture_merger_input(store):
       merged = qwen.encode_images(nnx.merge(graphdef, state), vin)

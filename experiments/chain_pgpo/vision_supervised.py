@@ -32,7 +32,7 @@ from experiments.chain_pgpo import config as experiment_config
 from experiments.chain_pgpo import vision_probe as vp
 from pgpo_jax import checkpoint, train_setup
 from pgpo_jax.data import hf_processor as processor_lib
-from pgpo_jax.models.qwen2_5_vl import loading, vision
+from pgpo_jax.models.qwen2_5_vl import loading
 from pgpo_jax.models.qwen2_5_vl import model as qmodel
 
 
@@ -40,7 +40,10 @@ def class_counts(ys: dict[str, np.ndarray]) -> dict[str, int]:
   return {k: int(v.max()) + 1 for k, v in ys.items()}
 
 
-def patch_mlp(key, patch_dim: int, n_patches: int, width: int = 256, out: int = 64):
+PATCH_MLP_OUT = 64  # features per patch of the control network
+
+
+def patch_mlp(key, patch_dim: int, width: int = 256, out: int = PATCH_MLP_OUT):
   """A control without attention or the tower: a 2-layer MLP on each patch, outputs concatenated.
 
   (init params, apply(params, pix [B, P, patch_dim]) -> [B, P*out])."""
@@ -70,18 +73,14 @@ def make_step(
 ):
   """(params, opt_state, step, predict): the tower's params plus linear heads, trained jointly."""
   cfg = model.cfg.vision
-  one = vision.prepare_vision(
-    np.zeros((int(np.prod(grid)), cfg.patch_dim)), np.asarray([grid]), cfg
-  )
-  n_units = int(np.prod(grid)) // cfg.merge_unit
-  n_pad = one.pixel_values.shape[0]
+  to_inputs, n_units = vp.batched_vision_inputs(cfg, grid)
   is_tower = lambda path, _: path[0] == "visual"
   gdef, tower, rest = nnx.split(model, is_tower, ...)
   d = (n_units if pool == "concat" else 1) * model.cfg.vision.out_hidden_size
   key = jax.random.PRNGKey(0)
   if arch == "patch_mlp":
-    tower, control = patch_mlp(jax.random.fold_in(key, 99), cfg.patch_dim, int(np.prod(grid)))
-    d = int(np.prod(grid)) * 64
+    tower, control = patch_mlp(jax.random.fold_in(key, 99), cfg.patch_dim)
+    d = int(np.prod(grid)) * PATCH_MLP_OUT
   heads = {
     t: {"w": jax.random.normal(jax.random.fold_in(key, i), (d, k)) * 0.01, "b": jnp.zeros((k,))}
     for i, (t, k) in enumerate(sorted(ks.items()))
@@ -94,15 +93,11 @@ def make_step(
     if arch == "patch_mlp":
       x = control(tower_state, pix)
       return (x - x.mean(0)) / (x.std(0) + 1e-3)
-    B, P = pix.shape[:2]
-    pix = jnp.pad(pix, ((0, 0), (0, n_pad - P), (0, 0)))
-    index = {k: jnp.broadcast_to(v, (B, *v.shape)) for k, v in vars(one).items()}
-    vin = vision.VisionInputs(**{**index, "pixel_values": pix})
-    merged = qmodel.encode_images(nnx.merge(gdef, tower_state, rest), vin)
+    merged = qmodel.encode_images(nnx.merge(gdef, tower_state, rest), to_inputs(pix))
     merged = merged[:, :n_units].astype(jnp.float32)
     # concat: a weight per token position; mean: one readout shared by every token, as the language
     # model's attention reads them (a fact must then look the same wherever in the image it is)
-    x = merged.reshape(B, -1) if pool == "concat" else merged.mean(1)
+    x = merged.reshape(len(pix), -1) if pool == "concat" else merged.mean(1)
     # standardise per feature over the batch's rows (the tower's scale is ~100s; heads see O(1))
     return (x - x.mean(0)) / (x.std(0) + 1e-3)
 
@@ -200,7 +195,8 @@ def main(argv=None) -> int:
   tr_pix, grid = vp.pixel_patches(processor, tr_img)
   te_pix, _ = vp.pixel_patches(processor, te_img)
   ytr, yte = vp.targets(tr_sc), vp.targets(te_sc)
-  ks = {t: max(class_counts(ytr)[t], class_counts(yte)[t]) for t in ytr}
+  k_tr, k_te = class_counts(ytr), class_counts(yte)
+  ks = {t: max(k_tr[t], k_te[t]) for t in ytr}
   print(f"data {time.time() - t0:.0f}s grid {grid} classes {ks}", flush=True)
 
   params, opt_state, step, predict = make_step(
